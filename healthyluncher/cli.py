@@ -1,0 +1,439 @@
+"""The `luncher` command: parses options, calls one library function, renders the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import functools
+from collections.abc import Callable, Iterator
+from enum import Enum
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from healthyluncher.errors import LuncherError
+
+if TYPE_CHECKING:
+    from healthyluncher.store import ModelStore
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+_debug_requested = False
+
+
+def reporting(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn errors into one red line on stderr and exit 1 (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except LuncherError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]: the models directory was not changed")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except Exception as exc:
+            if _debug_requested or os.environ.get("LUNCHER_DEBUG"):
+                raise
+            err.print(
+                f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc))} "
+                "(run with --debug for the traceback)"
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+app = typer.Typer(
+    context_settings=CONTEXT,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    help="Personalize a lunch-photo classifier (healthy / fast food) on your own machine.",
+)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    models_dir: Annotated[
+        Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
+        typer.Option(
+            "--models-dir",
+            help="Where models and your examples live. Default: $LUNCHER_MODELS_DIR, "
+            "else your user data directory.",
+            show_default=False,
+        ),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of unexpected errors.")
+    ] = False,
+) -> None:
+    global _debug_requested
+    _debug_requested = debug
+    ctx.obj = {"models_dir": models_dir}
+
+
+def _store(ctx: typer.Context) -> ModelStore:
+    from healthyluncher.store import ModelStore, resolve_models_dir
+
+    return ModelStore(resolve_models_dir((ctx.obj or {}).get("models_dir")))
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected numbers separated by commas, got {text!r}") from None
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+@app.command("make-updatable")
+@reporting
+def make_updatable(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="An ONNX image classifier.", show_default=False)],
+    labels: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Class names in output order, comma-separated (else from metadata)."),
+    ] = None,
+    trainable_layers: Annotated[
+        int, typer.Option(min=1, help="How many of the last layers with weights train.")
+    ] = 1,
+    resize: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Short side in pixels before the centre crop."),
+    ] = None,
+    mean: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Per-channel mean in 0..255 pixel units, e.g. 123.7,116.3,103.5."),
+    ] = None,
+    std: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Per-channel std in 0..255 pixel units, e.g. 58.4,57.1,57.4."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Default epochs for retrain.")] = 20,
+    learning_rate: Annotated[
+        float, typer.Option(help="Default learning rate.")
+    ] = 0.01,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 16,
+    optimizer: Annotated[Optimizer, typer.Option(help="Training optimizer.")] = Optimizer.adamw,
+    replay: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="An .npz of head inputs and labels from the base's training data."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing base.")] = False,
+) -> None:
+    """Turn MODEL into a base whose last layers train on your photos.
+
+    Example: luncher make-updatable mobilenet.onnx --labels healthy,fast_food --trainable-layers 2
+    """
+    from healthyluncher.config import Hyperparameters
+    from healthyluncher.updatable import UpdatableOptions
+    from healthyluncher.updatable import make_updatable as run
+
+    options = UpdatableOptions(
+        labels=tuple(x.strip() for x in labels.split(",")) if labels else None,
+        trainable_layers=trainable_layers,
+        resize=resize,
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        hyperparameters=Hyperparameters(
+            epochs=epochs,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            optimizer=optimizer.value,  # type: ignore[arg-type]
+        ),
+        replay=replay,
+        force=force,
+    )
+    with _status(f"Making {model.name} updatable"):
+        result = run(_store(ctx), model, options)
+    from rich.table import Table
+
+    table = Table(title=f"Layers of {model.name}", title_justify="left")
+    table.add_column("layer")
+    table.add_column("op")
+    table.add_column("parameters", justify="right")
+    table.add_column("")
+    for layer in result.meta.layers:
+        state = "[green]trainable[/green]" if layer.trainable else "[dim]frozen[/dim]"
+        table.add_row(escape(layer.name), layer.op, f"{layer.params:,}", state)
+    out.print(table)
+    meta = result.meta
+    out.print(
+        f"Base ready in {escape(str(result.directory))}: labels {', '.join(meta.labels)}; "
+        f"input {meta.preprocessing.height}x{meta.preprocessing.width} "
+        f"{meta.preprocessing.layout}; training from tensor {escape(meta.split_tensor)!r}."
+    )
+    if result.dropped_personalization:
+        out.print("The previous personalization was removed.")
+
+
+@contextmanager
+def _status(message: str) -> Iterator[None]:
+    if err.is_terminal:
+        with err.status(message):
+            yield
+    else:
+        yield
+
+
+@app.command()
+@reporting
+def predict(
+    ctx: typer.Context,
+    images: Annotated[
+        list[Path], typer.Argument(help="Photos, or directories to search.", show_default=False)
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    base: Annotated[bool, typer.Option("--base", help="Ignore the personalization.")] = False,
+) -> None:
+    """Say whether each photo is healthy or fast food, and how sure the model is.
+
+    Example: luncher predict pancakes.jpg photos/ --json
+    """
+    from healthyluncher.images import ImageFailure, find_images
+    from healthyluncher.predicting import Predictor
+
+    predictor = Predictor(_store(ctx), use_base=base)
+    paths = find_images(images)
+    if not paths:
+        raise LuncherError("no image files found in " + ", ".join(map(str, images)))
+    failed = 0
+    rows = []
+    for result in predictor.predict(paths):
+        if isinstance(result, ImageFailure):
+            failed += 1
+            if as_json:
+                _json_line({"path": str(result.path), "error": result.error})
+            err.print(f"[red]error:[/red] {escape(result.error)}")
+            continue
+        if as_json:
+            _json_line(
+                {
+                    "path": str(result.path),
+                    "label": result.label,
+                    "probability": round(result.probability, 6),
+                    "probabilities": {k: round(v, 6) for k, v in result.probabilities.items()},
+                }
+            )
+        else:
+            rows.append(result)
+    if not as_json and rows:
+        from rich.table import Table
+
+        which = "personalized" if predictor.model.personalized else "base"
+        table = Table(title=f"Predictions ({which} model)", title_justify="left")
+        table.add_column("photo")
+        table.add_column("label")
+        table.add_column("probability", justify="right")
+        for label in predictor.model.labels:
+            table.add_column(label, justify="right", style="dim")
+        for row in rows:
+            table.add_row(
+                escape(str(row.path)),
+                f"[bold]{escape(row.label)}[/bold]",
+                f"{row.probability:.1%}",
+                *(f"{row.probabilities[label]:.1%}" for label in predictor.model.labels),
+            )
+        out.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _json_line(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+@reporting
+def retrain(
+    ctx: typer.Context,
+    images: Annotated[
+        list[Path], typer.Argument(help="Photos, or directories to search.", show_default=False)
+    ],
+    label: Annotated[str, typer.Option(help="What these photos are.", show_default=False)],
+    epochs: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Passes over the examples (default: the model's setting)."),
+    ] = None,
+    learning_rate: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Default: the model's setting."),
+    ] = None,
+    views: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Augmented views per photo; 1 turns augmentation off."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Teach the model that these photos are LABEL.
+
+    Example: luncher retrain --label healthy my-pancakes/
+    """
+    from healthyluncher.personalize import retrain as run
+
+    with _progress() as report:
+        result = run(
+            _store(ctx),
+            label,
+            images,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            augment_views=views,
+            progress=report,
+        )
+    for failure in result.failures:
+        err.print(f"[yellow]skipped:[/yellow] {escape(failure.error)}")
+    if as_json:
+        _json_line(
+            {
+                "label": result.label,
+                "photos": [
+                    {
+                        "path": str(p.path),
+                        "before": round(p.before, 6),
+                        "after": round(p.after, 6),
+                    }
+                    for p in result.photos
+                ],
+                "skipped": [{"path": str(f.path), "error": f.error} for f in result.failures],
+                "examples_per_label": result.examples_per_label,
+                "final_loss": round(result.final_loss, 6),
+                "hyperparameters": result.hyperparameters.to_json(),
+            }
+        )
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"Probability of {escape(result.label)!r}", title_justify="left")
+        table.add_column("photo")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        for photo in result.photos:
+            colour = "green" if photo.after >= photo.before else "red"
+            table.add_row(
+                escape(str(photo.path)),
+                f"{photo.before:.1%}",
+                f"[{colour}]{photo.after:.1%}[/{colour}]",
+            )
+        out.print(table)
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+        out.print(
+            f"Trained {result.hyperparameters.epochs} epochs on your examples ({counts}); "
+            f"{result.cached} photo(s) came from the cache."
+        )
+    if result.failures:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _progress() -> Iterator[Any]:
+    """A progress callback drawing rich bars on stderr (silent when not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bars = Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars:
+        yield report
+
+
+@app.command()
+@reporting
+def reset(ctx: typer.Context) -> None:
+    """Remove the personalization and your examples; the pristine base stays.
+
+    Example: luncher reset
+    """
+    from healthyluncher.personalize import reset as run
+
+    result = run(_store(ctx))
+    if not result.removed_model:
+        out.print("Nothing to reset: predictions already come from the base model.")
+        return
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.removed_examples.items()))
+    out.print(
+        f"Removed the personalized model and your examples ({counts or 'none'}) "
+        f"and {result.removed_cache_files} cached embedding file(s). Predictions now come "
+        "from the base model."
+    )
+
+
+@app.command()
+@reporting
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show the base, your examples, and which model predicts.
+
+    Example: luncher status --json
+    """
+    from dataclasses import asdict
+
+    from healthyluncher.personalize import status as run
+
+    result = run(_store(ctx))
+    if as_json:
+        data = asdict(result)
+        data["models_dir"] = str(result.models_dir)
+        _json_line(data)
+        return
+    out.print(f"[bold]models directory[/bold]  {escape(str(result.models_dir))}")
+    out.print(
+        f"[bold]base[/bold]              {escape(result.base_name)} "
+        f"(sha256 {result.base_sha256[:12]}, {escape(result.base_source)})"
+    )
+    out.print(f"[bold]labels[/bold]            {', '.join(map(escape, result.labels))}")
+    out.print(f"[bold]predicting with[/bold]   the {result.predicting_with} model")
+    examples = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    out.print(f"[bold]your examples[/bold]     {escape(examples) or 'none'}")
+    if result.last_retrain:
+        hp = result.hyperparameters
+        out.print(
+            f"[bold]last retrain[/bold]      {result.last_retrain} ({result.retrains} in all; "
+            f"{hp['epochs']} epochs, lr {hp['learning_rate']}, {hp['optimizer']}, "
+            f"{hp['augment_views']} views)"
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Hyperparameters and preprocessing settings: frozen dataclasses stored with the model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+OptimizerName = Literal["adamw", "sgd"]
+Layout = Literal["NCHW", "NHWC"]
+
+# ImageNet statistics in 0..255 pixel space: the most common convention for exported
+# classifiers, used when neither the options nor the model's metadata say otherwise.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """How a retrain fits the trainable part. Stored with the base, overridable per retrain."""
+
+    epochs: int = 20
+    # AdamW on a small head over cached features: 1e-2 moves a handful of photos in a few
+    # epochs without blowing up; the Core ML example used SGD at a similar rate.
+    learning_rate: float = 0.01
+    batch_size: int = 16
+    optimizer: OptimizerName = "adamw"
+    # The user's own photos count this many times as much as one replayed base example, so
+    # a few photos can outweigh hundreds of replayed ones without erasing them.
+    personal_weight: float = 8.0
+    # Views per personal photo (the photo itself plus flips, crops and colour jitter).
+    augment_views: int = 8
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Hyperparameters:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> Hyperparameters:
+        values = self.to_json()
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return Hyperparameters.from_json(values)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a photo becomes the model's input tensor.
+
+    Resize the short side to `resize`, centre-crop `height` x `width`, then
+    `(pixel - mean) / std` per channel with pixels in 0..255.
+    """
+
+    height: int = 224
+    width: int = 224
+    resize: int = 256
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    layout: Layout = "NCHW"
+    channels: int = 3
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Preprocessing:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        return cls(**values)

@@ -1,0 +1,346 @@
+"""Reading an ONNX classifier, choosing its trainable layers and cutting it in two."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from healthyluncher.config import Layout
+from healthyluncher.errors import LuncherError
+
+# ONNX Runtime 1.19 loads models up to IR version 10 and opset 21.
+MAX_IR_VERSION = 10
+MAX_OPSET = 21
+
+# Ops that carry a layer's main weights. A following Add/Mul/Sub/Div or BatchNormalization
+# with weights of its own is that layer's bias or scale (Keras exports MatMul + Add).
+PRIMARY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+ATTACHED_OPS = frozenset({"Add", "Sub", "Mul", "Div", "BatchNormalization"})
+# Batch-norm statistics are not learned by gradient; they stay frozen even in a trainable layer.
+NON_TRAINABLE_OPS = frozenset({"BatchNormalization"})
+PASS_THROUGH_OPS = frozenset({"Identity"})
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A group of nodes that holds weights: e.g. Conv, or MatMul + Add."""
+
+    name: str
+    op: str
+    params: int
+    trainable_names: tuple[str, ...]
+    first_node: int
+    data_input: str
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    name: str
+    layout: Layout
+    channels: int
+    height: int | None
+    width: int | None
+    batch: int | None  # None: dynamic
+
+
+@dataclass(frozen=True)
+class Analysis:
+    input: ImageInput
+    output_name: str
+    logits_name: str
+    output_is_probability: bool
+    num_classes: int
+    layers: tuple[Layer, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The frozen part (image -> split tensor) and the trainable head (split tensor -> logits)."""
+
+    frozen: onnx.ModelProto | None  # None when every layer trains
+    head: onnx.ModelProto
+    split_tensor: str
+    trainable_params: tuple[str, ...]
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise LuncherError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise LuncherError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise LuncherError(f"{path}: not an ONNX model (the graph has no nodes)")
+    return model
+
+
+def normalize_versions(model: onnx.ModelProto) -> None:
+    """Lower the IR version that newer onnx releases write to what ORT 1.19 reads."""
+    opset = default_opset(model)
+    if opset > MAX_OPSET:
+        raise LuncherError(
+            f"the model uses ONNX opset {opset}; ONNX Runtime 1.19 supports up to {MAX_OPSET}"
+        )
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 0
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    shape = value.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+
+def _float_initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    return {
+        t.name: t
+        for t in model.graph.initializer
+        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+    }
+
+
+def analyze(model: onnx.ModelProto) -> Analysis:
+    graph = model.graph
+    initializer_names = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializer_names]
+    if not inputs:
+        raise LuncherError("the model has no input")
+    if len(inputs) > 1:
+        names = ", ".join(i.name for i in inputs)
+        raise LuncherError(f"the model has {len(inputs)} inputs ({names}); expected one image")
+    image = _image_input(inputs[0])
+    if len(graph.output) != 1:
+        raise LuncherError(
+            f"the model has {len(graph.output)} outputs; expected one output of class scores"
+        )
+    output = graph.output[0]
+    out_dims = _dims(output)
+    if len(out_dims) != 2 or out_dims[1] is None:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        out_dims = _dims(inferred.graph.output[0])
+    if len(out_dims) != 2 or not out_dims[1]:
+        raise LuncherError(
+            f"the model's output {output.name!r} has shape {out_dims}; "
+            "expected (batch, classes) class scores"
+        )
+    logits_name, is_probability = _logits_of(model, output.name)
+    layers = _layers(model)
+    if not layers:
+        raise LuncherError("the model has no layers with weights to train")
+    return Analysis(
+        input=image,
+        output_name=output.name,
+        logits_name=logits_name,
+        output_is_probability=is_probability,
+        num_classes=int(out_dims[1]),
+        layers=tuple(layers),
+        metadata={p.key: p.value for p in model.metadata_props},
+    )
+
+
+def _image_input(value: onnx.ValueInfoProto) -> ImageInput:
+    elem = value.type.tensor_type.elem_type
+    dims = _dims(value)
+    if elem != TensorProto.FLOAT or len(dims) != 4:
+        kind = TensorProto.DataType.Name(elem) if elem else "unknown"
+        raise LuncherError(
+            f"input {value.name!r} is not an image: expected float32 with 4 dimensions, "
+            f"got {kind.lower()} with shape {dims}"
+        )
+    layout: Layout
+    if dims[1] in (1, 3):
+        layout, channels, height, width = "NCHW", dims[1], dims[2], dims[3]
+    elif dims[3] in (1, 3):
+        layout, channels, height, width = "NHWC", dims[3], dims[1], dims[2]
+    else:
+        raise LuncherError(
+            f"input {value.name!r} with shape {dims} is not an image: "
+            "expected 1 or 3 channels first (NCHW) or last (NHWC)"
+        )
+    return ImageInput(value.name, layout, int(channels), height, width, dims[0])
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def _logits_of(model: onnx.ModelProto, output: str) -> tuple[str, bool]:
+    """The tensor holding the logits, and whether the output is Softmax probabilities."""
+    producers = _producers(model)
+    name = output
+    node = producers.get(name)
+    while node is not None and node.op_type in PASS_THROUGH_OPS:
+        name = node.input[0]
+        node = producers.get(name)
+    if node is not None and node.op_type == "Softmax":
+        # CrossEntropyLoss expects logits: train on the Softmax's input.
+        return node.input[0], True
+    return output, False
+
+
+def _layers(model: onnx.ModelProto) -> list[Layer]:
+    weights = _float_initializers(model)
+    layers: list[Layer] = []
+    current: dict[str, Any] | None = None
+    last_output: str | None = None
+    for index, node in enumerate(model.graph.node):
+        held = [n for n in node.input if n in weights and _size(weights[n]) > 1]
+        if not held:
+            continue
+        data_inputs = [n for n in node.input if n and n not in weights]
+        attached = (
+            current is not None
+            and node.op_type in ATTACHED_OPS
+            and last_output is not None
+            and last_output in data_inputs
+        )
+        if not attached:
+            if current is not None:
+                layers.append(_finish(current))
+            current = {
+                "name": node.name or held[0],
+                "op": node.op_type,
+                "first_node": index,
+                "data_input": data_inputs[0] if data_inputs else "",
+                "params": 0,
+                "trainable": [],
+            }
+        assert current is not None
+        if attached:
+            current["op"] = f"{current['op']}+{node.op_type}"
+        current["params"] += sum(_size(weights[n]) for n in held)
+        if node.op_type not in NON_TRAINABLE_OPS:
+            current["trainable"].extend(n for n in held if n not in current["trainable"])
+        last_output = node.output[0]
+    if current is not None:
+        layers.append(_finish(current))
+    return layers
+
+
+def _finish(raw: dict[str, Any]) -> Layer:
+    return Layer(
+        name=raw["name"],
+        op=raw["op"],
+        params=int(raw["params"]),
+        trainable_names=tuple(raw["trainable"]),
+        first_node=int(raw["first_node"]),
+        data_input=raw["data_input"],
+    )
+
+
+def _size(tensor: TensorProto) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+
+def split(model: onnx.ModelProto, analysis: Analysis, trainable_layers: int) -> Split:
+    layers = analysis.layers
+    if trainable_layers < 1:
+        raise LuncherError("--trainable-layers must be at least 1")
+    if trainable_layers > len(layers):
+        raise LuncherError(
+            f"--trainable-layers {trainable_layers} is more than the {len(layers)} "
+            "layers with weights in this model"
+        )
+    trainable = layers[-trainable_layers:]
+    cut = trainable[0].data_input
+    if not cut:
+        raise LuncherError(f"cannot find the data input of layer {trainable[0].name!r}")
+    head = _extract(model, [cut], [analysis.logits_name])
+    _check_closed(head, cut, trainable_layers)
+    _make_batch_dynamic(head)
+    frozen = None
+    if cut != analysis.input.name:
+        frozen = _extract(model, [analysis.input.name], [cut])
+    params = tuple(name for layer in trainable for name in layer.trainable_names)
+    return Split(frozen=frozen, head=head, split_tensor=cut, trainable_params=params)
+
+
+def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    extractor = onnx.utils.Extractor(model)
+    part = extractor.extract_model(inputs, outputs)
+    part.ir_version = model.ir_version
+    del part.metadata_props[:]
+    return part
+
+
+def _check_closed(head: onnx.ModelProto, cut: str, n: int) -> None:
+    """The head must depend on the cut tensor alone (no skip connection around it)."""
+    available = {cut} | {t.name for t in head.graph.initializer}
+    for node in head.graph.node:
+        for name in node.input:
+            if name and name not in available:
+                raise LuncherError(
+                    f"the last {n} layers cannot be split from the rest at one tensor "
+                    f"(they also read {name!r}); choose a different --trainable-layers"
+                )
+        available.update(node.output)
+
+
+def _make_batch_dynamic(head: onnx.ModelProto) -> None:
+    """Let the head train on batches even when the original was exported for batch 1."""
+    for value in list(head.graph.input) + list(head.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "batch"
+    del head.graph.value_info[:]
+
+
+def initializer_arrays(model: onnx.ModelProto, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    by_name = {t.name: t for t in model.graph.initializer}
+    return {name: numpy_helper.to_array(by_name[name]) for name in names}
+
+
+def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> None:
+    """Replace initializers in place by name; shapes and dtypes must match."""
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    for name, value in params.items():
+        if name not in index:
+            raise LuncherError(f"the model has no weight named {name!r}")
+        old = model.graph.initializer[index[name]]
+        if tuple(old.dims) != value.shape:
+            raise LuncherError(f"weight {name!r} has shape {tuple(old.dims)}, not {value.shape}")
+        model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(value, name))
+
+
+def metadata_labels(metadata: dict[str, str]) -> list[str] | None:
+    for key in ("labels", "classes", "class_names"):
+        raw = metadata.get(key)
+        if not raw:
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw.split(",")
+        if isinstance(value, dict):  # {"0": "cat", ...}
+            value = [value[k] for k in sorted(value, key=lambda k: int(k))]
+        if isinstance(value, list) and value:
+            return [str(v).strip() for v in value]
+    return None
+
+
+def metadata_preprocessing(metadata: dict[str, str]) -> dict[str, Any]:
+    raw = metadata.get("preprocessing")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LuncherError("the model's 'preprocessing' metadata is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise LuncherError("the model's 'preprocessing' metadata must be a JSON object")
+    return value

@@ -1,0 +1,122 @@
+"""Reading the current base and personalized copy out of a models directory (no onnx import)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.meta import BaseMeta, PersonalMeta
+from healthyluncher.store import Files, ModelStore, State, read_json
+
+BUNDLED_MODEL = "healthyluncher-base.onnx"
+BUNDLED_REPLAY = "healthyluncher-base.replay.npz"
+
+
+@dataclass(frozen=True)
+class Base:
+    path: Path
+    meta: BaseMeta
+
+
+@dataclass(frozen=True)
+class Personal:
+    path: Path
+    meta: PersonalMeta
+
+
+@dataclass(frozen=True)
+class Examples:
+    """The user's examples: one row per view, grouped by photo.
+
+    `inputs` is (views, *split_shape) float32; `owner[i]` indexes the photo of view i in
+    `digests` and `labels`.
+    """
+
+    inputs: np.ndarray
+    owner: np.ndarray
+    digests: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    @staticmethod
+    def empty(sample_shape: tuple[int, ...]) -> Examples:
+        return Examples(np.zeros((0, *sample_shape), np.float32), np.zeros(0, np.int64), (), ())
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def per_label(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for label in self.labels:
+            counts[label] = counts.get(label, 0) + 1
+        return counts
+
+
+def bundled_model() -> Path | None:
+    """The base model shipped with the package (wheel), or in the source tree's models/."""
+    candidates = []
+    try:
+        candidates.append(Path(str(resources.files("healthyluncher") / "models" / BUNDLED_MODEL)))
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / "models" / BUNDLED_MODEL)
+    override = os.environ.get("LUNCHER_BUNDLED_MODEL")
+    if override is not None:
+        # Tests point this at a tiny model, or at nothing ("") to act as if none shipped.
+        return Path(override) if override else None
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_base(store: ModelStore, state: State) -> Base:
+    path = store.base_dir(state)
+    if path is None:
+        raise LuncherError("there is no base model yet: run 'luncher make-updatable MODEL.onnx'")
+    try:
+        return Base(path, BaseMeta.from_json(read_json(path / Files.META)))
+    except FileNotFoundError:
+        raise LuncherError(f"{path} is incomplete; run 'luncher make-updatable' again") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LuncherError(f"{path / Files.META} is damaged ({exc})") from None
+
+
+def load_personal(store: ModelStore, state: State) -> Personal | None:
+    path = store.personal_dir(state)
+    if path is None:
+        return None
+    try:
+        return Personal(path, PersonalMeta.from_json(read_json(path / Files.META)))
+    except FileNotFoundError:
+        raise LuncherError(f"{path} is incomplete; run 'luncher reset'") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LuncherError(f"{path / Files.META} is damaged ({exc}); run 'luncher reset'") from None
+
+
+def load_examples(personal: Personal | None, sample_shape: tuple[int, ...]) -> Examples:
+    if personal is None:
+        return Examples.empty(sample_shape)
+    with np.load(personal.path / Files.EXAMPLES, allow_pickle=False) as data:
+        return Examples(
+            inputs=data["inputs"].astype(np.float32),
+            owner=data["owner"].astype(np.int64),
+            digests=tuple(str(d) for d in data["digests"]),
+            labels=tuple(str(label) for label in data["labels"]),
+        )
+
+
+def save_examples(examples: Examples, path: Path) -> None:
+    np.savez(
+        path,
+        inputs=examples.inputs,
+        owner=examples.owner,
+        digests=np.array(examples.digests, dtype=np.str_),
+        labels=np.array(examples.labels, dtype=np.str_),
+    )
+
+
+def load_weights(personal: Personal) -> dict[str, np.ndarray]:
+    with np.load(personal.path / Files.WEIGHTS, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}

@@ -1,0 +1,439 @@
+"""retrain, reset and status: the user's examples, the embedding cache and the personalized copy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthyluncher.config import Hyperparameters
+from healthyluncher.errors import LuncherError
+from healthyluncher.images import ImageFailure, digest_of, find_images, read_bytes
+from healthyluncher.meta import PersonalMeta
+from healthyluncher.models import (
+    Base,
+    Examples,
+    Personal,
+    load_base,
+    load_examples,
+    load_personal,
+    load_weights,
+    save_examples,
+)
+from healthyluncher.store import Files, ModelStore, State, write_json
+from healthyluncher.updatable import ensure_base
+
+# (stage, done, total): stage is "embedding" or "training".
+ProgressCallback = Callable[[str, int, int], None]
+
+# Photos embedded per call of the frozen part.
+EMBED_BATCH = 16
+# Bump when augmented_views changes, so cached views are not mixed with new ones.
+AUGMENT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainedPhoto:
+    path: Path
+    digest: str
+    before: float  # probability of the label before this retrain
+    after: float
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    label: str
+    photos: tuple[TrainedPhoto, ...]
+    failures: tuple[ImageFailure, ...]
+    examples_per_label: dict[str, int]
+    hyperparameters: Hyperparameters
+    final_loss: float
+    embedded: int  # photos that ran through the frozen part (cache misses)
+    cached: int  # photos whose head inputs came from the cache
+
+
+@dataclass(frozen=True)
+class ResetResult:
+    removed_examples: dict[str, int]
+    removed_model: bool
+    removed_cache_files: int
+
+
+@dataclass(frozen=True)
+class Status:
+    models_dir: Path
+    base_name: str
+    base_sha256: str
+    base_source: str
+    labels: tuple[str, ...]
+    predicting_with: str  # "personalized" or "base"
+    examples_per_label: dict[str, int] = field(default_factory=dict)
+    last_retrain: str | None = None
+    retrains: int = 0
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    trainable_layers: int = 1
+    replay_examples: int = 0
+
+
+# -- embedding ---------------------------------------------------------------------------
+
+
+class Embedder:
+    """Head inputs for photos: the frozen part runs once per photo, then the cache answers."""
+
+    def __init__(self, store: ModelStore, base: Base, views: int) -> None:
+        self.base = base
+        self.views = max(1, views)
+        self.cache = store.cache_dir(base.meta.sha256)
+        self._session: Any = None
+
+    def _cache_file(self, digest: str) -> Path:
+        return self.cache / f"{digest}.v{AUGMENT_VERSION}x{self.views}.npy"
+
+    def embed(
+        self, paths: Sequence[Path], progress: ProgressCallback | None = None
+    ) -> tuple[list[tuple[Path, str, np.ndarray]], list[ImageFailure], int]:
+        """[(path, digest, views)], failures, and how many photos missed the cache."""
+        from healthyluncher.images import augmented_views, decode
+
+        done: dict[int, tuple[Path, str, np.ndarray]] = {}
+        failures: list[ImageFailure] = []
+        misses: list[tuple[int, Path, str, bytes]] = []
+        for index, path in enumerate(paths):
+            try:
+                data = read_bytes(path)
+            except LuncherError as exc:
+                failures.append(ImageFailure(path, str(exc)))
+                continue
+            digest = digest_of(data)
+            cached = self._read_cache(digest)
+            if cached is not None:
+                done[index] = (path, digest, cached)
+            else:
+                misses.append((index, path, digest, data))
+        total = len(paths)
+        if progress:
+            progress("embedding", len(done), total)
+        prep = self.base.meta.preprocessing
+
+        def views_of(item: tuple[int, Path, str, bytes]) -> np.ndarray | ImageFailure:
+            _, path, digest, data = item
+            try:
+                image = decode(data, prep, name=str(path))
+                return augmented_views(image, prep, self.views, int(digest[:8], 16))
+            except LuncherError as exc:
+                return ImageFailure(path, str(exc))
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        fresh = 0
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
+            for start in range(0, len(misses), EMBED_BATCH):
+                chunk = misses[start : start + EMBED_BATCH]
+                decoded = list(pool.map(views_of, chunk))
+                good = [(m, v) for m, v in zip(chunk, decoded) if isinstance(v, np.ndarray)]
+                failures.extend(v for v in decoded if isinstance(v, ImageFailure))
+                if good:
+                    stacked = np.concatenate([v for _, v in good])
+                    outputs = self._run_frozen(stacked)
+                    fresh += len(good)
+                    for offset, ((index, path, digest, _), _) in enumerate(good):
+                        views = outputs[offset * self.views : (offset + 1) * self.views]
+                        self._write_cache(digest, views)
+                        done[index] = (path, digest, views)
+                if progress:
+                    progress("embedding", len(done) + len(failures), total)
+        ordered = [done[i] for i in sorted(done)]
+        return ordered, failures, fresh
+
+    def _run_frozen(self, batch: np.ndarray) -> np.ndarray:
+        meta = self.base.meta
+        if not meta.has_frozen_part:
+            return batch
+        if self._session is None:
+            from healthyluncher.ortapi import inference_session
+
+            self._session = inference_session(self.base.path / Files.FROZEN)
+        fixed = meta.input_batch
+        step = fixed or len(batch)
+        parts = []
+        for start in range(0, len(batch), step):
+            chunk = batch[start : start + step]
+            count = len(chunk)
+            if fixed and count < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - count, axis=0)])
+            parts.append(self._session.run(None, {meta.input_name: chunk})[0][:count])
+        return np.concatenate(parts).astype(np.float32)
+
+    def _read_cache(self, digest: str) -> np.ndarray | None:
+        path = self._cache_file(digest)
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # missing or damaged: embed again
+        return value if len(value) == self.views else None
+
+    def _write_cache(self, digest: str, views: np.ndarray) -> None:
+        import io
+
+        from healthyluncher.store import atomic_write_bytes
+
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.save(buffer, views.astype(np.float32))
+            atomic_write_bytes(self._cache_file(digest), buffer.getvalue())
+        except OSError:
+            pass  # the cache is only a speed-up; a full disk must not fail the retrain
+
+
+# -- training set ------------------------------------------------------------------------
+
+
+def merge_examples(old: Examples, new: list[tuple[str, np.ndarray]], label: str) -> Examples:
+    """Add photos (digest, views) under `label`; a photo seen before takes the new label."""
+    replaced = {digest for digest, _ in new}
+    keep = [i for i, d in enumerate(old.digests) if d not in replaced]
+    inputs, owner, digests, labels = [], [], [], []
+    for new_index, old_index in enumerate(keep):
+        views = old.inputs[old.owner == old_index]
+        inputs.append(views)
+        owner.append(np.full(len(views), new_index, np.int64))
+        digests.append(old.digests[old_index])
+        labels.append(old.labels[old_index])
+    for digest, views in new:
+        owner.append(np.full(len(views), len(digests), np.int64))
+        inputs.append(views)
+        digests.append(digest)
+        labels.append(label)
+    return Examples(
+        inputs=np.concatenate(inputs).astype(np.float32),
+        owner=np.concatenate(owner),
+        digests=tuple(digests),
+        labels=tuple(labels),
+    )
+
+
+def training_set(
+    examples: Examples, replay: tuple[np.ndarray, np.ndarray] | None, labels: tuple[str, ...], hp: Hyperparameters
+) -> Any:
+    """Personal views weighted `personal_weight` per photo, plus replayed base examples.
+
+    Each class present gets the same total weight, so a label with many replayed examples
+    does not drown one with a few personal photos, nor the other way round.
+    """
+    from healthyluncher.training import TrainingSet
+
+    index = {label: i for i, label in enumerate(labels)}
+    views_per_photo = np.bincount(examples.owner, minlength=len(examples))
+    parts_x = [examples.inputs]
+    parts_y = [np.array([index[examples.labels[o]] for o in examples.owner], np.int64)]
+    parts_w = [hp.personal_weight / views_per_photo[examples.owner]]
+    if replay is not None and len(replay[0]):
+        parts_x.append(replay[0])
+        parts_y.append(replay[1])
+        parts_w.append(np.ones(len(replay[0])))
+    x = np.concatenate(parts_x).astype(np.float32)
+    y = np.concatenate(parts_y).astype(np.int64)
+    w = np.concatenate(parts_w).astype(np.float64)
+    for cls in np.unique(y):
+        mask = y == cls
+        w[mask] /= w[mask].sum()
+    return TrainingSet(inputs=x, labels=y, weights=w)
+
+
+def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray] | None:
+    path = base.path / Files.REPLAY
+    if not path.is_file():
+        return None
+    index = {label: i for i, label in enumerate(base.meta.labels)}
+    with np.load(path, allow_pickle=False) as data:
+        return (
+            data["inputs"].astype(np.float32),
+            np.array([index[str(label)] for label in data["labels"]], np.int64),
+        )
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def retrain(
+    store: ModelStore,
+    label: str,
+    inputs: Sequence[Path],
+    *,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
+    augment_views: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> RetrainResult:
+    if epochs is not None and epochs < 1:
+        raise LuncherError("--epochs must be at least 1")
+    if learning_rate is not None and not learning_rate > 0:
+        raise LuncherError("--learning-rate must be greater than 0")
+    if augment_views is not None and augment_views < 1:
+        raise LuncherError("--views must be at least 1")
+    paths = find_images(inputs)
+    if not paths:
+        raise LuncherError("no image files found in " + ", ".join(str(p) for p in inputs))
+    ensure_base(store)
+    with store.lock():
+        state = store.read_state()
+        base = load_base(store, state)
+        personal = load_personal(store, state)
+        labels = personal.meta.labels if personal else base.meta.labels
+        if label not in labels:
+            raise LuncherError(f"unknown label {label!r}; known labels: {', '.join(labels)}")
+        settings = personal.meta.hyperparameters if personal else base.meta.hyperparameters
+        hp = settings.replace(
+            epochs=epochs, learning_rate=learning_rate, augment_views=augment_views
+        )
+        embedder = Embedder(store, base, hp.augment_views)
+        embedded, failures, misses = embedder.embed(paths, progress)
+        if not embedded:
+            raise LuncherError(
+                "none of the photos could be read: " + "; ".join(f.error for f in failures)
+            )
+        sample_shape = embedded[0][2].shape[1:]
+        old_examples = load_examples(personal, sample_shape)
+        if old_examples.inputs.shape[1:] != sample_shape or (
+            len(old_examples) and len(old_examples.inputs) // len(old_examples) != hp.augment_views
+        ):
+            old_examples = _reembed_not_possible(old_examples, hp)
+        examples = merge_examples(old_examples, [(d, v) for _, d, v in embedded], label)
+        data = training_set(examples, load_replay(base), labels, hp)
+
+        from healthyluncher.training import HeadRunner, train
+
+        head_path = base.path / Files.HEAD
+        label_index = labels.index(label)
+        first_views = np.stack([views[0] for _, _, views in embedded])
+        current = load_weights(personal) if personal else None
+        before = HeadRunner(head_path, current).probabilities(first_views)[:, label_index]
+
+        def on_epoch(epoch: int, total: int, loss: float) -> None:
+            if progress:
+                progress("training", epoch, total)
+
+        params, loss = train(
+            base.path / Files.ARTIFACTS,
+            data,
+            hp,
+            batch_limit=base.meta.head_batch_limit,
+            on_epoch=on_epoch,
+        )
+        after = HeadRunner(head_path, params).probabilities(first_views)[:, label_index]
+        meta = PersonalMeta(
+            base_sha256=base.meta.sha256,
+            labels=labels,
+            hyperparameters=hp,
+            trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            retrains=(personal.meta.retrains if personal else 0) + 1,
+            examples_per_label=examples.per_label(),
+            final_loss=loss,
+        )
+        publish_personal(store, state, base, params, examples, meta)
+    photos = tuple(
+        TrainedPhoto(path, digest, float(b), float(a))
+        for (path, digest, _), b, a in zip(embedded, before, after)
+    )
+    return RetrainResult(
+        label=label,
+        photos=photos,
+        failures=tuple(failures),
+        examples_per_label=examples.per_label(),
+        hyperparameters=hp,
+        final_loss=loss,
+        embedded=misses,
+        cached=len(embedded) - misses,
+    )
+
+
+def _reembed_not_possible(old: Examples, hp: Hyperparameters) -> Examples:
+    """Earlier examples stored with another number of views: keep their first view only
+    when asking for one view, else repeat what there is (the cache has no photo to redo)."""
+    if len(old) == 0:
+        return old
+    inputs, owner = [], []
+    for i in range(len(old)):
+        views = old.inputs[old.owner == i]
+        take = np.resize(np.arange(len(views)), hp.augment_views)
+        inputs.append(views[take])
+        owner.append(np.full(len(take), i, np.int64))
+    return Examples(np.concatenate(inputs), np.concatenate(owner), old.digests, old.labels)
+
+
+def publish_personal(
+    store: ModelStore,
+    state: State,
+    base: Base,
+    params: dict[str, np.ndarray],
+    examples: Examples,
+    meta: PersonalMeta,
+) -> None:
+    """Write the personalized copy to a new directory and switch to it (lock held)."""
+    import onnx
+
+    from healthyluncher.graph import write_back
+    from healthyluncher.training import save_checkpoint
+
+    model = onnx.load(str(base.path / Files.MODEL))
+    write_back(model, params)
+    with store.staging() as staged:
+        (staged / Files.MODEL).write_bytes(model.SerializeToString())
+        np.savez(staged / Files.WEIGHTS, **params)
+        save_checkpoint(base.path / Files.ARTIFACTS, params, staged / Files.CHECKPOINT)
+        save_examples(examples, staged / Files.EXAMPLES)
+        write_json(staged / Files.META, meta.to_json())
+        name = store.publish_dir(staged, "personal")
+    history = ([state.personal] if state.personal else []) + state.history
+    from healthyluncher.store import HISTORY_LIMIT
+
+    new_state = State(base=state.base, personal=name, history=history[:HISTORY_LIMIT])
+    store.write_state(new_state)
+    store.collect_garbage(new_state)
+
+
+def reset(store: ModelStore) -> ResetResult:
+    with store.lock():
+        state = store.read_state()
+        personal = load_personal(store, state) if state.personal else None
+        removed = dict(personal.meta.examples_per_label) if personal else {}
+        new_state = State(base=state.base, personal=None, history=[])
+        store.write_state(new_state)
+        cache_files = store.clear_cache()
+        store.collect_garbage(new_state)
+    return ResetResult(
+        removed_examples=removed,
+        removed_model=personal is not None,
+        removed_cache_files=cache_files,
+    )
+
+
+def status(store: ModelStore) -> Status:
+    state = ensure_base(store)
+    base = load_base(store, state)
+    personal = load_personal(store, state)
+    hp = personal.meta.hyperparameters if personal else base.meta.hyperparameters
+    return Status(
+        models_dir=store.root,
+        base_name=base.meta.name,
+        base_sha256=base.meta.sha256,
+        base_source=base.meta.source,
+        labels=personal.meta.labels if personal else base.meta.labels,
+        predicting_with="personalized" if personal else "base",
+        examples_per_label=dict(personal.meta.examples_per_label) if personal else {},
+        last_retrain=personal.meta.trained_at if personal else None,
+        retrains=personal.meta.retrains if personal else 0,
+        hyperparameters=hp.to_json(),
+        trainable_layers=base.meta.trainable_layers,
+        replay_examples=base.meta.replay_examples,
+    )
+
+
+def personal_or_none(store: ModelStore) -> Personal | None:
+    return load_personal(store, store.read_state())

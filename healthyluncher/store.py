@@ -1,0 +1,235 @@
+"""The models directory: where it is, what its files are called, and how it changes atomically.
+
+Layout (every directory below is immutable once published)::
+
+    MODELS_DIR/
+      state.json          which base and personal directories are current
+      .lock               held by any process that writes
+      base-<id>/          the pristine base: model.onnx, frozen.onnx, head.onnx,
+                          artifacts/, meta.json, replay.npz (optional)
+      personal-<id>/      the personalized copy: model.onnx, weights.npz, checkpoint,
+                          examples.npz, meta.json
+      cache/<base>/       head inputs of the user's photos, by content hash
+
+A change is staged in a hidden directory, renamed into place, and then `state.json` is
+replaced; a crash at any point leaves the previous state.json, which names only complete
+directories. Directories no longer named are removed by the next writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from healthyluncher.errors import LuncherError
+
+ENV_VAR = "LUNCHER_MODELS_DIR"
+STATE_FILE = "state.json"
+LOCK_FILE = ".lock"
+STATE_FORMAT = 1
+# How many earlier personalized states `undo` can go back to.
+HISTORY_LIMIT = 3
+# Seconds a writer waits for another luncher process to finish.
+LOCK_TIMEOUT = 120.0
+
+
+class Files:
+    """Names of the files inside base and personal directories."""
+
+    MODEL = "model.onnx"
+    FROZEN = "frozen.onnx"
+    HEAD = "head.onnx"
+    ARTIFACTS = "artifacts"
+    META = "meta.json"
+    REPLAY = "replay.npz"
+    WEIGHTS = "weights.npz"
+    CHECKPOINT = "checkpoint"
+    EXAMPLES = "examples.npz"
+    THUMBNAILS = "thumbnails"
+
+
+def resolve_models_dir(option: Path | None = None) -> Path:
+    """--models-dir, then $LUNCHER_MODELS_DIR, then the per-user data directory."""
+    if option is not None:
+        return option.expanduser().resolve()
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser().resolve()
+    from platformdirs import user_data_path
+
+    return user_data_path("healthyluncher", appauthor=False) / "models"
+
+
+@dataclass
+class State:
+    base: str | None = None
+    personal: str | None = None
+    history: list[str] = field(default_factory=list)  # older personal dirs, newest first
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "base": self.base,
+            "personal": self.personal,
+            "history": self.history,
+        }
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem allows it
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, flush, fsync, then os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise LuncherError(f"{path} is damaged ({exc}); run 'luncher reset'") from None
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(Path(dirpath))
+
+
+class ModelStore:
+    """One models directory. Readers need no lock; writers hold `lock()`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure_exists(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LuncherError(
+                f"cannot create the models directory {self.root}: {exc.strerror}"
+            ) from None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        self.ensure_exists()
+        lock = FileLock(str(self.root / LOCK_FILE))
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT)
+        except Timeout:
+            raise LuncherError(
+                f"another luncher process is changing {self.root}; try again when it is done"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- state -------------------------------------------------------------------------
+
+    def read_state(self) -> State:
+        try:
+            data = read_json(self.root / STATE_FILE)
+        except FileNotFoundError:
+            return State()
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise LuncherError(
+                f"{self.root / STATE_FILE} has an unknown format; was it written by a newer "
+                "luncher?"
+            )
+        return State(
+            base=data.get("base"),
+            personal=data.get("personal"),
+            history=list(data.get("history") or []),
+        )
+
+    def write_state(self, state: State) -> None:
+        write_json(self.root / STATE_FILE, state.to_json())
+
+    def base_dir(self, state: State | None = None) -> Path | None:
+        state = state or self.read_state()
+        return self.root / state.base if state.base else None
+
+    def personal_dir(self, state: State | None = None) -> Path | None:
+        state = state or self.read_state()
+        return self.root / state.personal if state.personal else None
+
+    # -- publishing --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A hidden directory to fill; removed if the block fails."""
+        self.ensure_exists()
+        path = self.root / f".staging-{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        try:
+            yield path
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+
+    def publish_dir(self, staged: Path, kind: str) -> str:
+        """Make a staged directory durable and give it its final name."""
+        _fsync_tree(staged)
+        name = f"{kind}-{uuid.uuid4().hex[:12]}"
+        os.replace(staged, self.root / name)
+        fsync_dir(self.root)
+        return name
+
+    def collect_garbage(self, state: State) -> None:
+        """Remove directories that state.json no longer names (call with the lock held)."""
+        keep = {state.base, state.personal, *state.history}
+        for entry in self.root.iterdir():
+            name = entry.name
+            if not entry.is_dir() or name in keep:
+                continue
+            if name.startswith(("base-", "personal-", ".staging-", ".scratch-")):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # -- embedding cache ---------------------------------------------------------------
+
+    def cache_dir(self, base_sha256: str) -> Path:
+        return self.root / "cache" / base_sha256[:16]
+
+    def clear_cache(self) -> int:
+        cache = self.root / "cache"
+        if not cache.exists():
+            return 0
+        count = sum(1 for p in cache.rglob("*") if p.is_file())
+        shutil.rmtree(cache, ignore_errors=True)
+        return count

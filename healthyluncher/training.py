@@ -1,0 +1,160 @@
+"""Training the head with ONNX Runtime's on-device training API (artifacts, Module, Optimizer)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from healthyluncher.config import Hyperparameters
+from healthyluncher.errors import LuncherError
+from healthyluncher.graph import MAX_IR_VERSION
+from healthyluncher.ortapi import inference_session, training
+
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+# (epoch, epochs, loss) after each epoch.
+EpochCallback = Callable[[int, int, float], None]
+
+
+def generate_artifacts(
+    head: onnx.ModelProto, trainable: tuple[str, ...], optimizer: str, directory: Path
+) -> None:
+    """Write training, eval and optimizer models and the checkpoint for the head alone."""
+    artifacts, _ = training()
+    directory.mkdir(parents=True, exist_ok=True)
+    optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
+    try:
+        artifacts.generate_artifacts(
+            head,
+            requires_grad=list(trainable),
+            frozen_params=[],
+            loss=artifacts.LossType.CrossEntropyLoss,
+            optimizer=optim,
+            artifact_directory=str(directory),
+        )
+    except Exception as exc:  # ORT raises RuntimeError with C++ text for missing gradients
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        ops = sorted({n.op_type for n in head.graph.node})
+        raise LuncherError(
+            f"cannot build training artifacts for the trainable part (ops: {', '.join(ops)}): "
+            f"{text}. An op there may have no gradient; try fewer --trainable-layers"
+        ) from None
+    # onnx >= 1.18 writes the optimizer model with an IR version ORT 1.19 refuses.
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+        path = directory / name
+        model = onnx.load(str(path))
+        if model.ir_version > MAX_IR_VERSION:
+            model.ir_version = MAX_IR_VERSION
+            onnx.save(model, str(path))
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Cached inputs to the head with integer labels and per-example weights."""
+
+    inputs: np.ndarray  # (N, *split_shape) float32
+    labels: np.ndarray  # (N,) int64
+    weights: np.ndarray  # (N,) float64, relative sampling weight
+
+
+def train(
+    artifact_dir: Path,
+    data: TrainingSet,
+    hp: Hyperparameters,
+    *,
+    start: dict[str, np.ndarray] | None = None,
+    batch_limit: int | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Fit the trainable parameters; returns them and the last epoch's mean loss.
+
+    Weights are honoured by sampling: each epoch draws N examples with probability
+    proportional to their weight, so the loss itself stays ORT's plain cross-entropy.
+    """
+    _, api = training()
+    if len(data.inputs) == 0:
+        raise LuncherError("nothing to train on")
+    state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
+    if start:
+        for name, value in start.items():
+            state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+    module = api.Module(
+        str(artifact_dir / "training_model.onnx"), state, str(artifact_dir / "eval_model.onnx")
+    )
+    optimizer = api.Optimizer(str(artifact_dir / "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(hp.learning_rate)
+    module.train()
+    rng = np.random.default_rng(hp.seed)
+    batch = max(1, min(hp.batch_size, batch_limit or hp.batch_size))
+    n = len(data.inputs)
+    p = data.weights / data.weights.sum()
+    loss_mean = float("nan")
+    for epoch in range(hp.epochs):
+        order = rng.choice(n, size=n, replace=True, p=p) if _weighted(p) else rng.permutation(n)
+        losses = []
+        for start_at in range(0, n, batch):
+            idx = order[start_at : start_at + batch]
+            loss = module(data.inputs[idx], data.labels[idx])
+            optimizer.step()
+            module.lazy_reset_grad()
+            losses.append(float(loss))
+        loss_mean = float(np.mean(losses))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, hp.epochs, loss_mean)
+    params = {name: np.array(param.data) for name, param in state.parameters}
+    return {k: v for k, v in params.items() if _requires_grad(state, k)}, loss_mean
+
+
+def _weighted(p: np.ndarray) -> bool:
+    return bool(np.ptp(p) > 1e-12)
+
+
+def _requires_grad(state: object, name: str) -> bool:
+    return bool(state.parameters[name].requires_grad)  # type: ignore[attr-defined]
+
+
+def save_checkpoint(artifact_dir: Path, params: dict[str, np.ndarray], target: Path) -> None:
+    """Write an ORT checkpoint holding `params` (no optimizer state) to `target`."""
+    _, api = training()
+    state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
+    for name, value in params.items():
+        state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+    api.CheckpointState.save_checkpoint(state, str(target), include_optimizer_state=False)
+
+
+class HeadRunner:
+    """Runs the head (split tensor -> logits) with given weights, for before/after scores."""
+
+    def __init__(self, head_path: Path, params: dict[str, np.ndarray] | None = None) -> None:
+        model = onnx.load(str(head_path))
+        if params:
+            index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+            for name, value in params.items():
+                model.graph.initializer[index[name]].CopyFrom(
+                    numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+                )
+        self._session = inference_session(model.SerializeToString(), threads=1)
+        self._input = self._session.get_inputs()[0].name
+
+    def probabilities(self, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
+        chunks = [
+            self._session.run(None, {self._input: inputs[i : i + batch]})[0]
+            for i in range(0, len(inputs), batch)
+        ]
+        return softmax(np.concatenate(chunks).astype(np.float64))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def scratch_dir(parent: Path) -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix=".scratch-", dir=parent)

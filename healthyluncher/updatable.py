@@ -1,0 +1,269 @@
+"""make-updatable: turn an ONNX classifier into a pristine base with training artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from healthyluncher import graph
+from healthyluncher.config import Hyperparameters, Preprocessing
+from healthyluncher.errors import LuncherError
+from healthyluncher.meta import BaseMeta, LayerInfo
+from healthyluncher.models import BUNDLED_REPLAY, bundled_model
+from healthyluncher.ortapi import inference_session
+from healthyluncher.store import Files, ModelStore, State
+from healthyluncher.training import generate_artifacts
+
+
+@dataclass(frozen=True)
+class UpdatableOptions:
+    labels: tuple[str, ...] | None = None
+    trainable_layers: int = 1
+    resize: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    hyperparameters: Hyperparameters = Hyperparameters()
+    replay: Path | None = None  # an .npz of head inputs and labels from the base's training data
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class UpdatableResult:
+    meta: BaseMeta
+    directory: Path
+    dropped_personalization: bool
+
+
+def make_updatable(
+    store: ModelStore,
+    model_path: Path,
+    options: UpdatableOptions,
+    *,
+    bundled: bool = False,
+) -> UpdatableResult:
+    with store.lock():
+        state = store.read_state()
+        existing_is_replaceable = True
+        if state.base is not None:
+            from healthyluncher.models import load_base
+
+            existing_is_replaceable = load_base(store, state).meta.bundled and not state.personal
+        if not existing_is_replaceable and not options.force:
+            raise LuncherError(
+                "a base model is already set up in "
+                f"{store.root}; use --force to replace it (this also removes the "
+                "personalization)"
+            )
+        return _build(store, state, model_path, options, bundled=bundled)
+
+
+def ensure_base(store: ModelStore) -> State:
+    """Initialize an empty models directory from the shipped base model; return the state."""
+    state = store.read_state()
+    if state.base is not None:
+        return state
+    shipped = bundled_model()
+    if shipped is None:
+        raise LuncherError("there is no base model yet: run 'luncher make-updatable MODEL.onnx'")
+    with store.lock():
+        state = store.read_state()
+        if state.base is None:  # another process may have done it meanwhile
+            replay = shipped.with_name(BUNDLED_REPLAY)
+            options = UpdatableOptions(replay=replay if replay.is_file() else None)
+            _build(store, state, shipped, options, bundled=True)
+        return store.read_state()
+
+
+def _build(
+    store: ModelStore, state: State, model_path: Path, options: UpdatableOptions, *, bundled: bool
+) -> UpdatableResult:
+    raw = _read(model_path)
+    model = graph.load_model(model_path)
+    graph.normalize_versions(model)
+    analysis = graph.analyze(model)
+    labels = _labels(options, analysis)
+    prep = _preprocessing(options, analysis)
+    cut = graph.split(model, analysis, options.trainable_layers)
+    trainable = set(cut.trainable_params)
+    layer_infos = tuple(
+        LayerInfo(
+            layer.name,
+            layer.op,
+            layer.params,
+            trainable=any(name in trainable for name in layer.trainable_names),
+        )
+        for layer in analysis.layers
+    )
+    model_bytes = model.SerializeToString()
+    # Fail now, with a clear message, on anything ONNX Runtime cannot run.
+    full_session = inference_session(model_bytes)
+    sample = _dummy_input(analysis, prep)
+    full_session.run(None, {analysis.input.name: sample})
+
+    with store.staging() as staged:
+        (staged / Files.MODEL).write_bytes(model_bytes)
+        head_bytes = cut.head.SerializeToString()
+        (staged / Files.HEAD).write_bytes(head_bytes)
+        if cut.frozen is not None:
+            frozen_bytes = cut.frozen.SerializeToString()
+            (staged / Files.FROZEN).write_bytes(frozen_bytes)
+            split_sample = inference_session(frozen_bytes).run(None, {analysis.input.name: sample})[0]
+        else:
+            split_sample = sample
+        head_batch_limit = _head_batch_limit(head_bytes, split_sample)
+        generate_artifacts(
+            cut.head,
+            cut.trainable_params,
+            options.hyperparameters.optimizer,
+            staged / Files.ARTIFACTS,
+        )
+        replay_count = 0
+        if options.replay is not None:
+            replay_count = _copy_replay(options.replay, staged / Files.REPLAY, labels, split_sample)
+        meta = BaseMeta(
+            name=model_path.stem,
+            source="bundled" if bundled else str(model_path.resolve()),
+            sha256=hashlib.sha256(raw).hexdigest(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            bundled=bundled,
+            labels=labels,
+            preprocessing=prep,
+            input_name=analysis.input.name,
+            input_batch=analysis.input.batch,
+            output_name=analysis.output_name,
+            output_is_probability=analysis.output_is_probability,
+            split_tensor=cut.split_tensor,
+            has_frozen_part=cut.frozen is not None,
+            trainable_layers=options.trainable_layers,
+            trainable_params=cut.trainable_params,
+            layers=layer_infos,
+            hyperparameters=options.hyperparameters,
+            head_batch_limit=head_batch_limit,
+            replay_examples=replay_count,
+        )
+        from healthyluncher.store import write_json
+
+        write_json(staged / Files.META, meta.to_json())
+        name = store.publish_dir(staged, "base")
+    dropped = state.personal is not None
+    new_state = State(base=name, personal=None, history=[])
+    store.write_state(new_state)
+    store.clear_cache()
+    store.collect_garbage(new_state)
+    return UpdatableResult(meta=meta, directory=store.root / name, dropped_personalization=dropped)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise LuncherError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise LuncherError(f"{path}: is a directory, not an ONNX model") from None
+    except OSError as exc:
+        raise LuncherError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _labels(options: UpdatableOptions, analysis: graph.Analysis) -> tuple[str, ...]:
+    labels = options.labels or graph.metadata_labels(analysis.metadata)
+    if not labels:
+        raise LuncherError(
+            f"the model does not name its {analysis.num_classes} classes; "
+            "give them with --labels a,b,..."
+        )
+    if len(labels) != analysis.num_classes:
+        raise LuncherError(
+            f"{len(labels)} labels given ({', '.join(labels)}) but the model has "
+            f"{analysis.num_classes} outputs"
+        )
+    if len(set(labels)) != len(labels) or any(not label for label in labels):
+        raise LuncherError("labels must be unique and non-empty")
+    return tuple(labels)
+
+
+def _preprocessing(options: UpdatableOptions, analysis: graph.Analysis) -> Preprocessing:
+    meta = graph.metadata_preprocessing(analysis.metadata)
+    image = analysis.input
+    crop: Any = meta.get("crop", meta.get("size"))
+    if isinstance(crop, list) and len(crop) == 2:
+        crop_h, crop_w = int(crop[0]), int(crop[1])
+    elif crop is not None:
+        crop_h = crop_w = int(crop)
+    else:
+        crop_h = crop_w = 224
+    height = image.height or crop_h
+    width = image.width or crop_w
+    resize = options.resize or meta.get("resize") or round(min(height, width) * 256 / 224)
+    defaults = Preprocessing()
+    mean = options.mean or tuple(meta.get("mean", defaults.mean))
+    std = options.std or tuple(meta.get("std", defaults.std))
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, image.channels, 3):
+            raise LuncherError(f"--{name} needs {image.channels} values, got {len(values)}")
+    if len(mean) == 1:
+        mean = mean * 3
+    if len(std) == 1:
+        std = std * 3
+    if any(s == 0 for s in std):
+        raise LuncherError("--std values must not be zero")
+    if int(resize) < min(height, width):
+        raise LuncherError(f"--resize {resize} is smaller than the model's input {height}x{width}")
+    return Preprocessing(
+        height=int(height),
+        width=int(width),
+        resize=int(resize),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        layout=image.layout,
+        channels=image.channels,
+    )
+
+
+def _dummy_input(analysis: graph.Analysis, prep: Preprocessing) -> np.ndarray:
+    batch = analysis.input.batch or 1
+    if prep.layout == "NCHW":
+        shape = (batch, prep.channels, prep.height, prep.width)
+    else:
+        shape = (batch, prep.height, prep.width, prep.channels)
+    return np.zeros(shape, np.float32)
+
+
+def _head_batch_limit(head_bytes: bytes, split_sample: np.ndarray) -> int | None:
+    """None if the head runs on any batch size; else the one size it accepts."""
+    session = inference_session(head_bytes, threads=1)
+    name = session.get_inputs()[0].name
+    pair = np.concatenate([split_sample[:1], split_sample[:1]])
+    try:
+        session.run(None, {name: pair})
+        return None
+    except Exception:  # a Reshape baked to batch 1 by the exporter
+        session.run(None, {name: split_sample[:1]})
+        return 1
+
+
+def _copy_replay(
+    source: Path, target: Path, labels: tuple[str, ...], split_sample: np.ndarray
+) -> int:
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            inputs = data["inputs"].astype(np.float32)
+            replay_labels = [str(x) for x in data["labels"]]
+    except (OSError, KeyError, ValueError) as exc:
+        raise LuncherError(f"{source}: not a replay set ({exc})") from None
+    if inputs.shape[1:] != split_sample.shape[1:]:
+        raise LuncherError(
+            f"{source}: replay inputs have shape {inputs.shape[1:]}, the head takes "
+            f"{split_sample.shape[1:]}"
+        )
+    unknown = sorted(set(replay_labels) - set(labels))
+    if unknown:
+        raise LuncherError(f"{source}: replay labels {unknown} are not model labels")
+    shutil.copyfile(source, target)
+    return len(inputs)
