@@ -259,12 +259,14 @@ def split(model: onnx.ModelProto, analysis: Analysis, trainable_layers: int) -> 
     cut = trainable[0].data_input
     if not cut:
         raise LuncherError(f"cannot find the data input of layer {trainable[0].name!r}")
-    head = _extract(model, [cut], [analysis.logits_name])
+    # The extractor needs the shapes of the tensors where it cuts.
+    inferred = onnx.shape_inference.infer_shapes(model)
+    head = _extract(inferred, [cut], [analysis.logits_name])
     _check_closed(head, cut, trainable_layers)
     _make_batch_dynamic(head)
     frozen = None
     if cut != analysis.input.name:
-        frozen = _extract(model, [analysis.input.name], [cut])
+        frozen = _extract(inferred, [analysis.input.name], [cut])
     params = tuple(name for layer in trainable for name in layer.trainable_names)
     return Split(frozen=frozen, head=head, split_tensor=cut, trainable_params=params)
 

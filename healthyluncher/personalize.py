@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from healthyluncher.models import (
     save_examples,
 )
 from healthyluncher.store import Files, ModelStore, State, write_json
+
+if TYPE_CHECKING:
+    from healthyluncher.training import TrainedHead
 from healthyluncher.updatable import ensure_base
 
 # (stage, done, total): stage is "embedding" or "training".
@@ -319,13 +322,14 @@ def retrain(
             if progress:
                 progress("training", epoch, total)
 
-        params, loss = train(
+        trained = train(
             base.path / Files.ARTIFACTS,
             data,
             hp,
             batch_limit=base.meta.head_batch_limit,
             on_epoch=on_epoch,
         )
+        params, loss = trained.params, trained.final_loss
         after = HeadRunner(head_path, params).probabilities(first_views)[:, label_index]
         meta = PersonalMeta(
             base_sha256=base.meta.sha256,
@@ -336,7 +340,7 @@ def retrain(
             examples_per_label=examples.per_label(),
             final_loss=loss,
         )
-        publish_personal(store, state, base, params, examples, meta)
+        publish_personal(store, state, base, trained, examples, meta)
     photos = tuple(
         TrainedPhoto(path, digest, float(b), float(a))
         for (path, digest, _), b, a in zip(embedded, before, after)
@@ -371,7 +375,7 @@ def publish_personal(
     store: ModelStore,
     state: State,
     base: Base,
-    params: dict[str, np.ndarray],
+    trained: TrainedHead,
     examples: Examples,
     meta: PersonalMeta,
 ) -> None:
@@ -379,14 +383,13 @@ def publish_personal(
     import onnx
 
     from healthyluncher.graph import write_back
-    from healthyluncher.training import save_checkpoint
 
     model = onnx.load(str(base.path / Files.MODEL))
-    write_back(model, params)
+    write_back(model, trained.params)
     with store.staging() as staged:
         (staged / Files.MODEL).write_bytes(model.SerializeToString())
-        np.savez(staged / Files.WEIGHTS, **params)
-        save_checkpoint(base.path / Files.ARTIFACTS, params, staged / Files.CHECKPOINT)
+        np.savez(staged / Files.WEIGHTS, **trained.params)
+        trained.save_checkpoint(staged / Files.CHECKPOINT)
         save_examples(examples, staged / Files.EXAMPLES)
         write_json(staged / Files.META, meta.to_json())
         name = store.publish_dir(staged, "personal")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -30,14 +34,15 @@ def generate_artifacts(
     directory.mkdir(parents=True, exist_ok=True)
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
     try:
-        artifacts.generate_artifacts(
-            head,
-            requires_grad=list(trainable),
-            frozen_params=[],
-            loss=artifacts.LossType.CrossEntropyLoss,
-            optimizer=optim,
-            artifact_directory=str(directory),
-        )
+        with _native_stderr_silenced():
+            artifacts.generate_artifacts(
+                head,
+                requires_grad=list(trainable),
+                frozen_params=[],
+                loss=artifacts.LossType.CrossEntropyLoss,
+                optimizer=optim,
+                artifact_directory=str(directory),
+            )
     except Exception as exc:  # ORT raises RuntimeError with C++ text for missing gradients
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         ops = sorted({n.op_type for n in head.graph.node})
@@ -54,6 +59,20 @@ def generate_artifacts(
             onnx.save(model, str(path))
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Hide the INFO lines ORT's gradient builder writes to fd 2 whatever the log level."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @dataclass(frozen=True)
 class TrainingSet:
     """Cached inputs to the head with integer labels and per-example weights."""
@@ -61,6 +80,20 @@ class TrainingSet:
     inputs: np.ndarray  # (N, *split_shape) float32
     labels: np.ndarray  # (N,) int64
     weights: np.ndarray  # (N,) float64, relative sampling weight
+
+
+@dataclass
+class TrainedHead:
+    """The trained parameters, with the ORT state they live in (to save a checkpoint)."""
+
+    params: dict[str, np.ndarray]
+    final_loss: float
+    _state: Any
+    _module: Any  # keeps the state's owner alive while the checkpoint is saved
+
+    def save_checkpoint(self, target: Path) -> None:
+        _, api = training()
+        api.CheckpointState.save_checkpoint(self._state, str(target), include_optimizer_state=False)
 
 
 def train(
@@ -71,8 +104,8 @@ def train(
     start: dict[str, np.ndarray] | None = None,
     batch_limit: int | None = None,
     on_epoch: EpochCallback | None = None,
-) -> tuple[dict[str, np.ndarray], float]:
-    """Fit the trainable parameters; returns them and the last epoch's mean loss.
+) -> TrainedHead:
+    """Fit the trainable parameters, starting from the base's (or `start`).
 
     Weights are honoured by sampling: each epoch draws N examples with probability
     proportional to their weight, so the loss itself stays ORT's plain cross-entropy.
@@ -81,12 +114,13 @@ def train(
     if len(data.inputs) == 0:
         raise LuncherError("nothing to train on")
     state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
-    if start:
-        for name, value in start.items():
-            state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
     module = api.Module(
         str(artifact_dir / "training_model.onnx"), state, str(artifact_dir / "eval_model.onnx")
     )
+    # Parameters can only be assigned once a Module holds the state (before, ORT 1.19
+    # crashes with a segmentation fault).
+    for name, value in (start or {}).items():
+        state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
     optimizer = api.Optimizer(str(artifact_dir / "optimizer_model.onnx"), module)
     optimizer.set_learning_rate(hp.learning_rate)
     module.train()
@@ -107,25 +141,14 @@ def train(
         loss_mean = float(np.mean(losses))
         if on_epoch is not None:
             on_epoch(epoch + 1, hp.epochs, loss_mean)
-    params = {name: np.array(param.data) for name, param in state.parameters}
-    return {k: v for k, v in params.items() if _requires_grad(state, k)}, loss_mean
+    params = {
+        name: np.array(param.data) for name, param in state.parameters if param.requires_grad
+    }
+    return TrainedHead(params=params, final_loss=loss_mean, _state=state, _module=module)
 
 
 def _weighted(p: np.ndarray) -> bool:
     return bool(np.ptp(p) > 1e-12)
-
-
-def _requires_grad(state: object, name: str) -> bool:
-    return bool(state.parameters[name].requires_grad)  # type: ignore[attr-defined]
-
-
-def save_checkpoint(artifact_dir: Path, params: dict[str, np.ndarray], target: Path) -> None:
-    """Write an ORT checkpoint holding `params` (no optimizer state) to `target`."""
-    _, api = training()
-    state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
-    for name, value in params.items():
-        state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
-    api.CheckpointState.save_checkpoint(state, str(target), include_optimizer_state=False)
 
 
 class HeadRunner:

@@ -1,0 +1,102 @@
+"""Tiny ONNX classifiers built with onnx.helper, shaped like real exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SIZE = 16  # input height and width
+
+
+def _save(model: onnx.ModelProto, path: Path, labels: list[str] | None) -> Path:
+    if labels is not None:
+        helper.set_model_props(model, {"labels": json.dumps(labels)})
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _colour_conv(rng: np.random.Generator, channels: int) -> np.ndarray:
+    """3x3 conv filters: the first three pass the mean colour through, the rest are random."""
+    w = rng.normal(0, 0.1, (channels, 3, 3, 3)).astype(np.float32)
+    for c in range(3):
+        w[c] = 0
+        w[c, c] = 1.0 / 9
+    return w
+
+
+def pytorch_style(
+    path: Path,
+    labels: list[str] | None = ("healthy", "fast_food"),  # type: ignore[assignment]
+    *,
+    batch: int | str = "N",
+    classes: int = 2,
+    seed: int = 0,
+) -> Path:
+    """NCHW: Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm (logits)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_colour_conv(rng, 8), "conv1.weight"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "conv1.bias"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32), "conv2.weight"),
+        numpy_helper.from_array(np.full(8, 0.5, np.float32), "conv2.bias"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (classes, 8)).astype(np.float32), "fc.weight"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "conv1.weight", "conv1.bias"], ["c1"], name="conv1",
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["features"], name="flatten"),
+        helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc",
+                         transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_pytorch",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _save(model, path, list(labels) if labels is not None else None)
+
+
+def keras_style(path: Path, labels: list[str] | None = ("healthy", "fast_food"), *, seed: int = 1) -> Path:  # type: ignore[assignment]
+    """NHWC: Transpose -> Conv -> Relu -> ReduceMean -> MatMul + Add -> Softmax."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_colour_conv(rng, 6), "conv/kernel"),
+        numpy_helper.from_array(np.zeros(6, np.float32), "conv/bias"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (6, 2)).astype(np.float32), "dense/kernel"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "dense/bias"),
+        numpy_helper.from_array(np.array([-1, 6], np.int64), "flat_shape"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["input_1"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Conv", ["nchw", "conv/kernel", "conv/bias"], ["c"], name="conv",
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+        helper.make_node("Reshape", ["p", "flat_shape"], ["features"], name="flatten"),
+        helper.make_node("MatMul", ["features", "dense/kernel"], ["mm"], name="dense/MatMul"),
+        helper.make_node("Add", ["mm", "dense/bias"], ["dense_out"], name="dense/BiasAdd"),
+        helper.make_node("Softmax", ["dense_out"], ["probabilities"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_keras",
+        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["batch", SIZE, SIZE, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _save(model, path, list(labels) if labels is not None else None)
