@@ -244,7 +244,7 @@ def predict(
 
         which = "personalized" if predictor.model.personalized else "base"
         table = Table(title=f"Predictions ({which} model)", title_justify="left")
-        table.add_column("photo")
+        table.add_column("photo", overflow="fold")
         table.add_column("label")
         table.add_column("probability", justify="right")
         for label in predictor.model.labels:
@@ -328,7 +328,7 @@ def retrain(
         from rich.table import Table
 
         table = Table(title=f"Probability of {escape(result.label)!r}", title_justify="left")
-        table.add_column("photo")
+        table.add_column("photo", overflow="fold")
         table.add_column("before", justify="right")
         table.add_column("after", justify="right")
         for photo in result.photos:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -44,12 +45,14 @@ def generate_artifacts(
                 artifact_directory=str(directory),
             )
     except Exception as exc:  # ORT raises RuntimeError with C++ text for missing gradients
+        missing = re.search(r"gradient builder has not been registered: (\w+)", str(exc))
+        if missing:
+            raise LuncherError(
+                f"the trainable part contains the op {missing.group(1)}, which has no gradient "
+                "in ONNX Runtime training; this model cannot be trained past it"
+            ) from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        ops = sorted({n.op_type for n in head.graph.node})
-        raise LuncherError(
-            f"cannot build training artifacts for the trainable part (ops: {', '.join(ops)}): "
-            f"{text}. An op there may have no gradient; try fewer --trainable-layers"
-        ) from None
+        raise LuncherError(f"cannot build training artifacts for the trainable part: {text}") from None
     # onnx >= 1.18 writes the optimizer model with an IR version ORT 1.19 refuses.
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         path = directory / name

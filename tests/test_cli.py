@@ -1,0 +1,375 @@
+"""The luncher CLI end to end on tiny real ONNX models and the real training API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from healthyluncher.ortapi import training
+from healthyluncher.store import STATE_FILE, Files, ModelStore
+from tests.models import keras_style, pytorch_style
+
+
+def probabilities(run, *paths: Path, base: bool = False) -> dict[str, dict[str, float]]:
+    args = ["predict", "--json", *paths] + (["--base"] if base else [])
+    result = run(*args)
+    assert result.code == 0, result
+    return {str(row["path"]): row["probabilities"] for row in result.json_lines()}
+
+
+def test_make_updatable_writes_artifacts_that_load(run, pt_model, models_dir):
+    result = run("make-updatable", pt_model, "--trainable-layers", "2")
+    assert result.code == 0, result
+    assert "conv2" in result.stdout and "trainable" in result.stdout and "frozen" in result.stdout
+    store = ModelStore(models_dir)
+    base = store.base_dir()
+    assert base is not None
+    meta = json.loads((base / Files.META).read_text())
+    assert meta["labels"] == ["healthy", "fast_food"]
+    assert meta["trainable_params"] == ["conv2.weight", "conv2.bias", "fc.weight", "fc.bias"]
+    assert [layer["trainable"] for layer in meta["layers"]] == [False, True, True]
+    _, api = training()
+    artifacts = base / Files.ARTIFACTS
+    state = api.CheckpointState.load_checkpoint(str(artifacts / "checkpoint"))
+    module = api.Module(
+        str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx")
+    )
+    api.Optimizer(str(artifacts / "optimizer_model.onnx"), module)
+    assert sorted(name for name, _ in state.parameters) == sorted(meta["trainable_params"])
+
+
+def test_predict_json_is_well_formed(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    result = run("predict", "--json", photos["red"][0].parent)
+    assert result.code == 0, result
+    rows = result.json_lines()
+    assert [Path(str(r["path"])).name for r in rows] == ["r0.png", "r1.png", "r2.png"]
+    for row in rows:
+        assert set(row) == {"path", "label", "probability", "probabilities"}
+        probs = row["probabilities"]
+        assert isinstance(probs, dict) and set(probs) == {"healthy", "fast_food"}
+        assert abs(sum(probs.values()) - 1) < 1e-5
+        assert row["probability"] == max(probs.values())
+        assert row["label"] == max(probs, key=probs.get)
+
+
+def test_predict_table_for_people(run, pt_model, photos, tmp_path, monkeypatch):
+    assert run("make-updatable", pt_model).code == 0
+    monkeypatch.chdir(tmp_path)
+    result = run("predict", "red/r0.png")
+    assert result.code == 0, result
+    assert "r0.png" in result.stdout and "base model" in result.stdout
+    assert "healthy" in result.stdout and "%" in result.stdout
+
+
+@pytest.mark.parametrize("factory", [pytorch_style, keras_style], ids=["pytorch", "keras"])
+def test_retrain_flips_the_trained_photos_and_reset_restores_the_base(
+    run, factory, tmp_path, photos
+):
+    model = factory(tmp_path / "model.onnx")
+    assert run("make-updatable", model).code == 0
+    red = photos["red"]
+    before = probabilities(run, *red)
+    label = min(("healthy", "fast_food"), key=lambda k: before[str(red[0])][k])
+    assert all(before[str(p)][label] < 0.5 for p in red)
+
+    short = run("retrain", "--label", label, "--epochs", "2", "--views", "1", "--json", *red)
+    assert short.code == 0, short
+    summary = short.json_lines()[0]
+    assert all(p["after"] > p["before"] for p in summary["photos"])
+
+    result = run("retrain", "--label", label, "--epochs", "60", "--json", *red)
+    assert result.code == 0, result
+    after = probabilities(run, *red)
+    assert all(after[str(p)][label] > 0.5 for p in red), after
+    summary = result.json_lines()[0]
+    assert summary["examples_per_label"] == {label: 3}
+    assert all(p["after"] > 0.5 for p in summary["photos"])
+    # The summary's "after" is what predict now says.
+    for photo in summary["photos"]:
+        assert abs(photo["after"] - after[photo["path"]][label]) < 1e-4
+
+    # --base ignores the personalization.
+    assert probabilities(run, *red, base=True) == before
+
+    reset = run("reset")
+    assert reset.code == 0 and "Removed" in reset.stdout
+    assert probabilities(run, *red) == before
+
+
+def test_second_retrain_reuses_cached_inputs(run, pt_model, photos, monkeypatch):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    from healthyluncher.personalize import Embedder
+
+    def no_backbone(self, batch):
+        raise AssertionError("the frozen part ran again")
+
+    monkeypatch.setattr(Embedder, "_run_frozen", no_backbone)
+    result = run("retrain", "--label", "healthy", "--json", *photos["red"])
+    assert result.code == 0, result
+    assert "3 photo(s) came from the cache" in run(
+        "retrain", "--label", "healthy", *photos["red"]
+    ).stdout
+
+
+def test_examples_accumulate_and_relabel(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["examples_per_label"] == {"healthy": 3, "fast_food": 3}
+    assert status["predicting_with"] == "personalized"
+    # The same photo taught again with another label moves, it is not counted twice.
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["examples_per_label"] == {"healthy": 2, "fast_food": 4}
+    assert status["retrains"] == 3
+
+
+def test_status_tells_the_truth_before_and_after(run, pt_model, photos, models_dir):
+    assert run("make-updatable", pt_model).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["predicting_with"] == "base" and status["examples_per_label"] == {}
+    assert status["models_dir"] == str(models_dir)
+    assert run("retrain", "--label", "healthy", "--epochs", "3", *photos["red"]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["predicting_with"] == "personalized"
+    assert status["hyperparameters"]["epochs"] == 3 and status["last_retrain"]
+    assert run("reset").code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["predicting_with"] == "base" and status["examples_per_label"] == {}
+    human = run("status")
+    assert "the base model" in human.stdout
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.code == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_refuses_a_file_that_is_not_onnx(run, tmp_path):
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"\x00\x01 definitely not protobuf" * 10)
+    one_line_error(run("make-updatable", bogus), "not an ONNX model")
+
+
+def test_refuses_a_missing_file(run, tmp_path):
+    one_line_error(run("make-updatable", tmp_path / "nope.onnx"), "no such file")
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_refuses_a_model_without_image_input(run, tmp_path):
+    w = numpy_helper.from_array(np.ones((2, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        "tabular",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    one_line_error(
+        run("make-updatable", _save(model, tmp_path / "t.onnx"), "--labels", "a,b"),
+        "not an image",
+    )
+
+
+def test_refuses_several_inputs(run, tmp_path):
+    w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "w"], ["g"], transB=1),
+            helper.make_node("Add", ["g", "extra"], ["y"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8]),
+            helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N", 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    one_line_error(
+        run("make-updatable", _save(model, tmp_path / "t.onnx"), "--labels", "a,b"),
+        "2 inputs",
+    )
+
+
+def test_refuses_a_label_count_that_does_not_match(run, pt_model):
+    one_line_error(
+        run("make-updatable", pt_model, "--labels", "a,b,c"), "3 labels", "2 outputs"
+    )
+
+
+def test_refuses_a_model_without_labels(run, tmp_path):
+    model = pytorch_style(tmp_path / "nolabels.onnx", labels=None)
+    one_line_error(run("make-updatable", model), "--labels")
+
+
+def test_refuses_more_trainable_layers_than_the_model_has(run, pt_model):
+    one_line_error(
+        run("make-updatable", pt_model, "--trainable-layers", "4"), "more than the 3 layers"
+    )
+
+
+def test_refuses_an_op_without_gradient_in_the_trainable_part(run, tmp_path):
+    model = onnx.load(str(pytorch_style(tmp_path / "m.onnx")))
+    gemm = model.graph.node[-1]
+    gemm.output[0] = "pre"
+    model.graph.node.append(helper.make_node("Floor", ["pre"], ["logits"], name="floor"))
+    one_line_error(
+        run("make-updatable", _save(model, tmp_path / "floor.onnx")), "Floor", "no gradient"
+    )
+
+
+def test_refuses_to_replace_a_base_without_force(run, pt_model, tmp_path, photos):
+    assert run("make-updatable", pt_model).code == 0
+    other = keras_style(tmp_path / "other.onnx")
+    one_line_error(run("make-updatable", other), "--force")
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    replaced = run("make-updatable", other, "--force")
+    assert replaced.code == 0, replaced
+    assert "personalization was removed" in replaced.stdout
+    assert run("status", "--json").json_lines()[0]["base_name"] == "other"
+
+
+def test_retrain_refuses_an_unknown_label(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    one_line_error(
+        run("retrain", "--label", "dessert", *photos["red"]),
+        "unknown label 'dessert'",
+        "healthy, fast_food",
+    )
+
+
+def test_retrain_with_no_images_found(run, pt_model, tmp_path):
+    assert run("make-updatable", pt_model).code == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run("retrain", "--label", "healthy", empty), "no image files")
+
+
+def test_retrain_skips_a_bad_photo_trains_the_rest_and_exits_1(run, pt_model, photos, tmp_path):
+    assert run("make-updatable", pt_model).code == 0
+    bad = tmp_path / "red" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    result = run("retrain", "--label", "healthy", "--json", bad.parent)
+    assert result.code == 1
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+    summary = result.json_lines()[0]
+    assert len(summary["photos"]) == 3 and summary["skipped"][0]["path"].endswith("broken.jpg")
+
+
+def test_no_base_yet_is_a_clear_error(run, photos):
+    one_line_error(run("predict", photos["red"][0]), "make-updatable")
+
+
+def test_usage_errors_exit_2(run):
+    assert run("predict").code == 2
+    assert run("retrain", "x.jpg").code == 2  # --label is required
+    assert run("make-updatable", "m.onnx", "--trainable-layers", "0").code == 2
+
+
+@pytest.mark.parametrize("command", ["make-updatable", "predict", "retrain", "reset", "status"])
+def test_every_command_has_help_with_an_example(run, command):
+    for flag in ("--help", "-h"):
+        result = run(command, flag)
+        assert result.code == 0
+        assert "Example: luncher" in result.stdout
+
+
+def test_unexpected_errors_are_one_line_unless_debug(run, pt_model, photos, monkeypatch):
+    assert run("make-updatable", pt_model).code == 0
+    import healthyluncher.predicting as predicting
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(predicting.Predictor, "predict", boom)
+    one_line_error(run("predict", photos["red"][0]), "disk on fire", "--debug")
+    with pytest.raises(RuntimeError):
+        run("--debug", "predict", photos["red"][0])
+
+
+# -- atomicity ---------------------------------------------------------------------------
+
+
+def test_interrupted_publish_leaves_the_previous_model(run, pt_model, photos, models_dir, monkeypatch):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    good = probabilities(run, *photos["red"], *photos["green"])
+    state_before = (models_dir / STATE_FILE).read_bytes()
+
+    import healthyluncher.personalize as personalize
+
+    original = personalize.save_examples
+
+    def interrupted(examples, path):
+        original(examples, path)
+        raise KeyboardInterrupt  # Ctrl-C after half the personal files are written
+
+    monkeypatch.setattr(personalize, "save_examples", interrupted)
+    result = run("retrain", "--label", "fast_food", *photos["green"])
+    assert result.code == 130 and "not changed" in result.stderr
+    assert (models_dir / STATE_FILE).read_bytes() == state_before
+    assert probabilities(run, *photos["red"], *photos["green"]) == good
+    leftovers = [p.name for p in models_dir.iterdir() if p.name.startswith(".staging")]
+    assert leftovers == []
+
+
+def test_a_killed_writer_leaves_only_complete_directories(run, pt_model, photos, models_dir):
+    """Simulate a crash after a staged directory was renamed but before state.json moved."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    good = probabilities(run, *photos["red"])
+    store = ModelStore(models_dir)
+    orphan = models_dir / "personal-deadbeef0000"
+    orphan.mkdir()
+    (orphan / Files.MODEL).write_bytes(b"half a model")
+    stale = models_dir / ".staging-123"
+    stale.mkdir()
+    assert probabilities(run, *photos["red"]) == good
+    # The next writer removes what no state names.
+    assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
+    assert not orphan.exists() and not stale.exists()
+    assert store.personal_dir() is not None
+
+
+def test_models_dir_option_beats_the_environment(run, pt_model, tmp_path, models_dir):
+    elsewhere = tmp_path / "elsewhere"
+    assert run("--models-dir", elsewhere, "make-updatable", pt_model).code == 0
+    assert (elsewhere / STATE_FILE).is_file()
+    assert not (models_dir / STATE_FILE).exists()
+
+
+def test_models_dir_defaults_to_the_user_data_dir(monkeypatch, tmp_path):
+    from healthyluncher.store import resolve_models_dir
+
+    monkeypatch.delenv("LUNCHER_MODELS_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert resolve_models_dir() == tmp_path / "data" / "healthyluncher" / "models"
+    monkeypatch.setenv("LUNCHER_MODELS_DIR", str(tmp_path / "env"))
+    assert resolve_models_dir() == tmp_path / "env"
+    assert resolve_models_dir(tmp_path / "opt") == tmp_path / "opt"
