@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-import functools
 from collections.abc import Callable, Iterator
-from enum import Enum
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -132,9 +132,7 @@ def make_updatable(
         typer.Option(help="Per-channel std in 0..255 pixel units, e.g. 58.4,57.1,57.4."),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Default epochs for retrain.")] = 20,
-    learning_rate: Annotated[
-        float, typer.Option(help="Default learning rate.")
-    ] = 0.01,
+    learning_rate: Annotated[float, typer.Option(help="Default learning rate.")] = 0.01,
     batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 16,
     optimizer: Annotated[Optimizer, typer.Option(help="Training optimizer.")] = Optimizer.adamw,
     replay: Annotated[
@@ -161,7 +159,7 @@ def make_updatable(
             epochs=epochs,
             learning_rate=learning_rate,
             batch_size=batch_size,
-            optimizer=optimizer.value,  # type: ignore[arg-type]
+            optimizer=optimizer.value,
         ),
         replay=replay,
         force=force,

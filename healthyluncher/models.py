@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,13 +108,21 @@ def load_examples(personal: Personal | None, sample_shape: tuple[int, ...]) -> E
         )
 
 
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An uncompressed .npz, readable with allow_pickle=False."""
+    savez: Any = np.savez
+    savez(path, **arrays)
+
+
 def save_examples(examples: Examples, path: Path) -> None:
-    np.savez(
+    save_arrays(
         path,
-        inputs=examples.inputs,
-        owner=examples.owner,
-        digests=np.array(examples.digests, dtype=np.str_),
-        labels=np.array(examples.labels, dtype=np.str_),
+        {
+            "inputs": examples.inputs,
+            "owner": examples.owner,
+            "digests": np.array(examples.digests, dtype=np.str_),
+            "labels": np.array(examples.labels, dtype=np.str_),
+        },
     )
 
 

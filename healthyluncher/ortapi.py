@@ -20,7 +20,8 @@ def runtime() -> ModuleType:
             "onnxruntime is not installed: pip install onnxruntime-training-cpu"
         ) from exc
     onnxruntime.set_default_logger_severity(3)
-    return onnxruntime
+    module: ModuleType = onnxruntime
+    return module
 
 
 def training() -> tuple[Any, Any]:

@@ -22,6 +22,7 @@ from healthyluncher.models import (
     load_examples,
     load_personal,
     load_weights,
+    save_arrays,
     save_examples,
 )
 from healthyluncher.store import Files, ModelStore, State, write_json
@@ -138,7 +139,7 @@ class Embedder:
             for start in range(0, len(misses), EMBED_BATCH):
                 chunk = misses[start : start + EMBED_BATCH]
                 decoded = list(pool.map(views_of, chunk))
-                good = [(m, v) for m, v in zip(chunk, decoded) if isinstance(v, np.ndarray)]
+                good = [(m, v) for m, v in zip(chunk, decoded, strict=False) if isinstance(v, np.ndarray)]
                 failures.extend(v for v in decoded if isinstance(v, ImageFailure))
                 if good:
                     stacked = np.concatenate([v for _, v in good])
@@ -222,7 +223,10 @@ def merge_examples(old: Examples, new: list[tuple[str, np.ndarray]], label: str)
 
 
 def training_set(
-    examples: Examples, replay: tuple[np.ndarray, np.ndarray] | None, labels: tuple[str, ...], hp: Hyperparameters
+    examples: Examples,
+    replay: tuple[np.ndarray, np.ndarray] | None,
+    labels: tuple[str, ...],
+    hp: Hyperparameters,
 ) -> Any:
     """Personal views weighted `personal_weight` per photo, plus replayed base examples.
 
@@ -343,7 +347,7 @@ def retrain(
         publish_personal(store, state, base, trained, examples, meta)
     photos = tuple(
         TrainedPhoto(path, digest, float(b), float(a))
-        for (path, digest, _), b, a in zip(embedded, before, after)
+        for (path, digest, _), b, a in zip(embedded, before, after, strict=False)
     )
     return RetrainResult(
         label=label,
@@ -388,7 +392,7 @@ def publish_personal(
     write_back(model, trained.params)
     with store.staging() as staged:
         (staged / Files.MODEL).write_bytes(model.SerializeToString())
-        np.savez(staged / Files.WEIGHTS, **trained.params)
+        save_arrays(staged / Files.WEIGHTS, trained.params)
         trained.save_checkpoint(staged / Files.CHECKPOINT)
         save_examples(examples, staged / Files.EXAMPLES)
         write_json(staged / Files.META, meta.to_json())

@@ -97,7 +97,7 @@ class Predictor:
         if not loaded:
             return
         probs = self.probabilities(np.stack([item.array for item in loaded]))
-        for item, row in zip(loaded, probs):
+        for item, row in zip(loaded, probs, strict=False):
             best = int(np.argmax(row))
             if on_done is not None:
                 on_done()
@@ -105,7 +105,7 @@ class Predictor:
                 path=item.path,
                 label=self.model.labels[best],
                 probability=float(row[best]),
-                probabilities={label: float(p) for label, p in zip(self.model.labels, row)},
+                probabilities={label: float(p) for label, p in zip(self.model.labels, row, strict=False)},
             )
 
 

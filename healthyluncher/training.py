@@ -52,7 +52,9 @@ def generate_artifacts(
                 "in ONNX Runtime training; this model cannot be trained past it"
             ) from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LuncherError(f"cannot build training artifacts for the trainable part: {text}") from None
+        raise LuncherError(
+            f"cannot build training artifacts for the trainable part: {text}"
+        ) from None
     # onnx >= 1.18 writes the optimizer model with an IR version ORT 1.19 refuses.
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         path = directory / name
@@ -144,9 +146,7 @@ def train(
         loss_mean = float(np.mean(losses))
         if on_epoch is not None:
             on_epoch(epoch + 1, hp.epochs, loss_mean)
-    params = {
-        name: np.array(param.data) for name, param in state.parameters if param.requires_grad
-    }
+    params = {name: np.array(param.data) for name, param in state.parameters if param.requires_grad}
     return TrainedHead(params=params, final_loss=loss_mean, _state=state, _module=module)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from healthyluncher import graph
 from healthyluncher.config import Hyperparameters, Preprocessing
@@ -114,7 +113,9 @@ def _build(
         if cut.frozen is not None:
             frozen_bytes = cut.frozen.SerializeToString()
             (staged / Files.FROZEN).write_bytes(frozen_bytes)
-            split_sample = inference_session(frozen_bytes).run(None, {analysis.input.name: sample})[0]
+            split_sample = inference_session(frozen_bytes).run(None, {analysis.input.name: sample})[
+                0
+            ]
         else:
             split_sample = sample
         head_batch_limit = _head_batch_limit(head_bytes, split_sample)

@@ -25,7 +25,7 @@ def models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def run() -> Callable[..., "Result"]:
+def run() -> Callable[..., Result]:
     runner = CliRunner()
 
     def invoke(*args: str) -> Result:

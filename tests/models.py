@@ -43,21 +43,25 @@ def pytorch_style(
     inits = [
         numpy_helper.from_array(_colour_conv(rng, 8), "conv1.weight"),
         numpy_helper.from_array(np.zeros(8, np.float32), "conv1.bias"),
-        numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32), "conv2.weight"),
+        numpy_helper.from_array(
+            rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32), "conv2.weight"
+        ),
         numpy_helper.from_array(np.full(8, 0.5, np.float32), "conv2.bias"),
         numpy_helper.from_array(rng.normal(0, 0.1, (classes, 8)).astype(np.float32), "fc.weight"),
         numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias"),
     ]
     nodes = [
-        helper.make_node("Conv", ["image", "conv1.weight", "conv1.bias"], ["c1"], name="conv1",
-                         pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["image", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
         helper.make_node("Flatten", ["pooled"], ["features"], name="flatten"),
-        helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc",
-                         transB=1),
+        helper.make_node(
+            "Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1
+        ),
     ]
     graph = helper.make_graph(
         nodes,
@@ -70,7 +74,9 @@ def pytorch_style(
     return _save(model, path, list(labels) if labels is not None else None)
 
 
-def keras_style(path: Path, labels: list[str] | None = ("healthy", "fast_food"), *, seed: int = 1) -> Path:  # type: ignore[assignment]
+def keras_style(
+    path: Path, labels: list[str] | None = ("healthy", "fast_food"), *, seed: int = 1
+) -> Path:  # type: ignore[assignment]
     """NHWC: Transpose -> Conv -> Relu -> ReduceMean -> MatMul + Add -> Softmax."""
     rng = np.random.default_rng(seed)
     inits = [
@@ -82,8 +88,9 @@ def keras_style(path: Path, labels: list[str] | None = ("healthy", "fast_food"),
     ]
     nodes = [
         helper.make_node("Transpose", ["input_1"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
-        helper.make_node("Conv", ["nchw", "conv/kernel", "conv/bias"], ["c"], name="conv",
-                         pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["nchw", "conv/kernel", "conv/bias"], ["c"], name="conv", pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Relu", ["c"], ["r"], name="relu"),
         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
         helper.make_node("Reshape", ["p", "flat_shape"], ["features"], name="flatten"),

@@ -113,9 +113,10 @@ def test_second_retrain_reuses_cached_inputs(run, pt_model, photos, monkeypatch)
     monkeypatch.setattr(Embedder, "_run_frozen", no_backbone)
     result = run("retrain", "--label", "healthy", "--json", *photos["red"])
     assert result.code == 0, result
-    assert "3 photo(s) came from the cache" in run(
-        "retrain", "--label", "healthy", *photos["red"]
-    ).stdout
+    assert (
+        "3 photo(s) came from the cache"
+        in run("retrain", "--label", "healthy", *photos["red"]).stdout
+    )
 
 
 def test_examples_accumulate_and_relabel(run, pt_model, photos):
@@ -218,9 +219,7 @@ def test_refuses_several_inputs(run, tmp_path):
 
 
 def test_refuses_a_label_count_that_does_not_match(run, pt_model):
-    one_line_error(
-        run("make-updatable", pt_model, "--labels", "a,b,c"), "3 labels", "2 outputs"
-    )
+    one_line_error(run("make-updatable", pt_model, "--labels", "a,b,c"), "3 labels", "2 outputs")
 
 
 def test_refuses_a_model_without_labels(run, tmp_path):
@@ -316,7 +315,9 @@ def test_unexpected_errors_are_one_line_unless_debug(run, pt_model, photos, monk
 # -- atomicity ---------------------------------------------------------------------------
 
 
-def test_interrupted_publish_leaves_the_previous_model(run, pt_model, photos, models_dir, monkeypatch):
+def test_interrupted_publish_leaves_the_previous_model(
+    run, pt_model, photos, models_dir, monkeypatch
+):
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
     good = probabilities(run, *photos["red"], *photos["green"])
