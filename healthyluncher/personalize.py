@@ -139,7 +139,11 @@ class Embedder:
             for start in range(0, len(misses), EMBED_BATCH):
                 chunk = misses[start : start + EMBED_BATCH]
                 decoded = list(pool.map(views_of, chunk))
-                good = [(m, v) for m, v in zip(chunk, decoded, strict=False) if isinstance(v, np.ndarray)]
+                good = [
+                    (m, v)
+                    for m, v in zip(chunk, decoded, strict=False)
+                    if isinstance(v, np.ndarray)
+                ]
                 failures.extend(v for v in decoded if isinstance(v, ImageFailure))
                 if good:
                     stacked = np.concatenate([v for _, v in good])

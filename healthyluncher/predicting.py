@@ -105,7 +105,9 @@ class Predictor:
                 path=item.path,
                 label=self.model.labels[best],
                 probability=float(row[best]),
-                probabilities={label: float(p) for label, p in zip(self.model.labels, row, strict=False)},
+                probabilities={
+                    label: float(p) for label, p in zip(self.model.labels, row, strict=False)
+                },
             )
 
 

@@ -179,7 +179,13 @@ class ModelStore:
         )
 
     def write_state(self, state: State) -> None:
-        write_json(self.root / STATE_FILE, state.to_json())
+        try:
+            write_json(self.root / STATE_FILE, state.to_json())
+        except OSError as exc:
+            raise LuncherError(
+                f"cannot write {self.root / STATE_FILE}: {exc.strerror or exc}; "
+                "the models directory was not changed"
+            ) from None
 
     def base_dir(self, state: State | None = None) -> Path | None:
         state = state or self.read_state()
@@ -196,9 +202,16 @@ class ModelStore:
         """A hidden directory to fill; removed if the block fails."""
         self.ensure_exists()
         path = self.root / f".staging-{uuid.uuid4().hex[:12]}"
-        path.mkdir()
         try:
+            path.mkdir()
             yield path
+        except OSError as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            # A full disk or a read-only directory: nothing was switched, say so plainly.
+            raise LuncherError(
+                f"cannot write to {self.root}: {exc.strerror or exc}; "
+                "the models directory was not changed"
+            ) from None
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise

@@ -374,3 +374,47 @@ def test_models_dir_defaults_to_the_user_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("LUNCHER_MODELS_DIR", str(tmp_path / "env"))
     assert resolve_models_dir() == tmp_path / "env"
     assert resolve_models_dir(tmp_path / "opt") == tmp_path / "opt"
+
+
+def test_a_full_disk_keeps_the_personalization(run, pt_model, photos, models_dir, monkeypatch):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    good = probabilities(run, *photos["red"])
+
+    import errno
+
+    import healthyluncher.personalize as personalize
+
+    def disk_full(examples, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(personalize, "save_examples", disk_full)
+    one_line_error(
+        run("retrain", "--label", "fast_food", *photos["green"]),
+        "No space left on device",
+        "not changed",
+    )
+    assert probabilities(run, *photos["red"]) == good
+
+
+def test_two_writers_never_overlap(pt_model, photos, models_dir):
+    """A second luncher process waits for the lock instead of writing at the same time."""
+    import subprocess
+    import sys
+
+    from filelock import FileLock
+
+    assert ModelStore(models_dir).read_state().base is None
+    code = (
+        "import sys; from healthyluncher.cli import main; "
+        f"sys.argv = ['luncher', 'make-updatable', {str(pt_model)!r}]; main()"
+    )
+    lock = FileLock(str(models_dir / ".lock"))
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with lock:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=3)  # blocked on the lock
+        assert ModelStore(models_dir).read_state().base is None
+    assert proc.wait(timeout=60) == 0
+    assert ModelStore(models_dir).read_state().base is not None
