@@ -346,3 +346,49 @@ def metadata_preprocessing(metadata: dict[str, str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise LuncherError("the model's 'preprocessing' metadata must be a JSON object")
     return value
+
+
+def class_axes(model: onnx.ModelProto, num_classes: int) -> dict[str, int]:
+    """For each weight of the last layer, the axis that has one entry per class."""
+    layers = _layers(model)
+    if not layers:
+        raise LuncherError("the model has no layer with weights to grow")
+    weights = _float_initializers(model)
+    axes: dict[str, int] = {}
+    for node in list(model.graph.node)[layers[-1].first_node :]:
+        for position, name in enumerate(node.input):
+            if name not in weights or name in axes:
+                continue
+            dims = list(weights[name].dims)
+            if node.op_type == "Gemm" and position == 1:
+                trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+                axes[name] = 0 if trans_b else 1
+            elif node.op_type == "MatMul" and position == 1:
+                axes[name] = len(dims) - 1
+            elif node.op_type in ("Conv", "ConvTranspose") and position == 1:
+                axes[name] = 0 if node.op_type == "Conv" else 1
+            else:
+                matching = [axis for axis, size in enumerate(dims) if size == num_classes]
+                if len(matching) != 1:
+                    raise LuncherError(
+                        f"cannot tell which axis of {name!r} {dims} holds the {num_classes} classes"
+                    )
+                axes[name] = matching[0]
+    return axes
+
+
+def grow_classes(model: onnx.ModelProto, axes: dict[str, int], extra: int) -> None:
+    """Add `extra` classes in place: new rows start at zero, so old classes keep their
+    weights exactly and a new class starts from a neutral score."""
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    for name, axis in axes.items():
+        old = numpy_helper.to_array(model.graph.initializer[index[name]])
+        pad = [(0, 0)] * old.ndim
+        pad[axis] = (0, extra)
+        grown = np.pad(old, pad)
+        model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(grown, name))
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) == 2 and dims[1].HasField("dim_value"):
+            dims[1].dim_value = dims[1].dim_value + extra
+    del model.graph.value_info[:]

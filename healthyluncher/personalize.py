@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +25,7 @@ from healthyluncher.models import (
     save_arrays,
     save_examples,
 )
-from healthyluncher.store import Files, ModelStore, State, write_json
-
-if TYPE_CHECKING:
-    from healthyluncher.training import TrainedHead
+from healthyluncher.store import HISTORY_LIMIT, Files, ModelStore, State, write_json
 from healthyluncher.updatable import ensure_base
 
 # (stage, done, total): stage is "embedding" or "training".
@@ -58,6 +55,7 @@ class RetrainResult:
     final_loss: float
     embedded: int  # photos that ran through the frozen part (cache misses)
     cached: int  # photos whose head inputs came from the cache
+    new_label: bool = False  # the label was added to the model by this retrain
 
 
 @dataclass(frozen=True)
@@ -282,12 +280,16 @@ def retrain(
     augment_views: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> RetrainResult:
+    """Add the photos as examples of `label` (a new label grows the head) and retrain."""
     if epochs is not None and epochs < 1:
         raise LuncherError("--epochs must be at least 1")
     if learning_rate is not None and not learning_rate > 0:
         raise LuncherError("--learning-rate must be greater than 0")
     if augment_views is not None and augment_views < 1:
         raise LuncherError("--views must be at least 1")
+    label = label.strip()
+    if not label:
+        raise LuncherError("--label must not be empty")
     paths = find_images(inputs)
     if not paths:
         raise LuncherError("no image files found in " + ", ".join(str(p) for p in inputs))
@@ -296,9 +298,8 @@ def retrain(
         state = store.read_state()
         base = load_base(store, state)
         personal = load_personal(store, state)
-        labels = personal.meta.labels if personal else base.meta.labels
-        if label not in labels:
-            raise LuncherError(f"unknown label {label!r}; known labels: {', '.join(labels)}")
+        old_labels = personal.meta.labels if personal else base.meta.labels
+        labels = old_labels if label in old_labels else (*old_labels, label)
         settings = personal.meta.hyperparameters if personal else base.meta.hyperparameters
         hp = settings.replace(
             epochs=epochs, learning_rate=learning_rate, augment_views=augment_views
@@ -311,47 +312,22 @@ def retrain(
             )
         sample_shape = embedded[0][2].shape[1:]
         old_examples = load_examples(personal, sample_shape)
-        if old_examples.inputs.shape[1:] != sample_shape or (
-            len(old_examples) and len(old_examples.inputs) // len(old_examples) != hp.augment_views
-        ):
+        if len(old_examples) and len(old_examples.inputs) // len(old_examples) != hp.augment_views:
             old_examples = _reembed_not_possible(old_examples, hp)
         examples = merge_examples(old_examples, [(d, v) for _, d, v in embedded], label)
-        data = training_set(examples, load_replay(base), labels, hp)
-
-        from healthyluncher.training import HeadRunner, train
-
-        head_path = base.path / Files.HEAD
-        label_index = labels.index(label)
-        first_views = np.stack([views[0] for _, _, views in embedded])
-        current = load_weights(personal) if personal else None
-        before = HeadRunner(head_path, current).probabilities(first_views)[:, label_index]
-
-        def on_epoch(epoch: int, total: int, loss: float) -> None:
-            if progress:
-                progress("training", epoch, total)
-
-        trained = train(
-            base.path / Files.ARTIFACTS,
-            data,
-            hp,
-            batch_limit=base.meta.head_batch_limit,
-            on_epoch=on_epoch,
+        probe = np.stack([views[0] for _, _, views in embedded])
+        before = _current_probabilities(base, personal, probe)
+        if label in old_labels:
+            before_label = before[:, old_labels.index(label)]
+        else:
+            before_label = np.zeros(len(probe))  # the label did not exist yet
+        fitted = fit_and_publish(
+            store, state, base, labels, examples, hp, progress=progress, probe=probe
         )
-        params, loss = trained.params, trained.final_loss
-        after = HeadRunner(head_path, params).probabilities(first_views)[:, label_index]
-        meta = PersonalMeta(
-            base_sha256=base.meta.sha256,
-            labels=labels,
-            hyperparameters=hp,
-            trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            retrains=(personal.meta.retrains if personal else 0) + 1,
-            examples_per_label=examples.per_label(),
-            final_loss=loss,
-        )
-        publish_personal(store, state, base, trained, examples, meta)
+    after_label = fitted.probe_probabilities[:, labels.index(label)]
     photos = tuple(
         TrainedPhoto(path, digest, float(b), float(a))
-        for (path, digest, _), b, a in zip(embedded, before, after, strict=False)
+        for (path, digest, _), b, a in zip(embedded, before_label, after_label, strict=True)
     )
     return RetrainResult(
         label=label,
@@ -359,10 +335,97 @@ def retrain(
         failures=tuple(failures),
         examples_per_label=examples.per_label(),
         hyperparameters=hp,
-        final_loss=loss,
+        final_loss=fitted.final_loss,
         embedded=misses,
         cached=len(embedded) - misses,
+        new_label=label not in old_labels,
     )
+
+
+def _current_probabilities(base: Base, personal: Personal | None, inputs: np.ndarray) -> np.ndarray:
+    from healthyluncher.training import HeadRunner
+
+    if personal is None:
+        return HeadRunner(base.path / Files.HEAD).probabilities(inputs)
+    head = personal.path / Files.HEAD
+    runner = HeadRunner(head if head.is_file() else base.path / Files.HEAD, load_weights(personal))
+    return runner.probabilities(inputs)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    final_loss: float
+    probe_probabilities: np.ndarray  # (N, labels) for the probe inputs after training
+
+
+def fit_and_publish(
+    store: ModelStore,
+    state: State,
+    base: Base,
+    labels: tuple[str, ...],
+    examples: Examples,
+    hp: Hyperparameters,
+    *,
+    progress: ProgressCallback | None = None,
+    probe: np.ndarray | None = None,
+) -> Fitted:
+    """Train the head from the base's weights on the examples plus replay, then publish a
+    new personalized copy and switch to it (the caller holds the lock).
+
+    Labels beyond the base's grow the head: old classes keep their weights, the new ones
+    start at zero, and training artifacts for the grown head are generated with the copy.
+    """
+    import onnx
+
+    from healthyluncher import graph
+    from healthyluncher.training import HeadRunner, generate_artifacts, train
+
+    data = training_set(examples, load_replay(base), labels, hp)
+    extra = len(labels) - len(base.meta.labels)
+    model = onnx.load(str(base.path / Files.MODEL))
+    with store.staging() as staged:
+        head_path, artifact_dir = base.path / Files.HEAD, base.path / Files.ARTIFACTS
+        if extra > 0:
+            head = onnx.load(str(head_path))
+            axes = graph.class_axes(head, len(base.meta.labels))
+            graph.grow_classes(head, axes, extra)
+            graph.grow_classes(model, axes, extra)
+            head_path, artifact_dir = staged / Files.HEAD, staged / Files.ARTIFACTS
+            onnx.save(head, str(head_path))
+            generate_artifacts(head, base.meta.trainable_params, hp.optimizer, artifact_dir)
+
+        def on_epoch(epoch: int, total: int, loss: float) -> None:
+            if progress:
+                progress("training", epoch, total)
+
+        trained = train(
+            artifact_dir, data, hp, batch_limit=base.meta.head_batch_limit, on_epoch=on_epoch
+        )
+        graph.write_back(model, trained.params)
+        (staged / Files.MODEL).write_bytes(model.SerializeToString())
+        save_arrays(staged / Files.WEIGHTS, trained.params)
+        trained.save_checkpoint(staged / Files.CHECKPOINT)
+        save_examples(examples, staged / Files.EXAMPLES)
+        previous = load_personal(store, state)
+        meta = PersonalMeta(
+            base_sha256=base.meta.sha256,
+            labels=labels,
+            hyperparameters=hp,
+            trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            retrains=(previous.meta.retrains if previous else 0) + 1,
+            examples_per_label=examples.per_label(),
+            final_loss=trained.final_loss,
+        )
+        write_json(staged / Files.META, meta.to_json())
+        probs = np.zeros((0, len(labels)))
+        if probe is not None:
+            probs = HeadRunner(head_path, trained.params).probabilities(probe)
+        name = store.publish_dir(staged, "personal")
+    history = ([state.personal] if state.personal else []) + state.history
+    new_state = State(base=state.base, personal=name, history=history[:HISTORY_LIMIT])
+    store.write_state(new_state)
+    store.collect_garbage(new_state)
+    return Fitted(final_loss=trained.final_loss, probe_probabilities=probs)
 
 
 def _reembed_not_possible(old: Examples, hp: Hyperparameters) -> Examples:
@@ -377,36 +440,6 @@ def _reembed_not_possible(old: Examples, hp: Hyperparameters) -> Examples:
         inputs.append(views[take])
         owner.append(np.full(len(take), i, np.int64))
     return Examples(np.concatenate(inputs), np.concatenate(owner), old.digests, old.labels)
-
-
-def publish_personal(
-    store: ModelStore,
-    state: State,
-    base: Base,
-    trained: TrainedHead,
-    examples: Examples,
-    meta: PersonalMeta,
-) -> None:
-    """Write the personalized copy to a new directory and switch to it (lock held)."""
-    import onnx
-
-    from healthyluncher.graph import write_back
-
-    model = onnx.load(str(base.path / Files.MODEL))
-    write_back(model, trained.params)
-    with store.staging() as staged:
-        (staged / Files.MODEL).write_bytes(model.SerializeToString())
-        save_arrays(staged / Files.WEIGHTS, trained.params)
-        trained.save_checkpoint(staged / Files.CHECKPOINT)
-        save_examples(examples, staged / Files.EXAMPLES)
-        write_json(staged / Files.META, meta.to_json())
-        name = store.publish_dir(staged, "personal")
-    history = ([state.personal] if state.personal else []) + state.history
-    from healthyluncher.store import HISTORY_LIMIT
-
-    new_state = State(base=state.base, personal=name, history=history[:HISTORY_LIMIT])
-    store.write_state(new_state)
-    store.collect_garbage(new_state)
 
 
 def reset(store: ModelStore) -> ResetResult:

@@ -254,13 +254,52 @@ def test_refuses_to_replace_a_base_without_force(run, pt_model, tmp_path, photos
     assert run("status", "--json").json_lines()[0]["base_name"] == "other"
 
 
-def test_retrain_refuses_an_unknown_label(run, pt_model, photos):
-    assert run("make-updatable", pt_model).code == 0
-    one_line_error(
-        run("retrain", "--label", "dessert", *photos["red"]),
-        "unknown label 'dessert'",
-        "healthy, fast_food",
-    )
+@pytest.mark.parametrize("factory", [pytorch_style, keras_style], ids=["pytorch", "keras"])
+def test_a_new_label_grows_the_head_and_keeps_the_old_rows(run, factory, tmp_path, photos):
+    model_path = factory(tmp_path / "model.onnx")
+    assert run("make-updatable", model_path).code == 0
+    result = run("retrain", "--label", "dessert", "--epochs", "40", "--json", *photos["red"])
+    assert result.code == 0, result
+    summary = result.json_lines()[0]
+    assert all(p["before"] == 0 and p["after"] > 0.5 for p in summary["photos"])
+
+    rows = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert all(set(r["probabilities"]) == {"healthy", "fast_food", "dessert"} for r in rows)
+    assert [r["label"] for r in rows[:3]] == ["dessert"] * 3
+    assert run("status", "--json").json_lines()[0]["labels"] == ["healthy", "fast_food", "dessert"]
+
+    # The grown model holds the base's rows for the old classes untouched by the growth:
+    # its weights are (C+1) rows whose first C rows were trained from the base's.
+    store = ModelStore(Path(run("status", "--json").json_lines()[0]["models_dir"]))
+    personal = store.personal_dir()
+    assert personal is not None and (personal / Files.HEAD).is_file()
+    grown = onnx.load(str(personal / Files.MODEL))
+    shapes = {t.name: tuple(t.dims) for t in grown.graph.initializer}
+    if factory is pytorch_style:
+        assert shapes["fc.weight"] == (3, 8) and shapes["fc.bias"] == (3,)
+    else:
+        assert shapes["dense/kernel"] == (6, 3) and shapes["dense/bias"] == (3,)
+
+    # After reset the model is the base again, with its two labels.
+    assert run("reset").code == 0
+    rows = run("predict", "--json", photos["red"][0]).json_lines()
+    assert set(rows[0]["probabilities"]) == {"healthy", "fast_food"}
+
+
+def test_growing_keeps_old_class_weights_exactly(tmp_path):
+    from healthyluncher import graph
+
+    model = onnx.load(str(pytorch_style(tmp_path / "m.onnx")))
+    before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    axes = graph.class_axes(model, 2)
+    assert axes == {"fc.weight": 0, "fc.bias": 0}
+    graph.grow_classes(model, axes, 2)
+    after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(after["fc.weight"][:2], before["fc.weight"])
+    np.testing.assert_array_equal(after["fc.weight"][2:], 0)
+    np.testing.assert_array_equal(after["fc.bias"][:2], before["fc.bias"])
+    np.testing.assert_array_equal(after["conv2.weight"], before["conv2.weight"])
+    assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 4
 
 
 def test_retrain_with_no_images_found(run, pt_model, tmp_path):
