@@ -393,6 +393,47 @@ def reset(ctx: typer.Context) -> None:
 
 @app.command()
 @reporting
+def undo(ctx: typer.Context) -> None:
+    """Go back to the personalized model as it was before the last retrain.
+
+    Example: luncher undo
+    """
+    from healthyluncher.personalize import undo as run
+
+    result = run(_store(ctx))
+    if result.restored == "base":
+        out.print("Back to the base model (no personalization).")
+    else:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+        out.print(f"Restored the personalized model trained {result.trained_at} ({counts}).")
+    out.print(f"{result.remaining_undos} more undo step(s) available.")
+
+
+@app.command()
+@reporting
+def forget(
+    ctx: typer.Context,
+    images: Annotated[
+        list[Path], typer.Argument(help="Photos, or directories to search.", show_default=False)
+    ],
+) -> None:
+    """Remove these photos from your examples and retrain without them.
+
+    Example: luncher forget my-pancakes/burnt.jpg
+    """
+    from healthyluncher.personalize import forget as run
+
+    with _progress() as report:
+        result = run(_store(ctx), images, progress=report)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    if result.retrained:
+        out.print(f"Forgot {result.forgotten} photo(s) and retrained on the rest ({counts}).")
+    else:
+        out.print(f"Forgot {result.forgotten} photo(s); no examples remain, so the base predicts.")
+
+
+@app.command()
+@reporting
 def status(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -420,6 +461,10 @@ def status(
     out.print(f"[bold]predicting with[/bold]   the {result.predicting_with} model")
     examples = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     out.print(f"[bold]your examples[/bold]     {escape(examples) or 'none'}")
+    out.print(
+        f"[bold]undo steps[/bold]        {result.undo_steps}; the models directory holds "
+        f"{result.disk_bytes / 2**20:.1f} MiB"
+    )
     if result.last_retrain:
         hp = result.hyperparameters
         out.print(

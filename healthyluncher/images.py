@@ -49,9 +49,7 @@ def find_images(inputs: Sequence[Path]) -> list[Path]:
         if item.is_dir():
             found.extend(
                 sorted(
-                    p
-                    for p in item.rglob("*")
-                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                 )
             )
         else:
@@ -200,7 +198,7 @@ def augmented_views(image: Image.Image, prep: Preprocessing, count: int, seed: i
     """
     from PIL import ImageEnhance
 
-    resized = _resize_short_side(image, prep.resize)
+    resized = resize_short_side(image, prep.resize)
     views = [to_tensor(resize_and_crop(resized, prep), prep)]
     rng = np.random.default_rng(seed)
     width, height = resized.size
@@ -226,7 +224,7 @@ def augmented_views(image: Image.Image, prep: Preprocessing, count: int, seed: i
     return np.stack(views)
 
 
-def _resize_short_side(image: Image.Image, short: int) -> Image.Image:
+def resize_short_side(image: Image.Image, short: int) -> Image.Image:
     width, height = image.size
     scale = short / min(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -79,6 +79,8 @@ class Status:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     trainable_layers: int = 1
     replay_examples: int = 0
+    undo_steps: int = 0
+    disk_bytes: int = 0  # everything in the models directory
 
 
 # -- embedding ---------------------------------------------------------------------------
@@ -90,6 +92,7 @@ class Embedder:
     def __init__(self, store: ModelStore, base: Base, views: int) -> None:
         self.base = base
         self.views = max(1, views)
+        self.store = store
         self.cache = store.cache_dir(base.meta.sha256)
         self._session: Any = None
 
@@ -113,7 +116,7 @@ class Embedder:
                 continue
             digest = digest_of(data)
             cached = self._read_cache(digest)
-            if cached is not None:
+            if cached is not None and self.store.thumbnail(digest).is_file():
                 done[index] = (path, digest, cached)
             else:
                 misses.append((index, path, digest, data))
@@ -126,6 +129,7 @@ class Embedder:
             _, path, digest, data = item
             try:
                 image = decode(data, prep, name=str(path))
+                self._write_thumbnail(digest, image)
                 return augmented_views(image, prep, self.views, int(digest[:8], 16))
             except LuncherError as exc:
                 return ImageFailure(path, str(exc))
@@ -175,6 +179,26 @@ class Embedder:
             parts.append(self._session.run(None, {meta.input_name: chunk})[0][:count])
         return np.concatenate(parts).astype(np.float32)
 
+    def _write_thumbnail(self, digest: str, image: Any) -> None:
+        """Keep the photo at the size the model reads, so a new base can embed it again."""
+        import io
+
+        from healthyluncher.images import resize_short_side
+        from healthyluncher.store import atomic_write_bytes
+
+        target = self.store.thumbnail(digest)
+        if target.is_file():
+            return
+        short = self.base.meta.preprocessing.resize
+        small = resize_short_side(image, short) if min(image.size) > short else image
+        buffer = io.BytesIO()
+        small.convert("RGB").save(buffer, "JPEG", quality=90)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target, buffer.getvalue())
+        except OSError as exc:
+            raise LuncherError(f"cannot keep a thumbnail in {target.parent}: {exc}") from None
+
     def _read_cache(self, digest: str) -> np.ndarray | None:
         path = self._cache_file(digest)
         try:
@@ -203,24 +227,17 @@ class Embedder:
 def merge_examples(old: Examples, new: list[tuple[str, np.ndarray]], label: str) -> Examples:
     """Add photos (digest, views) under `label`; a photo seen before takes the new label."""
     replaced = {digest for digest, _ in new}
-    keep = [i for i, d in enumerate(old.digests) if d not in replaced]
-    inputs, owner, digests, labels = [], [], [], []
-    for new_index, old_index in enumerate(keep):
-        views = old.inputs[old.owner == old_index]
-        inputs.append(views)
-        owner.append(np.full(len(views), new_index, np.int64))
-        digests.append(old.digests[old_index])
-        labels.append(old.labels[old_index])
-    for digest, views in new:
-        owner.append(np.full(len(views), len(digests), np.int64))
-        inputs.append(views)
-        digests.append(digest)
-        labels.append(label)
+    kept = select_examples(old, [i for i, d in enumerate(old.digests) if d not in replaced])
+    if not new:
+        return kept
+    owner = [kept.owner] + [
+        np.full(len(views), len(kept) + i, np.int64) for i, (_, views) in enumerate(new)
+    ]
     return Examples(
-        inputs=np.concatenate(inputs).astype(np.float32),
+        inputs=np.concatenate([kept.inputs, *(views for _, views in new)]).astype(np.float32),
         owner=np.concatenate(owner),
-        digests=tuple(digests),
-        labels=tuple(labels),
+        digests=kept.digests + tuple(d for d, _ in new),
+        labels=kept.labels + (label,) * len(new),
     )
 
 
@@ -421,8 +438,8 @@ def fit_and_publish(
         if probe is not None:
             probs = HeadRunner(head_path, trained.params).probabilities(probe)
         name = store.publish_dir(staged, "personal")
-    history = ([state.personal] if state.personal else []) + state.history
-    new_state = State(base=state.base, personal=name, history=history[:HISTORY_LIMIT])
+    history = [state.personal or "", *state.history][:HISTORY_LIMIT]
+    new_state = State(base=state.base, personal=name, history=history)
     store.write_state(new_state)
     store.collect_garbage(new_state)
     return Fitted(final_loss=trained.final_loss, probe_probabilities=probs)
@@ -449,12 +466,115 @@ def reset(store: ModelStore) -> ResetResult:
         removed = dict(personal.meta.examples_per_label) if personal else {}
         new_state = State(base=state.base, personal=None, history=[])
         store.write_state(new_state)
-        cache_files = store.clear_cache()
+        cache_files = store.clear_cache() + store.remove_thumbnails()
         store.collect_garbage(new_state)
     return ResetResult(
         removed_examples=removed,
         removed_model=personal is not None,
         removed_cache_files=cache_files,
+    )
+
+
+@dataclass(frozen=True)
+class UndoResult:
+    restored: str  # "personalized" or "base"
+    trained_at: str | None
+    examples_per_label: dict[str, int]
+    remaining_undos: int
+
+
+def undo(store: ModelStore) -> UndoResult:
+    """Go back to the personalized state before the last retrain (or forget)."""
+    with store.lock():
+        state = store.read_state()
+        if not state.history:
+            raise LuncherError("nothing to undo")
+        previous, *older = state.history
+        new_state = State(base=state.base, personal=previous or None, history=older)
+        store.write_state(new_state)
+        store.collect_garbage(new_state)
+        personal = load_personal(store, new_state)
+    return UndoResult(
+        restored="personalized" if personal else "base",
+        trained_at=personal.meta.trained_at if personal else None,
+        examples_per_label=dict(personal.meta.examples_per_label) if personal else {},
+        remaining_undos=len(older),
+    )
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    forgotten: int
+    examples_per_label: dict[str, int]
+    retrained: bool
+
+
+def forget(
+    store: ModelStore, inputs: Sequence[Path], progress: ProgressCallback | None = None
+) -> ForgetResult:
+    """Remove these photos' examples (matched by content hash) and retrain without them.
+
+    History is cleared too, so `undo` cannot bring a forgotten photo back.
+    """
+    paths = find_images(inputs)
+    digests = {digest_of(read_bytes(path)) for path in paths}
+    with store.lock():
+        state = store.read_state()
+        base = load_base(store, state)
+        personal = load_personal(store, state)
+        if personal is None:
+            raise LuncherError("there are no examples to forget: the model is not personalized")
+        examples = load_examples(personal, ())
+        keep = [i for i, digest in enumerate(examples.digests) if digest not in digests]
+        forgotten = len(examples) - len(keep)
+        if forgotten == 0:
+            raise LuncherError("none of these photos are among your examples")
+        remaining = select_examples(examples, keep)
+        store.remove_thumbnails(digests)
+        for path in store.cache_dir(base.meta.sha256).glob("*.npy"):
+            if path.name.split(".")[0] in digests:
+                path.unlink(missing_ok=True)
+        if len(remaining) == 0:
+            new_state = State(base=state.base, personal=None, history=[])
+            store.write_state(new_state)
+            store.collect_garbage(new_state)
+            return ForgetResult(forgotten, {}, retrained=False)
+        labels = tuple(
+            label
+            for label in personal.meta.labels
+            if label in base.meta.labels or label in remaining.labels
+        )
+        cleared = State(base=state.base, personal=state.personal, history=[])
+        fit_and_publish(
+            store,
+            cleared,
+            base,
+            labels,
+            remaining,
+            personal.meta.hyperparameters,
+            progress=progress,
+        )
+        final = store.read_state()
+        final.history = []
+        store.write_state(final)
+        store.collect_garbage(final)
+    return ForgetResult(forgotten, remaining.per_label(), retrained=True)
+
+
+def select_examples(examples: Examples, keep: list[int]) -> Examples:
+    """The photos at `keep`, in that order, with their views."""
+    if not keep:
+        return Examples(examples.inputs[:0], examples.owner[:0], (), ())
+    inputs, owner = [], []
+    for new_index, old_index in enumerate(keep):
+        views = examples.inputs[examples.owner == old_index]
+        inputs.append(views)
+        owner.append(np.full(len(views), new_index, np.int64))
+    return Examples(
+        np.concatenate(inputs),
+        np.concatenate(owner),
+        tuple(examples.digests[i] for i in keep),
+        tuple(examples.labels[i] for i in keep),
     )
 
 
@@ -476,6 +596,8 @@ def status(store: ModelStore) -> Status:
         hyperparameters=hp.to_json(),
         trainable_layers=base.meta.trainable_layers,
         replay_examples=base.meta.replay_examples,
+        undo_steps=len(state.history),
+        disk_bytes=sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file()),
     )
 
 

@@ -72,7 +72,8 @@ def resolve_models_dir(option: Path | None = None) -> Path:
 class State:
     base: str | None = None
     personal: str | None = None
-    history: list[str] = field(default_factory=list)  # older personal dirs, newest first
+    # Earlier personal directories, newest first; "" stands for "no personalization".
+    history: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -226,7 +227,7 @@ class ModelStore:
 
     def collect_garbage(self, state: State) -> None:
         """Remove directories that state.json no longer names (call with the lock held)."""
-        keep = {state.base, state.personal, *state.history}
+        keep = {state.base, state.personal, *state.history} - {None, ""}
         for entry in self.root.iterdir():
             name = entry.name
             if not entry.is_dir() or name in keep:
@@ -235,6 +236,26 @@ class ModelStore:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # -- embedding cache ---------------------------------------------------------------
+
+    def thumbnail(self, digest: str) -> Path:
+        """A small JPEG of a photo you trained on, kept so it can be embedded again."""
+        return self.root / Files.THUMBNAILS / f"{digest}.jpg"
+
+    def remove_thumbnails(self, digests: set[str] | None = None) -> int:
+        """Remove the given thumbnails, or all of them."""
+        folder = self.root / Files.THUMBNAILS
+        if not folder.exists():
+            return 0
+        if digests is None:
+            count = sum(1 for _ in folder.iterdir())
+            shutil.rmtree(folder, ignore_errors=True)
+            return count
+        count = 0
+        for digest in digests:
+            with contextlib.suppress(FileNotFoundError):
+                self.thumbnail(digest).unlink()
+                count += 1
+        return count
 
     def cache_dir(self, base_sha256: str) -> Path:
         return self.root / "cache" / base_sha256[:16]
