@@ -86,6 +86,14 @@ class Status:
 # -- embedding ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    path: Path
+    digest: str
+    array: np.ndarray  # head inputs when cached, else the views' pixels
+    cached: bool
+
+
 class Embedder:
     """Head inputs for photos: the frozen part runs once per photo, then the cache answers."""
 
@@ -100,65 +108,81 @@ class Embedder:
         return self.cache / f"{digest}.v{AUGMENT_VERSION}x{self.views}.npy"
 
     def embed(
-        self, paths: Sequence[Path], progress: ProgressCallback | None = None
+        self,
+        paths: Sequence[Path],
+        progress: ProgressCallback | None = None,
+        *,
+        digests: Sequence[str] | None = None,
     ) -> tuple[list[tuple[Path, str, np.ndarray]], list[ImageFailure], int]:
-        """[(path, digest, views)], failures, and how many photos missed the cache."""
+        """[(path, digest, views)] in input order, failures, and how many photos ran
+        through the frozen part (cache misses).
+
+        Photos stream through a small window: decoding on two threads overlaps the frozen
+        part's inference, and no more than a few batches are ever held in memory.
+        `digests` names the photos (for thumbnails, whose bytes are not the original's).
+        """
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        results: list[tuple[Path, str, np.ndarray]] = []
+        failures: list[ImageFailure] = []
+        pending: list[tuple[Path, str, np.ndarray]] = []  # decoded, awaiting the frozen part
+        fresh = 0
+        total = len(paths)
+
+        def flush() -> None:
+            nonlocal fresh
+            if not pending:
+                return
+            outputs = self._run_frozen(np.concatenate([pixels for _, _, pixels in pending]))
+            for offset, (path, digest, _) in enumerate(pending):
+                views = outputs[offset * self.views : (offset + 1) * self.views]
+                self._write_cache(digest, views)
+                results.append((path, digest, views))
+            fresh += len(pending)
+            pending.clear()
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
+            window: list[Future[_Prepared | ImageFailure]] = []
+            next_index = 0
+            while window or next_index < total:
+                while next_index < total and len(window) < 2 * EMBED_BATCH:
+                    named = digests[next_index] if digests is not None else None
+                    window.append(pool.submit(self._prepare, paths[next_index], named))
+                    next_index += 1
+                item = window.pop(0).result()
+                if isinstance(item, ImageFailure):
+                    failures.append(item)
+                elif item.cached:
+                    flush()  # keep input order
+                    results.append((item.path, item.digest, item.array))
+                else:
+                    pending.append((item.path, item.digest, item.array))
+                    if len(pending) >= EMBED_BATCH:
+                        flush()
+                if progress:
+                    progress("embedding", len(results) + len(pending) + len(failures), total)
+            flush()
+        return results, failures, fresh
+
+    def _prepare(self, path: Path, digest: str | None) -> _Prepared | ImageFailure:
+        """Cached head inputs, or decoded augmented views ready for the frozen part."""
         from healthyluncher.images import augmented_views, decode
 
-        done: dict[int, tuple[Path, str, np.ndarray]] = {}
-        failures: list[ImageFailure] = []
-        misses: list[tuple[int, Path, str, bytes]] = []
-        for index, path in enumerate(paths):
-            try:
-                data = read_bytes(path)
-            except LuncherError as exc:
-                failures.append(ImageFailure(path, str(exc)))
-                continue
-            digest = digest_of(data)
+        try:
+            data = read_bytes(path)
+            own_photo = digest is None
+            digest = digest or digest_of(data)
             cached = self._read_cache(digest)
-            if cached is not None and self.store.thumbnail(digest).is_file():
-                done[index] = (path, digest, cached)
-            else:
-                misses.append((index, path, digest, data))
-        total = len(paths)
-        if progress:
-            progress("embedding", len(done), total)
-        prep = self.base.meta.preprocessing
-
-        def views_of(item: tuple[int, Path, str, bytes]) -> np.ndarray | ImageFailure:
-            _, path, digest, data = item
-            try:
-                image = decode(data, prep, name=str(path))
+            if cached is not None and (not own_photo or self.store.thumbnail(digest).is_file()):
+                return _Prepared(path, digest, cached, cached=True)
+            prep = self.base.meta.preprocessing
+            image = decode(data, prep, name=str(path))
+            if own_photo:
                 self._write_thumbnail(digest, image)
-                return augmented_views(image, prep, self.views, int(digest[:8], 16))
-            except LuncherError as exc:
-                return ImageFailure(path, str(exc))
-
-        from concurrent.futures import ThreadPoolExecutor
-
-        fresh = 0
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
-            for start in range(0, len(misses), EMBED_BATCH):
-                chunk = misses[start : start + EMBED_BATCH]
-                decoded = list(pool.map(views_of, chunk))
-                good = [
-                    (m, v)
-                    for m, v in zip(chunk, decoded, strict=False)
-                    if isinstance(v, np.ndarray)
-                ]
-                failures.extend(v for v in decoded if isinstance(v, ImageFailure))
-                if good:
-                    stacked = np.concatenate([v for _, v in good])
-                    outputs = self._run_frozen(stacked)
-                    fresh += len(good)
-                    for offset, ((index, path, digest, _), _) in enumerate(good):
-                        views = outputs[offset * self.views : (offset + 1) * self.views]
-                        self._write_cache(digest, views)
-                        done[index] = (path, digest, views)
-                if progress:
-                    progress("embedding", len(done) + len(failures), total)
-        ordered = [done[i] for i in sorted(done)]
-        return ordered, failures, fresh
+            views = augmented_views(image, prep, self.views, int(digest[:8], 16))
+            return _Prepared(path, digest, views, cached=False)
+        except LuncherError as exc:
+            return ImageFailure(path, str(exc))
 
     def _run_frozen(self, batch: np.ndarray) -> np.ndarray:
         meta = self.base.meta
