@@ -140,6 +140,14 @@ def make_updatable(
         typer.Option(help="An .npz of head inputs and labels from the base's training data."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing base.")] = False,
+    keep_personalization: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--keep-personalization/--drop-personalization",
+            help="Carry your examples over to the new base and retrain on it (default: ask).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Turn MODEL into a base whose last layers train on your photos.
 
@@ -162,7 +170,10 @@ def make_updatable(
             optimizer=optimizer.value,
         ),
         replay=replay,
-        force=force,
+        force=force or keep_personalization is False,
+        keep_personalization=_ask_to_keep(ctx)
+        if keep_personalization is None
+        else keep_personalization,
     )
     with _status(f"Making {model.name} updatable"):
         result = run(_store(ctx), model, options)
@@ -185,6 +196,26 @@ def make_updatable(
     )
     if result.dropped_personalization:
         out.print("The previous personalization was removed.")
+    if result.carried_over is not None:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.carried_over.items()))
+        out.print(
+            f"Your personalization was carried over and retrained on the new base ({counts})."
+        )
+        if result.not_carried:
+            out.print(f"{result.not_carried} example(s) had no thumbnail and were left behind.")
+
+
+def _ask_to_keep(ctx: typer.Context) -> bool | None:
+    """Offer to keep an existing personalization, when a person is at the terminal."""
+    if not sys.stdin.isatty():
+        return None
+
+    store: ModelStore = _store(ctx)
+    if store.read_state().personal is None:
+        return None
+    return typer.confirm(
+        "Keep your personalization on the new base (retrain it there)?", default=True
+    )
 
 
 @contextmanager

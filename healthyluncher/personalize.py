@@ -383,6 +383,37 @@ def retrain(
     )
 
 
+def rebuild_examples(
+    store: ModelStore,
+    base: Base,
+    digests: Sequence[str],
+    labels: Sequence[str],
+    hp: Hyperparameters,
+    progress: ProgressCallback | None = None,
+) -> tuple[Examples, int]:
+    """Embed the kept thumbnails of these photos with `base`; returns the examples and how
+    many photos could not be carried over (thumbnail missing or unreadable)."""
+    pairs = zip(digests, labels, strict=True)
+    found = [(d, label) for d, label in pairs if store.thumbnail(d).is_file()]
+    embedder = Embedder(store, base, hp.augment_views)
+    embedded, _, _ = embedder.embed(
+        [store.thumbnail(d) for d, _ in found], progress, digests=[d for d, _ in found]
+    )
+    missing = len(digests) - len(embedded)
+    if not embedded:
+        return Examples.empty(()), missing
+    label_of = dict(found)
+    examples = Examples(
+        inputs=np.concatenate([views for _, _, views in embedded]),
+        owner=np.concatenate(
+            [np.full(len(views), i, np.int64) for i, (_, _, views) in enumerate(embedded)]
+        ),
+        digests=tuple(digest for _, digest, _ in embedded),
+        labels=tuple(label_of[digest] for _, digest, _ in embedded),
+    )
+    return examples, missing
+
+
 def _current_probabilities(base: Base, personal: Personal | None, inputs: np.ndarray) -> np.ndarray:
     from healthyluncher.training import HeadRunner
 

@@ -31,6 +31,9 @@ class UpdatableOptions:
     hyperparameters: Hyperparameters = Hyperparameters()
     replay: Path | None = None  # an .npz of head inputs and labels from the base's training data
     force: bool = False
+    # With a personalization present: carry it over to the new base (True), drop it
+    # (False), or refuse unless --force (None).
+    keep_personalization: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class UpdatableResult:
     meta: BaseMeta
     directory: Path
     dropped_personalization: bool
+    carried_over: dict[str, int] | None = None  # examples per label kept on the new base
+    not_carried: int = 0  # examples whose thumbnail was missing or unreadable
 
 
 def make_updatable(
@@ -49,18 +54,56 @@ def make_updatable(
 ) -> UpdatableResult:
     with store.lock():
         state = store.read_state()
+        keep = bool(options.keep_personalization) and state.personal is not None
         existing_is_replaceable = True
-        if state.base is not None:
+        if state.base is not None and not keep:
             from healthyluncher.models import load_base
 
             existing_is_replaceable = load_base(store, state).meta.bundled and not state.personal
         if not existing_is_replaceable and not options.force:
             raise LuncherError(
                 "a base model is already set up in "
-                f"{store.root}; use --force to replace it (this also removes the "
-                "personalization)"
+                f"{store.root}; use --keep-personalization to move your examples to the new "
+                "base, or --force to replace it and remove the personalization"
             )
+        if keep:
+            return _upgrade(store, state, model_path, options)
         return _build(store, state, model_path, options, bundled=bundled)
+
+
+def _upgrade(
+    store: ModelStore, state: State, model_path: Path, options: UpdatableOptions
+) -> UpdatableResult:
+    """Build the new base, embed the kept thumbnails with it, retrain with the same settings,
+    and switch base and personalization in one state change. Until that switch, the old
+    base and personalization stay current, so a crash at any point leaves them working."""
+    from healthyluncher.models import Base, load_examples, load_personal
+    from healthyluncher.personalize import fit_and_publish, rebuild_examples
+
+    personal = load_personal(store, state)
+    assert personal is not None
+    old = load_examples(personal, ())
+    built = _build(store, state, model_path, options, bundled=False, switch=False)
+    new_base = Base(built.directory, built.meta)
+    hp = personal.meta.hyperparameters
+    examples, missing = rebuild_examples(store, new_base, old.digests, old.labels, hp)
+    if len(examples) == 0:
+        raise LuncherError(
+            "none of your examples have a thumbnail to embed with the new base; "
+            "use --force to replace the base without them"
+        )
+    labels = built.meta.labels + tuple(
+        dict.fromkeys(label for label in examples.labels if label not in built.meta.labels)
+    )
+    fresh = State(base=built.directory.name, personal=None, history=[])
+    fit_and_publish(store, fresh, new_base, labels, examples, hp)
+    return UpdatableResult(
+        meta=built.meta,
+        directory=built.directory,
+        dropped_personalization=False,
+        carried_over=examples.per_label(),
+        not_carried=missing,
+    )
 
 
 def ensure_base(store: ModelStore) -> State:
@@ -81,8 +124,15 @@ def ensure_base(store: ModelStore) -> State:
 
 
 def _build(
-    store: ModelStore, state: State, model_path: Path, options: UpdatableOptions, *, bundled: bool
+    store: ModelStore,
+    state: State,
+    model_path: Path,
+    options: UpdatableOptions,
+    *,
+    bundled: bool,
+    switch: bool = True,
 ) -> UpdatableResult:
+    """Write a new base directory; with `switch`, make it current (without personalization)."""
     raw = _read(model_path)
     model = graph.load_model(model_path)
     graph.normalize_versions(model)
@@ -153,10 +203,15 @@ def _build(
 
         write_json(staged / Files.META, meta.to_json())
         name = store.publish_dir(staged, "base")
+    if not switch:
+        return UpdatableResult(
+            meta=meta, directory=store.root / name, dropped_personalization=False
+        )
     dropped = state.personal is not None
     new_state = State(base=name, personal=None, history=[])
     store.write_state(new_state)
     store.clear_cache()
+    store.remove_thumbnails()
     store.collect_garbage(new_state)
     return UpdatableResult(meta=meta, directory=store.root / name, dropped_personalization=dropped)
 

@@ -20,7 +20,7 @@ def models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LUNCHER_MODELS_DIR", str(path))
     # Tests of the shipped model opt back in; the rest must not depend on it.
     monkeypatch.setenv("LUNCHER_BUNDLED_MODEL", "")
-    monkeypatch.delenv("LUNCHER_DEBUG", raising=False)
+    monkeypatch.delenv("LUNCHER_DEBUG", raising=False)  # tests assert on user-facing errors
     return path
 
 

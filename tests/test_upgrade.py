@@ -1,0 +1,88 @@
+"""A new base keeps the personalization: thumbnails are embedded again and the head retrained."""
+
+from __future__ import annotations
+
+import pytest
+
+from healthyluncher.store import STATE_FILE
+from tests.models import keras_style, pytorch_style
+from tests.test_cli import one_line_error, probabilities
+
+
+def test_upgrade_keeps_the_users_labels(run, pt_model, tmp_path, photos, models_dir):
+    assert run("make-updatable", pt_model).code == 0
+    red, green = photos["red"], photos["green"]
+    assert run("retrain", "--label", "fast_food", "--epochs", "60", *red).code == 0
+    assert run("retrain", "--label", "dessert", "--epochs", "60", *green).code == 0
+    new_base = pytorch_style(tmp_path / "new_base.onnx", seed=7)
+
+    one_line_error(run("make-updatable", new_base), "--keep-personalization")
+    result = run("make-updatable", new_base, "--keep-personalization")
+    assert result.code == 0, result
+    assert "carried over" in result.stdout and "dessert: 3" in result.stdout
+
+    status = run("status", "--json").json_lines()[0]
+    assert status["base_name"] == "new_base"
+    assert status["labels"] == ["healthy", "fast_food", "dessert"]
+    assert status["examples_per_label"] == {"fast_food": 3, "dessert": 3}
+    rows = run("predict", "--json", *red, *green).json_lines()
+    assert [r["label"] for r in rows] == ["fast_food"] * 3 + ["dessert"] * 3
+
+
+def test_upgrade_to_an_nhwc_base_with_another_cut(run, pt_model, tmp_path, photos):
+    assert run("make-updatable", pt_model, "--trainable-layers", "2").code == 0
+    assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
+    new_base = keras_style(tmp_path / "keras_base.onnx")
+    assert run("make-updatable", new_base, "--keep-personalization").code == 0
+    rows = run("predict", "--json", *photos["red"]).json_lines()
+    assert [r["label"] for r in rows] == ["fast_food"] * 3
+
+
+def test_drop_personalization_flag_replaces_without_force(run, pt_model, tmp_path, photos):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    result = run("make-updatable", keras_style(tmp_path / "k.onnx"), "--drop-personalization")
+    assert result.code == 0 and "removed" in result.stdout
+    assert run("status", "--json").json_lines()[0]["predicting_with"] == "base"
+
+
+def test_a_crash_during_upgrade_leaves_the_old_state_working(
+    run, pt_model, tmp_path, photos, models_dir, monkeypatch
+):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
+    before = probabilities(run, *photos["red"], *photos["green"])
+    state = (models_dir / STATE_FILE).read_bytes()
+
+    import healthyluncher.training as training
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while the head trains on the new base
+
+    new_base = pytorch_style(tmp_path / "new_base.onnx", seed=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "train", crash)
+        result = run("make-updatable", new_base, "--keep-personalization")
+    assert result.code == 130
+    assert (models_dir / STATE_FILE).read_bytes() == state
+    assert probabilities(run, *photos["red"], *photos["green"]) == before
+    # The next writer cleans up the half-built base.
+    assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
+    assert len([p for p in models_dir.iterdir() if p.name.startswith("base-")]) == 1
+
+
+@pytest.mark.parametrize("missing", [1, 3])
+def test_upgrade_reports_examples_without_thumbnails(
+    run, pt_model, tmp_path, photos, models_dir, missing
+):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    for thumb in sorted((models_dir / "thumbnails").iterdir())[:missing]:
+        thumb.unlink()
+    result = run(
+        "make-updatable", pytorch_style(tmp_path / "n.onnx", seed=5), "--keep-personalization"
+    )
+    if missing == 3:
+        one_line_error(result, "thumbnail")
+    else:
+        assert result.code == 0 and f"{missing} example(s) had no thumbnail" in result.stdout
