@@ -72,6 +72,17 @@ def bundled_model() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def ensure_base(store: ModelStore) -> State:
+    """The current state, after initializing an empty models directory from the shipped
+    base model (only then are onnx and the training API imported)."""
+    state = store.read_state()
+    if state.base is not None:
+        return state
+    from healthyluncher.updatable import initialize_from_bundled
+
+    return initialize_from_bundled(store)
+
+
 def load_base(store: ModelStore, state: State) -> Base:
     path = store.base_dir(state)
     if path is None:

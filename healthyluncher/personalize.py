@@ -18,6 +18,7 @@ from healthyluncher.models import (
     Base,
     Examples,
     Personal,
+    ensure_base,
     load_base,
     load_examples,
     load_personal,
@@ -26,7 +27,6 @@ from healthyluncher.models import (
     save_examples,
 )
 from healthyluncher.store import HISTORY_LIMIT, Files, ModelStore, State, write_json
-from healthyluncher.updatable import ensure_base
 
 # (stage, done, total): stage is "embedding" or "training".
 ProgressCallback = Callable[[str, int, int], None]

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from healthyluncher.images import ImageFailure, LoadedImage, find_images, load_many
-from healthyluncher.models import load_base, load_personal
+from healthyluncher.models import ensure_base, load_base, load_personal
 from healthyluncher.ortapi import inference_session
 from healthyluncher.store import Files, ModelStore
-from healthyluncher.updatable import ensure_base
 
 # Photos per inference call: enough to keep both cores busy, small enough for flat memory.
 PREDICT_BATCH = 16

@@ -106,11 +106,8 @@ def _upgrade(
     )
 
 
-def ensure_base(store: ModelStore) -> State:
+def initialize_from_bundled(store: ModelStore) -> State:
     """Initialize an empty models directory from the shipped base model; return the state."""
-    state = store.read_state()
-    if state.base is not None:
-        return state
     shipped = bundled_model()
     if shipped is None:
         raise LuncherError("there is no base model yet: run 'luncher make-updatable MODEL.onnx'")
