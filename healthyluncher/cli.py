@@ -422,6 +422,75 @@ def reset(ctx: typer.Context) -> None:
     )
 
 
+@app.command("export")
+@reporting
+def export_backup(
+    ctx: typer.Context,
+    backup: Annotated[
+        Path, typer.Argument(help="The archive to write (.tar.gz).", show_default=False)
+    ],
+) -> None:
+    """Save your personalization, your examples and your photos' thumbnails to one archive.
+
+    Example: luncher export luncher-backup.tar.gz
+    """
+    from healthyluncher.backup import export_backup as run
+
+    result = run(_store(ctx), backup)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    size = f"{result.size / 2**20:.1f} MiB" if result.size >= 2**20 else f"{result.size} bytes"
+    out.print(
+        f"Wrote {escape(str(result.path))} ({size}): labels "
+        f"{escape(', '.join(result.labels))}; your examples ({escape(counts)}) and "
+        f"{result.thumbnails} thumbnail(s)."
+    )
+    if result.without_thumbnail:
+        out.print(
+            f"{result.without_thumbnail} photo(s) have no thumbnail: they restore on this base "
+            "but cannot be embedded again on another."
+        )
+
+
+@app.command("import")
+@reporting
+def import_backup(
+    ctx: typer.Context,
+    backup: Annotated[
+        Path, typer.Argument(help="An archive written by 'luncher export'.", show_default=False)
+    ],
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="For a backup of another base: embed its photos again with this base and "
+            "retrain with its settings.",
+        ),
+    ] = False,
+) -> None:
+    """Restore a personalization saved by 'luncher export'; 'luncher undo' goes back.
+
+    Example: luncher import luncher-backup.tar.gz
+    """
+    from healthyluncher.backup import import_backup as run
+
+    with _progress() as report:
+        result = run(_store(ctx), backup, rebuild=rebuild, progress=report)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    if result.rebuilt:
+        out.print(
+            f"Embedded your photos with this base and retrained ({escape(counts)}); "
+            f"labels {escape(', '.join(result.labels))}."
+        )
+        if result.not_carried:
+            out.print(f"{result.not_carried} photo(s) had no usable thumbnail and were left out.")
+    else:
+        out.print(
+            f"Restored the personalized model trained {result.trained_at} ({escape(counts)}); "
+            f"labels {escape(', '.join(result.labels))}."
+        )
+    out.print(f"{result.undo_steps} undo step(s) available.")
+
+
 @app.command()
 @reporting
 def undo(ctx: typer.Context) -> None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import stat
+import struct
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from healthyluncher.config import Preprocessing
 from healthyluncher.errors import LuncherError
@@ -25,6 +29,28 @@ IMAGE_SUFFIXES = frozenset(
 MAX_PIXELS = 210_000_000
 # Files larger than this are not read into memory at all.
 MAX_FILE_BYTES = 256 * 1024 * 1024
+
+# Pillow's own guard warns above 89 MP and refuses above 179 MP, so it would refuse the
+# 200 MP photo above. Raised to our limit, it still refuses what `decode` does not check
+# itself (a GIF frame or TIFF tile twice as large).
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+# What Pillow raises for a damaged or hostile file, besides its own exception types.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    TypeError,
+    KeyError,
+    IndexError,
+    ZeroDivisionError,
+    struct.error,
+)
+# Warning filters are process-wide, and `catch_warnings` restores whatever it saw on entry:
+# two decoding threads in it at once can leave each other's filters behind for good.
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -59,13 +85,24 @@ def find_images(inputs: Sequence[Path]) -> list[Path]:
 
 
 def read_bytes(path: Path) -> bytes:
+    """The file's bytes; a directory, a device, a pipe or a huge file is a LuncherError."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise LuncherError(f"{path}: file is too large ({size / 2**20:.0f} MiB)")
-        return path.read_bytes()
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise LuncherError(f"{path}: is a directory, not a photo")
+        # A pipe would block the read forever, and /dev/zero would fill the memory.
+        if not stat.S_ISREG(info.st_mode):
+            raise LuncherError(f"{path}: not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise LuncherError(f"{path}: file is too large ({info.st_size / 2**20:.0f} MiB)")
+        with path.open("rb") as file:
+            # The file may have grown since stat(): never read more than the limit.
+            data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise LuncherError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raise LuncherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise LuncherError(f"{path}: file is too large (over {MAX_FILE_BYTES / 2**20:.0f} MiB)")
+    return data
 
 
 def digest_of(data: bytes) -> str:
@@ -76,10 +113,10 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
     """Decode to an upright RGB (or L) image, reduced while its short side stays >= resize."""
     if not data:
         raise LuncherError(f"{name}: empty file")
+    width = height = 0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        with _pillow_warnings():
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width < 1 or height < 1:
                 raise LuncherError(f"{name}: image has no pixels")
@@ -91,29 +128,78 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
             scale = prep.resize / min(width, height)
             if scale < 1:
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            image = ImageOps.exif_transpose(image)
-            image = _to_display_mode(image, prep.channels)
+        image.load()
+        with _pillow_warnings():
+            orientation = _orientation(image)
+        if orientation in _TRANSPOSE:
+            image = image.transpose(_TRANSPOSE[orientation])
+        image = _to_display_mode(image, prep.channels)
     except LuncherError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise LuncherError(f"{name}: image is too large to decode safely") from None
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
-        reason = str(exc).strip() or type(exc).__name__
-        if isinstance(exc, Image.UnidentifiedImageError):
+    except MemoryError:
+        raise LuncherError(f"{name}: out of memory decoding a {width}x{height} image") from None
+    except _DECODE_ERRORS as exc:
+        # Pillow's messages are short, but one line is a promise to the CLI's output.
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, UnidentifiedImageError):
             reason = "not an image file Pillow can read"
         raise LuncherError(f"{name}: cannot decode image: {reason}") from None
     return image
 
 
+@contextmanager
+def _pillow_warnings() -> Iterator[None]:
+    """Pillow's decompression-bomb warning raises; its complaints about metadata are silent."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation, 1 (as stored) when the EXIF block is missing or damaged.
+
+    A photo whose metadata is broken is still a photo, so it is read as stored rather than
+    refused (`ImageOps.exif_transpose` would also rewrite the EXIF, and can fail doing so).
+    """
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS:
+        return 1
+    return value if isinstance(value, int) else 1
+
+
 def _to_display_mode(image: Image.Image, channels: int) -> Image.Image:
     """Any mode (palette, alpha, CMYK, 16-bit, float) to 8-bit RGB or L."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit and float greyscale: stretch to 8 bits by the image's own range.
+    if image.mode.startswith("I;16"):
+        # 16-bit greyscale: 65535 is white, as a viewer shows it, so the photo reads the
+        # same as its 8-bit copy (stretching its range would brighten a dark photo).
+        image = _grey(np.asarray(image, dtype=np.float32) / 257.0)
+    elif image.mode in ("I", "F"):
+        # 32-bit integer or float greyscale has no fixed white: stretch the image's own
+        # finite range to 0..255. A flat image keeps its value; NaN counts as the darkest.
         values = np.asarray(image, dtype=np.float32)
-        low, high = float(values.min()), float(values.max())
-        span = high - low if high > low else 1.0
-        image = Image.fromarray(((values - low) * (255.0 / span)).astype(np.uint8), "L")
-    if image.mode == "P":
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+        if high > low:
+            values = (values - low) * (255.0 / (high - low))
+        image = _grey(values)
+    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        # A palette, or one colour marked transparent (PNG tRNS): spell the alpha out.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Transparent areas become white, as an image viewer shows them.
@@ -126,17 +212,33 @@ def _to_display_mode(image: Image.Image, channels: int) -> Image.Image:
     return image
 
 
+def _grey(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
 def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Resize the short side to `prep.resize`, then take the centre `height` x `width`."""
+    """Resize the short side to `prep.resize`, then take the centre `height` x `width`.
+
+    Only the centre is resampled: resizing the whole image first would turn a 10000x1
+    strip into 2560000x256 pixels (2 GB) on the way to a 224x224 crop.
+    """
     width, height = image.size
     scale = prep.resize / min(width, height)
     new_w = max(prep.width, round(width * scale))
     new_h = max(prep.height, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     left = (new_w - prep.width) // 2
     top = (new_h - prep.height) // 2
-    return image.crop((left, top, left + prep.width, top + prep.height))
+    if (new_w, new_h) == (width, height):
+        return image.crop((left, top, left + prep.width, top + prep.height))
+    # The same crop in the original's coordinates.
+    x_scale, y_scale = new_w / width, new_h / height
+    box = (
+        left / x_scale,
+        top / y_scale,
+        (left + prep.width) / x_scale,
+        (top + prep.height) / y_scale,
+    )
+    return image.resize((prep.width, prep.height), Image.Resampling.BILINEAR, box=box)
 
 
 def to_tensor(image: Image.Image, prep: Preprocessing) -> np.ndarray:
@@ -198,10 +300,12 @@ def augmented_views(image: Image.Image, prep: Preprocessing, count: int, seed: i
     """
     from PIL import ImageEnhance
 
-    resized = resize_short_side(image, prep.resize)
-    views = [to_tensor(resize_and_crop(resized, prep), prep)]
+    views = [to_tensor(resize_and_crop(image, prep), prep)]  # what `load` gives
+    # Crops come from a copy shrunk to the model's scale, which is cheaper to resample;
+    # a smaller photo is cropped as it is (enlarging all of it could take gigabytes).
+    source = resize_short_side(image, prep.resize) if min(image.size) > prep.resize else image
     rng = np.random.default_rng(seed)
-    width, height = resized.size
+    width, height = source.size
     for _ in range(count - 1):
         side = min(width, height) * rng.uniform(0.6, 1.0)
         aspect = prep.width / prep.height
@@ -209,7 +313,7 @@ def augmented_views(image: Image.Image, prep: Preprocessing, count: int, seed: i
         crop_h = min(height, side)
         left = rng.uniform(0, width - crop_w)
         top = rng.uniform(0, height - crop_h)
-        view = resized.resize(
+        view = source.resize(
             (prep.width, prep.height),
             Image.Resampling.BILINEAR,
             box=(left, top, left + crop_w, top + crop_h),

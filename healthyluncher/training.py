@@ -150,6 +150,22 @@ def train(
     return TrainedHead(params=params, final_loss=loss_mean, _state=state, _module=module)
 
 
+def save_checkpoint_with(artifact_dir: Path, params: dict[str, np.ndarray], target: Path) -> None:
+    """Write a checkpoint of the head in `artifact_dir` holding `params` (restored weights,
+    not trained ones), without training."""
+    _, api = training()
+    state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
+    # As in `train`: parameters can only be assigned once a Module holds the state (before,
+    # ORT 1.19 crashes with a segmentation fault), and the Module must outlive the save.
+    module = api.Module(
+        str(artifact_dir / "training_model.onnx"), state, str(artifact_dir / "eval_model.onnx")
+    )
+    for name, value in params.items():
+        state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+    api.CheckpointState.save_checkpoint(state, str(target), include_optimizer_state=False)
+    del module
+
+
 def _weighted(p: np.ndarray) -> bool:
     return bool(np.ptp(p) > 1e-12)
 

@@ -1,0 +1,466 @@
+"""export and import: a round trip restores predictions exactly; hostile archives change nothing."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from healthyluncher import backup
+from healthyluncher.ortapi import training
+from healthyluncher.store import STATE_FILE, Files, ModelStore
+from tests.models import keras_style, pytorch_style
+from tests.test_cli import one_line_error
+
+Member = tuple[tarfile.TarInfo, bytes]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under root with the sha256 of its contents: equal trees are byte-identical."""
+    return {
+        str(path.relative_to(root)): (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "directory"
+        )
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def predict_json(run, *paths: Path) -> str:
+    result = run("predict", "--json", *paths)
+    assert result.code == 0, result
+    return str(result.stdout)
+
+
+@pytest.fixture
+def personalized(run, pt_model, photos) -> None:
+    """A personalization with a label the base lacks (the head grew) and six thumbnails."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
+    assert run("retrain", "--label", "dessert", "--epochs", "60", *photos["green"]).code == 0
+
+
+@pytest.fixture
+def archive(run, personalized, tmp_path) -> Path:
+    path = tmp_path / "backup.tar.gz"
+    result = run("export", path)
+    assert result.code == 0, result
+    return path
+
+
+def members(path: Path) -> list[Member]:
+    with tarfile.open(path, "r:gz") as tar:
+        found = []
+        for info in tar.getmembers():
+            source = tar.extractfile(info)
+            found.append((info, source.read() if source else b""))
+        return found
+
+
+def pack(path: Path, content: list[Member]) -> Path:
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in content:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def regular(name: str, data: bytes) -> Member:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def edited(source: Path, target: Path, edit: Callable[[list[Member]], list[Member]]) -> Path:
+    return pack(target, edit(members(source)))
+
+
+def with_manifest(content: list[Member], change: Callable[[dict[str, object]], None]) -> Member:
+    manifest = json.loads(content[0][1])
+    change(manifest)
+    return regular("manifest.json", json.dumps(manifest).encode())
+
+
+def refused(run, path: Path, models_dir: Path, *fragments: str) -> None:
+    """The import fails with one line naming the problem, and nothing changed."""
+    before = tree(models_dir)
+    one_line_error(run("import", path), *fragments)
+    assert tree(models_dir) == before
+
+
+# -- the round trip ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [pytorch_style, keras_style], ids=["pytorch", "keras"])
+def test_export_reset_import_predicts_byte_identically(run, factory, tmp_path, photos, models_dir):
+    assert run("make-updatable", factory(tmp_path / "model.onnx")).code == 0
+    red, green = photos["red"], photos["green"]
+    base = predict_json(run, *red, *green)
+    assert run("retrain", "--label", "fast_food", "--epochs", "30", *red).code == 0
+    assert run("retrain", "--label", "dessert", "--epochs", "30", *green).code == 0
+    personal = predict_json(run, *red, *green)
+    status = run("status", "--json").json_lines()[0]
+
+    exported = run("export", tmp_path / "backup.tar.gz")
+    assert exported.code == 0, exported
+    assert "6 thumbnail(s)" in exported.stdout and "dessert: 3" in exported.stdout
+    assert run("reset").code == 0
+    assert predict_json(run, *red, *green) == base
+
+    result = run("import", tmp_path / "backup.tar.gz")
+    assert result.code == 0, result
+    assert "Restored" in result.stdout and "1 undo step(s)" in result.stdout
+    assert predict_json(run, *red, *green) == personal
+    after = run("status", "--json").json_lines()[0]
+    for key in ("labels", "examples_per_label", "last_retrain", "retrains", "hyperparameters"):
+        assert after[key] == status[key], key
+    assert len(list((models_dir / Files.THUMBNAILS).iterdir())) == 6
+
+    # The ORT checkpoint holds the restored weights, so training can go on from them.
+    store = ModelStore(models_dir)
+    folder = store.personal_dir()
+    assert folder is not None and (folder / Files.ARTIFACTS).is_dir()  # the grown head's
+    _, api = training()
+    state = api.CheckpointState.load_checkpoint(str(folder / Files.CHECKPOINT))
+    artifacts = folder / Files.ARTIFACTS
+    module = api.Module(
+        str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx")
+    )
+    with np.load(folder / Files.WEIGHTS) as weights:
+        restored = {name: np.array(p.data) for name, p in state.parameters}
+        assert set(restored) == set(weights.files)
+        for name in weights.files:
+            np.testing.assert_array_equal(restored[name], weights[name])
+    del module
+
+    # A retrain goes on from the restored examples, and undo goes back before the import.
+    assert run("retrain", "--label", "healthy", "--epochs", "2", red[0]).code == 0
+    counts = run("status", "--json").json_lines()[0]["examples_per_label"]
+    assert counts == {"fast_food": 2, "dessert": 3, "healthy": 1}
+    assert run("undo").code == 0 and run("undo").code == 0
+    assert predict_json(run, *red, *green) == base
+
+
+def test_import_over_another_personalization_can_be_undone(run, archive, photos):
+    everything = [*photos["red"], *photos["green"]]
+    exported = predict_json(run, *everything)
+    assert run("retrain", "--label", "healthy", "--epochs", "60", *photos["red"]).code == 0
+    later = predict_json(run, *everything)
+    assert later != exported
+
+    assert run("import", archive).code == 0
+    assert predict_json(run, *everything) == exported
+    assert run("undo").code == 0
+    assert predict_json(run, *everything) == later
+
+
+def test_the_archive_describes_itself(run, archive, models_dir):
+    content = members(archive)
+    names = [info.name for info, _ in content]
+    assert names[:4] == ["manifest.json", "meta.json", "weights.npz", "examples.npz"]
+    assert len(names) == 10 and all(n.startswith("thumbnails/") for n in names[4:])
+    assert all(info.isreg() and info.mode == 0o644 for info, _ in content)
+    manifest = json.loads(content[0][1])
+    status = run("status", "--json").json_lines()[0]
+    assert manifest["kind"] == "healthyluncher-backup" and manifest["format"] == 1
+    assert manifest["base"]["sha256"] == status["base_sha256"]
+    assert manifest["labels"] == ["healthy", "fast_food", "dessert"]
+    assert manifest["hyperparameters"]["epochs"] == 60
+    assert manifest["examples_per_label"] == {"fast_food": 3, "dessert": 3}
+    for info, data in content[1:]:
+        entry = manifest["files"][info.name]
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    # Thumbnails are kept at the model's resize short side, so they can be embedded again.
+    from PIL import Image
+
+    with Image.open(io.BytesIO(content[4][1])) as image:
+        assert image.format == "JPEG" and min(image.size) == 18
+    # Written atomically, and readable by its owner only: the thumbnails are their photos.
+    assert archive.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in archive.parent.glob("*backup*")) == ["backup.tar.gz"]
+
+
+def test_export_without_personalization_is_refused(run, pt_model, tmp_path):
+    assert run("make-updatable", pt_model).code == 0
+    one_line_error(run("export", tmp_path / "b.tar.gz"), "nothing to export", "retrain")
+    assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_export_into_a_missing_directory(run, personalized, tmp_path):
+    one_line_error(run("export", tmp_path / "nope" / "b.tar.gz"), "cannot write")
+
+
+def test_export_and_import_have_help(run):
+    for command in ("export", "import"):
+        assert "Example: luncher" in run(command, "-h").stdout
+    assert "--rebuild" in run("import", "-h").stdout
+
+
+# -- another base ------------------------------------------------------------------------
+
+
+def test_a_backup_of_another_base_needs_rebuild(run, archive, tmp_path, photos, models_dir):
+    new_base = pytorch_style(tmp_path / "new_base.onnx", seed=7)
+    assert run("make-updatable", new_base, "--force").code == 0  # personalization dropped
+    assert not (models_dir / Files.THUMBNAILS).exists()
+
+    refused(run, archive, models_dir, "another base model", "--rebuild")
+
+    result = run("import", archive, "--rebuild")
+    assert result.code == 0, result
+    assert "Embedded your photos" in result.stdout
+    status = run("status", "--json").json_lines()[0]
+    assert status["base_name"] == "new_base"
+    assert status["labels"] == ["healthy", "fast_food", "dessert"]
+    assert status["examples_per_label"] == {"fast_food": 3, "dessert": 3}
+    assert status["hyperparameters"]["epochs"] == 60  # the backup's settings
+    rows = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert [r["label"] for r in rows] == ["fast_food"] * 3 + ["dessert"] * 3
+    assert len(list((models_dir / Files.THUMBNAILS).iterdir())) == 6
+    assert "Back to the base" in run("undo").stdout
+
+
+def test_the_same_model_set_up_differently_needs_rebuild(run, archive, pt_model, models_dir):
+    assert run("make-updatable", pt_model, "--trainable-layers", "2", "--force").code == 0
+    refused(run, archive, models_dir, "set up differently", "--rebuild")
+    result = run("import", archive, "--rebuild")
+    assert result.code == 0, result
+    status = run("status", "--json").json_lines()[0]
+    assert status["examples_per_label"] == {"fast_food": 3, "dessert": 3}
+
+
+def test_rebuild_with_the_same_base_restores_exactly(run, archive, photos):
+    everything = [*photos["red"], *photos["green"]]
+    exported = predict_json(run, *everything)
+    assert run("reset").code == 0
+    result = run("import", archive, "--rebuild")
+    assert result.code == 0 and "Restored" in result.stdout
+    assert predict_json(run, *everything) == exported
+
+
+# -- a crash -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "disk full", "thumbnails"])
+def test_a_crash_during_import_leaves_the_old_state(
+    run, archive, photos, models_dir, monkeypatch, failure
+):
+    everything = [*photos["red"], *photos["green"]]
+    exported = predict_json(run, *everything)
+    assert run("reset").code == 0
+    base = predict_json(run, *everything)
+    before = tree(models_dir)
+    state = (models_dir / STATE_FILE).read_bytes()
+
+    import healthyluncher.training as training_module
+
+    def crash(artifact_dir: Path, params: object, target: Path) -> None:
+        target.write_bytes(b"half a checkpoint")
+        if failure == "interrupt":
+            raise KeyboardInterrupt  # Ctrl-C while the personal directory is staged
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    written: list[Path] = []
+
+    def full_after_two(path: Path, data: bytes) -> None:
+        if len(written) == 2:  # the personal directory is published, thumbnails half done
+            raise OSError(errno.ENOSPC, "No space left on device")
+        path.write_bytes(data)
+        written.append(path)
+
+    with monkeypatch.context() as patch:
+        if failure == "thumbnails":
+            patch.setattr(backup, "atomic_write_bytes", full_after_two)
+        else:
+            patch.setattr(training_module, "save_checkpoint_with", crash)
+        result = run("import", archive)
+    if failure == "interrupt":
+        assert result.code == 130 and "not changed" in result.stderr
+    else:
+        one_line_error(result, "No space left on device", "not changed")
+    assert (models_dir / STATE_FILE).read_bytes() == state
+    assert tree(models_dir) == before
+    assert predict_json(run, *everything) == base
+
+    assert run("import", archive).code == 0
+    assert predict_json(run, *everything) == exported
+
+
+# -- hostile and damaged archives --------------------------------------------------------
+
+
+def test_path_traversal_is_refused(run, archive, tmp_path, models_dir):
+    hostile = edited(
+        archive, tmp_path / "h.tar.gz", lambda m: [m[0], regular("../escaped.txt", b"x"), *m[1:]]
+    )
+    refused(run, hostile, models_dir, "'../escaped.txt'", "climbs out")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_traversal_inside_an_allowed_folder_is_refused(run, archive, tmp_path, models_dir):
+    name = "thumbnails/../../" + "a" * 64 + ".jpg"
+    hostile = edited(archive, tmp_path / "h.tar.gz", lambda m: [m[0], regular(name, b"x"), *m[1:]])
+    refused(run, hostile, models_dir, "climbs out")
+
+
+def test_an_absolute_path_is_refused(run, archive, tmp_path, models_dir):
+    target = tmp_path / "absolute.txt"
+    hostile = edited(
+        archive, tmp_path / "h.tar.gz", lambda m: [m[0], regular(str(target), b"x"), *m[1:]]
+    )
+    refused(run, hostile, models_dir, "absolute path")
+    assert not target.exists()
+
+
+def test_a_symlink_out_of_the_directory_is_refused(run, archive, tmp_path, models_dir):
+    link = tarfile.TarInfo("thumbnails/" + "b" * 64 + ".jpg")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "../../../../etc/passwd"
+    hostile = edited(archive, tmp_path / "h.tar.gz", lambda m: [m[0], (link, b""), *m[1:]])
+    refused(run, hostile, models_dir, "symbolic link", "/etc/passwd")
+
+
+def test_a_hardlink_is_refused(run, archive, tmp_path, models_dir):
+    def edit(content: list[Member]) -> list[Member]:
+        link = tarfile.TarInfo("weights.npz")
+        link.type = tarfile.LNKTYPE
+        link.linkname = "meta.json"
+        return [item if item[0].name != "weights.npz" else (link, b"") for item in content]
+
+    refused(run, edited(archive, tmp_path / "h.tar.gz", edit), models_dir, "hard link")
+
+
+def test_a_device_is_refused(run, archive, tmp_path, models_dir):
+    device = tarfile.TarInfo("examples.npz")
+    device.type = tarfile.CHRTYPE
+    device.devmajor, device.devminor = 1, 3
+    hostile = edited(archive, tmp_path / "h.tar.gz", lambda m: [m[0], (device, b""), *m[1:]])
+    refused(run, hostile, models_dir, "a device")
+
+
+def test_an_unexpected_file_is_refused(run, archive, tmp_path, models_dir):
+    hostile = edited(
+        archive, tmp_path / "h.tar.gz", lambda m: [*m, regular("run-me.sh", b"rm -rf ~\n")]
+    )
+    refused(run, hostile, models_dir, "'run-me.sh'", "not a file a luncher backup holds")
+
+
+@pytest.mark.parametrize("limit", ["MAX_MEMBER_BYTES", "MAX_TOTAL_BYTES"])
+def test_a_gzip_bomb_is_refused(run, archive, tmp_path, models_dir, monkeypatch, limit):
+    monkeypatch.setattr(backup, limit, 2**20)
+    zeros = regular("examples.npz", bytes(8 * 2**20))  # 8 MiB that compress to a few KiB
+
+    def edit(content: list[Member]) -> list[Member]:
+        return [zeros if info.name == "examples.npz" else (info, d) for info, d in content]
+
+    hostile = edited(archive, tmp_path / "bomb.tar.gz", edit)
+    assert hostile.stat().st_size < 2**20
+    refused(run, hostile, models_dir, "1.0 MiB", "decompression bomb")
+
+
+@pytest.mark.parametrize("position", [0, 1], ids=["first", "later"])
+def test_a_huge_tar_header_is_stopped_while_reading(run, archive, tmp_path, models_dir, position):
+    # tarfile reads a pax header whole into memory: the bounded reader must stop it early,
+    # also for the first header, which tarfile.open reads by itself.
+    def edit(content: list[Member]) -> list[Member]:
+        content[position][0].pax_headers = {"comment": "x" * (4 * 2**20)}
+        return content
+
+    refused(run, edited(archive, tmp_path / "h.tar.gz", edit), models_dir, "oversized tar header")
+
+
+def test_too_many_files_are_refused(run, archive, models_dir, monkeypatch):
+    monkeypatch.setattr(backup, "MAX_MEMBERS", 5)
+    refused(run, archive, models_dir, "more than 5 files")
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        ("truncated", "truncated or corrupt"),
+        ("garbled", ""),
+        ("not gzip", "not a luncher backup"),
+        ("empty", "not a luncher backup"),
+    ],
+)
+def test_a_truncated_or_corrupt_archive_is_refused(
+    run, archive, tmp_path, models_dir, damage, fragment
+):
+    data = archive.read_bytes()
+    damaged = tmp_path / "damaged.tar.gz"
+    if damage == "truncated":
+        damaged.write_bytes(data[: len(data) // 2])
+    elif damage == "garbled":
+        middle = len(data) // 2
+        damaged.write_bytes(data[:middle] + bytes(range(256)) * 4 + data[middle + 1024 :])
+    elif damage == "not gzip":
+        damaged.write_bytes(b"PK\x03\x04 a zip file, say" + data)
+    else:
+        damaged.write_bytes(b"")
+    refused(run, damaged, models_dir, fragment)
+
+
+def test_a_missing_archive(run, tmp_path, models_dir, personalized):
+    refused(run, tmp_path / "nope.tar.gz", models_dir, "no such file")
+
+
+def test_a_checksum_mismatch_is_refused(run, archive, tmp_path, models_dir):
+    def edit(content: list[Member]) -> list[Member]:
+        result = []
+        for info, data in content:
+            if info.name == "weights.npz":
+                data = data[:-1] + bytes([data[-1] ^ 0xFF])  # one flipped byte, same size
+            result.append((info, data))
+        return result
+
+    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+    refused(run, hostile, models_dir, "weights.npz does not match its checksum")
+
+
+def test_a_missing_file_is_refused(run, archive, tmp_path, models_dir):
+    hostile = edited(
+        archive, tmp_path / "h.tar.gz", lambda m: [x for x in m if x[0].name != "examples.npz"]
+    )
+    refused(run, hostile, models_dir, "incomplete", "examples.npz")
+
+
+def test_an_unknown_format_version_is_refused(run, archive, tmp_path, models_dir):
+    def edit(content: list[Member]) -> list[Member]:
+        return [with_manifest(content, lambda m: m.update(format=99)), *content[1:]]
+
+    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+    refused(run, hostile, models_dir, "unknown backup format 99", "newer luncher")
+
+
+def test_an_archive_without_a_leading_manifest_is_refused(run, archive, tmp_path, models_dir):
+    hostile = edited(archive, tmp_path / "h.tar.gz", lambda m: [*m[1:], m[0]])
+    refused(run, hostile, models_dir, "manifest.json is not its first file")
+
+
+def test_a_compressed_array_bomb_inside_the_npz_is_refused(run, archive, tmp_path, models_dir):
+    """A consistent manifest proves no good intent: examples.npz may itself be a bomb."""
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer, inputs=np.zeros((4096, 8), np.float32), owner=np.zeros(4096, np.int64)
+    )
+    bomb = buffer.getvalue()
+
+    def edit(content: list[Member]) -> list[Member]:
+        def change(manifest: dict[str, object]) -> None:
+            files = manifest["files"]
+            assert isinstance(files, dict)
+            files["examples.npz"] = {"sha256": hashlib.sha256(bomb).hexdigest(), "size": len(bomb)}
+
+        rest = [
+            regular("examples.npz", bomb) if info.name == "examples.npz" else (info, data)
+            for info, data in content[1:]
+        ]
+        return [with_manifest(content, change), *rest]
+
+    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+    refused(run, hostile, models_dir, "examples.npz holds a compressed array")
