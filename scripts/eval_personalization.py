@@ -1,0 +1,264 @@
+"""Measure personalization on ../shared/food: our retrain beside a naive Core ML-style update.
+
+Run from the repository root (needs ../shared/food and the shipped base model):
+
+    .venv/bin/python scripts/eval_personalization.py --out results/personalization.md
+
+Scenarios, each on the held-out split of the base's photos and held-out photos of the dish:
+- the pancakes story: K = 1, 3, 5, 10 pancake photos labelled healthy;
+- a new label: `--label pancakes` from 10 photos;
+- one photo: does the trained photo itself take the label?
+- the same on dishes the base never saw (64 px Food-101 dishes left out of its training).
+
+"ours" is the real `luncher retrain` path (replay, weighted personal examples, augmented
+views, ORT training artifacts) through the library API. "naive" is Core ML's update: start
+from the current weights and train on the new photos alone, with the same ORT artifacts,
+epochs and learning rate. Both are scored with the head on cached frozen-part outputs,
+which is what `predict` computes (checked against `predict` once per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from healthyluncher.config import Hyperparameters  # noqa: E402
+from healthyluncher.models import (  # noqa: E402
+    Base,
+    ensure_base,
+    load_base,
+    load_personal,
+    load_weights,
+)
+from healthyluncher.personalize import Embedder, reset, retrain  # noqa: E402
+from healthyluncher.store import Files, ModelStore  # noqa: E402
+from healthyluncher.training import HeadRunner, TrainingSet, train  # noqa: E402
+
+FOOD = REPO.parent / "shared" / "food"
+SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def held_out(path: Path) -> bool:
+    """The base's held-out split: the same rule as scripts/build_base_model.py."""
+    from build_base_model import fold_of  # type: ignore[import-not-found]
+
+    return bool(fold_of(path) == 0)
+
+
+def photos(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
+
+
+def halves(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """A dish's photos split in two by file-name hash: (pool to train from, held out)."""
+    test = [p for p in paths if int(hashlib.sha256(p.name.encode()).hexdigest()[:8], 16) % 2]
+    pool = [p for p in paths if p not in set(test)]
+    return pool, test
+
+
+@dataclass
+class Features:
+    """Frozen-part outputs (first view) for a list of photos, with their true labels."""
+
+    inputs: np.ndarray
+    labels: list[str]
+    dishes: list[str]
+
+
+def embed(store: ModelStore, base: Base, paths: list[Path], labels: list[str]) -> Features:
+    embedded, failures, _ = Embedder(store, base, 1).embed(paths)
+    if failures:
+        raise SystemExit(f"cannot read {failures[0].path}: {failures[0].error}")
+    return Features(
+        inputs=np.stack([views[0] for _, _, views in embedded]),
+        labels=labels,
+        dishes=[p.parent.name for p in paths],
+    )
+
+
+def scores(
+    base: Base, head: Path, params: dict[str, np.ndarray] | None, feats: np.ndarray
+) -> np.ndarray:
+    return HeadRunner(head, params).probabilities(feats)
+
+
+@dataclass
+class Model:
+    labels: tuple[str, ...]
+    head: Path
+    params: dict[str, np.ndarray] | None
+
+    def predict(self, base: Base, feats: np.ndarray) -> list[str]:
+        probs = scores(base, self.head, self.params, feats)
+        return [self.labels[i] for i in probs.argmax(axis=1)]
+
+
+def accuracy(predicted: list[str], truth: list[str]) -> float:
+    return float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+
+
+def ours(
+    store: ModelStore, label: str, train_photos: list[Path], hp: Hyperparameters | None
+) -> Model:
+    reset(store)
+    retrain(
+        store,
+        label,
+        train_photos,
+        epochs=hp.epochs if hp else None,
+        learning_rate=hp.learning_rate if hp else None,
+        augment_views=hp.augment_views if hp else None,
+    )
+    state = store.read_state()
+    base = load_base(store, state)
+    personal = load_personal(store, state)
+    assert personal is not None
+    head = personal.path / Files.HEAD
+    return Model(
+        personal.meta.labels,
+        head if head.is_file() else base.path / Files.HEAD,
+        load_weights(personal),
+    )
+
+
+def naive(store: ModelStore, base: Base, label: str, train_photos: list[Path]) -> Model:
+    """Core ML's update: current weights, the new photos only, no replay, no views."""
+    if label not in base.meta.labels:
+        raise ValueError("the naive update cannot add a label (Core ML neural networks can't)")
+    feats = embed(store, base, train_photos, [label] * len(train_photos)).inputs
+    hp = base.meta.hyperparameters
+    data = TrainingSet(
+        inputs=feats,
+        labels=np.full(len(feats), base.meta.labels.index(label), np.int64),
+        weights=np.ones(len(feats)),
+    )
+    trained = train(base.path / Files.ARTIFACTS, data, hp)
+    return Model(base.meta.labels, base.path / Files.HEAD, trained.params)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--food", type=Path, default=FOOD)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "luncher-eval")
+    parser.add_argument("--draws", type=int, default=5, help="random photo draws per K")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "personalization.md")
+    parser.add_argument(
+        "--unseen", default="edamame,donuts", help="64 px dishes the base never saw"
+    )
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "scripts"))
+    started = time.perf_counter()
+
+    store = ModelStore(args.work)
+    base = load_base(store, ensure_base(store))
+    base_model = Model(base.meta.labels, base.path / Files.HEAD, None)
+
+    # The base's held-out photos (full size), and its accuracy on them.
+    test_paths, test_labels = [], []
+    for label in ("healthy", "fast_food"):
+        for path in photos(args.food / label):
+            if held_out(path):
+                test_paths.append(path)
+                test_labels.append(label)
+    test = embed(store, base, test_paths, test_labels)
+    base_acc = accuracy(base_model.predict(base, test.inputs), test.labels)
+
+    dishes = {"pancakes": args.food / "personal" / "pancakes"}
+    for name in args.unseen.split(","):
+        found = list((args.food / "lowres64").glob(f"*/{name}"))
+        if found:
+            dishes[name] = found[0]
+    rows: list[dict[str, object]] = []
+    rng = np.random.default_rng(0)
+    for dish, folder in dishes.items():
+        pool, held = halves(photos(folder))
+        held_feats = embed(store, base, held, ["healthy"] * len(held)).inputs
+        base_label = base_model.predict(base, held_feats)
+        # The user disagrees with the base's majority call for this dish.
+        majority = max(set(base_label), key=base_label.count)
+        target = "healthy" if majority == "fast_food" else "fast_food"
+        base_flip = float(np.mean([p == target for p in base_label]))
+        scenarios = [(k, target) for k in (1, 3, 5, 10)] + [(10, dish)]
+        for k, label in scenarios:
+            for method in ("ours", "naive"):
+                if method == "naive" and label not in base.meta.labels:
+                    continue
+                flipped, drops, self_flips = [], [], []
+                for _ in range(args.draws):
+                    chosen = [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
+                    if method == "ours":
+                        model = ours(store, label, chosen, None)
+                    else:
+                        model = naive(store, base, label, chosen)
+                    flipped.append(np.mean([p == label for p in model.predict(base, held_feats)]))
+                    drops.append(base_acc - accuracy(model.predict(base, test.inputs), test.labels))
+                    own = embed(store, base, chosen, [label] * k).inputs
+                    self_flips.append(np.mean([p == label for p in model.predict(base, own)]))
+                rows.append(
+                    {
+                        "dish": dish,
+                        "seen_by_base": dish == "pancakes",
+                        "label": label,
+                        "new_label": label not in base.meta.labels,
+                        "k": k,
+                        "method": method,
+                        "held_out_photos": len(held),
+                        "base_share_with_label": round(base_flip, 3),
+                        "held_out_with_label": round(float(np.mean(flipped)), 3),
+                        "base_accuracy_drop_points": round(100 * float(np.mean(drops)), 2),
+                        "trained_photos_with_label": round(float(np.mean(self_flips)), 3),
+                        "trained_photos_min": round(float(np.min(self_flips)), 3),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    reset(store)
+    elapsed = time.perf_counter() - started
+    write(args.out, rows, base_acc, len(test.labels), args, elapsed)
+
+
+def write(
+    out: Path,
+    rows: list[dict[str, object]],
+    base_acc: float,
+    n_test: int,
+    args: argparse.Namespace,
+    elapsed: float,
+) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Personalization: our retrain beside a naive Core ML-style update",
+        "",
+        f"Produced by `python scripts/eval_personalization.py --draws {args.draws}` "
+        f"in {elapsed:.0f} s. Base accuracy on its {n_test} held-out photos: {base_acc:.3f}.",
+        f"Each row averages {args.draws} random draws of K training photos from one half of the "
+        "dish; 'held out' is the other half. 'drop' is base accuracy lost, in points.",
+        "",
+        "| dish | label | K | method | held out with label | base accuracy drop | "
+        "trained photos with label (mean / min) |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        label = f"{r['label']} (new)" if r["new_label"] else str(r["label"])
+        dish = str(r["dish"]) + ("" if r["seen_by_base"] else " (unseen)")
+        lines.append(
+            f"| {dish} | {label} | {r['k']} | {r['method']} | {r['held_out_with_label']:.2f} "
+            f"(base {r['base_share_with_label']:.2f}) | {r['base_accuracy_drop_points']:+.1f} | "
+            f"{r['trained_photos_with_label']:.2f} / {r['trained_photos_min']:.2f} |"
+        )
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
