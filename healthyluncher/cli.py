@@ -575,6 +575,10 @@ def status(
 
 
 def main() -> None:
+    import warnings
+
+    # Pillow warns about damaged metadata it recovers from; errors are reported per file.
+    warnings.filterwarnings("ignore", module="PIL")
     app()
 
 

@@ -34,7 +34,7 @@ ProgressCallback = Callable[[str, int, int], None]
 # Photos embedded per call of the frozen part.
 EMBED_BATCH = 16
 # Bump when augmented_views changes, so cached views are not mixed with new ones.
-AUGMENT_VERSION = 1
+AUGMENT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,8 @@ class Embedder:
             views = augmented_views(image, prep, self.views, int(digest[:8], 16))
             return _Prepared(path, digest, views, cached=False)
         except LuncherError as exc:
-            return ImageFailure(path, str(exc))
+            message = str(exc)
+            return ImageFailure(path, message if str(path) in message else f"{path}: {message}")
 
     def _run_frozen(self, batch: np.ndarray) -> np.ndarray:
         meta = self.base.meta
@@ -216,7 +217,10 @@ class Embedder:
         short = self.base.meta.preprocessing.resize
         small = resize_short_side(image, short) if min(image.size) > short else image
         buffer = io.BytesIO()
-        small.convert("RGB").save(buffer, "JPEG", quality=90)
+        try:
+            small.convert("RGB").save(buffer, "JPEG", quality=90)
+        except (OSError, ValueError) as exc:  # e.g. wider than JPEG's 65500 pixels
+            raise LuncherError(f"cannot keep a thumbnail of this photo: {exc}") from None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, buffer.getvalue())
