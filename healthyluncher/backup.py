@@ -665,15 +665,16 @@ def _restore(store: ModelStore, state: State, base: Base, backup: Backup) -> Imp
     )
     if not fits:
         raise _refuse(backup.archive, f"its examples have shape {found}, not the head's {expected}")
-    model = onnx.load(str(base.path / Files.MODEL))
+    from healthyluncher.personalize import personal_graphs
+
     extra = len(labels) - len(base_labels)
     grown = extra > 0
     if grown:
-        axes = graph.class_axes(head, len(base_labels))
-        graph.grow_classes(head, axes, extra)
-        graph.grow_classes(model, axes, extra)
+        graph.grow_classes(head, graph.class_axes(head, len(base_labels)), extra)
     try:
-        graph.write_back(model, backup.weights)
+        model, _ = personal_graphs(
+            base, labels, backup.weights, backup.examples, backup.meta.hyperparameters
+        )
     except LuncherError as exc:
         raise _refuse(backup.archive, f"its weights do not fit this base ({exc})") from None
     model_bytes = model.SerializeToString()

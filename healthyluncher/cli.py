@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from healthyluncher.config import Hyperparameters
 from healthyluncher.errors import LuncherError
 
 if TYPE_CHECKING:
@@ -131,9 +132,15 @@ def make_updatable(
         Optional[str],  # noqa: UP045
         typer.Option(help="Per-channel std in 0..255 pixel units, e.g. 58.4,57.1,57.4."),
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Default epochs for retrain.")] = 20,
-    learning_rate: Annotated[float, typer.Option(help="Default learning rate.")] = 0.01,
-    batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 16,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Default epochs for retrain.")
+    ] = Hyperparameters.epochs,
+    learning_rate: Annotated[
+        float, typer.Option(help="Default learning rate.")
+    ] = Hyperparameters.learning_rate,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Training batch size.")
+    ] = Hyperparameters.batch_size,
     optimizer: Annotated[Optimizer, typer.Option(help="Training optimizer.")] = Optimizer.adamw,
     replay: Annotated[
         Optional[Path],  # noqa: UP045
@@ -153,7 +160,6 @@ def make_updatable(
 
     Example: luncher make-updatable mobilenet.onnx --labels healthy,fast_food --trainable-layers 2
     """
-    from healthyluncher.config import Hyperparameters
     from healthyluncher.updatable import UpdatableOptions
     from healthyluncher.updatable import make_updatable as run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,4 +392,81 @@ def grow_classes(model: onnx.ModelProto, axes: dict[str, int], extra: int) -> No
         dims = output.type.tensor_type.shape.dim
         if len(dims) == 2 and dims[1].HasField("dim_value"):
             dims[1].dim_value = dims[1].dim_value + extra
+    del model.graph.value_info[:]
+
+
+def add_memory(
+    model: onnx.ModelProto,
+    features: str,
+    logits: str,
+    memory: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    threshold: float,
+    strength: float,
+) -> None:
+    """Put a nearest-neighbour memory of the user's examples in front of the logits.
+
+    For each class, the highest cosine similarity between the photo's head input and the
+    user's examples of that class; where it exceeds `threshold`, the class's logit rises by
+    `strength` per unit above it. Photos far from every personal example are untouched,
+    which is what keeps the base's own accuracy while the user's dish flips.
+
+    memory: (M, D) float32 rows (flattened head inputs); classes: (M,) class indices.
+    """
+    rows = memory.reshape(len(memory), -1).astype(np.float32)
+    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    # (C, M): 0 where example m belongs to class c, else far below any cosine similarity.
+    mask = np.where(classes[None, :] == np.arange(num_classes)[:, None], 0.0, -4.0)
+    prefix = "luncher_memory"
+    head_logits = f"{prefix}/head_logits"
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name == logits:
+                node.output[i] = head_logits
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(rows.T.copy(), f"{prefix}/examples"),
+            numpy_helper.from_array(mask.astype(np.float32), f"{prefix}/class_mask"),
+            numpy_helper.from_array(np.array(threshold, np.float32), f"{prefix}/threshold"),
+            numpy_helper.from_array(np.array(strength, np.float32), f"{prefix}/strength"),
+            numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
+        ]
+    )
+    opset = default_opset(model)
+    reduce = (
+        onnx.helper.make_node(
+            "ReduceMax", [f"{prefix}/masked"], [f"{prefix}/best"], axes=[2], keepdims=0
+        )
+        if opset < 18
+        else onnx.helper.make_node(
+            "ReduceMax",
+            [f"{prefix}/masked", f"{prefix}/axis2"],
+            [f"{prefix}/best"],
+            keepdims=0,
+        )
+    )
+    if opset >= 18:
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.array([2], np.int64), f"{prefix}/axis2")
+        )
+    make = onnx.helper.make_node
+    added = [
+        make("Flatten", [features], [f"{prefix}/flat"], axis=1),
+        make("LpNormalization", [f"{prefix}/flat"], [f"{prefix}/unit"], axis=1, p=2),
+        make("MatMul", [f"{prefix}/unit", f"{prefix}/examples"], [f"{prefix}/similarity"]),
+        make("Unsqueeze", [f"{prefix}/similarity", f"{prefix}/axis1"], [f"{prefix}/per_class"]),
+        make("Add", [f"{prefix}/per_class", f"{prefix}/class_mask"], [f"{prefix}/masked"]),
+        reduce,
+        make("Sub", [f"{prefix}/best", f"{prefix}/threshold"], [f"{prefix}/excess"]),
+        make("Relu", [f"{prefix}/excess"], [f"{prefix}/above"]),
+        make("Mul", [f"{prefix}/above", f"{prefix}/strength"], [f"{prefix}/bonus"]),
+        make("Add", [head_logits, f"{prefix}/bonus"], [logits]),
+    ]
+    # Right after the node that makes the logits: the features are ready by then, and
+    # whatever read the logits (a Softmax) comes after.
+    nodes = [copy.deepcopy(node) for node in model.graph.node]
+    at = next(i for i, node in enumerate(nodes) if head_logits in node.output)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[: at + 1] + added + nodes[at + 1 :])
     del model.graph.value_info[:]

@@ -361,7 +361,7 @@ def retrain(
             old_examples = _reembed_not_possible(old_examples, hp)
         examples = merge_examples(old_examples, [(d, v) for _, d, v in embedded], label)
         probe = np.stack([views[0] for _, _, views in embedded])
-        before = _current_probabilities(base, personal, probe)
+        before = _current_probabilities(base, personal, old_examples, probe)
         if label in old_labels:
             before_label = before[:, old_labels.index(label)]
         else:
@@ -418,14 +418,76 @@ def rebuild_examples(
     return examples, missing
 
 
-def _current_probabilities(base: Base, personal: Personal | None, inputs: np.ndarray) -> np.ndarray:
+# Rows of the nearest-neighbour memory at most: about 20 MB of float32 for the shipped
+# base's 1280-d head inputs. Past it, fewer augmented views per photo are remembered.
+MEMORY_ROWS = 4096
+
+
+def personal_graphs(
+    base: Base,
+    labels: tuple[str, ...],
+    params: dict[str, np.ndarray],
+    examples: Examples,
+    hp: Hyperparameters,
+) -> tuple[Any, Any]:
+    """(the full inference model, the head for scoring) with these weights and memory.
+
+    Labels beyond the base's grow the last layer first; the memory of the user's examples
+    goes in front of the logits of both, so `predict` and the retrain summary agree.
+    """
+    import onnx
+
+    from healthyluncher import graph
+
+    model = onnx.load(str(base.path / Files.MODEL))
+    head = onnx.load(str(base.path / Files.HEAD))
+    logits = head.graph.output[0].name
+    extra = len(labels) - len(base.meta.labels)
+    if extra > 0:
+        axes = graph.class_axes(head, len(base.meta.labels))
+        graph.grow_classes(head, axes, extra)
+        graph.grow_classes(model, axes, extra)
+    graph.write_back(model, params)
+    graph.write_back(head, params)
+    if hp.memory_strength > 0 and len(examples) > 0:
+        rows, classes = memory_rows(examples, labels)
+        for target in (model, head):
+            graph.add_memory(
+                target,
+                base.meta.split_tensor,
+                logits,
+                rows,
+                classes,
+                len(labels),
+                hp.memory_threshold,
+                hp.memory_strength,
+            )
+    return model, head
+
+
+def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The views to remember and their class indices: every photo's own view first, then
+    augmented views while they fit in MEMORY_ROWS."""
+    first = np.unique(examples.owner, return_index=True)[1]
+    rest = np.setdiff1d(np.arange(len(examples.owner)), first)
+    chosen = np.concatenate([first, rest])[:MEMORY_ROWS]
+    classes = np.array([labels.index(examples.labels[o]) for o in examples.owner[chosen]])
+    return examples.inputs[chosen], classes.astype(np.int64)
+
+
+def _current_probabilities(
+    base: Base, personal: Personal | None, examples: Examples, inputs: np.ndarray
+) -> np.ndarray:
+    """What the current model (personalized or base) says about these head inputs."""
     from healthyluncher.training import HeadRunner
 
     if personal is None:
         return HeadRunner(base.path / Files.HEAD).probabilities(inputs)
-    head = personal.path / Files.HEAD
-    runner = HeadRunner(head if head.is_file() else base.path / Files.HEAD, load_weights(personal))
-    return runner.probabilities(inputs)
+    meta = personal.meta
+    _, head = personal_graphs(
+        base, meta.labels, load_weights(personal), examples, meta.hyperparameters
+    )
+    return HeadRunner(head).probabilities(inputs)
 
 
 @dataclass(frozen=True)
@@ -458,16 +520,14 @@ def fit_and_publish(
 
     data = training_set(examples, load_replay(base), labels, hp)
     extra = len(labels) - len(base.meta.labels)
-    model = onnx.load(str(base.path / Files.MODEL))
     with store.staging() as staged:
-        head_path, artifact_dir = base.path / Files.HEAD, base.path / Files.ARTIFACTS
+        artifact_dir = base.path / Files.ARTIFACTS
         if extra > 0:
-            head = onnx.load(str(head_path))
-            axes = graph.class_axes(head, len(base.meta.labels))
-            graph.grow_classes(head, axes, extra)
-            graph.grow_classes(model, axes, extra)
-            head_path, artifact_dir = staged / Files.HEAD, staged / Files.ARTIFACTS
-            onnx.save(head, str(head_path))
+            # The grown head, without memory, is what trains from now on.
+            head = onnx.load(str(base.path / Files.HEAD))
+            graph.grow_classes(head, graph.class_axes(head, len(base.meta.labels)), extra)
+            onnx.save(head, str(staged / Files.HEAD))
+            artifact_dir = staged / Files.ARTIFACTS
             generate_artifacts(head, base.meta.trainable_params, hp.optimizer, artifact_dir)
 
         def on_epoch(epoch: int, total: int, loss: float) -> None:
@@ -477,7 +537,7 @@ def fit_and_publish(
         trained = train(
             artifact_dir, data, hp, batch_limit=base.meta.head_batch_limit, on_epoch=on_epoch
         )
-        graph.write_back(model, trained.params)
+        model, scoring_head = personal_graphs(base, labels, trained.params, examples, hp)
         (staged / Files.MODEL).write_bytes(model.SerializeToString())
         save_arrays(staged / Files.WEIGHTS, trained.params)
         trained.save_checkpoint(staged / Files.CHECKPOINT)
@@ -495,7 +555,7 @@ def fit_and_publish(
         write_json(staged / Files.META, meta.to_json())
         probs = np.zeros((0, len(labels)))
         if probe is not None:
-            probs = HeadRunner(head_path, trained.params).probabilities(probe)
+            probs = HeadRunner(scoring_head).probabilities(probe)
         name = store.publish_dir(staged, "personal")
     history = [state.personal or "", *state.history][:HISTORY_LIMIT]
     new_state = State(base=state.base, personal=name, history=history)

@@ -173,8 +173,10 @@ def _weighted(p: np.ndarray) -> bool:
 class HeadRunner:
     """Runs the head (split tensor -> logits) with given weights, for before/after scores."""
 
-    def __init__(self, head_path: Path, params: dict[str, np.ndarray] | None = None) -> None:
-        model = onnx.load(str(head_path))
+    def __init__(
+        self, head: Path | onnx.ModelProto, params: dict[str, np.ndarray] | None = None
+    ) -> None:
+        model = onnx.load(str(head)) if isinstance(head, Path) else head
         if params:
             index = {t.name: i for i, t in enumerate(model.graph.initializer)}
             for name, value in params.items():
