@@ -1,0 +1,142 @@
+"""Retrain without forgetting: replay, weighted examples, augmented views and the memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from healthyluncher import graph
+from healthyluncher.config import Hyperparameters
+from healthyluncher.models import Examples
+from healthyluncher.ortapi import inference_session
+from healthyluncher.personalize import training_set
+from healthyluncher.training import HeadRunner, TrainingSet, generate_artifacts, train
+
+DIM = 8
+
+
+def clusters(rng: np.random.Generator, centre: np.ndarray, n: int) -> np.ndarray:
+    return (centre + rng.normal(0, 0.3, (n, DIM))).astype(np.float32)
+
+
+@pytest.fixture
+def head(tmp_path: Path) -> tuple[Path, Path]:
+    """A linear head already good at two classes: A near +e0, B near -e0."""
+    w = np.zeros((2, DIM), np.float32)
+    w[0, 0], w[1, 0] = 3.0, -3.0
+    graph_ = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["logits"], transB=1)],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", DIM])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(2, np.float32), "b")],
+    )
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    path = tmp_path / "head.onnx"
+    onnx.save(model, str(path))
+    artifacts = tmp_path / "artifacts"
+    generate_artifacts(model, ("W", "b"), "adamw", artifacts)
+    return path, artifacts
+
+
+def test_replay_keeps_a_held_out_class_while_the_personal_class_flips(head):
+    path, artifacts = head
+    rng = np.random.default_rng(0)
+    e = np.eye(DIM, dtype=np.float32)
+    a_centre, b_centre = e[0], -e[0]
+    personal_centre = -e[0] + 2 * e[1]  # the user's dish: B-like, but the user says A
+    replay = (
+        np.concatenate([clusters(rng, a_centre, 100), clusters(rng, b_centre, 100)]),
+        np.repeat([0, 1], 100).astype(np.int64),
+    )
+    held_b = clusters(rng, b_centre, 200)
+    held_dish = clusters(rng, personal_centre, 200)
+    views = clusters(rng, personal_centre, 5 * 4)
+    examples = Examples(views, np.repeat(np.arange(5), 4), tuple("abcde"), ("A",) * 5)
+    hp = Hyperparameters(epochs=30, learning_rate=0.01, memory_strength=0)
+
+    base = HeadRunner(path)
+    assert base.probabilities(held_dish).argmax(1).mean() > 0.9  # the base calls it B
+
+    ours = train(artifacts, training_set(examples, replay, ("A", "B"), hp), hp)
+    runner = HeadRunner(path, ours.params)
+    assert (runner.probabilities(held_dish).argmax(1) == 0).mean() > 0.9
+    ours_keeps_b = (runner.probabilities(held_b).argmax(1) == 1).mean()
+    assert ours_keeps_b > 0.95
+
+    # Core ML's update: the new photos alone, trained until the dish flips too. B goes
+    # with it, because nothing reminds the head of B.
+    naive_data = TrainingSet(views, np.zeros(len(views), np.int64), np.ones(len(views)))
+    naive = HeadRunner(path, train(artifacts, naive_data, hp.replace(epochs=400)).params)
+    assert (naive.probabilities(held_dish).argmax(1) == 0).mean() > 0.9
+    assert (naive.probabilities(held_b).argmax(1) == 1).mean() < ours_keeps_b - 0.3
+
+
+def test_training_set_balances_classes_and_weights_personal_photos():
+    inputs = np.ones((6, DIM), np.float32)
+    examples = Examples(inputs, np.array([0, 0, 0, 1, 1, 1]), ("p", "q"), ("A", "A"))
+    replay = (np.zeros((10, DIM), np.float32), np.array([0] * 2 + [1] * 8, np.int64))
+    data = training_set(examples, replay, ("A", "B"), Hyperparameters(personal_weight=4))
+    assert data.weights[data.labels == 0].sum() == pytest.approx(1)
+    assert data.weights[data.labels == 1].sum() == pytest.approx(1)
+    # Each personal photo (3 views) weighs as much as 4 replayed examples of its class.
+    personal_photo = data.weights[:3].sum()
+    replayed = data.weights[6]
+    assert personal_photo == pytest.approx(4 * replayed)
+
+
+def test_memory_in_the_graph_matches_its_definition(head):
+    path, _ = head
+    rng = np.random.default_rng(1)
+    memory = rng.normal(size=(6, DIM)).astype(np.float32)
+    classes = np.array([0, 0, 1, 1, 1, 0])
+    model = onnx.load(str(path))
+    graph.add_memory(model, "x", "logits", memory, classes, 2, threshold=0.5, strength=10)
+    session = inference_session(model.SerializeToString())
+    x = np.concatenate([memory[:2] + 0.01, rng.normal(size=(5, DIM))]).astype(np.float32)
+    got = session.run(None, {"x": x})[0]
+
+    plain = x @ onnx.numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]).T
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rows = memory / np.linalg.norm(memory, axis=1, keepdims=True)
+    sims = unit @ rows.T
+    bonus = np.stack(
+        [np.maximum(sims[:, classes == c].max(1) - 0.5, 0) * 10 for c in (0, 1)], axis=1
+    )
+    np.testing.assert_allclose(got, plain + bonus, rtol=1e-5, atol=1e-5)
+    # A photo almost identical to a remembered example takes its class.
+    assert got[0].argmax() == 0 and got[1].argmax() == 0
+
+
+def test_augmented_views_are_cached_not_recomputed(run, pt_model, photos, models_dir, monkeypatch):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", "--views", "4", *photos["red"]).code == 0
+    cached = sorted((models_dir / "cache").rglob("*.npy"))
+    assert len(cached) == 3 and all(np.load(p).shape[0] == 4 for p in cached)
+
+    import healthyluncher.images as images
+
+    def no_views(*args, **kwargs):
+        raise AssertionError("views were computed again")
+
+    monkeypatch.setattr(images, "augmented_views", no_views)
+    result = run("retrain", "--label", "healthy", "--views", "4", *photos["red"])
+    assert result.code == 0 and "3 photo(s) came from the cache" in result.stdout
+    status = run("status", "--json").json_lines()[0]
+    assert status["hyperparameters"]["augment_views"] == 4
+
+
+def test_one_photo_always_takes_the_label(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    for photo in photos["red"] + photos["green"]:
+        assert run("reset").code == 0
+        before = run("predict", "--json", photo).json_lines()[0]
+        other = next(k for k in before["probabilities"] if k != before["label"])
+        result = run("retrain", "--label", other, "--json", photo)
+        assert result.json_lines()[0]["photos"][0]["after"] > 0.5
+        assert run("predict", "--json", photo).json_lines()[0]["label"] == other
