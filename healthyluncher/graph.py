@@ -309,7 +309,7 @@ def initializer_arrays(model: onnx.ModelProto, names: tuple[str, ...]) -> dict[s
 
 
 def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> None:
-    """Replace initializers in place by name; shapes and dtypes must match."""
+    """Replace initializers in place by name; shapes must match, dtypes are kept."""
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     for name, value in params.items():
         if name not in index:
@@ -317,7 +317,10 @@ def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> None:
         old = model.graph.initializer[index[name]]
         if tuple(old.dims) != value.shape:
             raise LuncherError(f"weight {name!r} has shape {tuple(old.dims)}, not {value.shape}")
-        model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(value, name))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+        model.graph.initializer[index[name]].CopyFrom(
+            numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+        )
 
 
 def metadata_labels(metadata: dict[str, str]) -> list[str] | None:
@@ -404,69 +407,86 @@ def add_memory(
     num_classes: int,
     threshold: float,
     strength: float,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Put a nearest-neighbour memory of the user's examples in front of the logits.
 
-    For each class, the highest cosine similarity between the photo's head input and the
-    user's examples of that class; where it exceeds `threshold`, the class's logit rises by
-    `strength` per unit above it. Photos far from every personal example are untouched,
-    which is what keeps the base's own accuracy while the user's dish flips.
+    For each class c: `best` is the highest cosine similarity between the photo's head
+    input and the user's examples of c; `floor` is the threshold, or, if higher, the
+    similarity to the closest replayed base example of another class. Where best exceeds
+    floor, c's logit rises by `strength` per unit above it. So a photo leans to the user's
+    label only when it is nearer to the user's photos than to anything the base knows
+    under another label: held-out photos of the user's dish flip, the base's own
+    look-alikes (beignets next to pancakes) keep their label.
 
-    memory: (M, D) float32 rows (flattened head inputs); classes: (M,) class indices.
+    memory: (M, ...) head inputs; classes: (M,) class indices; replay: the same for the
+    base's replay set, or None.
     """
-    rows = memory.reshape(len(memory), -1).astype(np.float32)
-    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    # (C, M): 0 where example m belongs to class c, else far below any cosine similarity.
-    mask = np.where(classes[None, :] == np.arange(num_classes)[:, None], 0.0, -4.0)
     prefix = "luncher_memory"
+    make = onnx.helper.make_node
+    opset = default_opset(model)
+    initializers = [
+        numpy_helper.from_array(np.array(threshold, np.float32), f"{prefix}/threshold"),
+        numpy_helper.from_array(np.array(strength, np.float32), f"{prefix}/strength"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
+        numpy_helper.from_array(np.array([2], np.int64), f"{prefix}/axis2"),
+    ]
+    nodes = [
+        make("Flatten", [features], [f"{prefix}/flat"], axis=1),
+        make("LpNormalization", [f"{prefix}/flat"], [f"{prefix}/unit"], axis=1, p=2),
+    ]
+
+    def best_per_class(name: str, rows: np.ndarray, keep: np.ndarray) -> str:
+        """(N, C): max similarity to the rows where keep[c, m] is true."""
+        unit = rows.reshape(len(rows), -1).astype(np.float32)
+        unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+        mask = np.where(keep, 0.0, -4.0).astype(np.float32)  # -4: below any similarity
+        initializers.extend(
+            [
+                numpy_helper.from_array(unit.T.copy(), f"{prefix}/{name}_rows"),
+                numpy_helper.from_array(mask, f"{prefix}/{name}_mask"),
+            ]
+        )
+        p = f"{prefix}/{name}"
+        nodes.extend(
+            [
+                make("MatMul", [f"{prefix}/unit", f"{p}_rows"], [f"{p}_similarity"]),
+                make("Unsqueeze", [f"{p}_similarity", f"{prefix}/axis1"], [f"{p}_per_class"]),
+                make("Add", [f"{p}_per_class", f"{p}_mask"], [f"{p}_masked"]),
+                make("ReduceMax", [f"{p}_masked"], [f"{p}_best"], axes=[2], keepdims=0)
+                if opset < 18
+                else make(
+                    "ReduceMax", [f"{p}_masked", f"{prefix}/axis2"], [f"{p}_best"], keepdims=0
+                ),
+            ]
+        )
+        return f"{p}_best"
+
+    class_ids = np.arange(num_classes)[:, None]
+    best = best_per_class("personal", memory, classes[None, :] == class_ids)
+    floor = f"{prefix}/threshold"
+    if replay is not None and len(replay[0]):
+        nearest_other = best_per_class("replay", replay[0], replay[1][None, :] != class_ids)
+        nodes.append(make("Max", [nearest_other, floor], [f"{prefix}/floor"]))
+        floor = f"{prefix}/floor"
     head_logits = f"{prefix}/head_logits"
     for node in model.graph.node:
         for i, name in enumerate(node.output):
             if name == logits:
                 node.output[i] = head_logits
-    model.graph.initializer.extend(
+    nodes.extend(
         [
-            numpy_helper.from_array(rows.T.copy(), f"{prefix}/examples"),
-            numpy_helper.from_array(mask.astype(np.float32), f"{prefix}/class_mask"),
-            numpy_helper.from_array(np.array(threshold, np.float32), f"{prefix}/threshold"),
-            numpy_helper.from_array(np.array(strength, np.float32), f"{prefix}/strength"),
-            numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
+            make("Sub", [best, floor], [f"{prefix}/excess"]),
+            make("Relu", [f"{prefix}/excess"], [f"{prefix}/above"]),
+            make("Mul", [f"{prefix}/above", f"{prefix}/strength"], [f"{prefix}/bonus"]),
+            make("Add", [head_logits, f"{prefix}/bonus"], [logits]),
         ]
     )
-    opset = default_opset(model)
-    reduce = (
-        onnx.helper.make_node(
-            "ReduceMax", [f"{prefix}/masked"], [f"{prefix}/best"], axes=[2], keepdims=0
-        )
-        if opset < 18
-        else onnx.helper.make_node(
-            "ReduceMax",
-            [f"{prefix}/masked", f"{prefix}/axis2"],
-            [f"{prefix}/best"],
-            keepdims=0,
-        )
-    )
-    if opset >= 18:
-        model.graph.initializer.append(
-            numpy_helper.from_array(np.array([2], np.int64), f"{prefix}/axis2")
-        )
-    make = onnx.helper.make_node
-    added = [
-        make("Flatten", [features], [f"{prefix}/flat"], axis=1),
-        make("LpNormalization", [f"{prefix}/flat"], [f"{prefix}/unit"], axis=1, p=2),
-        make("MatMul", [f"{prefix}/unit", f"{prefix}/examples"], [f"{prefix}/similarity"]),
-        make("Unsqueeze", [f"{prefix}/similarity", f"{prefix}/axis1"], [f"{prefix}/per_class"]),
-        make("Add", [f"{prefix}/per_class", f"{prefix}/class_mask"], [f"{prefix}/masked"]),
-        reduce,
-        make("Sub", [f"{prefix}/best", f"{prefix}/threshold"], [f"{prefix}/excess"]),
-        make("Relu", [f"{prefix}/excess"], [f"{prefix}/above"]),
-        make("Mul", [f"{prefix}/above", f"{prefix}/strength"], [f"{prefix}/bonus"]),
-        make("Add", [head_logits, f"{prefix}/bonus"], [logits]),
-    ]
+    model.graph.initializer.extend(initializers)
     # Right after the node that makes the logits: the features are ready by then, and
     # whatever read the logits (a Softmax) comes after.
-    nodes = [copy.deepcopy(node) for node in model.graph.node]
-    at = next(i for i, node in enumerate(nodes) if head_logits in node.output)
+    existing = [copy.deepcopy(node) for node in model.graph.node]
+    at = next(i for i, node in enumerate(existing) if head_logits in node.output)
     del model.graph.node[:]
-    model.graph.node.extend(nodes[: at + 1] + added + nodes[at + 1 :])
+    model.graph.node.extend(existing[: at + 1] + nodes + existing[at + 1 :])
     del model.graph.value_info[:]
