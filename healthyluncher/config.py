@@ -30,9 +30,10 @@ class Hyperparameters:
     # Views per personal photo (the photo itself plus flips, crops and colour jitter).
     augment_views: int = 8
     # Nearest-neighbour memory in front of the logits: a photo whose head input is closer
-    # than this cosine similarity to one of your examples leans to that example's label,
-    # by `memory_strength` logits per unit of similarity above it. 0 turns it off.
-    memory_threshold: float = 0.55
+    # than this cosine similarity to one of your examples, and closer to it than to any
+    # replayed base example of another label, leans to your example's label by
+    # `memory_strength` logits per unit of similarity above that. 0 turns it off.
+    memory_threshold: float = 0.4
     memory_strength: float = 40.0
     seed: int = 0
 

@@ -451,6 +451,7 @@ def personal_graphs(
     graph.write_back(head, params)
     if hp.memory_strength > 0 and len(examples) > 0:
         rows, classes = memory_rows(examples, labels)
+        replay = load_replay(base)
         for target in (model, head):
             graph.add_memory(
                 target,
@@ -461,6 +462,7 @@ def personal_graphs(
                 len(labels),
                 hp.memory_threshold,
                 hp.memory_strength,
+                replay,
             )
     return model, head
 

@@ -140,3 +140,29 @@ def test_one_photo_always_takes_the_label(run, pt_model, photos):
         result = run("retrain", "--label", other, "--json", photo)
         assert result.json_lines()[0]["photos"][0]["after"] > 0.5
         assert run("predict", "--json", photo).json_lines()[0]["label"] == other
+
+
+def test_memory_yields_to_closer_base_examples_of_another_label(head):
+    """With replay, a photo leans to the user's label only when it is nearer to the user's
+    photo than to every replayed example of another label."""
+    path, _ = head
+    e = np.eye(DIM, dtype=np.float32)
+    personal = np.array([e[0] + e[1]])  # the user's photo of class 1, near class 0's corner
+    replay = (np.array([e[0], -e[0]]), np.array([0, 1]))
+    model = onnx.load(str(path))
+    graph.add_memory(
+        model,
+        "x",
+        "logits",
+        personal,
+        np.array([1]),
+        2,
+        threshold=0.3,
+        strength=50,
+        replay=replay,
+    )
+    session = inference_session(model.SerializeToString())
+    near_user = (e[0] + 1.2 * e[1])[None]  # closer to the user's photo than to e0
+    near_base = (e[0] + 0.2 * e[1])[None]  # closer to the replayed class-0 example
+    assert session.run(None, {"x": near_user})[0].argmax() == 1
+    assert session.run(None, {"x": near_base})[0].argmax() == 0
