@@ -269,7 +269,7 @@ def write(
         dish = str(r["dish"]) + ("" if r["seen_by_base"] else " (unseen)")
         lines.append(
             f"| {dish} | {label} | {r['k']} | {r['method']} | {r['held_out_with_label']:.2f} "
-            f"(base {r['base_share_with_label']:.2f}) | {r['base_accuracy_drop_points']:+.1f} | "
+            f"(base {r['base_share_with_label']:.2f}) | {r['base_accuracy_drop_points']:+.2f} | "
             f"{r['trained_photos_with_label']:.2f} / {r['trained_photos_min']:.2f} |"
         )
     out.write_text("\n".join(lines) + "\n")
