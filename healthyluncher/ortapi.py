@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -11,8 +12,29 @@ from typing import Any
 from healthyluncher.errors import LuncherError
 
 
+def _register_training_package() -> None:
+    """Put `onnxruntime.training` in sys.modules without running its __init__.
+
+    `onnxruntime/training/__init__.py` imports `.optim`, which imports torch
+    (microsoft/onnxruntime#22070), and `import onnxruntime` itself, in the training build,
+    probes `onnxruntime.training.ortmodule`, which would run that __init__ (and import onnx)
+    on every start. The parts used here (artifacts, onnxblock, api) never touch torch.
+    """
+    if "onnxruntime.training" in sys.modules:
+        return
+    root = importlib.util.find_spec("onnxruntime")  # finds the package without importing it
+    if root is None or not root.submodule_search_locations:
+        return
+    spec = importlib.machinery.PathFinder.find_spec(
+        "onnxruntime.training", list(root.submodule_search_locations)
+    )
+    if spec is not None:
+        sys.modules["onnxruntime.training"] = importlib.util.module_from_spec(spec)
+
+
 def runtime() -> ModuleType:
     """Import onnxruntime quietly (its INFO logging floods the terminal otherwise)."""
+    _register_training_package()
     try:
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -25,21 +47,13 @@ def runtime() -> ModuleType:
 
 
 def training() -> tuple[Any, Any]:
-    """Return (artifacts, api) from onnxruntime.training without importing torch.
-
-    `onnxruntime/training/__init__.py` imports `.optim`, which imports torch
-    (microsoft/onnxruntime#22070). The parts used here (artifacts, onnxblock, api) never
-    touch torch, so the package module is registered without running its __init__.
-    """
+    """Return (artifacts, api) from onnxruntime.training without importing torch."""
     runtime()
     if "onnxruntime.training" not in sys.modules:
-        spec = importlib.util.find_spec("onnxruntime.training")
-        if spec is None:
-            raise LuncherError(
-                "the ONNX Runtime training API is missing: install onnxruntime-training-cpu "
-                "and uninstall plain onnxruntime (both own the onnxruntime/ directory)"
-            )
-        sys.modules["onnxruntime.training"] = importlib.util.module_from_spec(spec)
+        raise LuncherError(
+            "the ONNX Runtime training API is missing: install onnxruntime-training-cpu "
+            "and uninstall plain onnxruntime (both own the onnxruntime/ directory)"
+        )
     from onnxruntime.training import api, artifacts
 
     return artifacts, api
@@ -51,6 +65,8 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # Idle ORT threads spin by default, taking the cores the decoding threads need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(model) if isinstance(model, Path) else model
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -31,8 +31,9 @@ from healthyluncher.store import HISTORY_LIMIT, Files, ModelStore, State, write_
 # (stage, done, total): stage is "embedding" or "training".
 ProgressCallback = Callable[[str, int, int], None]
 
-# Photos embedded per call of the frozen part.
-EMBED_BATCH = 16
+# Images (photos x views) per call of the frozen part: enough to keep both cores busy,
+# few enough that memory stays flat (128 at once peaked above 1 GB on the shipped base).
+FROZEN_BATCH = 16
 # Bump when augmented_views changes, so cached views are not mixed with new ones.
 AUGMENT_VERSION = 2
 
@@ -145,7 +146,7 @@ class Embedder:
             window: list[Future[_Prepared | ImageFailure]] = []
             next_index = 0
             while window or next_index < total:
-                while next_index < total and len(window) < 2 * EMBED_BATCH:
+                while next_index < total and len(window) < max(2, 2 * FROZEN_BATCH // self.views):
                     named = digests[next_index] if digests is not None else None
                     window.append(pool.submit(self._prepare, paths[next_index], named))
                     next_index += 1
@@ -157,7 +158,7 @@ class Embedder:
                     results.append((item.path, item.digest, item.array))
                 else:
                     pending.append((item.path, item.digest, item.array))
-                    if len(pending) >= EMBED_BATCH:
+                    if len(pending) * self.views >= FROZEN_BATCH:
                         flush()
                 if progress:
                     progress("embedding", len(results) + len(pending) + len(failures), total)
@@ -194,7 +195,7 @@ class Embedder:
 
             self._session = inference_session(self.base.path / Files.FROZEN)
         fixed = meta.input_batch
-        step = fixed or len(batch)
+        step = fixed or FROZEN_BATCH
         parts = []
         for start in range(0, len(batch), step):
             chunk = batch[start : start + step]
@@ -231,7 +232,7 @@ class Embedder:
         path = self._cache_file(digest)
         try:
             value = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             return None  # missing or damaged: embed again
         return value if len(value) == self.views else None
 
@@ -244,7 +245,7 @@ class Embedder:
             self.cache.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
             np.save(buffer, views.astype(np.float32))
-            atomic_write_bytes(self._cache_file(digest), buffer.getvalue())
+            atomic_write_bytes(self._cache_file(digest), buffer.getvalue(), durable=False)
         except OSError:
             pass  # the cache is only a speed-up; a full disk must not fail the retrain
 
