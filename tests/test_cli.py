@@ -457,3 +457,24 @@ def test_two_writers_never_overlap(pt_model, photos, models_dir):
         assert ModelStore(models_dir).read_state().base is None
     assert proc.wait(timeout=60) == 0
     assert ModelStore(models_dir).read_state().base is not None
+
+
+def test_a_model_exported_for_batch_1_trains_and_predicts(run, tmp_path, photos):
+    model = pytorch_style(tmp_path / "fixed.onnx", batch=1)
+    result = run("make-updatable", model, "--trainable-layers", "2")
+    assert result.code == 0, result
+    rows = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert len(rows) == 6 and all("label" in r for r in rows)
+    label = "healthy" if rows[0]["label"] == "fast_food" else "fast_food"
+    assert run("retrain", "--label", label, *photos["red"]).code == 0
+    after = run("predict", "--json", *photos["red"]).json_lines()
+    assert [r["label"] for r in after] == [label] * 3
+
+
+def test_sgd_optimizer_as_in_the_core_ml_example(run, pt_model, photos, models_dir):
+    result = run("make-updatable", pt_model, "--optimizer", "sgd", "--learning-rate", "0.05")
+    assert result.code == 0, result
+    assert run("retrain", "--label", "fast_food", "--epochs", "30", *photos["green"]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["hyperparameters"]["optimizer"] == "sgd"
+    assert status["hyperparameters"]["learning_rate"] == 0.05
