@@ -116,16 +116,7 @@ def ours(
         learning_rate=hp.learning_rate if hp else None,
         augment_views=hp.augment_views if hp else None,
     )
-    state = store.read_state()
-    base = load_base(store, state)
-    personal = load_personal(store, state)
-    assert personal is not None
-    meta = personal.meta
-    examples = load_examples(personal, ())
-    _, head = personal_graphs(
-        base, meta.labels, load_weights(personal), examples, meta.hyperparameters
-    )
-    return Model(meta.labels, head, None)
+    return ours_model(store)
 
 
 def naive(
@@ -170,6 +161,8 @@ def main() -> None:
     # the settings of the original example (20 epochs at 0.01).
     parser.add_argument("--naive-epochs", type=int, default=20)
     parser.add_argument("--naive-lr", type=float, default=0.01)
+    parser.add_argument("--skip-dishes", action="store_true", help="only the upgrade part")
+    parser.add_argument("--skip-upgrade", action="store_true", help="only the dishes part")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "scripts"))
     started = time.perf_counter()
@@ -188,6 +181,10 @@ def main() -> None:
     test = embed(store, base, test_paths, test_labels)
     base_acc = accuracy(base_model.predict(base, test.inputs), test.labels)
 
+    if not args.skip_upgrade:
+        upgrade(store, args, test)
+    if args.skip_dishes:
+        return
     dishes = {"pancakes": args.food / "personal" / "pancakes"}
     for name in args.unseen.split(","):
         found = list((args.food / "lowres64").glob(f"*/{name}"))
@@ -240,6 +237,124 @@ def main() -> None:
     reset(store)
     elapsed = time.perf_counter() - started
     write(args.out, rows, base_acc, len(test.labels), args, elapsed)
+
+
+def second_base(store: ModelStore, base: Base, food: Path, target: Path) -> None:
+    """The same backbone with a head trained on another split (fold 1 also left out) and
+    another seed, through the project's own training path: an improved base to ship."""
+    import onnx
+    from build_base_model import fold_of
+
+    from healthyluncher.graph import write_back
+
+    paths, labels = [], []
+    for label in ("healthy", "fast_food"):
+        for path in photos(food / label):
+            if fold_of(path) not in (0, 1):
+                paths.append(path)
+                labels.append(label)
+    feats = embed(store, base, paths, labels)
+    y = np.array([base.meta.labels.index(label) for label in labels], np.int64)
+    weights = np.array([1.0 / np.sum(y == c) for c in y])
+    hp = Hyperparameters(epochs=10, learning_rate=0.001, seed=1)
+    trained = train(base.path / Files.ARTIFACTS, TrainingSet(feats.inputs, y, weights), hp)
+    model = onnx.load(str(base.path / Files.MODEL))
+    write_back(model, trained.params)
+    onnx.save(model, str(target))
+
+
+def upgrade(store: ModelStore, args: argparse.Namespace, test: Features) -> None:
+    """Personalize the shipped base with K=5 pancakes, move to a second base keeping the
+    personalization, and compare with a fresh personalization on that second base."""
+    from healthyluncher.models import BUNDLED_REPLAY, bundled_model
+    from healthyluncher.predicting import Predictor
+    from healthyluncher.updatable import UpdatableOptions, make_updatable
+
+    shipped = bundled_model()
+    assert shipped is not None
+    replay = shipped.with_name(BUNDLED_REPLAY)
+    v1 = load_base(store, store.read_state())
+    v2_path = args.work.parent / "luncher-eval-base-v2.onnx"
+    second_base(store, v1, args.food, v2_path)
+    pool, held = halves(photos(args.food / "personal" / "pancakes"))
+    rows = []
+    rng = np.random.default_rng(1)
+    for draw in range(args.draws):
+        chosen = [pool[i] for i in rng.choice(len(pool), size=5, replace=False)]
+        for method in ("upgrade", "fresh"):
+            make_updatable(store, shipped, UpdatableOptions(replay=replay, force=True))
+            if method == "upgrade":
+                retrain(store, "healthy", chosen)
+                options = UpdatableOptions(replay=replay, keep_personalization=True)
+                make_updatable(store, v2_path, options)
+            else:
+                make_updatable(store, v2_path, UpdatableOptions(replay=replay, force=True))
+                retrain(store, "healthy", chosen)
+            base = load_base(store, store.read_state())
+            plain = Model(base.meta.labels, base.path / Files.HEAD, None)
+            model = ours_model(store)
+            predictor = Predictor(store)
+            own = [r.label for r in predictor.predict(chosen) if hasattr(r, "label")]
+            held_feats = embed(store, base, held, ["healthy"] * len(held)).inputs
+            base_acc = accuracy(plain.predict(base, test.inputs), test.labels)
+            rows.append(
+                {
+                    "draw": draw,
+                    "method": method,
+                    "own_photos_with_label": float(np.mean([x == "healthy" for x in own])),
+                    "held_out_with_label": float(
+                        np.mean([x == "healthy" for x in model.predict(base, held_feats)])
+                    ),
+                    "new_base_accuracy": base_acc,
+                    "drop_points": 100
+                    * (base_acc - accuracy(model.predict(base, test.inputs), test.labels)),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    reset(store)
+    make_updatable(store, shipped, UpdatableOptions(replay=replay, force=True))
+    lines = [
+        "# Upgrading the base and keeping the personalization",
+        "",
+        f"Produced by `python scripts/eval_personalization.py --skip-dishes --draws {args.draws}`. "
+        "Personalize the shipped base with K=5 pancake photos labelled healthy, then "
+        "`make-updatable NEW --keep-personalization` to a second base (same backbone, head "
+        "trained on another split and seed), against a fresh personalization of the new base "
+        "with the same photos. Mean over draws (min in brackets).",
+        "",
+        "| method | own photos keep the label | held-out pancakes healthy | new base accuracy "
+        "| drop |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method in ("upgrade", "fresh"):
+        mine = [r for r in rows if r["method"] == method]
+
+        def stat(key: str, mine: list[dict[str, Any]] = mine) -> str:
+            values = [float(r[key]) for r in mine]
+            return f"{np.mean(values):.3f} ({np.min(values):.3f})"
+
+        drop = np.mean([float(r["drop_points"]) for r in mine])
+        lines.append(
+            f"| {method} | {stat('own_photos_with_label')} | {stat('held_out_with_label')} | "
+            f"{float(mine[0]['new_base_accuracy']):.3f} | {drop:+.2f} |"
+        )
+    out = args.out.with_name("upgrade.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def ours_model(store: ModelStore) -> Model:
+    """The current personalized head with its memory, as predict runs it."""
+    state = store.read_state()
+    base = load_base(store, state)
+    personal = load_personal(store, state)
+    assert personal is not None
+    meta = personal.meta
+    examples = load_examples(personal, ())
+    weights = load_weights(personal)
+    _, head = personal_graphs(base, meta.labels, weights, examples, meta.hyperparameters)
+    return Model(meta.labels, head, None)
 
 
 def write(
