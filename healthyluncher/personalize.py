@@ -582,17 +582,26 @@ def _reembed_not_possible(old: Examples, hp: Hyperparameters) -> Examples:
 
 
 def reset(store: ModelStore) -> ResetResult:
+    """Back to the pristine base. Works on a damaged models directory too: it is the way
+    out that every other error message points to."""
     with store.lock():
-        state = store.read_state()
-        personal = load_personal(store, state) if state.personal else None
-        removed = dict(personal.meta.examples_per_label) if personal else {}
+        try:
+            state = store.read_state()
+        except LuncherError:
+            state = store.recover_state()
+        try:
+            personal = load_personal(store, state) if state.personal else None
+            removed = dict(personal.meta.examples_per_label) if personal else {}
+        except LuncherError:  # a damaged personal copy: remove it all the same
+            personal, removed = None, {"(unreadable)": 0}
+        had_personal = state.personal is not None
         new_state = State(base=state.base, personal=None, history=[])
         store.write_state(new_state)
         cache_files = store.clear_cache() + store.remove_thumbnails()
         store.collect_garbage(new_state)
     return ResetResult(
         removed_examples=removed,
-        removed_model=personal is not None,
+        removed_model=had_personal,
         removed_cache_files=cache_files,
     )
 

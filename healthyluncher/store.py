@@ -185,6 +185,14 @@ class ModelStore:
             history=list(data.get("history") or []),
         )
 
+    def recover_state(self) -> State:
+        """A state naming the newest complete base, for a damaged state.json."""
+        bases = sorted(
+            (p for p in self.root.glob("base-*") if (p / Files.META).is_file()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        return State(base=bases[-1].name if bases else None)
+
     def write_state(self, state: State) -> None:
         try:
             write_json(self.root / STATE_FILE, state.to_json())

@@ -478,3 +478,21 @@ def test_sgd_optimizer_as_in_the_core_ml_example(run, pt_model, photos, models_d
     status = run("status", "--json").json_lines()[0]
     assert status["hyperparameters"]["optimizer"] == "sgd"
     assert status["hyperparameters"]["learning_rate"] == 0.05
+
+
+@pytest.mark.parametrize("damage", ["state", "personal meta"])
+def test_reset_repairs_a_damaged_models_directory(run, pt_model, photos, models_dir, damage):
+    assert run("make-updatable", pt_model).code == 0
+    base = probabilities(run, *photos["red"])
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    store = ModelStore(models_dir)
+    if damage == "state":
+        (models_dir / STATE_FILE).write_text("{ truncated")
+    else:
+        personal = store.personal_dir()
+        assert personal is not None
+        (personal / Files.META).write_text("not json")
+    one_line_error(run("predict", photos["red"][0]), "reset")
+    result = run("reset")
+    assert result.code == 0, result
+    assert probabilities(run, *photos["red"]) == base
