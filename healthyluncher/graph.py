@@ -438,7 +438,7 @@ def add_memory(
 
     def best_per_class(name: str, rows: np.ndarray, keep: np.ndarray) -> str:
         """(N, C): max similarity to the rows where keep[c, m] is true."""
-        unit = rows.reshape(len(rows), -1).astype(np.float32)
+        unit = rows.reshape(len(rows), -1).astype(np.float32)  # a copy: normalized below
         unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
         mask = np.where(keep, 0.0, -4.0).astype(np.float32)  # -4: below any similarity
         initializers.extend(

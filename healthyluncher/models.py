@@ -112,7 +112,7 @@ def load_examples(personal: Personal | None, sample_shape: tuple[int, ...]) -> E
         return Examples.empty(sample_shape)
     with np.load(personal.path / Files.EXAMPLES, allow_pickle=False) as data:
         return Examples(
-            inputs=data["inputs"].astype(np.float32),
+            inputs=data["inputs"].astype(np.float32, copy=False),
             owner=data["owner"].astype(np.int64),
             digests=tuple(str(d) for d in data["digests"]),
             labels=tuple(str(label) for label in data["labels"]),

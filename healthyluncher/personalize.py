@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -203,7 +204,7 @@ class Embedder:
             if fixed and count < fixed:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - count, axis=0)])
             parts.append(self._session.run(None, {meta.input_name: chunk})[0][:count])
-        return np.concatenate(parts).astype(np.float32)
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
     def _write_thumbnail(self, digest: str, image: Any) -> None:
         """Keep the photo at the size the model reads, so a new base can embed it again."""
@@ -244,7 +245,7 @@ class Embedder:
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
-            np.save(buffer, views.astype(np.float32))
+            np.save(buffer, views.astype(np.float32, copy=False))
             atomic_write_bytes(self._cache_file(digest), buffer.getvalue(), durable=False)
         except OSError:
             pass  # the cache is only a speed-up; a full disk must not fail the retrain
@@ -263,7 +264,9 @@ def merge_examples(old: Examples, new: list[tuple[str, np.ndarray]], label: str)
         np.full(len(views), len(kept) + i, np.int64) for i, (_, views) in enumerate(new)
     ]
     return Examples(
-        inputs=np.concatenate([kept.inputs, *(views for _, views in new)]).astype(np.float32),
+        inputs=np.concatenate([kept.inputs, *(views for _, views in new)]).astype(
+            np.float32, copy=False
+        ),
         owner=np.concatenate(owner),
         digests=kept.digests + tuple(d for d, _ in new),
         labels=kept.labels + (label,) * len(new),
@@ -292,7 +295,7 @@ def training_set(
         parts_x.append(replay[0])
         parts_y.append(replay[1])
         parts_w.append(np.ones(len(replay[0])))
-    x = np.concatenate(parts_x).astype(np.float32)
+    x = np.concatenate(parts_x).astype(np.float32, copy=False)
     y = np.concatenate(parts_y).astype(np.int64)
     w = np.concatenate(parts_w).astype(np.float64)
     for cls in np.unique(y):
@@ -308,7 +311,7 @@ def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray] | None:
     index = {label: i for i, label in enumerate(base.meta.labels)}
     with np.load(path, allow_pickle=False) as data:
         return (
-            data["inputs"].astype(np.float32),
+            data["inputs"].astype(np.float32, copy=False),
             np.array([index[str(label)] for label in data["labels"]], np.int64),
         )
 
@@ -340,6 +343,7 @@ def retrain(
     if not paths:
         raise LuncherError("no image files found in " + ", ".join(str(p) for p in inputs))
     ensure_base(store)
+    _import_training_in_background()
     with store.lock():
         state = store.read_state()
         base = load_base(store, state)
@@ -360,9 +364,11 @@ def retrain(
         old_examples = load_examples(personal, sample_shape)
         if len(old_examples) and len(old_examples.inputs) // len(old_examples) != hp.augment_views:
             old_examples = _reembed_not_possible(old_examples, hp)
-        examples = merge_examples(old_examples, [(d, v) for _, d, v in embedded], label)
         probe = np.stack([views[0] for _, _, views in embedded])
+        named = [(path, digest) for path, digest, _ in embedded]
         before = _current_probabilities(base, personal, old_examples, probe)
+        examples = merge_examples(old_examples, [(d, v) for _, d, v in embedded], label)
+        del embedded, old_examples  # the views live on in `examples` alone
         if label in old_labels:
             before_label = before[:, old_labels.index(label)]
         else:
@@ -373,7 +379,7 @@ def retrain(
     after_label = fitted.probe_probabilities[:, labels.index(label)]
     photos = tuple(
         TrainedPhoto(path, digest, float(b), float(a))
-        for (path, digest, _), b, a in zip(embedded, before_label, after_label, strict=True)
+        for (path, digest), b, a in zip(named, before_label, after_label, strict=True)
     )
     return RetrainResult(
         label=label,
@@ -383,9 +389,28 @@ def retrain(
         hyperparameters=hp,
         final_loss=fitted.final_loss,
         embedded=misses,
-        cached=len(embedded) - misses,
+        cached=len(named) - misses,
         new_label=label not in old_labels,
     )
+
+
+def _import_training_in_background() -> None:
+    """Import onnx and the training API while the photos are embedded.
+
+    Embedding spends its time in ONNX Runtime and Pillow, which release the GIL, so the
+    imports (about a fifth of a short retrain) overlap with it instead of adding to it.
+    """
+    import threading
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # the real import reports any problem
+            import onnx  # noqa: F401
+
+            from healthyluncher.ortapi import training
+
+            training()
+
+    threading.Thread(target=load, name="import-training", daemon=True).start()
 
 
 def rebuild_examples(
@@ -419,9 +444,9 @@ def rebuild_examples(
     return examples, missing
 
 
-# Rows of the nearest-neighbour memory at most: about 20 MB of float32 for the shipped
+# Rows of the nearest-neighbour memory at most: about 10 MB of float32 for the shipped
 # base's 1280-d head inputs. Past it, fewer augmented views per photo are remembered.
-MEMORY_ROWS = 4096
+MEMORY_ROWS = 2048
 
 
 def personal_graphs(
