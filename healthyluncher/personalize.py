@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -288,20 +287,19 @@ def training_set(
 
     index = {label: i for i, label in enumerate(labels)}
     views_per_photo = np.bincount(examples.owner, minlength=len(examples))
-    parts_x = [examples.inputs]
     parts_y = [np.array([index[examples.labels[o]] for o in examples.owner], np.int64)]
     parts_w = [hp.personal_weight / views_per_photo[examples.owner]]
+    extra = None
     if replay is not None and len(replay[0]):
-        parts_x.append(replay[0])
+        extra = replay[0]
         parts_y.append(replay[1])
         parts_w.append(np.ones(len(replay[0])))
-    x = np.concatenate(parts_x).astype(np.float32, copy=False)
     y = np.concatenate(parts_y).astype(np.int64)
     w = np.concatenate(parts_w).astype(np.float64)
     for cls in np.unique(y):
         mask = y == cls
         w[mask] /= w[mask].sum()
-    return TrainingSet(inputs=x, labels=y, weights=w)
+    return TrainingSet(inputs=examples.inputs, labels=y, weights=w, extra=extra)
 
 
 def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray] | None:
@@ -343,7 +341,6 @@ def retrain(
     if not paths:
         raise LuncherError("no image files found in " + ", ".join(str(p) for p in inputs))
     ensure_base(store)
-    _import_training_in_background()
     with store.lock():
         state = store.read_state()
         base = load_base(store, state)
@@ -392,25 +389,6 @@ def retrain(
         cached=len(named) - misses,
         new_label=label not in old_labels,
     )
-
-
-def _import_training_in_background() -> None:
-    """Import onnx and the training API while the photos are embedded.
-
-    Embedding spends its time in ONNX Runtime and Pillow, which release the GIL, so the
-    imports (about a fifth of a short retrain) overlap with it instead of adding to it.
-    """
-    import threading
-
-    def load() -> None:
-        with contextlib.suppress(Exception):  # the real import reports any problem
-            import onnx  # noqa: F401
-
-            from healthyluncher.ortapi import training
-
-            training()
-
-    threading.Thread(target=load, name="import-training", daemon=True).start()
 
 
 def rebuild_examples(

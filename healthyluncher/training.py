@@ -80,11 +80,30 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class TrainingSet:
-    """Cached inputs to the head with integer labels and per-example weights."""
+    """Cached inputs to the head with integer labels and per-example weights.
+
+    `extra` holds more inputs that follow `inputs` (the replay set), kept apart so that a
+    large set of personal examples is never copied just to be trained on.
+    """
 
     inputs: np.ndarray  # (N, *split_shape) float32
-    labels: np.ndarray  # (N,) int64
-    weights: np.ndarray  # (N,) float64, relative sampling weight
+    labels: np.ndarray  # (N + len(extra),) int64
+    weights: np.ndarray  # (N + len(extra),) float64, relative sampling weight
+    extra: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """The inputs at these indices, as one float32 batch."""
+        if self.extra is None:
+            return np.ascontiguousarray(self.inputs[idx], dtype=np.float32)
+        own = len(self.inputs)
+        batch = np.empty((len(idx), *self.inputs.shape[1:]), np.float32)
+        mine = idx < own
+        batch[mine] = self.inputs[idx[mine]]
+        batch[~mine] = self.extra[idx[~mine] - own]
+        return batch
 
 
 @dataclass
@@ -116,7 +135,7 @@ def train(
     proportional to their weight, so the loss itself stays ORT's plain cross-entropy.
     """
     _, api = training()
-    if len(data.inputs) == 0:
+    if len(data) == 0:
         raise LuncherError("nothing to train on")
     state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
     module = api.Module(
@@ -131,7 +150,7 @@ def train(
     module.train()
     rng = np.random.default_rng(hp.seed)
     batch = max(1, min(hp.batch_size, batch_limit or hp.batch_size))
-    n = len(data.inputs)
+    n = len(data)
     p = data.weights / data.weights.sum()
     loss_mean = float("nan")
     for epoch in range(hp.epochs):
@@ -139,7 +158,7 @@ def train(
         losses = []
         for start_at in range(0, n, batch):
             idx = order[start_at : start_at + batch]
-            loss = module(data.inputs[idx], data.labels[idx])
+            loss = module(data.take(idx), data.labels[idx])
             optimizer.step()
             module.lazy_reset_grad()
             losses.append(float(loss))
