@@ -69,13 +69,21 @@ class ImageFailure:
 
 
 def find_images(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given, and image files under directories (recursive, sorted)."""
+    """Files as given, and image files under directories (recursive, sorted).
+
+    Hidden files and directories are skipped: `luncher retrain --label x ~` must not
+    find the thumbnails in ~/.local/share/healthyluncher, nor a photo app's caches.
+    """
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
             found.extend(
                 sorted(
-                    p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    p
+                    for p in item.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(item).parts)
+                    and p.is_file()
                 )
             )
         else:

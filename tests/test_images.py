@@ -650,3 +650,16 @@ def test_predict_a_single_unreadable_photo(cli, tmp_path):
     assert stderr.splitlines() == [
         f"error: {tmp_path / 'nowhere.jpg'}: cannot read: No such file or directory"
     ]
+
+
+def test_find_images_skips_hidden_files_and_directories(tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+
+    for name in ("a.jpg", ".hidden.jpg", ".cache/b.jpg", "sub/.thumbs/c.png", "sub/d.png"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PILImage.new("RGB", (4, 4)).save(path)
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images([tmp_path])]
+    assert found == ["a.jpg", "sub/d.png"]
+    # Named explicitly, a hidden file is still read.
+    assert find_images([tmp_path / ".hidden.jpg"]) == [tmp_path / ".hidden.jpg"]
