@@ -155,6 +155,20 @@ def make_updatable(
             show_default=False,
         ),
     ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Quantize the frozen part to int8 (static, per-channel); needs --calibration.",
+        ),
+    ] = False,
+    calibration: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="A directory of photos to calibrate --int8 on (at most 200 are used).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Turn MODEL into a base whose last layers train on your photos.
 
@@ -180,6 +194,8 @@ def make_updatable(
         keep_personalization=_ask_to_keep(ctx)
         if keep_personalization is None
         else keep_personalization,
+        int8=int8,
+        calibration=calibration,
     )
     with _status(f"Making {model.name} updatable"):
         result = run(_store(ctx), model, options)
@@ -200,6 +216,8 @@ def make_updatable(
         f"input {meta.preprocessing.height}x{meta.preprocessing.width} "
         f"{meta.preprocessing.layout}; training from tensor {escape(meta.split_tensor)!r}."
     )
+    if meta.int8:
+        out.print(f"The frozen part is int8, calibrated on {meta.calibration_photos} photo(s).")
     if result.dropped_personalization:
         out.print("The previous personalization was removed.")
     if result.carried_over is not None:

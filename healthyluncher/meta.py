@@ -22,7 +22,9 @@ class BaseMeta:
 
     name: str
     source: str
-    sha256: str  # of the original model file
+    # Of the original model file; for an int8 base, of that file and its quantized frozen
+    # part, since its embeddings differ from the fp32 base's.
+    sha256: str
     created: str
     bundled: bool
     labels: tuple[str, ...]
@@ -39,6 +41,8 @@ class BaseMeta:
     hyperparameters: Hyperparameters
     head_batch_limit: int | None  # the head only runs on this batch size, if set
     replay_examples: int = 0
+    int8: bool = False  # the frozen part is quantized (static QDQ, per-channel int8)
+    calibration_photos: int = 0  # photos its int8 ranges were calibrated on
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +66,8 @@ class BaseMeta:
             "hyperparameters": self.hyperparameters.to_json(),
             "head_batch_limit": self.head_batch_limit,
             "replay_examples": self.replay_examples,
+            "int8": self.int8,
+            "calibration_photos": self.calibration_photos,
         }
 
     @classmethod
@@ -86,6 +92,8 @@ class BaseMeta:
             hyperparameters=Hyperparameters.from_json(data["hyperparameters"]),
             head_batch_limit=data.get("head_batch_limit"),
             replay_examples=int(data.get("replay_examples", 0)),
+            int8=bool(data.get("int8", False)),
+            calibration_photos=int(data.get("calibration_photos", 0)),
         )
 
 

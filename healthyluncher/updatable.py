@@ -17,6 +17,7 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.meta import BaseMeta, LayerInfo
 from healthyluncher.models import BUNDLED_REPLAY, bundled_model
 from healthyluncher.ortapi import inference_session
+from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
 from healthyluncher.store import Files, ModelStore, State
 from healthyluncher.training import generate_artifacts
 
@@ -34,6 +35,10 @@ class UpdatableOptions:
     # With a personalization present: carry it over to the new base (True), drop it
     # (False), or refuse unless --force (None).
     keep_personalization: bool | None = None
+    # Quantize the frozen part to int8 (static, per-channel), calibrated on the photos in
+    # `calibration`. Opt-in: see results/int8.md for what it gains and costs.
+    int8: bool = False
+    calibration: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,13 @@ def make_updatable(
     *,
     bundled: bool = False,
 ) -> UpdatableResult:
+    if options.int8 and options.calibration is None:
+        raise LuncherError(
+            "--int8 needs --calibration DIR: photos like the ones you will classify, "
+            "to measure the ranges of the int8 activations"
+        )
+    if options.calibration is not None and not options.int8:
+        raise LuncherError("--calibration is only used with --int8")
     with store.lock():
         state = store.read_state()
         keep = bool(options.keep_personalization) and state.personal is not None
@@ -130,6 +142,7 @@ def _build(
     switch: bool = True,
 ) -> UpdatableResult:
     """Write a new base directory; with `switch`, make it current (without personalization)."""
+    photos = calibration_photos(options.calibration) if options.calibration else []
     raw = _read(model_path)
     model = graph.load_model(model_path)
     graph.normalize_versions(model)
@@ -152,13 +165,25 @@ def _build(
     full_session = inference_session(model_bytes)
     sample = _dummy_input(analysis, prep)
     full_session.run(None, {analysis.input.name: sample})
+    frozen = cut.frozen
+    identity = hashlib.sha256(raw)
+    quantized: QuantizedBase | None = None
+    if options.int8:
+        assert options.calibration is not None
+        quantized = quantize_base(model, cut, analysis, prep, photos, options.calibration)
+        frozen = quantized.frozen
+        model_bytes = quantized.model.SerializeToString()
+        inference_session(model_bytes).run(None, {analysis.input.name: sample})
+        # The int8 base embeds photos differently from the fp32 base of the same file, so
+        # its identity (the cache of embeddings, backups) covers the quantized part too.
+        identity.update(frozen.SerializeToString())
 
     with store.staging() as staged:
         (staged / Files.MODEL).write_bytes(model_bytes)
         head_bytes = cut.head.SerializeToString()
         (staged / Files.HEAD).write_bytes(head_bytes)
-        if cut.frozen is not None:
-            frozen_bytes = cut.frozen.SerializeToString()
+        if frozen is not None:
+            frozen_bytes = frozen.SerializeToString()
             (staged / Files.FROZEN).write_bytes(frozen_bytes)
             split_sample = inference_session(frozen_bytes).run(None, {analysis.input.name: sample})[
                 0
@@ -178,7 +203,7 @@ def _build(
         meta = BaseMeta(
             name=model_path.stem,
             source="bundled" if bundled else str(model_path.resolve()),
-            sha256=hashlib.sha256(raw).hexdigest(),
+            sha256=identity.hexdigest(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             bundled=bundled,
             labels=labels,
@@ -188,13 +213,15 @@ def _build(
             output_name=analysis.output_name,
             output_is_probability=analysis.output_is_probability,
             split_tensor=cut.split_tensor,
-            has_frozen_part=cut.frozen is not None,
+            has_frozen_part=frozen is not None,
             trainable_layers=options.trainable_layers,
             trainable_params=cut.trainable_params,
             layers=layer_infos,
             hyperparameters=options.hyperparameters,
             head_batch_limit=head_batch_limit,
             replay_examples=replay_count,
+            int8=quantized is not None,
+            calibration_photos=quantized.calibration_photos if quantized else 0,
         )
         from healthyluncher.store import write_json
 

@@ -1,0 +1,245 @@
+"""make-updatable --int8: the frozen part quantized (static QDQ) and joined with the fp32 head."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from healthyluncher import graph
+from healthyluncher.config import Preprocessing
+from healthyluncher.errors import LuncherError
+from healthyluncher.images import LoadedImage, find_images, load_many
+
+# MinMax calibration keeps each activation's extreme values: a couple of hundred photos
+# cover them, and every further photo only adds decoding time.
+MAX_CALIBRATION_PHOTOS = 200
+# Photos per calibration run when the batch is dynamic. MinMax reduces over the batch
+# too, so batching changes no range; it only keeps both cores busy.
+CALIBRATION_BATCH = 16
+# Per-channel int8 weights need DequantizeLinear's `axis` attribute, new in opset 13.
+MIN_OPSET = 13
+
+
+@dataclass(frozen=True)
+class QuantizedBase:
+    frozen: onnx.ModelProto  # image -> split tensor, int8 QDQ: what embeds photos
+    model: onnx.ModelProto  # that frozen part, then the fp32 head: what predict runs
+    calibration_photos: int  # photos read and used for calibration
+
+
+def calibration_photos(directory: Path) -> list[Path]:
+    """Up to MAX_CALIBRATION_PHOTOS image files under `directory`, spread evenly over its
+    sorted listing so that every subfolder (a class, a dish) has its share."""
+    if not directory.is_dir():
+        raise LuncherError(f"--calibration {directory}: not a directory of photos")
+    found = find_images([directory])
+    if not found:
+        raise LuncherError(f"--calibration {directory}: no image files in it")
+    if len(found) > MAX_CALIBRATION_PHOTOS:
+        step = len(found) / MAX_CALIBRATION_PHOTOS
+        found = [found[int(i * step)] for i in range(MAX_CALIBRATION_PHOTOS)]
+    return found
+
+
+def quantize_base(
+    model: onnx.ModelProto,
+    cut: graph.Split,
+    analysis: graph.Analysis,
+    prep: Preprocessing,
+    photos: list[Path],
+    directory: Path,
+) -> QuantizedBase:
+    """Quantize `cut.frozen` calibrated on `photos` (read from `directory`) and join it
+    with everything after the split, whose weights keep their names and stay float32."""
+    if cut.frozen is None:
+        raise LuncherError(
+            "--int8 quantizes the frozen part, but every layer of this model trains; "
+            "choose a smaller --trainable-layers"
+        )
+    opset = graph.default_opset(model)
+    if opset < MIN_OPSET:
+        raise LuncherError(
+            f"--int8 needs ONNX opset {MIN_OPSET} or later (per-channel int8 weights); "
+            f"this model uses opset {opset}"
+        )
+    reader = _CalibrationReader(photos, prep, analysis.input.name, analysis.input.batch)
+    if reader.used == 0:
+        raise LuncherError(
+            f"--calibration {directory}: none of its {len(photos)} image files could be read"
+        )
+    with tempfile.TemporaryDirectory(prefix="luncher-int8-") as tmp:
+        frozen = _quantize(cut.frozen, Path(tmp), reader)
+    joined = _join(model, frozen, cut.split_tensor, analysis.input.name)
+    return QuantizedBase(frozen=frozen, model=joined, calibration_photos=reader.used)
+
+
+class _CalibrationReader:
+    """Feeds batches of preprocessed photos to quantize_static; unreadable ones are skipped.
+
+    The first batch is read on construction, so that a directory without one readable
+    photo is refused before quantization starts.
+    """
+
+    def __init__(
+        self, photos: list[Path], prep: Preprocessing, input_name: str, fixed_batch: int | None
+    ) -> None:
+        self._input = input_name
+        self._fixed = fixed_batch
+        self._size = fixed_batch or CALIBRATION_BATCH
+        self._loaded: Iterator[LoadedImage] = (
+            item for item in load_many(photos, prep) if isinstance(item, LoadedImage)
+        )
+        self.used = 0
+        self._ahead: np.ndarray | None = self._read_batch()
+
+    def _read_batch(self) -> np.ndarray | None:
+        arrays = [item.array for item in itertools.islice(self._loaded, self._size)]
+        if not arrays:
+            return None
+        self.used += len(arrays)
+        if self._fixed and len(arrays) < self._fixed:
+            # A model exported for one batch size: repeat the last photo, which moves no
+            # minimum or maximum.
+            arrays += [arrays[-1]] * (self._fixed - len(arrays))
+        return np.stack(arrays)  # (N, C, H, W) or (N, H, W, C) float32
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = self._ahead if self._ahead is not None else self._read_batch()
+        self._ahead = None
+        return None if batch is None else {self._input: batch}
+
+
+def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -> onnx.ModelProto:
+    """Static QDQ: uint8 activations with MinMax ranges, int8 per-channel weights (the
+    variant measured in bench-results/quantize.md)."""
+    from healthyluncher.ortapi import runtime
+
+    runtime()  # onnxruntime without its training probe, before the quantizer imports it
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    source, prepared, target = work / "frozen.onnx", work / "prepared.onnx", work / "int8.onnx"
+    # By path: quant_pre_process given a ModelProto mistakes small initializers for
+    # external data.
+    onnx.save(frozen, str(source))
+    try:
+        with _quantizer_logging_silenced():
+            # Shape inference and ORT's basic graph optimizations (batch norms folded into
+            # convolutions), so that more of the graph quantizes.
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared),
+                str(target),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+        quantized = onnx.load(str(target))
+    except LuncherError:
+        raise
+    except Exception as exc:  # the quantizer raises anything from ValueError to ORT's Fail
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise LuncherError(f"cannot quantize the frozen part to int8: {reason}") from exc
+    if quantized.ir_version > graph.MAX_IR_VERSION:
+        quantized.ir_version = graph.MAX_IR_VERSION
+    return quantized
+
+
+@contextlib.contextmanager
+def _quantizer_logging_silenced() -> Iterator[None]:
+    """The quantizer logs advice through the root logger, which would reach the terminal;
+    what matters to the user arrives as an exception."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _join(
+    model: onnx.ModelProto, frozen: onnx.ModelProto, split_tensor: str, input_name: str
+) -> onnx.ModelProto:
+    """`model` with everything before `split_tensor` replaced by `frozen`.
+
+    What follows the split (the head, a Softmax) is copied unchanged, so its weights keep
+    their names and dtypes for `graph.write_back`, `grow_classes` and `add_memory`. Names
+    inside `frozen` that the rest also uses are renamed on the frozen side.
+    """
+    output = model.graph.output[0].name
+    inferred = onnx.shape_inference.infer_shapes(model)
+    tail = onnx.utils.Extractor(inferred).extract_model([split_tensor], [output]).graph
+    available = {split_tensor} | {t.name for t in tail.initializer}
+    for node in tail.node:
+        missing = [name for name in node.input if name and name not in available]
+        if missing:
+            raise LuncherError(
+                f"cannot join the int8 frozen part with the head: {node.op_type} after the "
+                f"split also reads {missing[0]!r}"
+            )
+        available.update(node.output)
+    taken = available - {split_tensor}
+    _rename_clashes(frozen.graph, taken, keep={split_tensor, input_name})
+    taken_nodes = {node.name for node in tail.node if node.name}
+    for node in frozen.graph.node:
+        if node.name in taken_nodes:
+            node.name = f"{node.name}/int8"
+
+    joined = onnx.ModelProto()
+    joined.CopyFrom(model)  # IR version, opsets, metadata (labels, preprocessing)
+    target = joined.graph
+    del target.node[:]
+    del target.initializer[:]
+    del target.value_info[:]
+    del target.input[:]
+    target.input.extend(i for i in model.graph.input if i.name == input_name)
+    target.node.extend(frozen.graph.node)
+    target.node.extend(tail.node)
+    target.initializer.extend(frozen.graph.initializer)
+    target.initializer.extend(tail.initializer)
+    domains = {entry.domain for entry in joined.opset_import}
+    used = {node.domain for node in frozen.graph.node}
+    for entry in frozen.opset_import:
+        if entry.domain in used and entry.domain not in domains:
+            joined.opset_import.append(entry)
+    return joined
+
+
+def _rename_clashes(part: onnx.GraphProto, taken: set[str], keep: set[str]) -> None:
+    """Rename tensors of `part` that are in `taken` (all but those in `keep`)."""
+    names = {t.name for t in part.initializer} | {o for n in part.node for o in n.output}
+    renamed = {name: _fresh(name, taken | names) for name in names & taken - keep}
+    if not renamed:
+        return
+    for tensor in part.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for node in part.node:
+        for field in (node.input, node.output):
+            names_now = [renamed.get(name, name) for name in field]
+            del field[:]
+            field.extend(names_now)
+
+
+def _fresh(name: str, used: set[str]) -> str:
+    for index in itertools.count(1):
+        candidate = f"{name}/int8_{index}"
+        if candidate not in used:
+            return candidate
+    raise AssertionError("unreachable")  # pragma: no cover
