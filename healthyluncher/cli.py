@@ -43,6 +43,12 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]: the models directory was not changed")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`luncher predict --json photos/ | head`): stop quietly,
+            # and keep Python from complaining while it flushes stdout on exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except Exception as exc:

@@ -44,6 +44,13 @@ class BaseMeta:
     int8: bool = False  # the frozen part is quantized (static QDQ, per-channel int8)
     calibration_photos: int = 0  # photos its int8 ranges were calibrated on
 
+    @property
+    def embedding_key(self) -> str:
+        """What the cached head inputs depend on: the model and where it is cut."""
+        import hashlib
+
+        return hashlib.sha256(f"{self.sha256}:{self.split_tensor}".encode()).hexdigest()
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": 1,

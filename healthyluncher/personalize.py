@@ -102,7 +102,7 @@ class Embedder:
         self.base = base
         self.views = max(1, views)
         self.store = store
-        self.cache = store.cache_dir(base.meta.sha256)
+        self.cache = store.cache_dir(base.meta.embedding_key)
         self._session: Any = None
 
     def _cache_file(self, digest: str) -> Path:
@@ -665,7 +665,7 @@ def forget(
             raise LuncherError("none of these photos are among your examples")
         remaining = select_examples(examples, keep)
         store.remove_thumbnails(digests)
-        for path in store.cache_dir(base.meta.sha256).glob("*.npy"):
+        for path in store.cache_dir(base.meta.embedding_key).glob("*.npy"):
             if path.name.split(".")[0] in digests:
                 path.unlink(missing_ok=True)
         if len(remaining) == 0:

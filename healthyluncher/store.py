@@ -271,8 +271,9 @@ class ModelStore:
                 count += 1
         return count
 
-    def cache_dir(self, base_sha256: str) -> Path:
-        return self.root / "cache" / base_sha256[:16]
+    def cache_dir(self, key: str) -> Path:
+        """Cached head inputs for one base and cut (`BaseMeta.embedding_key`)."""
+        return self.root / "cache" / key[:16]
 
     def clear_cache(self) -> int:
         cache = self.root / "cache"

@@ -86,3 +86,14 @@ def test_upgrade_reports_examples_without_thumbnails(
         one_line_error(result, "thumbnail")
     else:
         assert result.code == 0 and f"{missing} example(s) had no thumbnail" in result.stdout
+
+
+def test_upgrade_to_the_same_model_with_another_cut(run, pt_model, photos):
+    """The cached head inputs belong to one cut: a new cut must embed the photos again."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
+    result = run("make-updatable", pt_model, "--trainable-layers", "2", "--keep-personalization")
+    assert result.code == 0, result
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    rows = run("predict", "--json", *photos["red"]).json_lines()
+    assert [r["label"] for r in rows] == ["fast_food"] * 3
