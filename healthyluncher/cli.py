@@ -585,7 +585,8 @@ def status(
     out.print(f"[bold]models directory[/bold]  {escape(str(result.models_dir))}")
     out.print(
         f"[bold]base[/bold]              {escape(result.base_name)} "
-        f"(sha256 {result.base_sha256[:12]}, {escape(result.base_source)})"
+        f"(sha256 {result.base_sha256[:12]}, {escape(result.base_source)}"
+        f"{', int8 frozen part' if result.int8 else ''})"
     )
     out.print(f"[bold]labels[/bold]            {', '.join(map(escape, result.labels))}")
     out.print(f"[bold]predicting with[/bold]   the {result.predicting_with} model")

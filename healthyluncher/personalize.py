@@ -82,6 +82,7 @@ class Status:
     replay_examples: int = 0
     undo_steps: int = 0
     disk_bytes: int = 0  # everything in the models directory
+    int8: bool = False  # the frozen part is quantized
 
 
 # -- embedding ---------------------------------------------------------------------------
@@ -731,6 +732,7 @@ def status(store: ModelStore) -> Status:
         trainable_layers=base.meta.trainable_layers,
         replay_examples=base.meta.replay_examples,
         undo_steps=len(state.history),
+        int8=base.meta.int8,
         disk_bytes=sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file()),
     )
 
