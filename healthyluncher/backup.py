@@ -550,6 +550,8 @@ def _load_npz(archive: Path, path: Path, load: Callable[[], T]) -> T:
         return load()
     except _Refused:
         raise
+    except LuncherError:
+        raise _refuse(archive, f"{name} is damaged") from None
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise _refuse(archive, f"{name} is damaged ({type(exc).__name__}: {exc})") from None
 

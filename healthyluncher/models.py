@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -110,13 +111,17 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
 def load_examples(personal: Personal | None, sample_shape: tuple[int, ...]) -> Examples:
     if personal is None:
         return Examples.empty(sample_shape)
-    with np.load(personal.path / Files.EXAMPLES, allow_pickle=False) as data:
-        return Examples(
-            inputs=data["inputs"].astype(np.float32, copy=False),
-            owner=data["owner"].astype(np.int64),
-            digests=tuple(str(d) for d in data["digests"]),
-            labels=tuple(str(label) for label in data["labels"]),
-        )
+    path = personal.path / Files.EXAMPLES
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return Examples(
+                inputs=data["inputs"].astype(np.float32, copy=False),
+                owner=data["owner"].astype(np.int64),
+                digests=tuple(str(d) for d in data["digests"]),
+                labels=tuple(str(label) for label in data["labels"]),
+            )
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise LuncherError(f"{path} is damaged ({exc}); run 'luncher reset'") from None
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:

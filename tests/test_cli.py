@@ -496,3 +496,14 @@ def test_reset_repairs_a_damaged_models_directory(run, pt_model, photos, models_
     result = run("reset")
     assert result.code == 0, result
     assert probabilities(run, *photos["red"]) == base
+
+
+def test_damaged_examples_are_a_clear_error(run, pt_model, photos, models_dir):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    personal = ModelStore(models_dir).personal_dir()
+    assert personal is not None
+    (personal / Files.EXAMPLES).write_bytes(b"PK\x03\x04 torn")
+    one_line_error(run("retrain", "--label", "healthy", *photos["green"]), "damaged", "reset")
+    assert run("reset").code == 0
+    assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
