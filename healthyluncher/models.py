@@ -143,5 +143,9 @@ def save_examples(examples: Examples, path: Path) -> None:
 
 
 def load_weights(personal: Personal) -> dict[str, np.ndarray]:
-    with np.load(personal.path / Files.WEIGHTS, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    path = personal.path / Files.WEIGHTS
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise LuncherError(f"{path} is damaged ({exc}); run 'luncher reset'") from None
