@@ -46,6 +46,20 @@ def runtime() -> ModuleType:
     return module
 
 
+def training_api() -> Any:
+    """onnxruntime.training.api alone (Module, Optimizer, CheckpointState): what a retrain
+    needs, without the artifact generator's imports."""
+    runtime()
+    if "onnxruntime.training" not in sys.modules:
+        raise LuncherError(
+            "the ONNX Runtime training API is missing: install onnxruntime-training-cpu "
+            "and uninstall plain onnxruntime (both own the onnxruntime/ directory)"
+        )
+    from onnxruntime.training import api
+
+    return api
+
+
 def training() -> tuple[Any, Any]:
     """Return (artifacts, api) from onnxruntime.training without importing torch."""
     runtime()

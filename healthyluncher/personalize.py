@@ -476,8 +476,9 @@ def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray
     """The views to remember and their class indices: every photo's own view first, then
     augmented views while they fit in MEMORY_ROWS."""
     first = np.unique(examples.owner, return_index=True)[1]
-    rest = np.setdiff1d(np.arange(len(examples.owner)), first)
-    chosen = np.concatenate([first, rest])[:MEMORY_ROWS]
+    rest = np.ones(len(examples.owner), bool)
+    rest[first] = False
+    chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
     classes = np.array([labels.index(examples.labels[o]) for o in examples.owner[chosen]])
     return examples.inputs[chosen], classes.astype(np.int64)
 

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from healthyluncher.config import Hyperparameters
 from healthyluncher.errors import LuncherError
 from healthyluncher.graph import MAX_IR_VERSION
-from healthyluncher.ortapi import inference_session, training
+from healthyluncher.ortapi import inference_session, training, training_api
 
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
@@ -116,7 +116,7 @@ class TrainedHead:
     _module: Any  # keeps the state's owner alive while the checkpoint is saved
 
     def save_checkpoint(self, target: Path) -> None:
-        _, api = training()
+        api = training_api()
         api.CheckpointState.save_checkpoint(self._state, str(target), include_optimizer_state=False)
 
 
@@ -134,7 +134,7 @@ def train(
     Weights are honoured by sampling: each epoch draws N examples with probability
     proportional to their weight, so the loss itself stays ORT's plain cross-entropy.
     """
-    _, api = training()
+    api = training_api()
     if len(data) == 0:
         raise LuncherError("nothing to train on")
     state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
@@ -172,7 +172,7 @@ def train(
 def save_checkpoint_with(artifact_dir: Path, params: dict[str, np.ndarray], target: Path) -> None:
     """Write a checkpoint of the head in `artifact_dir` holding `params` (restored weights,
     not trained ones), without training."""
-    _, api = training()
+    api = training_api()
     state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
     # As in `train`: parameters can only be assigned once a Module holds the state (before,
     # ORT 1.19 crashes with a segmentation fault), and the Module must outlive the save.
