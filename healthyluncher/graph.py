@@ -303,11 +303,6 @@ def _make_batch_dynamic(head: onnx.ModelProto) -> None:
     del head.graph.value_info[:]
 
 
-def initializer_arrays(model: onnx.ModelProto, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    by_name = {t.name: t for t in model.graph.initializer}
-    return {name: numpy_helper.to_array(by_name[name]) for name in names}
-
-
 def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> None:
     """Replace initializers in place by name; shapes must match, dtypes are kept."""
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}

@@ -736,7 +736,3 @@ def status(store: ModelStore) -> Status:
         int8=base.meta.int8,
         disk_bytes=sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file()),
     )
-
-
-def personal_or_none(store: ModelStore) -> Personal | None:
-    return load_personal(store, store.read_state())
