@@ -410,6 +410,9 @@ def retrain(
 @contextmanager
 def _progress() -> Iterator[Any]:
     """A progress callback drawing rich bars on stderr (silent when not a terminal)."""
+    if not err.is_terminal:
+        yield None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     bars = Progress(

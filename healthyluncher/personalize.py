@@ -297,7 +297,7 @@ def training_set(
         parts_w.append(np.ones(len(replay[0])))
     y = np.concatenate(parts_y).astype(np.int64)
     w = np.concatenate(parts_w).astype(np.float64)
-    for cls in np.unique(y):
+    for cls in np.flatnonzero(np.bincount(y)):  # not np.unique: it imports numpy.ma
         mask = y == cls
         w[mask] /= w[mask].sum()
     return TrainingSet(inputs=examples.inputs, labels=y, weights=w, extra=extra)
@@ -475,8 +475,10 @@ def personal_graphs(
 def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The views to remember and their class indices: every photo's own view first, then
     augmented views while they fit in MEMORY_ROWS."""
-    first = np.unique(examples.owner, return_index=True)[1]
-    rest = np.ones(len(examples.owner), bool)
+    owner = examples.owner
+    first = np.full(len(examples), len(owner))
+    np.minimum.at(first, owner, np.arange(len(owner)))  # each photo's first view
+    rest = np.ones(len(owner), bool)
     rest[first] = False
     chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
     classes = np.array([labels.index(examples.labels[o]) for o in examples.owner[chosen]])
