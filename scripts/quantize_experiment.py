@@ -17,8 +17,8 @@ Measured for each variant against fp32, in the same process and interleaved:
 
 Usage (from the repository root)::
 
-    /work/venv/bin/python scripts/quantize_experiment.py
-    /work/venv/bin/python scripts/quantize_experiment.py --model models/healthyluncher-base.onnx
+    .venv/bin/python scripts/quantize_experiment.py
+    .venv/bin/python scripts/quantize_experiment.py --model models/healthyluncher-base.onnx
 
 Writes bench-results/quantize.md and bench-results/quantize.json (see --out).
 """
@@ -42,10 +42,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = (
-    REPO / "models" / "healthyluncher-base.onnx",
-    Path("/work/build/base_untrained.onnx"),
-)
+DEFAULT_MODEL = REPO / "models" / "healthyluncher-base.onnx"
 DEFAULT_PHOTOS = REPO.parent / "shared" / "food"
 DEFAULT_OUT = REPO / "bench-results" / "quantize"
 LABELS = ("healthy", "fast_food")
@@ -233,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="Timing rounds.")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Output path, no suffix.")
     args = parser.parse_args(argv)
-    model = args.model or next((p for p in DEFAULT_MODELS if p.is_file()), DEFAULT_MODELS[-1])
+    model = args.model or DEFAULT_MODEL
     photos = photos_under(args.photos, args.limit)
     if not photos:
         raise SystemExit(f"no photos under {args.photos}/healthy or fast_food")
