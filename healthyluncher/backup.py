@@ -667,7 +667,7 @@ def _restore(store: ModelStore, state: State, base: Base, backup: Backup) -> Imp
     )
     if not fits:
         raise _refuse(backup.archive, f"its examples have shape {found}, not the head's {expected}")
-    from healthyluncher.personalize import personal_graphs
+    from healthyluncher.personalize import personal_graphs, write_model
 
     extra = len(labels) - len(base_labels)
     grown = extra > 0
@@ -679,7 +679,6 @@ def _restore(store: ModelStore, state: State, base: Base, backup: Backup) -> Imp
         )
     except LuncherError as exc:
         raise _refuse(backup.archive, f"its weights do not fit this base ({exc})") from None
-    model_bytes = model.SerializeToString()
     meta = replace(backup.meta, examples_per_label=backup.examples.per_label())
 
     published: Path | None = None
@@ -694,7 +693,7 @@ def _restore(store: ModelStore, state: State, base: Base, backup: Backup) -> Imp
                 generate_artifacts(
                     head, base.meta.trainable_params, meta.hyperparameters.optimizer, artifact_dir
                 )
-            (staged / Files.MODEL).write_bytes(model_bytes)
+            write_model(model, base, staged)
             shutil.copyfile(backup.directory / Files.WEIGHTS, staged / Files.WEIGHTS)
             save_checkpoint_with(artifact_dir, backup.weights, staged / Files.CHECKPOINT)
             shutil.copyfile(backup.directory / Files.EXAMPLES, staged / Files.EXAMPLES)

@@ -318,6 +318,62 @@ def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> None:
         )
 
 
+# Initializers at least this large go to the weights file; smaller ones stay in the graph.
+EXTERNAL_THRESHOLD = 512
+# Large tensors start on a page boundary in the weights file, as onnx.save places them.
+PAGE = 4096
+
+
+def externalize(models: list[onnx.ModelProto], keep: set[str], location: str) -> bytes:
+    """Move the large initializers of `models`, except those named in `keep`, into one
+    external data file called `location` (next to the models); returns that file's bytes.
+
+    Initializers with one name and the same values in several models (the full model and
+    its frozen part) are stored once. What stays in the graphs is a small skeleton: the
+    personalized copy rewrites only that, and links the weights file.
+    """
+    from onnx.external_data_helper import set_external_data, uses_external_data
+
+    data = bytearray()
+    placed: dict[str, tuple[int, bytes]] = {}
+    for model in models:
+        for tensor in model.graph.initializer:
+            if tensor.name in keep or uses_external_data(tensor):
+                continue
+            if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+                continue
+            if not tensor.HasField("raw_data"):
+                if _size(tensor) * 4 < EXTERNAL_THRESHOLD:
+                    continue
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+            raw = tensor.raw_data
+            if len(raw) < EXTERNAL_THRESHOLD:
+                continue
+            if tensor.name in placed and placed[tensor.name][1] == raw:
+                offset = placed[tensor.name][0]
+            else:
+                if len(raw) >= PAGE:
+                    data.extend(bytes(-len(data) % PAGE))
+                offset = len(data)
+                data.extend(raw)
+                placed[tensor.name] = (offset, raw)
+            set_external_data(tensor, location, offset=offset, length=len(raw))
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+    return bytes(data)
+
+
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    """The external data files the model's initializers name (relative to the model)."""
+    found = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    found.add(entry.value)
+    return found
+
+
 def metadata_labels(metadata: dict[str, str]) -> list[str] | None:
     for key in ("labels", "classes", "class_names"):
         raw = metadata.get(key)

@@ -41,7 +41,8 @@ def runtime() -> ModuleType:
         raise LuncherError(
             "onnxruntime is not installed: pip install onnxruntime-training-cpu"
         ) from exc
-    onnxruntime.set_default_logger_severity(3)
+    # Fatal only: errors come back as exceptions, which are reported in one line.
+    onnxruntime.set_default_logger_severity(4)
     module: ModuleType = onnxruntime
     return module
 
@@ -78,7 +79,7 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     ort = runtime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     # Idle ORT threads spin by default, taking the cores the decoding threads need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(model) if isinstance(model, Path) else model

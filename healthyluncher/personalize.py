@@ -434,30 +434,38 @@ def personal_graphs(
     params: dict[str, np.ndarray],
     examples: Examples,
     hp: Hyperparameters,
+    *,
+    with_model: bool = True,
 ) -> tuple[Any, Any]:
-    """(the full inference model, the head for scoring) with these weights and memory.
+    """(the full inference model, the head for scoring) with these weights and memory;
+    without `with_model`, (None, the head).
 
     Labels beyond the base's grow the last layer first; the memory of the user's examples
-    goes in front of the logits of both, so `predict` and the retrain summary agree.
+    goes in front of the logits of both, so `predict` and the retrain summary agree. The
+    full model is read without its external weights file: write it with `write_model`.
     """
     import onnx
 
     from healthyluncher import graph
 
-    model = onnx.load(str(base.path / Files.MODEL))
     head = onnx.load(str(base.path / Files.HEAD))
+    targets = [head]
+    model = None
+    if with_model:
+        model = onnx.load(str(base.path / Files.MODEL), load_external_data=False)
+        targets.append(model)
     logits = head.graph.output[0].name
     extra = len(labels) - len(base.meta.labels)
     if extra > 0:
         axes = graph.class_axes(head, len(base.meta.labels))
-        graph.grow_classes(head, axes, extra)
-        graph.grow_classes(model, axes, extra)
-    graph.write_back(model, params)
-    graph.write_back(head, params)
+        for target in targets:
+            graph.grow_classes(target, axes, extra)
+    for target in targets:
+        graph.write_back(target, params)
     if hp.memory_strength > 0 and len(examples) > 0:
         rows, classes = memory_rows(examples, labels)
         replay = load_replay(base)
-        for target in (model, head):
+        for target in targets:
             graph.add_memory(
                 target,
                 base.meta.split_tensor,
@@ -470,6 +478,28 @@ def personal_graphs(
                 replay,
             )
     return model, head
+
+
+def write_model(model: Any, base: Base, directory: Path) -> None:
+    """Write a personalized model.onnx into `directory`, with a copy of the base's file of
+    large frozen weights beside it: only the small graph is serialized on each retrain.
+    (A copy, not a hard link: onnx.load refuses external data with several links.)"""
+    import shutil
+
+    from healthyluncher import graph
+
+    for location in graph.external_locations(model):
+        if Path(location).name != location:
+            raise LuncherError(f"the base model names an unexpected weights file {location!r}")
+        source = base.path / location
+        try:
+            shutil.copyfile(source, directory / location)
+        except FileNotFoundError:
+            raise LuncherError(
+                f"the base model's weights file is missing ({source}); "
+                "run `luncher make-updatable` again"
+            ) from None
+    (directory / Files.MODEL).write_bytes(model.SerializeToString())
 
 
 def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -495,7 +525,7 @@ def _current_probabilities(
         return HeadRunner(base.path / Files.HEAD).probabilities(inputs)
     meta = personal.meta
     _, head = personal_graphs(
-        base, meta.labels, load_weights(personal), examples, meta.hyperparameters
+        base, meta.labels, load_weights(personal), examples, meta.hyperparameters, with_model=False
     )
     return HeadRunner(head).probabilities(inputs)
 
@@ -548,7 +578,7 @@ def fit_and_publish(
             artifact_dir, data, hp, batch_limit=base.meta.head_batch_limit, on_epoch=on_epoch
         )
         model, scoring_head = personal_graphs(base, labels, trained.params, examples, hp)
-        (staged / Files.MODEL).write_bytes(model.SerializeToString())
+        write_model(model, base, staged)
         save_arrays(staged / Files.WEIGHTS, trained.params)
         trained.save_checkpoint(staged / Files.CHECKPOINT)
         save_examples(examples, staged / Files.EXAMPLES)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from healthyluncher.errors import LuncherError
 from healthyluncher.images import ImageFailure, LoadedImage, find_images, load_many
 from healthyluncher.models import ensure_base, load_base, load_personal
 from healthyluncher.ortapi import inference_session
@@ -47,7 +48,15 @@ class Predictor:
         self._input = base.meta.input_name
         self._softmax = not base.meta.output_is_probability
         self._fixed_batch = base.meta.input_batch
-        self._session = inference_session(self.model.path)
+        try:
+            self._session = inference_session(self.model.path)
+        except LuncherError as exc:
+            if not self.model.personalized:
+                raise
+            raise LuncherError(
+                f"the personalized model in {self.model.path.parent} is damaged ({exc}); "
+                "run `luncher undo` to go back one step, or `luncher reset`"
+            ) from None
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, *input) float32 -> (N, classes) float64 probabilities."""

@@ -45,6 +45,7 @@ class Files:
     """Names of the files inside base and personal directories."""
 
     MODEL = "model.onnx"
+    MODEL_DATA = "model.data"  # the large frozen weights of model.onnx and frozen.onnx
     FROZEN = "frozen.onnx"
     HEAD = "head.onnx"
     ARTIFACTS = "artifacts"

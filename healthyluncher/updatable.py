@@ -179,17 +179,21 @@ def _build(
         identity.update(frozen.SerializeToString())
 
     with store.staging() as staged:
-        (staged / Files.MODEL).write_bytes(model_bytes)
         head_bytes = cut.head.SerializeToString()
         (staged / Files.HEAD).write_bytes(head_bytes)
+        split_sample = sample
         if frozen is not None:
-            frozen_bytes = frozen.SerializeToString()
-            (staged / Files.FROZEN).write_bytes(frozen_bytes)
-            split_sample = inference_session(frozen_bytes).run(None, {analysis.input.name: sample})[
-                0
-            ]
-        else:
-            split_sample = sample
+            session = inference_session(frozen.SerializeToString())
+            split_sample = session.run(None, {analysis.input.name: sample})[0]
+        # The large frozen weights go to one file shared by model.onnx and frozen.onnx:
+        # a retrain then rewrites a small model.onnx and links this file.
+        full = quantized.model if quantized is not None else model
+        parts = [full] if frozen is None else [full, frozen]
+        data = graph.externalize(parts, set(cut.trainable_params), Files.MODEL_DATA)
+        (staged / Files.MODEL_DATA).write_bytes(data)
+        (staged / Files.MODEL).write_bytes(full.SerializeToString())
+        if frozen is not None:
+            (staged / Files.FROZEN).write_bytes(frozen.SerializeToString())
         head_batch_limit = _head_batch_limit(head_bytes, split_sample)
         generate_artifacts(
             cut.head,

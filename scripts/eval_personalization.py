@@ -104,18 +104,9 @@ def accuracy(predicted: list[str], truth: list[str]) -> float:
     return float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
 
 
-def ours(
-    store: ModelStore, label: str, train_photos: list[Path], hp: Hyperparameters | None
-) -> Model:
+def ours(store: ModelStore, label: str, train_photos: list[Path], views: int | None) -> Model:
     reset(store)
-    retrain(
-        store,
-        label,
-        train_photos,
-        epochs=hp.epochs if hp else None,
-        learning_rate=hp.learning_rate if hp else None,
-        augment_views=hp.augment_views if hp else None,
-    )
+    retrain(store, label, train_photos, augment_views=views)
     return ours_model(store)
 
 
@@ -163,6 +154,9 @@ def main() -> None:
     parser.add_argument("--naive-lr", type=float, default=0.01)
     parser.add_argument("--skip-dishes", action="store_true", help="only the upgrade part")
     parser.add_argument("--skip-upgrade", action="store_true", help="only the dishes part")
+    parser.add_argument(
+        "--views", type=int, default=None, help="augmented views for ours (default: the base's)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "scripts"))
     started = time.perf_counter()
@@ -209,7 +203,7 @@ def main() -> None:
                 for _ in range(args.draws):
                     chosen = [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
                     if method == "ours":
-                        model = ours(store, label, chosen, None)
+                        model = ours(store, label, chosen, args.views)
                         check_against_predict(store, model, base, held[:8], held_feats[:8])
                     else:
                         model = naive(store, base, label, chosen, args.naive_epochs, args.naive_lr)
@@ -369,7 +363,9 @@ def write(
     lines = [
         "# Personalization: our retrain beside a naive Core ML-style update",
         "",
-        f"Produced by `python scripts/eval_personalization.py --draws {args.draws}` "
+        f"Produced by `python scripts/eval_personalization.py --draws {args.draws}"
+        + (f" --views {args.views}" if args.views else "")
+        + "` "
         f"(naive: {args.naive_epochs} epochs at learning rate {args.naive_lr}) "
         f"in {elapsed:.0f} s. Base accuracy on its {n_test} held-out photos: {base_acc:.3f}.",
         f"Each row averages {args.draws} random draws of K training photos from one half of the "

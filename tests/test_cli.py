@@ -480,18 +480,47 @@ def test_sgd_optimizer_as_in_the_core_ml_example(run, pt_model, photos, models_d
     assert status["hyperparameters"]["learning_rate"] == 0.05
 
 
-@pytest.mark.parametrize("damage", ["state", "personal meta"])
+def test_a_retrain_rewrites_the_small_graph_and_copies_the_frozen_weights(
+    run, pt_model, photos, models_dir
+):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    store = ModelStore(models_dir)
+    base, personal = store.base_dir(store.read_state()), store.personal_dir()
+    assert base is not None and personal is not None
+    data = (personal / Files.MODEL_DATA).read_bytes()
+    assert data == (base / Files.MODEL_DATA).read_bytes() and len(data) > 800
+    skeleton = onnx.load(str(personal / Files.MODEL), load_external_data=False)
+    external = [t.name for t in skeleton.graph.initializer if t.data_location == 1]
+    assert "conv1.weight" in external and "fc.weight" not in external
+    # The linked weights are the base's: the personalized model differs only in the head.
+    full = onnx.load(str(personal / Files.MODEL))
+    original = onnx.load(str(pt_model))
+    weights = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer}
+    for tensor in original.graph.initializer:
+        if not tensor.name.startswith("fc."):
+            np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
+
+
+@pytest.mark.parametrize(
+    "damage", ["state", "personal meta", "personal model", "personal weights file"]
+)
 def test_reset_repairs_a_damaged_models_directory(run, pt_model, photos, models_dir, damage):
     assert run("make-updatable", pt_model).code == 0
     base = probabilities(run, *photos["red"])
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
     store = ModelStore(models_dir)
+    personal = store.personal_dir()
+    assert personal is not None
     if damage == "state":
         (models_dir / STATE_FILE).write_text("{ truncated")
-    else:
-        personal = store.personal_dir()
-        assert personal is not None
+    elif damage == "personal meta":
         (personal / Files.META).write_text("not json")
+    elif damage == "personal model":
+        data = (personal / Files.MODEL).read_bytes()
+        (personal / Files.MODEL).write_bytes(data[: len(data) // 2])
+    else:
+        (personal / Files.MODEL_DATA).unlink()
     one_line_error(run("predict", photos["red"][0]), "reset")
     result = run("reset")
     assert result.code == 0, result
