@@ -667,14 +667,14 @@ def _restore(store: ModelStore, state: State, base: Base, backup: Backup) -> Imp
     )
     if not fits:
         raise _refuse(backup.archive, f"its examples have shape {found}, not the head's {expected}")
-    from healthyluncher.personalize import personal_graphs, write_model
+    from healthyluncher.personalize import render_personal, write_model
 
     extra = len(labels) - len(base_labels)
     grown = extra > 0
     if grown:
         graph.grow_classes(head, graph.class_axes(head, len(base_labels)), extra)
     try:
-        model, _ = personal_graphs(
+        rendered = render_personal(
             base, labels, backup.weights, backup.examples, backup.meta.hyperparameters
         )
     except LuncherError as exc:
@@ -693,7 +693,7 @@ def _restore(store: ModelStore, state: State, base: Base, backup: Backup) -> Imp
                 generate_artifacts(
                     head, base.meta.trainable_params, meta.hyperparameters.optimizer, artifact_dir
                 )
-            write_model(model, base, staged)
+            write_model(rendered, base, staged)
             shutil.copyfile(backup.directory / Files.WEIGHTS, staged / Files.WEIGHTS)
             save_checkpoint_with(artifact_dir, backup.weights, staged / Files.CHECKPOINT)
             shutil.copyfile(backup.directory / Files.EXAMPLES, staged / Files.EXAMPLES)

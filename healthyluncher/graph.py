@@ -14,6 +14,7 @@ from onnx import TensorProto, numpy_helper
 
 from healthyluncher.config import Layout
 from healthyluncher.errors import LuncherError
+from healthyluncher.fastgraph import MEMORY_PREFIX, memory_tensors
 
 # ONNX Runtime 1.19 loads models up to IR version 10 and opset 21.
 MAX_IR_VERSION = 10
@@ -473,7 +474,7 @@ def add_memory(
     memory: (M, ...) head inputs; classes: (M,) class indices; replay: the same for the
     base's replay set, or None.
     """
-    prefix = "luncher_memory"
+    prefix = MEMORY_PREFIX
     make = onnx.helper.make_node
     opset = default_opset(model)
     initializers = [
@@ -489,12 +490,10 @@ def add_memory(
 
     def best_per_class(name: str, rows: np.ndarray, keep: np.ndarray) -> str:
         """(N, C): max similarity to the rows where keep[c, m] is true."""
-        unit = rows.reshape(len(rows), -1).astype(np.float32)  # a copy: normalized below
-        unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
-        mask = np.where(keep, 0.0, -4.0).astype(np.float32)  # -4: below any similarity
+        unit, mask = memory_tensors(rows, keep)
         initializers.extend(
             [
-                numpy_helper.from_array(unit.T.copy(), f"{prefix}/{name}_rows"),
+                numpy_helper.from_array(unit, f"{prefix}/{name}_rows"),
                 numpy_helper.from_array(mask, f"{prefix}/{name}_mask"),
             ]
         )

@@ -480,15 +480,58 @@ def personal_graphs(
     return model, head
 
 
-def write_model(model: Any, base: Base, directory: Path) -> None:
+@dataclass(frozen=True)
+class PersonalModel:
+    """A personalized copy's models, serialized."""
+
+    model: bytes | None  # the full inference model (external weights named in `locations`)
+    head: bytes  # the head with the memory, for scoring head inputs
+    locations: tuple[str, ...]
+
+
+def render_personal(
+    base: Base,
+    labels: tuple[str, ...],
+    params: dict[str, np.ndarray],
+    examples: Examples,
+    hp: Hyperparameters,
+    *,
+    with_model: bool = True,
+) -> PersonalModel:
+    """The personalized models for these weights and examples: from the base's template
+    when it fits (no onnx import), else built with onnx by `personal_graphs`."""
+    from healthyluncher import fastgraph
+
+    template = None
+    if hp.memory_strength > 0 and len(examples) > 0:
+        template = fastgraph.load(base.path / Files.TEMPLATE)
+    if template is not None and template.num_classes == len(labels):
+        rows, classes = memory_rows(examples, labels)
+        tensors = dict(params)
+        tensors.update(
+            fastgraph.personal_memory(
+                rows, classes, len(labels), hp.memory_threshold, hp.memory_strength
+            )
+        )
+        model_bytes, head_bytes = template.render(tensors)
+        return PersonalModel(model_bytes if with_model else None, head_bytes, template.locations)
+    from healthyluncher import graph
+
+    model, head = personal_graphs(base, labels, params, examples, hp, with_model=with_model)
+    if model is None:
+        return PersonalModel(None, head.SerializeToString(), ())
+    locations = tuple(sorted(graph.external_locations(model)))
+    return PersonalModel(model.SerializeToString(), head.SerializeToString(), locations)
+
+
+def write_model(personal: PersonalModel, base: Base, directory: Path) -> None:
     """Write a personalized model.onnx into `directory`, with a copy of the base's file of
     large frozen weights beside it: only the small graph is serialized on each retrain.
     (A copy, not a hard link: onnx.load refuses external data with several links.)"""
     import shutil
 
-    from healthyluncher import graph
-
-    for location in graph.external_locations(model):
+    assert personal.model is not None
+    for location in personal.locations:
         if Path(location).name != location:
             raise LuncherError(f"the base model names an unexpected weights file {location!r}")
         source = base.path / location
@@ -499,7 +542,7 @@ def write_model(model: Any, base: Base, directory: Path) -> None:
                 f"the base model's weights file is missing ({source}); "
                 "run `luncher make-updatable` again"
             ) from None
-    (directory / Files.MODEL).write_bytes(model.SerializeToString())
+    (directory / Files.MODEL).write_bytes(personal.model)
 
 
 def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -524,10 +567,10 @@ def _current_probabilities(
     if personal is None:
         return HeadRunner(base.path / Files.HEAD).probabilities(inputs)
     meta = personal.meta
-    _, head = personal_graphs(
+    rendered = render_personal(
         base, meta.labels, load_weights(personal), examples, meta.hyperparameters, with_model=False
     )
-    return HeadRunner(head).probabilities(inputs)
+    return HeadRunner(rendered.head).probabilities(inputs)
 
 
 @dataclass(frozen=True)
@@ -553,9 +596,6 @@ def fit_and_publish(
     Labels beyond the base's grow the head: old classes keep their weights, the new ones
     start at zero, and training artifacts for the grown head are generated with the copy.
     """
-    import onnx
-
-    from healthyluncher import graph
     from healthyluncher.training import HeadRunner, generate_artifacts, train
 
     data = training_set(examples, load_replay(base), labels, hp)
@@ -564,6 +604,10 @@ def fit_and_publish(
         artifact_dir = base.path / Files.ARTIFACTS
         if extra > 0:
             # The grown head, without memory, is what trains from now on.
+            import onnx
+
+            from healthyluncher import graph
+
             head = onnx.load(str(base.path / Files.HEAD))
             graph.grow_classes(head, graph.class_axes(head, len(base.meta.labels)), extra)
             onnx.save(head, str(staged / Files.HEAD))
@@ -577,8 +621,8 @@ def fit_and_publish(
         trained = train(
             artifact_dir, data, hp, batch_limit=base.meta.head_batch_limit, on_epoch=on_epoch
         )
-        model, scoring_head = personal_graphs(base, labels, trained.params, examples, hp)
-        write_model(model, base, staged)
+        rendered = render_personal(base, labels, trained.params, examples, hp)
+        write_model(rendered, base, staged)
         save_arrays(staged / Files.WEIGHTS, trained.params)
         trained.save_checkpoint(staged / Files.CHECKPOINT)
         save_examples(examples, staged / Files.EXAMPLES)
@@ -595,7 +639,7 @@ def fit_and_publish(
         write_json(staged / Files.META, meta.to_json())
         probs = np.zeros((0, len(labels)))
         if probe is not None:
-            probs = HeadRunner(scoring_head).probabilities(probe)
+            probs = HeadRunner(rendered.head).probabilities(probe)
         name = store.publish_dir(staged, "personal")
     history = [state.personal or "", *state.history][:HISTORY_LIMIT]
     new_state = State(base=state.base, personal=name, history=history)

@@ -48,6 +48,7 @@ class Files:
     MODEL_DATA = "model.data"  # the large frozen weights of model.onnx and frozen.onnx
     FROZEN = "frozen.onnx"
     HEAD = "head.onnx"
+    TEMPLATE = "personal.template"  # see fastgraph.py
     ARTIFACTS = "artifacts"
     META = "meta.json"
     REPLAY = "replay.npz"

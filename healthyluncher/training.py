@@ -12,12 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from healthyluncher.config import Hyperparameters
 from healthyluncher.errors import LuncherError
-from healthyluncher.graph import MAX_IR_VERSION
 from healthyluncher.ortapi import inference_session, training, training_api
 
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
@@ -27,9 +24,13 @@ EpochCallback = Callable[[int, int, float], None]
 
 
 def generate_artifacts(
-    head: onnx.ModelProto, trainable: tuple[str, ...], optimizer: str, directory: Path
+    head: Any, trainable: tuple[str, ...], optimizer: str, directory: Path
 ) -> None:
     """Write training, eval and optimizer models and the checkpoint for the head alone."""
+    import onnx
+
+    from healthyluncher.graph import MAX_IR_VERSION
+
     artifacts, _ = training()
     directory.mkdir(parents=True, exist_ok=True)
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
@@ -192,16 +193,29 @@ class HeadRunner:
     """Runs the head (split tensor -> logits) with given weights, for before/after scores."""
 
     def __init__(
-        self, head: Path | onnx.ModelProto, params: dict[str, np.ndarray] | None = None
+        self, head: Path | bytes | Any, params: dict[str, np.ndarray] | None = None
     ) -> None:
-        model = onnx.load(str(head)) if isinstance(head, Path) else head
+        """`head`: a file, serialized model bytes, or an onnx.ModelProto; `params` replace
+        the named weights (this needs onnx)."""
+        source: Path | bytes
         if params:
+            import onnx
+            from onnx import numpy_helper
+
+            model = onnx.load(str(head)) if isinstance(head, Path) else head
+            if isinstance(model, bytes):
+                model = onnx.load_from_string(model)
             index = {t.name: i for i, t in enumerate(model.graph.initializer)}
             for name, value in params.items():
                 model.graph.initializer[index[name]].CopyFrom(
                     numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
                 )
-        self._session = inference_session(model.SerializeToString(), threads=1)
+            source = model.SerializeToString()
+        elif isinstance(head, (Path, bytes)):
+            source = head
+        else:
+            source = head.SerializeToString()
+        self._session = inference_session(source, threads=1)
         self._input = self._session.get_inputs()[0].name
 
     def probabilities(self, inputs: np.ndarray, batch: int = 256) -> np.ndarray:

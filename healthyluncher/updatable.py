@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from healthyluncher import graph
+from healthyluncher import fastgraph, graph
 from healthyluncher.config import Hyperparameters, Preprocessing
 from healthyluncher.errors import LuncherError
 from healthyluncher.meta import BaseMeta, LayerInfo
@@ -227,8 +227,15 @@ def _build(
             int8=quantized is not None,
             calibration_photos=quantized.calibration_photos if quantized else 0,
         )
+        from healthyluncher.models import Base
+        from healthyluncher.personalize import load_replay
         from healthyluncher.store import write_json
 
+        replay = load_replay(Base(staged, meta))
+        template = fastgraph.build(
+            full, cut.head, cut.trainable_params, cut.split_tensor, len(labels), replay
+        )
+        template.save(staged / Files.TEMPLATE)
         write_json(staged / Files.META, meta.to_json())
         name = store.publish_dir(staged, "base")
     if not switch:
