@@ -519,6 +519,7 @@ def _load_meta(archive: Path, path: Path) -> PersonalMeta:
             and hp.learning_rate > 0
             and hp.batch_size >= 1
             and hp.augment_views >= 1
+            and hp.view_budget >= 0
             and hp.personal_weight > 0
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

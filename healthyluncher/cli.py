@@ -343,7 +343,11 @@ def retrain(
     ] = None,
     views: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(min=1, help="Augmented views per photo; 1 turns augmentation off."),
+        typer.Option(
+            min=1,
+            help="Augmented views per photo; 1 turns augmentation off. Default: up to 8 "
+            "for a few photos, 1 from 16 photos on.",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -380,6 +384,7 @@ def retrain(
                 "skipped": [{"path": str(f.path), "error": f.error} for f in result.failures],
                 "examples_per_label": result.examples_per_label,
                 "final_loss": round(result.final_loss, 6),
+                "views_per_photo": result.views,
                 "hyperparameters": result.hyperparameters.to_json(),
             }
         )
@@ -401,7 +406,8 @@ def retrain(
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
         out.print(
             f"Trained {result.hyperparameters.epochs} epochs on your examples ({counts}); "
-            f"{result.cached} photo(s) came from the cache."
+            f"{result.views} view(s) per new photo; {result.cached} photo(s) came from the "
+            "cache."
         )
     if result.failures:
         raise typer.Exit(1)
@@ -604,8 +610,14 @@ def status(
         out.print(
             f"[bold]last retrain[/bold]      {result.last_retrain} ({result.retrains} in all; "
             f"{hp['epochs']} epochs, lr {hp['learning_rate']}, {hp['optimizer']}, "
-            f"{hp['augment_views']} views)"
+            f"{_views_setting(hp)})"
         )
+
+
+def _views_setting(hp: dict[str, Any]) -> str:
+    if hp.get("view_budget", 0) > 0:
+        return f"up to {hp['augment_views']} views per photo, {hp['view_budget']} per retrain"
+    return f"{hp['augment_views']} views per photo"
 
 
 def main() -> None:

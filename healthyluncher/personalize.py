@@ -56,6 +56,7 @@ class RetrainResult:
     final_loss: float
     embedded: int  # photos that ran through the frozen part (cache misses)
     cached: int  # photos whose head inputs came from the cache
+    views: int = 1  # views per photo in this retrain
     new_label: bool = False  # the label was added to the model by this retrain
 
 
@@ -158,6 +159,8 @@ class Embedder:
                     flush()  # keep input order
                     results.append((item.path, item.digest, item.array))
                 else:
+                    # Load the frozen part now, while the other photos decode.
+                    self._ensure_session()
                     pending.append((item.path, item.digest, item.array))
                     if len(pending) * self.views >= FROZEN_BATCH:
                         flush()
@@ -187,14 +190,17 @@ class Embedder:
             message = str(exc)
             return ImageFailure(path, message if str(path) in message else f"{path}: {message}")
 
+    def _ensure_session(self) -> None:
+        if self._session is None and self.base.meta.has_frozen_part:
+            from healthyluncher.ortapi import inference_session
+
+            self._session = inference_session(self.base.path / Files.FROZEN)
+
     def _run_frozen(self, batch: np.ndarray) -> np.ndarray:
         meta = self.base.meta
         if not meta.has_frozen_part:
             return batch
-        if self._session is None:
-            from healthyluncher.ortapi import inference_session
-
-            self._session = inference_session(self.base.path / Files.FROZEN)
+        self._ensure_session()
         fixed = meta.input_batch
         step = fixed or FROZEN_BATCH
         parts = []
@@ -350,18 +356,22 @@ def retrain(
         labels = old_labels if label in old_labels else (*old_labels, label)
         settings = personal.meta.hyperparameters if personal else base.meta.hyperparameters
         hp = settings.replace(
-            epochs=epochs, learning_rate=learning_rate, augment_views=augment_views
+            epochs=epochs,
+            learning_rate=learning_rate,
+            augment_views=augment_views,
+            view_budget=0 if augment_views is not None else None,  # --views N: exactly N
         )
-        embedder = Embedder(store, base, hp.augment_views)
+        views = hp.views_for(len(paths))
+        embedder = Embedder(store, base, views)
         embedded, failures, misses = embedder.embed(paths, progress)
         if not embedded:
             raise LuncherError(
                 "none of the photos could be read: " + "; ".join(f.error for f in failures)
             )
         sample_shape = embedded[0][2].shape[1:]
+        # Earlier photos keep the views they were embedded with: training weighs photos,
+        # not views.
         old_examples = load_examples(personal, sample_shape)
-        if len(old_examples) and len(old_examples.inputs) // len(old_examples) != hp.augment_views:
-            old_examples = _reembed_not_possible(old_examples, hp)
         probe = np.stack([views[0] for _, _, views in embedded])
         named = [(path, digest) for path, digest, _ in embedded]
         before = _current_probabilities(base, personal, old_examples, probe)
@@ -388,6 +398,7 @@ def retrain(
         final_loss=fitted.final_loss,
         embedded=misses,
         cached=len(named) - misses,
+        views=views,
         new_label=label not in old_labels,
     )
 
@@ -404,7 +415,7 @@ def rebuild_examples(
     many photos could not be carried over (thumbnail missing or unreadable)."""
     pairs = zip(digests, labels, strict=True)
     found = [(d, label) for d, label in pairs if store.thumbnail(d).is_file()]
-    embedder = Embedder(store, base, hp.augment_views)
+    embedder = Embedder(store, base, hp.views_for(len(found)))
     embedded, _, _ = embedder.embed(
         [store.thumbnail(d) for d, _ in found], progress, digests=[d for d, _ in found]
     )
@@ -646,20 +657,6 @@ def fit_and_publish(
     store.write_state(new_state)
     store.collect_garbage(new_state)
     return Fitted(final_loss=trained.final_loss, probe_probabilities=probs)
-
-
-def _reembed_not_possible(old: Examples, hp: Hyperparameters) -> Examples:
-    """Earlier examples stored with another number of views: keep their first view only
-    when asking for one view, else repeat what there is (the cache has no photo to redo)."""
-    if len(old) == 0:
-        return old
-    inputs, owner = [], []
-    for i in range(len(old)):
-        views = old.inputs[old.owner == i]
-        take = np.resize(np.arange(len(views)), hp.augment_views)
-        inputs.append(views[take])
-        owner.append(np.full(len(take), i, np.int64))
-    return Examples(np.concatenate(inputs), np.concatenate(owner), old.digests, old.labels)
 
 
 def reset(store: ModelStore) -> ResetResult:

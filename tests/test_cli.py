@@ -536,3 +536,28 @@ def test_damaged_examples_are_a_clear_error(run, pt_model, photos, models_dir):
     one_line_error(run("retrain", "--label", "healthy", *photos["green"]), "damaged", "reset")
     assert run("reset").code == 0
     assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
+
+
+def test_views_follow_the_budget_and_photos_keep_the_views_they_got(
+    run, pt_model, photos, models_dir
+):
+    assert run("make-updatable", pt_model).code == 0
+    few = run("retrain", "--label", "fast_food", "--json", *photos["red"])
+    assert few.code == 0, few
+    assert few.json_lines()[0]["views_per_photo"] == 5  # 16 views for 3 photos
+    exact = run("retrain", "--label", "healthy", "--views", "2", "--json", photos["green"][0])
+    assert exact.code == 0, exact
+    assert exact.json_lines()[0]["views_per_photo"] == 2
+    store = ModelStore(models_dir)
+    personal = store.personal_dir()
+    assert personal is not None
+    with np.load(personal / Files.EXAMPLES) as data:
+        per_photo = np.bincount(data["owner"]).tolist()
+    assert per_photo == [5, 5, 5, 2]
+    # --views is remembered like --epochs: the next retrain gives exactly 2 again.
+    again = run("retrain", "--label", "healthy", "--json", *photos["green"][1:])
+    assert again.json_lines()[0]["views_per_photo"] == 2
+    assert "2 views per photo" in run("status").stdout
+    after = probabilities(run, *photos["red"], *photos["green"])
+    assert all(after[str(p)]["fast_food"] > 0.5 for p in photos["red"]), after
+    assert all(after[str(p)]["healthy"] > 0.5 for p in photos["green"]), after

@@ -166,3 +166,20 @@ def test_memory_yields_to_closer_base_examples_of_another_label(head):
     near_base = (e[0] + 0.2 * e[1])[None]  # closer to the replayed class-0 example
     assert session.run(None, {"x": near_user})[0].argmax() == 1
     assert session.run(None, {"x": near_base})[0].argmax() == 0
+
+
+def test_views_per_photo_shrink_as_photos_add_up():
+    hp = Hyperparameters()
+    assert [hp.views_for(n) for n in (1, 2, 3, 5, 8, 10, 16, 20, 1000)] == [
+        8,
+        8,
+        5,
+        3,
+        2,
+        1,
+        1,
+        1,
+        1,
+    ]
+    assert hp.replace(view_budget=0).views_for(20) == 8
+    assert hp.replace(augment_views=1).views_for(1) == 1
