@@ -31,9 +31,10 @@ from healthyluncher.store import HISTORY_LIMIT, Files, ModelStore, State, write_
 # (stage, done, total): stage is "embedding" or "training".
 ProgressCallback = Callable[[str, int, int], None]
 
-# Images (photos x views) per call of the frozen part: enough to keep both cores busy,
-# few enough that memory stays flat (128 at once peaked above 1 GB on the shipped base).
-FROZEN_BATCH = 16
+# Images (photos x views) per call of the frozen part: enough to keep both cores busy, few
+# enough that the first call starts while later photos still decode and that memory stays
+# flat (128 at once peaked above 1 GB on the shipped base).
+FROZEN_BATCH = 8
 # Bump when augmented_views changes, so cached views are not mixed with new ones.
 AUGMENT_VERSION = 2
 

@@ -643,6 +643,14 @@ class Bench:
         self.drop(models_dir)
         return {"retrain-20x10-views1": sample}
 
+    def retrain_views8(self) -> dict[str, Sample]:
+        """Every photo with 8 augmented views: what augmentation costs on top."""
+        models_dir = self.fresh_models_dir()
+        command = self.retrain("retrain-20x10-views8", self.photos.small, 10, "--views", "8")
+        sample = self.run("retrain-20x10-views8", command, self.env(models_dir))
+        self.drop(models_dir)
+        return {"retrain-20x10-views8": sample}
+
     def retrain_large(self) -> dict[str, Sample]:
         models_dir = self.fresh_models_dir()
         command = self.retrain("retrain-200x5", self.photos.large, 5)
@@ -651,9 +659,11 @@ class Bench:
         return {"retrain-200x5": sample}
 
     def retrain_huge(self) -> dict[str, Sample]:
-        """Default settings (epochs and views from the base) on ~1,000 photos: peak memory."""
+        """~1,000 photos at default epochs with 8 views each (the default would give them one
+        view each): the most memory a retrain of them can take."""
         models_dir = self.fresh_models_dir()
-        command = [self.luncher, "retrain", "--label", self.labels[0], str(self.photos.huge)]
+        command = [self.luncher, "retrain", "--label", self.labels[0], "--views", "8"]
+        command.append(str(self.photos.huge))
         sample = self.run("retrain-1000", command, self.env(models_dir))
         self.drop(models_dir)
         return {"retrain-1000": sample}
@@ -706,6 +716,7 @@ class Bench:
             ("floor-20", lambda: self.floor("floor-20", p.small)),
             ("retrain-20x10", self.retrain_small),
             ("retrain-20x10-views1", self.retrain_views1),
+            ("retrain-20x10-views8", self.retrain_views8),
             ("upstream-20x10", lambda: self.upstream_train("upstream-20x10", p.small, 10)),
             ("floor-200", lambda: self.floor("floor-200", p.large)),
             ("retrain-200x5", self.retrain_large),
@@ -737,7 +748,8 @@ def scenarios(sizes: Sizes) -> list[Scenario]:
         Scenario("floor-20", f"floor: the {s.retrain_small} retrain photos", "floor.py"),
         Scenario(
             "retrain-20x10",
-            f"retrain {s.retrain_small} new photos, 10 epochs, default views",
+            f"retrain {s.retrain_small} new photos, 10 epochs, default settings "
+            "(views: 16 per retrain, so 1 per photo here)",
             "luncher retrain --label L --epochs 10 DIR",
         ),
         Scenario(
@@ -749,6 +761,11 @@ def scenarios(sizes: Sizes) -> list[Scenario]:
             "retrain-20x10-views1",
             f"retrain {s.retrain_small} new photos, 10 epochs, augmentation off",
             "luncher retrain --label L --epochs 10 --views 1 DIR",
+        ),
+        Scenario(
+            "retrain-20x10-views8",
+            f"retrain {s.retrain_small} new photos, 10 epochs, 8 views per photo",
+            "luncher retrain --label L --epochs 10 --views 8 DIR",
         ),
         Scenario(
             "upstream-20x10",
@@ -768,8 +785,8 @@ def scenarios(sizes: Sizes) -> list[Scenario]:
         ),
         Scenario(
             "retrain-1000",
-            f"retrain {s.retrain_huge} new photos, default epochs and views",
-            "luncher retrain --label L DIR",
+            f"retrain {s.retrain_huge} new photos, default epochs, 8 views per photo",
+            "luncher retrain --label L --views 8 DIR",
         ),
         Scenario(
             "soak",
@@ -843,6 +860,20 @@ def targets(sizes: Sizes) -> list[Target]:
         ),
         Target("retrain 200x5 / floor for those photos", "retrain-200x5", "floor-200", 0, True),
         Target("retrain 20x10 / floor for those photos", "retrain-20x10", "floor-20", 0, True),
+        Target(
+            "retrain 20x10 --views 8 / --views 1 (augmentation's share)",
+            "retrain-20x10-views8",
+            "retrain-20x10-views1",
+            0,
+            True,
+        ),
+        Target(
+            "retrain 20x10 --views 8 / floor for those photos",
+            "retrain-20x10-views8",
+            "floor-20",
+            0,
+            True,
+        ),
     ]
 
 
