@@ -91,9 +91,26 @@ class Template:
         path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + b"".join(blobs))
 
 
+# The last template read, by (path, size, mtime): a retrain renders it twice (before and
+# after), and a base directory never changes once published.
+_last: dict[tuple[str, int, int], Template | None] = {}
+
+
 def load(path: Path) -> Template | None:
     """The template, or None when there is none or it is unreadable (the caller then builds
     the graphs with onnx: slower, same result)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    key = (str(path), info.st_size, info.st_mtime_ns)
+    if key not in _last:
+        _last.clear()
+        _last[key] = _read(path)
+    return _last[key]
+
+
+def _read(path: Path) -> Template | None:
     try:
         data = path.read_bytes()
         if not data.startswith(MAGIC):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -12,7 +13,6 @@ import numpy as np
 
 from healthyluncher.config import Hyperparameters
 from healthyluncher.errors import LuncherError
-from healthyluncher.images import ImageFailure, digest_of, find_images, read_bytes
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.models import (
     Base,
@@ -26,6 +26,7 @@ from healthyluncher.models import (
     save_arrays,
     save_examples,
 )
+from healthyluncher.photos import ImageFailure, digest_of, find_images, read_bytes
 from healthyluncher.store import HISTORY_LIMIT, Files, ModelStore, State, write_json
 
 # (stage, done, total): stage is "embedding" or "training".
@@ -172,8 +173,6 @@ class Embedder:
 
     def _prepare(self, path: Path, digest: str | None) -> _Prepared | ImageFailure:
         """Cached head inputs, or decoded augmented views ready for the frozen part."""
-        from healthyluncher.images import augmented_views, decode
-
         try:
             data = read_bytes(path)
             own_photo = digest is None
@@ -181,6 +180,8 @@ class Embedder:
             cached = self._read_cache(digest)
             if cached is not None and (not own_photo or self.store.thumbnail(digest).is_file()):
                 return _Prepared(path, digest, cached, cached=True)
+            from healthyluncher.images import augmented_views, decode  # Pillow: only now
+
             prep = self.base.meta.preprocessing
             image = decode(data, prep, name=str(path))
             if own_photo:
@@ -375,17 +376,16 @@ def retrain(
         old_examples = load_examples(personal, sample_shape)
         probe = np.stack([views[0] for _, _, views in embedded])
         named = [(path, digest) for path, digest, _ in embedded]
-        before = _current_probabilities(base, personal, old_examples, probe)
+        before = _current_probabilities(base, personal, old_examples, probe, named)
         examples = merge_examples(old_examples, [(d, v) for _, d, v in embedded], label)
         del embedded, old_examples  # the views live on in `examples` alone
         if label in old_labels:
             before_label = before[:, old_labels.index(label)]
         else:
             before_label = np.zeros(len(probe))  # the label did not exist yet
-        fitted = fit_and_publish(
-            store, state, base, labels, examples, hp, progress=progress, probe=probe
-        )
-    after_label = fitted.probe_probabilities[:, labels.index(label)]
+        fitted = fit_and_publish(store, state, base, labels, examples, hp, progress=progress)
+    after = np.stack([fitted.scores[digest] for _, digest in named])
+    after_label = after[:, labels.index(label)]
     photos = tuple(
         TrainedPhoto(path, digest, float(b), float(a))
         for (path, digest), b, a in zip(named, before_label, after_label, strict=True)
@@ -492,6 +492,37 @@ def personal_graphs(
     return model, head
 
 
+def _copy_weights_in_background(base: Base, directory: Path) -> Any:
+    """Copy (and fsync) the base's frozen weights file into a new copy while the head
+    trains: the GIL is free during both. A failure leaves nothing behind, and
+    `write_model` copies again and reports it."""
+    import os
+    import shutil
+    import threading
+
+    source, target = base.path / Files.MODEL_DATA, directory / Files.MODEL_DATA
+
+    def copy() -> None:
+        try:
+            shutil.copyfile(source, target)
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                target.unlink()
+
+    thread = threading.Thread(target=copy, name="copy-weights", daemon=True)
+    if source.is_file():
+        thread.start()
+    else:
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+    return thread
+
+
 @dataclass(frozen=True)
 class PersonalModel:
     """A personalized copy's models, serialized."""
@@ -546,9 +577,11 @@ def write_model(personal: PersonalModel, base: Base, directory: Path) -> None:
     for location in personal.locations:
         if Path(location).name != location:
             raise LuncherError(f"the base model names an unexpected weights file {location!r}")
-        source = base.path / location
+        source, target = base.path / location, directory / location
         try:
-            shutil.copyfile(source, directory / location)
+            if target.is_file() and target.stat().st_size == source.stat().st_size:
+                continue  # copied in the background while the head trained
+            shutil.copyfile(source, target)
         except FileNotFoundError:
             raise LuncherError(
                 f"the base model's weights file is missing ({source}); "
@@ -571,13 +604,22 @@ def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray
 
 
 def _current_probabilities(
-    base: Base, personal: Personal | None, examples: Examples, inputs: np.ndarray
+    base: Base,
+    personal: Personal | None,
+    examples: Examples,
+    inputs: np.ndarray,
+    named: Sequence[tuple[Path, str]],
 ) -> np.ndarray:
-    """What the current model (personalized or base) says about these head inputs."""
+    """What the current model (personalized or base) says about these head inputs (the
+    first views of the photos `named`). Photos the personalized copy already scored when it
+    was trained are looked up; the model runs only when some are new to it."""
     from healthyluncher.training import HeadRunner
 
     if personal is None:
         return HeadRunner(base.path / Files.HEAD).probabilities(inputs)
+    known = load_scores(personal)
+    if all(digest in known for _, digest in named):
+        return np.stack([known[digest] for _, digest in named])
     meta = personal.meta
     rendered = render_personal(
         base, meta.labels, load_weights(personal), examples, meta.hyperparameters, with_model=False
@@ -585,10 +627,33 @@ def _current_probabilities(
     return HeadRunner(rendered.head).probabilities(inputs)
 
 
+def load_scores(personal: Personal) -> dict[str, np.ndarray]:
+    """{digest: probabilities} saved with the copy; empty when missing or unreadable (the
+    scores are then computed again)."""
+    import zipfile
+
+    try:
+        with np.load(personal.path / Files.SCORES, allow_pickle=False) as data:
+            digests, probs = data["digests"], data["probabilities"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return {}
+    if probs.ndim != 2 or len(probs) != len(digests) or probs.shape[1] != len(personal.meta.labels):
+        return {}
+    return {str(d): p for d, p in zip(digests, probs, strict=True)}
+
+
+def first_views(examples: Examples) -> np.ndarray:
+    """Each photo's own (first) view: (photos, *sample_shape)."""
+    first = np.full(len(examples), len(examples.owner))
+    np.minimum.at(first, examples.owner, np.arange(len(examples.owner)))
+    views: np.ndarray = examples.inputs[first]
+    return views
+
+
 @dataclass(frozen=True)
 class Fitted:
     final_loss: float
-    probe_probabilities: np.ndarray  # (N, labels) for the probe inputs after training
+    scores: dict[str, np.ndarray]  # {digest: probabilities} of every example, after training
 
 
 def fit_and_publish(
@@ -600,7 +665,6 @@ def fit_and_publish(
     hp: Hyperparameters,
     *,
     progress: ProgressCallback | None = None,
-    probe: np.ndarray | None = None,
 ) -> Fitted:
     """Train the head from the base's weights on the examples plus replay, then publish a
     new personalized copy and switch to it (the caller holds the lock).
@@ -613,6 +677,7 @@ def fit_and_publish(
     data = training_set(examples, load_replay(base), labels, hp)
     extra = len(labels) - len(base.meta.labels)
     with store.staging() as staged:
+        copying = _copy_weights_in_background(base, staged)
         artifact_dir = base.path / Files.ARTIFACTS
         if extra > 0:
             # The grown head, without memory, is what trains from now on.
@@ -634,6 +699,7 @@ def fit_and_publish(
             artifact_dir, data, hp, batch_limit=base.meta.head_batch_limit, on_epoch=on_epoch
         )
         rendered = render_personal(base, labels, trained.params, examples, hp)
+        copying.join()
         write_model(rendered, base, staged)
         save_arrays(staged / Files.WEIGHTS, trained.params)
         trained.save_checkpoint(staged / Files.CHECKPOINT)
@@ -649,15 +715,20 @@ def fit_and_publish(
             final_loss=trained.final_loss,
         )
         write_json(staged / Files.META, meta.to_json())
-        probs = np.zeros((0, len(labels)))
-        if probe is not None:
-            probs = HeadRunner(rendered.head).probabilities(probe)
+        # What the new copy says about every example photo: the retrain's summary, and the
+        # "before" of the next retrain of these photos, without running the model again.
+        probs = HeadRunner(rendered.head).probabilities(first_views(examples))
+        save_arrays(
+            staged / Files.SCORES,
+            {"digests": np.array(examples.digests, dtype=np.str_), "probabilities": probs},
+        )
         name = store.publish_dir(staged, "personal")
     history = [state.personal or "", *state.history][:HISTORY_LIMIT]
     new_state = State(base=state.base, personal=name, history=history)
     store.write_state(new_state)
     store.collect_garbage(new_state)
-    return Fitted(final_loss=trained.final_loss, probe_probabilities=probs)
+    scores = dict(zip(examples.digests, probs, strict=True))
+    return Fitted(final_loss=trained.final_loss, scores=scores)
 
 
 def reset(store: ModelStore) -> ResetResult:

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.images import ImageFailure, LoadedImage, find_images, load_many
+from healthyluncher.images import LoadedImage, load_many
 from healthyluncher.models import ensure_base, load_base, load_personal
 from healthyluncher.ortapi import inference_session
+from healthyluncher.photos import ImageFailure, find_images
 from healthyluncher.store import Files, ModelStore
 
 # Photos per inference call: enough to keep both cores busy, small enough for flat memory.

@@ -16,7 +16,8 @@ import onnx
 from healthyluncher import graph
 from healthyluncher.config import Preprocessing
 from healthyluncher.errors import LuncherError
-from healthyluncher.images import LoadedImage, find_images, load_many
+from healthyluncher.images import LoadedImage, load_many
+from healthyluncher.photos import find_images
 
 # MinMax calibration keeps each activation's extreme values: a couple of hundred photos
 # cover them, and every further photo only adds decoding time.

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class Files:
     WEIGHTS = "weights.npz"
     CHECKPOINT = "checkpoint"
     EXAMPLES = "examples.npz"
+    SCORES = "scores.npz"  # what the personalized model says about each example photo
     THUMBNAILS = "thumbnails"
 
 
@@ -154,20 +156,47 @@ class ModelStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        from filelock import FileLock, Timeout
-
+        """One writer at a time: an advisory lock on the models directory's lock file
+        (flock, as the filelock package takes it on POSIX; filelock itself elsewhere)."""
         self.ensure_exists()
-        lock = FileLock(str(self.root / LOCK_FILE))
+        path = self.root / LOCK_FILE
+        busy = LuncherError(
+            f"another luncher process is changing {self.root}; try again when it is done"
+        )
         try:
-            lock.acquire(timeout=LOCK_TIMEOUT)
-        except Timeout:
-            raise LuncherError(
-                f"another luncher process is changing {self.root}; try again when it is done"
-            ) from None
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            from filelock import FileLock, Timeout
+
+            lock = FileLock(str(path))
+            try:
+                lock.acquire(timeout=LOCK_TIMEOUT)
+            except Timeout:
+                raise busy from None
+            try:
+                yield
+            finally:
+                lock.release()
+            return
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise busy from None
+                    time.sleep(0.05)
+                except OSError as exc:  # e.g. a filesystem without locks
+                    raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
             yield
         finally:
-            lock.release()
+            os.close(fd)  # closing the descriptor releases the lock
 
     # -- state -------------------------------------------------------------------------
 

@@ -138,9 +138,8 @@ def train(
     if len(data) == 0:
         raise LuncherError("nothing to train on")
     state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
-    module = api.Module(
-        str(artifact_dir / "training_model.onnx"), state, str(artifact_dir / "eval_model.onnx")
-    )
+    # No eval model: it is never run here, and loading it is one more session.
+    module = api.Module(str(artifact_dir / "training_model.onnx"), state)
     # Parameters can only be assigned once a Module holds the state (before, ORT 1.19
     # crashes with a segmentation fault).
     for name, value in (start or {}).items():

@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from healthyluncher import images
+from healthyluncher import photos as photo_files
 from healthyluncher.cli import app
 from healthyluncher.config import Preprocessing
 from healthyluncher.errors import LuncherError
@@ -327,11 +328,11 @@ def test_photos_up_to_max_pixels_are_not_called_too_large(size):
 
 def test_a_file_over_the_size_limit_is_not_read(tmp_path, monkeypatch):
     path = _file("big.png", PNG)(tmp_path)
-    monkeypatch.setattr(images, "MAX_FILE_BYTES", len(PNG) - 1)
+    monkeypatch.setattr(photo_files, "MAX_FILE_BYTES", len(PNG) - 1)
     with pytest.raises(LuncherError) as caught:
         load(path, NCHW)
     assert "too large" in assert_one_line_error(caught.value, path)
-    monkeypatch.setattr(images, "MAX_FILE_BYTES", len(PNG))
+    monkeypatch.setattr(photo_files, "MAX_FILE_BYTES", len(PNG))
     assert read_bytes(path) == PNG
 
 
