@@ -570,6 +570,11 @@ class Bench:
         return models_dir
 
     def setup(self) -> None:
+        # Measure the tool as `pip install` leaves it, with bytecode: an editable install
+        # under PYTHONDONTWRITEBYTECODE=1 would compile every module on every run.
+        where = "import healthyluncher, os; print(os.path.dirname(healthyluncher.__file__))"
+        package = check([self.python, "-c", where], self.env()).strip()
+        check([self.python, "-m", "compileall", "-q", package], self.env())
         models_dir = self.fresh_models_dir()
         status = json.loads(check([self.luncher, "status", "--json"], self.env(models_dir)))
         self.labels = list(status["labels"])
@@ -1025,7 +1030,8 @@ def markdown(report: dict[str, Any], sizes: Sizes) -> str:
         f"resize 256, crop 224, batches of {FLOOR_BATCH}. Upstream: ORT training artifacts over "
         "the whole graph (backbone frozen_params, last Gemm requires_grad), photos decoded "
         f"once, batch {UPSTREAM_BATCH}, AdamW lr {UPSTREAM_LR}, then "
-        "export_model_for_inferencing and a checkpoint.",
+        "export_model_for_inferencing and a checkpoint. luncher runs with its bytecode "
+        "compiled first (as `pip install` does). Commands print to a file, not a terminal.",
         "",
     ]
     return "\n".join(lines)
