@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -51,6 +52,57 @@ def escape(text: str) -> str:
     from rich.markup import escape as rich_escape
 
     return rich_escape(text)
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    right: bool = False  # numbers
+    style: str = ""  # rich style of every cell, at a terminal
+
+
+def print_table(title: str, columns: list[Column], rows: list[list[tuple[str, str]]]) -> None:
+    """A table: drawn by rich at a terminal; piped, plain columns separated by two spaces
+    (grep- and awk-friendly, and no rich import). Cells are (text, rich style or "")."""
+    if not sys.stdout.isatty():
+        widths = [
+            max([len(c.header)] + [len(row[i][0]) for row in rows]) for i, c in enumerate(columns)
+        ]
+
+        def line(cells: list[str]) -> str:
+            parts = [
+                cell.rjust(width) if column.right else cell.ljust(width)
+                for cell, width, column in zip(cells, widths, columns, strict=True)
+            ]
+            return "  ".join(parts).rstrip()
+
+        text = [title, line([c.header for c in columns])]
+        text += [line([cell for cell, _ in row]) for row in rows]
+        sys.stdout.write("\n".join(text) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(columns):
+        table.add_column(
+            column.header,
+            justify="right" if column.right else "left",
+            style=column.style or None,
+            overflow="fold" if index == 0 else "ellipsis",
+        )
+    for row in rows:
+        table.add_row(
+            *(
+                f"[{style}]{escape(cell)}[/{style}]" if style else escape(cell)
+                for cell, style in row
+            )
+        )
+    out.print(table)
+
+
+def say(text: str) -> None:
+    """A line of plain text (no markup) on stdout."""
+    sys.stdout.write(text + "\n")
 
 
 _debug_requested = False
@@ -231,17 +283,19 @@ def make_updatable(
     )
     with _status(f"Making {model.name} updatable"):
         result = run(_store(ctx), model, options)
-    from rich.table import Table
-
-    table = Table(title=f"Layers of {model.name}", title_justify="left")
-    table.add_column("layer")
-    table.add_column("op")
-    table.add_column("parameters", justify="right")
-    table.add_column("")
-    for layer in result.meta.layers:
-        state = "[green]trainable[/green]" if layer.trainable else "[dim]frozen[/dim]"
-        table.add_row(escape(layer.name), layer.op, f"{layer.params:,}", state)
-    out.print(table)
+    print_table(
+        f"Layers of {model.name}",
+        [Column("layer"), Column("op"), Column("parameters", right=True), Column("")],
+        [
+            [
+                (layer.name, ""),
+                (layer.op, ""),
+                (f"{layer.params:,}", ""),
+                ("trainable", "green") if layer.trainable else ("frozen", "dim"),
+            ]
+            for layer in result.meta.layers
+        ],
+    )
     meta = result.meta
     out.print(
         f"Base ready in {escape(str(result.directory))}: labels {', '.join(meta.labels)}; "
@@ -325,23 +379,18 @@ def predict(
         else:
             rows.append(result)
     if not as_json and rows:
-        from rich.table import Table
-
         which = "personalized" if predictor.model.personalized else "base"
-        table = Table(title=f"Predictions ({which} model)", title_justify="left")
-        table.add_column("photo", overflow="fold")
-        table.add_column("label")
-        table.add_column("probability", justify="right")
-        for label in predictor.model.labels:
-            table.add_column(label, justify="right", style="dim")
-        for row in rows:
-            table.add_row(
-                escape(str(row.path)),
-                f"[bold]{escape(row.label)}[/bold]",
-                f"{row.probability:.1%}",
-                *(f"{row.probabilities[label]:.1%}" for label in predictor.model.labels),
-            )
-        out.print(table)
+        labels = predictor.model.labels
+        print_table(
+            f"Predictions ({which} model)",
+            [Column("photo"), Column("label"), Column("probability", right=True)]
+            + [Column(label, right=True, style="dim") for label in labels],
+            [
+                [(str(row.path), ""), (row.label, "bold"), (f"{row.probability:.1%}", "")]
+                + [(f"{row.probabilities[label]:.1%}", "") for label in labels]
+                for row in rows
+            ],
+        )
     if failed:
         raise typer.Exit(1)
 
@@ -415,22 +464,20 @@ def retrain(
             }
         )
     else:
-        from rich.table import Table
-
-        table = Table(title=f"Probability of {escape(result.label)!r}", title_justify="left")
-        table.add_column("photo", overflow="fold")
-        table.add_column("before", justify="right")
-        table.add_column("after", justify="right")
-        for photo in result.photos:
-            colour = "green" if photo.after >= photo.before else "red"
-            table.add_row(
-                escape(str(photo.path)),
-                f"{photo.before:.1%}",
-                f"[{colour}]{photo.after:.1%}[/{colour}]",
-            )
-        out.print(table)
+        print_table(
+            f"Probability of {result.label!r}",
+            [Column("photo"), Column("before", right=True), Column("after", right=True)],
+            [
+                [
+                    (str(photo.path), ""),
+                    (f"{photo.before:.1%}", ""),
+                    (f"{photo.after:.1%}", "green" if photo.after >= photo.before else "red"),
+                ]
+                for photo in result.photos
+            ],
+        )
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
-        out.print(
+        say(
             f"Trained {result.hyperparameters.epochs} epochs on your examples ({counts}); "
             f"{result.views} view(s) per new photo; {result.cached} photo(s) came from the "
             "cache."

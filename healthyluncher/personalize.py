@@ -126,8 +126,6 @@ class Embedder:
         part's inference, and no more than a few batches are ever held in memory.
         `digests` names the photos (for thumbnails, whose bytes are not the original's).
         """
-        from concurrent.futures import Future, ThreadPoolExecutor
-
         results: list[tuple[Path, str, np.ndarray]] = []
         failures: list[ImageFailure] = []
         pending: list[tuple[Path, str, np.ndarray]] = []  # decoded, awaiting the frozen part
@@ -146,15 +144,35 @@ class Embedder:
             fresh += len(pending)
             pending.clear()
 
+        # Photos already in the cache are read here, in order, until the first that is not:
+        # a retrain of cached photos starts no threads at all.
+        next_index = 0
+        while next_index < total:
+            named = digests[next_index] if digests is not None else None
+            quick = self._prepare(paths[next_index], named, decode=False)
+            if quick is None:
+                break
+            if isinstance(quick, ImageFailure):
+                failures.append(quick)
+            else:
+                results.append((quick.path, quick.digest, quick.array))
+            next_index += 1
+            if progress:
+                progress("embedding", next_index, total)
+        if next_index == total:
+            return results, failures, fresh
+
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
-            window: list[Future[_Prepared | ImageFailure]] = []
-            next_index = 0
+            window: list[Future[_Prepared | ImageFailure | None]] = []
             while window or next_index < total:
                 while next_index < total and len(window) < max(2, 2 * FROZEN_BATCH // self.views):
                     named = digests[next_index] if digests is not None else None
                     window.append(pool.submit(self._prepare, paths[next_index], named))
                     next_index += 1
                 item = window.pop(0).result()
+                assert item is not None  # decode=True
                 if isinstance(item, ImageFailure):
                     failures.append(item)
                 elif item.cached:
@@ -171,8 +189,11 @@ class Embedder:
             flush()
         return results, failures, fresh
 
-    def _prepare(self, path: Path, digest: str | None) -> _Prepared | ImageFailure:
-        """Cached head inputs, or decoded augmented views ready for the frozen part."""
+    def _prepare(
+        self, path: Path, digest: str | None, *, decode: bool = True
+    ) -> _Prepared | ImageFailure | None:
+        """Cached head inputs, or decoded augmented views ready for the frozen part (None
+        for a photo not in the cache when `decode` is false)."""
         try:
             data = read_bytes(path)
             own_photo = digest is None
@@ -180,13 +201,15 @@ class Embedder:
             cached = self._read_cache(digest)
             if cached is not None and (not own_photo or self.store.thumbnail(digest).is_file()):
                 return _Prepared(path, digest, cached, cached=True)
-            from healthyluncher.images import augmented_views, decode  # Pillow: only now
+            if not decode:
+                return None
+            from healthyluncher import images  # Pillow: only now
 
             prep = self.base.meta.preprocessing
-            image = decode(data, prep, name=str(path))
+            image = images.decode(data, prep, name=str(path))
             if own_photo:
                 self._write_thumbnail(digest, image)
-            views = augmented_views(image, prep, self.views, int(digest[:8], 16))
+            views = images.augmented_views(image, prep, self.views, int(digest[:8], 16))
             return _Prepared(path, digest, views, cached=False)
         except LuncherError as exc:
             message = str(exc)

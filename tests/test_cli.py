@@ -61,10 +61,20 @@ def test_predict_json_is_well_formed(run, pt_model, photos):
 def test_predict_table_for_people(run, pt_model, photos, tmp_path, monkeypatch):
     assert run("make-updatable", pt_model).code == 0
     monkeypatch.chdir(tmp_path)
-    result = run("predict", "red/r0.png")
+    result = run("predict", "red/r0.png", "green/g0.jpg")
     assert result.code == 0, result
     assert "r0.png" in result.stdout and "base model" in result.stdout
     assert "healthy" in result.stdout and "%" in result.stdout
+    # Not a terminal: plain columns, one photo per line, that awk can read.
+    title, header, *rows = result.stdout.splitlines()
+    assert title == "Predictions (base model)"
+    assert header.split() == ["photo", "label", "probability", "healthy", "fast_food"]
+    json_rows = run("predict", "--json", "red/r0.png", "green/g0.jpg").json_lines()
+    for line, row in zip(rows, json_rows, strict=True):
+        path, label, probability, *_ = line.split()
+        assert (path, label) == (row["path"], row["label"])
+        assert probability == f"{row['probability']:.1%}"
+    assert not any(ch in result.stdout for ch in "│┃━─")
 
 
 @pytest.mark.parametrize("factory", [pytorch_style, keras_style], ids=["pytorch", "keras"])
@@ -561,3 +571,28 @@ def test_views_follow_the_budget_and_photos_keep_the_views_they_got(
     after = probabilities(run, *photos["red"], *photos["green"])
     assert all(after[str(p)]["fast_food"] > 0.5 for p in photos["red"]), after
     assert all(after[str(p)]["healthy"] > 0.5 for p in photos["green"]), after
+
+
+@pytest.mark.parametrize("scores", ["kept", "damaged", "missing"])
+def test_before_of_a_retrain_is_what_the_last_retrain_said_after(
+    run, pt_model, photos, models_dir, scores
+):
+    """The copy keeps its scores of every example; damaged or missing, they are recomputed."""
+    assert run("make-updatable", pt_model).code == 0
+    first = run("retrain", "--label", "fast_food", "--json", *photos["red"], photos["green"][0])
+    assert first.code == 0, first
+    personal = ModelStore(models_dir).personal_dir()
+    assert personal is not None
+    if scores == "damaged":
+        (personal / Files.SCORES).write_bytes(b"PK\x03\x04 torn")
+    elif scores == "missing":
+        (personal / Files.SCORES).unlink()
+    again = run("retrain", "--label", "fast_food", "--json", *photos["red"])
+    assert again.code == 0, again
+    after = {p["path"]: p["after"] for p in first.json_lines()[0]["photos"]}
+    for photo in again.json_lines()[0]["photos"]:
+        assert abs(photo["before"] - after[photo["path"]]) < 1e-5, (photo, after)
+    # And the new copy's scores are what predict says.
+    said = probabilities(run, *photos["red"])
+    for photo in again.json_lines()[0]["photos"]:
+        assert abs(photo["after"] - said[photo["path"]]["fast_food"]) < 1e-4
