@@ -192,7 +192,6 @@ def fit(base: Base, data: Dataset, mask: np.ndarray, hp: Hyperparameters) -> dic
         TrainingSet(data.inputs[mask], labels, class_balanced(labels)),
         hp,
         batch_limit=base.meta.head_batch_limit,
-        sampler="numpy",  # what trained the shipped head: rebuilds stay byte-identical
     )
     return trained.params
 
