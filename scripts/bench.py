@@ -388,6 +388,15 @@ def check(command: list[str], env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
+def shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository where it can be."""
+    resolved = path.resolve()
+    for root, prefix in ((REPO, ""), (REPO.parent, "../")):
+        if resolved.is_relative_to(root):
+            return prefix + str(resolved.relative_to(root))
+    return str(path)
+
+
 # -- photos ----------------------------------------------------------------------------
 
 
@@ -468,7 +477,7 @@ class PhotoSets:
 def prepare_photos(photos_dir: Path, sizes: Sizes, work: Path) -> PhotoSets:
     pool = food_photos(photos_dir) if photos_dir.is_dir() else []
     needed = max(sizes.many, sizes.retrain_huge, sizes.retrain_large, sizes.phone)
-    source = f"{len(pool)} real photos from {photos_dir}" if pool else "synthetic"
+    source = f"{len(pool)} real photos from {shown(photos_dir)}" if pool else "synthetic"
     if len(pool) < needed:
         synthetic = work / "synthetic"
         synthetic.mkdir()
@@ -780,7 +789,7 @@ def scenarios(sizes: Sizes) -> list[Scenario]:
         Scenario("floor-200", f"floor: the {s.retrain_large} retrain photos", "floor.py"),
         Scenario(
             "retrain-200x5",
-            f"retrain {s.retrain_large} new photos, 5 epochs, default views",
+            f"retrain {s.retrain_large} new photos, 5 epochs, default settings (1 view each)",
             "luncher retrain --label L --epochs 5 DIR",
         ),
         Scenario(
@@ -1140,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["scripts/bench.py", *(argv or sys.argv[1:])]),
             "duration_s": round(time.time() - started, 1),
             "environment": env_info,
-            "model": str(model),
+            "model": shown(model),
             "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
             "photos": {"source": photos.source, "phone_mb": photos.phone_mb},
             "sizes": asdict(sizes),

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = row
 
     report = {
-        "model": str(model),
+        "model": _shown(model),
         "photos": {"total": len(photos), "held_out": len(held), "calibration": len(calibration)},
         "own_head": own is not None,
         "threads": "ORT default (all cores)",
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Quantizing the frozen part (frozen.onnx)",
         "",
-        f"- model `{model}`; head {'trained' if own is not None else 'untrained (all zeros)'}",
+        f"- model `{_shown(model)}`; head "
+        + ("trained" if own is not None else "untrained (all zeros)"),
         f"- {len(photos)} photos ({len(held)} held out by file name); calibration "
         f"{len(calibration)} training-side photos; {os.cpu_count()} CPUs, ORT default threads",
         "- accuracy: held-out photos, healthy vs fast_food. The ridge head is fitted on fp32 "
@@ -332,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _shown(path: Path) -> str:
+    """The model's path relative to the repository when it is inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 if __name__ == "__main__":
