@@ -688,9 +688,12 @@ def status(
 
 
 def _views_setting(hp: dict[str, Any]) -> str:
+    views = hp["augment_views"]
+    if views == 1:
+        return "1 view per photo"
     if hp.get("view_budget", 0) > 0:
-        return f"up to {hp['augment_views']} views per photo, {hp['view_budget']} per retrain"
-    return f"{hp['augment_views']} views per photo"
+        return f"up to {views} views per photo, {hp['view_budget']} per retrain"
+    return f"{views} views per photo"
 
 
 def main() -> None:
