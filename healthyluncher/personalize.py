@@ -617,8 +617,7 @@ def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray
     """The views to remember and their class indices: every photo's own view first, then
     augmented views while they fit in MEMORY_ROWS."""
     owner = examples.owner
-    first = np.full(len(examples), len(owner))
-    np.minimum.at(first, owner, np.arange(len(owner)))  # each photo's first view
+    first = _first_view_indices(examples)
     rest = np.ones(len(owner), bool)
     rest[first] = False
     chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
@@ -665,11 +664,16 @@ def load_scores(personal: Personal) -> dict[str, np.ndarray]:
     return {str(d): p for d, p in zip(digests, probs, strict=True)}
 
 
-def first_views(examples: Examples) -> np.ndarray:
-    """Each photo's own (first) view: (photos, *sample_shape)."""
+def _first_view_indices(examples: Examples) -> np.ndarray:
+    """Row index of each photo's own (first) view."""
     first = np.full(len(examples), len(examples.owner))
     np.minimum.at(first, examples.owner, np.arange(len(examples.owner)))
-    views: np.ndarray = examples.inputs[first]
+    return first
+
+
+def first_views(examples: Examples) -> np.ndarray:
+    """Each photo's own (first) view: (photos, *sample_shape)."""
+    views: np.ndarray = examples.inputs[_first_view_indices(examples)]
     return views
 
 
