@@ -331,7 +331,7 @@ def externalize(models: list[onnx.ModelProto], keep: set[str], location: str) ->
 
     Initializers with one name and the same values in several models (the full model and
     its frozen part) are stored once. What stays in the graphs is a small skeleton: the
-    personalized copy rewrites only that, and links the weights file.
+    personalized copy rewrites only that, next to a copy of the weights file.
     """
     from onnx.external_data_helper import set_external_data, uses_external_data
 

@@ -186,7 +186,7 @@ def _build(
             session = inference_session(frozen.SerializeToString())
             split_sample = session.run(None, {analysis.input.name: sample})[0]
         # The large frozen weights go to one file shared by model.onnx and frozen.onnx:
-        # a retrain then rewrites a small model.onnx and links this file.
+        # a retrain then writes a small model.onnx next to a copy of this file.
         full = quantized.model if quantized is not None else model
         parts = [full] if frozen is None else [full, frozen]
         data = graph.externalize(parts, set(cut.trainable_params), Files.MODEL_DATA)
