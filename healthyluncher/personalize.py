@@ -705,50 +705,53 @@ def fit_and_publish(
     extra = len(labels) - len(base.meta.labels)
     with store.staging() as staged:
         copying = _copy_weights_in_background(base, staged)
-        artifact_dir = base.path / Files.ARTIFACTS
-        if extra > 0:
-            # The grown head, without memory, is what trains from now on.
-            import onnx
+        try:
+            artifact_dir = base.path / Files.ARTIFACTS
+            if extra > 0:
+                # The grown head, without memory, is what trains from now on.
+                import onnx
 
-            from healthyluncher import graph
+                from healthyluncher import graph
 
-            head = onnx.load(str(base.path / Files.HEAD))
-            graph.grow_classes(head, graph.class_axes(head, len(base.meta.labels)), extra)
-            onnx.save(head, str(staged / Files.HEAD))
-            artifact_dir = staged / Files.ARTIFACTS
-            generate_artifacts(head, base.meta.trainable_params, hp.optimizer, artifact_dir)
+                head = onnx.load(str(base.path / Files.HEAD))
+                graph.grow_classes(head, graph.class_axes(head, len(base.meta.labels)), extra)
+                onnx.save(head, str(staged / Files.HEAD))
+                artifact_dir = staged / Files.ARTIFACTS
+                generate_artifacts(head, base.meta.trainable_params, hp.optimizer, artifact_dir)
 
-        def on_epoch(epoch: int, total: int, loss: float) -> None:
-            if progress:
-                progress("training", epoch, total)
+            def on_epoch(epoch: int, total: int, loss: float) -> None:
+                if progress:
+                    progress("training", epoch, total)
 
-        trained = train(
-            artifact_dir, data, hp, batch_limit=base.meta.head_batch_limit, on_epoch=on_epoch
-        )
-        rendered = render_personal(base, labels, trained.params, examples, hp)
-        copying.join()
-        write_model(rendered, base, staged)
-        save_arrays(staged / Files.WEIGHTS, trained.params)
-        trained.save_checkpoint(staged / Files.CHECKPOINT)
-        save_examples(examples, staged / Files.EXAMPLES)
-        previous = load_personal(store, state)
-        meta = PersonalMeta(
-            base_sha256=base.meta.sha256,
-            labels=labels,
-            hyperparameters=hp,
-            trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            retrains=(previous.meta.retrains if previous else 0) + 1,
-            examples_per_label=examples.per_label(),
-            final_loss=trained.final_loss,
-        )
-        write_json(staged / Files.META, meta.to_json())
-        # What the new copy says about every example photo: the retrain's summary, and the
-        # "before" of the next retrain of these photos, without running the model again.
-        probs = HeadRunner(rendered.head).probabilities(first_views(examples))
-        save_arrays(
-            staged / Files.SCORES,
-            {"digests": np.array(examples.digests, dtype=np.str_), "probabilities": probs},
-        )
+            trained = train(
+                artifact_dir, data, hp, batch_limit=base.meta.head_batch_limit, on_epoch=on_epoch
+            )
+            rendered = render_personal(base, labels, trained.params, examples, hp)
+            copying.join()
+            write_model(rendered, base, staged)
+            save_arrays(staged / Files.WEIGHTS, trained.params)
+            trained.save_checkpoint(staged / Files.CHECKPOINT)
+            save_examples(examples, staged / Files.EXAMPLES)
+            previous = load_personal(store, state)
+            meta = PersonalMeta(
+                base_sha256=base.meta.sha256,
+                labels=labels,
+                hyperparameters=hp,
+                trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                retrains=(previous.meta.retrains if previous else 0) + 1,
+                examples_per_label=examples.per_label(),
+                final_loss=trained.final_loss,
+            )
+            write_json(staged / Files.META, meta.to_json())
+            # What the new copy says about every example photo: the retrain's summary, and the
+            # "before" of the next retrain of these photos, without running the model again.
+            probs = HeadRunner(rendered.head).probabilities(first_views(examples))
+            save_arrays(
+                staged / Files.SCORES,
+                {"digests": np.array(examples.digests, dtype=np.str_), "probabilities": probs},
+            )
+        finally:
+            copying.join()  # never leave it writing into a removed directory
         name = store.publish_dir(staged, "personal")
     history = [state.personal or "", *state.history][:HISTORY_LIMIT]
     new_state = State(base=state.base, personal=name, history=history)
