@@ -159,3 +159,30 @@ def test_a_retrain_with_a_template_does_not_import_onnx(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_models_directory_from_before_the_weights_file_still_retrains(
+    run, pt_model, photos, models_dir
+):
+    """Bases written by earlier versions: self-contained model.onnx and frozen.onnx, no
+    model.data and no template. They predict, retrain (through onnx) and undo as before."""
+    assert run("make-updatable", pt_model).code == 0
+    store = ModelStore(models_dir)
+    base = store.base_dir(store.read_state())
+    assert base is not None
+    for name in (Files.MODEL, Files.FROZEN):
+        model = onnx.load(str(base / name))  # reads model.data
+        onnx.save(model, str(base / name))  # inline again
+    (base / Files.MODEL_DATA).unlink()
+    (base / Files.TEMPLATE).unlink()
+    before = run("predict", "--json", *photos["red"]).json_lines()
+    assert len({row["label"] for row in before}) == 1
+    label = "fast_food" if before[0]["label"] == "healthy" else "healthy"
+    result = run("retrain", "--label", label, "--epochs", "40", *photos["red"])
+    assert result.code == 0, result
+    personal = store.personal_dir()
+    assert personal is not None and not (personal / Files.MODEL_DATA).exists()
+    after = run("predict", "--json", *photos["red"]).json_lines()
+    assert all(row["label"] == label for row in after), after
+    assert run("undo").code == 0
+    assert run("predict", "--json", *photos["red"]).json_lines() == before
