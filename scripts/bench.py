@@ -1082,7 +1082,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--photos", type=Path, default=DEFAULT_PHOTOS, help="Food photos (read, never copied)."
     )
-    parser.add_argument("--runs", type=int, default=None, help="Runs per scenario (default 3).")
+    parser.add_argument("--runs", type=int, default=None, help="Runs per scenario (default 5).")
     parser.add_argument(
         "--quick", action="store_true", help="1 run and fewer photos: a smoke check."
     )
@@ -1109,7 +1109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = QUICK_SIZES if args.quick else Sizes()
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs or (1 if args.quick else 5)
     model = (args.model or default_model()).resolve()
     if not model.is_file():
         raise SystemExit(f"no model at {model}; pass --model")
