@@ -8,7 +8,7 @@ Ratios are computed per run and summarized by their median and range.
 
 Usage (from the repository root)::
 
-    .venv/bin/python scripts/bench.py             # 3 runs, ~20 minutes on 2 cores
+    .venv/bin/python scripts/bench.py             # 5 runs, about 6 minutes on 2 cores
     .venv/bin/python scripts/bench.py --quick     # 1 run, fewer photos: a smoke check
     .venv/bin/python scripts/bench.py --only predict-one,floor-one --runs 5
 
