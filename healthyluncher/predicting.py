@@ -53,7 +53,10 @@ class Predictor:
             self._session = inference_session(self.model.path)
         except LuncherError as exc:
             if not self.model.personalized:
-                raise
+                raise LuncherError(
+                    f"the base model in {self.model.path.parent} is damaged ({exc}); make it "
+                    "again with `luncher make-updatable MODEL.onnx --keep-personalization`"
+                ) from None
             raise LuncherError(
                 f"the personalized model in {self.model.path.parent} is damaged ({exc}); "
                 "run `luncher undo` to go back one step, or `luncher reset`"

@@ -596,3 +596,16 @@ def test_before_of_a_retrain_is_what_the_last_retrain_said_after(
     said = probabilities(run, *photos["red"])
     for photo in again.json_lines()[0]["photos"]:
         assert abs(photo["after"] - said[photo["path"]]["fast_food"]) < 1e-4
+
+
+def test_a_damaged_base_weights_file_is_one_line_that_says_what_to_do(
+    run, pt_model, photos, models_dir
+):
+    assert run("make-updatable", pt_model).code == 0
+    store = ModelStore(models_dir)
+    base = store.base_dir(store.read_state())
+    assert base is not None
+    (base / Files.MODEL_DATA).write_bytes(b"")  # truncated to nothing
+    one_line_error(run("predict", photos["red"][0]), "base model", "make-updatable")
+    assert run("make-updatable", pt_model, "--force").code == 0
+    assert run("predict", photos["red"][0]).code == 0
