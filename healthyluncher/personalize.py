@@ -145,7 +145,7 @@ class Embedder:
             pending.clear()
 
         # Photos already in the cache are read here, in order, until the first that is not:
-        # a retrain of cached photos starts no threads at all.
+        # a retrain of cached photos starts no decoding threads.
         next_index = 0
         while next_index < total:
             named = digests[next_index] if digests is not None else None
@@ -526,6 +526,8 @@ def _copy_weights_in_background(base: Base, directory: Path) -> Any:
     source, target = base.path / Files.MODEL_DATA, directory / Files.MODEL_DATA
 
     def copy() -> None:
+        if not source.is_file():
+            return  # a base from before the weights file: nothing to copy
         try:
             shutil.copyfile(source, target)
             fd = os.open(target, os.O_RDONLY)
@@ -538,11 +540,7 @@ def _copy_weights_in_background(base: Base, directory: Path) -> Any:
                 target.unlink()
 
     thread = threading.Thread(target=copy, name="copy-weights", daemon=True)
-    if source.is_file():
-        thread.start()
-    else:
-        thread = threading.Thread(target=lambda: None)
-        thread.start()
+    thread.start()
     return thread
 
 
@@ -727,7 +725,7 @@ def fit_and_publish(
                 artifact_dir, data, hp, batch_limit=base.meta.head_batch_limit, on_epoch=on_epoch
             )
             rendered = render_personal(base, labels, trained.params, examples, hp)
-            copying.join()
+            copying.join()  # write_model finds the weights file complete
             write_model(rendered, base, staged)
             save_arrays(staged / Files.WEIGHTS, trained.params)
             trained.save_checkpoint(staged / Files.CHECKPOINT)
