@@ -1,3 +1,95 @@
-"""healthyluncher: personalize an ONNX lunch-photo classifier on your own machine."""
+"""healthyluncher: personalize an ONNX lunch-photo classifier on your own machine.
 
-__version__ = "0.1.0"
+    import healthyluncher
+    lun = healthyluncher.open()                 # the same models directory as `luncher`
+    pred = lun.predict(["lunch.jpg"])[0]        # paths, PIL images, (H, W, 3) uint8 arrays
+    pred.label, pred.probability, pred.probabilities
+    lun.retrain("healthy", ["p1.jpg", "p2.jpg"], progress=print)
+    lun.undo(); lun.forget(["p1.jpg"]); lun.reset(); lun.status()
+    healthyluncher.make_updatable("model.onnx", labels=["healthy", "fast_food"])
+
+Every error a caller can act on is a `LuncherError`. Results are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.version import __version__
+
+if TYPE_CHECKING:
+    from healthyluncher.api import Luncher, make_updatable, open
+    from healthyluncher.backup import ExportResult, ImportResult
+    from healthyluncher.bases import UpdatableResult
+    from healthyluncher.events import Progress, ProgressCallback
+    from healthyluncher.personalizing import (
+        ForgetResult,
+        ResetResult,
+        RetrainResult,
+        Status,
+        TrainedPhoto,
+        UndoResult,
+    )
+    from healthyluncher.photos import ImageFailure
+    from healthyluncher.predictor import Prediction
+    from healthyluncher.settings import Hyperparameters, Preprocessing
+
+# Loaded on first use: `luncher --help` and `import healthyluncher` stay fast.
+_EXPORTS = {
+    "Luncher": "healthyluncher.api",
+    "make_updatable": "healthyluncher.api",
+    "open": "healthyluncher.api",
+    "ExportResult": "healthyluncher.backup",
+    "ImportResult": "healthyluncher.backup",
+    "UpdatableResult": "healthyluncher.bases",
+    "Progress": "healthyluncher.events",
+    "ProgressCallback": "healthyluncher.events",
+    "ForgetResult": "healthyluncher.personalizing",
+    "ResetResult": "healthyluncher.personalizing",
+    "RetrainResult": "healthyluncher.personalizing",
+    "Status": "healthyluncher.personalizing",
+    "TrainedPhoto": "healthyluncher.personalizing",
+    "UndoResult": "healthyluncher.personalizing",
+    "ImageFailure": "healthyluncher.photos",
+    "Prediction": "healthyluncher.predictor",
+    "Hyperparameters": "healthyluncher.settings",
+    "Preprocessing": "healthyluncher.settings",
+}
+
+__all__ = [
+    "LuncherError",
+    "__version__",
+    "Luncher",
+    "make_updatable",
+    "open",
+    "ExportResult",
+    "ImportResult",
+    "UpdatableResult",
+    "Progress",
+    "ProgressCallback",
+    "ForgetResult",
+    "ResetResult",
+    "RetrainResult",
+    "Status",
+    "TrainedPhoto",
+    "UndoResult",
+    "ImageFailure",
+    "Prediction",
+    "Hyperparameters",
+    "Preprocessing",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'healthyluncher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,8 +1,7 @@
-"""Reading an ONNX classifier, choosing its trainable layers and cutting it in two."""
+"""Reading an ONNX classifier, choosing its trainable layers, cutting it in two, externalizing."""
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +11,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from healthyluncher.config import Layout
 from healthyluncher.errors import LuncherError
-from healthyluncher.fastgraph import MEMORY_PREFIX, memory_tensors
-
-# ONNX Runtime 1.19 loads models up to IR version 10 and opset 21.
-MAX_IR_VERSION = 10
-MAX_OPSET = 21
+from healthyluncher.runtime import MAX_IR_VERSION, MAX_OPSET
+from healthyluncher.settings import Layout
 
 # Ops that carry a layer's main weights. A following Add/Mul/Sub/Div or BatchNormalization
 # with weights of its own is that layer's bias or scale (Keras exports MatMul + Add).
@@ -107,7 +102,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
 
 
-def _float_initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
+def float_initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
     return {
         t.name: t
         for t in model.graph.initializer
@@ -140,7 +135,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
             "expected (batch, classes) class scores"
         )
     logits_name, is_probability = _logits_of(model, output.name)
-    layers = _layers(model)
+    layers = layers_of(model)
     if not layers:
         raise LuncherError("the model has no layers with weights to train")
     return Analysis(
@@ -194,8 +189,8 @@ def _logits_of(model: onnx.ModelProto, output: str) -> tuple[str, bool]:
     return output, False
 
 
-def _layers(model: onnx.ModelProto) -> list[Layer]:
-    weights = _float_initializers(model)
+def layers_of(model: onnx.ModelProto) -> list[Layer]:
+    weights = float_initializers(model)
     layers: list[Layer] = []
     current: dict[str, Any] | None = None
     last_output: str | None = None
@@ -304,21 +299,6 @@ def _make_batch_dynamic(head: onnx.ModelProto) -> None:
     del head.graph.value_info[:]
 
 
-def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> None:
-    """Replace initializers in place by name; shapes must match, dtypes are kept."""
-    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
-    for name, value in params.items():
-        if name not in index:
-            raise LuncherError(f"the model has no weight named {name!r}")
-        old = model.graph.initializer[index[name]]
-        if tuple(old.dims) != value.shape:
-            raise LuncherError(f"weight {name!r} has shape {tuple(old.dims)}, not {value.shape}")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
-        model.graph.initializer[index[name]].CopyFrom(
-            numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
-        )
-
-
 # Initializers at least this large go to the weights file; smaller ones stay in the graph.
 EXTERNAL_THRESHOLD = 512
 # Large tensors start on a page boundary in the weights file, as onnx.save places them.
@@ -364,17 +344,6 @@ def externalize(models: list[onnx.ModelProto], keep: set[str], location: str) ->
     return bytes(data)
 
 
-def external_locations(model: onnx.ModelProto) -> set[str]:
-    """The external data files the model's initializers name (relative to the model)."""
-    found = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    found.add(entry.value)
-    return found
-
-
 def metadata_labels(metadata: dict[str, str]) -> list[str] | None:
     for key in ("labels", "classes", "class_names"):
         raw = metadata.get(key)
@@ -402,141 +371,3 @@ def metadata_preprocessing(metadata: dict[str, str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise LuncherError("the model's 'preprocessing' metadata must be a JSON object")
     return value
-
-
-def class_axes(model: onnx.ModelProto, num_classes: int) -> dict[str, int]:
-    """For each weight of the last layer, the axis that has one entry per class."""
-    layers = _layers(model)
-    if not layers:
-        raise LuncherError("the model has no layer with weights to grow")
-    weights = _float_initializers(model)
-    axes: dict[str, int] = {}
-    for node in list(model.graph.node)[layers[-1].first_node :]:
-        for position, name in enumerate(node.input):
-            if name not in weights or name in axes:
-                continue
-            dims = list(weights[name].dims)
-            if node.op_type == "Gemm" and position == 1:
-                trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-                axes[name] = 0 if trans_b else 1
-            elif node.op_type == "MatMul" and position == 1:
-                axes[name] = len(dims) - 1
-            elif node.op_type in ("Conv", "ConvTranspose") and position == 1:
-                axes[name] = 0 if node.op_type == "Conv" else 1
-            else:
-                matching = [axis for axis, size in enumerate(dims) if size == num_classes]
-                if len(matching) != 1:
-                    raise LuncherError(
-                        f"cannot tell which axis of {name!r} {dims} holds the {num_classes} classes"
-                    )
-                axes[name] = matching[0]
-    return axes
-
-
-def grow_classes(model: onnx.ModelProto, axes: dict[str, int], extra: int) -> None:
-    """Add `extra` classes in place: new rows start at zero, so old classes keep their
-    weights exactly and a new class starts from a neutral score."""
-    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
-    for name, axis in axes.items():
-        old = numpy_helper.to_array(model.graph.initializer[index[name]])
-        pad = [(0, 0)] * old.ndim
-        pad[axis] = (0, extra)
-        grown = np.pad(old, pad)
-        model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(grown, name))
-    for output in model.graph.output:
-        dims = output.type.tensor_type.shape.dim
-        if len(dims) == 2 and dims[1].HasField("dim_value"):
-            dims[1].dim_value = dims[1].dim_value + extra
-    del model.graph.value_info[:]
-
-
-def add_memory(
-    model: onnx.ModelProto,
-    features: str,
-    logits: str,
-    memory: np.ndarray,
-    classes: np.ndarray,
-    num_classes: int,
-    threshold: float,
-    strength: float,
-    replay: tuple[np.ndarray, np.ndarray] | None = None,
-) -> None:
-    """Put a nearest-neighbour memory of the user's examples in front of the logits.
-
-    For each class c: `best` is the highest cosine similarity between the photo's head
-    input and the user's examples of c; `floor` is the threshold, or, if higher, the
-    similarity to the closest replayed base example of another class. Where best exceeds
-    floor, c's logit rises by `strength` per unit above it. So a photo leans to the user's
-    label only when it is nearer to the user's photos than to anything the base knows
-    under another label: held-out photos of the user's dish flip, the base's own
-    look-alikes (beignets next to pancakes) keep their label.
-
-    memory: (M, ...) head inputs; classes: (M,) class indices; replay: the same for the
-    base's replay set, or None.
-    """
-    prefix = MEMORY_PREFIX
-    make = onnx.helper.make_node
-    opset = default_opset(model)
-    initializers = [
-        numpy_helper.from_array(np.array(threshold, np.float32), f"{prefix}/threshold"),
-        numpy_helper.from_array(np.array(strength, np.float32), f"{prefix}/strength"),
-        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
-        numpy_helper.from_array(np.array([2], np.int64), f"{prefix}/axis2"),
-    ]
-    nodes = [
-        make("Flatten", [features], [f"{prefix}/flat"], axis=1),
-        make("LpNormalization", [f"{prefix}/flat"], [f"{prefix}/unit"], axis=1, p=2),
-    ]
-
-    def best_per_class(name: str, rows: np.ndarray, keep: np.ndarray) -> str:
-        """(N, C): max similarity to the rows where keep[c, m] is true."""
-        unit, mask = memory_tensors(rows, keep)
-        initializers.extend(
-            [
-                numpy_helper.from_array(unit, f"{prefix}/{name}_rows"),
-                numpy_helper.from_array(mask, f"{prefix}/{name}_mask"),
-            ]
-        )
-        p = f"{prefix}/{name}"
-        nodes.extend(
-            [
-                make("MatMul", [f"{prefix}/unit", f"{p}_rows"], [f"{p}_similarity"]),
-                make("Unsqueeze", [f"{p}_similarity", f"{prefix}/axis1"], [f"{p}_per_class"]),
-                make("Add", [f"{p}_per_class", f"{p}_mask"], [f"{p}_masked"]),
-                make("ReduceMax", [f"{p}_masked"], [f"{p}_best"], axes=[2], keepdims=0)
-                if opset < 18
-                else make(
-                    "ReduceMax", [f"{p}_masked", f"{prefix}/axis2"], [f"{p}_best"], keepdims=0
-                ),
-            ]
-        )
-        return f"{p}_best"
-
-    class_ids = np.arange(num_classes)[:, None]
-    best = best_per_class("personal", memory, classes[None, :] == class_ids)
-    floor = f"{prefix}/threshold"
-    if replay is not None and len(replay[0]):
-        nearest_other = best_per_class("replay", replay[0], replay[1][None, :] != class_ids)
-        nodes.append(make("Max", [nearest_other, floor], [f"{prefix}/floor"]))
-        floor = f"{prefix}/floor"
-    head_logits = f"{prefix}/head_logits"
-    for node in model.graph.node:
-        for i, name in enumerate(node.output):
-            if name == logits:
-                node.output[i] = head_logits
-    nodes.extend(
-        [
-            make("Sub", [best, floor], [f"{prefix}/excess"]),
-            make("Relu", [f"{prefix}/excess"], [f"{prefix}/above"]),
-            make("Mul", [f"{prefix}/above", f"{prefix}/strength"], [f"{prefix}/bonus"]),
-            make("Add", [head_logits, f"{prefix}/bonus"], [logits]),
-        ]
-    )
-    model.graph.initializer.extend(initializers)
-    # Right after the node that makes the logits: the features are ready by then, and
-    # whatever read the logits (a Softmax) comes after.
-    existing = [copy.deepcopy(node) for node in model.graph.node]
-    at = next(i for i, node in enumerate(existing) if head_logits in node.output)
-    del model.graph.node[:]
-    model.graph.node.extend(existing[: at + 1] + nodes + existing[at + 1 :])
-    del model.graph.value_info[:]

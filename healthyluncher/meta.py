@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from healthyluncher.config import Hyperparameters, Preprocessing
+from healthyluncher.errors import LuncherError
+from healthyluncher.settings import Hyperparameters, Preprocessing
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+# Longest label kept: a name, not a sentence.
+MAX_LABEL = 64
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,6 @@ class BaseMeta:
     @property
     def embedding_key(self) -> str:
         """What the cached head inputs depend on: the model and where it is cut."""
-        import hashlib
-
         return hashlib.sha256(f"{self.sha256}:{self.split_tensor}".encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
@@ -78,29 +83,38 @@ class BaseMeta:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> BaseMeta:
+    def from_json(cls, data: Any) -> BaseMeta:
+        """Every value checked for type and range: meta.json is a file anyone can edit."""
+        data = _object(data, "meta.json")
+        batch = data.get("input_batch")
+        limit = data.get("head_batch_limit")
+        layers = data["layers"]
+        if not isinstance(layers, list):
+            raise LuncherError("meta.json: layers must be a list")
         return cls(
-            name=data["name"],
-            source=data["source"],
-            sha256=data["sha256"],
-            created=data["created"],
-            bundled=bool(data.get("bundled", False)),
-            labels=tuple(data["labels"]),
+            name=_text(data, "name"),
+            source=_text(data, "source"),
+            sha256=_digest(data, "sha256"),
+            created=_text(data, "created"),
+            bundled=_flag(data, "bundled"),
+            labels=labels_of(data["labels"]),
             preprocessing=Preprocessing.from_json(data["preprocessing"]),
-            input_name=data["input_name"],
-            input_batch=data.get("input_batch"),
-            output_name=data["output_name"],
-            output_is_probability=bool(data["output_is_probability"]),
-            split_tensor=data["split_tensor"],
-            has_frozen_part=bool(data["has_frozen_part"]),
-            trainable_layers=int(data["trainable_layers"]),
-            trainable_params=tuple(data["trainable_params"]),
-            layers=tuple(LayerInfo(**layer) for layer in data["layers"]),
+            input_name=_text(data, "input_name"),
+            input_batch=None if batch is None else _count(batch, "input_batch", 1, 4096),
+            output_name=_text(data, "output_name"),
+            output_is_probability=_flag(data, "output_is_probability"),
+            split_tensor=_text(data, "split_tensor"),
+            has_frozen_part=_flag(data, "has_frozen_part"),
+            trainable_layers=_count(data["trainable_layers"], "trainable_layers", 1, 10_000),
+            trainable_params=tuple(_names(data["trainable_params"], "trainable_params")),
+            layers=tuple(_layer(layer) for layer in layers),
             hyperparameters=Hyperparameters.from_json(data["hyperparameters"]),
-            head_batch_limit=data.get("head_batch_limit"),
-            replay_examples=int(data.get("replay_examples", 0)),
-            int8=bool(data.get("int8", False)),
-            calibration_photos=int(data.get("calibration_photos", 0)),
+            head_batch_limit=None if limit is None else _count(limit, "head_batch_limit", 1, 4096),
+            replay_examples=_count(data.get("replay_examples", 0), "replay_examples", 0, 10**7),
+            int8=_flag(data, "int8"),
+            calibration_photos=_count(
+                data.get("calibration_photos", 0), "calibration_photos", 0, 10**6
+            ),
         )
 
 
@@ -129,13 +143,92 @@ class PersonalMeta:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PersonalMeta:
+    def from_json(cls, data: Any) -> PersonalMeta:
+        data = _object(data, "meta.json")
+        counts = data.get("examples_per_label", {})
+        if not isinstance(counts, dict):
+            raise LuncherError("meta.json: examples_per_label must be an object")
+        loss = data.get("final_loss", float("nan"))
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+            raise LuncherError("meta.json: final_loss must be a number")
         return cls(
-            base_sha256=data["base_sha256"],
-            labels=tuple(data["labels"]),
+            base_sha256=_digest(data, "base_sha256"),
+            labels=labels_of(data["labels"]),
             hyperparameters=Hyperparameters.from_json(data["hyperparameters"]),
-            trained_at=data["trained_at"],
-            retrains=int(data["retrains"]),
-            examples_per_label=dict(data.get("examples_per_label", {})),
-            final_loss=float(data.get("final_loss", float("nan"))),
+            trained_at=_text(data, "trained_at"),
+            retrains=_count(data["retrains"], "retrains", 0, 10**9),
+            examples_per_label={
+                check_label(k): _count(v, "examples_per_label", 0, 10**9) for k, v in counts.items()
+            },
+            final_loss=float("nan") if loss is None else float(loss),
         )
+
+
+def check_label(label: Any) -> str:
+    """A label as it may be stored and shown: printable text, trimmed, not too long."""
+    if not isinstance(label, str):
+        raise LuncherError(f"a label must be text, not {label!r}")
+    text = label.strip()
+    if not text or len(text) > MAX_LABEL or not text.isprintable():
+        raise LuncherError(
+            f"{label!r} is not a usable label: 1 to {MAX_LABEL} printable characters"
+        )
+    return text
+
+
+def labels_of(values: Any) -> tuple[str, ...]:
+    if not isinstance(values, list) or not values:
+        raise LuncherError("labels must be a non-empty list")
+    labels = tuple(check_label(v) for v in values)
+    if len(set(labels)) != len(labels):
+        raise LuncherError("labels must be unique")
+    return labels
+
+
+def _object(data: Any, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise LuncherError(f"{what} must hold a JSON object")
+    return data
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    value = data[key]
+    if not isinstance(value, str) or len(value) > 4096 or not value.isprintable():
+        raise LuncherError(f"meta.json: {key} must be printable text")
+    return value
+
+
+def _names(values: Any, key: str) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise LuncherError(f"meta.json: {key} must be a list of names")
+    return values
+
+
+def _digest(data: dict[str, Any], key: str) -> str:
+    value = data[key]
+    if not isinstance(value, str) or not SHA256.fullmatch(value):
+        raise LuncherError(f"meta.json: {key} must be a sha256 in hex")
+    return value
+
+
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise LuncherError(f"meta.json: {key} must be true or false")
+    return value
+
+
+def _count(value: Any, key: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise LuncherError(f"meta.json: {key} must be a whole number from {low} to {high}")
+    return value
+
+
+def _layer(data: Any) -> LayerInfo:
+    data = _object(data, "meta.json layer")
+    return LayerInfo(
+        name=_text(data, "name"),
+        op=_text(data, "op"),
+        params=_count(data["params"], "params", 0, 10**12),
+        trainable=_flag(data, "trainable"),
+    )

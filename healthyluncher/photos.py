@@ -18,20 +18,36 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class MemoryPhoto:
+    """A photo handed over as pixels (a PIL image or a numpy array), encoded losslessly so
+    that it is hashed, cached and kept like a file's bytes."""
+
+    name: str  # "<image 3>": its place in the caller's list
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# A photo as the engine takes it: a file, or pixels from a program.
+PhotoSource = Path | MemoryPhoto
+
+
+@dataclass(frozen=True)
 class ImageFailure:
-    path: Path
+    path: PhotoSource
     error: str
 
 
-def find_images(inputs: Sequence[Path]) -> list[Path]:
+def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
     """Files as given, and image files under directories (recursive, sorted).
 
     Hidden files and directories are skipped: `luncher retrain --label x ~` must not
     find the thumbnails in ~/.local/share/healthyluncher, nor a photo app's caches.
     """
-    found: list[Path] = []
+    found: list[PhotoSource] = []
     for item in inputs:
-        if item.is_dir():
+        if isinstance(item, Path) and item.is_dir():
             found.extend(
                 sorted(
                     p
@@ -47,8 +63,10 @@ def find_images(inputs: Sequence[Path]) -> list[Path]:
     return found
 
 
-def read_bytes(path: Path) -> bytes:
+def read_bytes(path: PhotoSource) -> bytes:
     """The file's bytes; a directory, a device, a pipe or a huge file is a LuncherError."""
+    if isinstance(path, MemoryPhoto):
+        return path.data
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):

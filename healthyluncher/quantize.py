@@ -14,10 +14,11 @@ import numpy as np
 import onnx
 
 from healthyluncher import graph
-from healthyluncher.config import Preprocessing
 from healthyluncher.errors import LuncherError
-from healthyluncher.images import LoadedImage, load_many
+from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.photos import find_images
+from healthyluncher.runtime import MAX_IR_VERSION, pad_batch, runtime
+from healthyluncher.settings import Preprocessing
 
 # MinMax calibration keeps each activation's extreme values: a couple of hundred photos
 # cover them, and every further photo only adds decoding time.
@@ -41,7 +42,7 @@ def calibration_photos(directory: Path) -> list[Path]:
     sorted listing so that every subfolder (a class, a dish) has its share."""
     if not directory.is_dir():
         raise LuncherError(f"--calibration {directory}: not a directory of photos")
-    found = find_images([directory])
+    found = [p for p in find_images([directory]) if isinstance(p, Path)]
     if not found:
         raise LuncherError(f"--calibration {directory}: no image files in it")
     if len(found) > MAX_CALIBRATION_PHOTOS:
@@ -106,11 +107,8 @@ class _CalibrationReader:
         if not arrays:
             return None
         self.used += len(arrays)
-        if self._fixed and len(arrays) < self._fixed:
-            # A model exported for one batch size: repeat the last photo, which moves no
-            # minimum or maximum.
-            arrays += [arrays[-1]] * (self._fixed - len(arrays))
-        return np.stack(arrays)  # (N, C, H, W) or (N, H, W, C) float32
+        batch = np.stack(arrays)  # (N, C, H, W) or (N, H, W, C) float32
+        return pad_batch(batch, self._fixed) if self._fixed else batch
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = self._ahead if self._ahead is not None else self._read_batch()
@@ -121,7 +119,6 @@ class _CalibrationReader:
 def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -> onnx.ModelProto:
     """Static QDQ: uint8 activations with MinMax ranges, int8 per-channel weights (the
     variant measured in bench-results/quantize.md)."""
-    from healthyluncher.ortapi import runtime
 
     runtime()  # onnxruntime without its training probe, before the quantizer imports it
     from onnxruntime.quantization import (
@@ -158,8 +155,8 @@ def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
         raise LuncherError(f"cannot quantize the frozen part to int8: {reason}") from exc
-    if quantized.ir_version > graph.MAX_IR_VERSION:
-        quantized.ir_version = graph.MAX_IR_VERSION
+    if quantized.ir_version > MAX_IR_VERSION:
+        quantized.ir_version = MAX_IR_VERSION
     return quantized
 
 

@@ -11,9 +11,10 @@ Layout (every directory below is immutable once published)::
                           examples.npz, meta.json
       cache/<base>/       head inputs of the user's photos, by content hash
 
-A change is staged in a hidden directory, renamed into place, and then `state.json` is
-replaced; a crash at any point leaves the previous state.json, which names only complete
-directories. Directories no longer named are removed by the next writer.
+Every change goes through one `Transaction`: under the lock, new directories are staged in
+hidden directories and renamed into place, then `state.json` is replaced once, and only
+then is anything deleted. A crash at any point leaves the previous state.json, which names
+only complete directories; directories no longer named are removed by the next writer.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,12 @@ class State:
     personal: str | None = None
     # Earlier personal directories, newest first; "" stands for "no personalization".
     history: list[str] = field(default_factory=list)
+
+    def with_personal(self, name: str | None, *, keep_history: bool = True) -> State:
+        """This state with another personal directory current; the one it replaces becomes
+        the newest undo step (none with `keep_history=False`)."""
+        history = [self.personal or "", *self.history][:HISTORY_LIMIT] if keep_history else []
+        return State(base=self.base, personal=name, history=history)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -244,6 +251,39 @@ class ModelStore:
     # -- publishing --------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def transaction(self, *, repair: bool = False) -> Iterator[Transaction]:
+        """One atomic change, under the lock. The block stages and publishes directories
+        and names the new state with `commit`; on leaving it, state.json is written once,
+        then the deletions the block asked for run, then unnamed directories are removed.
+        If the block fails, what it published is removed and state.json is untouched.
+        `repair`: a damaged state.json is replaced by one naming the newest complete base."""
+        with self.lock():
+            repaired = False
+            try:
+                state = self.read_state()
+            except LuncherError:
+                if not repair:
+                    raise
+                state = self.recover_state()
+                repaired = True
+            txn = Transaction(self, state)
+            if repaired:
+                txn.commit(state)  # written even if the block changes nothing else
+            try:
+                yield txn
+            except BaseException:
+                for name in txn.published:
+                    shutil.rmtree(self.root / name, ignore_errors=True)
+                raise
+            if txn.next_state is None:
+                return
+            self.write_state(txn.next_state)
+            for action in txn.deferred:
+                with contextlib.suppress(OSError):
+                    action()
+            self.collect_garbage(txn.next_state)
+
+    @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A hidden directory to fill; removed if the block fails."""
         self.ensure_exists()
@@ -262,7 +302,7 @@ class ModelStore:
             shutil.rmtree(path, ignore_errors=True)
             raise
 
-    def publish_dir(self, staged: Path, kind: str) -> str:
+    def _publish_dir(self, staged: Path, kind: str) -> str:
         """Make a staged directory durable and give it its final name."""
         _fsync_tree(staged)
         name = f"{kind}-{uuid.uuid4().hex[:12]}"
@@ -313,3 +353,33 @@ class ModelStore:
         count = sum(1 for p in cache.rglob("*") if p.is_file())
         shutil.rmtree(cache, ignore_errors=True)
         return count
+
+
+class Transaction:
+    """What one change of the models directory publishes and switches to (see
+    `ModelStore.transaction`)."""
+
+    def __init__(self, store: ModelStore, state: State) -> None:
+        self.store = store
+        self.state = state  # as read under the lock
+        self.published: list[str] = []
+        self.next_state: State | None = None
+        self.deferred: list[Callable[[], object]] = []
+
+    def staging(self) -> contextlib.AbstractContextManager[Path]:
+        return self.store.staging()
+
+    def publish(self, staged: Path, kind: str) -> str:
+        """Give a filled staging directory its final name (not yet current)."""
+        name = self.store._publish_dir(staged, kind)
+        self.published.append(name)
+        return name
+
+    def commit(self, state: State) -> None:
+        """The state to switch to when the transaction ends."""
+        self.next_state = state
+
+    def after_commit(self, action: Callable[[], object]) -> None:
+        """Run once the new state is written: deletions that must not happen if the change
+        does not (a forgotten photo's thumbnail goes only once no state names it)."""
+        self.deferred.append(action)

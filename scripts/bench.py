@@ -217,7 +217,7 @@ from pathlib import Path
 
 import onnx
 
-from healthyluncher.ortapi import training
+from healthyluncher.runtime import training
 
 artifacts, _ = training()
 model_path, directory = sys.argv[1], Path(sys.argv[2])
@@ -258,7 +258,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from healthyluncher.ortapi import training
+from healthyluncher.runtime import training
 
 
 '''
@@ -306,7 +306,7 @@ import sys
 import time
 from pathlib import Path
 
-from healthyluncher.personalize import retrain
+from healthyluncher.personalizing import retrain
 from healthyluncher.store import ModelStore
 
 

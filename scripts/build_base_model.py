@@ -58,15 +58,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from healthyluncher.config import Hyperparameters
-from healthyluncher.graph import MAX_IR_VERSION, write_back
-from healthyluncher.images import find_images
-from healthyluncher.models import BUNDLED_MODEL, BUNDLED_REPLAY, Base
-from healthyluncher.personalize import Embedder
-from healthyluncher.predicting import Prediction, Predictor
+from healthyluncher.bases import UpdatableOptions, make_updatable
+from healthyluncher.embedder import Embedder
+from healthyluncher.heads import head_with, write_back
+from healthyluncher.photos import find_images
+from healthyluncher.predictor import Prediction, Predictor
+from healthyluncher.records import BUNDLED_MODEL, BUNDLED_REPLAY, Base
+from healthyluncher.runtime import MAX_IR_VERSION, HeadRunner
+from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore, atomic_write_bytes
-from healthyluncher.training import HeadRunner, TrainingSet, train
-from healthyluncher.updatable import UpdatableOptions, make_updatable
+from healthyluncher.trainers import TrainingSet, train
 
 log = logging.getLogger("build_base_model")
 
@@ -204,7 +205,7 @@ def head_training_settings(hp: Hyperparameters) -> dict[str, Any]:
 
 def probabilities(base: Base, params: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
     """(N, 2) float64 softmax of the head's logits."""
-    return HeadRunner(base.path / Files.HEAD, params).probabilities(inputs)
+    return HeadRunner(head_with(base.path / Files.HEAD, params)).probabilities(inputs)
 
 
 def accuracy(base: Base, params: dict[str, np.ndarray], data: Dataset, mask: np.ndarray) -> float:

@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from healthyluncher.images import find_images  # noqa: E402
+from healthyluncher.photos import find_images  # noqa: E402
 
 FOOD = REPO.parent / "shared" / "food"
 MODEL = REPO / "models" / "healthyluncher-base.onnx"

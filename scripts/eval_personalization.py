@@ -34,8 +34,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from healthyluncher.config import Hyperparameters  # noqa: E402
-from healthyluncher.models import (  # noqa: E402
+from healthyluncher.embedder import Embedder  # noqa: E402
+from healthyluncher.heads import head_with  # noqa: E402
+from healthyluncher.personal import personal_graphs  # noqa: E402
+from healthyluncher.personalizing import reset, retrain  # noqa: E402
+from healthyluncher.records import (  # noqa: E402
     Base,
     ensure_base,
     load_base,
@@ -43,9 +46,10 @@ from healthyluncher.models import (  # noqa: E402
     load_personal,
     load_weights,
 )
-from healthyluncher.personalize import Embedder, personal_graphs, reset, retrain  # noqa: E402
+from healthyluncher.runtime import HeadRunner  # noqa: E402
+from healthyluncher.settings import Hyperparameters  # noqa: E402
 from healthyluncher.store import Files, ModelStore  # noqa: E402
-from healthyluncher.training import HeadRunner, TrainingSet, train  # noqa: E402
+from healthyluncher.trainers import TrainingSet, train  # noqa: E402
 
 FOOD = REPO.parent / "shared" / "food"
 SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -96,7 +100,7 @@ class Model:
     params: dict[str, np.ndarray] | None
 
     def predict(self, base: Base, feats: np.ndarray) -> list[str]:
-        probs = HeadRunner(self.head, self.params).probabilities(feats)
+        probs = HeadRunner(head_with(self.head, self.params)).probabilities(feats)
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
 
@@ -131,8 +135,8 @@ def check_against_predict(
     store: ModelStore, model: Model, base: Base, paths: list[Path], feats: np.ndarray
 ) -> None:
     """The head-with-memory scores used here must be what `luncher predict` says."""
-    from healthyluncher.images import ImageFailure
-    from healthyluncher.predicting import Predictor
+    from healthyluncher.photos import ImageFailure
+    from healthyluncher.predictor import Predictor
 
     said = [r.label for r in Predictor(store).predict(paths) if not isinstance(r, ImageFailure)]
     if said != model.predict(base, feats):
@@ -239,7 +243,7 @@ def second_base(store: ModelStore, base: Base, food: Path, target: Path) -> None
     import onnx
     from build_base_model import fold_of
 
-    from healthyluncher.graph import write_back
+    from healthyluncher.heads import write_back
 
     paths, labels = [], []
     for label in ("healthy", "fast_food"):
@@ -260,9 +264,9 @@ def second_base(store: ModelStore, base: Base, food: Path, target: Path) -> None
 def upgrade(store: ModelStore, args: argparse.Namespace, test: Features) -> None:
     """Personalize the shipped base with K=5 pancakes, move to a second base keeping the
     personalization, and compare with a fresh personalization on that second base."""
-    from healthyluncher.models import BUNDLED_REPLAY, bundled_model
-    from healthyluncher.predicting import Predictor
-    from healthyluncher.updatable import UpdatableOptions, make_updatable
+    from healthyluncher.bases import UpdatableOptions, make_updatable
+    from healthyluncher.predictor import Predictor
+    from healthyluncher.records import BUNDLED_REPLAY, bundled_model
 
     shipped = bundled_model()
     assert shipped is not None

@@ -88,7 +88,7 @@ def batches(
     photos: list[Photo], prep: Any, size: int = BATCH
 ) -> Iterator[tuple[list[Photo], np.ndarray]]:
     """(photos, (N, C, H, W) float32) with the library's own preprocessing."""
-    from healthyluncher.images import load
+    from healthyluncher.imaging import load
 
     for start in range(0, len(photos), size):
         chunk = photos[start : start + size]
@@ -160,7 +160,7 @@ def quantize_variants(
 
 
 def session(path: Path) -> Any:
-    from healthyluncher.ortapi import inference_session
+    from healthyluncher.runtime import inference_session
 
     return inference_session(path)
 
@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     calibration = [train[i] for i in rng.choice(len(train), args.calibration, replace=False)]
 
-    from healthyluncher.config import Preprocessing
-    from healthyluncher.ortapi import runtime
+    from healthyluncher.runtime import runtime
+    from healthyluncher.settings import Preprocessing
 
     runtime()
     with tempfile.TemporaryDirectory(prefix="luncher-quant-") as tmp:

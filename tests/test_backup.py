@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from healthyluncher import archive as archive_format
 from healthyluncher import backup
-from healthyluncher.ortapi import training
+from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
 from tests.models import keras_style, pytorch_style
 from tests.test_cli import one_line_error
@@ -257,7 +258,7 @@ def test_a_crash_during_import_leaves_the_old_state(
     before = tree(models_dir)
     state = (models_dir / STATE_FILE).read_bytes()
 
-    import healthyluncher.training as training_module
+    import healthyluncher.personal as training_module
 
     def crash(artifact_dir: Path, params: object, target: Path) -> None:
         target.write_bytes(b"half a checkpoint")
@@ -352,7 +353,7 @@ def test_an_unexpected_file_is_refused(run, archive, tmp_path, models_dir):
 
 @pytest.mark.parametrize("limit", ["MAX_MEMBER_BYTES", "MAX_TOTAL_BYTES"])
 def test_a_gzip_bomb_is_refused(run, archive, tmp_path, models_dir, monkeypatch, limit):
-    monkeypatch.setattr(backup, limit, 2**20)
+    monkeypatch.setattr(archive_format, limit, 2**20)
     zeros = regular("examples.npz", bytes(8 * 2**20))  # 8 MiB that compress to a few KiB
 
     def edit(content: list[Member]) -> list[Member]:
@@ -375,7 +376,7 @@ def test_a_huge_tar_header_is_stopped_while_reading(run, archive, tmp_path, mode
 
 
 def test_too_many_files_are_refused(run, archive, models_dir, monkeypatch):
-    monkeypatch.setattr(backup, "MAX_MEMBERS", 5)
+    monkeypatch.setattr(archive_format, "MAX_MEMBERS", 5)
     refused(run, archive, models_dir, "more than 5 files")
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from healthyluncher.ortapi import training
+from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
 from tests.models import keras_style, pytorch_style
 
@@ -115,7 +115,7 @@ def test_retrain_flips_the_trained_photos_and_reset_restores_the_base(
 def test_second_retrain_reuses_cached_inputs(run, pt_model, photos, monkeypatch):
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
-    from healthyluncher.personalize import Embedder
+    from healthyluncher.embedder import Embedder
 
     def no_backbone(self, batch):
         raise AssertionError("the frozen part ran again")
@@ -297,13 +297,13 @@ def test_a_new_label_grows_the_head_and_keeps_the_old_rows(run, factory, tmp_pat
 
 
 def test_growing_keeps_old_class_weights_exactly(tmp_path):
-    from healthyluncher import graph
+    from healthyluncher import heads
 
     model = onnx.load(str(pytorch_style(tmp_path / "m.onnx")))
     before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
-    axes = graph.class_axes(model, 2)
+    axes = heads.class_axes(model, 2)
     assert axes == {"fc.weight": 0, "fc.bias": 0}
-    graph.grow_classes(model, axes, 2)
+    heads.grow_classes(model, axes, 2)
     after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     np.testing.assert_array_equal(after["fc.weight"][:2], before["fc.weight"])
     np.testing.assert_array_equal(after["fc.weight"][2:], 0)
@@ -350,7 +350,7 @@ def test_every_command_has_help_with_an_example(run, command):
 
 def test_unexpected_errors_are_one_line_unless_debug(run, pt_model, photos, monkeypatch):
     assert run("make-updatable", pt_model).code == 0
-    import healthyluncher.predicting as predicting
+    import healthyluncher.predictor as predicting
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -372,7 +372,7 @@ def test_interrupted_publish_leaves_the_previous_model(
     good = probabilities(run, *photos["red"], *photos["green"])
     state_before = (models_dir / STATE_FILE).read_bytes()
 
-    import healthyluncher.personalize as personalize
+    import healthyluncher.personal as personalize
 
     original = personalize.save_examples
 
@@ -432,7 +432,7 @@ def test_a_full_disk_keeps_the_personalization(run, pt_model, photos, models_dir
 
     import errno
 
-    import healthyluncher.personalize as personalize
+    import healthyluncher.personal as personalize
 
     def disk_full(examples, path):
         raise OSError(errno.ENOSPC, "No space left on device")

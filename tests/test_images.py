@@ -19,24 +19,21 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from healthyluncher import images
+from healthyluncher import imaging as images
 from healthyluncher import photos as photo_files
 from healthyluncher.cli import app
-from healthyluncher.config import Preprocessing
 from healthyluncher.errors import LuncherError
-from healthyluncher.images import (
-    ImageFailure,
+from healthyluncher.imaging import (
     LoadedImage,
     augmented_views,
     decode,
-    find_images,
     load,
     load_many,
-    load_views,
-    read_bytes,
     resize_and_crop,
     to_tensor,
 )
+from healthyluncher.photos import ImageFailure, digest_of, find_images, read_bytes
+from healthyluncher.settings import Preprocessing
 from tests.models import pytorch_style
 
 # Small sizes keep every test fast; the arithmetic is the same as at 224.
@@ -294,6 +291,15 @@ BROKEN: dict[str, tuple[Callable[[Path], Path], str]] = {
     "JPEG bomb": (_file("bomb.jpg", jpeg_declaring(65_535, 65_535)), "too large"),
     "zero width": (_file("flat.png", png_declaring(0, 10)), "cannot decode"),
 }
+
+
+def load_views(path: Path, prep: Preprocessing, count: int) -> LoadedImage:
+    """A photo's augmented views, decoded as the embedder decodes a photo not in its cache."""
+    data = read_bytes(path)
+    digest = digest_of(data)
+    image = decode(data, prep, name=str(path))
+    views = augmented_views(image, prep, count, int(digest[:8], 16))
+    return LoadedImage(path=path, digest=digest, array=views)
 
 
 @pytest.mark.parametrize("case", list(BROKEN))

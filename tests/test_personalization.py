@@ -9,12 +9,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from healthyluncher import graph
-from healthyluncher.config import Hyperparameters
-from healthyluncher.models import Examples
-from healthyluncher.ortapi import inference_session
-from healthyluncher.personalize import training_set
-from healthyluncher.training import HeadRunner, TrainingSet, generate_artifacts, train
+from healthyluncher import heads
+from healthyluncher.examples import training_set
+from healthyluncher.heads import head_with
+from healthyluncher.records import Examples
+from healthyluncher.runtime import HeadRunner, inference_session
+from healthyluncher.settings import Hyperparameters
+from healthyluncher.trainers import TrainingSet, generate_artifacts, train
 
 DIM = 8
 
@@ -64,7 +65,7 @@ def test_replay_keeps_a_held_out_class_while_the_personal_class_flips(head):
     assert base.probabilities(held_dish).argmax(1).mean() > 0.9  # the base calls it B
 
     ours = train(artifacts, training_set(examples, replay, ("A", "B"), hp), hp)
-    runner = HeadRunner(path, ours.params)
+    runner = HeadRunner(head_with(path, ours.params))
     assert (runner.probabilities(held_dish).argmax(1) == 0).mean() > 0.9
     ours_keeps_b = (runner.probabilities(held_b).argmax(1) == 1).mean()
     assert ours_keeps_b > 0.95
@@ -72,7 +73,7 @@ def test_replay_keeps_a_held_out_class_while_the_personal_class_flips(head):
     # Core ML's update: the new photos alone, trained until the dish flips too. B goes
     # with it, because nothing reminds the head of B.
     naive_data = TrainingSet(views, np.zeros(len(views), np.int64), np.ones(len(views)))
-    naive = HeadRunner(path, train(artifacts, naive_data, hp.replace(epochs=400)).params)
+    naive = HeadRunner(head_with(path, train(artifacts, naive_data, hp.replace(epochs=400)).params))
     assert (naive.probabilities(held_dish).argmax(1) == 0).mean() > 0.9
     assert (naive.probabilities(held_b).argmax(1) == 1).mean() < ours_keeps_b - 0.3
 
@@ -96,7 +97,7 @@ def test_memory_in_the_graph_matches_its_definition(head):
     memory = rng.normal(size=(6, DIM)).astype(np.float32)
     classes = np.array([0, 0, 1, 1, 1, 0])
     model = onnx.load(str(path))
-    graph.add_memory(model, "x", "logits", memory, classes, 2, threshold=0.5, strength=10)
+    heads.add_memory(model, "x", "logits", memory, classes, 2, threshold=0.5, strength=10)
     session = inference_session(model.SerializeToString())
     x = np.concatenate([memory[:2] + 0.01, rng.normal(size=(5, DIM))]).astype(np.float32)
     got = session.run(None, {"x": x})[0]
@@ -119,7 +120,7 @@ def test_augmented_views_are_cached_not_recomputed(run, pt_model, photos, models
     cached = sorted((models_dir / "cache").rglob("*.npy"))
     assert len(cached) == 3 and all(np.load(p).shape[0] == 4 for p in cached)
 
-    import healthyluncher.images as images
+    import healthyluncher.imaging as images
 
     def no_views(*args, **kwargs):
         raise AssertionError("views were computed again")
@@ -150,7 +151,7 @@ def test_memory_yields_to_closer_base_examples_of_another_label(head):
     personal = np.array([e[0] + e[1]])  # the user's photo of class 1, near class 0's corner
     replay = (np.array([e[0], -e[0]]), np.array([0, 1]))
     model = onnx.load(str(path))
-    graph.add_memory(
+    heads.add_memory(
         model,
         "x",
         "logits",

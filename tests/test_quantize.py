@@ -253,7 +253,7 @@ def test_a_quantization_failure_keeps_the_previous_base(
     before_state = state_of(models_dir)
     before = probabilities(run, *photos["red"])
 
-    from healthyluncher.ortapi import runtime
+    from healthyluncher.runtime import runtime
 
     runtime()
     import onnxruntime.quantization

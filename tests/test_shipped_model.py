@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from healthyluncher.models import BUNDLED_MODEL
+from healthyluncher.records import BUNDLED_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "coffee.jpg"

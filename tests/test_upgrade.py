@@ -54,7 +54,7 @@ def test_a_crash_during_upgrade_leaves_the_old_state_working(
     before = probabilities(run, *photos["red"], *photos["green"])
     state = (models_dir / STATE_FILE).read_bytes()
 
-    import healthyluncher.training as training
+    import healthyluncher.personal as training
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed while the head trains on the new base

@@ -1,4 +1,4 @@
-"""Finding photos and turning one into the model's input tensor, safely."""
+"""Decoding a photo safely, and turning it into the model's input tensor or augmented views."""
 
 from __future__ import annotations
 
@@ -11,24 +11,14 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from healthyluncher.config import Preprocessing
 from healthyluncher.errors import LuncherError
-
-# Finding and reading photos needs no Pillow; they live in photos.py (a retrain whose photos
-# are all cached never imports Pillow) and are re-exported here.
-from healthyluncher.photos import (  # noqa: F401
-    IMAGE_SUFFIXES,
-    MAX_FILE_BYTES,
-    ImageFailure,
-    digest_of,
-    find_images,
-    read_bytes,
-)
+from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, digest_of, read_bytes
+from healthyluncher.settings import Preprocessing
 
 # Larger photos than any phone takes (a 200 MP sensor is 16384 x 12288) are refused
 # before decoding: a small file can declare a huge canvas (a decompression bomb).
@@ -61,9 +51,37 @@ _WARNINGS_LOCK = threading.Lock()
 class LoadedImage:
     """One decoded photo: its content hash and its model input, (C, H, W) or (H, W, C)."""
 
-    path: Path
+    path: PhotoSource
     digest: str
     array: np.ndarray
+
+
+def from_pixels(image: Any, name: str) -> MemoryPhoto:
+    """A PIL image, or a (H, W, 3) or (H, W) uint8 array, as a photo (lossless PNG bytes)."""
+    if isinstance(image, np.ndarray):
+        if (
+            image.dtype != np.uint8
+            or image.ndim not in (2, 3)
+            or (image.ndim == 3 and image.shape[2] not in (3, 4))
+        ):
+            raise LuncherError(
+                f"{name}: a numpy photo must be uint8 with shape (H, W, 3), (H, W, 4) or "
+                f"(H, W), not {image.dtype} {image.shape}"
+            )
+        if image.size == 0:
+            raise LuncherError(f"{name}: the array is empty")
+        image = Image.fromarray(np.ascontiguousarray(image))
+    if not isinstance(image, Image.Image):
+        raise LuncherError(
+            f"{name}: expected a path, a PIL image or a numpy uint8 array, "
+            f"not {type(image).__name__}"
+        )
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, "PNG", compress_level=1)
+    except (OSError, ValueError) as exc:
+        raise LuncherError(f"{name}: cannot use this image ({exc})") from None
+    return MemoryPhoto(name, buffer.getvalue())
 
 
 def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Image:
@@ -211,18 +229,18 @@ def to_tensor(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
-def load(path: Path, prep: Preprocessing) -> LoadedImage:
+def load(path: PhotoSource, prep: Preprocessing) -> LoadedImage:
     data = read_bytes(path)
     image = resize_and_crop(decode(data, prep, name=str(path)), prep)
     return LoadedImage(path=path, digest=digest_of(data), array=to_tensor(image, prep))
 
 
 def load_many(
-    paths: Iterable[Path], prep: Preprocessing, *, workers: int = 2
+    paths: Iterable[PhotoSource], prep: Preprocessing, *, workers: int = 2
 ) -> Iterator[LoadedImage | ImageFailure]:
     """Decode photos on background threads (Pillow releases the GIL) in input order."""
 
-    def safe_load(path: Path) -> LoadedImage | ImageFailure:
+    def safe_load(path: PhotoSource) -> LoadedImage | ImageFailure:
         try:
             return load(path, prep)
         except LuncherError as exc:
@@ -290,12 +308,3 @@ def resize_short_side(image: Image.Image, short: int) -> Image.Image:
     scale = short / min(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
-
-
-def load_views(path: Path, prep: Preprocessing, count: int) -> LoadedImage:
-    """Like `load`, with `count` augmented views stacked: array is (count, *sample_shape)."""
-    data = read_bytes(path)
-    digest = digest_of(data)
-    image = decode(data, prep, name=str(path))
-    seed = int(digest[:8], 16)
-    return LoadedImage(path=path, digest=digest, array=augmented_views(image, prep, count, seed))

@@ -1,4 +1,4 @@
-"""make-updatable: turn an ONNX classifier into a pristine base with training artifacts."""
+"""Bases: make-updatable turns an ONNX classifier into a pristine base, or upgrades to one."""
 
 from __future__ import annotations
 
@@ -11,15 +11,26 @@ from typing import Any
 
 import numpy as np
 
-from healthyluncher import fastgraph, graph
-from healthyluncher.config import Hyperparameters, Preprocessing
+from healthyluncher import graph
+from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
+from healthyluncher.examples import load_replay
+from healthyluncher.heads import build_template
 from healthyluncher.meta import BaseMeta, LayerInfo
-from healthyluncher.models import BUNDLED_REPLAY, bundled_model
-from healthyluncher.ortapi import inference_session
+from healthyluncher.personal import publish_personal
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
-from healthyluncher.store import Files, ModelStore, State
-from healthyluncher.training import generate_artifacts
+from healthyluncher.records import (
+    BUNDLED_REPLAY,
+    Base,
+    bundled_model,
+    load_base,
+    load_examples,
+    load_personal,
+)
+from healthyluncher.runtime import inference_session
+from healthyluncher.settings import Hyperparameters, Preprocessing
+from healthyluncher.store import Files, ModelStore, State, Transaction, write_json
+from healthyluncher.trainers import generate_artifacts
 
 
 @dataclass(frozen=True)
@@ -64,13 +75,11 @@ def make_updatable(
         )
     if options.calibration is not None and not options.int8:
         raise LuncherError("--calibration is only used with --int8")
-    with store.lock():
-        state = store.read_state()
+    with store.transaction() as txn:
+        state = txn.state
         keep = bool(options.keep_personalization) and state.personal is not None
         existing_is_replaceable = True
         if state.base is not None and not keep:
-            from healthyluncher.models import load_base
-
             existing_is_replaceable = load_base(store, state).meta.bundled and not state.personal
         if not existing_is_replaceable and not options.force:
             raise LuncherError(
@@ -79,23 +88,19 @@ def make_updatable(
                 "base, or --force to replace it and remove the personalization"
             )
         if keep:
-            return _upgrade(store, state, model_path, options)
-        return _build(store, state, model_path, options, bundled=bundled)
+            return _upgrade(txn, model_path, options)
+        return _build(txn, model_path, options, bundled=bundled)
 
 
-def _upgrade(
-    store: ModelStore, state: State, model_path: Path, options: UpdatableOptions
-) -> UpdatableResult:
+def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> UpdatableResult:
     """Build the new base, embed the kept thumbnails with it, retrain with the same settings,
     and switch base and personalization in one state change. Until that switch, the old
     base and personalization stay current, so a crash at any point leaves them working."""
-    from healthyluncher.models import Base, load_examples, load_personal
-    from healthyluncher.personalize import fit_and_publish, rebuild_examples
-
-    personal = load_personal(store, state)
+    store = txn.store
+    personal = load_personal(store, txn.state)
     assert personal is not None
     old = load_examples(personal, ())
-    built = _build(store, state, model_path, options, bundled=False, switch=False)
+    built = _build(txn, model_path, options, bundled=False, switch=False)
     new_base = Base(built.directory, built.meta)
     hp = personal.meta.hyperparameters
     examples, missing = rebuild_examples(store, new_base, old.digests, old.labels, hp)
@@ -107,8 +112,9 @@ def _upgrade(
     labels = built.meta.labels + tuple(
         dict.fromkeys(label for label in examples.labels if label not in built.meta.labels)
     )
-    fresh = State(base=built.directory.name, personal=None, history=[])
-    fit_and_publish(store, fresh, new_base, labels, examples, hp)
+    fitted = publish_personal(txn, new_base, labels, examples, hp)
+    # Base and personalization switch together, in one write of state.json.
+    txn.commit(State(base=built.directory.name, personal=fitted.name, history=[]))
     return UpdatableResult(
         meta=built.meta,
         directory=built.directory,
@@ -118,23 +124,25 @@ def _upgrade(
     )
 
 
-def initialize_from_bundled(store: ModelStore) -> State:
-    """Initialize an empty models directory from the shipped base model; return the state."""
+def ensure_base(store: ModelStore) -> State:
+    """The current state, after initializing an empty models directory from the shipped
+    base model."""
+    state = store.read_state()
+    if state.base is not None:
+        return state
     shipped = bundled_model()
     if shipped is None:
         raise LuncherError("there is no base model yet: run 'luncher make-updatable MODEL.onnx'")
-    with store.lock():
-        state = store.read_state()
-        if state.base is None:  # another process may have done it meanwhile
+    with store.transaction() as txn:
+        if txn.state.base is None:  # another process may have done it meanwhile
             replay = shipped.with_name(BUNDLED_REPLAY)
             options = UpdatableOptions(replay=replay if replay.is_file() else None)
-            _build(store, state, shipped, options, bundled=True)
-        return store.read_state()
+            _build(txn, shipped, options, bundled=True)
+    return store.read_state()
 
 
 def _build(
-    store: ModelStore,
-    state: State,
+    txn: Transaction,
     model_path: Path,
     options: UpdatableOptions,
     *,
@@ -142,6 +150,7 @@ def _build(
     switch: bool = True,
 ) -> UpdatableResult:
     """Write a new base directory; with `switch`, make it current (without personalization)."""
+    store, state = txn.store, txn.state
     photos = calibration_photos(options.calibration) if options.calibration else []
     raw = _read(model_path)
     model = graph.load_model(model_path)
@@ -178,7 +187,7 @@ def _build(
         # its identity (the cache of embeddings, backups) covers the quantized part too.
         identity.update(frozen.SerializeToString())
 
-    with store.staging() as staged:
+    with txn.staging() as staged:
         head_bytes = cut.head.SerializeToString()
         (staged / Files.HEAD).write_bytes(head_bytes)
         split_sample = sample
@@ -227,27 +236,21 @@ def _build(
             int8=quantized is not None,
             calibration_photos=quantized.calibration_photos if quantized else 0,
         )
-        from healthyluncher.models import Base
-        from healthyluncher.personalize import load_replay
-        from healthyluncher.store import write_json
-
         replay = load_replay(Base(staged, meta))
-        template = fastgraph.build(
+        template = build_template(
             full, cut.head, cut.trainable_params, cut.split_tensor, len(labels), replay
         )
         template.save(staged / Files.TEMPLATE)
         write_json(staged / Files.META, meta.to_json())
-        name = store.publish_dir(staged, "base")
+        name = txn.publish(staged, "base")
     if not switch:
         return UpdatableResult(
             meta=meta, directory=store.root / name, dropped_personalization=False
         )
     dropped = state.personal is not None
-    new_state = State(base=name, personal=None, history=[])
-    store.write_state(new_state)
-    store.clear_cache()
-    store.remove_thumbnails()
-    store.collect_garbage(new_state)
+    txn.commit(State(base=name, personal=None, history=[]))
+    txn.after_commit(store.clear_cache)
+    txn.after_commit(store.remove_thumbnails)
     return UpdatableResult(meta=meta, directory=store.root / name, dropped_personalization=dropped)
 
 

@@ -1,4 +1,4 @@
-"""Training the head with ONNX Runtime's on-device training API (artifacts, Module, Optimizer)."""
+"""Training the head: the training set, and ONNX Runtime's on-device training API."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from healthyluncher.config import Hyperparameters
 from healthyluncher.errors import LuncherError
-from healthyluncher.ortapi import inference_session, runtime, training, training_api
-
-ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+from healthyluncher.runtime import (
+    MAX_IR_VERSION,
+    runtime,
+    training,
+    training_api,
+    training_available,
+)
+from healthyluncher.settings import Hyperparameters
 
 # (epoch, epochs, loss) after each epoch.
 EpochCallback = Callable[[int, int, float], None]
@@ -28,8 +32,6 @@ def generate_artifacts(
 ) -> None:
     """Write training, eval and optimizer models and the checkpoint for the head alone."""
     import onnx
-
-    from healthyluncher.graph import MAX_IR_VERSION
 
     artifacts, _ = training()
     directory.mkdir(parents=True, exist_ok=True)
@@ -202,48 +204,10 @@ def save_checkpoint_with(artifact_dir: Path, params: dict[str, np.ndarray], targ
     del module
 
 
+def trainer_name() -> str:
+    """What trains the head in this environment."""
+    return "onnxruntime" if training_available() else "numpy"
+
+
 def _weighted(p: np.ndarray) -> bool:
     return bool(np.ptp(p) > 1e-12)
-
-
-class HeadRunner:
-    """Runs the head (split tensor -> logits) with given weights, for before/after scores."""
-
-    def __init__(
-        self, head: Path | bytes | Any, params: dict[str, np.ndarray] | None = None
-    ) -> None:
-        """`head`: a file, serialized model bytes, or an onnx.ModelProto; `params` replace
-        the named weights (this needs onnx)."""
-        source: Path | bytes
-        if params:
-            import onnx
-            from onnx import numpy_helper
-
-            model = onnx.load(str(head)) if isinstance(head, Path) else head
-            if isinstance(model, bytes):
-                model = onnx.load_from_string(model)
-            index = {t.name: i for i, t in enumerate(model.graph.initializer)}
-            for name, value in params.items():
-                model.graph.initializer[index[name]].CopyFrom(
-                    numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
-                )
-            source = model.SerializeToString()
-        elif isinstance(head, (Path, bytes)):
-            source = head
-        else:
-            source = head.SerializeToString()
-        self._session = inference_session(source, threads=1)
-        self._input = self._session.get_inputs()[0].name
-
-    def probabilities(self, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
-        chunks = [
-            self._session.run(None, {self._input: inputs[i : i + batch]})[0]
-            for i in range(0, len(inputs), batch)
-        ]
-        return softmax(np.concatenate(chunks).astype(np.float64))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]

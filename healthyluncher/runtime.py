@@ -1,15 +1,23 @@
-"""The one place that imports ONNX Runtime and its on-device training API."""
+"""ONNX Runtime: the one place that imports it and its training API, and runs sessions."""
 
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from healthyluncher.errors import LuncherError
+
+# ONNX Runtime 1.19 (the last training build) loads models up to IR version 10 and opset 21;
+# newer onnx releases write IR 11 and up.
+MAX_IR_VERSION = 10
+MAX_OPSET = 21
 
 
 def _register_training_package() -> None:
@@ -45,6 +53,19 @@ def runtime() -> ModuleType:
     onnxruntime.set_default_logger_severity(4)
     module: ModuleType = onnxruntime
     return module
+
+
+def training_available() -> bool:
+    """Whether ONNX Runtime's training API works here (onnxruntime-training-cpu, which
+    exists for CPython 3.10 to 3.12 only)."""
+    runtime()
+    if "onnxruntime.training" not in sys.modules:
+        return False
+    try:
+        from onnxruntime.training import api  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def training_api() -> Any:
@@ -88,3 +109,57 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     except Exception as exc:  # ORT raises its own untyped errors for unloadable models
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LuncherError(f"ONNX Runtime cannot load the model: {first_line}") from exc
+
+
+def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """A batch grown to `size` samples by repeating its last one (a model exported for a
+    fixed batch size; a repeated sample moves no calibration range and no other result)."""
+    if len(batch) >= size:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+
+
+def run_in_batches(
+    run: Callable[[np.ndarray], np.ndarray],
+    inputs: np.ndarray,
+    *,
+    step: int,
+    fixed: int | None = None,
+) -> np.ndarray:
+    """`run` over chunks of `step` samples; a model exported for a `fixed` batch size gets
+    chunks of exactly that size, the last one padded by repeating its last sample."""
+    size = fixed or step
+    parts = []
+    for start in range(0, len(inputs), size):
+        chunk = inputs[start : start + size]
+        count = len(chunk)
+        if fixed:
+            chunk = pad_batch(chunk, fixed)
+        parts.append(np.asarray(run(chunk))[:count])
+    return np.concatenate(parts)
+
+
+class HeadRunner:
+    """Runs a head (split tensor -> logits) for before/after scores."""
+
+    def __init__(self, head: Path | bytes, *, batch_limit: int | None = None) -> None:
+        """`head`: a file or serialized model bytes; `batch_limit`: the one batch size the
+        head accepts, if its exporter baked one in (`BaseMeta.head_batch_limit`)."""
+        self._session = inference_session(head, threads=1)
+        self._input = self._session.get_inputs()[0].name
+        self._fixed = batch_limit
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        def run(chunk: np.ndarray) -> np.ndarray:
+            return np.asarray(self._session.run(None, {self._input: chunk})[0])
+
+        return run_in_batches(run, inputs, step=256, fixed=self._fixed)
+
+    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(inputs).astype(np.float64))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]

@@ -1,9 +1,12 @@
-"""Hyperparameters and preprocessing settings: frozen dataclasses stored with the model."""
+"""Hyperparameters and preprocessing: frozen dataclasses, validated when they are made."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
+
+from healthyluncher.errors import LuncherError
 
 OptimizerName = Literal["adamw", "sgd"]
 Layout = Literal["NCHW", "NHWC"]
@@ -44,6 +47,21 @@ class Hyperparameters:
     memory_strength: float = 40.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Every value may come from a file (meta.json, a backup): checked here, once, so a
+        # bad one is refused before it can hang or derail a retrain.
+        _integer("epochs", self.epochs, 1, MAX_EPOCHS)
+        _number("learning rate", self.learning_rate, low=0.0, high=10.0, open_low=True)
+        _integer("batch size", self.batch_size, 1, 65536)
+        if self.optimizer not in ("adamw", "sgd"):
+            raise LuncherError(f"optimizer must be adamw or sgd, not {self.optimizer!r}")
+        _number("personal weight", self.personal_weight, low=0.0, high=1e6, open_low=True)
+        _integer("views per photo", self.augment_views, 1, MAX_VIEWS)
+        _integer("view budget", self.view_budget, 0, 64 * MAX_VIEWS)
+        _number("memory threshold", self.memory_threshold, low=-1.0, high=1.0)
+        _number("memory strength", self.memory_strength, low=0.0, high=1e4)
+        _integer("seed", self.seed, 0, 2**32 - 1)
+
     def views_for(self, photos: int) -> int:
         """Views per photo for a retrain (or re-embedding) of this many photos."""
         if self.view_budget <= 0:
@@ -54,7 +72,9 @@ class Hyperparameters:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Hyperparameters:
+    def from_json(cls, data: Any) -> Hyperparameters:
+        if not isinstance(data, dict):
+            raise LuncherError("hyperparameters must be a JSON object")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -80,6 +100,25 @@ class Preprocessing:
     layout: Layout = "NCHW"
     channels: int = 3
 
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            _integer(f"input {name}", getattr(self, name), 1, MAX_SIDE)
+        _integer("resize", self.resize, min(self.height, self.width), MAX_SIDE)
+        if self.layout not in ("NCHW", "NHWC"):
+            raise LuncherError(f"layout must be NCHW or NHWC, not {self.layout!r}")
+        _integer("channels", self.channels, 1, 3)
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if isinstance(values, list):
+                values = tuple(values)
+                object.__setattr__(self, name, values)  # frozen: normalized once, here
+            if not isinstance(values, tuple) or len(values) < self.channels:
+                raise LuncherError(f"{name} needs {self.channels} values, got {values!r}")
+            for value in values:
+                _number(name, value, low=-1e6, high=1e6)
+        if any(value == 0 for value in self.std):
+            raise LuncherError("std values must not be zero")
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["mean"] = list(self.mean)
@@ -87,10 +126,34 @@ class Preprocessing:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Preprocessing:
+    def from_json(cls, data: Any) -> Preprocessing:
+        if not isinstance(data, dict):
+            raise LuncherError("preprocessing must be a JSON object")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         for key in ("mean", "std"):
             if key in values:
-                values[key] = tuple(float(v) for v in values[key])
+                if not isinstance(values[key], list):
+                    raise LuncherError(f"preprocessing {key} must be a list of numbers")
+                values[key] = tuple(values[key])
         return cls(**values)
+
+
+# Limits on values read from files: past them a retrain would run for days or a photo
+# would take gigabytes, so they are refused rather than obeyed.
+MAX_EPOCHS = 1000
+MAX_VIEWS = 64
+MAX_SIDE = 4096
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise LuncherError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
+
+
+def _number(name: str, value: Any, *, low: float, high: float, open_low: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LuncherError(f"{name} must be a finite number, not {value!r}")
+    if value < low or (open_low and value == low) or value > high:
+        above = "greater than" if open_low else "at least"
+        raise LuncherError(f"{name} must be {above} {low:g} and at most {high:g}, not {value!r}")

@@ -1,4 +1,4 @@
-"""Reading the current base and personalized copy out of a models directory (no onnx import)."""
+"""The records of a models directory: the base, the personalized copy and the examples (no onnx)."""
 
 from __future__ import annotations
 
@@ -71,17 +71,6 @@ def bundled_model() -> Path | None:
         # Tests point this at a tiny model, or at nothing ("") to act as if none shipped.
         return Path(override) if override else None
     return next((c for c in candidates if c.is_file()), None)
-
-
-def ensure_base(store: ModelStore) -> State:
-    """The current state, after initializing an empty models directory from the shipped
-    base model (only then are onnx and the training API imported)."""
-    state = store.read_state()
-    if state.base is not None:
-        return state
-    from healthyluncher.updatable import initialize_from_bundled
-
-    return initialize_from_bundled(store)
 
 
 def load_base(store: ModelStore, state: State) -> Base:

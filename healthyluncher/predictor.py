@@ -1,4 +1,4 @@
-"""predict: label photos with the personalized model, or the base."""
+"""Predicting: one inference session over the active model, labelling photos as they decode."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.images import LoadedImage, load_many
-from healthyluncher.models import ensure_base, load_base, load_personal
-from healthyluncher.ortapi import inference_session
-from healthyluncher.photos import ImageFailure, find_images
+from healthyluncher.imaging import LoadedImage, load_many
+from healthyluncher.photos import ImageFailure, PhotoSource
+from healthyluncher.records import load_base, load_personal
+from healthyluncher.runtime import inference_session, run_in_batches
 from healthyluncher.store import Files, ModelStore
 
 # Photos per inference call: enough to keep both cores busy, small enough for flat memory.
@@ -21,7 +21,7 @@ PREDICT_BATCH = 16
 
 @dataclass(frozen=True)
 class Prediction:
-    path: Path
+    path: PhotoSource  # the file, or the in-memory photo ("<image 3>")
     label: str
     probability: float
     probabilities: dict[str, float]
@@ -38,7 +38,7 @@ class Predictor:
     """One loaded inference session over the active model."""
 
     def __init__(self, store: ModelStore, *, use_base: bool = False) -> None:
-        state = ensure_base(store)
+        state = store.read_state()
         base = load_base(store, state)
         personal = None if use_base else load_personal(store, state)
         if personal is not None:
@@ -64,18 +64,7 @@ class Predictor:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, *input) float32 -> (N, classes) float64 probabilities."""
-        fixed = self._fixed_batch
-        if fixed is None or len(batch) == fixed:
-            return self._run(batch)
-        # A model exported for a fixed batch size: run chunks of that size, padded.
-        parts = []
-        for start in range(0, len(batch), fixed):
-            chunk = batch[start : start + fixed]
-            count = len(chunk)
-            if count < fixed:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - count, axis=0)])
-            parts.append(self._run(chunk)[:count])
-        return np.concatenate(parts)
+        return run_in_batches(self._run, batch, step=len(batch), fixed=self._fixed_batch)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         scores = np.asarray(self._session.run(None, {self._input: batch})[0], dtype=np.float64)
@@ -85,7 +74,7 @@ class Predictor:
         return scores
 
     def predict(
-        self, paths: Sequence[Path], on_done: Callable[[], None] | None = None
+        self, paths: Sequence[PhotoSource], on_done: Callable[[], None] | None = None
     ) -> Iterator[Prediction | ImageFailure]:
         """Results in input order; decoding overlaps inference."""
         pending: list[LoadedImage] = []
@@ -121,10 +110,3 @@ class Predictor:
                     label: float(p) for label, p in zip(self.model.labels, row, strict=False)
                 },
             )
-
-
-def predict(
-    store: ModelStore, inputs: Sequence[Path], *, use_base: bool = False
-) -> Iterator[Prediction | ImageFailure]:
-    predictor = Predictor(store, use_base=use_base)
-    return predictor.predict(find_images(inputs))

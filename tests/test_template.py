@@ -11,13 +11,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from healthyluncher import fastgraph
-from healthyluncher.config import Hyperparameters
-from healthyluncher.models import Base, Examples, load_base
-from healthyluncher.ortapi import inference_session
-from healthyluncher.personalize import PersonalModel, personal_graphs, render_personal
+from healthyluncher import template
+from healthyluncher.bases import UpdatableOptions, make_updatable
+from healthyluncher.personal import PersonalModel, personal_graphs, render_personal
+from healthyluncher.records import Base, Examples, load_base
+from healthyluncher.runtime import inference_session
+from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore
-from healthyluncher.updatable import UpdatableOptions, make_updatable
 from tests.models import SIZE, keras_style, pytorch_style
 
 
@@ -127,7 +127,7 @@ def test_without_a_usable_template_onnx_builds_the_same(tmp_path):
     hp = Hyperparameters()
     fast = render_personal(base, base.meta.labels, params, examples, hp)
     (base.path / Files.TEMPLATE).write_bytes(b"luncher-template 1\n{not json")
-    assert fastgraph.load(base.path / Files.TEMPLATE) is None
+    assert template.load(base.path / Files.TEMPLATE) is None
     slow = render_personal(base, base.meta.labels, params, examples, hp)
     assert isinstance(slow, PersonalModel) and slow.model is not None
     feats = examples.inputs
@@ -148,7 +148,7 @@ def test_a_retrain_with_a_template_does_not_import_onnx(tmp_path):
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from healthyluncher.personalize import retrain\n"
+        "from healthyluncher.personalizing import retrain\n"
         "from healthyluncher.store import ModelStore\n"
         f"store = ModelStore(Path({str(base.path.parent)!r}))\n"
         f"retrain(store, 'healthy', [Path({str(photos)!r})])\n"

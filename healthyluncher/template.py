@@ -4,8 +4,15 @@ A retrain changes tensors only: the trainable weights and the memory of the user
 examples. When a base is made updatable, the graphs around those tensors (the full model's
 skeleton and the head, memory nodes included) are serialized once as a template; a retrain
 appends its tensors to them, encoding ONNX's TensorProto by hand. That keeps `import onnx`
-(about 60 ms) and the protobuf runtime off the retrain path. `graph.add_memory` remains the
-one definition of the memory; the tests check that both ways give the same model.
+(about 60 ms) and the protobuf runtime off the retrain path. `heads.add_memory` remains the
+one definition of the memory (the tensor names come from there); the tests check that both
+ways give the same model.
+
+Why not a fixed-shape personal graph whose weights and memory live in an external-data
+file that numpy rewrites: the memory grows with the user's examples (its row count is a
+tensor shape), and a new label changes the head's shapes, so the graph changes with both;
+a fixed-capacity memory would cost every prediction a matmul against empty rows. Appending
+a few length-delimited fields to a serialized graph is the smallest valid change.
 """
 
 from __future__ import annotations
@@ -18,12 +25,6 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"luncher-template 1\n"
-MEMORY_PREFIX = "luncher_memory"
-PERSONAL_ROWS = f"{MEMORY_PREFIX}/personal_rows"
-PERSONAL_MASK = f"{MEMORY_PREFIX}/personal_mask"
-THRESHOLD = f"{MEMORY_PREFIX}/threshold"
-STRENGTH = f"{MEMORY_PREFIX}/strength"
-MEMORY_TENSORS = (PERSONAL_ROWS, PERSONAL_MASK, THRESHOLD, STRENGTH)
 
 # ONNX TensorProto.DataType values a head's weights may use.
 DTYPES: dict[int, Any] = {
@@ -33,28 +34,6 @@ DTYPES: dict[int, Any] = {
     10: np.float16,
     11: np.float64,
 }
-
-
-def memory_tensors(rows: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The memory's two tensors: unit-length rows, transposed to (D, M), and the (C, M)
-    mask that is 0 where row m counts for class c and -4 (below any similarity) elsewhere."""
-    unit = rows.reshape(len(rows), -1).astype(np.float32)  # a copy: normalized below
-    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
-    mask = np.where(keep, 0.0, -4.0).astype(np.float32)
-    return unit.T.copy(), mask
-
-
-def personal_memory(
-    rows: np.ndarray, classes: np.ndarray, num_classes: int, threshold: float, strength: float
-) -> dict[str, np.ndarray]:
-    """The varying memory tensors for the user's examples (rows and their class indices)."""
-    unit, mask = memory_tensors(rows, classes[None, :] == np.arange(num_classes)[:, None])
-    return {
-        PERSONAL_ROWS: unit,
-        PERSONAL_MASK: mask,
-        THRESHOLD: np.array(threshold, np.float32),
-        STRENGTH: np.array(strength, np.float32),
-    }
 
 
 @dataclass(frozen=True)
@@ -134,51 +113,6 @@ def _read(path: Path) -> Template | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def build(
-    model: Any,
-    head: Any,
-    trainable: tuple[str, ...],
-    split_tensor: str,
-    num_classes: int,
-    replay: tuple[np.ndarray, np.ndarray] | None,
-) -> Template:
-    """The template of a base: its full model (skeleton) and head with a placeholder memory,
-    stripped of the trainable weights and the memory's varying tensors (needs onnx)."""
-    import copy
-
-    from healthyluncher import graph
-
-    model, head = copy.deepcopy(model), copy.deepcopy(head)
-    locations = tuple(sorted(graph.external_locations(model)))
-    logits = head.graph.output[0].name
-    placeholder = np.ones((1, 1), np.float32)
-    for target in (model, head):
-        graph.add_memory(
-            target,
-            split_tensor,
-            logits,
-            placeholder,
-            np.zeros(1, np.int64),
-            num_classes,
-            0,
-            0,
-            replay,
-        )
-    varying = set(trainable) | set(MEMORY_TENSORS)
-    dtypes = {t.name: int(t.data_type) for t in head.graph.initializer if t.name in varying}
-    blobs = []
-    for target in (model, head):
-        kept = [t for t in target.graph.initializer if t.name not in varying]
-        if len(target.graph.initializer) - len(kept) != len(varying):
-            raise ValueError("the graphs do not hold every trainable weight once")
-        del target.graph.initializer[:]
-        target.graph.initializer.extend(kept)
-        graph_bytes = target.graph.SerializeToString()
-        target.ClearField("graph")
-        blobs += [target.SerializeToString(), graph_bytes]
-    return Template(num_classes, locations, dtypes, *blobs)
 
 
 def _varint(value: int) -> bytes:

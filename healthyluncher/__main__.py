@@ -1,0 +1,5 @@
+"""`python -m healthyluncher`: the `luncher` command."""
+
+from healthyluncher.cli import main
+
+main()

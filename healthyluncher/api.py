@@ -1,0 +1,313 @@
+"""The public API: a models directory opened as a `Luncher`, and `make_updatable`.
+
+Everything the `luncher` command does goes through here, so a program gets the same
+results, the same errors (`LuncherError`) and the same safety (one atomic, locked
+transaction per change) as a person at a terminal. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.events import ProgressCallback
+from healthyluncher.personalizing import (
+    ForgetResult,
+    ResetResult,
+    RetrainResult,
+    Status,
+    UndoResult,
+)
+from healthyluncher.photos import ImageFailure, PhotoSource
+from healthyluncher.predictor import Prediction, Predictor
+from healthyluncher.settings import Hyperparameters
+from healthyluncher.store import ModelStore, State, resolve_models_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from healthyluncher.backup import ExportResult, ImportResult
+    from healthyluncher.bases import UpdatableResult
+
+    # A photo: a file path, a PIL image, or a (H, W, 3) uint8 array.
+    PhotoInput = str | os.PathLike[str] | Image.Image | np.ndarray
+
+
+T = TypeVar("T")
+
+
+def open(models_dir: str | os.PathLike[str] | None = None) -> Luncher:  # noqa: A001
+    """Open a models directory, as `luncher` does: `models_dir`, else the environment
+    variable LUNCHER_MODELS_DIR, else your user data directory. An empty one is set up
+    from the shipped base model on first use.
+
+    >>> lun = healthyluncher.open()
+    >>> lun.predict(["lunch.jpg"])[0].label
+    'healthy'
+    """
+    if models_dir is not None and not isinstance(models_dir, (str, os.PathLike)):
+        raise LuncherError(
+            f"models_dir must be a path (str or os.PathLike), not {type(models_dir).__name__}"
+        )
+    root = resolve_models_dir(Path(models_dir) if models_dir is not None else None)
+    return Luncher(root)
+
+
+class Luncher:
+    """One models directory: predict with it, personalize it, undo, export and import.
+
+    Safe to use from several threads (one operation at a time per `Luncher`); several
+    processes take turns on the models directory's lock.
+    """
+
+    def __init__(self, models_dir: Path) -> None:
+        self._store = ModelStore(models_dir)
+        self._lock = threading.RLock()
+        self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
+
+    def __repr__(self) -> str:
+        return f"Luncher({str(self.models_dir)!r})"
+
+    @property
+    def models_dir(self) -> Path:
+        return self._store.root
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels predictions choose from (the base's, plus any you added)."""
+        return self._predictor(base=False).model.labels
+
+    @property
+    def personalized(self) -> bool:
+        """Whether predictions come from your personalized copy (else from the base)."""
+        return self._ready().personal is not None
+
+    # -- predicting ------------------------------------------------------------------------
+
+    def predict(
+        self, photos: PhotoInput | Sequence[PhotoInput], *, base: bool = False
+    ) -> list[Prediction]:
+        """Label each photo, in the order given (directories are searched, sorted).
+
+        Photos are file paths, PIL images or (H, W, 3) uint8 arrays, mixed freely.
+        `base=True` ignores the personalization. A photo that cannot be read raises
+        LuncherError naming it; `predict_each` reports it and goes on instead.
+        """
+        results: list[Prediction] = []
+        for item in self.predict_each(photos, base=base):
+            if isinstance(item, ImageFailure):
+                raise LuncherError(item.error)
+            results.append(item)
+        return results
+
+    def predict_each(
+        self, photos: PhotoInput | Sequence[PhotoInput], *, base: bool = False
+    ) -> Iterator[Prediction | ImageFailure]:
+        """Like `predict`, one result at a time as photos decode: a `Prediction`, or an
+        `ImageFailure` for a photo that cannot be read."""
+        from healthyluncher.photos import find_images
+
+        sources = find_images(_sources(photos))
+        if not sources:
+            raise LuncherError("no image files found in " + _describe(photos))
+        predictor = self._predictor(base=base)
+        return predictor.predict(sources)
+
+    def _predictor(self, *, base: bool) -> Predictor:
+        """The session over the current model, loaded again only when the state changes."""
+        with self._lock:
+            state = self._ready()
+            key = (base, state.base, None if base else state.personal)
+            predictor = self._predictors.get(key)
+            if predictor is None:
+                predictor = Predictor(self._store, use_base=base)
+                self._predictors = {key: predictor}
+            return predictor
+
+    # -- personalizing ---------------------------------------------------------------------
+
+    def retrain(
+        self,
+        label: str,
+        photos: PhotoInput | Sequence[PhotoInput],
+        *,
+        new_label: bool = False,
+        epochs: int | None = None,
+        learning_rate: float | None = None,
+        views: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> RetrainResult:
+        """Teach the model that these photos are `label`, and retrain.
+
+        A label the model does not have is refused unless `new_label=True`, which adds it.
+        `epochs`, `learning_rate` and `views` (augmented views per photo) override the
+        stored settings and are remembered. `progress` receives `Progress` events.
+        """
+        from healthyluncher.personalizing import retrain
+
+        self._check_overrides(epochs, learning_rate, views)
+        return self._run(
+            retrain,
+            label,
+            _sources(photos),
+            new_label=new_label,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            augment_views=views,
+            progress=progress,
+        )
+
+    def forget(
+        self,
+        photos: PhotoInput | Sequence[PhotoInput],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> ForgetResult:
+        """Remove these photos (matched by content) from your examples and retrain without
+        them; the undo history is cleared so that they cannot come back."""
+        from healthyluncher.personalizing import forget
+
+        return self._run(forget, _sources(photos), progress)
+
+    def undo(self) -> UndoResult:
+        """Go back to the personalized model as it was before the last change."""
+        from healthyluncher.personalizing import undo
+
+        return self._run(undo)
+
+    def reset(self) -> ResetResult:
+        """Remove the personalization, your examples and their files; the base stays."""
+        from healthyluncher.personalizing import reset
+
+        with self._lock:
+            return reset(self._store)  # works on a damaged directory: no _ready()
+
+    def status(self) -> Status:
+        """The base, your examples, the settings, the trainer and the disk used."""
+        from healthyluncher.personalizing import status
+
+        return self._run(status)
+
+    # -- backups ---------------------------------------------------------------------------
+
+    def export_backup(self, path: str | os.PathLike[str]) -> ExportResult:
+        """Write your personalization, examples and thumbnails to one .tar.gz."""
+        from healthyluncher.backup import export_backup
+
+        return self._run(export_backup, Path(path))
+
+    def import_backup(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        rebuild: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> ImportResult:
+        """Restore a backup written by `export_backup` (`undo` goes back). A backup of
+        another base needs `rebuild=True`: its photos are embedded again and retrained."""
+        from healthyluncher.backup import import_backup
+
+        return self._run(import_backup, Path(path), rebuild=rebuild, progress=progress)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _ready(self) -> State:
+        """The current state, after setting up an empty models directory from the shipped
+        base (only then are onnx and the training API imported)."""
+        state = self._store.read_state()
+        if state.base is not None:
+            return state
+        from healthyluncher.bases import ensure_base
+
+        return ensure_base(self._store)
+
+    def _run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            self._ready()
+            return operation(self._store, *args, **kwargs)
+
+    @staticmethod
+    def _check_overrides(
+        epochs: int | None, learning_rate: float | None, views: int | None
+    ) -> None:
+        # Validated by Hyperparameters itself, before any photo is read.
+        Hyperparameters(
+            epochs=Hyperparameters.epochs if epochs is None else epochs,
+            learning_rate=Hyperparameters.learning_rate if learning_rate is None else learning_rate,
+            augment_views=Hyperparameters.augment_views if views is None else views,
+        )
+
+
+def make_updatable(
+    model: str | os.PathLike[str],
+    *,
+    labels: Sequence[str] | None = None,
+    trainable_layers: int = 1,
+    models_dir: str | os.PathLike[str] | None = None,
+    resize: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    hyperparameters: Hyperparameters | None = None,
+    replay: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    keep_personalization: bool | None = None,
+    int8: bool = False,
+    calibration: str | os.PathLike[str] | None = None,
+) -> UpdatableResult:
+    """Make an ONNX image classifier the base of a models directory: its last
+    `trainable_layers` layers with weights train on your photos, the rest stays frozen.
+
+    With a personalization present, `keep_personalization=True` carries it over to the
+    new base (embedded again and retrained), `False` or `force=True` drops it, and `None`
+    refuses. `int8` quantizes the frozen part, calibrated on the photos in `calibration`.
+    """
+    from healthyluncher.bases import UpdatableOptions
+    from healthyluncher.bases import make_updatable as build
+
+    options = UpdatableOptions(
+        labels=tuple(labels) if labels is not None else None,
+        trainable_layers=trainable_layers,
+        resize=resize,
+        mean=tuple(mean) if mean is not None else None,
+        std=tuple(std) if std is not None else None,
+        hyperparameters=hyperparameters or Hyperparameters(),
+        replay=Path(replay) if replay is not None else None,
+        force=force or keep_personalization is False,
+        keep_personalization=keep_personalization,
+        int8=int8,
+        calibration=Path(calibration) if calibration is not None else None,
+    )
+    lun = open(models_dir)
+    with lun._lock:
+        return build(lun._store, Path(model), options)
+
+
+def _sources(photos: Any) -> list[PhotoSource]:
+    """Paths as Paths, in-memory images as lossless in-memory photos."""
+    items = [photos] if _is_single(photos) else list(photos)
+    sources: list[PhotoSource] = []
+    for index, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)):
+            sources.append(Path(item))
+        else:
+            from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
+
+            sources.append(from_pixels(item, f"<image {index}>"))
+    return sources
+
+
+def _is_single(photos: Any) -> bool:
+    if isinstance(photos, (str, os.PathLike)):
+        return True
+    # A numpy array of pixels is one photo; a list of them is several.
+    return hasattr(photos, "shape") or hasattr(photos, "getpixel")
+
+
+def _describe(photos: Any) -> str:
+    items = [photos] if _is_single(photos) else list(photos)
+    return ", ".join(str(item) for item in items) or "(nothing)"

@@ -1,0 +1,187 @@
+"""What the `luncher` command shows: consoles, tables, progress bars and its one error boundary."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from healthyluncher.errors import LuncherError
+
+if TYPE_CHECKING:
+    from healthyluncher.events import Progress
+
+
+class _Console:
+    """A rich Console created on first use: `--json` output and `--help` never import rich's
+    rendering (about 20 ms of every cold start)."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def real(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False, soft_wrap=True, **self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+
+out = _Console()
+err = _Console(stderr=True)
+
+
+def escape(text: str) -> str:
+    """rich's markup escape, imported when something is printed with markup."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    right: bool = False  # numbers
+    style: str = ""  # rich style of every cell, at a terminal
+
+
+def print_table(title: str, columns: list[Column], rows: list[list[tuple[str, str]]]) -> None:
+    """A table: drawn by rich at a terminal; piped, plain columns separated by two spaces
+    (grep- and awk-friendly, and no rich import). Cells are (text, rich style or "")."""
+    if not sys.stdout.isatty():
+        widths = [
+            max([len(c.header)] + [len(row[i][0]) for row in rows]) for i, c in enumerate(columns)
+        ]
+
+        def line(cells: list[str]) -> str:
+            parts = [
+                cell.rjust(width) if column.right else cell.ljust(width)
+                for cell, width, column in zip(cells, widths, columns, strict=True)
+            ]
+            return "  ".join(parts).rstrip()
+
+        text = [title, line([c.header for c in columns])]
+        text += [line([cell for cell, _ in row]) for row in rows]
+        sys.stdout.write("\n".join(text) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(columns):
+        table.add_column(
+            column.header,
+            justify="right" if column.right else "left",
+            style=column.style or None,
+            overflow="fold" if index == 0 else "ellipsis",
+        )
+    for row in rows:
+        table.add_row(
+            *(
+                f"[{style}]{escape(cell)}[/{style}]" if style else escape(cell)
+                for cell, style in row
+            )
+        )
+    out.print(table)
+
+
+def say(text: str) -> None:
+    """A line of plain text (no markup) on stdout."""
+    sys.stdout.write(text + "\n")
+
+
+debug_requested = [False]  # set by --debug
+
+
+def reporting(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn errors into one red line on stderr and exit 1 (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except LuncherError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]: the models directory was not changed")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`luncher predict --json photos/ | head`): stop quietly,
+            # and keep Python from complaining while it flushes stdout on exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(0) from None
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except Exception as exc:
+            if debug_requested[0] or os.environ.get("LUNCHER_DEBUG"):
+                raise
+            err.print(
+                f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc))} "
+                "(run with --debug for the traceback)"
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@contextmanager
+def spinner(message: str) -> Iterator[None]:
+    if err.is_terminal:
+        with err.status(message):
+            yield
+    else:
+        yield
+
+
+@contextmanager
+def progress_bars() -> Iterator[Any]:
+    """A progress callback drawing rich bars on stderr (silent when not a terminal)."""
+    if not sys.stderr.isatty() or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+    from rich.progress import Progress as Bars
+
+    bars = Bars(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err.real(),
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def report(event: Progress) -> None:
+        if event.stage not in tasks:
+            tasks[event.stage] = bars.add_task(event.stage, total=event.total)
+        bars.update(tasks[event.stage], completed=event.done, total=event.total)
+
+    with bars:
+        yield report
+
+
+def json_line(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
+def views_setting(hp: dict[str, Any]) -> str:
+    views = hp["augment_views"]
+    if views == 1:
+        return "1 view per photo"
+    if hp.get("view_budget", 0) > 0:
+        return f"up to {views} views per photo, {hp['view_budget']} per retrain"
+    return f"{views} views per photo"

@@ -1,0 +1,215 @@
+"""`luncher make-updatable`, `export` and `import`: setting up a base, and backups."""
+
+# No `from __future__ import annotations` here: typer reads the annotations at run time.
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from healthyluncher.cli_app import Optimizer, app, floats, luncher
+from healthyluncher.cli_output import (
+    Column,
+    escape,
+    out,
+    print_table,
+    progress_bars,
+    reporting,
+    spinner,
+)
+from healthyluncher.settings import Hyperparameters
+
+
+@app.command("make-updatable")
+@reporting
+def make_updatable(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="An ONNX image classifier.", show_default=False)],
+    labels: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Class names in output order, comma-separated (else from metadata)."),
+    ] = None,
+    trainable_layers: Annotated[
+        int, typer.Option(min=1, help="How many of the last layers with weights train.")
+    ] = 1,
+    resize: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Short side in pixels before the centre crop."),
+    ] = None,
+    mean: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Per-channel mean in 0..255 pixel units, e.g. 123.7,116.3,103.5."),
+    ] = None,
+    std: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Per-channel std in 0..255 pixel units, e.g. 58.4,57.1,57.4."),
+    ] = None,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Default epochs for retrain.")
+    ] = Hyperparameters.epochs,
+    learning_rate: Annotated[
+        float, typer.Option(help="Default learning rate.")
+    ] = Hyperparameters.learning_rate,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Training batch size.")
+    ] = Hyperparameters.batch_size,
+    optimizer: Annotated[Optimizer, typer.Option(help="Training optimizer.")] = Optimizer.adamw,
+    replay: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="An .npz of head inputs and labels from the base's training data."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing base.")] = False,
+    keep_personalization: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--keep-personalization/--drop-personalization",
+            help="Carry your examples over to the new base and retrain on it (default: ask).",
+            show_default=False,
+        ),
+    ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Quantize the frozen part to int8 (static, per-channel); needs --calibration.",
+        ),
+    ] = False,
+    calibration: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="A directory of photos to calibrate --int8 on (at most 200 are used).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Turn MODEL into a base whose last layers train on your photos.
+
+    Example: luncher make-updatable mobilenet.onnx --labels healthy,fast_food --trainable-layers 2
+    """
+    from healthyluncher import api
+
+    hyperparameters = Hyperparameters(
+        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, optimizer=optimizer.value
+    )
+    keep = _ask_to_keep(ctx) if keep_personalization is None else keep_personalization
+    with spinner(f"Making {model.name} updatable"):
+        result = api.make_updatable(
+            model,
+            labels=[x.strip() for x in labels.split(",")] if labels else None,
+            trainable_layers=trainable_layers,
+            models_dir=(ctx.obj or {}).get("models_dir"),
+            resize=resize,
+            mean=floats(mean, "--mean"),
+            std=floats(std, "--std"),
+            hyperparameters=hyperparameters,
+            replay=replay,
+            force=force,
+            keep_personalization=keep,
+            int8=int8,
+            calibration=calibration,
+        )
+    print_table(
+        f"Layers of {model.name}",
+        [Column("layer"), Column("op"), Column("parameters", right=True), Column("")],
+        [
+            [
+                (layer.name, ""),
+                (layer.op, ""),
+                (f"{layer.params:,}", ""),
+                ("trainable", "green") if layer.trainable else ("frozen", "dim"),
+            ]
+            for layer in result.meta.layers
+        ],
+    )
+    meta = result.meta
+    out.print(
+        f"Base ready in {escape(str(result.directory))}: labels {', '.join(meta.labels)}; "
+        f"input {meta.preprocessing.height}x{meta.preprocessing.width} "
+        f"{meta.preprocessing.layout}; training from tensor {escape(meta.split_tensor)!r}."
+    )
+    if meta.int8:
+        out.print(f"The frozen part is int8, calibrated on {meta.calibration_photos} photo(s).")
+    if result.dropped_personalization:
+        out.print("The previous personalization was removed.")
+    if result.carried_over is not None:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.carried_over.items()))
+        out.print(
+            f"Your personalization was carried over and retrained on the new base ({counts})."
+        )
+        if result.not_carried:
+            out.print(f"{result.not_carried} example(s) had no thumbnail and were left behind.")
+
+
+def _ask_to_keep(ctx: typer.Context) -> bool | None:
+    """Offer to keep an existing personalization, when a person is at the terminal."""
+    if not sys.stdin.isatty() or not luncher(ctx).personalized:
+        return None
+    return typer.confirm(
+        "Keep your personalization on the new base (retrain it there)?", default=True
+    )
+
+
+@app.command("export")
+@reporting
+def export_backup(
+    ctx: typer.Context,
+    backup: Annotated[
+        Path, typer.Argument(help="The archive to write (.tar.gz).", show_default=False)
+    ],
+) -> None:
+    """Save your personalization, your examples and your photos' thumbnails to one archive.
+
+    Example: luncher export luncher-backup.tar.gz
+    """
+    result = luncher(ctx).export_backup(backup)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    size = f"{result.size / 2**20:.1f} MiB" if result.size >= 2**20 else f"{result.size} bytes"
+    out.print(
+        f"Wrote {escape(str(result.path))} ({size}): labels "
+        f"{escape(', '.join(result.labels))}; your examples ({escape(counts)}) and "
+        f"{result.thumbnails} thumbnail(s)."
+    )
+    if result.without_thumbnail:
+        out.print(
+            f"{result.without_thumbnail} photo(s) have no thumbnail: they restore on this base "
+            "but cannot be embedded again on another."
+        )
+
+
+@app.command("import")
+@reporting
+def import_backup(
+    ctx: typer.Context,
+    backup: Annotated[
+        Path, typer.Argument(help="An archive written by 'luncher export'.", show_default=False)
+    ],
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="For a backup of another base: embed its photos again with this base and "
+            "retrain with its settings.",
+        ),
+    ] = False,
+) -> None:
+    """Restore a personalization saved by 'luncher export'; 'luncher undo' goes back.
+
+    Example: luncher import luncher-backup.tar.gz
+    """
+    with progress_bars() as report:
+        result = luncher(ctx).import_backup(backup, rebuild=rebuild, progress=report)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    if result.rebuilt:
+        out.print(
+            f"Embedded your photos with this base and retrained ({escape(counts)}); "
+            f"labels {escape(', '.join(result.labels))}."
+        )
+        if result.not_carried:
+            out.print(f"{result.not_carried} photo(s) had no usable thumbnail and were left out.")
+    else:
+        out.print(
+            f"Restored the personalized model trained {result.trained_at} ({escape(counts)}); "
+            f"labels {escape(', '.join(result.labels))}."
+        )
+    out.print(f"{result.undo_steps} undo step(s) available.")

@@ -1,0 +1,236 @@
+"""Head inputs for photos: the frozen part runs once per photo and view, then the cache answers."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.events import Progress, ProgressCallback
+from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
+from healthyluncher.records import Base, Examples
+from healthyluncher.runtime import inference_session, run_in_batches
+from healthyluncher.settings import Hyperparameters
+from healthyluncher.store import Files, ModelStore, atomic_write_bytes
+
+# Images (photos x views) per call of the frozen part: enough to keep both cores busy, few
+# enough that the first call starts while later photos still decode and that memory stays
+# flat (128 at once peaked above 1 GB on the shipped base).
+FROZEN_BATCH = 8
+# Bump when augmented_views changes, so cached views are not mixed with new ones.
+AUGMENT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    path: PhotoSource
+    digest: str
+    array: np.ndarray  # head inputs when cached, else the views' pixels
+    cached: bool
+
+
+class Embedder:
+    """Head inputs for photos: the frozen part runs once per photo, then the cache answers."""
+
+    def __init__(self, store: ModelStore, base: Base, views: int) -> None:
+        self.base = base
+        self.views = max(1, views)
+        self.store = store
+        self.cache = store.cache_dir(base.meta.embedding_key)
+        self._session: Any = None
+
+    def _cache_file(self, digest: str) -> Path:
+        return self.cache / f"{digest}.v{AUGMENT_VERSION}x{self.views}.npy"
+
+    def embed(
+        self,
+        paths: Sequence[PhotoSource],
+        progress: ProgressCallback | None = None,
+        *,
+        digests: Sequence[str] | None = None,
+    ) -> tuple[list[tuple[PhotoSource, str, np.ndarray]], list[ImageFailure], int]:
+        """[(path, digest, views)] in input order, failures, and how many photos ran
+        through the frozen part (cache misses).
+
+        Photos stream through a small window: decoding on two threads overlaps the frozen
+        part's inference, and no more than a few batches are ever held in memory.
+        `digests` names the photos (for thumbnails, whose bytes are not the original's).
+        """
+        results: list[tuple[PhotoSource, str, np.ndarray]] = []
+        failures: list[ImageFailure] = []
+        pending: list[tuple[PhotoSource, str, np.ndarray]] = []  # decoded, awaiting the frozen part
+        fresh = 0
+        total = len(paths)
+
+        def flush() -> None:
+            nonlocal fresh
+            if not pending:
+                return
+            outputs = self._run_frozen(np.concatenate([pixels for _, _, pixels in pending]))
+            for offset, (path, digest, _) in enumerate(pending):
+                views = outputs[offset * self.views : (offset + 1) * self.views]
+                self._write_cache(digest, views)
+                results.append((path, digest, views))
+            fresh += len(pending)
+            pending.clear()
+
+        # Photos already in the cache are read here, in order, until the first that is not:
+        # a retrain of cached photos starts no decoding threads.
+        next_index = 0
+        while next_index < total:
+            named = digests[next_index] if digests is not None else None
+            quick = self._prepare(paths[next_index], named, decode=False)
+            if quick is None:
+                break
+            if isinstance(quick, ImageFailure):
+                failures.append(quick)
+            else:
+                results.append((quick.path, quick.digest, quick.array))
+            next_index += 1
+            if progress:
+                progress(Progress("embedding", next_index, total))
+        if next_index == total:
+            return results, failures, fresh
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
+            window: list[Future[_Prepared | ImageFailure | None]] = []
+            while window or next_index < total:
+                while next_index < total and len(window) < max(2, 2 * FROZEN_BATCH // self.views):
+                    named = digests[next_index] if digests is not None else None
+                    window.append(pool.submit(self._prepare, paths[next_index], named))
+                    next_index += 1
+                item = window.pop(0).result()
+                assert item is not None  # decode=True
+                if isinstance(item, ImageFailure):
+                    failures.append(item)
+                elif item.cached:
+                    flush()  # keep input order
+                    results.append((item.path, item.digest, item.array))
+                else:
+                    # Load the frozen part now, while the other photos decode.
+                    self._ensure_session()
+                    pending.append((item.path, item.digest, item.array))
+                    if len(pending) * self.views >= FROZEN_BATCH:
+                        flush()
+                if progress:
+                    progress(
+                        Progress("embedding", len(results) + len(pending) + len(failures), total)
+                    )
+            flush()
+        return results, failures, fresh
+
+    def _prepare(
+        self, path: PhotoSource, digest: str | None, *, decode: bool = True
+    ) -> _Prepared | ImageFailure | None:
+        """Cached head inputs, or decoded augmented views ready for the frozen part (None
+        for a photo not in the cache when `decode` is false)."""
+        try:
+            data = read_bytes(path)
+            own_photo = digest is None
+            digest = digest or digest_of(data)
+            cached = self._read_cache(digest)
+            if cached is not None and (not own_photo or self.store.thumbnail(digest).is_file()):
+                return _Prepared(path, digest, cached, cached=True)
+            if not decode:
+                return None
+            from healthyluncher import imaging  # Pillow: only for a photo not in the cache
+
+            prep = self.base.meta.preprocessing
+            image = imaging.decode(data, prep, name=str(path))
+            if own_photo:
+                self._write_thumbnail(digest, image)
+            views = imaging.augmented_views(image, prep, self.views, int(digest[:8], 16))
+            return _Prepared(path, digest, views, cached=False)
+        except LuncherError as exc:
+            message = str(exc)
+            return ImageFailure(path, message if str(path) in message else f"{path}: {message}")
+
+    def _ensure_session(self) -> None:
+        if self._session is None and self.base.meta.has_frozen_part:
+            self._session = inference_session(self.base.path / Files.FROZEN)
+
+    def _run_frozen(self, batch: np.ndarray) -> np.ndarray:
+        meta = self.base.meta
+        if not meta.has_frozen_part:
+            return batch
+        self._ensure_session()
+
+        def run(chunk: np.ndarray) -> np.ndarray:
+            return np.asarray(self._session.run(None, {meta.input_name: chunk})[0])
+
+        outputs = run_in_batches(run, batch, step=FROZEN_BATCH, fixed=meta.input_batch)
+        return outputs.astype(np.float32, copy=False)
+
+    def _write_thumbnail(self, digest: str, image: Any) -> None:
+        """Keep the photo at the size the model reads, so a new base can embed it again."""
+        from healthyluncher.imaging import resize_short_side
+
+        target = self.store.thumbnail(digest)
+        if target.is_file():
+            return
+        short = self.base.meta.preprocessing.resize
+        small = resize_short_side(image, short) if min(image.size) > short else image
+        buffer = io.BytesIO()
+        try:
+            small.convert("RGB").save(buffer, "JPEG", quality=90)
+        except (OSError, ValueError) as exc:  # e.g. wider than JPEG's 65500 pixels
+            raise LuncherError(f"cannot keep a thumbnail of this photo: {exc}") from None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target, buffer.getvalue())
+        except OSError as exc:
+            raise LuncherError(f"cannot keep a thumbnail in {target.parent}: {exc}") from None
+
+    def _read_cache(self, digest: str) -> np.ndarray | None:
+        path = self._cache_file(digest)
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None  # missing or damaged: embed again
+        return value if len(value) == self.views else None
+
+    def _write_cache(self, digest: str, views: np.ndarray) -> None:
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.save(buffer, views.astype(np.float32, copy=False))
+            atomic_write_bytes(self._cache_file(digest), buffer.getvalue(), durable=False)
+        except OSError:
+            pass  # the cache is only a speed-up; a full disk must not fail the retrain
+
+
+def rebuild_examples(
+    store: ModelStore,
+    base: Base,
+    digests: Sequence[str],
+    labels: Sequence[str],
+    hp: Hyperparameters,
+    progress: ProgressCallback | None = None,
+) -> tuple[Examples, int]:
+    """Embed the kept thumbnails of these photos with `base`; returns the examples and how
+    many photos could not be carried over (thumbnail missing or unreadable)."""
+    pairs = zip(digests, labels, strict=True)
+    found = [(d, label) for d, label in pairs if store.thumbnail(d).is_file()]
+    embedder = Embedder(store, base, hp.views_for(len(found)))
+    embedded, _, _ = embedder.embed(
+        [store.thumbnail(d) for d, _ in found], progress, digests=[d for d, _ in found]
+    )
+    missing = len(digests) - len(embedded)
+    if not embedded:
+        return Examples.empty(()), missing
+    label_of = dict(found)
+    examples = Examples(
+        inputs=np.concatenate([views for _, _, views in embedded]),
+        owner=np.concatenate(
+            [np.full(len(views), i, np.int64) for i, (_, _, views) in enumerate(embedded)]
+        ),
+        digests=tuple(digest for _, digest, _ in embedded),
+        labels=tuple(label_of[digest] for _, digest, _ in embedded),
+    )
+    return examples, missing

@@ -1,0 +1,116 @@
+"""The user's examples as training data: merging, selecting, weighting, and the memory rows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from healthyluncher.records import Base, Examples
+from healthyluncher.settings import Hyperparameters
+from healthyluncher.store import Files
+from healthyluncher.trainers import TrainingSet
+
+# Rows of the nearest-neighbour memory at most: about 10 MB of float32 for the shipped
+# base's 1280-d head inputs. Past it, fewer augmented views per photo are remembered.
+MEMORY_ROWS = 2048
+
+
+def merge_examples(old: Examples, new: list[tuple[str, np.ndarray]], label: str) -> Examples:
+    """Add photos (digest, views) under `label`; a photo seen before takes the new label."""
+    replaced = {digest for digest, _ in new}
+    kept = select_examples(old, [i for i, d in enumerate(old.digests) if d not in replaced])
+    if not new:
+        return kept
+    owner = [kept.owner] + [
+        np.full(len(views), len(kept) + i, np.int64) for i, (_, views) in enumerate(new)
+    ]
+    return Examples(
+        inputs=np.concatenate([kept.inputs, *(views for _, views in new)]).astype(
+            np.float32, copy=False
+        ),
+        owner=np.concatenate(owner),
+        digests=kept.digests + tuple(d for d, _ in new),
+        labels=kept.labels + (label,) * len(new),
+    )
+
+
+def select_examples(examples: Examples, keep: list[int]) -> Examples:
+    """The photos at `keep`, in that order, with their views (one pass, no mask per photo)."""
+    if not keep:
+        return Examples(examples.inputs[:0], examples.owner[:0], (), ())
+    wanted = np.asarray(keep, np.int64)
+    new_index = np.full(len(examples), -1, np.int64)
+    new_index[wanted] = np.arange(len(wanted))
+    row_owner = new_index[examples.owner]
+    rows = np.flatnonzero(row_owner >= 0)
+    rows = rows[np.argsort(row_owner[rows], kind="stable")]
+    return Examples(
+        examples.inputs[rows],
+        row_owner[rows],
+        tuple(examples.digests[i] for i in keep),
+        tuple(examples.labels[i] for i in keep),
+    )
+
+
+def training_set(
+    examples: Examples,
+    replay: tuple[np.ndarray, np.ndarray] | None,
+    labels: tuple[str, ...],
+    hp: Hyperparameters,
+) -> TrainingSet:
+    """Personal views weighted `personal_weight` per photo, plus replayed base examples.
+
+    Each class present gets the same total weight, so a label with many replayed examples
+    does not drown one with a few personal photos, nor the other way round.
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    views_per_photo = np.bincount(examples.owner, minlength=len(examples))
+    parts_y = [np.array([index[examples.labels[o]] for o in examples.owner], np.int64)]
+    parts_w = [hp.personal_weight / views_per_photo[examples.owner]]
+    extra = None
+    if replay is not None and len(replay[0]):
+        extra = replay[0]
+        parts_y.append(replay[1])
+        parts_w.append(np.ones(len(replay[0])))
+    y = np.concatenate(parts_y).astype(np.int64)
+    w = np.concatenate(parts_w).astype(np.float64)
+    for cls in np.flatnonzero(np.bincount(y)):  # not np.unique: it imports numpy.ma
+        mask = y == cls
+        w[mask] /= w[mask].sum()
+    return TrainingSet(inputs=examples.inputs, labels=y, weights=w, extra=extra)
+
+
+def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray] | None:
+    path = base.path / Files.REPLAY
+    if not path.is_file():
+        return None
+    index = {label: i for i, label in enumerate(base.meta.labels)}
+    with np.load(path, allow_pickle=False) as data:
+        return (
+            data["inputs"].astype(np.float32, copy=False),
+            np.array([index[str(label)] for label in data["labels"]], np.int64),
+        )
+
+
+def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The views to remember and their class indices: every photo's own view first, then
+    augmented views while they fit in MEMORY_ROWS."""
+    owner = examples.owner
+    first = _first_view_indices(examples)
+    rest = np.ones(len(owner), bool)
+    rest[first] = False
+    chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
+    classes = np.array([labels.index(examples.labels[o]) for o in examples.owner[chosen]])
+    return examples.inputs[chosen], classes.astype(np.int64)
+
+
+def _first_view_indices(examples: Examples) -> np.ndarray:
+    """Row index of each photo's own (first) view."""
+    first = np.full(len(examples), len(examples.owner))
+    np.minimum.at(first, examples.owner, np.arange(len(examples.owner)))
+    return first
+
+
+def first_views(examples: Examples) -> np.ndarray:
+    """Each photo's own (first) view: (photos, *sample_shape)."""
+    views: np.ndarray = examples.inputs[_first_view_indices(examples)]
+    return views

@@ -1,0 +1,263 @@
+"""The head's graph: weights written back, classes grown, the memory added, the template built."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.graph import default_opset, float_initializers, layers_of
+from healthyluncher.memory import MEMORY_PREFIX, MEMORY_TENSORS, memory_tensors
+from healthyluncher.template import Template
+
+
+def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> None:
+    """Replace initializers in place by name; shapes must match, dtypes are kept."""
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    for name, value in params.items():
+        if name not in index:
+            raise LuncherError(f"the model has no weight named {name!r}")
+        old = model.graph.initializer[index[name]]
+        if tuple(old.dims) != value.shape:
+            raise LuncherError(f"weight {name!r} has shape {tuple(old.dims)}, not {value.shape}")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+        model.graph.initializer[index[name]].CopyFrom(
+            numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+        )
+
+
+def class_axes(model: onnx.ModelProto, num_classes: int) -> dict[str, int]:
+    """For each weight of the last layer, the axis that has one entry per class."""
+    layers = layers_of(model)
+    if not layers:
+        raise LuncherError("the model has no layer with weights to grow")
+    weights = float_initializers(model)
+    axes: dict[str, int] = {}
+    for node in list(model.graph.node)[layers[-1].first_node :]:
+        for position, name in enumerate(node.input):
+            if name not in weights or name in axes:
+                continue
+            dims = list(weights[name].dims)
+            if node.op_type == "Gemm" and position == 1:
+                trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+                axes[name] = 0 if trans_b else 1
+            elif node.op_type == "MatMul" and position == 1:
+                axes[name] = len(dims) - 1
+            elif node.op_type in ("Conv", "ConvTranspose") and position == 1:
+                axes[name] = 0 if node.op_type == "Conv" else 1
+            else:
+                matching = [axis for axis, size in enumerate(dims) if size == num_classes]
+                if len(matching) != 1:
+                    raise LuncherError(
+                        f"cannot tell which axis of {name!r} {dims} holds the {num_classes} classes"
+                    )
+                axes[name] = matching[0]
+    return axes
+
+
+def grow_classes(model: onnx.ModelProto, axes: dict[str, int], extra: int) -> None:
+    """Add `extra` classes in place: new rows start at zero, so old classes keep their
+    weights exactly and a new class starts from a neutral score."""
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    for name, axis in axes.items():
+        old = numpy_helper.to_array(model.graph.initializer[index[name]])
+        pad = [(0, 0)] * old.ndim
+        pad[axis] = (0, extra)
+        grown = np.pad(old, pad)
+        model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(grown, name))
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) == 2 and dims[1].HasField("dim_value"):
+            dims[1].dim_value = dims[1].dim_value + extra
+    del model.graph.value_info[:]
+
+
+def add_memory(
+    model: onnx.ModelProto,
+    features: str,
+    logits: str,
+    memory: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    threshold: float,
+    strength: float,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Put a nearest-neighbour memory of the user's examples in front of the logits.
+
+    For each class c: `best` is the highest cosine similarity between the photo's head
+    input and the user's examples of c; `floor` is the threshold, or, if higher, the
+    similarity to the closest replayed base example of another class. Where best exceeds
+    floor, c's logit rises by `strength` per unit above it. So a photo leans to the user's
+    label only when it is nearer to the user's photos than to anything the base knows
+    under another label: held-out photos of the user's dish flip, the base's own
+    look-alikes (beignets next to pancakes) keep their label.
+
+    memory: (M, ...) head inputs; classes: (M,) class indices; replay: the same for the
+    base's replay set, or None.
+    """
+    prefix = MEMORY_PREFIX
+    make = onnx.helper.make_node
+    opset = default_opset(model)
+    initializers = [
+        numpy_helper.from_array(np.array(threshold, np.float32), f"{prefix}/threshold"),
+        numpy_helper.from_array(np.array(strength, np.float32), f"{prefix}/strength"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
+        numpy_helper.from_array(np.array([2], np.int64), f"{prefix}/axis2"),
+    ]
+    nodes = [
+        make("Flatten", [features], [f"{prefix}/flat"], axis=1),
+        make("LpNormalization", [f"{prefix}/flat"], [f"{prefix}/unit"], axis=1, p=2),
+    ]
+
+    def best_per_class(name: str, rows: np.ndarray, keep: np.ndarray) -> str:
+        """(N, C): max similarity to the rows where keep[c, m] is true."""
+        unit, mask = memory_tensors(rows, keep)
+        initializers.extend(
+            [
+                numpy_helper.from_array(unit, f"{prefix}/{name}_rows"),
+                numpy_helper.from_array(mask, f"{prefix}/{name}_mask"),
+            ]
+        )
+        p = f"{prefix}/{name}"
+        nodes.extend(
+            [
+                make("MatMul", [f"{prefix}/unit", f"{p}_rows"], [f"{p}_similarity"]),
+                make("Unsqueeze", [f"{p}_similarity", f"{prefix}/axis1"], [f"{p}_per_class"]),
+                make("Add", [f"{p}_per_class", f"{p}_mask"], [f"{p}_masked"]),
+                make("ReduceMax", [f"{p}_masked"], [f"{p}_best"], axes=[2], keepdims=0)
+                if opset < 18
+                else make(
+                    "ReduceMax", [f"{p}_masked", f"{prefix}/axis2"], [f"{p}_best"], keepdims=0
+                ),
+            ]
+        )
+        return f"{p}_best"
+
+    class_ids = np.arange(num_classes)[:, None]
+    best = best_per_class("personal", memory, classes[None, :] == class_ids)
+    floor = f"{prefix}/threshold"
+    if replay is not None and len(replay[0]):
+        nearest_other = best_per_class("replay", replay[0], replay[1][None, :] != class_ids)
+        nodes.append(make("Max", [nearest_other, floor], [f"{prefix}/floor"]))
+        floor = f"{prefix}/floor"
+    head_logits = f"{prefix}/head_logits"
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name == logits:
+                node.output[i] = head_logits
+    nodes.extend(
+        [
+            make("Sub", [best, floor], [f"{prefix}/excess"]),
+            make("Relu", [f"{prefix}/excess"], [f"{prefix}/above"]),
+            make("Mul", [f"{prefix}/above", f"{prefix}/strength"], [f"{prefix}/bonus"]),
+            make("Add", [head_logits, f"{prefix}/bonus"], [logits]),
+        ]
+    )
+    model.graph.initializer.extend(initializers)
+    # Right after the node that makes the logits: the features are ready by then, and
+    # whatever read the logits (a Softmax) comes after.
+    existing = [copy.deepcopy(node) for node in model.graph.node]
+    at = next(i for i, node in enumerate(existing) if head_logits in node.output)
+    del model.graph.node[:]
+    model.graph.node.extend(existing[: at + 1] + nodes + existing[at + 1 :])
+    del model.graph.value_info[:]
+
+
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    """The external data files the model's initializers name (relative to the model)."""
+    found = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    found.add(entry.value)
+    return found
+
+
+def fit_problem(
+    head_path: str,
+    base_classes: int,
+    classes: int,
+    weights: dict[str, np.ndarray],
+    sample_shape: tuple[int, ...],
+) -> str:
+    """Why these weights and head inputs do not fit the base's head grown to `classes`
+    ("" when they do)."""
+    head = onnx.load(head_path)
+    if classes > base_classes:
+        grow_classes(head, class_axes(head, base_classes), classes - base_classes)
+    dims = head.graph.input[0].type.tensor_type.shape.dim[1:]
+    expected = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    fits = len(sample_shape) == len(expected) and all(
+        e in (None, f) for e, f in zip(expected, sample_shape, strict=True)
+    )
+    if not fits:
+        return f"its examples have shape {sample_shape}, not the head's {expected}"
+    shapes = {t.name: tuple(t.dims) for t in head.graph.initializer}
+    for name, value in weights.items():
+        if shapes.get(name) != value.shape:
+            return f"weight {name!r} has shape {value.shape}, not {shapes.get(name)}"
+    return ""
+
+
+def head_with(
+    head: Path | bytes | onnx.ModelProto, params: dict[str, np.ndarray] | None = None
+) -> bytes:
+    """A head (a file, bytes or a model) serialized, with these weights written back."""
+    if isinstance(head, bytes):
+        model = onnx.load_from_string(head)
+    elif isinstance(head, Path):
+        model = onnx.load(str(head))
+    else:
+        model = copy.deepcopy(head)
+    if params:
+        write_back(model, params)
+    serialized: bytes = model.SerializeToString()
+    return serialized
+
+
+def build_template(
+    model: Any,
+    head: Any,
+    trainable: tuple[str, ...],
+    split_tensor: str,
+    num_classes: int,
+    replay: tuple[np.ndarray, np.ndarray] | None,
+) -> Template:
+    """The template of a base: its full model (skeleton) and head with a placeholder memory,
+    stripped of the trainable weights and the memory's varying tensors (needs onnx)."""
+    model, head = copy.deepcopy(model), copy.deepcopy(head)
+    locations = tuple(sorted(external_locations(model)))
+    logits = head.graph.output[0].name
+    placeholder = np.ones((1, 1), np.float32)
+    for target in (model, head):
+        add_memory(
+            target,
+            split_tensor,
+            logits,
+            placeholder,
+            np.zeros(1, np.int64),
+            num_classes,
+            0,
+            0,
+            replay,
+        )
+    varying = set(trainable) | set(MEMORY_TENSORS)
+    dtypes = {t.name: int(t.data_type) for t in head.graph.initializer if t.name in varying}
+    blobs = []
+    for target in (model, head):
+        kept = [t for t in target.graph.initializer if t.name not in varying]
+        if len(target.graph.initializer) - len(kept) != len(varying):
+            raise ValueError("the graphs do not hold every trainable weight once")
+        del target.graph.initializer[:]
+        target.graph.initializer.extend(kept)
+        graph_bytes = target.graph.SerializeToString()
+        target.ClearField("graph")
+        blobs += [target.SerializeToString(), graph_bytes]
+    return Template(num_classes, locations, dtypes, *blobs)

@@ -1,0 +1,34 @@
+"""The nearest-neighbour memory's tensors: their names and values (numpy only, no onnx)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MEMORY_PREFIX = "luncher_memory"
+PERSONAL_ROWS = f"{MEMORY_PREFIX}/personal_rows"
+PERSONAL_MASK = f"{MEMORY_PREFIX}/personal_mask"
+THRESHOLD = f"{MEMORY_PREFIX}/threshold"
+STRENGTH = f"{MEMORY_PREFIX}/strength"
+MEMORY_TENSORS = (PERSONAL_ROWS, PERSONAL_MASK, THRESHOLD, STRENGTH)
+
+
+def memory_tensors(rows: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The memory's two tensors: unit-length rows, transposed to (D, M), and the (C, M)
+    mask that is 0 where row m counts for class c and -4 (below any similarity) elsewhere."""
+    unit = rows.reshape(len(rows), -1).astype(np.float32)  # a copy: normalized below
+    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    mask = np.where(keep, 0.0, -4.0).astype(np.float32)
+    return unit.T.copy(), mask
+
+
+def personal_memory(
+    rows: np.ndarray, classes: np.ndarray, num_classes: int, threshold: float, strength: float
+) -> dict[str, np.ndarray]:
+    """The varying memory tensors for the user's examples (rows and their class indices)."""
+    unit, mask = memory_tensors(rows, classes[None, :] == np.arange(num_classes)[:, None])
+    return {
+        PERSONAL_ROWS: unit,
+        PERSONAL_MASK: mask,
+        THRESHOLD: np.array(threshold, np.float32),
+        STRENGTH: np.array(strength, np.float32),
+    }

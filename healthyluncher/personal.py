@@ -1,0 +1,312 @@
+"""The personalized copy: rendering its models, writing it, and publishing it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.events import Progress, ProgressCallback
+from healthyluncher.examples import first_views, load_replay, memory_rows, training_set
+from healthyluncher.memory import personal_memory
+from healthyluncher.meta import PersonalMeta
+from healthyluncher.photos import PhotoSource
+from healthyluncher.records import (
+    Base,
+    Examples,
+    Personal,
+    load_personal,
+    load_weights,
+    save_arrays,
+    save_examples,
+)
+from healthyluncher.runtime import HeadRunner
+from healthyluncher.settings import Hyperparameters
+from healthyluncher.store import Files, Transaction, write_json
+from healthyluncher.template import load as load_template
+from healthyluncher.trainers import generate_artifacts, save_checkpoint_with, train
+
+
+@dataclass(frozen=True)
+class Fitted:
+    name: str  # the new personal directory
+    final_loss: float
+    scores: dict[str, np.ndarray]  # {digest: probabilities} of every example, after training
+
+
+def publish_personal(
+    txn: Transaction,
+    base: Base,
+    labels: tuple[str, ...],
+    examples: Examples,
+    hp: Hyperparameters,
+    *,
+    restore: tuple[dict[str, np.ndarray], PersonalMeta] | None = None,
+    keep_history: bool = True,
+    progress: ProgressCallback | None = None,
+) -> Fitted:
+    """Train the head from the base's weights on the examples plus replay (or, with
+    `restore`, take those exact weights and that meta), publish a new personalized copy in
+    `txn`, and commit the state that makes it current: the one way a personalized copy is
+    made, by retrain, forget, import and base upgrades alike.
+
+    Labels beyond the base's grow the head: old classes keep their weights, the new ones
+    start at zero, and training artifacts for the grown head are written with the copy.
+    """
+    extra = len(labels) - len(base.meta.labels)
+    with txn.staging() as staged:
+        copying = _copy_weights_in_background(base, staged)
+        try:
+            artifact_dir = base.path / Files.ARTIFACTS
+            if extra > 0:
+                artifact_dir = staged / Files.ARTIFACTS
+                _grown_head(base, extra, hp, staged / Files.HEAD, artifact_dir)
+            if restore is None:
+
+                def on_epoch(epoch: int, total: int, loss: float) -> None:
+                    if progress:
+                        progress(Progress("training", epoch, total))
+
+                data = training_set(examples, load_replay(base), labels, hp)
+                trained = train(
+                    artifact_dir,
+                    data,
+                    hp,
+                    batch_limit=base.meta.head_batch_limit,
+                    on_epoch=on_epoch,
+                )
+                params, final_loss = trained.params, trained.final_loss
+                trained.save_checkpoint(staged / Files.CHECKPOINT)
+            else:
+                params, final_loss = restore[0], restore[1].final_loss
+                save_checkpoint_with(artifact_dir, params, staged / Files.CHECKPOINT)
+            rendered = render_personal(base, labels, params, examples, hp)
+            copying.join()  # write_model finds the weights file complete
+            write_model(rendered, base, staged)
+            save_arrays(staged / Files.WEIGHTS, params)
+            save_examples(examples, staged / Files.EXAMPLES)
+            previous = load_personal(txn.store, txn.state)
+            meta = PersonalMeta(
+                base_sha256=base.meta.sha256,
+                labels=labels,
+                hyperparameters=hp,
+                trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                retrains=(previous.meta.retrains if previous else 0) + 1,
+                examples_per_label=examples.per_label(),
+                final_loss=final_loss,
+            )
+            if restore is not None:
+                meta = replace(restore[1], examples_per_label=examples.per_label())
+            write_json(staged / Files.META, meta.to_json())
+            # What the new copy says about every example photo: the retrain's summary, and the
+            # "before" of the next retrain of these photos, without running the model again.
+            runner = HeadRunner(rendered.head, batch_limit=base.meta.head_batch_limit)
+            probs = runner.probabilities(first_views(examples))
+            save_arrays(
+                staged / Files.SCORES,
+                {"digests": np.array(examples.digests, dtype=np.str_), "probabilities": probs},
+            )
+        finally:
+            copying.join()  # never leave it writing into a removed directory
+        name = txn.publish(staged, "personal")
+    txn.commit(txn.state.with_personal(name, keep_history=keep_history))
+    scores = dict(zip(examples.digests, probs, strict=True))
+    return Fitted(name=name, final_loss=final_loss, scores=scores)
+
+
+def _grown_head(
+    base: Base, extra: int, hp: Hyperparameters, head_path: Path, artifact_dir: Path
+) -> None:
+    """The base's head with `extra` more classes, and its training artifacts."""
+    import onnx
+
+    from healthyluncher import heads
+
+    head = onnx.load(str(base.path / Files.HEAD))
+    heads.grow_classes(head, heads.class_axes(head, len(base.meta.labels)), extra)
+    onnx.save(head, str(head_path))
+    generate_artifacts(head, base.meta.trainable_params, hp.optimizer, artifact_dir)
+
+
+def personal_graphs(
+    base: Base,
+    labels: tuple[str, ...],
+    params: dict[str, np.ndarray],
+    examples: Examples,
+    hp: Hyperparameters,
+    *,
+    with_model: bool = True,
+) -> tuple[Any, Any]:
+    """(the full inference model, the head for scoring) with these weights and memory;
+    without `with_model`, (None, the head).
+
+    Labels beyond the base's grow the last layer first; the memory of the user's examples
+    goes in front of the logits of both, so `predict` and the retrain summary agree. The
+    full model is read without its external weights file: write it with `write_model`.
+    """
+    import onnx  # only for a base without a template, or one that grew new labels
+
+    from healthyluncher import heads
+
+    head = onnx.load(str(base.path / Files.HEAD))
+    targets = [head]
+    model = None
+    if with_model:
+        model = onnx.load(str(base.path / Files.MODEL), load_external_data=False)
+        targets.append(model)
+    logits = head.graph.output[0].name
+    extra = len(labels) - len(base.meta.labels)
+    if extra > 0:
+        axes = heads.class_axes(head, len(base.meta.labels))
+        for target in targets:
+            heads.grow_classes(target, axes, extra)
+    for target in targets:
+        heads.write_back(target, params)
+    if hp.memory_strength > 0 and len(examples) > 0:
+        rows, classes = memory_rows(examples, labels)
+        replay = load_replay(base)
+        for target in targets:
+            heads.add_memory(
+                target,
+                base.meta.split_tensor,
+                logits,
+                rows,
+                classes,
+                len(labels),
+                hp.memory_threshold,
+                hp.memory_strength,
+                replay,
+            )
+    return model, head
+
+
+def _copy_weights_in_background(base: Base, directory: Path) -> Any:
+    """Copy (and fsync) the base's frozen weights file into a new copy while the head
+    trains: the GIL is free during both. A failure leaves nothing behind, and
+    `write_model` copies again and reports it."""
+    source, target = base.path / Files.MODEL_DATA, directory / Files.MODEL_DATA
+
+    def copy() -> None:
+        if not source.is_file():
+            return  # a base from before the weights file: nothing to copy
+        try:
+            shutil.copyfile(source, target)
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                target.unlink()
+
+    thread = threading.Thread(target=copy, name="copy-weights", daemon=True)
+    thread.start()
+    return thread
+
+
+@dataclass(frozen=True)
+class PersonalModel:
+    """A personalized copy's models, serialized."""
+
+    model: bytes | None  # the full inference model (external weights named in `locations`)
+    head: bytes  # the head with the memory, for scoring head inputs
+    locations: tuple[str, ...]
+
+
+def render_personal(
+    base: Base,
+    labels: tuple[str, ...],
+    params: dict[str, np.ndarray],
+    examples: Examples,
+    hp: Hyperparameters,
+    *,
+    with_model: bool = True,
+) -> PersonalModel:
+    """The personalized models for these weights and examples: from the base's template
+    when it fits (no onnx import), else built with onnx by `personal_graphs`."""
+    template = None
+    if hp.memory_strength > 0 and len(examples) > 0:
+        template = load_template(base.path / Files.TEMPLATE)
+    if template is not None and template.num_classes == len(labels):
+        rows, classes = memory_rows(examples, labels)
+        tensors = dict(params)
+        tensors.update(
+            personal_memory(rows, classes, len(labels), hp.memory_threshold, hp.memory_strength)
+        )
+        model_bytes, head_bytes = template.render(tensors)
+        return PersonalModel(model_bytes if with_model else None, head_bytes, template.locations)
+    from healthyluncher import heads  # onnx: only off the template's fast path
+
+    model, head = personal_graphs(base, labels, params, examples, hp, with_model=with_model)
+    if model is None:
+        return PersonalModel(None, head.SerializeToString(), ())
+    locations = tuple(sorted(heads.external_locations(model)))
+    return PersonalModel(model.SerializeToString(), head.SerializeToString(), locations)
+
+
+def write_model(personal: PersonalModel, base: Base, directory: Path) -> None:
+    """Write a personalized model.onnx into `directory`, with a copy of the base's file of
+    large frozen weights beside it: only the small graph is serialized on each retrain.
+    (A copy, not a hard link: onnx.load refuses external data with several links.)"""
+    assert personal.model is not None
+    for location in personal.locations:
+        if Path(location).name != location:
+            raise LuncherError(f"the base model names an unexpected weights file {location!r}")
+        source, target = base.path / location, directory / location
+        try:
+            if target.is_file() and target.stat().st_size == source.stat().st_size:
+                continue  # copied in the background while the head trained
+            shutil.copyfile(source, target)
+        except FileNotFoundError:
+            raise LuncherError(
+                f"the base model's weights file is missing ({source}); "
+                "run `luncher make-updatable` again"
+            ) from None
+    (directory / Files.MODEL).write_bytes(personal.model)
+
+
+def current_probabilities(
+    base: Base,
+    personal: Personal | None,
+    examples: Examples,
+    inputs: np.ndarray,
+    named: Sequence[tuple[PhotoSource, str]],
+) -> np.ndarray:
+    """What the current model (personalized or base) says about these head inputs (the
+    first views of the photos `named`). Photos the personalized copy already scored when it
+    was trained are looked up; the model runs only when some are new to it."""
+    limit = base.meta.head_batch_limit
+    if personal is None:
+        return HeadRunner(base.path / Files.HEAD, batch_limit=limit).probabilities(inputs)
+    known = load_scores(personal)
+    if all(digest in known for _, digest in named):
+        return np.stack([known[digest] for _, digest in named])
+    meta = personal.meta
+    rendered = render_personal(
+        base, meta.labels, load_weights(personal), examples, meta.hyperparameters, with_model=False
+    )
+    return HeadRunner(rendered.head, batch_limit=limit).probabilities(inputs)
+
+
+def load_scores(personal: Personal) -> dict[str, np.ndarray]:
+    """{digest: probabilities} saved with the copy; empty when missing or unreadable (the
+    scores are then computed again)."""
+    try:
+        with np.load(personal.path / Files.SCORES, allow_pickle=False) as data:
+            digests, probs = data["digests"], data["probabilities"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return {}
+    if probs.ndim != 2 or len(probs) != len(digests) or probs.shape[1] != len(personal.meta.labels):
+        return {}
+    return {str(d): p for d, p in zip(digests, probs, strict=True)}

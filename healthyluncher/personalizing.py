@@ -1,0 +1,295 @@
+"""Personalizing: retrain, forget, undo, reset and status, each one transaction of the store."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthyluncher.embedder import Embedder
+from healthyluncher.errors import LuncherError
+from healthyluncher.events import ProgressCallback
+from healthyluncher.examples import merge_examples, select_examples
+from healthyluncher.meta import check_label
+from healthyluncher.personal import current_probabilities, publish_personal
+from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
+from healthyluncher.records import load_base, load_examples, load_personal
+from healthyluncher.settings import Hyperparameters
+from healthyluncher.store import ModelStore, State
+from healthyluncher.trainers import trainer_name
+from healthyluncher.version import __version__
+
+
+@dataclass(frozen=True)
+class TrainedPhoto:
+    path: PhotoSource
+    digest: str
+    before: float  # probability of the label before this retrain
+    after: float
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    label: str
+    photos: tuple[TrainedPhoto, ...]
+    failures: tuple[ImageFailure, ...]
+    examples_per_label: dict[str, int]
+    hyperparameters: Hyperparameters
+    final_loss: float
+    embedded: int  # photos that ran through the frozen part (cache misses)
+    cached: int  # photos whose head inputs came from the cache
+    views: int = 1  # views per photo in this retrain
+    new_label: bool = False  # the label was added to the model by this retrain
+
+
+@dataclass(frozen=True)
+class ResetResult:
+    removed_examples: dict[str, int]
+    removed_model: bool
+    removed_thumbnails: int
+    removed_cache_files: int
+
+
+@dataclass(frozen=True)
+class Status:
+    models_dir: Path
+    base_name: str
+    base_sha256: str
+    base_source: str
+    labels: tuple[str, ...]
+    predicting_with: str  # "personalized" or "base"
+    examples_per_label: dict[str, int] = field(default_factory=dict)
+    last_retrain: str | None = None
+    retrains: int = 0
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    trainable_layers: int = 1
+    replay_examples: int = 0
+    undo_steps: int = 0
+    disk_bytes: int = 0  # everything in the models directory
+    int8: bool = False  # the frozen part is quantized
+    trainer: str = "onnxruntime"  # what trains the head here: "onnxruntime" or "numpy"
+    version: str = ""  # of healthyluncher
+
+
+def retrain(
+    store: ModelStore,
+    label: str,
+    inputs: Sequence[PhotoSource],
+    *,
+    new_label: bool = True,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
+    augment_views: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> RetrainResult:
+    """Add the photos as examples of `label` (a new label grows the head) and retrain."""
+    label = check_label(label)
+    paths = find_images(inputs)
+    if not paths:
+        raise LuncherError("no image files found in " + ", ".join(str(p) for p in inputs))
+    with store.transaction() as txn:
+        base = load_base(store, txn.state)
+        personal = load_personal(store, txn.state)
+        old_labels = personal.meta.labels if personal else base.meta.labels
+        if label not in old_labels and not new_label:
+            raise LuncherError(
+                f"{label!r} is not a label of this model ({', '.join(old_labels)}); "
+                "pass new_label=True to add it"
+            )
+        labels = old_labels if label in old_labels else (*old_labels, label)
+        settings = personal.meta.hyperparameters if personal else base.meta.hyperparameters
+        hp = settings.replace(
+            epochs=epochs,
+            learning_rate=learning_rate,
+            augment_views=augment_views,
+            view_budget=0 if augment_views is not None else None,  # --views N: exactly N
+        )
+        views = hp.views_for(len(paths))
+        embedder = Embedder(store, base, views)
+        embedded, failures, misses = embedder.embed(paths, progress)
+        if not embedded:
+            raise LuncherError(
+                "none of the photos could be read: " + "; ".join(f.error for f in failures)
+            )
+        sample_shape = embedded[0][2].shape[1:]
+        # Earlier photos keep the views they were embedded with: training weighs photos,
+        # not views.
+        old_examples = load_examples(personal, sample_shape)
+        probe = np.stack([views[0] for _, _, views in embedded])
+        named = [(path, digest) for path, digest, _ in embedded]
+        before = current_probabilities(base, personal, old_examples, probe, named)
+        examples = merge_examples(old_examples, [(d, v) for _, d, v in embedded], label)
+        del embedded, old_examples  # the views live on in `examples` alone
+        if label in old_labels:
+            before_label = before[:, old_labels.index(label)]
+        else:
+            before_label = np.zeros(len(probe))  # the label did not exist yet
+        fitted = publish_personal(txn, base, labels, examples, hp, progress=progress)
+    after = np.stack([fitted.scores[digest] for _, digest in named])
+    after_label = after[:, labels.index(label)]
+    photos = tuple(
+        TrainedPhoto(path, digest, float(b), float(a))
+        for (path, digest), b, a in zip(named, before_label, after_label, strict=True)
+    )
+    return RetrainResult(
+        label=label,
+        photos=photos,
+        failures=tuple(failures),
+        examples_per_label=examples.per_label(),
+        hyperparameters=hp,
+        final_loss=fitted.final_loss,
+        embedded=misses,
+        cached=len(named) - misses,
+        views=views,
+        new_label=label not in old_labels,
+    )
+
+
+def reset(store: ModelStore) -> ResetResult:
+    """Back to the pristine base. Works on a damaged models directory too: it is the way
+    out that every other error message points to."""
+    with store.transaction(repair=True) as txn:
+        state = txn.state
+        try:
+            personal = load_personal(store, state) if state.personal else None
+            removed = dict(personal.meta.examples_per_label) if personal else {}
+        except LuncherError:  # a damaged personal copy: remove it all the same
+            removed = {"(unreadable)": 0}
+        had_personal = state.personal is not None
+        counts = [0, 0]
+        if had_personal or state.history or txn.next_state is not None:
+            txn.commit(State(base=state.base, personal=None, history=[]))
+
+            def remove_files() -> None:
+                counts[0] = store.remove_thumbnails()
+                counts[1] = store.clear_cache()
+
+            txn.after_commit(remove_files)
+    return ResetResult(
+        removed_examples=removed,
+        removed_model=had_personal,
+        removed_thumbnails=counts[0],
+        removed_cache_files=counts[1],
+    )
+
+
+@dataclass(frozen=True)
+class UndoResult:
+    restored: str  # "personalized" or "base"
+    trained_at: str | None
+    examples_per_label: dict[str, int]
+    remaining_undos: int
+
+
+def undo(store: ModelStore) -> UndoResult:
+    """Go back to the personalized state before the last retrain (or import)."""
+    with store.transaction() as txn:
+        state = txn.state
+        if not state.history:
+            raise LuncherError("nothing to undo")
+        previous, *older = state.history
+        new_state = State(base=state.base, personal=previous or None, history=older)
+        personal = load_personal(store, new_state)
+        txn.commit(new_state)
+    return UndoResult(
+        restored="personalized" if personal else "base",
+        trained_at=personal.meta.trained_at if personal else None,
+        examples_per_label=dict(personal.meta.examples_per_label) if personal else {},
+        remaining_undos=len(older),
+    )
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    forgotten: int
+    examples_per_label: dict[str, int]
+    retrained: bool
+
+
+def forget(
+    store: ModelStore,
+    inputs: Sequence[PhotoSource],
+    progress: ProgressCallback | None = None,
+) -> ForgetResult:
+    """Remove these photos' examples (matched by content hash) and retrain without them.
+
+    One transaction: the retrained copy is published and the history cleared in a single
+    switch of state.json, so `undo` can never bring a forgotten photo back; the photos'
+    thumbnails and cached head inputs are deleted only after that switch, so a failed
+    retrain leaves everything as it was.
+    """
+    paths = find_images(inputs)
+    digests = {digest_of(read_bytes(path)) for path in paths}
+    with store.transaction() as txn:
+        state = txn.state
+        base = load_base(store, state)
+        personal = load_personal(store, state)
+        if personal is None:
+            raise LuncherError("there are no examples to forget: the model is not personalized")
+        examples = load_examples(personal, ())
+        keep = [i for i, digest in enumerate(examples.digests) if digest not in digests]
+        forgotten = len(examples) - len(keep)
+        if forgotten == 0:
+            raise LuncherError("none of these photos are among your examples")
+        remaining = select_examples(examples, keep)
+        gone = digests & set(examples.digests)
+        cache = store.cache_dir(base.meta.embedding_key)
+
+        def remove_files() -> None:
+            store.remove_thumbnails(gone)
+            if cache.is_dir():
+                for path in cache.glob("*.npy"):
+                    if path.name.split(".")[0] in gone:
+                        path.unlink(missing_ok=True)
+
+        txn.after_commit(remove_files)
+        if len(remaining) == 0:
+            txn.commit(State(base=state.base, personal=None, history=[]))
+            return ForgetResult(forgotten, {}, retrained=False)
+        labels = tuple(
+            label
+            for label in personal.meta.labels
+            if label in base.meta.labels or label in remaining.labels
+        )
+        hp = personal.meta.hyperparameters
+        publish_personal(txn, base, labels, remaining, hp, keep_history=False, progress=progress)
+    return ForgetResult(forgotten, remaining.per_label(), retrained=True)
+
+
+def status(store: ModelStore) -> Status:
+    state = store.read_state()
+    base = load_base(store, state)
+    personal = load_personal(store, state)
+    hp = personal.meta.hyperparameters if personal else base.meta.hyperparameters
+    return Status(
+        models_dir=store.root,
+        base_name=base.meta.name,
+        base_sha256=base.meta.sha256,
+        base_source=base.meta.source,
+        labels=personal.meta.labels if personal else base.meta.labels,
+        predicting_with="personalized" if personal else "base",
+        examples_per_label=dict(personal.meta.examples_per_label) if personal else {},
+        last_retrain=personal.meta.trained_at if personal else None,
+        retrains=personal.meta.retrains if personal else 0,
+        hyperparameters=hp.to_json(),
+        trainable_layers=base.meta.trainable_layers,
+        replay_examples=base.meta.replay_examples,
+        undo_steps=len(state.history),
+        int8=base.meta.int8,
+        disk_bytes=_disk_bytes(store.root),
+        trainer=trainer_name(),
+        version=__version__,
+    )
+
+
+def _disk_bytes(root: Path) -> int:
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):  # removed meanwhile by a writer
+            if path.is_file():
+                total += path.stat().st_size
+    return total
