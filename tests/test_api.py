@@ -1,0 +1,311 @@
+"""The public API: what a program that imports healthyluncher gets, and the defects it fixed."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+import healthyluncher
+from healthyluncher import LuncherError, Progress
+from healthyluncher.runtime import pad_batch, run_in_batches
+from healthyluncher.settings import Hyperparameters, Preprocessing
+from healthyluncher.store import STATE_FILE, ModelStore
+from tests.models import SIZE
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=str(models_dir))
+    return healthyluncher.open(str(models_dir))
+
+
+def test_open_takes_str_pathlike_or_nothing(models_dir, pt_model):
+    healthyluncher.make_updatable(pt_model, models_dir=models_dir)
+    for where in (str(models_dir), models_dir, None):  # None: $LUNCHER_MODELS_DIR
+        assert healthyluncher.open(where).labels == ("healthy", "fast_food")
+    with pytest.raises(LuncherError, match="models_dir must be a path"):
+        healthyluncher.open(42)  # type: ignore[arg-type]
+
+
+def test_predict_takes_paths_pil_images_and_arrays_in_one_list(lun, photos):
+    path = photos["red"][0]
+    image = Image.open(path)
+    array = np.asarray(image.convert("RGB"))
+    results = lun.predict([str(path), image, array, photos["green"][0]])
+    assert [str(r.path) for r in results] == [
+        str(path),
+        "<image 1>",
+        "<image 2>",
+        str(photos["green"][0]),
+    ]
+    # The same photo gives the same probabilities however it is handed over.
+    for other in results[1:3]:
+        assert other.probabilities == pytest.approx(results[0].probabilities, abs=1e-6)
+    assert results[3].label != results[0].label  # red and green photos differ
+    assert abs(sum(results[0].probabilities.values()) - 1) < 1e-6
+    assert results[0].probability == max(results[0].probabilities.values())
+
+
+def test_api_predictions_equal_the_cli_json(lun, photos, run):
+    paths = photos["red"] + photos["green"]
+    cli = run("predict", "--json", *paths).json_lines()
+    api = lun.predict(paths)
+    for line, pred in zip(cli, api, strict=True):
+        assert line["path"] == str(pred.path)
+        assert line["label"] == pred.label
+        assert line["probabilities"] == {k: round(v, 6) for k, v in pred.probabilities.items()}
+
+
+def test_bad_inputs_are_luncher_errors(lun, tmp_path):
+    with pytest.raises(LuncherError, match="uint8"):
+        lun.predict([np.zeros((8, 8, 3), np.float32)])
+    with pytest.raises(LuncherError, match="expected a path, a PIL image"):
+        lun.predict([{"not": "a photo"}])
+    with pytest.raises(LuncherError, match="missing.jpg"):
+        lun.predict([tmp_path / "missing.jpg"])
+    failures = list(lun.predict_each([tmp_path / "missing.jpg"]))
+    assert isinstance(failures[0], healthyluncher.ImageFailure)
+
+
+def test_retrain_needs_new_label_for_an_unknown_label(lun, photos):
+    with pytest.raises(LuncherError, match="new_label=True"):
+        lun.retrain("dessert", photos["red"])
+    assert not lun.personalized
+    result = lun.retrain("dessert", photos["red"], new_label=True)
+    assert result.new_label and lun.labels == ("healthy", "fast_food", "dessert")
+
+
+def test_retrain_reports_typed_progress_and_returns_frozen_results(lun, photos):
+    events: list[Progress] = []
+    result = lun.retrain("fast_food", photos["green"][:2], progress=events.append)
+    assert {e.stage for e in events} == {"embedding", "training"}
+    assert all(isinstance(e, Progress) and 0 < e.done <= e.total for e in events)
+    training = [e for e in events if e.stage == "training"]
+    assert training[-1].done == training[-1].total == result.hyperparameters.epochs
+    with pytest.raises(AttributeError):
+        result.label = "x"  # type: ignore[misc]
+    assert all(p.after > p.before for p in result.photos)
+
+
+def test_retrain_accepts_in_memory_photos_and_forget_finds_them_by_content(lun, photos):
+    pixels = np.asarray(Image.open(photos["green"][0]).convert("RGB"))
+    result = lun.retrain("fast_food", [pixels])
+    assert result.examples_per_label == {"fast_food": 1}
+    assert lun.forget([pixels.copy()]).forgotten == 1
+    assert not lun.personalized
+
+
+def test_the_whole_story_through_the_api(lun, photos, tmp_path):
+    before = lun.predict(photos["green"][0])[0].probabilities
+    lun.retrain("fast_food", photos["green"])
+    assert lun.status().predicting_with == "personalized"
+    backup = tmp_path / "b.tar.gz"
+    assert lun.export_backup(backup).path == backup
+    assert lun.undo().restored == "base"
+    assert lun.import_backup(str(backup)).examples_per_label == {"fast_food": 3}
+    assert lun.forget(photos["green"][:1]).examples_per_label == {"fast_food": 2}
+    assert lun.reset().removed_model
+    assert lun.predict(photos["green"][0])[0].probabilities == before
+
+
+def test_one_luncher_is_safe_from_several_threads(lun, photos):
+    expected = [p.probabilities for p in lun.predict(photos["red"] + photos["green"])]
+    errors: list[BaseException] = []
+    results: list[list[dict[str, float]]] = []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                got = lun.predict(photos["red"] + photos["green"])
+                results.append([p.probabilities for p in got])
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads.append(threading.Thread(target=lambda: lun.retrain("healthy", photos["red"][:1])))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(results) == 20
+    # Each prediction came whole from the base or the personalized model, never a mix.
+    personalized = [p.probabilities for p in lun.predict(photos["red"] + photos["green"])]
+    assert all(r in (expected, personalized) for r in results)
+
+
+def test_help_documents_the_api():
+    assert "models directory" in (healthyluncher.open.__doc__ or "")
+    for name in ("predict", "retrain", "undo", "forget", "reset", "status"):
+        assert getattr(healthyluncher.Luncher, name).__doc__
+    assert "LuncherError" in (healthyluncher.__doc__ or "")
+    assert (Path(healthyluncher.__file__).parent / "py.typed").is_file()
+
+
+def test_the_readme_api_example_runs_as_written(tmp_path, monkeypatch, pt_model, photos):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("```python\n", readme.index("## Python API")) + len("```python\n")
+    code = readme[start : readme.index("```", start)]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LUNCHER_BUNDLED_MODEL", str(pt_model))  # what open() sets up
+    Image.open(photos["red"][0]).save(tmp_path / "lunch.jpg")
+    for i, source in enumerate(photos["green"]):
+        Image.open(source).save(tmp_path / f"pancake{i + 1}.jpg")
+    (tmp_path / "model.onnx").write_bytes(pt_model.read_bytes())
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example
+
+
+# -- defects of the first shape, each with the test that failed before its fix ---------------
+
+
+def test_settings_are_validated_where_they_are_made(run, pt_model):
+    with pytest.raises(LuncherError, match="learning rate"):
+        Hyperparameters(learning_rate=-1)
+    with pytest.raises(LuncherError, match="epochs"):
+        Hyperparameters(epochs=10**9)
+    with pytest.raises(LuncherError, match="std"):
+        Preprocessing(std=(0.0, 1.0, 1.0))
+    result = run("make-updatable", pt_model, "--learning-rate", "-1")
+    assert result.code == 1 and "learning rate must be greater than 0" in result.stderr
+
+
+def test_damaged_meta_values_are_refused_not_obeyed(run, pt_model, photos, models_dir):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["green"][0]).code == 0
+    state = json.loads((models_dir / STATE_FILE).read_text())
+    meta_path = models_dir / state["personal"] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["hyperparameters"]["epochs"] = 1e9
+    meta_path.write_text(json.dumps(meta))
+    result = run("retrain", "--label", "fast_food", photos["green"][1])
+    assert result.code == 1 and "epochs must be a whole number" in result.stderr
+
+
+def _batch_one_head_model(path: Path) -> Path:
+    """Conv -> Relu -> GlobalAveragePool -> Reshape to (1, -1) -> Gemm: an exporter baked
+    batch 1 into the Reshape, so a head cut before the conv runs one sample at a time."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "c.w"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "c.b"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (2, 4)).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "c.w", "c.b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Reshape", ["p", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "batch_one",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    helper.set_model_props(model, {"labels": json.dumps(["healthy", "fast_food"])})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_head_that_takes_batch_1_scores_a_retrain_of_several_photos(run, tmp_path, photos):
+    model = _batch_one_head_model(tmp_path / "b1.onnx")
+    assert run("make-updatable", model, "--trainable-layers", "2").code == 0
+    assert json.loads(run("status", "--json").stdout)["trainable_layers"] == 2
+    result = run("retrain", "--label", "fast_food", "--json", *photos["red"])
+    assert result.code == 0, result
+    assert len(result.json_lines()[0]["photos"]) == 3
+
+
+def test_fixed_batch_padding_is_one_function():
+    seen: list[int] = []
+
+    def run(chunk: np.ndarray) -> np.ndarray:
+        seen.append(len(chunk))
+        return chunk * 2
+
+    out = run_in_batches(run, np.arange(5.0)[:, None], step=2, fixed=4)
+    assert seen == [4, 4] and out[:, 0].tolist() == [0, 2, 4, 6, 8]
+    assert pad_batch(np.array([[1.0], [2.0]]), 3)[:, 0].tolist() == [1, 2, 2]
+
+
+def test_forget_writes_state_once_and_deletes_files_only_after_the_switch(
+    lun, photos, models_dir, monkeypatch
+):
+    lun.retrain("fast_food", photos["green"])
+    lun.retrain("healthy", photos["red"][:1])
+    thumbnails = sorted((models_dir / "thumbnails").iterdir())
+    writes: list[dict[str, object]] = []
+    original = ModelStore.write_state
+
+    def counting(self: ModelStore, state: object) -> None:
+        writes.append(state.to_json())  # type: ignore[attr-defined]
+        original(self, state)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ModelStore, "write_state", counting)
+    lun.forget(photos["green"][:1])
+    assert len(writes) == 1 and writes[0]["history"] == []
+    assert len(list((models_dir / "thumbnails").iterdir())) == len(thumbnails) - 1
+
+
+def test_a_forget_that_fails_keeps_the_photo_its_files_and_the_history(
+    lun, photos, models_dir, monkeypatch
+):
+    import healthyluncher.personal as personal
+
+    lun.retrain("fast_food", photos["green"])
+    lun.retrain("healthy", photos["red"][:1])
+    state_before = (models_dir / STATE_FILE).read_text()
+    thumbnails = sorted((models_dir / "thumbnails").iterdir())
+    cache = sorted((models_dir / "cache").rglob("*.npy"))
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(personal, "save_examples", crash)
+    with pytest.raises(KeyboardInterrupt):
+        lun.forget(photos["green"][:1])
+    assert (models_dir / STATE_FILE).read_text() == state_before
+    assert sorted((models_dir / "thumbnails").iterdir()) == thumbnails
+    assert sorted((models_dir / "cache").rglob("*.npy")) == cache
+    assert lun.undo().examples_per_label == {"fast_food": 3}
+
+
+def test_select_examples_keeps_views_in_the_order_asked():
+    from healthyluncher.examples import select_examples
+    from healthyluncher.records import Examples
+
+    inputs = np.arange(7, dtype=np.float32)[:, None]
+    owner = np.array([0, 1, 1, 2, 2, 2, 0])
+    examples = Examples(inputs, owner, ("a", "b", "c"), ("x", "y", "z"))
+    kept = select_examples(examples, [2, 0])
+    assert kept.digests == ("c", "a")
+    assert kept.inputs[:, 0].tolist() == [3, 4, 5, 0, 6]
+    assert kept.owner.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "100"},
+        check=False,
+    )
+    assert done.returncode == 0 and "retrain" in done.stdout
