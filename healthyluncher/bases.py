@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnx import numpy_helper
 
 from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
@@ -17,6 +18,7 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.examples import load_replay
 from healthyluncher.heads import build_template
 from healthyluncher.meta import BaseMeta, LayerInfo
+from healthyluncher.numpy_trainer import linear_head_of
 from healthyluncher.personal import publish_personal
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
 from healthyluncher.records import (
@@ -26,11 +28,12 @@ from healthyluncher.records import (
     load_base,
     load_examples,
     load_personal,
+    save_arrays,
 )
 from healthyluncher.runtime import inference_session
 from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.store import Files, ModelStore, State, Transaction, write_json
-from healthyluncher.trainers import generate_artifacts
+from healthyluncher.training import NEEDS_ORT, prepare_head, trainer_name
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,14 @@ def _build(
     labels = _labels(options, analysis)
     prep = _preprocessing(options, analysis)
     cut = graph.split(model, analysis, options.trainable_layers)
+    linear = linear_head_of(cut.head, cut.trainable_params)
+    if linear is None and trainer_name() == "numpy":
+        what = (
+            f"training {options.trainable_layers} layers"
+            if options.trainable_layers > 1
+            else "training this model's last layer (it is not one Gemm or MatMul + Add)"
+        )
+        raise LuncherError(f"{what} {NEEDS_ORT}; use --trainable-layers 1 here")
     trainable = set(cut.trainable_params)
     layer_infos = tuple(
         LayerInfo(
@@ -204,12 +215,15 @@ def _build(
         if frozen is not None:
             (staged / Files.FROZEN).write_bytes(frozen.SerializeToString())
         head_batch_limit = _head_batch_limit(head_bytes, split_sample)
-        generate_artifacts(
-            cut.head,
-            cut.trainable_params,
-            options.hyperparameters.optimizer,
-            staged / Files.ARTIFACTS,
-        )
+        if linear is not None:  # the numpy trainer starts from these
+            weights = {t.name: t for t in cut.head.graph.initializer}
+            save_arrays(
+                staged / Files.HEAD_WEIGHTS,
+                {
+                    name: numpy_helper.to_array(weights[name]).astype(np.float32)
+                    for name in linear.param_names
+                },
+            )
         replay_count = 0
         if options.replay is not None:
             replay_count = _copy_replay(options.replay, staged / Files.REPLAY, labels, split_sample)
@@ -235,7 +249,9 @@ def _build(
             replay_examples=replay_count,
             int8=quantized is not None,
             calibration_photos=quantized.calibration_photos if quantized else 0,
+            linear_head=linear.to_json() if linear is not None else None,
         )
+        prepare_head(meta, cut.head, staged / Files.ARTIFACTS, options.hyperparameters)
         replay = load_replay(Base(staged, meta))
         template = build_template(
             full, cut.head, cut.trainable_params, cut.split_tensor, len(labels), replay

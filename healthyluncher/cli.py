@@ -264,6 +264,8 @@ def status(
             f"{views_setting(hp)})"
         )
     out.print(f"[bold]trainer[/bold]           {result.trainer}; healthyluncher {result.version}")
+    if result.warning:
+        err.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
 
 
 def main() -> None:

@@ -50,6 +50,9 @@ class BaseMeta:
     replay_examples: int = 0
     int8: bool = False  # the frozen part is quantized (static QDQ, per-channel int8)
     calibration_photos: int = 0  # photos its int8 ranges were calibrated on
+    # The head as one linear layer (numpy_trainer.LinearHead.to_json()), for the numpy
+    # trainer; None when it is more than that (then only ONNX Runtime trains it).
+    linear_head: dict[str, Any] | None = None
 
     @property
     def embedding_key(self) -> str:
@@ -80,6 +83,7 @@ class BaseMeta:
             "replay_examples": self.replay_examples,
             "int8": self.int8,
             "calibration_photos": self.calibration_photos,
+            "linear_head": self.linear_head,
         }
 
     @classmethod
@@ -115,6 +119,7 @@ class BaseMeta:
             calibration_photos=_count(
                 data.get("calibration_photos", 0), "calibration_photos", 0, 10**6
             ),
+            linear_head=_optional_object(data.get("linear_head"), "linear_head"),
         )
 
 
@@ -189,6 +194,12 @@ def _object(data: Any, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LuncherError(f"{what} must hold a JSON object")
     return data
+
+
+def _optional_object(value: Any, key: str) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise LuncherError(f"meta.json: {key} must be an object")
+    return value
 
 
 def _text(data: dict[str, Any], key: str) -> str:

@@ -34,7 +34,7 @@ from healthyluncher.runtime import HeadRunner
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, Transaction, write_json
 from healthyluncher.template import load as load_template
-from healthyluncher.trainers import generate_artifacts, save_checkpoint_with, train
+from healthyluncher.training import checkpoint_writer, fit, prepare_head
 
 
 @dataclass(frozen=True)
@@ -78,18 +78,14 @@ def publish_personal(
                         progress(Progress("training", epoch, total))
 
                 data = training_set(examples, load_replay(base), labels, hp)
-                trained = train(
-                    artifact_dir,
-                    data,
-                    hp,
-                    batch_limit=base.meta.head_batch_limit,
-                    on_epoch=on_epoch,
-                )
+                trained = fit(base.path, base.meta, len(labels), artifact_dir, data, hp, on_epoch)
                 params, final_loss = trained.params, trained.final_loss
-                trained.save_checkpoint(staged / Files.CHECKPOINT)
+                save_checkpoint = trained.save_checkpoint
             else:
                 params, final_loss = restore[0], restore[1].final_loss
-                save_checkpoint_with(artifact_dir, params, staged / Files.CHECKPOINT)
+                save_checkpoint = checkpoint_writer(artifact_dir, params)
+            if save_checkpoint is not None:  # ONNX Runtime's state, where it trains
+                save_checkpoint(staged / Files.CHECKPOINT)
             rendered = render_personal(base, labels, params, examples, hp)
             copying.join()  # write_model finds the weights file complete
             write_model(rendered, base, staged)
@@ -135,7 +131,7 @@ def _grown_head(
     head = onnx.load(str(base.path / Files.HEAD))
     heads.grow_classes(head, heads.class_axes(head, len(base.meta.labels)), extra)
     onnx.save(head, str(head_path))
-    generate_artifacts(head, base.meta.trainable_params, hp.optimizer, artifact_dir)
+    prepare_head(base.meta, head, artifact_dir, hp)
 
 
 def personal_graphs(

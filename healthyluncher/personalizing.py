@@ -18,9 +18,10 @@ from healthyluncher.meta import check_label
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.records import load_base, load_examples, load_personal
+from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import ModelStore, State
-from healthyluncher.trainers import trainer_name
+from healthyluncher.training import check_trainable, trainer_name
 from healthyluncher.version import __version__
 
 
@@ -72,6 +73,7 @@ class Status:
     disk_bytes: int = 0  # everything in the models directory
     int8: bool = False  # the frozen part is quantized
     trainer: str = "onnxruntime"  # what trains the head here: "onnxruntime" or "numpy"
+    warning: str | None = None  # a problem with this environment's ONNX Runtime
     version: str = ""  # of healthyluncher
 
 
@@ -94,6 +96,7 @@ def retrain(
     with store.transaction() as txn:
         base = load_base(store, txn.state)
         personal = load_personal(store, txn.state)
+        check_trainable(base.meta, base.path)
         old_labels = personal.meta.labels if personal else base.meta.labels
         if label not in old_labels and not new_label:
             raise LuncherError(
@@ -230,6 +233,7 @@ def forget(
         personal = load_personal(store, state)
         if personal is None:
             raise LuncherError("there are no examples to forget: the model is not personalized")
+        check_trainable(base.meta, base.path)
         examples = load_examples(personal, ())
         keep = [i for i, digest in enumerate(examples.digests) if digest not in digests]
         forgotten = len(examples) - len(keep)
@@ -282,6 +286,7 @@ def status(store: ModelStore) -> Status:
         int8=base.meta.int8,
         disk_bytes=_disk_bytes(store.root),
         trainer=trainer_name(),
+        warning=install_problem(),
         version=__version__,
     )
 

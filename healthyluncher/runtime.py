@@ -45,14 +45,39 @@ def runtime() -> ModuleType:
     _register_training_package()
     try:
         import onnxruntime
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise LuncherError(
-            "onnxruntime is not installed: pip install onnxruntime-training-cpu"
-        ) from exc
+    except ImportError as exc:
+        raise LuncherError(install_problem() or f"ONNX Runtime cannot be imported ({exc})") from exc
     # Fatal only: errors come back as exceptions, which are reported in one line.
     onnxruntime.set_default_logger_severity(4)
     module: ModuleType = onnxruntime
     return module
+
+
+# Both wheels install the onnxruntime/ directory; whichever came last wins, and the training
+# bindings break (microsoft/onnxruntime#21233).
+CLASH = (
+    "onnxruntime and onnxruntime-training-cpu are both installed and overwrite each other; "
+    "fix it with: pip uninstall -y onnxruntime onnxruntime-training-cpu, then install "
+    "healthyluncher again"
+)
+
+
+def install_problem() -> str | None:
+    """What is wrong with this environment's ONNX Runtime, if anything."""
+    from importlib import metadata
+
+    installed = set()
+    for name in ("onnxruntime", "onnxruntime-training-cpu", "onnxruntime-training"):
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        installed.add(name)
+    if "onnxruntime" in installed and len(installed) > 1:
+        return CLASH
+    if not installed:
+        return "ONNX Runtime is not installed: install healthyluncher again (pip install .)"
+    return None
 
 
 def training_available() -> bool:

@@ -50,6 +50,7 @@ class Files:
     MODEL_DATA = "model.data"  # the large frozen weights of model.onnx and frozen.onnx
     FROZEN = "frozen.onnx"
     HEAD = "head.onnx"
+    HEAD_WEIGHTS = "head_weights.npz"  # the head's trained weights, for the numpy trainer
     TEMPLATE = "personal.template"  # see fastgraph.py
     ARTIFACTS = "artifacts"
     META = "meta.json"

@@ -19,7 +19,6 @@ from healthyluncher.runtime import (
     runtime,
     training,
     training_api,
-    training_available,
 )
 from healthyluncher.settings import Hyperparameters
 
@@ -202,11 +201,6 @@ def save_checkpoint_with(artifact_dir: Path, params: dict[str, np.ndarray], targ
         state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
     api.CheckpointState.save_checkpoint(state, str(target), include_optimizer_state=False)
     del module
-
-
-def trainer_name() -> str:
-    """What trains the head in this environment."""
-    return "onnxruntime" if training_available() else "numpy"
 
 
 def _weighted(p: np.ndarray) -> bool:

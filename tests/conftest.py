@@ -11,7 +11,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from healthyluncher.cli import app
+from healthyluncher.training import trainer_name
 from tests.models import pytorch_style
+
+# The suite runs with each trainer: LUNCHER_TRAINER=numpy forces the numpy one here.
+TRAINER = trainer_name()
+needs_ort = pytest.mark.skipif(
+    TRAINER != "onnxruntime", reason="trains more than the last layer, or checks ORT's files"
+)
 
 
 @pytest.fixture(autouse=True)

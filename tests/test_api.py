@@ -18,6 +18,7 @@ from healthyluncher import LuncherError, Progress
 from healthyluncher.runtime import pad_batch, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.store import STATE_FILE, ModelStore
+from tests.conftest import needs_ort
 from tests.models import SIZE
 
 
@@ -221,6 +222,7 @@ def _batch_one_head_model(path: Path) -> Path:
     return path
 
 
+@needs_ort
 def test_a_head_that_takes_batch_1_scores_a_retrain_of_several_photos(run, tmp_path, photos):
     model = _batch_one_head_model(tmp_path / "b1.onnx")
     assert run("make-updatable", model, "--trainable-layers", "2").code == 0

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
+from tests.conftest import needs_ort
 from tests.models import keras_style, pytorch_style
 
 
@@ -22,6 +23,7 @@ def probabilities(run, *paths: Path, base: bool = False) -> dict[str, dict[str, 
     return {str(row["path"]): row["probabilities"] for row in result.json_lines()}
 
 
+@needs_ort
 def test_make_updatable_writes_artifacts_that_load(run, pt_model, models_dir):
     result = run("make-updatable", pt_model, "--trainable-layers", "2")
     assert result.code == 0, result
@@ -243,6 +245,7 @@ def test_refuses_more_trainable_layers_than_the_model_has(run, pt_model):
     )
 
 
+@needs_ort
 def test_refuses_an_op_without_gradient_in_the_trainable_part(run, tmp_path):
     model = onnx.load(str(pytorch_style(tmp_path / "m.onnx")))
     gemm = model.graph.node[-1]
@@ -469,6 +472,7 @@ def test_two_writers_never_overlap(pt_model, photos, models_dir):
     assert ModelStore(models_dir).read_state().base is not None
 
 
+@needs_ort
 def test_a_model_exported_for_batch_1_trains_and_predicts(run, tmp_path, photos):
     model = pytorch_style(tmp_path / "fixed.onnx", batch=1)
     result = run("make-updatable", model, "--trainable-layers", "2")

@@ -78,6 +78,7 @@ def test_low_layers_never_import_high_ones():
         {"settings", "photos"},
         {"meta", "store", "runtime", "imaging"},
         {"records", "trainers", "numpy_trainer", "graph"},
+        {"training"},
         {"heads", "quantize", "examples", "embedder"},
         {"personal", "predictor"},
         {"personalizing", "bases", "archive"},

@@ -13,6 +13,7 @@ from PIL import Image
 
 from healthyluncher.meta import BaseMeta
 from healthyluncher.store import STATE_FILE, Files, ModelStore
+from tests.conftest import needs_ort
 from tests.models import keras_style, pytorch_style
 
 
@@ -222,6 +223,7 @@ def test_refuses_calibration_that_is_empty_or_not_a_directory(run, pt_model, tmp
     )
 
 
+@needs_ort
 def test_refuses_a_model_whose_every_layer_trains(run, pt_model, calibration, models_dir):
     result = run(
         "make-updatable",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from healthyluncher.store import STATE_FILE
+from tests.conftest import needs_ort
 from tests.models import keras_style, pytorch_style
 from tests.test_cli import one_line_error, probabilities
 
@@ -29,6 +30,7 @@ def test_upgrade_keeps_the_users_labels(run, pt_model, tmp_path, photos, models_
     assert [r["label"] for r in rows] == ["fast_food"] * 3 + ["dessert"] * 3
 
 
+@needs_ort
 def test_upgrade_to_an_nhwc_base_with_another_cut(run, pt_model, tmp_path, photos):
     assert run("make-updatable", pt_model, "--trainable-layers", "2").code == 0
     assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
@@ -61,7 +63,7 @@ def test_a_crash_during_upgrade_leaves_the_old_state_working(
 
     new_base = pytorch_style(tmp_path / "new_base.onnx", seed=3)
     with monkeypatch.context() as patch:
-        patch.setattr(training, "train", crash)
+        patch.setattr(training, "fit", crash)
         result = run("make-updatable", new_base, "--keep-personalization")
     assert result.code == 130
     assert (models_dir / STATE_FILE).read_bytes() == state
@@ -88,6 +90,7 @@ def test_upgrade_reports_examples_without_thumbnails(
         assert result.code == 0 and f"{missing} example(s) had no thumbnail" in result.stdout
 
 
+@needs_ort
 def test_upgrade_to_the_same_model_with_another_cut(run, pt_model, photos):
     """The cached head inputs belong to one cut: a new cut must embed the photos again."""
     assert run("make-updatable", pt_model).code == 0

@@ -1,0 +1,141 @@
+"""The one trainer interface: ONNX Runtime's training artifacts wherever they exist, else numpy.
+
+The head trains through `fit`, whichever trainer this environment has. ONNX Runtime's
+on-device training (onnxruntime-training-cpu 1.19.2, the last release, CPython 3.10 to 3.12)
+is the engine wherever it is installed. Elsewhere (CPython 3.13 and 3.14, or plain
+onnxruntime) the numpy trainer retrains a head that is one linear layer, with the same loss,
+optimizer, sampling and batches (tests/test_numpy_trainer.py checks they agree). Training
+more than the last layer needs ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.meta import BaseMeta
+from healthyluncher.numpy_trainer import LinearHead, train_linear
+from healthyluncher.runtime import training_available
+from healthyluncher.settings import Hyperparameters
+from healthyluncher.store import Files
+from healthyluncher.trainers import EpochCallback, TrainingSet, generate_artifacts
+from healthyluncher.trainers import save_checkpoint_with as ort_checkpoint
+from healthyluncher.trainers import train as ort_train
+
+# "numpy" forces the numpy trainer where ONNX Runtime training exists too (the test suite
+# runs once with each); "onnxruntime" insists on ONNX Runtime.
+TRAINER_ENV = "LUNCHER_TRAINER"
+NEEDS_ORT = (
+    "needs ONNX Runtime's training package (onnxruntime-training-cpu, which exists for "
+    "CPython 3.10 to 3.12 only)"
+)
+
+
+def trainer_name() -> str:
+    """What trains the head here: "onnxruntime" or "numpy"."""
+    wanted = os.environ.get(TRAINER_ENV, "")
+    if wanted == "numpy":
+        return "numpy"
+    if training_available():
+        return "onnxruntime"
+    if wanted == "onnxruntime":
+        raise LuncherError(f"{TRAINER_ENV}=onnxruntime, but training {NEEDS_ORT}")
+    return "numpy"
+
+
+@dataclass(frozen=True)
+class Trained:
+    params: dict[str, np.ndarray]
+    final_loss: float
+    # Writes ONNX Runtime's checkpoint of these weights (None: the numpy trainer has none).
+    save_checkpoint: Callable[[Path], None] | None
+
+
+def check_trainable(meta: BaseMeta, base_dir: Path) -> None:
+    """Refuse a base that the trainer here cannot retrain (it can still predict)."""
+    if trainer_name() == "numpy" and linear_head(meta, base_dir) is None:
+        raise LuncherError(
+            f"this base trains its last {meta.trainable_layers} layer(s); retraining it "
+            f"{NEEDS_ORT}. It still predicts here"
+        )
+
+
+def prepare_head(meta: BaseMeta, head: object, directory: Path, hp: Hyperparameters) -> None:
+    """What the trainer here needs of a new (or grown) head, written into `directory`:
+    ONNX Runtime's training artifacts; the numpy trainer needs nothing written."""
+    if trainer_name() == "onnxruntime":
+        generate_artifacts(head, meta.trainable_params, hp.optimizer, directory)
+
+
+def fit(
+    base_dir: Path,
+    meta: BaseMeta,
+    classes: int,
+    artifact_dir: Path,
+    data: TrainingSet,
+    hp: Hyperparameters,
+    on_epoch: EpochCallback | None = None,
+) -> Trained:
+    """Train the head (grown to `classes`) from the base's weights."""
+    if trainer_name() == "onnxruntime":
+        trained = ort_train(
+            artifact_dir, data, hp, batch_limit=meta.head_batch_limit, on_epoch=on_epoch
+        )
+        return Trained(trained.params, trained.final_loss, trained.save_checkpoint)
+    check_trainable(meta, base_dir)
+    spec = linear_head(meta, base_dir)
+    assert spec is not None  # check_trainable refused otherwise
+    start = start_params(base_dir, meta, spec)
+    extra = classes - spec.classes
+    if extra > 0:
+        start, spec = spec.grown(extra, start), spec.with_extra_classes(extra)
+    params, loss = train_linear(
+        spec, start, data, hp, batch_limit=meta.head_batch_limit, on_epoch=on_epoch
+    )
+    return Trained(params, loss, None)
+
+
+def checkpoint_writer(
+    artifact_dir: Path, params: dict[str, np.ndarray]
+) -> Callable[[Path], None] | None:
+    """For restored weights: ONNX Runtime's checkpoint of them, where ORT trains."""
+    if trainer_name() != "onnxruntime":
+        return None
+    return lambda target: ort_checkpoint(artifact_dir, params, target)
+
+
+def linear_head(meta: BaseMeta, base_dir: Path | None = None) -> LinearHead | None:
+    """The base's head as one linear layer: from meta.json, else (a base from an earlier
+    version) read from its head.onnx."""
+    if meta.linear_head is not None:
+        return LinearHead.from_json(meta.linear_head)
+    if meta.trainable_layers != 1 or base_dir is None:
+        return None
+    import onnx
+
+    from healthyluncher.numpy_trainer import linear_head_of
+
+    return linear_head_of(onnx.load(str(base_dir / Files.HEAD)), meta.trainable_params)
+
+
+def start_params(base_dir: Path, meta: BaseMeta, spec: LinearHead) -> dict[str, np.ndarray]:
+    """The base's trained weights of the linear head (float32)."""
+    path = base_dir / Files.HEAD_WEIGHTS
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            params = {name: data[name].astype(np.float32) for name in spec.param_names}
+    except FileNotFoundError:
+        import onnx
+        from onnx import numpy_helper
+
+        head = onnx.load(str(base_dir / Files.HEAD))
+        found = {t.name: numpy_helper.to_array(t) for t in head.graph.initializer}
+        params = {name: found[name].astype(np.float32) for name in spec.param_names}
+    except (OSError, KeyError, ValueError) as exc:
+        raise LuncherError(f"{path} is damaged ({exc}); make the base again") from None
+    return params

@@ -1,0 +1,72 @@
+"""The trainer in use: which one, what it refuses, and a broken ONNX Runtime install."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from healthyluncher import runtime
+from healthyluncher.training import TRAINER_ENV, trainer_name
+from tests.conftest import TRAINER, needs_ort
+
+
+def test_the_expected_trainer_is_the_one_in_use():
+    """CI names the trainer each environment must get; a silent fallback fails here."""
+    expected = os.environ.get("LUNCHER_EXPECT_TRAINER")
+    if expected is None:
+        pytest.skip("LUNCHER_EXPECT_TRAINER is not set")
+    assert expected == TRAINER
+
+
+def test_status_names_the_trainer(run, pt_model):
+    assert run("make-updatable", pt_model).code == 0
+    data = json.loads(run("status", "--json").stdout)
+    assert data["trainer"] == TRAINER
+    assert data["version"]
+    assert f"trainer           {TRAINER}" in run("status").stdout
+
+
+def test_without_ort_training_deeper_cuts_are_refused_in_one_line(run, pt_model, monkeypatch):
+    monkeypatch.setenv(TRAINER_ENV, "numpy")
+    result = run("make-updatable", pt_model, "--trainable-layers", "2")
+    assert result.code == 1 and result.stdout == ""
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert "onnxruntime-training-cpu" in line and "3.10 to 3.12" in line
+    assert "--trainable-layers 1" in line
+    assert run("make-updatable", pt_model, "--trainable-layers", "1").code == 0
+
+
+@needs_ort
+def test_a_deeper_base_made_elsewhere_predicts_but_does_not_retrain(
+    run, pt_model, photos, monkeypatch
+):
+    assert run("make-updatable", pt_model, "--trainable-layers", "2").code == 0
+    monkeypatch.setenv(TRAINER_ENV, "numpy")
+    assert run("predict", *photos["red"]).code == 0
+    result = run("retrain", "--label", "healthy", *photos["red"])
+    assert result.code == 1
+    assert "trains its last 2 layer(s)" in result.stderr and "still predicts" in result.stderr
+
+
+def test_the_numpy_trainer_can_be_forced(monkeypatch):
+    monkeypatch.setenv(TRAINER_ENV, "numpy")
+    assert trainer_name() == "numpy"
+
+
+def test_both_onnxruntime_wheels_installed_is_named_with_its_fix(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.version
+
+    def both(name: str) -> str:
+        if name in ("onnxruntime", "onnxruntime-training-cpu"):
+            return "1.19.2"
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", both)
+    problem = runtime.install_problem()
+    assert problem is not None
+    assert "pip uninstall -y onnxruntime onnxruntime-training-cpu" in problem
