@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from healthyluncher.cli import app
+from healthyluncher.runtime import training_available
 from healthyluncher.training import trainer_name
 from tests.models import pytorch_style
 
@@ -19,6 +20,12 @@ TRAINER = trainer_name()
 needs_ort = pytest.mark.skipif(
     TRAINER != "onnxruntime", reason="trains more than the last layer, or checks ORT's files"
 )
+
+
+def require_ort_training() -> None:
+    """For fixtures that build ORT training artifacts themselves (to compare with them)."""
+    if not training_available():
+        pytest.skip("ONNX Runtime's training API is not installed here")
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from healthyluncher.heads import class_axes, grow_classes
 from healthyluncher.numpy_trainer import LinearHead, linear_head_of, train_linear
 from healthyluncher.settings import Hyperparameters, OptimizerName
 from healthyluncher.trainers import TrainingSet, generate_artifacts, train
+from tests.conftest import require_ort_training
 
 FEATURES = 16
 CLASSES = 3
@@ -102,6 +103,7 @@ def training_set(weighted: bool) -> TrainingSet:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     """Training artifacts for each head and optimizer, generated once for the module."""
+    require_ort_training()
     root = tmp_path_factory.mktemp("artifacts")
     made = {}
     for kind, make in HEADS.items():

@@ -16,6 +16,7 @@ from healthyluncher.records import Examples
 from healthyluncher.runtime import HeadRunner, inference_session
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.trainers import TrainingSet, generate_artifacts, train
+from tests.conftest import require_ort_training
 
 DIM = 8
 
@@ -27,6 +28,7 @@ def clusters(rng: np.random.Generator, centre: np.ndarray, n: int) -> np.ndarray
 @pytest.fixture
 def head(tmp_path: Path) -> tuple[Path, Path]:
     """A linear head already good at two classes: A near +e0, B near -e0."""
+    require_ort_training()
     w = np.zeros((2, DIM), np.float32)
     w[0, 0], w[1, 0] = 3.0, -3.0
     graph_ = helper.make_graph(
