@@ -306,8 +306,7 @@ import sys
 import time
 from pathlib import Path
 
-from healthyluncher.personalizing import retrain
-from healthyluncher.store import ModelStore
+import healthyluncher
 
 
 def rss_mb():
@@ -323,12 +322,12 @@ def main():
     out = Path(sys.argv[5])
     paths = [Path(p) for p in open(sys.argv[6]).read().splitlines() if p]
     labels = labels.split(",")
-    store = ModelStore(Path(models))
+    lun = healthyluncher.open(models)
     rss, seconds, retrains = [], [], 0
     for i in range(count):
         start = (i * 5) % len(paths)
         began = time.perf_counter()
-        result = retrain(store, labels[i % len(labels)], paths[start : start + 5], epochs=epochs)
+        result = lun.retrain(labels[i % len(labels)], paths[start : start + 5], epochs=epochs)
         seconds.append(round(time.perf_counter() - began, 4))
         retrains += len(result.photos) > 0
         rss.append(round(rss_mb(), 2))
