@@ -3,6 +3,9 @@
 Everything the `luncher` command does goes through here, so a program gets the same
 results, the same errors (`LuncherError`) and the same safety (one atomic, locked
 transaction per change) as a person at a terminal. Nothing here prints.
+
+`bases` and `backup` (onnx) and `imaging` (Pillow) are imported where they are used, so that
+`predict` and a cached retrain never pay for them.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ from healthyluncher.personalizing import (
     RetrainResult,
     Status,
     UndoResult,
+    forget,
+    reset,
+    retrain,
+    status,
+    undo,
 )
-from healthyluncher.photos import ImageFailure, PhotoSource
+from healthyluncher.photos import ImageFailure, PhotoSource, find_images
 from healthyluncher.predictor import Prediction, Predictor
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import ModelStore, State, resolve_models_dir
@@ -110,8 +118,6 @@ class Luncher:
     ) -> Iterator[Prediction | ImageFailure]:
         """Like `predict`, one result at a time as photos decode: a `Prediction`, or an
         `ImageFailure` for a photo that cannot be read."""
-        from healthyluncher.photos import find_images
-
         sources = find_images(_sources(photos))
         if not sources:
             raise LuncherError("no image files found in " + _describe(photos))
@@ -148,8 +154,6 @@ class Luncher:
         `epochs`, `learning_rate` and `views` (augmented views per photo) override the
         stored settings and are remembered. `progress` receives `Progress` events.
         """
-        from healthyluncher.personalizing import retrain
-
         self._check_overrides(epochs, learning_rate, views)
         return self._run(
             retrain,
@@ -170,27 +174,19 @@ class Luncher:
     ) -> ForgetResult:
         """Remove these photos (matched by content) from your examples and retrain without
         them; the undo history is cleared so that they cannot come back."""
-        from healthyluncher.personalizing import forget
-
         return self._run(forget, _sources(photos), progress)
 
     def undo(self) -> UndoResult:
         """Go back to the personalized model as it was before the last change."""
-        from healthyluncher.personalizing import undo
-
         return self._run(undo)
 
     def reset(self) -> ResetResult:
         """Remove the personalization, your examples and their files; the base stays."""
-        from healthyluncher.personalizing import reset
-
         with self._lock:
             return reset(self._store)  # works on a damaged directory: no _ready()
 
     def status(self) -> Status:
         """The base, your examples, the settings, the trainer and the disk used."""
-        from healthyluncher.personalizing import status
-
         return self._run(status)
 
     # -- backups ---------------------------------------------------------------------------

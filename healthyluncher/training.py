@@ -19,7 +19,7 @@ import numpy as np
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.meta import BaseMeta
-from healthyluncher.numpy_trainer import LinearHead, train_linear
+from healthyluncher.numpy_trainer import LinearHead, linear_head_of, train_linear
 from healthyluncher.runtime import training_available
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files
@@ -116,9 +116,7 @@ def linear_head(meta: BaseMeta, base_dir: Path | None = None) -> LinearHead | No
         return LinearHead.from_json(meta.linear_head)
     if meta.trainable_layers != 1 or base_dir is None:
         return None
-    import onnx
-
-    from healthyluncher.numpy_trainer import linear_head_of
+    import onnx  # a base from an earlier version: read its head once
 
     return linear_head_of(onnx.load(str(base_dir / Files.HEAD)), meta.trainable_params)
 
