@@ -34,13 +34,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import healthyluncher  # noqa: E402
+from healthyluncher.bases import ensure_base  # noqa: E402
 from healthyluncher.embedder import Embedder  # noqa: E402
 from healthyluncher.heads import head_with  # noqa: E402
 from healthyluncher.personal import personal_graphs  # noqa: E402
-from healthyluncher.personalizing import reset, retrain  # noqa: E402
 from healthyluncher.records import (  # noqa: E402
     Base,
-    ensure_base,
     load_base,
     load_examples,
     load_personal,
@@ -49,7 +49,8 @@ from healthyluncher.records import (  # noqa: E402
 from healthyluncher.runtime import HeadRunner  # noqa: E402
 from healthyluncher.settings import Hyperparameters  # noqa: E402
 from healthyluncher.store import Files, ModelStore  # noqa: E402
-from healthyluncher.trainers import TrainingSet, train  # noqa: E402
+from healthyluncher.trainers import TrainingSet  # noqa: E402
+from healthyluncher.training import fit  # noqa: E402
 
 FOOD = REPO.parent / "shared" / "food"
 SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -109,8 +110,10 @@ def accuracy(predicted: list[str], truth: list[str]) -> float:
 
 
 def ours(store: ModelStore, label: str, train_photos: list[Path], views: int | None) -> Model:
-    reset(store)
-    retrain(store, label, train_photos, augment_views=views)
+    """The real retrain, through the public API, as a program would call it."""
+    lun = healthyluncher.open(store.root)
+    lun.reset()
+    lun.retrain(label, train_photos, new_label=True, views=views)
     return ours_model(store)
 
 
@@ -127,7 +130,9 @@ def naive(
         labels=np.full(len(feats), base.meta.labels.index(label), np.int64),
         weights=np.ones(len(feats)),
     )
-    trained = train(base.path / Files.ARTIFACTS, data, hp)
+    # fit honours LUNCHER_TRAINER (trainers.train would always be ONNX Runtime).
+    classes = len(base.meta.labels)
+    trained = fit(base.path, base.meta, classes, base.path / Files.ARTIFACTS, data, hp)
     return Model(base.meta.labels, base.path / Files.HEAD, trained.params)
 
 
@@ -232,7 +237,7 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    reset(store)
+    healthyluncher.open(store.root).reset()
     elapsed = time.perf_counter() - started
     write(args.out, rows, base_acc, len(test.labels), args, elapsed)
 
@@ -255,7 +260,9 @@ def second_base(store: ModelStore, base: Base, food: Path, target: Path) -> None
     y = np.array([base.meta.labels.index(label) for label in labels], np.int64)
     weights = np.array([1.0 / np.sum(y == c) for c in y])
     hp = Hyperparameters(epochs=10, learning_rate=0.001, seed=1)
-    trained = train(base.path / Files.ARTIFACTS, TrainingSet(feats.inputs, y, weights), hp)
+    data = TrainingSet(feats.inputs, y, weights)
+    classes = len(base.meta.labels)
+    trained = fit(base.path, base.meta, classes, base.path / Files.ARTIFACTS, data, hp)
     model = onnx.load(str(base.path / Files.MODEL))
     write_back(model, trained.params)
     onnx.save(model, str(target))
@@ -282,12 +289,12 @@ def upgrade(store: ModelStore, args: argparse.Namespace, test: Features) -> None
         for method in ("upgrade", "fresh"):
             make_updatable(store, shipped, UpdatableOptions(replay=replay, force=True))
             if method == "upgrade":
-                retrain(store, "healthy", chosen)
+                healthyluncher.open(store.root).retrain("healthy", chosen)
                 options = UpdatableOptions(replay=replay, keep_personalization=True)
                 make_updatable(store, v2_path, options)
             else:
                 make_updatable(store, v2_path, UpdatableOptions(replay=replay, force=True))
-                retrain(store, "healthy", chosen)
+                healthyluncher.open(store.root).retrain("healthy", chosen)
             base = load_base(store, store.read_state())
             plain = Model(base.meta.labels, base.path / Files.HEAD, None)
             model = ours_model(store)
@@ -309,7 +316,7 @@ def upgrade(store: ModelStore, args: argparse.Namespace, test: Features) -> None
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    reset(store)
+    healthyluncher.open(store.root).reset()
     make_updatable(store, shipped, UpdatableOptions(replay=replay, force=True))
     lines = [
         "# Upgrading the base and keeping the personalization",
