@@ -254,6 +254,9 @@ def make_updatable(
     keep_personalization: bool | None = None,
     int8: bool = False,
     calibration: str | os.PathLike[str] | None = None,
+    examples: str | os.PathLike[str] | None = None,
+    preprocessing: str | None = None,
+    progress: ProgressCallback | None = None,
 ) -> UpdatableResult:
     """Make an ONNX image classifier the base of a models directory: its last
     `trainable_layers` layers with weights train on your photos, the rest stays frozen.
@@ -261,6 +264,11 @@ def make_updatable(
     With a personalization present, `keep_personalization=True` carries it over to the
     new base (embedded again and retrained), `False` or `force=True` drops it, and `None`
     refuses. `int8` quantizes the frozen part, calibrated on the photos in `calibration`.
+
+    `examples` is a folder with one subfolder of photos per label (Create ML's layout): the
+    head is trained on them, with a new final layer when the labels are not the model's own
+    (a stock 1000-class ImageNet export, say), and they become the base's replay set.
+    `preprocessing` names a pixel normalization ("imagenet", "inception", "unit", "raw").
     """
     from healthyluncher.bases import UpdatableOptions
     from healthyluncher.bases import make_updatable as build
@@ -277,6 +285,9 @@ def make_updatable(
         keep_personalization=keep_personalization,
         int8=int8,
         calibration=Path(calibration) if calibration is not None else None,
+        examples=Path(examples) if examples is not None else None,
+        preprocessing=preprocessing,
+        progress=progress,
     )
     lun = open(models_dir)
     with lun._lock:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from onnx import numpy_helper
@@ -15,9 +15,18 @@ from onnx import numpy_helper
 from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
+from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import load_replay
-from healthyluncher.heads import build_template
+from healthyluncher.headfit import (
+    HeadReport,
+    fit_new_head,
+    needs_new_head,
+    read_examples,
+    replace_final_layer,
+)
+from healthyluncher.heads import build_template, write_back
 from healthyluncher.meta import BaseMeta, LayerInfo
+from healthyluncher.modelsetup import dummy_input, model_inputs, model_labels
 from healthyluncher.numpy_trainer import linear_head_of
 from healthyluncher.personal import publish_personal
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
@@ -31,7 +40,7 @@ from healthyluncher.records import (
     save_arrays,
 )
 from healthyluncher.runtime import inference_session
-from healthyluncher.settings import Hyperparameters, Preprocessing
+from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore, State, Transaction, write_json
 from healthyluncher.training import NEEDS_ORT, prepare_head, trainer_name
 
@@ -53,6 +62,11 @@ class UpdatableOptions:
     # `calibration`. Opt-in: see results/int8.md for what it gains and costs.
     int8: bool = False
     calibration: Path | None = None
+    # A folder with one subfolder of photos per label: the head is trained on them (a new
+    # final layer when the labels are not the model's own), and they become the replay set.
+    examples: Path | None = None
+    preprocessing: str | None = None  # a preset of modelsetup.PRESETS
+    progress: ProgressCallback | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,8 @@ class UpdatableResult:
     dropped_personalization: bool
     carried_over: dict[str, int] | None = None  # examples per label kept on the new base
     not_carried: int = 0  # examples whose thumbnail was missing or unreadable
+    preprocessing_source: str = ""  # where the preprocessing came from (modelsetup.Inputs)
+    examples: HeadReport | None = None  # what --examples trained
 
 
 def make_updatable(
@@ -159,8 +175,30 @@ def _build(
     model = graph.load_model(model_path)
     graph.normalize_versions(model)
     analysis = graph.analyze(model)
-    labels = _labels(options, analysis)
-    prep = _preprocessing(options, analysis)
+    examples = read_examples(options.examples) if options.examples is not None else None
+    replaced = False
+    if examples is None:
+        labels = model_labels(options.labels, analysis)
+    else:
+        named = options.labels or graph.metadata_labels(analysis.metadata)
+        if named is not None and len(named) != analysis.num_classes:
+            named = None
+        replaced = needs_new_head(named, examples.labels)
+        if replaced:  # a stock 1000-class export, say: a final layer for these labels
+            replace_final_layer(model, analysis.num_classes, len(examples.labels))
+            analysis = graph.analyze(model)
+            labels = examples.labels
+        else:  # the model's own classes: fine-tune its head, in its order
+            labels = model_labels(named, analysis)
+            examples = examples.in_order(labels)
+    inputs = model_inputs(
+        analysis,
+        preset=options.preprocessing,
+        mean=options.mean,
+        std=options.std,
+        resize=options.resize,
+    )
+    prep = inputs.preprocessing
     cut = graph.split(model, analysis, options.trainable_layers)
     linear = linear_head_of(cut.head, cut.trainable_params)
     if linear is None and trainer_name() == "numpy":
@@ -180,13 +218,26 @@ def _build(
         )
         for layer in analysis.layers
     )
+    report = None
+    replay_set = None
+    if examples is not None:
+        hp = options.hyperparameters
+        with tempfile.TemporaryDirectory(prefix="luncher-examples-") as work:
+            params, replay_set, report = fit_new_head(
+                cut, analysis, prep, examples, replaced, hp, Path(work), options.progress
+            )
+        for target in (model, cut.head):
+            write_back(target, params)
     model_bytes = model.SerializeToString()
     # Fail now, with a clear message, on anything ONNX Runtime cannot run.
     full_session = inference_session(model_bytes)
-    sample = _dummy_input(analysis, prep)
+    sample = dummy_input(analysis, prep)
     full_session.run(None, {analysis.input.name: sample})
     frozen = cut.frozen
     identity = hashlib.sha256(raw)
+    if report is not None:
+        # A head trained on the user's photos: another base than the file alone.
+        identity.update(cut.head.SerializeToString())
     quantized: QuantizedBase | None = None
     if options.int8:
         assert options.calibration is not None
@@ -225,7 +276,11 @@ def _build(
                 },
             )
         replay_count = 0
-        if options.replay is not None:
+        if replay_set is not None:
+            names = np.array([labels[i] for i in replay_set[1]], dtype=np.str_)
+            save_arrays(staged / Files.REPLAY, {"inputs": replay_set[0], "labels": names})
+            replay_count = len(names)
+        elif options.replay is not None:
             replay_count = _copy_replay(options.replay, staged / Files.REPLAY, labels, split_sample)
         meta = BaseMeta(
             name=model_path.stem,
@@ -261,13 +316,23 @@ def _build(
         name = txn.publish(staged, "base")
     if not switch:
         return UpdatableResult(
-            meta=meta, directory=store.root / name, dropped_personalization=False
+            meta=meta,
+            directory=store.root / name,
+            dropped_personalization=False,
+            preprocessing_source=inputs.source,
+            examples=report,
         )
     dropped = state.personal is not None
     txn.commit(State(base=name, personal=None, history=[]))
     txn.after_commit(store.clear_cache)
     txn.after_commit(store.remove_thumbnails)
-    return UpdatableResult(meta=meta, directory=store.root / name, dropped_personalization=dropped)
+    return UpdatableResult(
+        meta=meta,
+        directory=store.root / name,
+        dropped_personalization=dropped,
+        preprocessing_source=inputs.source,
+        examples=report,
+    )
 
 
 def _read(path: Path) -> bytes:
@@ -279,70 +344,6 @@ def _read(path: Path) -> bytes:
         raise LuncherError(f"{path}: is a directory, not an ONNX model") from None
     except OSError as exc:
         raise LuncherError(f"{path}: cannot read: {exc.strerror}") from None
-
-
-def _labels(options: UpdatableOptions, analysis: graph.Analysis) -> tuple[str, ...]:
-    labels = options.labels or graph.metadata_labels(analysis.metadata)
-    if not labels:
-        raise LuncherError(
-            f"the model does not name its {analysis.num_classes} classes; "
-            "give them with --labels a,b,..."
-        )
-    if len(labels) != analysis.num_classes:
-        raise LuncherError(
-            f"{len(labels)} labels given ({', '.join(labels)}) but the model has "
-            f"{analysis.num_classes} outputs"
-        )
-    if len(set(labels)) != len(labels) or any(not label for label in labels):
-        raise LuncherError("labels must be unique and non-empty")
-    return tuple(labels)
-
-
-def _preprocessing(options: UpdatableOptions, analysis: graph.Analysis) -> Preprocessing:
-    meta = graph.metadata_preprocessing(analysis.metadata)
-    image = analysis.input
-    crop: Any = meta.get("crop", meta.get("size"))
-    if isinstance(crop, list) and len(crop) == 2:
-        crop_h, crop_w = int(crop[0]), int(crop[1])
-    elif crop is not None:
-        crop_h = crop_w = int(crop)
-    else:
-        crop_h = crop_w = 224
-    height = image.height or crop_h
-    width = image.width or crop_w
-    resize = options.resize or meta.get("resize") or round(min(height, width) * 256 / 224)
-    defaults = Preprocessing()
-    mean = options.mean or tuple(meta.get("mean", defaults.mean))
-    std = options.std or tuple(meta.get("std", defaults.std))
-    for name, values in (("mean", mean), ("std", std)):
-        if len(values) not in (1, image.channels, 3):
-            raise LuncherError(f"--{name} needs {image.channels} values, got {len(values)}")
-    if len(mean) == 1:
-        mean = mean * 3
-    if len(std) == 1:
-        std = std * 3
-    if any(s == 0 for s in std):
-        raise LuncherError("--std values must not be zero")
-    if int(resize) < min(height, width):
-        raise LuncherError(f"--resize {resize} is smaller than the model's input {height}x{width}")
-    return Preprocessing(
-        height=int(height),
-        width=int(width),
-        resize=int(resize),
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
-        layout=image.layout,
-        channels=image.channels,
-    )
-
-
-def _dummy_input(analysis: graph.Analysis, prep: Preprocessing) -> np.ndarray:
-    batch = analysis.input.batch or 1
-    if prep.layout == "NCHW":
-        shape = (batch, prep.channels, prep.height, prep.width)
-    else:
-        shape = (batch, prep.height, prep.width, prep.channels)
-    return np.zeros(shape, np.float32)
 
 
 def _head_batch_limit(head_bytes: bytes, split_sample: np.ndarray) -> int | None:

@@ -64,3 +64,12 @@ def floats(text: str | None, option: str) -> tuple[float, ...] | None:
 class Optimizer(str, Enum):
     adamw = "adamw"
     sgd = "sgd"
+
+
+class Preset(str, Enum):
+    """Pixel normalizations by name (modelsetup.PRESETS)."""
+
+    imagenet = "imagenet"
+    inception = "inception"
+    unit = "unit"
+    raw = "raw"

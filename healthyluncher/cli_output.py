@@ -137,8 +137,8 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @contextmanager
-def spinner(message: str) -> Iterator[None]:
-    if err.is_terminal:
+def spinner(message: str, show: bool = True) -> Iterator[None]:
+    if show and err.is_terminal:
         with err.status(message):
             yield
     else:

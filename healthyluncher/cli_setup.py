@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from healthyluncher.cli_app import Optimizer, app, floats, luncher
+from healthyluncher.cli_app import Optimizer, Preset, app, floats, luncher
 from healthyluncher.cli_output import (
     Column,
     escape,
@@ -33,6 +33,23 @@ def make_updatable(
     trainable_layers: Annotated[
         int, typer.Option(min=1, help="How many of the last layers with weights train.")
     ] = 1,
+    examples: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="A folder with one subfolder of photos per label: train the head on them "
+            "(a new final layer when the labels are not the model's own).",
+            show_default=False,
+        ),
+    ] = None,
+    preprocessing: Annotated[
+        Optional[Preset],  # noqa: UP045
+        typer.Option(
+            help="Pixel normalization: imagenet (torchvision, timm), inception ([-1, 1]: "
+            "Keras MobileNet, TF), unit ([0, 1]) or raw (0..255). Default: the model's "
+            "metadata, else imagenet.",
+            show_default=False,
+        ),
+    ] = None,
     resize: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(min=1, help="Short side in pixels before the centre crop."),
@@ -82,10 +99,13 @@ def make_updatable(
             show_default=False,
         ),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="List every layer, not only near the cut.")
+    ] = False,
 ) -> None:
     """Turn MODEL into a base whose last layers train on your photos.
 
-    Example: luncher make-updatable mobilenet.onnx --labels healthy,fast_food --trainable-layers 2
+    Example: luncher make-updatable mobilenet.onnx --examples my-lunches/
     """
     from healthyluncher import api
 
@@ -93,7 +113,7 @@ def make_updatable(
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, optimizer=optimizer.value
     )
     keep = _ask_to_keep(ctx) if keep_personalization is None else keep_personalization
-    with spinner(f"Making {model.name} updatable"):
+    with progress_bars() as report, spinner(f"Making {model.name} updatable", report is None):
         result = api.make_updatable(
             model,
             labels=[x.strip() for x in labels.split(",")] if labels else None,
@@ -108,9 +128,20 @@ def make_updatable(
             keep_personalization=keep,
             int8=int8,
             calibration=calibration,
+            examples=examples,
+            preprocessing=preprocessing.value if preprocessing else None,
+            progress=report,
         )
+    layers = result.meta.layers
+    shown = list(layers)
+    if not verbose:  # the layers around the cut: the last frozen ones and every trainable one
+        first = next((i for i, layer in enumerate(layers) if layer.trainable), len(layers))
+        shown = list(layers[max(0, first - 3) :])
+    title = f"Layers of {model.name}"
+    if len(shown) < len(layers):
+        title += f" (the last {len(shown)} of {len(layers)}; --verbose lists all)"
     print_table(
-        f"Layers of {model.name}",
+        title,
         [Column("layer"), Column("op"), Column("parameters", right=True), Column("")],
         [
             [
@@ -119,10 +150,30 @@ def make_updatable(
                 (f"{layer.params:,}", ""),
                 ("trainable", "green") if layer.trainable else ("frozen", "dim"),
             ]
-            for layer in result.meta.layers
+            for layer in shown
         ],
     )
+    head = result.examples
+    if head is not None:
+        counts = ", ".join(f"{k}: {v}" for k, v in head.photos.items())
+        what = (
+            "A new final layer for" if head.replaced_head else "The model's own head, fine-tuned on"
+        )
+        accuracy = (
+            f"held-out accuracy {head.held_out_accuracy:.1%} on {head.held_out} photo(s)"
+            if head.held_out
+            else "too few photos to hold any out"
+        )
+        out.print(
+            f"{what} your photos ({escape(counts)}), {head.epochs} epochs: {accuracy}."
+            + (f" {head.skipped} photo(s) could not be read." if head.skipped else "")
+        )
     meta = result.meta
+    prep = meta.preprocessing
+    out.print(
+        f"Preprocessing from {escape(result.preprocessing_source)}: short side {prep.resize}, "
+        f"crop {prep.height}x{prep.width}, mean {_numbers(prep.mean)}, std {_numbers(prep.std)}."
+    )
     out.print(
         f"Base ready in {escape(str(result.directory))}: labels {', '.join(meta.labels)}; "
         f"input {meta.preprocessing.height}x{meta.preprocessing.width} "
@@ -139,6 +190,10 @@ def make_updatable(
         )
         if result.not_carried:
             out.print(f"{result.not_carried} example(s) had no thumbnail and were left behind.")
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def _ask_to_keep(ctx: typer.Context) -> bool | None:

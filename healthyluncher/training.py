@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +99,33 @@ def fit(
         spec, start, data, hp, batch_limit=meta.head_batch_limit, on_epoch=on_epoch
     )
     return Trained(params, loss, None)
+
+
+def fit_head(
+    head: Any,
+    trainable: tuple[str, ...],
+    data: TrainingSet,
+    hp: Hyperparameters,
+    workdir: Path,
+    *,
+    on_epoch: EpochCallback | None = None,
+) -> dict[str, np.ndarray]:
+    """Train a head (an onnx.ModelProto, from its own weights) that no base holds yet: the
+    one `make-updatable --examples` builds. `workdir` receives ORT's artifacts."""
+    if trainer_name() == "onnxruntime":
+        generate_artifacts(head, trainable, hp.optimizer, workdir)
+        return ort_train(workdir, data, hp, on_epoch=on_epoch).params
+    spec = linear_head_of(head, trainable)
+    if spec is None:
+        raise LuncherError(f"training this head (more than one linear layer) {NEEDS_ORT}")
+    from onnx import numpy_helper
+
+    found = {t.name: t for t in head.graph.initializer}
+    start = {
+        name: numpy_helper.to_array(found[name]).astype(np.float32) for name in spec.param_names
+    }
+    params, _ = train_linear(spec, start, data, hp, on_epoch=on_epoch)
+    return params
 
 
 def checkpoint_writer(

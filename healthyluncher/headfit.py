@@ -1,0 +1,261 @@
+"""A head from a folder of photos: `make-updatable --examples DIR`, Create ML's workflow.
+
+DIR holds one subfolder per label. When the labels differ from the model's outputs (a stock
+ImageNet export has 1000), the final layer is replaced by one for these labels; when they
+are the model's own class names, the existing head is fine-tuned. Either way the head trains
+on the photos' head inputs (the frozen part runs once per photo), a fifth of the photos
+(chosen by content hash) is held out to measure it, and the training photos' head inputs
+become the base's replay set, so that personalizing the base later does not forget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from healthyluncher import graph, heads
+from healthyluncher.errors import LuncherError
+from healthyluncher.events import Progress, ProgressCallback
+from healthyluncher.imaging import LoadedImage, load_many
+from healthyluncher.meta import check_label
+from healthyluncher.photos import PhotoSource, find_images
+from healthyluncher.runtime import HeadRunner, inference_session, run_in_batches
+from healthyluncher.settings import Hyperparameters, Preprocessing
+from healthyluncher.trainers import TrainingSet
+from healthyluncher.training import fit_head
+
+# One photo in five is held out to measure the new head (by content hash: repeatable).
+HOLD_OUT = 5
+# Training from a new final layer needs more steps than a personalization: at least this
+# many optimizer steps, in 10 to 200 epochs.
+MIN_STEPS = 400
+# Head inputs kept per label as the base's replay set (the shipped base keeps 200 each).
+REPLAY_PER_LABEL = 200
+# Images per call of the frozen part.
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class LabelledPhotos:
+    labels: tuple[str, ...]
+    photos: tuple[tuple[PhotoSource, int], ...]  # (photo, label index), in folder order
+
+    def in_order(self, labels: Sequence[str]) -> LabelledPhotos:
+        """The same photos with the same label names, indexed in another label order."""
+        position = {label: i for i, label in enumerate(labels)}
+        moved = tuple((photo, position[self.labels[i]]) for photo, i in self.photos)
+        return LabelledPhotos(tuple(labels), moved)
+
+
+@dataclass(frozen=True)
+class HeadReport:
+    """What `--examples` did, for the user."""
+
+    replaced_head: bool  # a new final layer (else the model's own head was fine-tuned)
+    photos: dict[str, int]  # readable photos per label
+    skipped: int  # unreadable photos
+    held_out: int
+    held_out_accuracy: float
+    epochs: int
+
+
+def read_examples(directory: Path) -> LabelledPhotos:
+    """The labels (subfolder names, sorted) and their photos."""
+    if not directory.is_dir():
+        raise LuncherError(f"--examples {directory}: not a directory")
+    folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    labels = tuple(check_label(folder.name) for folder in folders)
+    photos: list[tuple[PhotoSource, int]] = []
+    for index, folder in enumerate(folders):
+        found = find_images([folder])
+        if not found:
+            raise LuncherError(f"--examples: {folder} holds no photos")
+        photos.extend((photo, index) for photo in found)
+    if len(labels) < 2:
+        raise LuncherError(
+            f"--examples {directory} needs one subfolder per label, at least two "
+            "(e.g. healthy/ and fast_food/)"
+        )
+    return LabelledPhotos(labels, tuple(photos))
+
+
+def needs_new_head(model_labels: Sequence[str] | None, labels: Sequence[str]) -> bool:
+    """A new final layer unless the folders are exactly the model's own named classes."""
+    return model_labels is None or set(model_labels) != set(labels)
+
+
+def replace_final_layer(model: onnx.ModelProto, old_classes: int, classes: int) -> None:
+    """Give the last layer `classes` outputs, in place: weights small and random (a ReLU
+    after a classifier conv must not start dead), bias zero; `fit_new_head` then starts
+    a linear layer from the class means instead."""
+    axes = heads.class_axes(model, old_classes)
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    rng = np.random.default_rng(0)
+    for name, axis in axes.items():
+        old = numpy_helper.to_array(model.graph.initializer[index[name]])
+        shape = list(old.shape)
+        shape[axis] = classes
+        fan_in = max(1, int(np.prod(shape)) // classes)
+        if old.ndim == 1 or (old.ndim == 2 and 1 in old.shape and name.endswith("bias")):
+            value = np.zeros(shape, old.dtype)
+        else:
+            value = rng.normal(0, 1 / math.sqrt(fan_in), shape).astype(old.dtype)
+        model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(value, name))
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) == 2:
+            dims[1].ClearField("dim_param")
+            dims[1].dim_value = classes
+    del model.graph.value_info[:]
+
+
+def fit_new_head(
+    cut: graph.Split,
+    analysis: graph.Analysis,
+    prep: Preprocessing,
+    examples: LabelledPhotos,
+    replaced: bool,
+    hp: Hyperparameters,
+    workdir: Path,
+    progress: ProgressCallback | None = None,
+) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray], HeadReport]:
+    """Train the head on the photos: (its parameters, the replay set, the report)."""
+    inputs, labels, digests, skipped = _embed(cut, analysis, prep, examples, progress)
+    if len(set(labels.tolist())) < len(examples.labels):
+        missing = sorted(set(range(len(examples.labels))) - set(labels.tolist()))
+        names = ", ".join(examples.labels[i] for i in missing)
+        raise LuncherError(f"--examples: no readable photo of {names}")
+    held = np.array([int(d[:8], 16) % HOLD_OUT == 0 for d in digests])
+    if held.all() or not held.any() or len(labels) < 2 * HOLD_OUT:
+        held = np.zeros(len(labels), bool)  # too few photos to hold any out
+    train = ~held
+    head = cut.head
+    trainable = cut.trainable_params
+    spec_start = _class_means(head, trainable, inputs[train], labels[train], len(examples.labels))
+    if replaced and spec_start:
+        heads.write_back(head, spec_start)
+    steps_per_epoch = math.ceil(int(train.sum()) / hp.batch_size)
+    epochs = min(200, max(10, math.ceil(MIN_STEPS / steps_per_epoch)))
+    fit_hp = hp.replace(epochs=epochs)
+    # Each label weighs the same in all, however many photos it has.
+    counts = np.bincount(labels[train], minlength=len(examples.labels)).astype(np.float64)
+    weights = 1.0 / counts[labels[train]]
+    data = TrainingSet(inputs[train], labels[train], weights)
+
+    def on_epoch(epoch: int, total: int, loss: float) -> None:
+        if progress:
+            progress(Progress("training", epoch, total))
+
+    params = fit_head(head, trainable, data, fit_hp, workdir, on_epoch=on_epoch)
+    accuracy = float("nan")
+    if held.any():
+        runner = HeadRunner(heads.head_with(head, params))
+        accuracy = float(np.mean(runner.logits(inputs[held]).argmax(axis=1) == labels[held]))
+    replay = _replay(inputs[train], labels[train], np.array(digests)[train])
+    per_label = np.bincount(labels, minlength=len(examples.labels))
+    report = HeadReport(
+        replaced_head=replaced,
+        photos={label: int(n) for label, n in zip(examples.labels, per_label, strict=True)},
+        skipped=skipped,
+        held_out=int(held.sum()),
+        held_out_accuracy=accuracy,
+        epochs=epochs,
+    )
+    return params, replay, report
+
+
+def _embed(
+    cut: graph.Split,
+    analysis: graph.Analysis,
+    prep: Preprocessing,
+    examples: LabelledPhotos,
+    progress: ProgressCallback | None,
+) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """Head inputs of every readable photo (float32), their label indices and digests."""
+    session = None
+    if cut.frozen is not None:
+        session = inference_session(cut.frozen.SerializeToString())
+    name = analysis.input.name
+
+    def run(chunk: np.ndarray) -> np.ndarray:
+        assert session is not None
+        return np.asarray(session.run(None, {name: chunk})[0], dtype=np.float32)
+
+    label_of = dict(examples.photos)
+    outputs: list[np.ndarray] = []
+    labels: list[int] = []
+    digests: list[str] = []
+    pending: list[LoadedImage] = []
+    skipped = 0
+    total = len(examples.photos)
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = np.stack([item.array for item in pending])
+        if session is not None:
+            batch = run_in_batches(run, batch, step=BATCH, fixed=analysis.input.batch)
+        outputs.append(batch.astype(np.float32, copy=False))
+        labels.extend(label_of[item.path] for item in pending)
+        digests.extend(item.digest for item in pending)
+        pending.clear()
+
+    for done, item in enumerate(load_many([p for p, _ in examples.photos], prep), start=1):
+        if isinstance(item, LoadedImage):
+            pending.append(item)
+            if len(pending) >= BATCH:
+                flush()
+        else:
+            skipped += 1
+        if progress:
+            progress(Progress("embedding", done, total))
+    flush()
+    if not outputs:
+        raise LuncherError("--examples: none of the photos could be read")
+    return np.concatenate(outputs), np.array(labels, np.int64), digests, skipped
+
+
+def _class_means(
+    head: onnx.ModelProto,
+    trainable: tuple[str, ...],
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    classes: int,
+) -> dict[str, np.ndarray]:
+    """A linear head's start from the class means (a nearest-class-mean classifier:
+    logit_c = x . m_c - |m_c|^2 / 2); {} when the head is not one linear layer."""
+    from healthyluncher.numpy_trainer import linear_head_of
+
+    spec = linear_head_of(head, trainable)
+    if spec is None or spec.classes != classes:
+        return {}
+    flat = inputs.reshape(len(inputs), -1).astype(np.float64)
+    scale = float(np.mean(np.linalg.norm(flat, axis=1))) or 1.0
+    flat /= scale  # logits of a few units, whatever the features' scale
+    means = np.stack([flat[labels == c].mean(axis=0) for c in range(classes)])
+    weight = means / scale / spec.alpha  # (C, D) in the head's own input units
+    bias = -0.5 * np.sum(means * means, axis=1)
+    start: dict[str, np.ndarray] = {spec.weight: (weight if spec.trans_b else weight.T)}
+    if spec.bias is not None:
+        dims = {t.name: tuple(t.dims) for t in head.graph.initializer}
+        start[spec.bias] = (bias / spec.beta).reshape(dims[spec.bias])
+    return {k: v.astype(np.float32) for k, v in start.items()}
+
+
+def _replay(
+    inputs: np.ndarray, labels: np.ndarray, digests: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to REPLAY_PER_LABEL training photos per label, chosen by content hash."""
+    chosen: list[int] = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        members = members[np.argsort(digests[members], kind="stable")]
+        chosen.extend(members[:REPLAY_PER_LABEL].tolist())
+    index = np.array(sorted(chosen), np.int64)
+    return inputs[index], labels[index]

@@ -1,0 +1,130 @@
+"""What a model's inputs and outputs mean: its labels, and how a photo becomes its input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from healthyluncher import graph
+from healthyluncher.errors import LuncherError
+from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+# Pixel normalizations by name, in 0..255 units: (mean, std) per channel.
+PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # torchvision and timm: ImageNet statistics.
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    # Keras' MobileNet and EfficientNet-Lite and other TF models: pixels to [-1, 1].
+    "inception": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
+    # Pixels to [0, 1].
+    "unit": ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0)),
+    # Pixels as they are, 0..255 (Keras EfficientNet, which normalizes inside the model).
+    "raw": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """How photos become the model's input, and where that came from."""
+
+    preprocessing: Preprocessing
+    # "--preprocessing inception", "--mean/--std", "the model's metadata" or "the default
+    # (ImageNet)": make-updatable says which.
+    source: str
+
+
+def model_labels(given: Sequence[str] | None, analysis: graph.Analysis) -> tuple[str, ...]:
+    labels = list(given) if given else graph.metadata_labels(analysis.metadata)
+    if not labels:
+        raise LuncherError(
+            f"the model does not name its {analysis.num_classes} classes; give them with "
+            "--labels a,b,..., or put a new head on it with --examples DIR (one subfolder "
+            "of photos per label)"
+        )
+    if len(labels) != analysis.num_classes:
+        raise LuncherError(
+            f"{len(labels)} labels given ({', '.join(labels)}) but the model has "
+            f"{analysis.num_classes} outputs; to give it a new head with your labels, use "
+            "--examples DIR (one subfolder of photos per label)"
+        )
+    if len(set(labels)) != len(labels) or any(not label for label in labels):
+        raise LuncherError("labels must be unique and non-empty")
+    return tuple(labels)
+
+
+def model_inputs(
+    analysis: graph.Analysis,
+    *,
+    preset: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    resize: int | None = None,
+) -> Inputs:
+    """The preprocessing: --mean/--std, else --preprocessing, else the model's metadata,
+    else ImageNet's statistics (the most common convention)."""
+    meta = graph.metadata_preprocessing(analysis.metadata)
+    image = analysis.input
+    crop: Any = meta.get("crop", meta.get("size"))
+    try:
+        if isinstance(crop, list) and len(crop) == 2:
+            crop_h, crop_w = int(crop[0]), int(crop[1])
+        elif crop is not None:
+            crop_h = crop_w = int(crop)
+        else:
+            crop_h = crop_w = 224
+        height = image.height or crop_h
+        width = image.width or crop_w
+        resize = resize or int(meta.get("resize") or round(min(height, width) * 256 / 224))
+    except (TypeError, ValueError):
+        raise LuncherError(
+            "the model's 'preprocessing' metadata has a bad crop or resize"
+        ) from None
+    if preset is not None and preset not in PRESETS:
+        raise LuncherError(f"--preprocessing {preset!r} is not one of {', '.join(PRESETS)}")
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise LuncherError("--mean and --std go together")
+        source = "--mean/--std"
+    elif preset is not None:
+        mean, std = PRESETS[preset]
+        source = f"--preprocessing {preset}"
+    elif "mean" in meta or "std" in meta:
+        mean = meta.get("mean", IMAGENET_MEAN)
+        std = meta.get("std", IMAGENET_STD)
+        source = "the model's metadata"
+    else:
+        mean, std = PRESETS["imagenet"]
+        source = "the default (ImageNet mean and std; --preprocessing says otherwise)"
+    mean, std = _per_channel("mean", mean, image.channels), _per_channel("std", std, image.channels)
+    if int(resize) < min(height, width):
+        raise LuncherError(f"--resize {resize} is smaller than the model's input {height}x{width}")
+    prep = Preprocessing(
+        height=int(height),
+        width=int(width),
+        resize=int(resize),
+        mean=mean,
+        std=std,
+        layout=image.layout,
+        channels=image.channels,
+    )  # validates every value, whichever source it came from
+    return Inputs(prep, source)
+
+
+def _per_channel(name: str, values: Any, channels: int) -> tuple[float, ...]:
+    if not isinstance(values, (list, tuple)) or len(values) not in (1, channels, 3):
+        raise LuncherError(f"{name} needs {channels} values (or 1), got {values!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise LuncherError(f"{name} values must be numbers, got {values!r}")
+    floats = tuple(float(v) for v in values)
+    return floats * 3 if len(floats) == 1 else floats
+
+
+def dummy_input(analysis: graph.Analysis, prep: Preprocessing) -> np.ndarray:
+    batch = analysis.input.batch or 1
+    if prep.layout == "NCHW":
+        shape = (batch, prep.channels, prep.height, prep.width)
+    else:
+        shape = (batch, prep.height, prep.width, prep.channels)
+    return np.zeros(shape, np.float32)

@@ -1,0 +1,162 @@
+"""make-updatable --examples: a new head from a folder of photos, and preprocessing presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import healthyluncher
+from healthyluncher import Progress
+from tests.conftest import solid
+from tests.models import keras_style, pytorch_style
+
+
+@pytest.fixture
+def examples(tmp_path: Path) -> Path:
+    """One subfolder per label, ten photos each, told apart by colour."""
+    root = tmp_path / "examples"
+    for i in range(10):
+        solid(root / "fast_food" / f"f{i}.png", (150 + 10 * i, 20 + 3 * i, 40))
+        solid(root / "healthy" / f"h{i}.jpg", (30, 150 + 10 * i, 40 + 2 * i))
+    return root
+
+
+@pytest.fixture
+def stock(tmp_path: Path) -> Path:
+    """A stock export: ten unnamed classes, as an ImageNet model has a thousand."""
+    return pytorch_style(tmp_path / "stock.onnx", labels=None, classes=10)
+
+
+def test_a_stock_export_gets_a_new_head_for_the_folders_labels(
+    run, stock, examples, photos, tmp_path
+):
+    result = run("make-updatable", stock, "--examples", examples)
+    assert result.code == 0, result
+    assert "A new final layer for your photos (fast_food: 10, healthy: 10)" in result.stdout
+    assert "held-out accuracy" in result.stdout
+    status = run("status", "--json").json_lines()[0]
+    assert status["labels"] == ["fast_food", "healthy"]
+    assert status["replay_examples"] > 0  # the photos became the replay set
+    rows = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert [r["label"] for r in rows] == ["fast_food"] * 3 + ["healthy"] * 3
+
+    # Personalize it end to end: a retrain raises the label, reset restores exactly.
+    blue = [solid(tmp_path / "blue" / f"b{i}.png", (40, 60, 200 + 10 * i)) for i in range(3)]
+    before = run("predict", "--json", *blue).json_lines()
+    trained = run("retrain", "--label", "healthy", "--json", *blue).json_lines()[0]
+    assert all(p["after"] > p["before"] for p in trained["photos"])
+    assert run("reset").code == 0
+    assert run("predict", "--json", *blue).json_lines() == before
+
+
+def test_the_models_own_labels_fine_tune_its_head(run, pt_model, examples):
+    result = run("make-updatable", pt_model, "--examples", examples)
+    assert result.code == 0, result
+    assert "The model's own head, fine-tuned on your photos" in result.stdout
+    # The model's order of classes is kept, not the folders' alphabetical one.
+    assert run("status", "--json").json_lines()[0]["labels"] == ["healthy", "fast_food"]
+
+
+def test_a_label_count_that_does_not_match_points_to_examples(run, stock):
+    result = run("make-updatable", stock, "--labels", "healthy,fast_food")
+    assert result.code == 1
+    assert "--examples DIR" in result.stderr and "\n" not in result.stderr.strip()
+    result = run("make-updatable", stock)
+    assert result.code == 1 and "--examples DIR" in result.stderr
+
+
+def test_examples_folders_are_checked(run, stock, tmp_path):
+    one = tmp_path / "one"
+    solid(one / "healthy" / "a.png", (10, 200, 10))
+    result = run("make-updatable", stock, "--examples", one)
+    assert result.code == 1 and "at least two" in result.stderr
+    (one / "fast_food").mkdir()
+    (one / "fast_food" / "notes.txt").write_text("not a photo")
+    result = run("make-updatable", stock, "--examples", one)
+    assert result.code == 1 and "holds no photos" in result.stderr
+    result = run("make-updatable", stock, "--examples", tmp_path / "missing")
+    assert result.code == 1 and "not a directory" in result.stderr
+
+
+def test_the_api_reports_progress_while_photos_are_embedded(stock, examples, models_dir):
+    events: list[Progress] = []
+    result = healthyluncher.make_updatable(
+        stock, examples=examples, models_dir=models_dir, progress=events.append
+    )
+    assert result.examples is not None and result.examples.replaced_head
+    embedding = [e for e in events if e.stage == "embedding"]
+    assert embedding[-1].done == embedding[-1].total == 20
+    assert any(e.stage == "training" for e in events)
+    assert healthyluncher.open(models_dir).labels == ("fast_food", "healthy")
+
+
+@pytest.mark.parametrize(
+    ("option", "mean", "std"),
+    [
+        ("imagenet", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]),
+        ("inception", [127.5] * 3, [127.5] * 3),
+        ("unit", [0.0] * 3, [255.0] * 3),
+        ("raw", [0.0] * 3, [1.0] * 3),
+    ],
+)
+def test_preprocessing_presets_and_where_they_came_from(
+    run, tmp_path, models_dir, option, mean, std
+):
+    model = keras_style(tmp_path / "keras.onnx")
+    result = run("make-updatable", model, "--preprocessing", option, "--force")
+    assert result.code == 0, result
+    assert f"Preprocessing from --preprocessing {option}" in result.stdout
+    state = json.loads((models_dir / "state.json").read_text())
+    meta = json.loads((models_dir / state["base"] / "meta.json").read_text())
+    assert meta["preprocessing"]["mean"] == mean and meta["preprocessing"]["std"] == std
+
+
+def test_the_default_preprocessing_says_it_is_a_default(run, tmp_path):
+    result = run("make-updatable", keras_style(tmp_path / "keras.onnx"))
+    assert "Preprocessing from the default (ImageNet mean and std" in result.stdout
+    result = run("make-updatable", keras_style(tmp_path / "k2.onnx"), "--preprocessing", "bgr")
+    assert result.code == 2  # not one of the choices: a usage error
+
+
+def deep_model(path: Path, convs: int) -> Path:
+    """`convs` 1x1 convolutions, then pooling and a Gemm: many layers before the cut."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes, current = [], [], "image"
+    for k in range(convs):
+        weight = rng.normal(0, 0.5, (3, 3, 1, 1)).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"conv{k}.weight"))
+        nodes.append(helper.make_node("Conv", [current, f"conv{k}.weight"], [f"c{k}"]))
+        current = f"c{k}"
+    inits.append(numpy_helper.from_array(rng.normal(0, 1, (2, 3)).astype(np.float32), "fc.w"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [current], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["features"]),
+        helper.make_node("Gemm", ["features", "fc.w"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "deep",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    helper.set_model_props(model, {"labels": json.dumps(["healthy", "fast_food"])})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_the_layer_table_shows_the_layers_near_the_cut(run, tmp_path):
+    model = deep_model(tmp_path / "deep.onnx", convs=8)
+    short = run("make-updatable", model).stdout
+    assert "the last 4 of 9; --verbose lists all" in short
+    assert "conv4.weight" not in short and "conv5.weight" in short and "fc.w" in short
+    full = run("make-updatable", model, "--force", "--verbose").stdout
+    assert all(f"conv{k}.weight" in full for k in range(8))
