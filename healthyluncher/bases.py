@@ -25,10 +25,11 @@ from healthyluncher.headfit import (
     replace_final_layer,
 )
 from healthyluncher.heads import build_template, write_back
+from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import BaseMeta, LayerInfo
 from healthyluncher.modelsetup import dummy_input, model_inputs, model_labels
-from healthyluncher.numpy_trainer import linear_head_of
 from healthyluncher.personal import publish_personal
+from healthyluncher.precision import float32_head
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
 from healthyluncher.records import (
     BUNDLED_REPLAY,
@@ -200,6 +201,7 @@ def _build(
     )
     prep = inputs.preprocessing
     cut = graph.split(model, analysis, options.trainable_layers)
+    float32_head(model, cut)  # a float16 model trains its head in float32
     linear = linear_head_of(cut.head, cut.trainable_params)
     if linear is None and trainer_name() == "numpy":
         what = (
@@ -255,7 +257,9 @@ def _build(
         split_sample = sample
         if frozen is not None:
             session = inference_session(frozen.SerializeToString())
-            split_sample = session.run(None, {analysis.input.name: sample})[0]
+            split_sample = np.asarray(
+                session.run(None, {analysis.input.name: sample})[0], dtype=np.float32
+            )
         # The large frozen weights go to one file shared by model.onnx and frozen.onnx:
         # a retrain then writes a small model.onnx next to a copy of this file.
         full = quantized.model if quantized is not None else model

@@ -23,6 +23,7 @@ from healthyluncher import graph, heads
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.imaging import LoadedImage, load_many
+from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import check_label
 from healthyluncher.photos import PhotoSource, find_images
 from healthyluncher.runtime import HeadRunner, inference_session, run_in_batches
@@ -230,8 +231,6 @@ def _class_means(
 ) -> dict[str, np.ndarray]:
     """A linear head's start from the class means (a nearest-class-mean classifier:
     logit_c = x . m_c - |m_c|^2 / 2); {} when the head is not one linear layer."""
-    from healthyluncher.numpy_trainer import linear_head_of
-
     spec = linear_head_of(head, trainable)
     if spec is None or spec.classes != classes:
         return {}

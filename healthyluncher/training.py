@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.linearhead import LinearHead, linear_head_of
 from healthyluncher.meta import BaseMeta
-from healthyluncher.numpy_trainer import LinearHead, linear_head_of, train_linear
+from healthyluncher.numpy_trainer import train_linear
 from healthyluncher.runtime import training_available
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files

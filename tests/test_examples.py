@@ -160,3 +160,46 @@ def test_the_layer_table_shows_the_layers_near_the_cut(run, tmp_path):
     assert "conv4.weight" not in short and "conv5.weight" in short and "fc.w" in short
     full = run("make-updatable", model, "--force", "--verbose").stdout
     assert all(f"conv{k}.weight" in full for k in range(8))
+
+
+def float16_model(source: Path, target: Path) -> Path:
+    """float16 weights with float32 input and output, as onnxconverter-common's
+    convert_float_to_float16(model, keep_io_types=True) writes them."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    for tensor in graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            half = numpy_helper.to_array(tensor).astype(np.float16)
+            tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
+    image, logits = graph.input[0].name, graph.output[0].name
+    for node in graph.node:
+        node.input[:] = [f"{image}/half" if x == image else x for x in node.input]
+        node.output[:] = [f"{logits}/half" if x == logits else x for x in node.output]
+    nodes = [
+        helper.make_node("Cast", [image], [f"{image}/half"], to=TensorProto.FLOAT16),
+        *graph.node,
+        helper.make_node("Cast", [f"{logits}/half"], [logits], to=TensorProto.FLOAT),
+    ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+    return target
+
+
+@pytest.mark.parametrize("with_examples", [False, True], ids=["own head", "examples"])
+def test_a_float16_model_trains_its_head_in_float32(run, tmp_path, photos, examples, with_examples):
+    model = float16_model(pytorch_style(tmp_path / "m.onnx"), tmp_path / "half.onnx")
+    extra = ["--examples", str(examples)] if with_examples else []
+    assert run("make-updatable", model, *extra).code == 0
+    base = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    target = "healthy" if base[0]["label"] == "fast_food" else "fast_food"
+    result = run("retrain", "--label", target, "--json", "--epochs", "30", *photos["red"])
+    assert result.code == 0, result
+    assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
+    assert run("reset").code == 0
+    assert run("predict", "--json", *photos["red"], *photos["green"]).json_lines() == base

@@ -14,7 +14,8 @@ from onnx.reference import ReferenceEvaluator
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.heads import class_axes, grow_classes
-from healthyluncher.numpy_trainer import LinearHead, linear_head_of, train_linear
+from healthyluncher.linearhead import LinearHead, linear_head_of
+from healthyluncher.numpy_trainer import train_linear
 from healthyluncher.settings import Hyperparameters, OptimizerName
 from healthyluncher.trainers import TrainingSet, generate_artifacts, train
 from tests.conftest import require_ort_training
