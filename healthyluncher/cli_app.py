@@ -21,7 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: wraps at any width instead of cutting names
     help="Personalize a lunch-photo classifier (healthy / fast food) on your own machine.",
 )
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -101,20 +103,31 @@ def say(text: str) -> None:
 
 
 debug_requested = [False]  # set by --debug
+quiet = [False]  # set by --quiet: results and errors only
+json_mode = [False]  # set by a command's --json: errors are JSON on stdout too
+# Commands that never change the models directory (after first use has set it up).
+READ_ONLY = frozenset({"predict", "status", "export_backup", "examples", "labels_list"})
 
 
 def reporting(command: Callable[..., None]) -> Callable[..., None]:
-    """Turn errors into one red line on stderr and exit 1 (a traceback only with --debug)."""
+    """Turn errors into one red line on stderr and exit 1 (a traceback only with --debug);
+    with --json, the error is also one JSON object on stdout: {"error": message}."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        json_mode[0] = bool(kwargs.get("as_json"))
         try:
             command(*args, **kwargs)
         except LuncherError as exc:
+            if json_mode[0]:
+                json_line({"error": str(exc)})
             err.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/yellow]: the models directory was not changed")
+            if command.__name__ in READ_ONLY:
+                err.print("[yellow]interrupted[/yellow]")
+            else:
+                err.print("[yellow]interrupted[/yellow]: the models directory was not changed")
             raise typer.Exit(130) from None
         except BrokenPipeError:
             # The reader went away (`luncher predict --json photos/ | head`): stop quietly,
@@ -138,7 +151,7 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
 
 @contextmanager
 def spinner(message: str, show: bool = True) -> Iterator[None]:
-    if show and err.is_terminal:
+    if show and err.is_terminal and not quiet[0]:
         with err.status(message):
             yield
     else:
@@ -148,7 +161,7 @@ def spinner(message: str, show: bool = True) -> Iterator[None]:
 @contextmanager
 def progress_bars() -> Iterator[Any]:
     """A progress callback drawing rich bars on stderr (silent when not a terminal)."""
-    if not sys.stderr.isatty() or not err.is_terminal:
+    if quiet[0] or not sys.stderr.isatty() or not err.is_terminal:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
@@ -174,8 +187,33 @@ def progress_bars() -> Iterator[Any]:
 
 
 def json_line(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data) + "\n")
+    """One JSON object on a line; non-ASCII stays readable, NaN becomes null."""
+    sys.stdout.write(json.dumps(plain(data), ensure_ascii=False, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def plain(value: Any) -> Any:
+    """A result as JSON values: dataclasses as objects, paths as strings, floats rounded to
+    6 digits, NaN and infinities as null."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "to_json"):
+        return plain(value.to_json())
+    return str(value)
+
+
+def note(text: str) -> None:
+    """An informational line on stdout (rich markup), left out by --quiet."""
+    if not quiet[0]:
+        out.print(text)
 
 
 def views_setting(hp: dict[str, Any]) -> str:

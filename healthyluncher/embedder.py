@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +17,9 @@ from healthyluncher.records import Base, Examples
 from healthyluncher.runtime import inference_session, run_in_batches
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 # Images (photos x views) per call of the frozen part: enough to keep both cores busy, few
 # enough that the first call starts while later photos still decode and that memory stays
@@ -97,6 +99,10 @@ class Embedder:
                 progress(Progress("embedding", next_index, total))
         if next_index == total:
             return results, failures, fresh
+
+        # Imported here: a retrain whose photos are all cached starts no thread pool and
+        # pays nothing for concurrent.futures (and the logging it imports).
+        from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
             window: list[Future[_Prepared | ImageFailure | None]] = []

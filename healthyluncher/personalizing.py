@@ -285,7 +285,7 @@ def status(store: ModelStore) -> Status:
         undo_steps=len(state.history),
         int8=base.meta.int8,
         disk_bytes=_disk_bytes(store.root),
-        trainer=trainer_name(),
+        trainer=trainer_name(cheap=True),
         warning=install_problem(),
         version=__version__,
     )

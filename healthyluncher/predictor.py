@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.photos import ImageFailure, PhotoSource
 from healthyluncher.records import load_base, load_personal
 from healthyluncher.runtime import inference_session, run_in_batches
 from healthyluncher.store import Files, ModelStore
+
+if TYPE_CHECKING:
+    from healthyluncher.imaging import LoadedImage
 
 # Photos per inference call: enough to keep both cores busy, small enough for flat memory.
 PREDICT_BATCH = 16
@@ -77,6 +80,8 @@ class Predictor:
         self, paths: Sequence[PhotoSource], on_done: Callable[[], None] | None = None
     ) -> Iterator[Prediction | ImageFailure]:
         """Results in input order; decoding overlaps inference."""
+        from healthyluncher.imaging import load_many  # Pillow: only when photos decode
+
         pending: list[LoadedImage] = []
         for item in load_many(paths, self.prep):
             if isinstance(item, ImageFailure):

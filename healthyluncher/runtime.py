@@ -80,6 +80,17 @@ def install_problem() -> str | None:
     return None
 
 
+def training_installed() -> bool:
+    """Whether the training build is installed, without importing ONNX Runtime (for
+    `status`: `training_available` says whether it also works)."""
+    root = importlib.util.find_spec("onnxruntime")  # finds the package without importing it
+    if root is None or not root.submodule_search_locations:
+        return False
+    locations = list(root.submodule_search_locations)
+    found = importlib.machinery.PathFinder.find_spec("onnxruntime.training", locations)
+    return found is not None and install_problem() is None
+
+
 def training_available() -> bool:
     """Whether ONNX Runtime's training API works here (onnxruntime-training-cpu, which
     exists for CPython 3.10 to 3.12 only)."""

@@ -22,7 +22,7 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.linearhead import LinearHead, linear_head_of
 from healthyluncher.meta import BaseMeta
 from healthyluncher.numpy_trainer import train_linear
-from healthyluncher.runtime import training_available
+from healthyluncher.runtime import training_available, training_installed
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files
 from healthyluncher.trainers import EpochCallback, TrainingSet, generate_artifacts
@@ -38,12 +38,13 @@ NEEDS_ORT = (
 )
 
 
-def trainer_name() -> str:
-    """What trains the head here: "onnxruntime" or "numpy"."""
+def trainer_name(*, cheap: bool = False) -> str:
+    """What trains the head here: "onnxruntime" or "numpy". `cheap` looks at what is
+    installed without importing ONNX Runtime (status needs no more)."""
     wanted = os.environ.get(TRAINER_ENV, "")
     if wanted == "numpy":
         return "numpy"
-    if training_available():
+    if training_installed() if cheap else training_available():
         return "onnxruntime"
     if wanted == "onnxruntime":
         raise LuncherError(f"{TRAINER_ENV}=onnxruntime, but training {NEEDS_ORT}")
