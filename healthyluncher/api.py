@@ -49,10 +49,15 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def open(models_dir: str | os.PathLike[str] | None = None) -> Luncher:  # noqa: A001
+def open(  # noqa: A001
+    models_dir: str | os.PathLike[str] | None = None,
+    *,
+    on_wait: Callable[[str], None] | None = None,
+) -> Luncher:
     """Open a models directory, as `luncher` does: `models_dir`, else the environment
     variable LUNCHER_MODELS_DIR, else your user data directory. An empty one is set up
-    from the shipped base model on first use.
+    from the shipped base model on first use. `on_wait` is told, once, in words, when a
+    change has to wait for another process that holds the models directory.
 
     >>> lun = healthyluncher.open()
     >>> lun.predict(["lunch.jpg"])[0].label
@@ -63,7 +68,7 @@ def open(models_dir: str | os.PathLike[str] | None = None) -> Luncher:  # noqa: 
             f"models_dir must be a path (str or os.PathLike), not {type(models_dir).__name__}"
         )
     root = resolve_models_dir(Path(models_dir) if models_dir is not None else None)
-    return Luncher(root)
+    return Luncher(root, on_wait=on_wait)
 
 
 class Luncher:
@@ -73,8 +78,8 @@ class Luncher:
     processes take turns on the models directory's lock.
     """
 
-    def __init__(self, models_dir: Path) -> None:
-        self._store = ModelStore(models_dir)
+    def __init__(self, models_dir: Path, *, on_wait: Callable[[str], None] | None = None) -> None:
+        self._store = ModelStore(models_dir, on_wait=on_wait)
         self._lock = threading.RLock()
         self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
 

@@ -4,80 +4,75 @@
 # each run, and string annotations cost it an eval each (6 ms of every command's start).
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from healthyluncher import cli_setup  # noqa: F401  (registers make-updatable, export, import)
+from healthyluncher.cli_app import JSON, app, hoist_global_options, luncher, with_stdin
 from healthyluncher.cli_output import (
     Column,
+    RowPrinter,
+    counting,
     err,
     escape,
     json_line,
+    note,
     out,
+    plain,
     print_table,
     progress_bars,
     reporting,
-    say,
     views_setting,
 )
 
-if TYPE_CHECKING:
-    pass
-
-from healthyluncher import cli_setup  # noqa: F401  (registers make-updatable, export, import)
-from healthyluncher.cli_app import app, luncher
+PHOTOS = typer.Argument(
+    help="Photos, or directories to search; - reads paths from standard input, one a line.",
+    show_default=False,
+    metavar="PHOTO_OR_DIR...",
+)
 
 
 @app.command()
 @reporting
 def predict(
     ctx: typer.Context,
-    images: Annotated[
-        list[Path], typer.Argument(help="Photos, or directories to search.", show_default=False)
-    ],
+    images: Annotated[list[Path], PHOTOS],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     base: Annotated[bool, typer.Option("--base", help="Ignore the personalization.")] = False,
 ) -> None:
-    """Say whether each photo is healthy or fast food, and how sure the model is.
+    """Say whether photos are healthy or fast food, and how sure.
+
+    Rows are printed as photos are ready: Ctrl-C keeps those already printed.
 
     Example: luncher predict pancakes.jpg photos/ --json
     """
     from healthyluncher.photos import ImageFailure
 
     lun = luncher(ctx)
+    paths = with_stdin(images)
     failed = 0
-    rows = []
-    for result in lun.predict_each(images, base=base):
-        if isinstance(result, ImageFailure):
-            failed += 1
-            if as_json:
-                json_line({"path": str(result.path), "error": result.error})
-            err.print(f"[red]error:[/red] {escape(result.error)}")
-            continue
-        if as_json:
-            json_line(
-                {
-                    "path": str(result.path),
-                    "label": result.label,
-                    "probability": round(result.probability, 6),
-                    "probabilities": {k: round(v, 6) for k, v in result.probabilities.items()},
-                }
-            )
-        else:
-            rows.append(result)
-    if not as_json and rows:
-        which = "personalized" if lun.personalized and not base else "base"
-        labels = list(rows[0].probabilities)
-        print_table(
-            f"Predictions ({which} model)",
-            [Column("photo"), Column("label"), Column("probability", right=True)]
-            + [Column(label, right=True, style="dim") for label in labels],
-            [
-                [(str(row.path), ""), (row.label, "bold"), (f"{row.probability:.1%}", "")]
-                + [(f"{row.probabilities[label]:.1%}", "") for label in labels]
-                for row in rows
-            ],
-        )
+    which = "personalized" if lun.personalized and not base else "base"
+    rows = RowPrinter(f"Predictions ({which} model)", lun.labels if not base else None, paths)
+    with counting(len(paths)) as done:
+        for result in lun.predict_each(paths, base=base):
+            done()
+            if isinstance(result, ImageFailure):
+                failed += 1
+                if as_json:
+                    json_line({"path": str(result.path), "error": result.error})
+                err.print(f"[red]error:[/red] {escape(result.error)}")
+            elif as_json:
+                json_line(
+                    {
+                        "path": str(result.path),
+                        "label": result.label,
+                        "probability": result.probability,
+                        "probabilities": result.probabilities,
+                    }
+                )
+            else:
+                rows.print(result)
     if failed:
         raise typer.Exit(1)
 
@@ -86,9 +81,7 @@ def predict(
 @reporting
 def retrain(
     ctx: typer.Context,
-    images: Annotated[
-        list[Path], typer.Argument(help="Photos, or directories to search.", show_default=False)
-    ],
+    images: Annotated[list[Path], PHOTOS],
     label: Annotated[str, typer.Option(help="What these photos are.", show_default=False)],
     epochs: Annotated[
         Optional[int],  # noqa: UP045
@@ -115,7 +108,7 @@ def retrain(
     with progress_bars() as report:
         result = luncher(ctx).retrain(
             label,
-            images,
+            with_stdin(images),
             new_label=True,
             epochs=epochs,
             learning_rate=learning_rate,
@@ -128,19 +121,15 @@ def retrain(
         json_line(
             {
                 "label": result.label,
-                "photos": [
-                    {
-                        "path": str(p.path),
-                        "before": round(p.before, 6),
-                        "after": round(p.after, 6),
-                    }
-                    for p in result.photos
-                ],
-                "skipped": [{"path": str(f.path), "error": f.error} for f in result.failures],
+                "new_label": result.new_label,
+                "photos": result.photos,
+                "skipped": result.failures,
                 "examples_per_label": result.examples_per_label,
-                "final_loss": round(result.final_loss, 6),
+                "final_loss": result.final_loss,
                 "views_per_photo": result.views,
-                "hyperparameters": result.hyperparameters.to_json(),
+                "embedded": result.embedded,
+                "cached": result.cached,
+                "hyperparameters": result.hyperparameters,
             }
         )
     else:
@@ -157,7 +146,7 @@ def retrain(
             ],
         )
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
-        say(
+        note(
             f"Trained {result.hyperparameters.epochs} epochs on your examples ({counts}); "
             f"{result.views} view(s) per new photo; {result.cached} photo(s) came from the "
             "cache."
@@ -168,12 +157,15 @@ def retrain(
 
 @app.command()
 @reporting
-def reset(ctx: typer.Context) -> None:
-    """Remove the personalization and your examples; the pristine base stays.
+def reset(ctx: typer.Context, as_json: JSON = False) -> None:
+    """Remove your personalization and examples; the base stays.
 
     Example: luncher reset
     """
     result = luncher(ctx).reset()
+    if as_json:
+        json_line(plain(result))
+        return
     if not result.removed_model:
         files = result.removed_thumbnails + result.removed_cache_files
         extra = f" Removed {files} file(s) of earlier examples." if files else ""
@@ -189,12 +181,15 @@ def reset(ctx: typer.Context) -> None:
 
 @app.command()
 @reporting
-def undo(ctx: typer.Context) -> None:
-    """Go back to the personalized model as it was before the last retrain.
+def undo(ctx: typer.Context, as_json: JSON = False) -> None:
+    """Go back to before the last retrain, forget or import.
 
     Example: luncher undo
     """
     result = luncher(ctx).undo()
+    if as_json:
+        json_line(plain(result))
+        return
     if result.restored == "base":
         out.print("Back to the base model (no personalization).")
     else:
@@ -207,16 +202,18 @@ def undo(ctx: typer.Context) -> None:
 @reporting
 def forget(
     ctx: typer.Context,
-    images: Annotated[
-        list[Path], typer.Argument(help="Photos, or directories to search.", show_default=False)
-    ],
+    images: Annotated[list[Path], PHOTOS],
+    as_json: JSON = False,
 ) -> None:
-    """Remove these photos from your examples and retrain without them.
+    """Remove photos from your examples and retrain without them.
 
     Example: luncher forget my-pancakes/burnt.jpg
     """
     with progress_bars() as report:
-        result = luncher(ctx).forget(images, progress=report)
+        result = luncher(ctx).forget(with_stdin(images), progress=report)
+    if as_json:
+        json_line(plain(result))
+        return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     if result.retrained:
         out.print(f"Forgot {result.forgotten} photo(s) and retrained on the rest ({counts}).")
@@ -230,17 +227,13 @@ def status(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
-    """Show the base, your examples, and which model predicts.
+    """Show the base, your examples, the trainer and the version.
 
     Example: luncher status --json
     """
-    from dataclasses import asdict
-
     result = luncher(ctx).status()
     if as_json:
-        data = asdict(result)
-        data["models_dir"] = str(result.models_dir)
-        json_line(data)
+        json_line(plain(result))
         return
     out.print(f"[bold]models directory[/bold]  {escape(str(result.models_dir))}")
     out.print(
@@ -269,11 +262,12 @@ def status(
 
 
 def main() -> None:
+    import sys
     import warnings
 
     # Pillow warns about damaged metadata it recovers from; errors are reported per file.
     warnings.filterwarnings("ignore", module="PIL")
-    app()
+    app(args=hoist_global_options(sys.argv[1:]), prog_name="luncher")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from healthyluncher.cli_output import debug_requested
+from healthyluncher.cli_output import debug_requested, err, quiet
+from healthyluncher.version import __version__
 
 if TYPE_CHECKING:
     from healthyluncher.api import Luncher
@@ -19,7 +20,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     context_settings=CONTEXT,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion, as typer makes them
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: wraps at any width instead of cutting names
     help="Personalize a lunch-photo classifier (healthy / fast food) on your own machine.",
@@ -41,15 +42,95 @@ def main_options(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the traceback of unexpected errors.")
     ] = False,
+    quiet_option: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Print results and errors only: no progress, no notes."),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Show the version and exit.",
+            callback=lambda value: _print_version(value),
+            is_eager=True,
+        ),
+    ] = False,
 ) -> None:
     debug_requested[0] = debug
+    quiet[0] = quiet_option
     ctx.obj = {"models_dir": models_dir}
+
+
+# The --json option of every command: one JSON object (JSON lines for per-photo output).
+JSON = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"luncher (healthyluncher) {__version__}")
+        raise typer.Exit()
+
+
+# Global options a user may type after the command (`luncher predict --models-dir X a.jpg`),
+# as gh and git accept them: moved before the command before typer parses the line.
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+GLOBAL_VALUES = ("--models-dir",)
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """argv with the global options found after the command moved in front of it."""
+    command = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if command is None:
+        return argv
+    # The value of a global option before the command is not the command.
+    while command > 0 and argv[command - 1] in GLOBAL_VALUES:
+        command = next(
+            (i for i in range(command + 1, len(argv)) if not argv[i].startswith("-")), None
+        )
+        if command is None:
+            return argv
+    front, rest, moved = argv[:command], argv[command:], []
+    kept: list[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--":
+            kept += rest[i:]
+            break
+        if arg in GLOBAL_FLAGS:
+            moved.append(arg)
+        elif arg in GLOBAL_VALUES and i + 1 < len(rest):
+            moved += [arg, rest[i + 1]]
+            i += 1
+        elif arg.split("=", 1)[0] in GLOBAL_VALUES:
+            moved.append(arg)
+        else:
+            kept.append(arg)
+        i += 1
+    return front + moved + kept
 
 
 def luncher(ctx: typer.Context) -> "Luncher":
     from healthyluncher import api
 
-    return api.open((ctx.obj or {}).get("models_dir"))
+    def waiting(message: str) -> None:
+        if not quiet[0]:
+            err.print(f"[yellow]waiting:[/yellow] {message}")
+
+    return api.open((ctx.obj or {}).get("models_dir"), on_wait=waiting)
+
+
+def with_stdin(paths: list[Path]) -> list[Path]:
+    """`-` stands for newline-separated paths read from standard input."""
+    if Path("-") not in paths:
+        return paths
+    import sys
+
+    read = [Path(line.strip()) for line in sys.stdin if line.strip()]
+    expanded: list[Path] = []
+    for path in paths:
+        expanded.extend(read if path == Path("-") else [path])
+    return expanded
 
 
 def floats(text: str | None, option: str) -> tuple[float, ...] | None:

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from healthyluncher.errors import LuncherError
 
 if TYPE_CHECKING:
     from healthyluncher.events import Progress
+    from healthyluncher import Prediction
 
 
 class _Console:
@@ -208,6 +209,53 @@ def plain(value: Any) -> Any:
     if hasattr(value, "to_json"):
         return plain(value.to_json())
     return str(value)
+
+
+@contextmanager
+def counting(total: int) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr for more than a few photos at a terminal; the block calls
+    the function it gets once per photo."""
+    if total <= 8 or quiet[0] or not err.is_terminal:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+    from rich.progress import Progress as Bars
+
+    with Bars(
+        TextColumn("photos"), BarColumn(), MofNCompleteColumn(), console=err.real(), transient=True
+    ) as bars:
+        task = bars.add_task("photos", total=total)
+        yield lambda: bars.advance(task)
+
+
+class RowPrinter:
+    """Prediction rows printed one by one as they come (so Ctrl-C keeps them), in columns
+    sized from the photos' names up front."""
+
+    def __init__(self, title: str, labels: Sequence[str] | None, paths: Sequence[object]) -> None:
+        self.title = title
+        self.labels = list(labels) if labels is not None else None
+        self.width = min(60, max([5, *(len(str(p)) for p in paths)]))
+        self.started = False
+
+    def print(self, row: Prediction) -> None:
+        labels = self.labels or list(row.probabilities)
+        if not self.started:
+            self.started = True
+            note(self.title)
+            label_width = max(5, *(len(x) for x in labels))
+            self.label_width = label_width
+            header = ["photo".ljust(self.width), "label".ljust(label_width), "probability"]
+            header += [x.rjust(max(6, len(x))) for x in labels]
+            sys.stdout.write("  ".join(header).rstrip() + "\n")
+        cells = [
+            str(row.path).ljust(self.width),
+            row.label.ljust(self.label_width),
+            f"{row.probability:.1%}".rjust(11),
+        ]
+        cells += [f"{row.probabilities.get(x, 0.0):.1%}".rjust(max(6, len(x))) for x in labels]
+        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+        sys.stdout.flush()
 
 
 def note(text: str) -> None:

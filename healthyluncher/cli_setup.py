@@ -8,11 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from healthyluncher.cli_app import Optimizer, Preset, app, floats, luncher
+from healthyluncher.cli_app import JSON, Optimizer, Preset, app, floats, luncher
 from healthyluncher.cli_output import (
     Column,
     escape,
+    json_line,
     out,
+    plain,
     print_table,
     progress_bars,
     reporting,
@@ -25,7 +27,10 @@ from healthyluncher.settings import Hyperparameters
 @reporting
 def make_updatable(
     ctx: typer.Context,
-    model: Annotated[Path, typer.Argument(help="An ONNX image classifier.", show_default=False)],
+    model: Annotated[
+        Path,
+        typer.Argument(help="An ONNX image classifier.", show_default=False, metavar="MODEL.onnx"),
+    ],
     labels: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Class names in output order, comma-separated (else from metadata)."),
@@ -102,8 +107,11 @@ def make_updatable(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="List every layer, not only near the cut.")
     ] = False,
+    as_json: JSON = False,
 ) -> None:
-    """Turn MODEL into a base whose last layers train on your photos.
+    """Make an ONNX classifier a base your photos personalize.
+
+    Its last layers train; everything before them stays frozen.
 
     Example: luncher make-updatable mobilenet.onnx --examples my-lunches/
     """
@@ -132,6 +140,19 @@ def make_updatable(
             preprocessing=preprocessing.value if preprocessing else None,
             progress=report,
         )
+    if as_json:
+        json_line(
+            {
+                "directory": str(result.directory),
+                "base": result.meta.to_json(),
+                "preprocessing_source": result.preprocessing_source,
+                "examples": result.examples,
+                "dropped_personalization": result.dropped_personalization,
+                "carried_over": result.carried_over,
+                "not_carried": result.not_carried,
+            }
+        )
+        return
     layers = result.meta.layers
     shown = list(layers)
     if not verbose:  # the layers around the cut: the last frozen ones and every trainable one
@@ -210,14 +231,21 @@ def _ask_to_keep(ctx: typer.Context) -> bool | None:
 def export_backup(
     ctx: typer.Context,
     backup: Annotated[
-        Path, typer.Argument(help="The archive to write (.tar.gz).", show_default=False)
+        Path,
+        typer.Argument(
+            help="The archive to write (.tar.gz).", show_default=False, metavar="BACKUP.tar.gz"
+        ),
     ],
+    as_json: JSON = False,
 ) -> None:
-    """Save your personalization, your examples and your photos' thumbnails to one archive.
+    """Save your personalization and thumbnails to an archive.
 
     Example: luncher export luncher-backup.tar.gz
     """
     result = luncher(ctx).export_backup(backup)
+    if as_json:
+        json_line(plain(result))
+        return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     size = f"{result.size / 2**20:.1f} MiB" if result.size >= 2**20 else f"{result.size} bytes"
     out.print(
@@ -237,7 +265,12 @@ def export_backup(
 def import_backup(
     ctx: typer.Context,
     backup: Annotated[
-        Path, typer.Argument(help="An archive written by 'luncher export'.", show_default=False)
+        Path,
+        typer.Argument(
+            help="An archive written by 'luncher export'.",
+            show_default=False,
+            metavar="BACKUP.tar.gz",
+        ),
     ],
     rebuild: Annotated[
         bool,
@@ -247,13 +280,17 @@ def import_backup(
             "retrain with its settings.",
         ),
     ] = False,
+    as_json: JSON = False,
 ) -> None:
-    """Restore a personalization saved by 'luncher export'; 'luncher undo' goes back.
+    """Restore an archive written by export; undo goes back.
 
     Example: luncher import luncher-backup.tar.gz
     """
     with progress_bars() as report:
         result = luncher(ctx).import_backup(backup, rebuild=rebuild, progress=report)
+    if as_json:
+        json_line(plain(result))
+        return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     if result.rebuilt:
         out.print(

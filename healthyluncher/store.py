@@ -41,6 +41,8 @@ STATE_FORMAT = 1
 HISTORY_LIMIT = 3
 # Seconds a writer waits for another luncher process to finish.
 LOCK_TIMEOUT = 120.0
+# Seconds of waiting after which the waiting process says so.
+WAIT_NOTICE = 0.5
 
 
 class Files:
@@ -151,8 +153,10 @@ def _fsync_tree(root: Path) -> None:
 class ModelStore:
     """One models directory. Readers need no lock; writers hold `lock()`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, on_wait: Callable[[str], None] | None = None) -> None:
         self.root = root
+        # Told once, in words, when a writer has to wait for another process's lock.
+        self.on_wait = on_wait
 
     def ensure_exists(self) -> None:
         try:
@@ -191,14 +195,22 @@ class ModelStore:
         except OSError as exc:
             raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
         try:
-            deadline = time.monotonic() + LOCK_TIMEOUT
+            started = time.monotonic()
+            told = False
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
+                    waited = time.monotonic() - started
+                    if waited > LOCK_TIMEOUT:
                         raise busy from None
+                    if not told and waited > WAIT_NOTICE and self.on_wait is not None:
+                        told = True
+                        self.on_wait(
+                            f"another luncher process is changing {self.root}; this one "
+                            f"goes on when it is done (at most {LOCK_TIMEOUT:.0f} s)"
+                        )
                     time.sleep(0.05)
                 except OSError as exc:  # e.g. a filesystem without locks
                     raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
