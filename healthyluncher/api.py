@@ -33,7 +33,8 @@ from healthyluncher.personalizing import (
 from healthyluncher.photos import ImageFailure, PhotoSource, find_images
 from healthyluncher.predictor import Prediction, Predictor
 from healthyluncher.settings import Hyperparameters
-from healthyluncher.store import ModelStore, State, resolve_models_dir
+from healthyluncher.state import State
+from healthyluncher.store import ModelStore, resolve_models_dir
 
 if TYPE_CHECKING:
     import numpy as np

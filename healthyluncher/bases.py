@@ -42,7 +42,8 @@ from healthyluncher.records import (
 )
 from healthyluncher.runtime import inference_session
 from healthyluncher.settings import Hyperparameters
-from healthyluncher.store import Files, ModelStore, State, Transaction, write_json
+from healthyluncher.state import State
+from healthyluncher.store import Files, ModelStore, Transaction, write_json
 from healthyluncher.training import NEEDS_ORT, prepare_head, trainer_name
 
 
@@ -133,8 +134,9 @@ def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> U
         dict.fromkeys(label for label in examples.labels if label not in built.meta.labels)
     )
     fitted = publish_personal(txn, new_base, labels, examples, hp)
-    # Base and personalization switch together, in one write of state.json.
-    txn.commit(State(base=built.directory.name, personal=fitted.name, history=[]))
+    # Base and personalization switch together, in one write of state.json; undo goes back
+    # to the old pair.
+    txn.commit(txn.state.with_base(built.directory.name, fitted.name))
     return UpdatableResult(
         meta=built.meta,
         directory=built.directory,
@@ -327,9 +329,9 @@ def _build(
             examples=report,
         )
     dropped = state.personal is not None
-    txn.commit(State(base=name, personal=None, history=[]))
-    txn.after_commit(store.clear_cache)
-    txn.after_commit(store.remove_thumbnails)
+    # The old base and its personalization stay an undo step away (their thumbnails and
+    # cached head inputs with them); `reset` or three more steps let them go.
+    txn.commit(state.with_base(name, None))
     return UpdatableResult(
         meta=meta,
         directory=store.root / name,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from healthyluncher import cli_setup  # noqa: F401  (registers make-updatable, export, import)
-from healthyluncher.cli_app import JSON, app, hoist_global_options, luncher, with_stdin
+from healthyluncher.cli_app import JSON, app, luncher, with_stdin
 from healthyluncher.cli_output import (
     Column,
     RowPrinter,
@@ -262,12 +262,11 @@ def status(
 
 
 def main() -> None:
-    import sys
     import warnings
 
     # Pillow warns about damaged metadata it recovers from; errors are reported per file.
     warnings.filterwarnings("ignore", module="PIL")
-    app(args=hoist_global_options(sys.argv[1:]), prog_name="luncher")
+    app(prog_name="luncher")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+import typer.core
 
 from healthyluncher.cli_output import debug_requested, err, quiet
 from healthyluncher.version import __version__
@@ -17,7 +18,25 @@ if TYPE_CHECKING:
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
+class LuncherGroup(typer.core.TyperGroup):
+    """The command group: global options are accepted after the command too."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(list(args)))
+
+
+def _usage_metavar(self: typer.core.TyperArgument, ctx: Any, *, usage: bool = False) -> str:
+    """Required arguments in usage lines as PHOTO_OR_DIR..., not typer's {PHOTO_OR_DIR...}."""
+    text = _typer_metavar(self, ctx, usage=usage)
+    return text[1:-1] if usage and text.startswith("{") and text.endswith("}") else text
+
+
+_typer_metavar = typer.core.TyperArgument.make_metavar
+typer.core.TyperArgument.make_metavar = _usage_metavar  # type: ignore[method-assign]
+
+
 app = typer.Typer(
+    cls=LuncherGroup,
     context_settings=CONTEXT,
     no_args_is_help=True,
     add_completion=True,  # --install-completion and --show-completion, as typer makes them

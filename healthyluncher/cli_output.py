@@ -18,8 +18,8 @@ import typer
 from healthyluncher.errors import LuncherError
 
 if TYPE_CHECKING:
-    from healthyluncher.events import Progress
     from healthyluncher import Prediction
+    from healthyluncher.events import Progress
 
 
 class _Console:

@@ -13,6 +13,7 @@ from healthyluncher.cli_output import (
     Column,
     escape,
     json_line,
+    note,
     out,
     plain,
     print_table,
@@ -203,7 +204,7 @@ def make_updatable(
     if meta.int8:
         out.print(f"The frozen part is int8, calibrated on {meta.calibration_photos} photo(s).")
     if result.dropped_personalization:
-        out.print("The previous personalization was removed.")
+        note("The previous base and your personalization are one `luncher undo` away.")
     if result.carried_over is not None:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.carried_over.items()))
         out.print(

@@ -41,6 +41,8 @@ _DECODE_ERRORS = (
     IndexError,
     ZeroDivisionError,
     struct.error,
+    # pillow-heif's "some other error" from libheif (a damaged HEIC can raise it on load).
+    RuntimeError,
 )
 # Warning filters are process-wide, and `catch_warnings` restores whatever it saw on entry:
 # two decoding threads in it at once can leave each other's filters behind for good.
@@ -84,10 +86,55 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     return MemoryPhoto(name, buffer.getvalue())
 
 
+# ISO BMFF major brands (bytes 8-12, after "ftyp") of HEIF files that pillow-heif reads:
+# HEVC stills and sequences (heic, heix, ...; every iPhone photo) and generic HEIF.
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_LOCK = threading.Lock()
+_heif_registered = False
+
+
+def _brand(data: bytes) -> bytes | None:
+    """The major brand of an ISO BMFF file (HEIF, AVIF), None for any other format."""
+    return data[8:12] if data[4:8] == b"ftyp" else None
+
+
+def _ensure_heif_opener(name: str) -> None:
+    """Teach Pillow HEIF, on the first HEIC/HEIF photo: importing pillow-heif takes 0.2 s,
+    which a command that never meets one should not pay."""
+    global _heif_registered
+    if _heif_registered:
+        return
+    with _HEIF_LOCK:
+        if _heif_registered:
+            return
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            raise LuncherError(
+                f"{name}: a HEIC/HEIF photo, and pillow-heif is not installed "
+                "(pip install pillow-heif)"
+            ) from None
+        Image.init()
+        # An application may have registered a HEIF plugin (and its options) already.
+        if "HEIF" not in Image.OPEN:
+            # Called without options: they are pillow-heif's globals, the application's too.
+            # libheif applies the HEIF rotation and mirroring itself, and pillow-heif then
+            # resets the EXIF (and XMP) orientation to 1, so `_orientation` reads 1 and the
+            # photo is not turned twice.
+            register_heif_opener()
+        _heif_registered = True
+
+
 def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Image:
     """Decode to an upright RGB (or L) image, reduced while its short side stays >= resize."""
     if not data:
         raise LuncherError(f"{name}: empty file")
+    brand = _brand(data)
+    if brand in _HEIF_BRANDS:
+        _ensure_heif_opener(name)
     width = height = 0
     try:
         with _pillow_warnings():
@@ -119,9 +166,21 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         # Pillow's messages are short, but one line is a promise to the CLI's output.
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, UnidentifiedImageError):
-            reason = "not an image file Pillow can read"
+            reason = _unidentified_reason(brand)
         raise LuncherError(f"{name}: cannot decode image: {reason}") from None
     return image
+
+
+def _unidentified_reason(brand: bytes | None) -> str:
+    if brand in _HEIF_BRANDS:
+        return "a damaged or unsupported HEIC/HEIF file"
+    if brand in _AVIF_BRANDS:
+        from PIL import features
+
+        if not features.check("avif"):
+            return "an AVIF photo, and this Pillow cannot read AVIF (pip install -U pillow)"
+        return "a damaged or unsupported AVIF file"
+    return "not an image file Pillow can read"
 
 
 @contextmanager

@@ -20,7 +20,8 @@ from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_ima
 from healthyluncher.records import load_base, load_examples, load_personal
 from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
-from healthyluncher.store import ModelStore, State
+from healthyluncher.state import State
+from healthyluncher.store import ModelStore
 from healthyluncher.training import check_trainable, trainer_name
 from healthyluncher.version import __version__
 
@@ -195,7 +196,9 @@ def undo(store: ModelStore) -> UndoResult:
         if not state.history:
             raise LuncherError("nothing to undo")
         previous, *older = state.history
-        new_state = State(base=state.base, personal=previous or None, history=older)
+        new_state = State(
+            base=previous.base or state.base, personal=previous.personal, history=older
+        )
         personal = load_personal(store, new_state)
         txn.commit(new_state)
     return UndoResult(

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
+import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from healthyluncher.errors import LuncherError
 
+# What Pillow always reads. Directories are searched for these and for `image_suffixes()`.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
 )
+# iPhone photos (HEIC) and other HEIF files, read through pillow-heif.
+HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})
+# Read by Pillow itself when it is built with libavif (its wheels are from 11.3).
+AVIF_SUFFIXES = frozenset({".avif"})
 # Files larger than this are not read into memory at all.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
@@ -39,12 +48,94 @@ class ImageFailure:
     error: str
 
 
+@cache
+def image_suffixes() -> frozenset[str]:
+    """The file name endings a directory search picks up: the formats this install decodes.
+
+    Looked up without importing the decoders (pillow-heif alone takes 0.2 s to import).
+    """
+    suffixes = set(IMAGE_SUFFIXES)
+    if _module_exists("pillow_heif") and _module_exists("_pillow_heif"):
+        suffixes |= HEIF_SUFFIXES
+    if _module_exists("PIL._avif"):
+        suffixes |= AVIF_SUFFIXES
+    return frozenset(suffixes)
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# Schemes refused as URLs: luncher reads files on this machine and nothing else.
+_URL_SCHEMES = frozenset({"http", "https", "ftp", "ftps", "sftp", "file", "data"})
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
+# A data: URL can be megabytes long: the message shows its start.
+_SHOWN_URL_CHARS = 80
+
+
+def url_error(item: PhotoSource | str) -> LuncherError | None:
+    """The error for a URL given as a photo, None for a path (or in-memory photo).
+
+    The CLI and the API turn arguments into Paths, which collapse `https://host/x.jpg`
+    into `https:/host/x.jpg`: that spelling is recognized too, and the message shows the
+    URL as it was typed. A file that exists under such a name is a file, not a URL.
+    """
+    if isinstance(item, MemoryPhoto):
+        return None
+    text = item if isinstance(item, str) else item.as_posix()
+    match = _SCHEME.fullmatch(text)
+    if match is None:
+        return None
+    scheme, rest = match.groups()
+    kind = scheme.lower()
+    if kind not in _URL_SCHEMES:
+        return None
+    if kind == "data":
+        if "," not in rest:  # data:[<media type>][;base64],<data>
+            return None
+        url = text
+    elif rest.startswith("/"):
+        # file:///tmp/x.jpg collapses to file:/tmp/x.jpg; https://host/x to https:/host/x.
+        url = f"{scheme}://{rest}" if kind == "file" else f"{scheme}://{rest.lstrip('/')}"
+    else:
+        return None
+    if _exists(item):
+        return None
+    shown = " ".join(url.split())
+    if len(shown) > _SHOWN_URL_CHARS:
+        shown = shown[: _SHOWN_URL_CHARS - 1] + "\u2026"
+    if kind == "file":
+        local = rest if not re.match(r"/[A-Za-z]:/", rest) else rest[1:]  # file:///C:/x
+        return LuncherError(f"{shown}: a file URL; give the file's path instead ({local})")
+    first = "save it as a file" if kind == "data" else "download it"
+    return LuncherError(
+        f"{shown}: a URL; luncher never downloads anything (nothing leaves your machine): "
+        f"{first} first"
+    )
+
+
+def _exists(item: Path | str) -> bool:
+    try:
+        return os.path.lexists(item)
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
 def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
     """Files as given, and image files under directories (recursive, sorted).
 
     Hidden files and directories are skipped: `luncher retrain --label x ~` must not
     find the thumbnails in ~/.local/share/healthyluncher, nor a photo app's caches.
+    A URL is refused before anything is read (LuncherError).
     """
+    for item in inputs:
+        error = url_error(item)
+        if error is not None:
+            raise error
+    suffixes = image_suffixes()
     found: list[PhotoSource] = []
     for item in inputs:
         if isinstance(item, Path) and item.is_dir():
@@ -52,7 +143,7 @@ def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
                 sorted(
                     p
                     for p in item.rglob("*")
-                    if p.suffix.lower() in IMAGE_SUFFIXES
+                    if p.suffix.lower() in suffixes
                     and not any(part.startswith(".") for part in p.relative_to(item).parts)
                     and p.is_file()
                 )
@@ -64,9 +155,13 @@ def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
 
 
 def read_bytes(path: PhotoSource) -> bytes:
-    """The file's bytes; a directory, a device, a pipe or a huge file is a LuncherError."""
+    """The file's bytes; a directory, a device, a pipe, a huge file or a URL is a
+    LuncherError."""
     if isinstance(path, MemoryPhoto):
         return path.data
+    error = url_error(path)
+    if error is not None:
+        raise error
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):

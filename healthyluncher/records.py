@@ -13,7 +13,8 @@ import numpy as np
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.meta import BaseMeta, PersonalMeta
-from healthyluncher.store import Files, ModelStore, State, read_json
+from healthyluncher.state import State
+from healthyluncher.store import Files, ModelStore, read_json
 
 BUNDLED_MODEL = "healthyluncher-base.onnx"
 BUNDLED_REPLAY = "healthyluncher-base.replay.npz"

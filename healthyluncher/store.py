@@ -27,18 +27,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.state import DIRECTORY, STATE_FORMAT, State, Step
 
 ENV_VAR = "LUNCHER_MODELS_DIR"
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
-STATE_FORMAT = 1
-# How many earlier personalized states `undo` can go back to.
-HISTORY_LIMIT = 3
 # Seconds a writer waits for another luncher process to finish.
 LOCK_TIMEOUT = 120.0
 # Seconds of waiting after which the waiting process says so.
@@ -74,28 +71,6 @@ def resolve_models_dir(option: Path | None = None) -> Path:
     from platformdirs import user_data_path
 
     return user_data_path("healthyluncher", appauthor=False) / "models"
-
-
-@dataclass
-class State:
-    base: str | None = None
-    personal: str | None = None
-    # Earlier personal directories, newest first; "" stands for "no personalization".
-    history: list[str] = field(default_factory=list)
-
-    def with_personal(self, name: str | None, *, keep_history: bool = True) -> State:
-        """This state with another personal directory current; the one it replaces becomes
-        the newest undo step (none with `keep_history=False`)."""
-        history = [self.personal or "", *self.history][:HISTORY_LIMIT] if keep_history else []
-        return State(base=self.base, personal=name, history=history)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT,
-            "base": self.base,
-            "personal": self.personal,
-            "history": self.history,
-        }
 
 
 def fsync_dir(path: Path) -> None:
@@ -230,11 +205,20 @@ class ModelStore:
                 f"{self.root / STATE_FILE} has an unknown format; was it written by a newer "
                 "luncher?"
             )
-        return State(
-            base=data.get("base"),
-            personal=data.get("personal"),
-            history=list(data.get("history") or []),
-        )
+        base, personal = data.get("base"), data.get("personal")
+        history: list[Step] = []
+        for entry in data.get("history") or []:
+            if isinstance(entry, str):  # written before base switches could be undone
+                history.append(Step(base, entry or None))
+            elif isinstance(entry, dict):
+                history.append(Step(entry.get("base"), entry.get("personal")))
+        state = State(base=base, personal=personal, history=history)
+        for name in state.names():
+            if not isinstance(name, str) or not DIRECTORY.fullmatch(name):
+                raise LuncherError(
+                    f"{self.root / STATE_FILE} is damaged (it names {name!r}); run 'luncher reset'"
+                )
+        return state
 
     def recover_state(self) -> State:
         """A state naming the newest complete base, for a damaged state.json."""
@@ -325,13 +309,39 @@ class ModelStore:
 
     def collect_garbage(self, state: State) -> None:
         """Remove directories that state.json no longer names (call with the lock held)."""
-        keep = {state.base, state.personal, *state.history} - {None, ""}
+        keep = state.names()
+        removed_personal = False
         for entry in self.root.iterdir():
             name = entry.name
             if not entry.is_dir() or name in keep:
                 continue
             if name.startswith(("base-", "personal-", ".staging-", ".scratch-")):
                 shutil.rmtree(entry, ignore_errors=True)
+                removed_personal |= name.startswith("personal-")
+        if removed_personal:
+            self._collect_thumbnails(state)
+
+    def _collect_thumbnails(self, state: State) -> None:
+        """Remove the thumbnails of photos that no kept state has among its examples (the
+        user's photos leave with the last state that used them)."""
+        import zipfile
+
+        import numpy as np
+
+        used: set[str] = set()
+        for name in state.names():
+            if not name.startswith("personal-"):
+                continue
+            try:
+                with np.load(self.root / name / Files.EXAMPLES, allow_pickle=False) as data:
+                    used.update(str(d) for d in data["digests"])
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+                return  # cannot tell what is used: keep everything
+        folder = self.root / Files.THUMBNAILS
+        if folder.is_dir():
+            for path in folder.glob("*.jpg"):
+                if path.stem not in used:
+                    path.unlink(missing_ok=True)
 
     # -- embedding cache ---------------------------------------------------------------
 

@@ -213,8 +213,9 @@ def test_export_and_import_have_help(run):
 
 def test_a_backup_of_another_base_needs_rebuild(run, archive, tmp_path, photos, models_dir):
     new_base = pytorch_style(tmp_path / "new_base.onnx", seed=7)
-    assert run("make-updatable", new_base, "--force").code == 0  # personalization dropped
-    assert not (models_dir / Files.THUMBNAILS).exists()
+    assert run("make-updatable", new_base, "--force").code == 0  # personalization set aside
+    assert run("reset").code == 0  # and gone, with the photos' thumbnails
+    assert not list((models_dir / Files.THUMBNAILS).glob("*.jpg"))
 
     refused(run, archive, models_dir, "another base model", "--rebuild")
 

@@ -263,7 +263,7 @@ def test_refuses_to_replace_a_base_without_force(run, pt_model, tmp_path, photos
     assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
     replaced = run("make-updatable", other, "--force")
     assert replaced.code == 0, replaced
-    assert "personalization was removed" in replaced.stdout
+    assert "one `luncher undo` away" in replaced.stdout
     assert run("status", "--json").json_lines()[0]["base_name"] == "other"
 
 

@@ -76,11 +76,20 @@ def test_the_cli_uses_the_public_api_only():
 def test_low_layers_never_import_high_ones():
     layers = [
         {"errors", "events", "version", "memory", "template"},
-        {"settings", "photos"},
+        {"settings", "photos", "state"},
         {"meta", "store", "runtime", "imaging"},
         {"records", "trainers", "numpy_trainer", "graph", "linearhead"},
         {"training"},
-        {"heads", "quantize", "examples", "embedder", "modelsetup", "precision", "decompose", "cuts"},
+        {
+            "heads",
+            "quantize",
+            "examples",
+            "embedder",
+            "modelsetup",
+            "precision",
+            "decompose",
+            "cuts",
+        },
         {"personal", "predictor", "headfit"},
         {"personalizing", "bases", "archive"},
         {"backup"},

@@ -44,7 +44,7 @@ def test_drop_personalization_flag_replaces_without_force(run, pt_model, tmp_pat
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
     result = run("make-updatable", keras_style(tmp_path / "k.onnx"), "--drop-personalization")
-    assert result.code == 0 and "removed" in result.stdout
+    assert result.code == 0 and "one `luncher undo` away" in result.stdout
     assert run("status", "--json").json_lines()[0]["predicting_with"] == "base"
 
 
