@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from healthyluncher.photos import ImageFailure
     from healthyluncher.predictor import Prediction
     from healthyluncher.settings import Hyperparameters, Preprocessing
+    from healthyluncher.teaching import LabelInfo, RenameResult, TaughtExample
 
 # Loaded on first use: `luncher --help` and `import healthyluncher` stay fast.
 _EXPORTS = {
@@ -56,6 +57,9 @@ _EXPORTS = {
     "Prediction": "healthyluncher.predictor",
     "Hyperparameters": "healthyluncher.settings",
     "Preprocessing": "healthyluncher.settings",
+    "LabelInfo": "healthyluncher.teaching",
+    "RenameResult": "healthyluncher.teaching",
+    "TaughtExample": "healthyluncher.teaching",
 }
 
 __all__ = [
@@ -79,6 +83,9 @@ __all__ = [
     "Prediction",
     "Hyperparameters",
     "Preprocessing",
+    "LabelInfo",
+    "RenameResult",
+    "TaughtExample",
 ]
 
 

@@ -35,6 +35,14 @@ from healthyluncher.predictor import Prediction, Predictor
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
+from healthyluncher.teaching import (
+    LabelInfo,
+    RenameResult,
+    TaughtExample,
+    list_examples,
+    list_labels,
+    rename_label,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -194,6 +202,23 @@ class Luncher:
     def status(self) -> Status:
         """The base, your examples, the settings, the trainer and the disk used."""
         return self._run(status)
+
+    def examples(self, label: str | None = None) -> list[TaughtExample]:
+        """The photos you taught (of one label, if given), with their digests, file
+        names, dates and thumbnails."""
+        return self._run(list_examples, label)
+
+    def label_info(self) -> list[LabelInfo]:
+        """Every label, with how many of your photos have it and whether the base has it."""
+        return self._run(list_labels)
+
+    def rename_label(self, old: str, new: str) -> RenameResult:
+        """Rename a label you added (`undo` reverses it)."""
+        return self._run(rename_label, old, new)
+
+    def remove_label(self, label: str, *, progress: ProgressCallback | None = None) -> ForgetResult:
+        """Forget every example of `label` and retrain; a label you added goes with them."""
+        return self._run(forget, [], progress, label=label)
 
     # -- backups ---------------------------------------------------------------------------
 

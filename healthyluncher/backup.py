@@ -16,7 +16,7 @@ import os
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class ImportResult:
     trained_at: str | None
     undo_steps: int
     not_carried: int = 0  # photos without a usable thumbnail (rebuild only)
+    # The examples per label the import replaced (`undo` brings them back).
+    replaced: dict[str, int] = field(default_factory=dict)
 
 
 # -- export ------------------------------------------------------------------------------
@@ -232,6 +234,7 @@ def _restore(txn: Transaction, base: Base, backup: Backup) -> ImportResult:
         examples_per_label=backup.examples.per_label(),
         trained_at=backup.meta.trained_at,
         undo_steps=len(txn.next_state.history),
+        replaced=_current_examples(txn),
     )
 
 
@@ -272,7 +275,13 @@ def _rebuild(
         trained_at=None,
         undo_steps=len(txn.next_state.history),
         not_carried=missing,
+        replaced=_current_examples(txn),
     )
+
+
+def _current_examples(txn: Transaction) -> dict[str, int]:
+    personal = load_personal(txn.store, txn.state)
+    return dict(personal.meta.examples_per_label) if personal else {}
 
 
 def _install_thumbnails(store: ModelStore, thumbnails: dict[str, Path]) -> list[Path]:

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from healthyluncher import cli_setup  # noqa: F401  (registers make-updatable, export, import)
+# Importing them registers their commands: make-updatable, export and import; examples, labels.
+from healthyluncher import cli_setup, cli_teaching  # noqa: F401
 from healthyluncher.cli_app import JSON, app, luncher, with_stdin
 from healthyluncher.cli_output import (
     Column,

@@ -305,4 +305,10 @@ def import_backup(
             f"Restored the personalized model trained {result.trained_at} ({escape(counts)}); "
             f"labels {escape(', '.join(result.labels))}."
         )
-    out.print(f"{result.undo_steps} undo step(s) available.")
+    if result.replaced:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.replaced.items()))
+        out.print(
+            f"It replaced your previous examples ({escape(counts)}); `luncher undo` brings "
+            "them back."
+        )
+    note(f"{result.undo_steps} undo step(s) available.")

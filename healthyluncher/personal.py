@@ -26,6 +26,7 @@ from healthyluncher.records import (
     Examples,
     Personal,
     load_personal,
+    load_taught,
     load_weights,
     save_arrays,
     save_examples,
@@ -53,6 +54,7 @@ def publish_personal(
     *,
     restore: tuple[dict[str, np.ndarray], PersonalMeta] | None = None,
     keep_history: bool = True,
+    names: dict[str, str] | None = None,
     progress: ProgressCallback | None = None,
 ) -> Fitted:
     """Train the head from the base's weights on the examples plus replay (or, with
@@ -104,6 +106,13 @@ def publish_personal(
             if restore is not None:
                 meta = replace(restore[1], examples_per_label=examples.per_label())
             write_json(staged / Files.META, meta.to_json())
+            taught = load_taught(previous)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            taught.update({digest: (name, now) for digest, name in (names or {}).items()})
+            write_json(
+                staged / Files.TAUGHT,
+                {d: list(taught[d]) for d in examples.digests if d in taught},
+            )
             # What the new copy says about every example photo: the retrain's summary, and the
             # "before" of the next retrain of these photos, without running the model again.
             runner = HeadRunner(rendered.head, batch_limit=base.meta.head_batch_limit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from healthyluncher.records import load_base, load_examples, load_personal
 from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
-from healthyluncher.store import ModelStore
+from healthyluncher.store import Files, ModelStore
 from healthyluncher.training import check_trainable, trainer_name
 from healthyluncher.version import __version__
 
@@ -132,7 +133,8 @@ def retrain(
             before_label = before[:, old_labels.index(label)]
         else:
             before_label = np.zeros(len(probe))  # the label did not exist yet
-        fitted = publish_personal(txn, base, labels, examples, hp, progress=progress)
+        names = {digest: _display_name(path) for path, digest in named}
+        fitted = publish_personal(txn, base, labels, examples, hp, names=names, progress=progress)
     after = np.stack([fitted.scores[digest] for _, digest in named])
     after_label = after[:, labels.index(label)]
     photos = tuple(
@@ -220,16 +222,22 @@ def forget(
     store: ModelStore,
     inputs: Sequence[PhotoSource],
     progress: ProgressCallback | None = None,
+    *,
+    label: str | None = None,
 ) -> ForgetResult:
-    """Remove these photos' examples (matched by content hash) and retrain without them.
+    """Remove these photos' examples and retrain without them. A photo is matched by its
+    content, so a copy works; a thumbnail from the models directory, or a digest (its
+    first 8 or more hex digits, as `luncher examples` shows), names one whose file is gone.
+    With `label`, every example of that label goes.
 
     One transaction: the retrained copy is published and the history cleared in a single
     switch of state.json, so `undo` can never bring a forgotten photo back; the photos'
     thumbnails and cached head inputs are deleted only after that switch, so a failed
     retrain leaves everything as it was.
     """
-    paths = find_images(inputs)
-    digests = {digest_of(read_bytes(path)) for path in paths}
+    for item in inputs:  # a URL or a typo is named before anything else is said
+        if not _names_a_digest(item):
+            find_images([item])
     with store.transaction() as txn:
         state = txn.state
         base = load_base(store, state)
@@ -238,6 +246,14 @@ def forget(
             raise LuncherError("there are no examples to forget: the model is not personalized")
         check_trainable(base.meta, base.path)
         examples = load_examples(personal, ())
+        if label is None:
+            digests = _named_digests(store, inputs, examples.digests)
+        else:
+            digests = {
+                d for d, x in zip(examples.digests, examples.labels, strict=True) if x == label
+            }
+            if not digests:
+                raise LuncherError(f"there are no examples of {label!r}")
         keep = [i for i, digest in enumerate(examples.digests) if digest not in digests]
         forgotten = len(examples) - len(keep)
         if forgotten == 0:
@@ -292,6 +308,43 @@ def status(store: ModelStore) -> Status:
         warning=install_problem(),
         version=__version__,
     )
+
+
+HEX = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _named_digests(
+    store: ModelStore, inputs: Sequence[PhotoSource], known: Sequence[str]
+) -> set[str]:
+    """The digests these inputs name: photos by content, thumbnails by name, digests."""
+    thumbnails = (store.root / Files.THUMBNAILS).resolve()
+    found: set[str] = set()
+    for item in inputs:
+        if _names_a_digest(item):
+            assert isinstance(item, Path)
+            prefix = item.name.lower()
+            matches = [d for d in known if d.startswith(prefix)]
+            if len(matches) > 1:
+                raise LuncherError(f"{prefix} starts {len(matches)} digests; give more of it")
+            if not matches:
+                raise LuncherError(f"{prefix}: none of your examples has this digest")
+            found.add(matches[0])
+            continue
+        for path in find_images([item]):
+            if isinstance(path, Path) and path.resolve().parent == thumbnails:
+                found.add(path.stem)  # a thumbnail is named by its photo's digest
+            else:
+                found.add(digest_of(read_bytes(path)))
+    return found
+
+
+def _names_a_digest(item: PhotoSource) -> bool:
+    """A missing file named like a digest (or its first 8 or more hex digits)."""
+    return isinstance(item, Path) and not item.exists() and bool(HEX.fullmatch(item.name.lower()))
+
+
+def _display_name(path: PhotoSource) -> str:
+    return path.name if isinstance(path, Path) else str(path)
 
 
 def _disk_bytes(root: Path) -> int:

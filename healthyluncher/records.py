@@ -114,6 +114,26 @@ def load_examples(personal: Personal | None, sample_shape: tuple[int, ...]) -> E
         raise LuncherError(f"{path} is damaged ({exc}); run 'luncher reset'") from None
 
 
+def load_taught(personal: Personal | None) -> dict[str, tuple[str, str]]:
+    """{digest: (file name, when taught)} of the examples; what is missing or malformed is
+    left out (the file only informs `luncher examples`)."""
+    if personal is None:
+        return {}
+    try:
+        data = read_json(personal.path / Files.TAUGHT)
+    except (FileNotFoundError, LuncherError):
+        return {}
+    found: dict[str, tuple[str, str]] = {}
+    if isinstance(data, dict):
+        for digest, entry in data.items():
+            if not (isinstance(entry, list) and len(entry) == 2):
+                continue
+            name, when = entry
+            if isinstance(name, str) and isinstance(when, str) and len(name) <= 1024:
+                found[str(digest)] = (name, when[:40])
+    return found
+
+
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """An uncompressed .npz, readable with allow_pickle=False."""
     savez: Any = np.savez

@@ -57,6 +57,7 @@ class Files:
     WEIGHTS = "weights.npz"
     CHECKPOINT = "checkpoint"
     EXAMPLES = "examples.npz"
+    TAUGHT = "taught.json"  # each example photo's file name and when it was taught
     SCORES = "scores.npz"  # what the personalized model says about each example photo
     THUMBNAILS = "thumbnails"
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,65 @@ def test_reset_names_thumbnails_as_thumbnails(run, pt_model, photos):
     result = run("reset")
     assert "3 thumbnail(s)" in result.stdout
     assert run("reset").stdout.startswith("Nothing to reset")
+
+
+def test_examples_lists_what_was_taught(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["green"][:2]).code == 0
+    rows = run("examples", "--json").json_lines()
+    assert [r["name"] for r in rows] == [p.name for p in photos["green"][:2]]
+    assert all(r["label"] == "fast_food" and len(r["digest"]) == 64 for r in rows)
+    assert all(Path(r["thumbnail"]).is_file() and r["taught"] for r in rows)
+    assert run("examples", "--label", "healthy", "--json").stdout == ""
+    table = run("examples").stdout
+    assert photos["green"][0].name in table and rows[0]["digest"][:12] in table
+
+
+def test_a_photo_whose_file_is_gone_is_forgotten_by_digest_or_thumbnail(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
+    rows = run("examples", "--json").json_lines()
+    photos["green"][0].unlink()
+    photos["green"][1].unlink()
+    assert run("forget", rows[0]["digest"][:10]).code == 0
+    assert run("forget", rows[1]["thumbnail"]).code == 0
+    left = run("examples", "--json").json_lines()
+    assert [r["digest"] for r in left] == [rows[2]["digest"]]
+    assert not Path(rows[0]["thumbnail"]).exists() and not Path(rows[1]["thumbnail"]).exists()
+    result = run("forget", "0123456789abcdef")
+    assert result.code == 1 and "none of your examples has this digest" in result.stderr
+
+
+def test_labels_are_listed_renamed_and_removed_and_undo_reverses(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "pancake", *photos["red"]).code == 0
+    assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
+    listed = run("labels", "--json").json_lines()[0]["labels"]
+    assert [(x["label"], x["examples"], x["from_base"]) for x in listed] == [
+        ("healthy", 1, True),
+        ("fast_food", 0, True),
+        ("pancake", 3, False),
+    ]
+    before = run("predict", "--json", *photos["red"]).json_lines()
+    assert run("labels", "rename", "pancake", "pancakes").code == 0
+    renamed = run("predict", "--json", *photos["red"]).json_lines()
+    assert [r["label"] for r in renamed] == ["pancakes"] * 3
+    assert [r["probability"] for r in renamed] == [r["probability"] for r in before]
+    refused = run("labels", "rename", "healthy", "good")
+    assert refused.code == 1 and "class of the base model" in refused.stderr
+    assert run("undo").code == 0
+    assert run("predict", "--json", *photos["red"]).json_lines() == before
+    assert run("labels", "remove", "pancake").code == 0
+    assert run("status", "--json").json_lines()[0]["labels"] == ["healthy", "fast_food"]
+    assert run("examples", "--json").json_lines()[0]["label"] == "healthy"
+
+
+def test_import_says_which_examples_it_replaced(run, pt_model, photos, tmp_path):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
+    archive = tmp_path / "b.tar.gz"
+    assert run("export", archive).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"][:2]).code == 0
+    result = run("import", archive)
+    assert "replaced your previous examples (fast_food: 3, healthy: 2)" in result.stdout
+    assert run("import", archive, "--json").json_lines()[0]["replaced"] == {"fast_food": 3}

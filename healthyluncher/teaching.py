@@ -1,0 +1,122 @@
+"""What you taught: the example photos, and the labels (listed, renamed, removed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.meta import PersonalMeta, check_label
+from healthyluncher.personal import publish_personal
+from healthyluncher.records import (
+    Examples,
+    load_base,
+    load_examples,
+    load_personal,
+    load_taught,
+    load_weights,
+)
+from healthyluncher.store import ModelStore
+
+
+@dataclass(frozen=True)
+class TaughtExample:
+    """One photo you taught, as the models directory remembers it."""
+
+    label: str
+    digest: str  # sha256 of the photo's bytes: `luncher forget DIGEST` names it
+    name: str | None  # the file name it was taught from, when known
+    taught: str | None  # when (ISO 8601, UTC), when known
+    thumbnail: Path | None  # the small JPEG kept of it, if any
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    label: str
+    examples: int  # your photos with this label
+    from_base: bool  # a class of the base (else one you added)
+
+
+@dataclass(frozen=True)
+class RenameResult:
+    old: str
+    new: str
+    examples: int
+
+
+def list_examples(store: ModelStore, label: str | None = None) -> list[TaughtExample]:
+    """Your examples in the order taught, optionally of one label."""
+    personal = load_personal(store, store.read_state())
+    if personal is None:
+        return []
+    examples = load_examples(personal, ())
+    known = load_taught(personal)
+    if label is not None and label not in personal.meta.labels:
+        raise LuncherError(f"{label!r} is not a label ({', '.join(personal.meta.labels)})")
+    found = []
+    for digest, own in zip(examples.digests, examples.labels, strict=True):
+        if label is not None and own != label:
+            continue
+        name, when = known.get(digest, (None, None))
+        thumbnail = store.thumbnail(digest)
+        found.append(
+            TaughtExample(own, digest, name, when, thumbnail if thumbnail.is_file() else None)
+        )
+    return found
+
+
+def list_labels(store: ModelStore) -> list[LabelInfo]:
+    """Every label predictions choose from, with how many of your photos have it."""
+    state = store.read_state()
+    base = load_base(store, state)
+    personal = load_personal(store, state)
+    labels = personal.meta.labels if personal else base.meta.labels
+    counts = dict(personal.meta.examples_per_label) if personal else {}
+    return [LabelInfo(x, counts.get(x, 0), x in base.meta.labels) for x in labels]
+
+
+def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
+    """Give a label you added another name: the same weights and examples under the new
+    name, published as one change that `undo` reverses."""
+    new = check_label(new)
+    with store.transaction() as txn:
+        base = load_base(store, txn.state)
+        personal = load_personal(store, txn.state)
+        labels = personal.meta.labels if personal else base.meta.labels
+        if old not in labels:
+            raise LuncherError(f"{old!r} is not a label ({', '.join(labels)})")
+        if old in base.meta.labels:
+            raise LuncherError(
+                f"{old!r} is a class of the base model; only labels you added can be renamed "
+                "(make a base with your own labels with `luncher make-updatable --examples`)"
+            )
+        if new in labels:
+            raise LuncherError(f"{new!r} is already a label")
+        assert personal is not None  # a label beyond the base's exists only in a copy
+        examples = load_examples(personal, ())
+        renamed = Examples(
+            examples.inputs,
+            examples.owner,
+            examples.digests,
+            tuple(new if x == old else x for x in examples.labels),
+        )
+        new_labels = tuple(new if x == old else x for x in labels)
+        meta = personal.meta
+        restored = PersonalMeta(
+            base_sha256=meta.base_sha256,
+            labels=new_labels,
+            hyperparameters=meta.hyperparameters,
+            trained_at=meta.trained_at,
+            retrains=meta.retrains,
+            examples_per_label=renamed.per_label(),
+            final_loss=meta.final_loss,
+        )
+        publish_personal(
+            txn,
+            base,
+            new_labels,
+            renamed,
+            meta.hyperparameters,
+            restore=(load_weights(personal), restored),
+        )
+    return RenameResult(old, new, renamed.labels.count(new))
