@@ -7,7 +7,7 @@ import importlib.util
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -139,19 +139,32 @@ def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
     found: list[PhotoSource] = []
     for item in inputs:
         if isinstance(item, Path) and item.is_dir():
-            found.extend(
-                sorted(
-                    p
-                    for p in item.rglob("*")
-                    if p.suffix.lower() in suffixes
-                    and not any(part.startswith(".") for part in p.relative_to(item).parts)
-                    and p.is_file()
-                )
-            )
+            found.extend(sorted(_walk(item, suffixes)))
         else:
             # A missing file is reported with the others' results, not as a fatal error.
             found.append(item)
     return found
+
+
+def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:
+    """Image files under `root`, following symlinked folders (a folder of links to dish
+    folders is a common way to lay out examples) but never the same folder twice."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.suffix.lower() in suffixes and path.is_file():
+                yield path
 
 
 def read_bytes(path: PhotoSource) -> bytes:

@@ -203,3 +203,16 @@ def test_a_float16_model_trains_its_head_in_float32(run, tmp_path, photos, examp
     assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
     assert run("reset").code == 0
     assert run("predict", "--json", *photos["red"], *photos["green"]).json_lines() == base
+
+
+def test_folders_of_links_to_folders_are_searched(run, stock, examples, tmp_path):
+    """A label folder made of symlinks to dish folders (and a link to itself, which must not
+    loop) finds every photo once."""
+    linked = tmp_path / "linked"
+    for label in ("fast_food", "healthy"):
+        (linked / label).mkdir(parents=True)
+        (linked / label / "dish").symlink_to(examples / label, target_is_directory=True)
+    (examples / "healthy" / "again").symlink_to(examples / "healthy", target_is_directory=True)
+    result = run("make-updatable", stock, "--examples", linked)
+    assert result.code == 0, result
+    assert "(fast_food: 10, healthy: 10)" in result.stdout
