@@ -254,6 +254,12 @@ class RowPrinter:
             f"{row.probability:.1%}".rjust(11),
         ]
         cells += [f"{row.probabilities.get(x, 0.0):.1%}".rjust(max(6, len(x))) for x in labels]
+        if sys.stdout.isatty():  # the label in bold, the other classes dim
+            cells = [escape(c) for c in cells]
+            cells[1] = f"[bold]{cells[1]}[/bold]"
+            cells[3:] = [f"[dim]{c}[/dim]" for c in cells[3:]]
+            out.print("  ".join(cells).rstrip())
+            return
         sys.stdout.write("  ".join(cells).rstrip() + "\n")
         sys.stdout.flush()
 
