@@ -646,8 +646,15 @@ class Bench:
         command = self.retrain("retrain-20x10", self.photos.small, 10)
         first = self.run("retrain-20x10", command, self.env(models_dir))
         again = self.run("retrain-again", command, self.env(models_dir))
+        numpy_env = self.env(models_dir)
+        numpy_env["LUNCHER_TRAINER"] = "numpy"  # the trainer of Python 3.13 and 3.14
+        again_numpy = self.run("retrain-again-numpy", command, numpy_env)
         self.drop(models_dir)
-        return {"retrain-20x10": first, "retrain-again": again}
+        return {
+            "retrain-20x10": first,
+            "retrain-again": again,
+            "retrain-again-numpy": again_numpy,
+        }
 
     def retrain_views1(self) -> dict[str, Sample]:
         models_dir = self.fresh_models_dir()
@@ -771,6 +778,11 @@ def scenarios(sizes: Sizes) -> list[Scenario]:
             "luncher retrain --label L --epochs 10 DIR",
         ),
         Scenario(
+            "retrain-again-numpy",
+            "the same again with the numpy trainer (LUNCHER_TRAINER=numpy)",
+            "LUNCHER_TRAINER=numpy luncher retrain --label L --epochs 10 DIR",
+        ),
+        Scenario(
             "retrain-20x10-views1",
             f"retrain {s.retrain_small} new photos, 10 epochs, augmentation off",
             "luncher retrain --label L --epochs 10 --views 1 DIR",
@@ -805,7 +817,7 @@ def scenarios(sizes: Sizes) -> list[Scenario]:
             "soak",
             f"{s.soak_retrains} retrains in one process via the API "
             f"(5 photos each, {s.soak_epochs} epochs)",
-            "personalize.retrain(...) in a loop",
+            "Luncher.retrain(...) in a loop",
         ),
     ]
 
@@ -828,6 +840,13 @@ def targets(sizes: Sizes) -> list[Target]:
             at_most=True,
         ),
         Target("retrain again / first retrain", "retrain-again", "retrain-20x10", 0.5, True),
+        Target(
+            "retrain again, numpy trainer / ONNX Runtime",
+            "retrain-again-numpy",
+            "retrain-again",
+            1.0,
+            at_most=True,
+        ),
         Target(
             f"predict {s.phone} phone photos / floor (per photo)",
             "predict-phone",
