@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from healthyluncher.cuts import Topology, choices, cut_problem, fold_batch_norms, working_counts
 from healthyluncher.errors import LuncherError
 from healthyluncher.runtime import MAX_IR_VERSION, MAX_OPSET
 from healthyluncher.settings import Layout
@@ -19,8 +20,11 @@ from healthyluncher.settings import Layout
 # with weights of its own is that layer's bias or scale (Keras exports MatMul + Add).
 PRIMARY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ATTACHED_OPS = frozenset({"Add", "Sub", "Mul", "Div", "BatchNormalization"})
-# Batch-norm statistics are not learned by gradient; they stay frozen even in a trainable layer.
-NON_TRAINABLE_OPS = frozenset({"BatchNormalization"})
+# Inputs (by position) that are weights but not learned by gradient: batch-norm statistics.
+# A BatchNormalization's scale and bias do train (decompose.py rewrites it for training).
+FROZEN_INPUTS = {"BatchNormalization": frozenset({3, 4})}
+# Float inputs that are no weights at all: Resize's region and scales.
+NOT_WEIGHTS = {"Resize": frozenset({1, 2}), "Upsample": frozenset({1})}
 PASS_THROUGH_OPS = frozenset({"Identity"})
 
 
@@ -111,6 +115,10 @@ def float_initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
 
 
 def analyze(model: onnx.ModelProto) -> Analysis:
+    """What the classifier is, and its layers. Folds each BatchNormalization that follows a
+    Conv into that Conv first, in place (exact in eval mode): the layers listed are then
+    the ones that train, and the model written for the base is the folded one."""
+    fold_batch_norms(model)
     graph = model.graph
     initializer_names = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializer_names]
@@ -195,7 +203,13 @@ def layers_of(model: onnx.ModelProto) -> list[Layer]:
     current: dict[str, Any] | None = None
     last_output: str | None = None
     for index, node in enumerate(model.graph.node):
-        held = [n for n in node.input if n in weights and _size(weights[n]) > 1]
+        skip = NOT_WEIGHTS.get(node.op_type, frozenset())
+        frozen = FROZEN_INPUTS.get(node.op_type, frozenset())
+        held = [
+            (position, name)
+            for position, name in enumerate(node.input)
+            if name in weights and _size(weights[name]) > 1 and position not in skip
+        ]
         if not held:
             continue
         data_inputs = [n for n in node.input if n and n not in weights]
@@ -206,10 +220,12 @@ def layers_of(model: onnx.ModelProto) -> list[Layer]:
             and last_output in data_inputs
         )
         if not attached:
+            if all(position in frozen for position, _ in held):
+                continue  # nothing here learns: no layer to list
             if current is not None:
                 layers.append(_finish(current))
             current = {
-                "name": node.name or held[0],
+                "name": node.name or held[0][1],
                 "op": node.op_type,
                 "first_node": index,
                 "data_input": data_inputs[0] if data_inputs else "",
@@ -219,9 +235,12 @@ def layers_of(model: onnx.ModelProto) -> list[Layer]:
         assert current is not None
         if attached:
             current["op"] = f"{current['op']}+{node.op_type}"
-        current["params"] += sum(_size(weights[n]) for n in held)
-        if node.op_type not in NON_TRAINABLE_OPS:
-            current["trainable"].extend(n for n in held if n not in current["trainable"])
+        current["params"] += sum(_size(weights[name]) for _, name in held)
+        current["trainable"].extend(
+            name
+            for position, name in held
+            if position not in frozen and name not in current["trainable"]
+        )
         last_output = node.output[0]
     if current is not None:
         layers.append(_finish(current))
@@ -247,19 +266,25 @@ def split(model: onnx.ModelProto, analysis: Analysis, trainable_layers: int) -> 
     layers = analysis.layers
     if trainable_layers < 1:
         raise LuncherError("--trainable-layers must be at least 1")
+    topology = Topology.of(model, analysis.input.name)
+
+    def refuse(problem: str) -> LuncherError:
+        working = working_counts(topology, layers, analysis.logits_name)
+        return LuncherError(f"{problem}; {choices(working, len(layers))}")
+
     if trainable_layers > len(layers):
-        raise LuncherError(
+        raise refuse(
             f"--trainable-layers {trainable_layers} is more than the {len(layers)} "
             "layers with weights in this model"
         )
+    problem = cut_problem(topology, layers, trainable_layers, analysis.logits_name)
+    if problem is not None:
+        raise refuse(f"--trainable-layers {trainable_layers} {problem}")
     trainable = layers[-trainable_layers:]
     cut = trainable[0].data_input
-    if not cut:
-        raise LuncherError(f"cannot find the data input of layer {trainable[0].name!r}")
     # The extractor needs the shapes of the tensors where it cuts.
     inferred = onnx.shape_inference.infer_shapes(model)
     head = _extract(inferred, [cut], [analysis.logits_name])
-    _check_closed(head, cut, trainable_layers)
     _make_batch_dynamic(head)
     frozen = None
     if cut != analysis.input.name:
@@ -274,19 +299,6 @@ def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> o
     part.ir_version = model.ir_version
     del part.metadata_props[:]
     return part
-
-
-def _check_closed(head: onnx.ModelProto, cut: str, n: int) -> None:
-    """The head must depend on the cut tensor alone (no skip connection around it)."""
-    available = {cut} | {t.name for t in head.graph.initializer}
-    for node in head.graph.node:
-        for name in node.input:
-            if name and name not in available:
-                raise LuncherError(
-                    f"the last {n} layers cannot be split from the rest at one tensor "
-                    f"(they also read {name!r}); choose a different --trainable-layers"
-                )
-        available.update(node.output)
 
 
 def _make_batch_dynamic(head: onnx.ModelProto) -> None:

@@ -128,7 +128,10 @@ def add_memory(
         nodes.extend(
             [
                 make("MatMul", [f"{prefix}/unit", f"{p}_rows"], [f"{p}_similarity"]),
-                make("Unsqueeze", [f"{p}_similarity", f"{prefix}/axis1"], [f"{p}_per_class"]),
+                # Unsqueeze takes its axes as an input from opset 13, an attribute before.
+                make("Unsqueeze", [f"{p}_similarity", f"{prefix}/axis1"], [f"{p}_per_class"])
+                if opset >= 13
+                else make("Unsqueeze", [f"{p}_similarity"], [f"{p}_per_class"], axes=[1]),
                 make("Add", [f"{p}_per_class", f"{p}_mask"], [f"{p}_masked"]),
                 make("ReduceMax", [f"{p}_masked"], [f"{p}_best"], axes=[2], keepdims=0)
                 if opset < 18

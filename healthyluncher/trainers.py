@@ -29,40 +29,123 @@ EpochCallback = Callable[[int, int, float], None]
 def generate_artifacts(
     head: Any, trainable: tuple[str, ...], optimizer: str, directory: Path
 ) -> None:
-    """Write training, eval and optimizer models and the checkpoint for the head alone."""
-    import onnx
+    """Write training, eval and optimizer models and the checkpoint for the head alone.
 
-    artifacts, _ = training()
+    The head is first rewritten where ONNX Runtime cannot differentiate an op as exported
+    (decompose.py); then its training session is created and runs one step, so that what
+    fails in ONNX Runtime fails here, at make-updatable, not at the first retrain. Each
+    failure is one line of ours: ONNX Runtime's own text never reaches the user.
+    """
+    from healthyluncher.decompose import for_training  # onnx: not on the retrain path
+
+    artifacts, api = training()
     directory.mkdir(parents=True, exist_ok=True)
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
+    model = for_training(head)
     try:
         with _native_stderr_silenced():
             artifacts.generate_artifacts(
-                head,
+                model,
                 requires_grad=list(trainable),
                 frozen_params=[],
                 loss=artifacts.LossType.CrossEntropyLoss,
                 optimizer=optim,
                 artifact_directory=str(directory),
             )
-    except Exception as exc:  # ORT raises RuntimeError with C++ text for missing gradients
-        missing = re.search(r"gradient builder has not been registered: (\w+)", str(exc))
-        if missing:
-            raise LuncherError(
-                f"the trainable part contains the op {missing.group(1)}, which has no gradient "
-                "in ONNX Runtime training; this model cannot be trained past it"
-            ) from None
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LuncherError(
-            f"cannot build training artifacts for the trainable part: {text}"
-        ) from None
-    # onnx >= 1.18 writes the optimizer model with an IR version ORT 1.19 refuses.
+            _lower_ir_versions(directory)
+            _run_one_step(api, directory, model)
+    except Exception as exc:  # ORT raises RuntimeError and friends with C++ text
+        raise LuncherError(_explain(str(exc), type(exc).__name__, head, trainable)) from None
+
+
+def _lower_ir_versions(directory: Path) -> None:
+    """onnx >= 1.18 writes the optimizer model with an IR version ORT 1.19 refuses."""
+    import onnx
+
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         path = directory / name
         model = onnx.load(str(path))
         if model.ir_version > MAX_IR_VERSION:
             model.ir_version = MAX_IR_VERSION
             onnx.save(model, str(path))
+
+
+def _run_one_step(api: Any, directory: Path, model: Any) -> None:
+    """Create the training session and take one step (forward and backward) on zeros,
+    without the optimizer: ONNX Runtime writes gradients it has no CPU kernel for (Resize,
+    ConvTranspose), which only the session finds."""
+    import onnx
+
+    state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
+    options = runtime().SessionOptions()
+    options.intra_op_num_threads = 1
+    module = api.Module(str(directory / "training_model.onnx"), state, session_options=options)
+    weights = {t.name for t in model.graph.initializer}
+    value = next(i for i in model.graph.input if i.name not in weights)
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim]
+    if 0 in dims[1:]:
+        return  # a symbolic size: the session alone is checked
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    module.train()
+    module(np.zeros([1, *dims[1:]], dtype), np.zeros(1, np.int64))
+
+
+# ONNX Runtime's messages, and what they mean (measured with 1.19.2).
+_NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\w+)(?: for node (\S+))?")
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+?)Grad\(")
+_STEP_FAILED = re.compile(r"while running (\w+?)(?:Grad)? node")
+_OLD_OPSET = re.compile(r"No Op registered for (\w+) with domain_version of (\d+)")
+
+
+def _explain(text: str, kind: str, head: Any, trainable: tuple[str, ...]) -> str:
+    """One line for a failure of ONNX Runtime training, without its own text."""
+    op = None
+    if match := _NO_GRADIENT.search(text):
+        op, node = match.group(1), match.group(2)
+        where = f"the op {op} ({node!r})" if node else f"the op {op}"
+        problem = f"{where} in the trainable part has no gradient in ONNX Runtime training"
+    elif match := _NO_KERNEL.search(text):
+        op = match.group(1)
+        problem = (
+            f"the op {op} in the trainable part has no CPU kernel for its gradient "
+            "in ONNX Runtime training"
+        )
+    elif match := _STEP_FAILED.search(text):
+        op = match.group(1)
+        problem = f"ONNX Runtime training fails to train through the op {op} in the trainable part"
+    elif match := _OLD_OPSET.search(text):
+        problem = f"ONNX Runtime training has no {match.group(1)} at ONNX opset {match.group(2)}"
+    elif "gradient_builder" in text:
+        problem = (
+            "ONNX Runtime training cannot build the gradient of an op in the trainable "
+            "part (an internal check of its gradient builder failed)"
+        )
+    else:
+        problem = f"ONNX Runtime training fails on the trainable part ({kind})"
+    return f"{problem}; {_smaller_choices(head, trainable, op)}"
+
+
+def _smaller_choices(head: Any, trainable: tuple[str, ...], op: str | None) -> str:
+    """Which smaller --trainable-layers leave every `op` out of the trainable part."""
+    from healthyluncher.cuts import Topology, choices, cut_problem
+    from healthyluncher.graph import layers_of
+
+    wanted = set(trainable)
+    layers = [layer for layer in layers_of(head) if wanted & set(layer.trainable_names)]
+    if len(layers) < 2:
+        return "the last layer alone already has it, so no --trainable-layers avoids it"
+    if op is None:
+        return "a smaller --trainable-layers may leave it out"
+    weights = {t.name for t in head.graph.initializer}
+    topology = Topology.of(head, next(i.name for i in head.graph.input if i.name not in weights))
+    logits = head.graph.output[0].name
+    fine = []
+    for n in range(1, len(layers)):
+        if cut_problem(topology, layers, n, logits) is None:
+            nodes, _ = topology.head(layers[-n].data_input, logits)
+            if all(head.graph.node[i].op_type != op for i in nodes):
+                fine.append(n)
+    return choices(fine, len(layers)) if fine else "no smaller --trainable-layers leaves it out"
 
 
 @contextlib.contextmanager

@@ -1,0 +1,271 @@
+"""Where a classifier can be cut for training: BatchNormalization folded into the Conv it
+follows, the tensors that cross a cut, the ops that cannot train, and the cuts that work.
+
+Pure graph analysis on onnx protos (no ONNX Runtime): `graph.split` asks it before cutting,
+`trainers.generate_artifacts` after ONNX Runtime refused a head.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from healthyluncher.decompose import blocker
+
+# `--trainable-layers` values checked when a refusal lists the ones that work.
+MAX_LISTED = 10
+# Ops whose outputs carry no gradient back to their inputs (shapes, comparisons): an op
+# past them is not on the way from a trained weight to the loss.
+NO_GRADIENT_FLOW = frozenset(
+    {"Shape", "Size", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not",
+     "And", "Or", "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero"}
+)  # fmt: skip
+
+
+class LayerLike(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def data_input(self) -> str: ...
+
+    @property
+    def trainable_names(self) -> tuple[str, ...]: ...
+
+
+def fold_batch_norms(model: onnx.ModelProto) -> int:
+    """Fold each BatchNormalization (eval mode) that alone reads a Conv's output into that
+    Conv's weights and bias, in place; returns how many were folded.
+
+    Exact up to float rounding: y = scale * (W*x + b - mean) / sqrt(var + eps) + bias is a
+    Conv with W * s and (b - mean) * s + bias, s = scale / sqrt(var + eps). The Conv then
+    trains as one layer; left apart, the BatchNormalization would be a layer of its own.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    reads = Counter(name for node in graph.node for name in node.input)
+    reads.update(o.name for o in graph.output)
+    producers = {out: node for node in graph.node for out in node.output}
+    taken = set(inits) | set(reads) | set(producers)
+    dropped: list[onnx.NodeProto] = []
+    for bn in graph.node:
+        conv = producers.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
+        if conv is None or not _foldable(conv, bn, inits, reads):
+            continue
+        scale, bias, mean, var = (_array(inits[name]) for name in bn.input[1:5])
+        epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        s = scale / np.sqrt(var + epsilon)
+        weight = _array(inits[conv.input[1]])
+        has_bias = len(conv.input) > 2 and bool(conv.input[2])
+        old_bias = _array(inits[conv.input[2]]) if has_bias else np.zeros_like(s)
+        new_weight = weight * s.reshape(-1, *[1] * (weight.ndim - 1))
+        new_bias = (old_bias - mean) * s + bias
+        # A weight only this Conv reads changes in place; a shared one is copied. The
+        # bias takes the BatchNormalization's bias name when nothing else reads that.
+        bias_name = conv.input[2] if has_bias and reads[conv.input[2]] == 1 else bn.input[2]
+        for position, (name, value) in enumerate(
+            ((conv.input[1], new_weight), (bias_name, new_bias)), start=1
+        ):
+            if reads[name] > 1:
+                name = _fresh(f"{name}_folded", taken)
+            _set(model, inits, name, value.astype(np.float32))
+            if position < len(conv.input):
+                conv.input[position] = name
+            else:
+                conv.input.append(name)
+        conv.output[0] = bn.output[0]
+        dropped.append(bn)
+    for bn in dropped:
+        graph.node.remove(bn)
+    if dropped:
+        _drop_unread(model, {name for bn in dropped for name in bn.input[1:5]})
+    return len(dropped)
+
+
+def _foldable(
+    conv: onnx.NodeProto,
+    bn: onnx.NodeProto,
+    inits: dict[str, TensorProto],
+    reads: Counter[str],
+) -> bool:
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+        return False
+    if bn.domain not in ("", "ai.onnx") or len(bn.input) < 5 or reads[conv.output[0]] != 1:
+        return False
+    if any(a.name == "training_mode" and a.i for a in bn.attribute):
+        return False
+    if any(name and reads[name] for name in bn.output[1:]):
+        return False
+    floats = [*bn.input[1:5], conv.input[1]]
+    if len(conv.input) > 2 and conv.input[2]:
+        floats.append(conv.input[2])
+    if not all(name in inits and inits[name].data_type == TensorProto.FLOAT for name in floats):
+        return False
+    channels = inits[conv.input[1]].dims[0] if inits[conv.input[1]].dims else -1
+    return all(tuple(inits[n].dims) == (channels,) for n in bn.input[1:5])
+
+
+def _array(tensor: TensorProto) -> np.ndarray:
+    return np.asarray(numpy_helper.to_array(tensor), np.float64)
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _set(
+    model: onnx.ModelProto, inits: dict[str, TensorProto], name: str, value: np.ndarray
+) -> None:
+    tensor = numpy_helper.from_array(value, name)
+    if name in inits:
+        inits[name].CopyFrom(tensor)
+        return
+    model.graph.initializer.append(tensor)
+    inits[name] = model.graph.initializer[-1]
+    if model.ir_version < 4:  # initializers were graph inputs too then
+        model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, value.shape))
+
+
+def _drop_unread(model: onnx.ModelProto, candidates: set[str]) -> None:
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    gone = candidates - read
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inputs = [i for i in graph.input if i.name not in gone]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    del graph.value_info[:]  # shapes of renamed tensors would be stale; they are re-inferred
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What a cut needs to know of a graph, computed once for every cut tried."""
+
+    model: onnx.ModelProto
+    image: str
+    producers: dict[str, int]  # tensor -> index of the node that writes it
+    data: frozenset[str]  # tensors that depend on the image
+    used: frozenset[str]  # tensors read by a node or a graph output
+
+    @staticmethod
+    def of(model: onnx.ModelProto, image: str) -> Topology:
+        nodes = model.graph.node
+        producers = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+        data = {image}
+        for node in nodes:  # nodes are in topological order
+            if any(name in data for name in node.input):
+                data.update(node.output)
+        used = {name for node in nodes for name in node.input} | {
+            o.name for o in model.graph.output
+        }
+        return Topology(model, image, producers, frozenset(data), frozenset(used))
+
+    def before(self, cut: str) -> set[str]:
+        """The image-dependent tensors that computing `cut` needs (the frozen part's)."""
+        found: set[str] = set()
+        stack = [cut]
+        while stack:
+            name = stack.pop()
+            if name in found or name not in self.data:
+                continue
+            found.add(name)
+            if name in self.producers:
+                stack.extend(self.model.graph.node[self.producers[name]].input)
+        return found
+
+    def head(self, cut: str, logits: str) -> tuple[list[int], list[str]]:
+        """(the nodes between `cut` and `logits`, in graph order; the frozen part's
+        tensors besides `cut` that they read, first reader first)."""
+        frozen = self.before(cut)
+        nodes: set[int] = set()
+        crossing: set[str] = set()
+        seen: set[str] = set()
+        stack = [logits]
+        while stack:
+            name = stack.pop()
+            if name == cut or name in seen or not name:
+                continue
+            seen.add(name)
+            if name in frozen or (name in self.data and name not in self.producers):
+                crossing.add(name)
+            elif name in self.producers:
+                nodes.add(self.producers[name])
+                stack.extend(self.model.graph.node[self.producers[name]].input)
+        order = sorted(nodes)
+        readers = [n for i in order for n in self.model.graph.node[i].input if n in crossing]
+        return order, list(dict.fromkeys(readers))
+
+
+def cut_problem(topology: Topology, layers: Sequence[LayerLike], n: int, logits: str) -> str | None:
+    """Why training the last `n` layers does not work ("--trainable-layers n ..."), or None."""
+    trainable = layers[-n:]
+    cut = trainable[0].data_input
+    if not cut:
+        return f"finds no data input for layer {trainable[0].name!r}"
+    nodes, crossing = topology.head(cut, logits)
+    if crossing:
+        more = f" (and {len(crossing) - 1} more)" if len(crossing) > 1 else ""
+        what = (
+            f"the model's input {crossing[0]!r}{more}"
+            if crossing[0] == topology.image
+            else f"{crossing[0]!r}{more}, computed before the cut (a skip connection or "
+            "another branch around it)"
+        )
+        return (
+            f"cannot cut the model at one tensor: the trainable part would start at {cut!r} "
+            f"but also read {what}"
+        )
+    graph = topology.model.graph
+    params = {name for layer in trainable for name in layer.trainable_names}
+    read = {name for i in nodes for name in graph.node[i].input}
+    for layer in trainable:
+        if not set(layer.trainable_names) <= read:
+            return f"would leave layer {layer.name!r} out of the trainable part"
+    for i in _on_gradient_path(graph, nodes, params):
+        reason = blocker(graph.node[i], topology.used)
+        if reason is not None:
+            node = graph.node[i]
+            named = f" ({node.name!r})" if node.name else ""
+            return f"puts the op {node.op_type}{named} in the trainable part, which {reason}"
+    return None
+
+
+def _on_gradient_path(graph: onnx.GraphProto, nodes: list[int], params: set[str]) -> list[int]:
+    """The nodes among `nodes` (in graph order) whose output depends on a trained weight."""
+    reached = set(params)
+    found = []
+    for i in nodes:
+        node = graph.node[i]
+        if any(name in reached for name in node.input):
+            found.append(i)
+            if node.op_type not in NO_GRADIENT_FLOW:
+                reached.update(node.output)
+    return found
+
+
+def working_counts(
+    topology: Topology, layers: Sequence[LayerLike], logits: str, limit: int = MAX_LISTED
+) -> list[int]:
+    """The `--trainable-layers` values from 1 to `limit` that cut this model cleanly."""
+    top = min(len(layers), limit)
+    return [n for n in range(1, top + 1) if cut_problem(topology, layers, n, logits) is None]
+
+
+def choices(counts: Sequence[int], total: int, limit: int = MAX_LISTED) -> str:
+    """The end of a refusal: which --trainable-layers values work instead."""
+    checked = f" (1 to {limit} checked)" if total > limit else ""
+    if not counts:
+        return f"no --trainable-layers value works for this model{checked}"
+    return f"choose --trainable-layers from {', '.join(map(str, counts))}{checked}"
