@@ -188,6 +188,8 @@ def _build(
             named = None
         replaced = needs_new_head(named, examples.labels)
         if replaced:  # a stock 1000-class export, say: a final layer for these labels
+            if options.labels is not None and set(options.labels) == set(examples.labels):
+                examples = examples.in_order(options.labels)  # --labels names their order
             replace_final_layer(model, analysis.num_classes, len(examples.labels))
             analysis = graph.analyze(model)
             labels = examples.labels

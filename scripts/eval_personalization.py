@@ -57,10 +57,11 @@ SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def held_out(path: Path) -> bool:
-    """The base's held-out split: the same rule as scripts/build_base_model.py."""
-    from build_base_model import fold_of  # type: ignore[import-not-found]
+    """The base's held-out split: the photos make-updatable --examples held out when
+    scripts/build_base_model.py built it (by content hash)."""
+    from build_base_model import held_out as base_held_out  # type: ignore[import-not-found]
 
-    return bool(fold_of(path) == 0)
+    return bool(base_held_out(path))
 
 
 def photos(folder: Path) -> list[Path]:

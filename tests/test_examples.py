@@ -216,3 +216,11 @@ def test_folders_of_links_to_folders_are_searched(run, stock, examples, tmp_path
     result = run("make-updatable", stock, "--examples", linked)
     assert result.code == 0, result
     assert "(fast_food: 10, healthy: 10)" in result.stdout
+
+
+def test_labels_with_examples_set_the_order_of_a_new_head(run, stock, examples, photos):
+    result = run("make-updatable", stock, "--examples", examples, "--labels", "healthy,fast_food")
+    assert result.code == 0, result
+    assert run("status", "--json").json_lines()[0]["labels"] == ["healthy", "fast_food"]
+    rows = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert [r["label"] for r in rows] == ["fast_food"] * 3 + ["healthy"] * 3
