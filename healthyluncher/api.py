@@ -222,11 +222,12 @@ class Luncher:
 
     # -- backups ---------------------------------------------------------------------------
 
-    def export_backup(self, path: str | os.PathLike[str]) -> ExportResult:
-        """Write your personalization, examples and thumbnails to one .tar.gz."""
+    def export_backup(self, path: str | os.PathLike[str], *, force: bool = False) -> ExportResult:
+        """Write your personalization, examples and thumbnails to one .tar.gz; an existing
+        file is replaced only with `force`."""
         from healthyluncher.backup import export_backup
 
-        return self._run(export_backup, Path(path))
+        return self._run(export_backup, Path(path), force=force)
 
     def import_backup(
         self,

@@ -33,10 +33,11 @@ from healthyluncher.archive import (
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
+from healthyluncher.fileio import atomic_write_bytes, fsync_dir
 from healthyluncher.heads import fit_problem
 from healthyluncher.personal import publish_personal, render_personal
 from healthyluncher.records import Base, load_base, load_examples, load_personal
-from healthyluncher.store import Files, ModelStore, Transaction, atomic_write_bytes, fsync_dir
+from healthyluncher.store import Files, ModelStore, Transaction
 from healthyluncher.version import __version__
 
 
@@ -66,10 +67,13 @@ class ImportResult:
 # -- export ------------------------------------------------------------------------------
 
 
-def export_backup(store: ModelStore, target: Path) -> ExportResult:
-    """Write the personalization, its examples and thumbnails to one .tar.gz, atomically."""
+def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> ExportResult:
+    """Write the personalization, its examples and thumbnails to one .tar.gz, atomically.
+    An existing file is replaced only with `force` (`export photo.jpg` must not eat it)."""
     if target.is_dir():
         raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
+    if target.exists() and not force:
+        raise LuncherError(f"{target} already exists; use --force to replace it")
     if store.read_state().personal is None:
         raise _nothing_to_export()
     with store.lock():  # no writer may change the files while they are hashed and packed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,6 +18,7 @@ from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import load_replay
+from healthyluncher.fileio import write_json
 from healthyluncher.headfit import (
     HeadReport,
     fit_new_head,
@@ -43,7 +45,7 @@ from healthyluncher.records import (
 from healthyluncher.runtime import inference_session
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
-from healthyluncher.store import Files, ModelStore, Transaction, write_json
+from healthyluncher.store import Files, ModelStore, Transaction
 from healthyluncher.training import NEEDS_ORT, prepare_head, trainer_name
 
 
@@ -343,8 +345,22 @@ def _build(
     )
 
 
+# Larger model files are refused: a phone-sized classifier is tens of MB, the largest common
+# ImageNet exports a few hundred.
+MAX_MODEL_BYTES = 4 * 2**30
+
+
 def _read(path: Path) -> bytes:
+    """The model file's bytes; a pipe, a device or a huge file is refused before reading
+    (a FIFO would block forever and /dev/zero fill the memory)."""
     try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            raise LuncherError(f"{path}: not a regular file, not an ONNX model")
+        if info.st_size > MAX_MODEL_BYTES:
+            raise LuncherError(f"{path}: {info.st_size / 2**30:.1f} GiB is too large a model")
         return path.read_bytes()
     except FileNotFoundError:
         raise LuncherError(f"{path}: no such file") from None

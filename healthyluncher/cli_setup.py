@@ -237,13 +237,14 @@ def export_backup(
             help="The archive to write (.tar.gz).", show_default=False, metavar="BACKUP.tar.gz"
         ),
     ],
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
     as_json: JSON = False,
 ) -> None:
     """Save your personalization and thumbnails to an archive.
 
     Example: luncher export luncher-backup.tar.gz
     """
-    result = luncher(ctx).export_backup(backup)
+    result = luncher(ctx).export_backup(backup, force=force)
     if as_json:
         json_line(plain(result))
         return

@@ -12,11 +12,12 @@ import numpy as np
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
+from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
 from healthyluncher.records import Base, Examples
 from healthyluncher.runtime import inference_session, run_in_batches
 from healthyluncher.settings import Hyperparameters
-from healthyluncher.store import Files, ModelStore, atomic_write_bytes
+from healthyluncher.store import Files, ModelStore
 
 if TYPE_CHECKING:
     from concurrent.futures import Future

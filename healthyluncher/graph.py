@@ -188,7 +188,13 @@ def _logits_of(model: onnx.ModelProto, output: str) -> tuple[str, bool]:
     producers = _producers(model)
     name = output
     node = producers.get(name)
+    seen: set[str] = set()
     while node is not None and node.op_type in PASS_THROUGH_OPS:
+        if name in seen:  # Identity nodes in a cycle: no graph ONNX Runtime would run
+            raise LuncherError(
+                f"the model's output {output!r} is made by a cycle of Identity nodes"
+            )
+        seen.add(name)
         name = node.input[0]
         node = producers.get(name)
     if node is not None and node.op_type == "Softmax":

@@ -18,6 +18,7 @@ import numpy as np
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.examples import first_views, load_replay, memory_rows, training_set
+from healthyluncher.fileio import write_json
 from healthyluncher.memory import personal_memory
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.photos import PhotoSource
@@ -33,7 +34,7 @@ from healthyluncher.records import (
 )
 from healthyluncher.runtime import HeadRunner
 from healthyluncher.settings import Hyperparameters
-from healthyluncher.store import Files, Transaction, write_json
+from healthyluncher.store import Files, Transaction
 from healthyluncher.template import load as load_template
 from healthyluncher.training import checkpoint_writer, fit, prepare_head
 

@@ -116,6 +116,9 @@ def retrain(
         views = hp.views_for(len(paths))
         embedder = Embedder(store, base, views)
         embedded, failures, misses = embedder.embed(paths, progress)
+        # The same photo twice (a.jpg a.jpg, or two copies) is one example.
+        firsts = {digest: i for i, (_, digest, _) in reversed(list(enumerate(embedded)))}
+        embedded = [item for i, item in enumerate(embedded) if firsts[item[1]] == i]
         if not embedded:
             raise LuncherError(
                 "none of the photos could be read: " + "; ".join(f.error for f in failures)

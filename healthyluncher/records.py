@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.fileio import read_json
 from healthyluncher.meta import BaseMeta, PersonalMeta
 from healthyluncher.state import State
-from healthyluncher.store import Files, ModelStore, read_json
+from healthyluncher.store import Files, ModelStore
 
 BUNDLED_MODEL = "healthyluncher-base.onnx"
 BUNDLED_REPLAY = "healthyluncher-base.replay.npz"

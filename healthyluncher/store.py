@@ -20,17 +20,15 @@ only complete directories; directories no longer named are removed by the next w
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.fileio import fsync_dir, fsync_tree, read_json, write_json
 from healthyluncher.state import DIRECTORY, STATE_FORMAT, State, Step
 
 ENV_VAR = "LUNCHER_MODELS_DIR"
@@ -74,58 +72,6 @@ def resolve_models_dir(option: Path | None = None) -> Path:
     return user_data_path("healthyluncher", appauthor=False) / "models"
 
 
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem allows it
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Temporary file in the same directory, flush, fsync, then os.replace.
-
-    `durable=False` skips the fsyncs, for files that are only a cache: after a power cut
-    they may be missing or torn, and a torn one is simply computed again.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); run 'luncher reset'") from None
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(Path(dirpath))
-
-
 class ModelStore:
     """One models directory. Readers need no lock; writers hold `lock()`."""
 
@@ -133,6 +79,24 @@ class ModelStore:
         self.root = root
         # Told once, in words, when a writer has to wait for another process's lock.
         self.on_wait = on_wait
+
+    def _refuse_foreign_folder(self) -> None:
+        """A folder that holds other files is not taken over as a models directory (reset
+        would delete what it thinks is its cache)."""
+        if (self.root / STATE_FILE).exists() or not self.root.is_dir():
+            return
+        ours = ("base-", "personal-", ".staging-", ".scratch-")
+        foreign = [
+            entry.name
+            for entry in self.root.iterdir()
+            if not entry.name.startswith(ours)
+            and entry.name not in (LOCK_FILE, Files.THUMBNAILS, "cache")
+        ]
+        if foreign:
+            raise LuncherError(
+                f"{self.root} is not a models directory: it holds other files ({foreign[0]}, "
+                "...); choose an empty or new folder with --models-dir"
+            )
 
     def ensure_exists(self) -> None:
         try:
@@ -255,6 +219,7 @@ class ModelStore:
         then the deletions the block asked for run, then unnamed directories are removed.
         If the block fails, what it published is removed and state.json is untouched.
         `repair`: a damaged state.json is replaced by one naming the newest complete base."""
+        self._refuse_foreign_folder()
         with self.lock():
             repaired = False
             try:
@@ -302,7 +267,7 @@ class ModelStore:
 
     def _publish_dir(self, staged: Path, kind: str) -> str:
         """Make a staged directory durable and give it its final name."""
-        _fsync_tree(staged)
+        fsync_tree(staged)
         name = f"{kind}-{uuid.uuid4().hex[:12]}"
         os.replace(staged, self.root / name)
         fsync_dir(self.root)

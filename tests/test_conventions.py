@@ -162,23 +162,34 @@ def test_a_waiting_process_says_what_it_waits_for(pt_model, photos, models_dir):
     from healthyluncher.store import ModelStore
 
     assert luncher("make-updatable", str(pt_model)).returncode == 0
-    holder = subprocess.Popen(
+    holder = subprocess.Popen(  # holds the lock until its standard input closes
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path;"
+            "import sys; from pathlib import Path;"
             "from healthyluncher.store import ModelStore\n"
             f"with ModelStore(Path({str(models_dir)!r})).lock():\n"
-            "    print('held', flush=True); time.sleep(2)",
+            "    print('held', flush=True); sys.stdin.read()",
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    result = luncher("retrain", "--label", "healthy", str(photos["red"][0]))
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "healthyluncher", "retrain", "--label", "healthy"]
+        + [str(photos["red"][0])],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert waiting.stderr is not None
+    first = waiting.stderr.readline()  # blocks until the waiting process says something
+    assert holder.stdin is not None
+    holder.stdin.close()
     holder.wait()
-    assert result.returncode == 0, result.stderr
-    assert "another luncher process is changing" in result.stderr
+    assert waiting.wait(timeout=120) == 0
+    assert "another luncher process is changing" in first
     assert ModelStore(models_dir).read_state().personal is not None
 
 

@@ -77,7 +77,7 @@ def test_the_cli_uses_the_public_api_only():
 def test_low_layers_never_import_high_ones():
     layers = [
         {"errors", "events", "version", "memory", "template"},
-        {"settings", "photos", "state"},
+        {"settings", "photos", "state", "fileio"},
         {"meta", "store", "runtime", "imaging"},
         {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"},
         {"training"},

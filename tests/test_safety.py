@@ -1,0 +1,80 @@
+"""Foot-guns that cost a user their files, each refused in one line."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.conftest import solid
+
+
+def test_export_never_overwrites_a_file_without_force(run, pt_model, photos, tmp_path):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
+    photo = solid(tmp_path / "lunch.jpg", (10, 200, 10))
+    before = photo.read_bytes()
+    result = run("export", photo)
+    assert result.code == 1 and "already exists; use --force" in result.stderr
+    assert photo.read_bytes() == before
+    assert run("export", photo, "--force").code == 0
+    assert photo.read_bytes() != before
+
+
+def test_the_same_photo_twice_is_one_example_and_the_backup_restores(
+    run, pt_model, photos, tmp_path
+):
+    assert run("make-updatable", pt_model).code == 0
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(photos["red"][0].read_bytes())
+    result = run("retrain", "--label", "healthy", photos["red"][0], photos["red"][0], copy)
+    assert result.code == 0, result
+    assert run("status", "--json").json_lines()[0]["examples_per_label"] == {"healthy": 1}
+    archive = tmp_path / "b.tar.gz"
+    assert run("export", archive).code == 0
+    assert run("reset").code == 0
+    assert run("import", archive).code == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_or_a_device_as_the_model_is_refused_not_read(run, tmp_path):
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    result = run("make-updatable", fifo)
+    assert result.code == 1 and "not a regular file" in result.stderr
+    if os.path.exists("/dev/zero"):
+        result = run("make-updatable", "/dev/zero")
+        assert result.code == 1 and "not a regular file" in result.stderr
+
+
+def test_identity_nodes_in_a_cycle_are_refused_not_followed_forever(run, tmp_path):
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["b"], ["a"]),
+            helper.make_node("Identity", ["a"], ["b"]),
+        ],
+        "cycle",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [1.0, 0.0, 0.0, 1.0])],
+    )
+    path = tmp_path / "cycle.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    result = run("make-updatable", path)
+    assert result.code == 1 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "cycle" in result.stderr
+
+
+def test_a_folder_of_other_files_is_not_taken_over_as_models_directory(run, pt_model, tmp_path):
+    mine = tmp_path / "documents"
+    (mine / "cache").mkdir(parents=True)
+    (mine / "cache" / "mine.txt").write_text("keep me")
+    (mine / "notes.txt").write_text("keep me too")
+    result = run("--models-dir", mine, "make-updatable", pt_model)
+    assert result.code == 1 and "is not a models directory" in result.stderr
+    result = run("--models-dir", mine, "reset")
+    assert result.code == 1
+    assert (mine / "cache" / "mine.txt").read_text() == "keep me"
+    assert sorted(p.name for p in mine.iterdir()) == ["cache", "notes.txt"]
