@@ -258,7 +258,8 @@ def write(out: Path, report: dict[str, Any]) -> None:
         f"weights, MinMax calibration on {report['calibration_photos']} training-split photos "
         "(`--calibration`). The head stays float32.",
         f"Scored on the {report['held_out_photos']} held-out full-size photos "
-        "(those make-updatable --examples held out by content hash) with the labels `luncher predict --json` prints. "
+        "(those make-updatable --examples held out by content hash) with the labels "
+        "`luncher predict --json` prints. "
         "Speed: whole `luncher predict --json` processes over those photos (start-up, "
         "decoding and inference), median of "
         f"{len(results['fp32']['predict_seconds'])} side-by-side runs after one warm-up each.",
