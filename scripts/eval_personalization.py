@@ -187,6 +187,9 @@ def main() -> None:
 
     if not args.skip_upgrade:
         upgrade(store, args, test)
+        # The upgrade part set the shipped base up again, in a directory of its own.
+        base = load_base(store, store.read_state())
+        base_model = Model(base.meta.labels, base.path / Files.HEAD, None)
     if args.skip_dishes:
         return
     dishes = {"pancakes": args.food / "personal" / "pancakes"}
