@@ -57,11 +57,10 @@ SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def held_out(path: Path) -> bool:
-    """The base's held-out split: the photos make-updatable --examples held out when
-    scripts/build_base_model.py built it (by content hash)."""
-    from build_base_model import held_out as base_held_out  # type: ignore[import-not-found]
+    """The base's held-out split: the same rule as scripts/build_base_model.py."""
+    from build_base_model import fold_of  # type: ignore[import-not-found]
 
-    return bool(base_held_out(path))
+    return bool(fold_of(path) == 0)
 
 
 def photos(folder: Path) -> list[Path]:
@@ -187,7 +186,8 @@ def main() -> None:
 
     if not args.skip_upgrade:
         upgrade(store, args, test)
-        # The upgrade part set the shipped base up again, in a directory of its own.
+        # The upgrade part set the shipped base up again, in a directory of its own (the
+        # first one may have left the undo history and been removed).
         base = load_base(store, store.read_state())
         base_model = Model(base.meta.labels, base.path / Files.HEAD, None)
     if args.skip_dishes:
@@ -247,16 +247,12 @@ def main() -> None:
 
 
 def second_base(store: ModelStore, base: Base, food: Path, target: Path) -> None:
-    """The same backbone with a head trained on another split (fold 1 by content hash also
-    left out, fold 0 is the held-out one) and another seed, through the project's own
-    training path: an improved base to ship."""
+    """The same backbone with a head trained on another split (fold 1 also left out) and
+    another seed, through the project's own training path: an improved base to ship."""
     import onnx
+    from build_base_model import fold_of
 
     from healthyluncher.heads import write_back
-    from healthyluncher.photos import digest_of, read_bytes
-
-    def fold_of(path: Path) -> int:
-        return int(digest_of(read_bytes(path))[:8], 16) % 5
 
     paths, labels = [], []
     for label in ("healthy", "fast_food"):
