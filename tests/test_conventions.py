@@ -277,3 +277,22 @@ def test_import_says_which_examples_it_replaced(run, pt_model, photos, tmp_path)
     result = run("import", archive)
     assert "replaced your previous examples (fast_food: 3, healthy: 2)" in result.stdout
     assert run("import", archive, "--json").json_lines()[0]["replaced"] == {"fast_food": 3}
+
+
+def test_predict_shows_a_progress_bar_at_a_terminal_for_many_photos(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from healthyluncher import cli_output
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=80)
+    monkeypatch.setattr(cli_output.err, "_console", console)
+    with cli_output.counting(3) as done:  # a few photos: no bar
+        done()
+    assert screen.getvalue() == ""
+    with cli_output.counting(20) as done:
+        for _ in range(20):
+            done()
+    assert "photos" in screen.getvalue() and "20/20" in screen.getvalue()
