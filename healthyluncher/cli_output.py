@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -265,9 +266,18 @@ class RowPrinter:
 
 
 def note(text: str) -> None:
-    """An informational line on stdout (rich markup), left out by --quiet."""
-    if not quiet[0]:
+    """An informational line on stdout (rich markup), left out by --quiet. Piped, it is
+    plain text, and rich (about 50 ms to import) is not loaded for it."""
+    if quiet[0]:
+        return
+    if sys.stdout.isatty():
         out.print(text)
+    else:
+        say(MARKUP.sub("", text).replace("\\[", "["))
+
+
+# rich's markup tags ([bold], [/bold], [red]...), dropped when the output is not a terminal.
+MARKUP = re.compile(r"(?<!\\)\[/?[a-z][a-z ]*\]")
 
 
 def views_setting(hp: dict[str, Any]) -> str:
