@@ -4,8 +4,9 @@ Everything the `luncher` command does goes through here, so a program gets the s
 results, the same errors (`LuncherError`) and the same safety (one atomic, locked
 transaction per change) as a person at a terminal. Nothing here prints.
 
-`bases` and `backup` (onnx) and `imaging` (Pillow) are imported where they are used, so that
-`predict` and a cached retrain never pay for them.
+`bases` and `backup` (onnx), `imaging` (Pillow), `predictor` and `teaching` are imported
+where they are used, so that a cached retrain pays for none of them (each module is a few
+milliseconds of every start).
 """
 
 from __future__ import annotations
@@ -31,18 +32,9 @@ from healthyluncher.personalizing import (
     undo,
 )
 from healthyluncher.photos import ImageFailure, PhotoSource, find_images
-from healthyluncher.predictor import Prediction, Predictor
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
-from healthyluncher.teaching import (
-    LabelInfo,
-    RenameResult,
-    TaughtExample,
-    list_examples,
-    list_labels,
-    rename_label,
-)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,6 +42,8 @@ if TYPE_CHECKING:
 
     from healthyluncher.backup import ExportResult, ImportResult
     from healthyluncher.bases import UpdatableResult
+    from healthyluncher.predictor import Prediction, Predictor
+    from healthyluncher.teaching import LabelInfo, RenameResult, TaughtExample
 
     # A photo: a file path, a PIL image, or a (H, W, 3) uint8 array.
     PhotoInput = str | os.PathLike[str] | Image.Image | np.ndarray
@@ -145,6 +139,8 @@ class Luncher:
             key = (base, state.base, None if base else state.personal)
             predictor = self._predictors.get(key)
             if predictor is None:
+                from healthyluncher.predictor import Predictor
+
                 predictor = Predictor(self._store, use_base=base)
                 self._predictors = {key: predictor}
             return predictor
@@ -206,14 +202,20 @@ class Luncher:
     def examples(self, label: str | None = None) -> list[TaughtExample]:
         """The photos you taught (of one label, if given), with their digests, file
         names, dates and thumbnails."""
+        from healthyluncher.teaching import list_examples
+
         return self._run(list_examples, label)
 
     def label_info(self) -> list[LabelInfo]:
         """Every label, with how many of your photos have it and whether the base has it."""
+        from healthyluncher.teaching import list_labels
+
         return self._run(list_labels)
 
     def rename_label(self, old: str, new: str) -> RenameResult:
         """Rename a label you added (`undo` reverses it)."""
+        from healthyluncher.teaching import rename_label
+
         return self._run(rename_label, old, new)
 
     def remove_label(self, label: str, *, progress: ProgressCallback | None = None) -> ForgetResult:

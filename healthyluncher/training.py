@@ -14,20 +14,21 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.linearhead import LinearHead, linear_head_of
 from healthyluncher.meta import BaseMeta
-from healthyluncher.numpy_trainer import train_linear
 from healthyluncher.runtime import training_available, training_installed
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files
 from healthyluncher.trainers import EpochCallback, TrainingSet, generate_artifacts
 from healthyluncher.trainers import save_checkpoint_with as ort_checkpoint
 from healthyluncher.trainers import train as ort_train
+
+if TYPE_CHECKING:
+    from healthyluncher.linearhead import LinearHead
 
 # "numpy" forces the numpy trainer where ONNX Runtime training exists too (the test suite
 # runs once with each); "onnxruntime" insists on ONNX Runtime.
@@ -90,6 +91,8 @@ def fit(
             artifact_dir, data, hp, batch_limit=meta.head_batch_limit, on_epoch=on_epoch
         )
         return Trained(trained.params, trained.final_loss, trained.save_checkpoint)
+    from healthyluncher.numpy_trainer import train_linear  # only where ORT does not train
+
     check_trainable(meta, base_dir)
     spec = linear_head(meta, base_dir)
     assert spec is not None  # check_trainable refused otherwise
@@ -117,6 +120,9 @@ def fit_head(
     if trainer_name() == "onnxruntime":
         generate_artifacts(head, trainable, hp.optimizer, workdir)
         return ort_train(workdir, data, hp, on_epoch=on_epoch).params
+    from healthyluncher.linearhead import linear_head_of
+    from healthyluncher.numpy_trainer import train_linear
+
     spec = linear_head_of(head, trainable)
     if spec is None:
         raise LuncherError(f"training this head (more than one linear layer) {NEEDS_ORT}")
@@ -142,6 +148,8 @@ def checkpoint_writer(
 def linear_head(meta: BaseMeta, base_dir: Path | None = None) -> LinearHead | None:
     """The base's head as one linear layer: from meta.json, else (a base from an earlier
     version) read from its head.onnx."""
+    from healthyluncher.linearhead import LinearHead, linear_head_of
+
     if meta.linear_head is not None:
         return LinearHead.from_json(meta.linear_head)
     if meta.trainable_layers != 1 or base_dir is None:
