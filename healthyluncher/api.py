@@ -4,9 +4,9 @@ Everything the `luncher` command does goes through here, so a program gets the s
 results, the same errors (`LuncherError`) and the same safety (one atomic, locked
 transaction per change) as a person at a terminal. Nothing here prints.
 
-`bases` and `backup` (onnx), `imaging` (Pillow), `predictor` and `teaching` are imported
-where they are used, so that a cached retrain pays for none of them (each module is a few
-milliseconds of every start).
+The modules behind each call are imported where they are used: `predict` never loads the
+retrain machinery, a cached retrain never loads Pillow, onnx or the predictor, and only
+`make_updatable` and backups load onnx (each module is a few milliseconds of every start).
 """
 
 from __future__ import annotations
@@ -19,18 +19,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.personalizing import (
-    ForgetResult,
-    ResetResult,
-    RetrainResult,
-    Status,
-    UndoResult,
-    forget,
-    reset,
-    retrain,
-    status,
-    undo,
-)
 from healthyluncher.photos import ImageFailure, PhotoSource, find_images
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
@@ -42,6 +30,13 @@ if TYPE_CHECKING:
 
     from healthyluncher.backup import ExportResult, ImportResult
     from healthyluncher.bases import UpdatableResult
+    from healthyluncher.personalizing import (
+        ForgetResult,
+        ResetResult,
+        RetrainResult,
+        Status,
+        UndoResult,
+    )
     from healthyluncher.predictor import Prediction, Predictor
     from healthyluncher.teaching import LabelInfo, RenameResult, TaughtExample
 
@@ -164,6 +159,8 @@ class Luncher:
         `epochs`, `learning_rate` and `views` (augmented views per photo) override the
         stored settings and are remembered. `progress` receives `Progress` events.
         """
+        from healthyluncher.personalizing import retrain
+
         self._check_overrides(epochs, learning_rate, views)
         return self._run(
             retrain,
@@ -184,19 +181,27 @@ class Luncher:
     ) -> ForgetResult:
         """Remove these photos (matched by content) from your examples and retrain without
         them; the undo history is cleared so that they cannot come back."""
+        from healthyluncher.personalizing import forget
+
         return self._run(forget, _sources(photos), progress)
 
     def undo(self) -> UndoResult:
         """Go back to the personalized model as it was before the last change."""
+        from healthyluncher.personalizing import undo
+
         return self._run(undo)
 
     def reset(self) -> ResetResult:
         """Remove the personalization, your examples and their files; the base stays."""
         with self._lock:
+            from healthyluncher.personalizing import reset
+
             return reset(self._store)  # works on a damaged directory: no _ready()
 
     def status(self) -> Status:
         """The base, your examples, the settings, the trainer and the disk used."""
+        from healthyluncher.personalizing import status
+
         return self._run(status)
 
     def examples(self, label: str | None = None) -> list[TaughtExample]:
@@ -220,6 +225,8 @@ class Luncher:
 
     def remove_label(self, label: str, *, progress: ProgressCallback | None = None) -> ForgetResult:
         """Forget every example of `label` and retrain; a label you added goes with them."""
+        from healthyluncher.personalizing import forget
+
         return self._run(forget, [], progress, label=label)
 
     # -- backups ---------------------------------------------------------------------------
