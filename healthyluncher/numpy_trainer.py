@@ -80,6 +80,9 @@ def train_linear(
     p = data.weights / data.weights.sum()
     data = data.joined()
     loss_mean = float("nan")
+    # The inputs in the gradients' precision once, when they fit in one array: each batch
+    # is then an index, not a copy and a conversion.
+    whole = data.inputs.astype(_GRAD_DTYPE) if data.extra is None else None
     rng = np.random.default_rng(hp.seed)
     # The same draws, in the same order, as trainers.train; its rule for weighted sampling
     # (trainers._weighted) is private, so it is repeated here: probabilities spread by more
@@ -90,7 +93,8 @@ def train_linear(
         losses = []
         for start_at in range(0, n, batch):
             idx = order[start_at : start_at + batch]
-            loss, grads = _loss_and_gradients(spec, params, data.take(idx), labels[idx])
+            x = whole[idx] if whole is not None else data.take(idx)
+            loss, grads = _loss_and_gradients(spec, params, x, labels[idx])
             step(grads)
             losses.append(loss)
         loss_mean = float(np.mean(losses))
@@ -104,7 +108,7 @@ def _loss_and_gradients(
 ) -> tuple[float, dict[str, np.ndarray]]:
     """ORT's SoftmaxCrossEntropyLoss (reduction "mean", no class weights, no ignore_index:
     onnxblock.loss.CrossEntropyLoss's defaults) of one batch, and its gradients."""
-    xs = x.astype(_GRAD_DTYPE)
+    xs = x.astype(_GRAD_DTYPE, copy=False)
     weight = params[spec.weight].astype(_GRAD_DTYPE)
     w = weight.T if spec.trans_b else weight  # (D, C)
     logits = xs @ w
