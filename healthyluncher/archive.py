@@ -45,7 +45,6 @@ MANIFEST = "manifest.json"
 ALLOWED_NAME = re.compile(
     r"manifest\.json|meta\.json|weights\.npz|examples\.npz|thumbnails/[0-9a-f]{64}\.jpg"
 )
-THUMBNAIL_NAME = re.compile(r"thumbnails/([0-9a-f]{64})\.jpg")
 DIGEST = re.compile(r"[0-9a-f]{64}")
 
 # Limits on what an archive may unpack to. A year of lunches is a few thousand photos; with

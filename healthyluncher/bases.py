@@ -324,18 +324,12 @@ def _build(
         template.save(staged / Files.TEMPLATE)
         write_json(staged / Files.META, meta.to_json())
         name = txn.publish(staged, "base")
-    if not switch:
-        return UpdatableResult(
-            meta=meta,
-            directory=store.root / name,
-            dropped_personalization=False,
-            preprocessing_source=inputs.source,
-            examples=report,
-        )
-    dropped = state.personal is not None
-    # The old base and its personalization stay an undo step away (their thumbnails and
-    # cached head inputs with them); `reset` or three more steps let them go.
-    txn.commit(state.with_base(name, None))
+    dropped = False
+    if switch:
+        dropped = state.personal is not None
+        # The old base and its personalization stay an undo step away (their thumbnails
+        # and cached head inputs with them); `reset` or three more steps let them go.
+        txn.commit(state.with_base(name, None))
     return UpdatableResult(
         meta=meta,
         directory=store.root / name,

@@ -16,9 +16,8 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.runtime import MAX_IR_VERSION, MAX_OPSET
 from healthyluncher.settings import Layout
 
-# Ops that carry a layer's main weights. A following Add/Mul/Sub/Div or BatchNormalization
-# with weights of its own is that layer's bias or scale (Keras exports MatMul + Add).
-PRIMARY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# An Add/Mul/Sub/Div or BatchNormalization with weights of its own, right after a layer, is
+# that layer's bias or scale (Keras exports MatMul + Add).
 ATTACHED_OPS = frozenset({"Add", "Sub", "Mul", "Div", "BatchNormalization"})
 # Inputs (by position) that are weights but not learned by gradient: batch-norm statistics.
 # A BatchNormalization's scale and bias do train (decompose.py rewrites it for training).

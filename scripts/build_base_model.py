@@ -28,7 +28,7 @@ Steps:
    without the ``lowres64`` photos; each variant is then trained on the whole training
    split with five seeds and scored on the held-out full-size photos. ``lowres64`` is kept
    only if it raises the mean held-out accuracy by at least one photo.
-4. The head is trained with ``healthyluncher.training.train`` (ONNX Runtime training,
+4. The head is trained with ``healthyluncher.trainers.train`` (ONNX Runtime training,
    AdamW, class-balanced sampling, seed 0), written back into the full model, and the
    shipped model is checked end to end with the project's ``Predictor``.
 
@@ -568,7 +568,7 @@ Food-101 dishes at up to 512 px; fruit (apples, bananas, oranges) at up to 1024 
 The file names are already content hashes, so this is an arbitrary, repeatable 20% of
 each dish.
 
-**Training**: ONNX Runtime on-device training (`healthyluncher.training.train`): AdamW,
+**Training**: ONNX Runtime on-device training (`healthyluncher.trainers.train`): AdamW,
 cross-entropy, each label sampled with equal total weight, batch {hp["batch_size"]},
 learning rate {hp["learning_rate"]}, {hp["epochs"]} epochs, seed {hp["seed"]}. Learning
 rate and epochs were chosen by 4-fold cross-validation on the training split (folds 1-4

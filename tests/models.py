@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 SIZE = 16  # input height and width
 
 
-def _save(model: onnx.ModelProto, path: Path, labels: list[str] | None) -> Path:
+def save(model: onnx.ModelProto, path: Path, labels: list[str] | None) -> Path:
+    """Checked, at IR 10, with the labels in its metadata (None: unnamed classes)."""
     if labels is not None:
         helper.set_model_props(model, {"labels": json.dumps(labels)})
     model.ir_version = 10
@@ -71,7 +72,7 @@ def pytorch_style(
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return _save(model, path, list(labels) if labels is not None else None)
+    return save(model, path, list(labels) if labels is not None else None)
 
 
 def keras_style(
@@ -106,4 +107,4 @@ def keras_style(
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return _save(model, path, list(labels) if labels is not None else None)
+    return save(model, path, list(labels) if labels is not None else None)

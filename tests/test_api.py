@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
@@ -19,7 +18,7 @@ from healthyluncher.runtime import pad_batch, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.store import STATE_FILE, ModelStore
 from tests.conftest import needs_ort
-from tests.models import SIZE
+from tests.models import SIZE, save
 
 
 @pytest.fixture
@@ -216,10 +215,7 @@ def _batch_one_head_model(path: Path) -> Path:
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    helper.set_model_props(model, {"labels": json.dumps(["healthy", "fast_food"])})
-    onnx.save(model, str(path))
-    return path
+    return save(model, path, ["healthy", "fast_food"])
 
 
 @needs_ort

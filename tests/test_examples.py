@@ -10,7 +10,7 @@ import pytest
 import healthyluncher
 from healthyluncher import Progress
 from tests.conftest import solid
-from tests.models import keras_style, pytorch_style
+from tests.models import keras_style, pytorch_style, save
 
 
 @pytest.fixture
@@ -123,7 +123,6 @@ def test_the_default_preprocessing_says_it_is_a_default(run, tmp_path):
 def deep_model(path: Path, convs: int) -> Path:
     """`convs` 1x1 convolutions, then pooling and a Gemm: many layers before the cut."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -147,10 +146,7 @@ def deep_model(path: Path, convs: int) -> Path:
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    helper.set_model_props(model, {"labels": json.dumps(["healthy", "fast_food"])})
-    onnx.save(model, str(path))
-    return path
+    return save(model, path, ["healthy", "fast_food"])
 
 
 def test_the_layer_table_shows_the_layers_near_the_cut(run, tmp_path):
