@@ -35,7 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import healthyluncher  # noqa: E402
-from healthyluncher.bases import ensure_base  # noqa: E402
 from healthyluncher.embedder import Embedder  # noqa: E402
 from healthyluncher.heads import head_with  # noqa: E402
 from healthyluncher.personal import personal_graphs  # noqa: E402
@@ -171,7 +170,16 @@ def main() -> None:
     started = time.perf_counter()
 
     store = ModelStore(args.work)
-    base = load_base(store, ensure_base(store))
+    # The shipped base, set up afresh: a work directory left by an earlier run may hold
+    # another base (the upgrade part's second one, or one made with --examples).
+    from healthyluncher.bases import UpdatableOptions, make_updatable
+    from healthyluncher.records import BUNDLED_REPLAY, bundled_model
+
+    shipped = bundled_model()
+    assert shipped is not None
+    replay = shipped.with_name(BUNDLED_REPLAY)
+    make_updatable(store, shipped, UpdatableOptions(replay=replay, force=True))
+    base = load_base(store, store.read_state())
     base_model = Model(base.meta.labels, base.path / Files.HEAD, None)
 
     # The base's held-out photos (full size), and its accuracy on them.
