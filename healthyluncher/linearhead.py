@@ -128,6 +128,18 @@ class LinearHead:
             grown[name] = np.pad(value, pad)
         return grown
 
+    def logits(self, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        """The layer's output for inputs x (N, D) with these parameters, in float32 as
+        ONNX Runtime computes it (the sums in float64, rounded once)."""
+        checked = self._checked(params)
+        weight = checked[self.weight].astype(np.float64)
+        out = x.astype(np.float64) @ (weight.T if self.trans_b else weight)
+        if self.alpha != 1.0:
+            out *= self.alpha
+        if self.bias is not None:
+            out += self.beta * checked[self.bias].astype(np.float64).reshape(-1)
+        return out.astype(np.float32)
+
     def _checked(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`params` as arrays, refused unless they are exactly this head's weight and bias."""
         if set(params) != set(self.param_names):

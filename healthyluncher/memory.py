@@ -32,3 +32,33 @@ def personal_memory(
         THRESHOLD: np.array(threshold, np.float32),
         STRENGTH: np.array(strength, np.float32),
     }
+
+
+def memory_bonus(
+    x: np.ndarray,
+    rows: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    threshold: float,
+    strength: float,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """What the memory that heads.add_memory puts in the graph adds to the logits of the
+    head inputs x (N, D), computed with numpy in float32 as ONNX Runtime runs that graph
+    (tests/test_personalization.py checks that they agree): (N, num_classes)."""
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    # LpNormalization: a row whose norm is 0 (in float32) stays 0.
+    norm = np.sqrt(np.einsum("nd,nd->n", flat, flat))[:, None]
+    unit = np.divide(flat, norm, out=np.zeros_like(flat), where=norm > 0)
+    class_ids = np.arange(num_classes)[:, None]
+
+    def best_per_class(memory: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        memory_t, mask = memory_tensors(memory, keep)
+        similarity = unit @ memory_t  # (N, M)
+        return (similarity[:, None, :] + mask[None]).max(axis=2)  # type: ignore[no-any-return]
+
+    best = best_per_class(rows, classes[None, :] == class_ids)
+    floor = np.float32(threshold)
+    if replay is not None and len(replay[0]):
+        floor = np.maximum(best_per_class(replay[0], replay[1][None, :] != class_ids), floor)
+    return np.maximum(best - floor, 0) * np.float32(strength)  # type: ignore[no-any-return]

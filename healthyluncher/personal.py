@@ -19,7 +19,8 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.examples import first_views, load_replay, memory_rows, training_set
 from healthyluncher.fileio import write_json
-from healthyluncher.memory import personal_memory
+from healthyluncher.linearhead import LinearHead
+from healthyluncher.memory import memory_bonus, personal_memory
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.photos import PhotoSource
 from healthyluncher.records import (
@@ -32,7 +33,7 @@ from healthyluncher.records import (
     save_arrays,
     save_examples,
 )
-from healthyluncher.runtime import HeadRunner
+from healthyluncher.runtime import HeadRunner, softmax
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, Transaction
 from healthyluncher.template import load as load_template
@@ -116,8 +117,7 @@ def publish_personal(
             )
             # What the new copy says about every example photo: the retrain's summary, and the
             # "before" of the next retrain of these photos, without running the model again.
-            runner = HeadRunner(rendered.head, batch_limit=base.meta.head_batch_limit)
-            probs = runner.probabilities(first_views(examples))
+            probs = _scores(base, labels, params, examples, hp, rendered)
             save_arrays(
                 staged / Files.SCORES,
                 {"digests": np.array(examples.digests, dtype=np.str_), "probabilities": probs},
@@ -128,6 +128,48 @@ def publish_personal(
     txn.commit(txn.state.with_personal(name, keep_history=keep_history))
     scores = dict(zip(examples.digests, probs, strict=True))
     return Fitted(name=name, final_loss=final_loss, scores=scores)
+
+
+def _scores(
+    base: Base,
+    labels: tuple[str, ...],
+    params: dict[str, np.ndarray],
+    examples: Examples,
+    hp: Hyperparameters,
+    rendered: PersonalModel,
+) -> np.ndarray:
+    """What the new copy says about each example photo (its first view). A head that is one
+    linear layer, the memory in front of it, is computed with numpy: a retrain of cached
+    photos then never starts ONNX Runtime where the numpy trainer trains. Any other head
+    runs in ONNX Runtime."""
+    inputs = first_views(examples)
+    spec = None
+    if base.meta.linear_head is not None and inputs.ndim == 2:
+        spec = LinearHead.from_json(base.meta.linear_head)
+    if spec is None or len(labels) < spec.classes:
+        runner = HeadRunner(rendered.head, batch_limit=base.meta.head_batch_limit)
+        return runner.probabilities(inputs)
+    spec = spec.with_extra_classes(len(labels) - spec.classes)
+    memory = None
+    if hp.memory_strength > 0 and len(examples) > 0:
+        memory = (*memory_rows(examples, labels), load_replay(base))
+    parts = []
+    for start in range(0, len(inputs), 256):
+        chunk = inputs[start : start + 256]
+        logits = spec.logits(params, chunk)
+        if memory is not None:
+            rows, classes, replay = memory
+            logits += memory_bonus(
+                chunk,
+                rows,
+                classes,
+                len(labels),
+                hp.memory_threshold,
+                hp.memory_strength,
+                replay,
+            )
+        parts.append(logits)
+    return softmax(np.concatenate(parts).astype(np.float64))
 
 
 def _grown_head(

@@ -17,7 +17,7 @@ from healthyluncher import LuncherError, Progress
 from healthyluncher.runtime import pad_batch, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.store import STATE_FILE, ModelStore
-from tests.conftest import needs_ort
+from tests.conftest import needs_ort, solid
 from tests.models import SIZE, save
 
 
@@ -307,3 +307,54 @@ def test_python_dash_m_runs_the_cli():
         check=False,
     )
     assert done.returncode == 0 and "retrain" in done.stdout
+
+
+@pytest.mark.parametrize("with_replay", [False, True])
+def test_the_retrain_summary_says_what_predict_says(
+    pt_model, models_dir, photos, tmp_path, with_replay
+):
+    """The summary's "after" is computed beside the model (with numpy for a linear head):
+    it equals what the published model then predicts, for a base's label and a new one,
+    with and without a replay set (whose examples the memory also consults)."""
+    examples = None
+    if with_replay:
+        examples = tmp_path / "examples"
+        for label, colour in (("healthy", (40, 200, 60)), ("fast_food", (200, 50, 40))):
+            for i in range(4):
+                solid(examples / label / f"{i}.png", tuple(c + 9 * i for c in colour))
+    healthyluncher.make_updatable(pt_model, models_dir=str(models_dir), examples=examples)
+    lun = healthyluncher.open(str(models_dir))
+    assert lun.status().replay_examples == (8 if with_replay else 0)
+    for label, new, shots in (
+        ("healthy", False, photos["red"][:2]),
+        ("dessert", True, photos["green"]),
+    ):
+        result = lun.retrain(label, shots, new_label=new)
+        predicted = lun.predict(shots)
+        for photo, pred in zip(result.photos, predicted, strict=True):
+            assert photo.after == pytest.approx(pred.probabilities[label], abs=1e-5)
+
+
+def test_a_cached_retrain_with_the_numpy_trainer_never_starts_onnx_runtime(lun, photos):
+    """Where the numpy trainer trains (Python 3.13 and later), retraining photos already in
+    the cache needs neither ONNX Runtime nor onnx: it costs no more than with ORT (bench)."""
+    import subprocess
+    import sys
+
+    lun.retrain("healthy", photos["red"])
+    code = (
+        "import sys, healthyluncher\n"
+        f"lun = healthyluncher.open({str(lun.models_dir)!r})\n"
+        f"result = lun.retrain('healthy', {[str(p) for p in photos['red']]!r})\n"
+        "assert result.cached == 3 and result.embedded == 0, result\n"
+        "print(sorted(m for m in ('onnxruntime', 'onnx', 'PIL.Image') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LUNCHER_TRAINER": "numpy"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -186,3 +186,53 @@ def test_views_per_photo_shrink_as_photos_add_up():
     ]
     assert hp.replace(view_budget=0).views_for(20) == 8
     assert hp.replace(augment_views=1).views_for(1) == 1
+
+
+@pytest.mark.parametrize("with_replay", [False, True])
+@pytest.mark.parametrize("trans_b", [True, False])
+def test_numpy_scores_match_the_graph(with_replay, trans_b):
+    """The retrain summary's scores of a linear head with its memory, computed with numpy
+    (LinearHead.logits + memory_bonus), equal what ONNX Runtime computes from the graph."""
+    from healthyluncher.linearhead import LinearHead
+    from healthyluncher.memory import memory_bonus
+
+    rng = np.random.default_rng(3)
+    classes_n = 3
+    weight = rng.normal(size=(classes_n, DIM) if trans_b else (DIM, classes_n)).astype(np.float32)
+    bias = rng.normal(size=classes_n).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "W", "b"], ["logits"], transB=int(trans_b), alpha=0.7)
+    graph_ = helper.make_graph(
+        [node],
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", DIM])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes_n])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    memory = rng.normal(size=(7, DIM)).astype(np.float32)
+    classes = np.array([0, 2, 1, 1, 2, 0, 2])
+    replay = (rng.normal(size=(9, DIM)).astype(np.float32), rng.integers(0, 3, 9))
+    heads.add_memory(
+        model,
+        "x",
+        "logits",
+        memory,
+        classes,
+        classes_n,
+        threshold=0.2,
+        strength=12,
+        replay=replay if with_replay else None,
+    )
+    # Photos next to remembered ones (the bonus is on), random ones, and a zero row.
+    x = np.concatenate(
+        [memory + rng.normal(0, 0.05, memory.shape), rng.normal(size=(20, DIM)), np.zeros((1, DIM))]
+    ).astype(np.float32)
+    got = inference_session(model.SerializeToString()).run(None, {"x": x})[0]
+
+    spec = LinearHead("Gemm", "W", "b", DIM, classes_n, trans_b=trans_b, alpha=0.7)
+    ours = spec.logits({"W": weight, "b": bias}, x) + memory_bonus(
+        x, memory, classes, classes_n, 0.2, 12, replay if with_replay else None
+    )
+    assert (ours - spec.logits({"W": weight, "b": bias}, x)).max() > 1  # the memory acts
+    np.testing.assert_allclose(ours, got, rtol=1e-5, atol=1e-5)
