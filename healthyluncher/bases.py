@@ -31,7 +31,7 @@ from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import BaseMeta, LayerInfo
 from healthyluncher.modelsetup import dummy_input, model_inputs, model_labels
 from healthyluncher.personal import publish_personal
-from healthyluncher.precision import float32_head
+from healthyluncher.precision import float32_head, scale_tensor
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
 from healthyluncher.records import (
     BUNDLED_REPLAY,
@@ -234,6 +234,10 @@ def _build(
             params, replay_set, report = fit_new_head(
                 cut, analysis, prep, examples, replaced, hp, Path(work), options.progress
             )
+        if report.input_scale != 1.0:  # head inputs too large for the default settings
+            for target in (model, cut.frozen):
+                assert target is not None  # only scaled where a frozen part exists
+                scale_tensor(target, cut.split_tensor, report.input_scale)
         for target in (model, cut.head):
             write_back(target, params)
     model_bytes = model.SerializeToString()
@@ -244,8 +248,10 @@ def _build(
     frozen = cut.frozen
     identity = hashlib.sha256(raw)
     if report is not None:
-        # A head trained on the user's photos: another base than the file alone.
+        # A head trained on the user's photos: another base than the file alone (and,
+        # when its inputs were scaled, another frozen part).
         identity.update(cut.head.SerializeToString())
+        identity.update(np.float64(report.input_scale).tobytes())
     quantized: QuantizedBase | None = None
     if options.int8:
         assert options.calibration is not None

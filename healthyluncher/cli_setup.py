@@ -190,6 +190,11 @@ def make_updatable(
             f"{what} your photos ({escape(counts)}), {head.epochs} epochs: {accuracy}."
             + (f" {head.skipped} photo(s) could not be read." if head.skipped else "")
         )
+        if head.input_scale != 1.0:
+            out.print(
+                f"The model's features are very large; they are scaled by "
+                f"{head.input_scale:.3g} before the head, so that training steps stay small."
+            )
     meta = result.meta
     prep = meta.preprocessing
     out.print(

@@ -40,6 +40,13 @@ MIN_STEPS = 400
 REPLAY_PER_LABEL = 200
 # Images per call of the frozen part.
 BATCH = 8
+# AdamW moves each weight by about the learning rate per step, so a logit moves by about
+# lr * |x|_1, the L1 norm of the head's input. The default settings were chosen where that
+# norm is a few hundred (the shipped base: 243; pretrained backbones are alike). Head inputs
+# whose mean L1 norm is larger (a random-weight ResNet-50: 90,000) are scaled down to this,
+# by a constant where the frozen part ends, so that a step moves a logit by about one unit
+# at most instead of overshooting by a hundred.
+MAX_INPUT_L1 = 1000.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ class HeadReport:
     held_out: int
     held_out_accuracy: float
     epochs: int
+    # The factor the head inputs were multiplied by where the frozen part ends (1.0: none).
+    input_scale: float = 1.0
 
 
 def read_examples(directory: Path) -> LabelledPhotos:
@@ -138,6 +147,13 @@ def fit_new_head(
     train = ~held
     head = cut.head
     trainable = cut.trainable_params
+    scale = 1.0
+    if cut.frozen is not None and (replaced or linear_head_of(head, trainable) is not None):
+        scale = input_scale(inputs[train])
+    if scale != 1.0:
+        inputs = inputs * np.float32(scale)
+        if not replaced:  # the model's own weights read the inputs as they were
+            _rescale_weight(head, trainable, scale)
     spec_start = _class_means(head, trainable, inputs[train], labels[train], len(examples.labels))
     if replaced and spec_start:
         heads.write_back(head, spec_start)
@@ -167,6 +183,7 @@ def fit_new_head(
         held_out=int(held.sum()),
         held_out_accuracy=accuracy,
         epochs=epochs,
+        input_scale=scale,
     )
     return params, replay, report
 
@@ -220,6 +237,27 @@ def _embed(
     if not outputs:
         raise LuncherError("--examples: none of the photos could be read")
     return np.concatenate(outputs), np.array(labels, np.int64), digests, skipped
+
+
+def input_scale(inputs: np.ndarray) -> float:
+    """The factor that brings the head inputs' mean L1 norm down to MAX_INPUT_L1, or 1.0
+    when it is there already (a power of two: scaling then rounds nothing)."""
+    flat = inputs.reshape(len(inputs), -1)
+    mean_l1 = float(np.mean(np.abs(flat).sum(axis=1, dtype=np.float64)))
+    if not math.isfinite(mean_l1):
+        raise LuncherError("--examples: the model's features are not finite numbers")
+    if mean_l1 <= MAX_INPUT_L1:
+        return 1.0
+    return float(2.0 ** math.floor(math.log2(MAX_INPUT_L1 / mean_l1)))
+
+
+def _rescale_weight(head: onnx.ModelProto, trainable: tuple[str, ...], scale: float) -> None:
+    """Divide a linear head's weight by `scale`: the same logits for inputs times `scale`."""
+    spec = linear_head_of(head, trainable)
+    assert spec is not None
+    found = {t.name: t for t in head.graph.initializer}
+    weight = numpy_helper.to_array(found[spec.weight]).astype(np.float32)
+    heads.write_back(head, {spec.weight: weight / np.float32(scale)})
 
 
 def _class_means(

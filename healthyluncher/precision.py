@@ -1,5 +1,6 @@
-"""float16 models: the frozen part may stay float16, the trainable head becomes float32.
+"""What the frozen part hands the head: float16 made float32, and features scaled.
 
+float16 models: the frozen part may stay float16, the trainable head becomes float32.
 A model converted to float16 weights with float32 input and output (onnxconverter-common's
 `keep_io_types=True`) cuts into a float16 frozen part and a float16 head. Training runs in
 float32 (ONNX Runtime's training kernels and the numpy trainer), so the head's weights and
@@ -44,19 +45,14 @@ def float32_head(model: onnx.ModelProto, cut: Split) -> None:
     graph = model.graph
     _to_float32(graph.initializer, graph.node, names, outputs)
     split = cut.split_tensor
-    producer = next((i for i, n in enumerate(graph.node) if split in n.output), None)
-    if producer is None:
-        raise LuncherError(f"cannot find where the frozen part makes {split!r}")
-    node = graph.node[producer]
-    node.output[list(node.output).index(split)] = split + FLOAT16_SUFFIX
-    cast = helper.make_node(
-        "Cast", [split + FLOAT16_SUFFIX], [split], to=TensorProto.FLOAT, name=f"{split}/to_float32"
+    put_after_producer(
+        model,
+        split,
+        FLOAT16_SUFFIX,
+        lambda source: helper.make_node(
+            "Cast", [source], [split], to=TensorProto.FLOAT, name=f"{split}/to_float32"
+        ),
     )
-    nodes = list(graph.node)
-    nodes.insert(producer + 1, cast)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.value_info[:]
 
 
 def _to_float32(
@@ -79,3 +75,32 @@ def _to_float32(
                 if attribute.t.data_type == TensorProto.FLOAT16:
                     value = numpy_helper.to_array(attribute.t).astype(np.float32)
                     attribute.t.CopyFrom(numpy_helper.from_array(value, attribute.t.name))
+
+
+def put_after_producer(model: onnx.ModelProto, tensor: str, suffix: str, make: Any) -> None:
+    """Put one node between `tensor` and the node that makes it, in place: that node makes
+    `tensor + suffix` instead, and `make(tensor + suffix)` (a NodeProto that makes `tensor`)
+    runs right after it, so every reader of `tensor` reads the new node's output."""
+    graph = model.graph
+    producer = next((i for i, n in enumerate(graph.node) if tensor in n.output), None)
+    if producer is None:
+        raise LuncherError(f"cannot find where the frozen part makes {tensor!r}")
+    node = graph.node[producer]
+    node.output[list(node.output).index(tensor)] = tensor + suffix
+    nodes = list(graph.node)
+    nodes.insert(producer + 1, make(tensor + suffix))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+
+
+def scale_tensor(model: onnx.ModelProto, tensor: str, factor: float) -> None:
+    """Multiply the float32 `tensor` by `factor` where it is made, in place."""
+    name = f"{tensor}/scale"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(factor, np.float32), name))
+    put_after_producer(
+        model,
+        tensor,
+        "/unscaled",
+        lambda source: helper.make_node("Mul", [source, name], [tensor], name=name),
+    )

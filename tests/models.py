@@ -38,16 +38,21 @@ def pytorch_style(
     batch: int | str = "N",
     classes: int = 2,
     seed: int = 0,
+    gain: float = 1.0,
+    offset: float = 0.5,
 ) -> Path:
-    """NCHW: Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm (logits)."""
+    """NCHW: Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm (logits).
+
+    `gain` and `offset` are the second conv's weight factor and bias: a large offset with a
+    small gain gives the huge, alike features of a random-weight deep network."""
     rng = np.random.default_rng(seed)
     inits = [
         numpy_helper.from_array(_colour_conv(rng, 8), "conv1.weight"),
         numpy_helper.from_array(np.zeros(8, np.float32), "conv1.bias"),
         numpy_helper.from_array(
-            rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32), "conv2.weight"
+            (gain * rng.normal(0, 0.3, (8, 8, 1, 1))).astype(np.float32), "conv2.weight"
         ),
-        numpy_helper.from_array(np.full(8, 0.5, np.float32), "conv2.bias"),
+        numpy_helper.from_array(np.full(8, offset, np.float32), "conv2.bias"),
         numpy_helper.from_array(rng.normal(0, 0.1, (classes, 8)).astype(np.float32), "fc.weight"),
         numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias"),
     ]

@@ -220,3 +220,29 @@ def test_labels_with_examples_set_the_order_of_a_new_head(run, stock, examples, 
     assert run("status", "--json").json_lines()[0]["labels"] == ["healthy", "fast_food"]
     rows = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
     assert [r["label"] for r in rows] == ["fast_food"] * 3 + ["healthy"] * 3
+
+
+def test_huge_alike_features_are_scaled_so_a_retrain_raises_the_label(
+    run, tmp_path, examples, photos
+):
+    """A random-weight deep network's features are huge and alike (a ResNet-50's: L1 norm
+    90,000, cosine 0.997 between any two photos); at the default learning rate each AdamW
+    step then moved a logit by about a hundred, and a retrain to healthy took healthy's
+    probability from 1.0 to 0.0. make-updatable --examples scales such inputs down."""
+    model = pytorch_style(tmp_path / "huge.onnx", labels=None, classes=10, gain=10, offset=1e5)
+    result = run("make-updatable", model, "--examples", examples)
+    assert result.code == 0, result
+    assert "features are very large; they are scaled by" in result.stdout
+    before = run("predict", "--json", *photos["red"]).json_lines()
+    trained = run("retrain", "--label", "healthy", "--json", *photos["red"]).json_lines()[0]
+    assert all(p["after"] > p["before"] for p in trained["photos"]), trained
+    after = run("predict", "--json", *photos["red"]).json_lines()
+    for b, a in zip(before, after, strict=True):
+        assert a["probabilities"]["healthy"] > b["probabilities"]["healthy"]
+    assert run("reset").code == 0
+    assert run("predict", "--json", *photos["red"]).json_lines() == before
+
+
+def test_ordinary_features_are_not_scaled(run, stock, examples):
+    result = run("make-updatable", stock, "--examples", examples)
+    assert result.code == 0 and "scaled by" not in result.stdout
