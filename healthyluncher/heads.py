@@ -12,7 +12,7 @@ from onnx import TensorProto, numpy_helper
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.graph import default_opset, float_initializers, layers_of
-from healthyluncher.memory import MEMORY_PREFIX, MEMORY_TENSORS, memory_tensors
+from healthyluncher.memory import EXACT_MATCH, MEMORY_PREFIX, MEMORY_TENSORS, memory_tensors
 from healthyluncher.template import Template
 
 
@@ -96,7 +96,10 @@ def add_memory(
     floor, c's logit rises by `strength` per unit above it. So a photo leans to the user's
     label only when it is nearer to the user's photos than to anything the base knows
     under another label: held-out photos of the user's dish flip, the base's own
-    look-alikes (beignets next to pancakes) keep their label.
+    look-alikes (beignets next to pancakes) keep their label. A photo the user taught (its
+    head input, or one within EXACT_MATCH of it) gains `strength` more, whatever the floor:
+    a base example of another label that looks almost the same never outvotes the user's
+    word about this very photo.
 
     memory: (M, ...) head inputs; classes: (M,) class indices; replay: the same for the
     base's replay set, or None.
@@ -154,11 +157,28 @@ def add_memory(
         for i, name in enumerate(node.output):
             if name == logits:
                 node.output[i] = head_logits
+    initializers.extend(
+        [
+            numpy_helper.from_array(np.array(EXACT_MATCH, np.float32), f"{prefix}/exact"),
+            numpy_helper.from_array(
+                np.array(1 / (1 - EXACT_MATCH), np.float32), f"{prefix}/exact_gain"
+            ),
+        ]
+    )
     nodes.extend(
         [
             make("Sub", [best, floor], [f"{prefix}/excess"]),
             make("Relu", [f"{prefix}/excess"], [f"{prefix}/above"]),
-            make("Mul", [f"{prefix}/above", f"{prefix}/strength"], [f"{prefix}/bonus"]),
+            # The photo itself (or a copy of it): `strength` more, whatever the floor.
+            make("Sub", [best, f"{prefix}/exact"], [f"{prefix}/excess_exact"]),
+            make("Relu", [f"{prefix}/excess_exact"], [f"{prefix}/above_exact_raw"]),
+            make(
+                "Mul",
+                [f"{prefix}/above_exact_raw", f"{prefix}/exact_gain"],
+                [f"{prefix}/above_exact"],
+            ),
+            make("Add", [f"{prefix}/above", f"{prefix}/above_exact"], [f"{prefix}/total"]),
+            make("Mul", [f"{prefix}/total", f"{prefix}/strength"], [f"{prefix}/bonus"]),
             make("Add", [head_logits, f"{prefix}/bonus"], [logits]),
         ]
     )

@@ -10,6 +10,9 @@ PERSONAL_MASK = f"{MEMORY_PREFIX}/personal_mask"
 THRESHOLD = f"{MEMORY_PREFIX}/threshold"
 STRENGTH = f"{MEMORY_PREFIX}/strength"
 MEMORY_TENSORS = (PERSONAL_ROWS, PERSONAL_MASK, THRESHOLD, STRENGTH)
+# Cosine similarity from which a photo counts as one the user taught (the same photo gives
+# 1 up to float rounding; an augmented view of it, about 0.9): see heads.add_memory.
+EXACT_MATCH = 0.999
 
 
 def memory_tensors(rows: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,4 +64,6 @@ def memory_bonus(
     floor = np.float32(threshold)
     if replay is not None and len(replay[0]):
         floor = np.maximum(best_per_class(replay[0], replay[1][None, :] != class_ids), floor)
-    return np.maximum(best - floor, 0) * np.float32(strength)  # type: ignore[no-any-return]
+    exact = np.maximum(best - np.float32(EXACT_MATCH), 0) * np.float32(1 / (1 - EXACT_MATCH))
+    total = np.maximum(best - floor, 0) + exact
+    return total * np.float32(strength)  # type: ignore[no-any-return]

@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-MAGIC = b"luncher-template 1\n"
+# 2: the memory gives a taught photo its label (heads.add_memory's exact match); a
+# template of 1 is not read, and the copy is then built with onnx.
+MAGIC = b"luncher-template 2\n"
 
 # ONNX TensorProto.DataType values a head's weights may use.
 DTYPES: dict[int, Any] = {

@@ -246,3 +246,20 @@ def test_huge_alike_features_are_scaled_so_a_retrain_raises_the_label(
 def test_ordinary_features_are_not_scaled(run, stock, examples):
     result = run("make-updatable", stock, "--examples", examples)
     assert result.code == 0 and "scaled by" not in result.stdout
+
+
+def test_a_taught_photo_takes_its_label_next_to_a_base_example_of_another(
+    run, stock, examples, tmp_path
+):
+    """The user's word about a photo beats a base example that looks almost the same:
+    before, the memory gave a taught photo almost nothing when a replayed example of the
+    other label was nearly identical to it, and a retrain left it with the other label."""
+    twins = [
+        solid(tmp_path / "twins" / f"t{i}.png", (170 + 10 * i, 26 + 3 * i, 40)) for i in range(3)
+    ]
+    assert run("make-updatable", stock, "--examples", examples).code == 0
+    rows = run("predict", "--json", *twins).json_lines()
+    assert [r["label"] for r in rows] == ["fast_food"] * 3  # near copies of fast_food examples
+    trained = run("retrain", "--label", "healthy", "--json", *twins).json_lines()[0]
+    assert all(p["after"] > 0.5 for p in trained["photos"]), trained
+    assert [r["label"] for r in run("predict", "--json", *twins).json_lines()] == ["healthy"] * 3
