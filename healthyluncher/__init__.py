@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from healthyluncher.events import Progress, ProgressCallback
     from healthyluncher.personalizing import (
         ForgetResult,
+        RepairResult,
         ResetResult,
         RetrainResult,
         Status,
@@ -48,6 +49,7 @@ _EXPORTS = {
     "Progress": "healthyluncher.events",
     "ProgressCallback": "healthyluncher.events",
     "ForgetResult": "healthyluncher.personalizing",
+    "RepairResult": "healthyluncher.personalizing",
     "ResetResult": "healthyluncher.personalizing",
     "RetrainResult": "healthyluncher.personalizing",
     "Status": "healthyluncher.personalizing",
@@ -74,6 +76,7 @@ __all__ = [
     "Progress",
     "ProgressCallback",
     "ForgetResult",
+    "RepairResult",
     "ResetResult",
     "RetrainResult",
     "Status",

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.personalizing import (
         ForgetResult,
+        RepairResult,
         ResetResult,
         RetrainResult,
         Status,
@@ -191,12 +192,21 @@ class Luncher:
 
         return self._run(undo)
 
-    def reset(self) -> ResetResult:
-        """Remove the personalization, your examples and their files; the base stays."""
+    def reset(self, *, purge: bool = False) -> ResetResult:
+        """Predict with the base again; `undo` brings the personalization back. `purge`:
+        remove it, every undo step and your photos' thumbnails and cache for good."""
         with self._lock:
             from healthyluncher.personalizing import reset
 
-            return reset(self._store)  # works on a damaged directory: no _ready()
+            return reset(self._store, purge=purge)  # works on a damaged directory
+
+    def repair(self) -> RepairResult:
+        """Rebuild a damaged state.json from the newest complete state in the models
+        directory, and remove what interrupted commands left behind."""
+        with self._lock:
+            from healthyluncher.personalizing import repair
+
+            return repair(self._store)
 
     def status(self) -> Status:
         """The base, your examples, the settings, the trainer and the disk used."""
@@ -256,7 +266,7 @@ class Luncher:
     def _ready(self) -> State:
         """The current state, after setting up an empty models directory from the shipped
         base (only then are onnx and the training API imported)."""
-        state = self._store.read_state()
+        state = self._store.current_state()
         if state.base is not None:
             return state
         from healthyluncher.bases import ensure_base

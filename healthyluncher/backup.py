@@ -74,10 +74,10 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
         raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
     if target.exists() and not force:
         raise LuncherError(f"{target} already exists; use --force to replace it")
-    if store.read_state().personal is None:
+    if store.current_state().personal is None:
         raise _nothing_to_export()
     with store.lock():  # no writer may change the files while they are hashed and packed
-        state = store.read_state()
+        state = store.current_state()
         base = load_base(store, state)
         personal = load_personal(store, state)
         if personal is None:

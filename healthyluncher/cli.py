@@ -3,6 +3,7 @@
 # No `from __future__ import annotations` here: typer reads every command's annotations on
 # each run, and string annotations cost it an eval each (6 ms of every command's start).
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +27,7 @@ from healthyluncher.cli_output import (
     reporting,
     views_setting,
 )
+from healthyluncher.errors import LuncherError, UnknownLabelError
 
 PHOTOS = typer.Argument(
     help="Photos, or directories to search; - reads paths from standard input, one a line.",
@@ -100,22 +102,28 @@ def retrain(
             "for a few photos, 1 from 16 photos on.",
         ),
     ] = None,
+    new_label: Annotated[
+        bool, typer.Option("--new-label", help="LABEL is new: add it to the model.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Teach the model that these photos are LABEL.
 
     Example: luncher retrain --label healthy my-pancakes/
     """
-    with progress_bars() as report:
-        result = luncher(ctx).retrain(
-            label,
-            with_stdin(images),
-            new_label=True,
-            epochs=epochs,
-            learning_rate=learning_rate,
-            views=views,
-            progress=report,
-        )
+    try:
+        with progress_bars() as report:
+            result = luncher(ctx).retrain(
+                label,
+                with_stdin(images),
+                new_label=new_label,
+                epochs=epochs,
+                learning_rate=learning_rate,
+                views=views,
+                progress=report,
+            )
+    except UnknownLabelError as exc:  # a typo must not become a class forever
+        raise LuncherError(exc.message("add --new-label")) from None
     for failure in result.failures:
         err.print(f"[yellow]skipped:[/yellow] {escape(failure.error)}")
     if as_json:
@@ -158,12 +166,37 @@ def retrain(
 
 @app.command()
 @reporting
-def reset(ctx: typer.Context, as_json: JSON = False) -> None:
-    """Remove your personalization and examples; the base stays.
+def reset(
+    ctx: typer.Context,
+    purge: Annotated[
+        bool,
+        typer.Option(
+            "--purge", help="Also remove every undo step and your photos' thumbnails for good."
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JSON = False,
+) -> None:
+    """Predict with the base model again; `luncher undo` brings your personalization back.
 
     Example: luncher reset
     """
-    result = luncher(ctx).reset()
+    lun = luncher(ctx)
+    # A purge also destroys what `undo` could bring back after an earlier reset.
+    try:
+        at_stake = lun.personalized or (purge and lun.status().undo_steps > 0)
+    except LuncherError:  # a damaged directory: reset is the way out, ask as usual
+        at_stake = True
+    if not yes and sys.stdin.isatty() and at_stake:
+        question = (
+            "Remove your personalization, its undo steps and your photos' thumbnails for good?"
+            if purge
+            else "Predict with the base model again (`luncher undo` brings this back)?"
+        )
+        if not typer.confirm(question, default=not purge):
+            err.print("Nothing was changed.")
+            raise typer.Exit(1)
+    result = lun.reset(purge=purge)
     if as_json:
         json_line(plain(result))
         return
@@ -173,10 +206,38 @@ def reset(ctx: typer.Context, as_json: JSON = False) -> None:
         out.print(f"Nothing to reset: predictions already come from the base model.{extra}")
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.removed_examples.items()))
+    if result.undoable:
+        out.print(
+            f"Predictions now come from the base model. Your personalization "
+            f"({escape(counts) or 'no examples'}) is one `luncher undo` away; "
+            "`luncher reset --purge` removes it and your photos' thumbnails for good."
+        )
+        return
     out.print(
         f"Removed the personalized model and your examples ({escape(counts) or 'none'}), "
         f"{result.removed_thumbnails} thumbnail(s) and {result.removed_cache_files} cached "
         "embedding file(s). Predictions now come from the base model."
+    )
+
+
+@app.command()
+@reporting
+def repair(ctx: typer.Context, as_json: JSON = False) -> None:
+    """Rebuild a damaged state.json from the models directory; remove leftovers.
+
+    Example: luncher repair
+    """
+    result = luncher(ctx).repair()
+    if as_json:
+        json_line(plain(result))
+        return
+    if not result.repaired:
+        out.print("state.json is intact; leftovers of interrupted commands were removed.")
+        return
+    which = "your personalized model" if result.personal else "the base model"
+    out.print(
+        f"state.json was damaged: rebuilt it from the newest complete state. Predictions come "
+        f"from {which}; {result.undo_steps} undo step(s)."
     )
 
 

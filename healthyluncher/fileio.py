@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import DamagedError, LuncherError
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,8 +52,10 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); run 'luncher reset'") from None
+    except OSError as exc:  # another user's 0600 file is unreadable, not damaged
+        raise LuncherError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise DamagedError(f"{path} is damaged ({exc})") from None
 
 
 def fsync_tree(root: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher.embedder import Embedder
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import merge_examples, select_examples
 from healthyluncher.meta import check_label
@@ -55,6 +55,15 @@ class ResetResult:
     removed_model: bool
     removed_thumbnails: int
     removed_cache_files: int
+    undoable: bool = False  # `undo` brings the personalization back (not after a purge)
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    repaired: bool  # state.json was damaged and is now rebuilt
+    base: str | None  # the directories the state names
+    personal: str | None
+    undo_steps: int
 
 
 @dataclass(frozen=True)
@@ -101,10 +110,7 @@ def retrain(
         check_trainable(base.meta, base.path)
         old_labels = personal.meta.labels if personal else base.meta.labels
         if label not in old_labels and not new_label:
-            raise LuncherError(
-                f"{label!r} is not a label of this model ({', '.join(old_labels)}); "
-                "pass new_label=True to add it"
-            )
+            raise UnknownLabelError(label, old_labels)
         labels = old_labels if label in old_labels else (*old_labels, label)
         settings = personal.meta.hyperparameters if personal else base.meta.hyperparameters
         hp = settings.replace(
@@ -158,19 +164,22 @@ def retrain(
     )
 
 
-def reset(store: ModelStore) -> ResetResult:
-    """Back to the pristine base. Works on a damaged models directory too: it is the way
-    out that every other error message points to."""
-    with store.transaction(repair=True) as txn:
+def reset(store: ModelStore, *, purge: bool = False) -> ResetResult:
+    """Back to the pristine base; `undo` brings the personalization back. With `purge`, the
+    personalization, every undo step, the thumbnails of your photos and the cache go for
+    good. Works on a damaged models directory too (a damaged copy is not kept for undo)."""
+    with store.transaction() as txn:
         state = txn.state
+        readable = True
         try:
             personal = load_personal(store, state) if state.personal else None
             removed = dict(personal.meta.examples_per_label) if personal else {}
         except LuncherError:  # a damaged personal copy: remove it all the same
-            removed = {"(unreadable)": 0}
+            removed, readable = {"(unreadable)": 0}, False
         had_personal = state.personal is not None
         counts = [0, 0]
-        if had_personal or state.history or txn.next_state is not None:
+        undoable = had_personal and readable and not purge
+        if purge and (had_personal or state.history or store.has_user_files()):
             txn.commit(State(base=state.base, personal=None, history=[]))
 
             def remove_files() -> None:
@@ -178,12 +187,27 @@ def reset(store: ModelStore) -> ResetResult:
                 counts[1] = store.clear_cache()
 
             txn.after_commit(remove_files)
+        elif undoable:
+            txn.commit(state.with_personal(None))
+        elif had_personal:  # unreadable: not worth an undo step
+            txn.commit(State(base=state.base, personal=None, history=state.history))
     return ResetResult(
         removed_examples=removed,
         removed_model=had_personal,
         removed_thumbnails=counts[0],
         removed_cache_files=counts[1],
+        undoable=undoable,
     )
+
+
+def repair(store: ModelStore) -> RepairResult:
+    """Rewrite state.json if it is damaged (from the newest complete state the directories
+    hold: see `state.recover`) and remove what interrupted commands left behind."""
+    with store.transaction() as txn:
+        state = txn.state
+        txn.commit(state)  # written again, then every directory it does not name goes
+        repaired = txn.repaired
+    return RepairResult(repaired, state.base, state.personal, len(state.history))
 
 
 @dataclass(frozen=True)
@@ -287,7 +311,10 @@ def forget(
 
 
 def status(store: ModelStore) -> Status:
-    state = store.read_state()
+    return store.read_consistently(lambda state: _status(store, state))
+
+
+def _status(store: ModelStore, state: State) -> Status:
     base = load_base(store, state)
     personal = load_personal(store, state)
     hp = personal.meta.hyperparameters if personal else base.meta.hyperparameters

@@ -13,6 +13,7 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.photos import ImageFailure, PhotoSource
 from healthyluncher.records import load_base, load_personal
 from healthyluncher.runtime import inference_session, run_in_batches
+from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
 
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ class Predictor:
     """One loaded inference session over the active model."""
 
     def __init__(self, store: ModelStore, *, use_base: bool = False) -> None:
-        state = store.read_state()
+        # Once the session is made, the model is in memory: a writer may then remove its
+        # files. If one does while they load, they load again from the state it wrote.
+        store.read_consistently(lambda state: self._load(store, state, use_base))
+
+    def _load(self, store: ModelStore, state: State, use_base: bool) -> None:
         base = load_base(store, state)
         personal = None if use_base else load_personal(store, state)
         if personal is not None:
@@ -62,7 +67,7 @@ class Predictor:
                 ) from None
             raise LuncherError(
                 f"the personalized model in {self.model.path.parent} is damaged ({exc}); "
-                "run `luncher undo` to go back one step, or `luncher reset`"
+                "run `luncher undo` to go back one step (`luncher predict --base` still works)"
             ) from None
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:

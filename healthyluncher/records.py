@@ -11,11 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import DamagedError, LuncherError
 from healthyluncher.fileio import read_json
 from healthyluncher.meta import BaseMeta, PersonalMeta
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
+
+# Advice for a personalized copy that is damaged: the step before it is intact (`reset`
+# would drop every example, and `predict --base` works meanwhile).
+GO_BACK = "run `luncher undo` to go back one step"
 
 BUNDLED_MODEL = "healthyluncher-base.onnx"
 BUNDLED_REPLAY = "healthyluncher-base.replay.npz"
@@ -83,6 +87,8 @@ def load_base(store: ModelStore, state: State) -> Base:
         return Base(path, BaseMeta.from_json(read_json(path / Files.META)))
     except FileNotFoundError:
         raise LuncherError(f"{path} is incomplete; run 'luncher make-updatable' again") from None
+    except DamagedError as exc:
+        raise LuncherError(f"{exc}; run 'luncher make-updatable' again") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise LuncherError(f"{path / Files.META} is damaged ({exc})") from None
 
@@ -94,9 +100,11 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
     try:
         return Personal(path, PersonalMeta.from_json(read_json(path / Files.META)))
     except FileNotFoundError:
-        raise LuncherError(f"{path} is incomplete; run 'luncher reset'") from None
+        raise LuncherError(f"{path} is incomplete; {GO_BACK}") from None
+    except DamagedError as exc:
+        raise LuncherError(f"{exc}; {GO_BACK}") from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise LuncherError(f"{path / Files.META} is damaged ({exc}); run 'luncher reset'") from None
+        raise LuncherError(f"{path / Files.META} is damaged ({exc}); {GO_BACK}") from None
 
 
 def load_examples(personal: Personal | None, sample_shape: tuple[int, ...]) -> Examples:
@@ -112,7 +120,7 @@ def load_examples(personal: Personal | None, sample_shape: tuple[int, ...]) -> E
                 labels=tuple(str(label) for label in data["labels"]),
             )
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); run 'luncher reset'") from None
+        raise LuncherError(f"{path} is damaged ({exc}); {GO_BACK}") from None
 
 
 def load_taught(personal: Personal | None) -> dict[str, tuple[str, str]]:
@@ -159,4 +167,4 @@ def load_weights(personal: Personal) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); run 'luncher reset'") from None
+        raise LuncherError(f"{path} is damaged ({exc}); {GO_BACK}") from None

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from healthyluncher.errors import LuncherError
+from healthyluncher.fileio import read_json
 
 STATE_FORMAT = 1
 # What state.json may name: the directories this module makes.
@@ -56,3 +60,41 @@ class Step:
 
     base: str | None
     personal: str | None
+
+
+def recover(root: Path, meta_file: str, model_file: str) -> State:
+    """The newest complete state the directories of `root` hold, for a damaged state.json:
+    the newest base, the newest personalized copy made from it, and that base's other
+    copies as undo steps, newest first (so nothing of the user's is lost). A directory is
+    complete when its `meta_file` parses and its `model_file` exists."""
+
+    def meta(path: Path) -> dict[str, object] | None:
+        try:
+            data = read_json(path / meta_file)
+        except (OSError, LuncherError):
+            return None
+        complete = (path / model_file).is_file()
+        return data if isinstance(data, dict) and complete else None
+
+    def newest_first(prefix: str) -> list[tuple[Path, dict[str, object]]]:
+        found = []
+        for path in root.glob(f"{prefix}-*"):
+            if DIRECTORY.fullmatch(path.name) and path.is_dir():
+                data = meta(path)
+                if data is not None:
+                    found.append((path.stat().st_mtime, path, data))
+        return [(p, m) for _, p, m in sorted(found, key=lambda item: item[0], reverse=True)]
+
+    bases = newest_first("base")
+    if not bases:
+        return State()
+    base, base_meta = bases[0]
+    copies = [
+        p.name
+        for p, m in newest_first("personal")
+        if m.get("base_sha256") == base_meta.get("sha256")
+    ]
+    if not copies:
+        return State(base=base.name)
+    history = [Step(base.name, name) for name in copies[1 : HISTORY_LIMIT + 1]]
+    return State(base=base.name, personal=copies[0], history=history)

@@ -26,10 +26,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import DamagedError, LuncherError
 from healthyluncher.fileio import fsync_dir, fsync_tree, read_json, write_json
-from healthyluncher.state import DIRECTORY, STATE_FORMAT, State, Step
+from healthyluncher.state import DIRECTORY, STATE_FORMAT, State, Step, recover
 
 ENV_VAR = "LUNCHER_MODELS_DIR"
 STATE_FILE = "state.json"
@@ -38,6 +39,8 @@ LOCK_FILE = ".lock"
 LOCK_TIMEOUT = 120.0
 # Seconds of waiting after which the waiting process says so.
 WAIT_NOTICE = 0.5
+
+T = TypeVar("T")
 
 
 class Files:
@@ -161,11 +164,18 @@ class ModelStore:
     # -- state -------------------------------------------------------------------------
 
     def read_state(self) -> State:
+        """state.json; DamagedError when it cannot be parsed (`recover_state` then)."""
+        path = self.root / STATE_FILE
+        repair = "run `luncher repair` to rebuild it from the models directory"
         try:
-            data = read_json(self.root / STATE_FILE)
+            data = read_json(path)
         except FileNotFoundError:
             return State()
-        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        except DamagedError as exc:
+            raise DamagedError(f"{exc}; {repair}") from None
+        if not isinstance(data, dict):
+            raise DamagedError(f"{path} is damaged (not a JSON object); {repair}")
+        if data.get("format") != STATE_FORMAT:
             raise LuncherError(
                 f"{self.root / STATE_FILE} has an unknown format; was it written by a newer "
                 "luncher?"
@@ -180,18 +190,36 @@ class ModelStore:
         state = State(base=base, personal=personal, history=history)
         for name in state.names():
             if not isinstance(name, str) or not DIRECTORY.fullmatch(name):
-                raise LuncherError(
-                    f"{self.root / STATE_FILE} is damaged (it names {name!r}); run 'luncher reset'"
-                )
+                raise DamagedError(f"{path} is damaged (it names {name!r}); {repair}")
         return state
 
+    def current_state(self) -> State:
+        """state.json, or the state `luncher repair` would write when it is damaged: a
+        reader never fails on a damaged state.json."""
+        try:
+            return self.read_state()
+        except DamagedError:
+            return self.recover_state()
+
+    def read_consistently(self, load: Callable[[State], T], attempts: int = 8) -> T:
+        """`load(state)` for the current state. A writer may switch the state and remove
+        the directories it named while `load` reads them: then `load` fails, state.json
+        has changed, and `load` runs again on the new state (a real failure, with the
+        state unchanged, is raised)."""
+        state = self.current_state()
+        for _ in range(attempts - 1):
+            try:
+                return load(state)
+            except (LuncherError, OSError):
+                newer = self.current_state()
+                if newer == state:
+                    raise
+                state = newer
+        return load(state)
+
     def recover_state(self) -> State:
-        """A state naming the newest complete base, for a damaged state.json."""
-        bases = sorted(
-            (p for p in self.root.glob("base-*") if (p / Files.META).is_file()),
-            key=lambda p: p.stat().st_mtime,
-        )
-        return State(base=bases[-1].name if bases else None)
+        """The newest complete state the directories hold (see `state.recover`)."""
+        return recover(self.root, Files.META, Files.MODEL)
 
     def write_state(self, state: State) -> None:
         try:
@@ -213,23 +241,22 @@ class ModelStore:
     # -- publishing --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self, *, repair: bool = False) -> Iterator[Transaction]:
+    def transaction(self) -> Iterator[Transaction]:
         """One atomic change, under the lock. The block stages and publishes directories
         and names the new state with `commit`; on leaving it, state.json is written once,
         then the deletions the block asked for run, then unnamed directories are removed.
         If the block fails, what it published is removed and state.json is untouched.
-        `repair`: a damaged state.json is replaced by one naming the newest complete base."""
+        A damaged state.json is first replaced by the newest complete state
+        (`recover_state`), so no command ever needs a reset because of it."""
         self._refuse_foreign_folder()
         with self.lock():
             repaired = False
             try:
                 state = self.read_state()
-            except LuncherError:
-                if not repair:
-                    raise
+            except DamagedError:
                 state = self.recover_state()
                 repaired = True
-            txn = Transaction(self, state)
+            txn = Transaction(self, state, repaired=repaired)
             if repaired:
                 txn.commit(state)  # written even if the block changes nothing else
             try:
@@ -311,6 +338,10 @@ class ModelStore:
 
     # -- embedding cache ---------------------------------------------------------------
 
+    def has_user_files(self) -> bool:
+        """Thumbnails or cached head inputs of the user's photos are here."""
+        return (self.root / Files.THUMBNAILS).exists() or (self.root / "cache").exists()
+
     def thumbnail(self, digest: str) -> Path:
         """A small JPEG of a photo you trained on, kept so it can be embedded again."""
         return self.root / Files.THUMBNAILS / f"{digest}.jpg"
@@ -348,9 +379,10 @@ class Transaction:
     """What one change of the models directory publishes and switches to (see
     `ModelStore.transaction`)."""
 
-    def __init__(self, store: ModelStore, state: State) -> None:
+    def __init__(self, store: ModelStore, state: State, *, repaired: bool = False) -> None:
         self.store = store
         self.state = state  # as read under the lock
+        self.repaired = repaired  # state.json was damaged; `state` was recovered
         self.published: list[str] = []
         self.next_state: State | None = None
         self.deferred: list[Callable[[], object]] = []

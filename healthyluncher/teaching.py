@@ -9,13 +9,16 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.meta import PersonalMeta, check_label
 from healthyluncher.personal import publish_personal
 from healthyluncher.records import (
+    Base,
     Examples,
+    Personal,
     load_base,
     load_examples,
     load_personal,
     load_taught,
     load_weights,
 )
+from healthyluncher.state import State
 from healthyluncher.store import ModelStore
 
 
@@ -46,10 +49,14 @@ class RenameResult:
 
 def list_examples(store: ModelStore, label: str | None = None) -> list[TaughtExample]:
     """Your examples in the order taught, optionally of one label."""
-    personal = load_personal(store, store.read_state())
-    if personal is None:
+
+    def load(state: State) -> tuple[Personal | None, Examples | None]:
+        personal = load_personal(store, state)
+        return personal, load_examples(personal, ()) if personal else None
+
+    personal, examples = store.read_consistently(load)
+    if personal is None or examples is None:
         return []
-    examples = load_examples(personal, ())
     known = load_taught(personal)
     if label is not None and label not in personal.meta.labels:
         raise LuncherError(f"{label!r} is not a label ({', '.join(personal.meta.labels)})")
@@ -67,9 +74,11 @@ def list_examples(store: ModelStore, label: str | None = None) -> list[TaughtExa
 
 def list_labels(store: ModelStore) -> list[LabelInfo]:
     """Every label predictions choose from, with how many of your photos have it."""
-    state = store.read_state()
-    base = load_base(store, state)
-    personal = load_personal(store, state)
+
+    def load(state: State) -> tuple[Base, Personal | None]:
+        return load_base(store, state), load_personal(store, state)
+
+    base, personal = store.read_consistently(load)
     labels = personal.meta.labels if personal else base.meta.labels
     counts = dict(personal.meta.examples_per_label) if personal else {}
     return [LabelInfo(x, counts.get(x, 0), x in base.meta.labels) for x in labels]

@@ -45,7 +45,10 @@ def personalized(run, pt_model, photos) -> None:
     """A personalization with a label the base lacks (the head grew) and six thumbnails."""
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
-    assert run("retrain", "--label", "dessert", "--epochs", "60", *photos["green"]).code == 0
+    assert (
+        run("retrain", "--label", "dessert", "--new-label", "--epochs", "60", *photos["green"]).code
+        == 0
+    )
 
 
 @pytest.fixture
@@ -104,14 +107,14 @@ def test_export_reset_import_predicts_byte_identically(run, factory, tmp_path, p
     red, green = photos["red"], photos["green"]
     base = predict_json(run, *red, *green)
     assert run("retrain", "--label", "fast_food", "--epochs", "30", *red).code == 0
-    assert run("retrain", "--label", "dessert", "--epochs", "30", *green).code == 0
+    assert run("retrain", "--label", "dessert", "--new-label", "--epochs", "30", *green).code == 0
     personal = predict_json(run, *red, *green)
     status = run("status", "--json").json_lines()[0]
 
     exported = run("export", tmp_path / "backup.tar.gz")
     assert exported.code == 0, exported
     assert "6 thumbnail(s)" in exported.stdout and "dessert: 3" in exported.stdout
-    assert run("reset").code == 0
+    assert run("reset", "--purge").code == 0
     assert predict_json(run, *red, *green) == base
 
     result = run("import", tmp_path / "backup.tar.gz")
@@ -214,7 +217,7 @@ def test_export_and_import_have_help(run):
 def test_a_backup_of_another_base_needs_rebuild(run, archive, tmp_path, photos, models_dir):
     new_base = pytorch_style(tmp_path / "new_base.onnx", seed=7)
     assert run("make-updatable", new_base, "--force").code == 0  # personalization set aside
-    assert run("reset").code == 0  # and gone, with the photos' thumbnails
+    assert run("reset", "--purge").code == 0  # and gone, with the photos' thumbnails
     assert not list((models_dir / Files.THUMBNAILS).glob("*.jpg"))
 
     refused(run, archive, models_dir, "another base model", "--rebuild")
@@ -246,7 +249,7 @@ def test_the_same_model_set_up_differently_needs_rebuild(run, archive, pt_model,
 def test_rebuild_with_the_same_base_restores_exactly(run, archive, photos):
     everything = [*photos["red"], *photos["green"]]
     exported = predict_json(run, *everything)
-    assert run("reset").code == 0
+    assert run("reset", "--purge").code == 0
     result = run("import", archive, "--rebuild")
     assert result.code == 0 and "Restored" in result.stdout
     assert predict_json(run, *everything) == exported
@@ -261,7 +264,7 @@ def test_a_crash_during_import_leaves_the_old_state(
 ):
     everything = [*photos["red"], *photos["green"]]
     exported = predict_json(run, *everything)
-    assert run("reset").code == 0
+    assert run("reset", "--purge").code == 0
     base = predict_json(run, *everything)
     before = tree(models_dir)
     state = (models_dir / STATE_FILE).read_bytes()

@@ -110,8 +110,15 @@ def test_retrain_flips_the_trained_photos_and_reset_restores_the_base(
     assert probabilities(run, *red, base=True) == before
 
     reset = run("reset")
-    assert reset.code == 0 and "Removed" in reset.stdout
+    assert reset.code == 0 and "one `luncher undo` away" in reset.stdout
     assert probabilities(run, *red) == before
+    # A reset can be undone: the personalization comes back exactly.
+    assert run("undo").code == 0
+    assert probabilities(run, *red) == after
+    purge = run("reset", "--purge")
+    assert purge.code == 0 and "Removed" in purge.stdout
+    assert probabilities(run, *red) == before
+    assert run("undo").code == 1  # nothing left to bring back
 
 
 def test_second_retrain_reuses_cached_inputs(run, pt_model, photos, monkeypatch):
@@ -271,7 +278,9 @@ def test_refuses_to_replace_a_base_without_force(run, pt_model, tmp_path, photos
 def test_a_new_label_grows_the_head_and_keeps_the_old_rows(run, factory, tmp_path, photos):
     model_path = factory(tmp_path / "model.onnx")
     assert run("make-updatable", model_path).code == 0
-    result = run("retrain", "--label", "dessert", "--epochs", "40", "--json", *photos["red"])
+    result = run(
+        "retrain", "--label", "dessert", "--new-label", "--epochs", "40", "--json", *photos["red"]
+    )
     assert result.code == 0, result
     summary = result.json_lines()[0]
     assert all(p["before"] == 0 and p["after"] > 0.5 for p in summary["photos"])
@@ -516,27 +525,68 @@ def test_a_retrain_rewrites_the_small_graph_and_copies_the_frozen_weights(
             np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
 
 
-@pytest.mark.parametrize(
-    "damage", ["state", "personal meta", "personal model", "personal weights file"]
-)
-def test_reset_repairs_a_damaged_models_directory(run, pt_model, photos, models_dir, damage):
+@pytest.mark.parametrize("damage", ["truncated", "not an object", "names a stranger"])
+def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
+    run, pt_model, photos, models_dir, damage
+):
+    """Before, a damaged state.json blocked every command, predict --base and export
+    included, and the only advice was `reset`, which threw the intact personalization
+    away. Readers now use the newest complete state the directories hold; writers and
+    `luncher repair` write it back."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    assert run("retrain", "--label", "healthy", *photos["green"][:1]).code == 0
+    personal = probabilities(run, *photos["red"], *photos["green"])
+    state = models_dir / STATE_FILE
+    state.write_text(
+        {
+            "truncated": "{ truncated",
+            "not an object": "[1, 2]",
+            "names a stranger": '{"format": 1, "base": "../../etc", "personal": null}',
+        }[damage]
+    )
+    assert probabilities(run, *photos["red"], *photos["green"]) == personal
+    assert run("status", "--json").json_lines()[0]["examples_per_label"] == {
+        "fast_food": 3,
+        "healthy": 1,
+    }
+    assert run("predict", "--base", photos["red"][0]).code == 0
+    assert run("export", models_dir.parent / "backup.tar.gz").code == 0
+    repaired = run("repair")
+    assert repaired.code == 0 and "rebuilt" in repaired.stdout, repaired
+    assert run("repair").stdout.startswith("state.json is intact")
+    # The older personalized copy came back as an undo step.
+    assert run("undo").code == 0
+    assert run("status", "--json").json_lines()[0]["examples_per_label"] == {"fast_food": 3}
+
+
+def test_a_writer_repairs_a_damaged_state_json_itself(run, pt_model, photos, models_dir):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    (models_dir / STATE_FILE).write_text("{ truncated")
+    assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["examples_per_label"] == {"fast_food": 3, "healthy": 3}
+
+
+@pytest.mark.parametrize("damage", ["personal meta", "personal model", "personal weights file"])
+def test_a_damaged_personal_copy_points_to_undo(run, pt_model, photos, models_dir, damage):
     assert run("make-updatable", pt_model).code == 0
     base = probabilities(run, *photos["red"])
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
     store = ModelStore(models_dir)
     personal = store.personal_dir()
     assert personal is not None
-    if damage == "state":
-        (models_dir / STATE_FILE).write_text("{ truncated")
-    elif damage == "personal meta":
+    if damage == "personal meta":
         (personal / Files.META).write_text("not json")
     elif damage == "personal model":
         data = (personal / Files.MODEL).read_bytes()
         (personal / Files.MODEL).write_bytes(data[: len(data) // 2])
     else:
         (personal / Files.MODEL_DATA).unlink()
-    one_line_error(run("predict", photos["red"][0]), "reset")
-    result = run("reset")
+    one_line_error(run("predict", photos["red"][0]), "undo")
+    assert probabilities(run, *photos["red"], base=True) == base
+    result = run("undo")
     assert result.code == 0, result
     assert probabilities(run, *photos["red"]) == base
 
@@ -547,8 +597,8 @@ def test_damaged_examples_are_a_clear_error(run, pt_model, photos, models_dir):
     personal = ModelStore(models_dir).personal_dir()
     assert personal is not None
     (personal / Files.EXAMPLES).write_bytes(b"PK\x03\x04 torn")
-    one_line_error(run("retrain", "--label", "healthy", *photos["green"]), "damaged", "reset")
-    assert run("reset").code == 0
+    one_line_error(run("retrain", "--label", "healthy", *photos["green"]), "damaged", "undo")
+    assert run("undo").code == 0
     assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
 
 

@@ -90,7 +90,7 @@ def test_every_command_speaks_json(run, pt_model, photos, tmp_path):
     made = run("make-updatable", pt_model, "--json")
     assert made.code == 0
     assert made.json_lines()[0]["base"]["labels"] == ["healthy", "fast_food"]
-    taught = run("retrain", "--label", "délicieux 🥞", "--json", photos["red"][0])
+    taught = run("retrain", "--label", "délicieux 🥞", "--new-label", "--json", photos["red"][0])
     assert "délicieux 🥞" in taught.stdout  # non-ASCII kept readable
     assert taught.json_lines()[0]["new_label"] is True
     archive = tmp_path / "b.tar.gz"
@@ -212,7 +212,7 @@ def test_undo_after_make_updatable_brings_back_the_old_base_and_personalization(
 def test_reset_names_thumbnails_as_thumbnails(run, pt_model, photos):
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
-    result = run("reset")
+    result = run("reset", "--purge")
     assert "3 thumbnail(s)" in result.stdout
     assert run("reset").stdout.startswith("Nothing to reset")
 
@@ -246,7 +246,7 @@ def test_a_photo_whose_file_is_gone_is_forgotten_by_digest_or_thumbnail(run, pt_
 
 def test_labels_are_listed_renamed_and_removed_and_undo_reverses(run, pt_model, photos):
     assert run("make-updatable", pt_model).code == 0
-    assert run("retrain", "--label", "pancake", *photos["red"]).code == 0
+    assert run("retrain", "--label", "pancake", "--new-label", *photos["red"]).code == 0
     assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
     listed = run("labels", "--json").json_lines()[0]["labels"]
     assert [(x["label"], x["examples"], x["from_base"]) for x in listed] == [
@@ -296,3 +296,65 @@ def test_predict_shows_a_progress_bar_at_a_terminal_for_many_photos(monkeypatch)
         for _ in range(20):
             done()
     assert "photos" in screen.getvalue() and "20/20" in screen.getvalue()
+
+
+def _at_a_terminal(*args: str, answer: str) -> tuple[int, str]:
+    """The real command with a pseudo-terminal as its standard input, answering `answer`
+    to its question; (exit code, what it printed)."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "healthyluncher", *args],
+            stdin=secondary,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        os.write(primary, answer.encode() + b"\n")
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    return proc.returncode, output.decode()
+
+
+def test_reset_asks_at_a_terminal_and_can_be_undone(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    personalized = run("predict", "--json", *photos["red"]).json_lines()
+    code, output = _at_a_terminal("reset", answer="n")
+    assert (
+        code == 1
+        and "Predict with the base model again" in output
+        and "Nothing was changed" in output
+    )
+    assert run("status", "--json").json_lines()[0]["predicting_with"] == "personalized"
+    code, output = _at_a_terminal("reset", answer="y")
+    assert code == 0 and "one `luncher undo` away" in output, output
+    assert run("status", "--json").json_lines()[0]["predicting_with"] == "base"
+    assert run("undo").code == 0
+    assert run("predict", "--json", *photos["red"]).json_lines() == personalized
+    # --yes, or no terminal (a script), does not ask.
+    assert run("reset", "--yes").code == 0
+    code, output = _at_a_terminal("reset", "--purge", answer="n")
+    assert code == 1 and "for good" in output  # a purge asks too, and defaults to no
+
+
+def test_a_typo_in_a_label_is_refused_with_the_closest_label(run, pt_model, photos):
+    """Before, `retrain --label heathy` silently added a class for good."""
+    assert run("make-updatable", pt_model).code == 0
+    for typo, meant in (("heathy", "healthy"), ("Healthy", "healthy"), ("fastfood", "fast_food")):
+        result = run("retrain", "--label", typo, *photos["red"])
+        assert result.code == 1, result
+        line = result.stderr.strip()
+        assert f"did you mean {meant!r}?" in line and "--new-label" in line, line
+    status = run("status", "--json").json_lines()[0]
+    assert status["labels"] == ["healthy", "fast_food"] and status["predicting_with"] == "base"
+    unknown = run("retrain", "--label", "dessert", *photos["red"])
+    assert unknown.code == 1 and "did you mean" not in unknown.stderr
+    assert "To add it as a new label, add --new-label" in unknown.stderr
+    added = run("retrain", "--label", "dessert", "--new-label", *photos["red"])
+    assert added.code == 0, added
+    assert run("status", "--json").json_lines()[0]["labels"] == ["healthy", "fast_food", "dessert"]

@@ -72,7 +72,7 @@ def test_thumbnails_are_small_and_reset_removes_them(run, pt_model, tmp_path, mo
     (thumb,) = list((models_dir / "thumbnails").iterdir())
     with Image.open(thumb) as image:
         assert min(image.size) == 18  # the tiny model's resize: round(16 * 256 / 224)
-    assert "cached embedding" in run("reset").stdout
+    assert "cached embedding" in run("reset", "--purge").stdout
     assert not (models_dir / "thumbnails").exists()
 
 

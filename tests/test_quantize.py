@@ -132,7 +132,9 @@ def test_int8_base_retrains_grows_and_resets_exactly(run, pt_model, photos, cali
     for photo in result.json_lines()[0]["photos"]:
         assert abs(photo["after"] - after[photo["path"]][label]) < 1e-4
 
-    grown = run("retrain", "--label", "dessert", "--epochs", "40", "--json", *photos["green"])
+    grown = run(
+        "retrain", "--label", "dessert", "--new-label", "--epochs", "40", "--json", *photos["green"]
+    )
     assert grown.code == 0, grown
     rows = run("predict", "--json", *photos["green"]).json_lines()
     assert [r["label"] for r in rows] == ["dessert"] * 3

@@ -78,3 +78,31 @@ def test_a_folder_of_other_files_is_not_taken_over_as_models_directory(run, pt_m
     assert result.code == 1
     assert (mine / "cache" / "mine.txt").read_text() == "keep me"
     assert sorted(p.name for p in mine.iterdir()) == ["cache", "notes.txt"]
+
+
+@pytest.mark.parametrize("writer", ["forget", "purge"])
+def test_a_reader_that_read_the_old_state_loads_the_new_one(
+    run, pt_model, photos, models_dir, monkeypatch, writer
+):
+    """A predict that read state.json just before a writer switched it and removed the
+    directory it named used to fail with "the personalized model ... is damaged; run
+    `luncher undo` or `luncher reset`" (10 of 150 predicts under natural timing). It now
+    reads the new state and loads that."""
+    from healthyluncher.predictor import Predictor
+    from healthyluncher.store import ModelStore
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    store = ModelStore(models_dir)
+    stale = store.read_state()
+    if writer == "forget":  # a new copy; the old one goes with the cleared history
+        assert run("forget", photos["red"][0]).code == 0
+    else:
+        assert run("reset", "--purge").code == 0
+    assert stale.personal is not None and not (models_dir / stale.personal).exists()
+    fresh = store.read_state()
+    reads = iter([stale])
+    monkeypatch.setattr(store, "read_state", lambda: next(reads, fresh))
+    predictor = Predictor(store)
+    assert predictor.model.personalized == (writer == "forget")
+    assert next(iter(predictor.predict(photos["red"][:1]))).label in ("healthy", "fast_food")

@@ -14,7 +14,7 @@ def test_upgrade_keeps_the_users_labels(run, pt_model, tmp_path, photos, models_
     assert run("make-updatable", pt_model).code == 0
     red, green = photos["red"], photos["green"]
     assert run("retrain", "--label", "fast_food", "--epochs", "60", *red).code == 0
-    assert run("retrain", "--label", "dessert", "--epochs", "60", *green).code == 0
+    assert run("retrain", "--label", "dessert", "--new-label", "--epochs", "60", *green).code == 0
     new_base = pytorch_style(tmp_path / "new_base.onnx", seed=7)
 
     one_line_error(run("make-updatable", new_base), "--keep-personalization")
