@@ -95,12 +95,31 @@ def put_after_producer(model: onnx.ModelProto, tensor: str, suffix: str, make: A
 
 
 def scale_tensor(model: onnx.ModelProto, tensor: str, factor: float) -> None:
-    """Multiply the float32 `tensor` by `factor` where it is made, in place."""
+    """Multiply `tensor` by `factor` where it is made, in place, in its own float type (a
+    float16 frozen part hands over float16; the full model casts it to float32 first).
+    `factor` is a power of two, so either way nothing rounds."""
     name = f"{tensor}/scale"
-    model.graph.initializer.append(numpy_helper.from_array(np.array(factor, np.float32), name))
+    dtype = np.float16 if _elem_type(model, tensor) == TensorProto.FLOAT16 else np.float32
+    model.graph.initializer.append(numpy_helper.from_array(np.array(factor, dtype), name))
     put_after_producer(
         model,
         tensor,
         "/unscaled",
         lambda source: helper.make_node("Mul", [source, name], [tensor], name=name),
     )
+
+
+def _elem_type(model: onnx.ModelProto, tensor: str) -> int:
+    """The element type of `tensor` in `model` (float32 when nothing says otherwise)."""
+    graph = model.graph
+    for value in [*graph.output, *graph.value_info]:
+        if value.name == tensor and value.type.tensor_type.elem_type:
+            return int(value.type.tensor_type.elem_type)
+    producer = next((n for n in graph.node if tensor in n.output), None)
+    if producer is not None and producer.op_type == "Cast":
+        return int(next(a.i for a in producer.attribute if a.name == "to"))
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    for value in [*inferred.output, *inferred.value_info]:
+        if value.name == tensor and value.type.tensor_type.elem_type:
+            return int(value.type.tensor_type.elem_type)
+    return int(TensorProto.FLOAT)

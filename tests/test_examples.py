@@ -263,3 +263,19 @@ def test_a_taught_photo_takes_its_label_next_to_a_base_example_of_another(
     trained = run("retrain", "--label", "healthy", "--json", *twins).json_lines()[0]
     assert all(p["after"] > 0.5 for p in trained["photos"]), trained
     assert [r["label"] for r in run("predict", "--json", *twins).json_lines()] == ["healthy"] * 3
+
+
+def test_a_float16_model_with_huge_features_is_scaled_in_float16(run, tmp_path, photos, examples):
+    """The scale goes where the frozen part ends: in a float16 frozen part it must be a
+    float16 constant (a float32 one made ONNX Runtime refuse the model: "Type parameter (T)
+    of Optype (Mul) bound to different types")."""
+    huge = pytorch_style(tmp_path / "m.onnx", labels=None, classes=10, gain=3, offset=3e4)
+    model = float16_model(huge, tmp_path / "half.onnx")
+    result = run("make-updatable", model, "--examples", examples)
+    assert result.code == 0, result
+    assert "scaled by" in result.stdout
+    base = run("predict", "--json", *photos["red"]).json_lines()
+    trained = run("retrain", "--label", "healthy", "--json", *photos["red"]).json_lines()[0]
+    assert all(p["after"] > p["before"] for p in trained["photos"]), trained
+    assert run("reset").code == 0
+    assert run("predict", "--json", *photos["red"]).json_lines() == base
