@@ -153,6 +153,7 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         image.load()
         with _pillow_warnings():
             orientation = _orientation(image)
+        image = shrink(image, prep.resize)
         if orientation in _TRANSPOSE:
             image = image.transpose(_TRANSPOSE[orientation])
         image = _to_display_mode(image, prep.channels)
@@ -214,6 +215,52 @@ def _orientation(image: Image.Image) -> int:
     except _DECODE_ERRORS:
         return 1
     return value if isinstance(value, int) else 1
+
+
+# Rows of a large image converted at a time while it is shrunk (times the factor).
+_BAND_ROWS = 8
+
+
+def shrink(image: Image.Image, resize: int) -> Image.Image:
+    """A decoded image whose short side is at least twice `resize`, reduced by an integer
+    factor (the mean of each factor x factor block) so that it stays at least that: what
+    JPEG's draft mode does while decoding, for every other format after it. The image is
+    converted and reduced a band of rows at a time, so a 200-megapixel PNG with alpha costs
+    its decoded size once, not the four full-size copies its conversion to RGB would make.
+    Alpha is averaged premultiplied (as compositing onto white then averaging would), a
+    palette is expanded per band, and the photo's meaning (16-bit white, transparency) is
+    kept for `_to_display_mode`."""
+    width, height = image.size
+    factor = min(width, height) // (2 * resize)
+    if factor < 2:
+        return image
+    mode, back = _reducible_mode(image)
+    out_size = (-(-width // factor), -(-height // factor))
+    out = Image.new(mode, out_size)
+    rows = _BAND_ROWS * factor
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(height, top + rows)))
+        if band.mode != mode:
+            band = band.convert("RGBA" if mode == "RGBa" and band.mode != "RGBA" else mode)
+            if band.mode != mode:
+                band = band.convert(mode)
+        out.paste(band.reduce(factor), (0, top // factor))
+    return out.convert(back) if back != mode else out
+
+
+def _reducible_mode(image: Image.Image) -> tuple[str, str]:
+    """(the mode to average the image in, the mode to hand on)."""
+    mode = image.mode
+    transparent = "transparency" in image.info
+    if mode == "P" or mode == "PA" or (mode in ("L", "RGB") and transparent):
+        return "RGBa", "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        return ("La", "LA") if mode in ("LA", "La") else ("RGBa", "RGBA")
+    if mode == "1":
+        return "L", "L"
+    if mode.startswith("I;16"):
+        return "I", "I;16"  # 65535 stays white (see _to_display_mode)
+    return mode, mode
 
 
 def _to_display_mode(image: Image.Image, channels: int) -> Image.Image:

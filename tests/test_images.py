@@ -670,3 +670,62 @@ def test_find_images_skips_hidden_files_and_directories(tmp_path: Path) -> None:
     assert found == ["a.jpg", "sub/d.png"]
     # Named explicitly, a hidden file is still read.
     assert find_images([tmp_path / ".hidden.jpg"]) == [tmp_path / ".hidden.jpg"]
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB", "I;16", "1"])
+def test_a_large_photo_is_shrunk_to_what_compositing_at_full_size_gives(mode):
+    """Every mode is reduced before it is converted, and reads as its full-size conversion
+    (onto white, 16-bit white at 65535, a palette expanded) then reduced."""
+    from healthyluncher.settings import Preprocessing
+
+    rng = np.random.default_rng(0)
+    size = (640, 520)
+    rgba = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    rgba[..., 3] = np.linspace(0, 255, size[0], dtype=np.uint8)[None, :]  # alpha ramp
+    source = Image.fromarray(rgba, "RGBA")
+    if mode == "I;16":
+        grey = (rng.random((size[1], size[0])) * 65535).astype(np.uint16)
+        source = Image.fromarray(grey)
+    elif mode == "P":
+        source = source.convert("RGB").quantize(64)
+        source.info["transparency"] = 3
+    elif mode != "RGBA":
+        source = source.convert(mode)
+    prep = Preprocessing(height=32, width=32, resize=64)
+    got = images.decode(_png(source), prep)
+    factor = min(size) // (2 * prep.resize)
+    assert factor >= 2 and got.size == (-(-size[0] // factor), -(-size[1] // factor))
+    # The reference: the whole image converted for display first, then reduced.
+    reopened = Image.open(io.BytesIO(_png(source)))
+    full = images._to_display_mode(reopened, 3)
+    expected = np.asarray(full.reduce(factor), np.float64)
+    assert np.abs(np.asarray(got.convert(full.mode), np.float64) - expected).max() <= 2
+
+
+def test_a_huge_png_with_alpha_costs_its_decoded_size_not_four_times_it(tmp_path):
+    """A 0.8 MB PNG of 207 megapixels with alpha took 3.25 GB to predict (four full-size
+    copies on the way to RGB). At 48 megapixels here: the decode's peak memory now stays
+    below twice the decoded image (192 MB), where it was about four times it."""
+    import subprocess
+
+    path = tmp_path / "huge.png"
+    Image.new("RGBA", (8000, 6000), (200, 30, 40, 128)).save(path)
+    code = (
+        "import resource, sys\n"
+        "from healthyluncher import imaging\n"
+        "from healthyluncher.settings import Preprocessing\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"image = imaging.decode(open({str(path)!r}, 'rb').read(), Preprocessing())\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((after - before) // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    decoded_mb = 8000 * 6000 * 4 // 2**20
+    assert int(done.stdout) < 2 * decoded_mb, (int(done.stdout), decoded_mb)
