@@ -1,5 +1,20 @@
-"""`python -m healthyluncher`: the `luncher` command."""
+"""`python -m healthyluncher` and the `luncher` command.
 
-from healthyluncher.cli import main
+The entry point imports the command inside a guard: Ctrl-C while its modules load (a
+fraction of a second) ends with one line and exit code 130, not a traceback.
+"""
 
-main()
+import sys
+
+
+def run() -> None:
+    try:
+        from healthyluncher.cli import main
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
+    main()
+
+
+if __name__ == "__main__":
+    run()

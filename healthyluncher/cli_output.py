@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import CommittedInterrupt, LuncherError
 
 if TYPE_CHECKING:
     from healthyluncher import Prediction
@@ -125,8 +125,10 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
                 json_line({"error": str(exc)})
             err.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            if command.__name__ in READ_ONLY:
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, CommittedInterrupt):
+                err.print("[yellow]interrupted[/yellow] after the change was saved")
+            elif command.__name__ in READ_ONLY:
                 err.print("[yellow]interrupted[/yellow]")
             else:
                 err.print("[yellow]interrupted[/yellow]: the models directory was not changed")

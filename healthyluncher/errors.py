@@ -5,6 +5,10 @@ class LuncherError(Exception):
     """A problem the user can act on. The CLI prints it as one line and exits 1."""
 
 
+class CommittedInterrupt(KeyboardInterrupt):
+    """Ctrl-C after a change was saved (state.json switched), while it cleaned up."""
+
+
 class DamagedError(LuncherError):
     """A file of the models directory that cannot be parsed (not one that cannot be read)."""
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from healthyluncher.errors import DamagedError, LuncherError
+from healthyluncher.errors import CommittedInterrupt, DamagedError, LuncherError
 from healthyluncher.fileio import fsync_dir, fsync_tree, read_json, write_json
 from healthyluncher.state import DIRECTORY, STATE_FORMAT, State, Step, recover
 
@@ -267,11 +267,18 @@ class ModelStore:
                 raise
             if txn.next_state is None:
                 return
-            self.write_state(txn.next_state)
-            for action in txn.deferred:
-                with contextlib.suppress(OSError):
-                    action()
-            self.collect_garbage(txn.next_state)
+            try:
+                self.write_state(txn.next_state)
+                for action in txn.deferred:
+                    with contextlib.suppress(OSError):
+                        action()
+                self.collect_garbage(txn.next_state)
+            except KeyboardInterrupt:
+                # Whether the change happened decides what the user is told.
+                with contextlib.suppress(LuncherError, OSError):
+                    if self.read_state() == txn.next_state:
+                        raise CommittedInterrupt() from None
+                raise
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:

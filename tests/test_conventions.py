@@ -358,3 +358,42 @@ def test_a_typo_in_a_label_is_refused_with_the_closest_label(run, pt_model, phot
     added = run("retrain", "--label", "dessert", "--new-label", *photos["red"])
     assert added.code == 0, added
     assert run("status", "--json").json_lines()[0]["labels"] == ["healthy", "fast_food", "dessert"]
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C during start-up imports used to print a traceback (4 of 38 tries)."""
+    import builtins
+
+    import healthyluncher.__main__ as entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "healthyluncher.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.run()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_ctrl_c_after_the_switch_says_the_change_was_saved(run, pt_model, photos, monkeypatch):
+    """Ctrl-C while `undo` or `reset` cleaned up after switching said "the models directory
+    was not changed" (2 of 38 tries), though it had changed."""
+    from healthyluncher.store import ModelStore
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+
+    def interrupted(self, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelStore, "collect_garbage", interrupted)
+    result = run("reset", "--yes")
+    assert result.code == 130 and "after the change was saved" in result.stderr, result
+    assert "not changed" not in result.stderr
+    monkeypatch.undo()
+    assert run("status", "--json").json_lines()[0]["predicting_with"] == "base"
