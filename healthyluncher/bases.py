@@ -6,7 +6,7 @@ import hashlib
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -82,6 +82,7 @@ class UpdatableResult:
     not_carried: int = 0  # examples whose thumbnail was missing or unreadable
     preprocessing_source: str = ""  # where the preprocessing came from (modelsetup.Inputs)
     examples: HeadReport | None = None  # what --examples trained
+    replay_found: Path | None = None  # MODEL.replay.npz, found beside the model and used
 
 
 def make_updatable(
@@ -98,6 +99,13 @@ def make_updatable(
         )
     if options.calibration is not None and not options.int8:
         raise LuncherError("--calibration is only used with --int8")
+    found = None
+    beside = model_path.with_suffix(".replay.npz")
+    if options.replay is None and options.examples is None and beside.is_file():
+        # A base's replay set travels beside it (the shipped one does): without it, a
+        # personalization of this base forgets what the base knew.
+        options = replace(options, replay=beside)
+        found = beside
     with store.transaction() as txn:
         state = txn.state
         keep = bool(options.keep_personalization) and state.personal is not None
@@ -111,8 +119,10 @@ def make_updatable(
                 "base, or --force to replace it and remove the personalization"
             )
         if keep:
-            return _upgrade(txn, model_path, options)
-        return _build(txn, model_path, options, bundled=bundled)
+            result = _upgrade(txn, model_path, options)
+        else:
+            result = _build(txn, model_path, options, bundled=bundled)
+    return replace(result, replay_found=found)
 
 
 def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> UpdatableResult:
@@ -151,7 +161,7 @@ def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> U
 def ensure_base(store: ModelStore) -> State:
     """The current state, after initializing an empty models directory from the shipped
     base model."""
-    state = store.read_state()
+    state = store.current_state()
     if state.base is not None:
         return state
     shipped = bundled_model()
@@ -162,7 +172,7 @@ def ensure_base(store: ModelStore) -> State:
             replay = shipped.with_name(BUNDLED_REPLAY)
             options = UpdatableOptions(replay=replay if replay.is_file() else None)
             _build(txn, shipped, options, bundled=True)
-    return store.read_state()
+    return store.current_state()
 
 
 def _build(

@@ -206,6 +206,11 @@ def make_updatable(
         f"input {meta.preprocessing.height}x{meta.preprocessing.width} "
         f"{meta.preprocessing.layout}; training from tensor {escape(meta.split_tensor)!r}."
     )
+    if result.replay_found is not None:
+        out.print(
+            f"Replay set: {meta.replay_examples} examples from {escape(str(result.replay_found))}"
+            " (found beside the model), so personalizing it does not forget."
+        )
     if meta.int8:
         out.print(f"The frozen part is int8, calibrated on {meta.calibration_photos} photo(s).")
     if result.dropped_personalization:

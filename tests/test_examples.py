@@ -279,3 +279,29 @@ def test_a_float16_model_with_huge_features_is_scaled_in_float16(run, tmp_path, 
     assert all(p["after"] > p["before"] for p in trained["photos"]), trained
     assert run("reset").code == 0
     assert run("predict", "--json", *photos["red"]).json_lines() == base
+
+
+def test_a_replay_set_beside_the_model_is_used(run, tmp_path, pt_model, photos):
+    """`make-updatable healthyluncher-base.onnx` ignored the .replay.npz beside it: that
+    base then called 400 of 403 pizza and beignet photos healthy after a pancake retrain."""
+    import numpy as np
+
+    model = tmp_path / "mine.onnx"
+    model.write_bytes(pt_model.read_bytes())
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "mine.replay.npz",
+        inputs=rng.random((6, 8)).astype(np.float32),
+        labels=np.array(["healthy", "fast_food"] * 3),
+    )
+    result = run("make-updatable", model)
+    assert result.code == 0, result
+    assert "Replay set: 6 examples from" in result.stdout and "found beside" in result.stdout
+    assert run("status", "--json").json_lines()[0]["replay_examples"] == 6
+    # --examples builds its own replay set: the file beside the model is not mixed in.
+    folder = tmp_path / "ex"
+    for i in range(5):
+        solid(folder / "healthy" / f"h{i}.png", (30, 160 + 9 * i, 40))
+        solid(folder / "fast_food" / f"f{i}.png", (170 + 9 * i, 30, 40))
+    again = run("make-updatable", model, "--examples", folder, "--force")
+    assert again.code == 0 and "found beside" not in again.stdout
