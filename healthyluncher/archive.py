@@ -10,7 +10,7 @@ An archive is a gzip-compressed tar of regular files, `manifest.json` first::
     examples.npz               the cached head inputs of your photos, with labels and digests
     thumbnails/<sha256>.jpg    your photos at the model's input size, to embed them again
 
-Import reads the archive as a stream into a scratch directory outside the models directory,
+Import reads the archive as a stream into a hidden scratch directory of the models directory,
 checking every name, type and size on the way and every checksum at the end. Only then is
 the models directory touched, and it changes the way every writer changes it: a staged
 personal directory, then one switch of state.json.

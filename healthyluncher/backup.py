@@ -151,8 +151,10 @@ def import_backup(
     Made with this base: the exact weights and examples come back. Made with another base,
     and `rebuild`: its thumbnails are embedded with this base and the head is retrained.
     """
-    with tempfile.TemporaryDirectory(prefix="luncher-import-") as scratch:
-        backup = read_backup(archive, Path(scratch))
+    # Inside the models directory: the thumbnails it holds are the user's photos, and a
+    # killed import must not leave them in $TMPDIR; the next writer removes a leftover.
+    with store.scratch() as scratch:
+        backup = read_backup(archive, scratch)
         with store.transaction() as txn:
             base = load_base(store, txn.state)
             difference = _base_difference(backup, base)

@@ -1,4 +1,5 @@
-"""Files written so that nothing half-written stands where a reader looks: fsync, replace."""
+"""Files written so that nothing half-written stands where a reader looks (fsync, replace),
+and the advisory lock that keeps writers apart."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +67,57 @@ def fsync_tree(root: Path) -> None:
             with open(os.path.join(dirpath, name), "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(Path(dirpath))
+
+
+# Seconds of waiting for a lock after which the waiting process says so.
+WAIT_NOTICE = 0.5
+
+
+@contextlib.contextmanager
+def exclusive_lock(
+    path: Path, *, timeout: float, busy: str, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """An advisory exclusive lock on the file `path` (created if missing), held while the
+    block runs: flock on POSIX (released when the descriptor closes, so also when the
+    process dies), the filelock package elsewhere. After `timeout` seconds of waiting,
+    LuncherError(busy); `on_wait` is called once if the wait passes WAIT_NOTICE."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise LuncherError(busy) from None
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
+    try:
+        started = time.monotonic()
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if waited >= timeout:
+                    raise LuncherError(busy) from None
+                if not told and waited > WAIT_NOTICE and on_wait is not None:
+                    told = True
+                    on_wait()
+                time.sleep(0.05)
+            except OSError as exc:  # e.g. a filesystem without locks
+                raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+

@@ -22,23 +22,22 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 from healthyluncher.errors import CommittedInterrupt, DamagedError, LuncherError
-from healthyluncher.fileio import fsync_dir, fsync_tree, read_json, write_json
+from healthyluncher.fileio import exclusive_lock, fsync_dir, fsync_tree, read_json, write_json
 from healthyluncher.state import DIRECTORY, STATE_FORMAT, State, Step, recover
 
 ENV_VAR = "LUNCHER_MODELS_DIR"
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
+# Held by the process that uses a `.scratch-*` directory.
+SCRATCH_OWNER = ".owner"
 # Seconds a writer waits for another luncher process to finish.
 LOCK_TIMEOUT = 120.0
-# Seconds of waiting after which the waiting process says so.
-WAIT_NOTICE = 0.5
 
 T = TypeVar("T")
 
@@ -111,55 +110,21 @@ class ModelStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """One writer at a time: an advisory lock on the models directory's lock file
-        (flock, as the filelock package takes it on POSIX; filelock itself elsewhere)."""
+        """One writer at a time: an advisory lock on the models directory's lock file."""
         self.ensure_exists()
-        path = self.root / LOCK_FILE
-        busy = LuncherError(
-            f"another luncher process is changing {self.root}; try again when it is done"
-        )
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            from filelock import FileLock, Timeout
 
-            lock = FileLock(str(path))
-            try:
-                lock.acquire(timeout=LOCK_TIMEOUT)
-            except Timeout:
-                raise busy from None
-            try:
-                yield
-            finally:
-                lock.release()
-            return
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
-        try:
-            started = time.monotonic()
-            told = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    waited = time.monotonic() - started
-                    if waited > LOCK_TIMEOUT:
-                        raise busy from None
-                    if not told and waited > WAIT_NOTICE and self.on_wait is not None:
-                        told = True
-                        self.on_wait(
-                            f"another luncher process is changing {self.root}; this one "
-                            f"goes on when it is done (at most {LOCK_TIMEOUT:.0f} s)"
-                        )
-                    time.sleep(0.05)
-                except OSError as exc:  # e.g. a filesystem without locks
-                    raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
+        def waiting() -> None:
+            if self.on_wait is not None:
+                self.on_wait(
+                    f"another luncher process is changing {self.root}; this one "
+                    f"goes on when it is done (at most {LOCK_TIMEOUT:.0f} s)"
+                )
+
+        busy = f"another luncher process is changing {self.root}; try again when it is done"
+        with exclusive_lock(
+            self.root / LOCK_FILE, timeout=LOCK_TIMEOUT, busy=busy, on_wait=waiting
+        ):
             yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
 
     # -- state -------------------------------------------------------------------------
 
@@ -281,6 +246,29 @@ class ModelStore:
                 raise
 
     @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A hidden working directory inside the models directory, removed on leaving; one
+        that a killed process leaves is removed by the next writer (`collect_garbage`)."""
+        self.ensure_exists()
+        path = self.root / f".scratch-{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        try:
+            # Held while in use: a writer's cleanup then leaves the directory alone.
+            with exclusive_lock(path / SCRATCH_OWNER, timeout=0, busy="scratch in use"):
+                yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def _abandoned(scratch: Path) -> bool:
+        """A scratch directory no process holds (its owner was killed)."""
+        try:
+            with exclusive_lock(scratch / SCRATCH_OWNER, timeout=0, busy="in use"):
+                return True
+        except LuncherError:
+            return False
+
+    @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A hidden directory to fill; removed if the block fails."""
         self.ensure_exists()
@@ -315,6 +303,8 @@ class ModelStore:
             name = entry.name
             if not entry.is_dir() or name in keep:
                 continue
+            if name.startswith(".scratch-") and not self._abandoned(entry):
+                continue  # an import still reading its archive there
             if name.startswith(("base-", "personal-", ".staging-", ".scratch-")):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed_personal |= name.startswith("personal-")

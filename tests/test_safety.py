@@ -106,3 +106,34 @@ def test_a_reader_that_read_the_old_state_loads_the_new_one(
     predictor = Predictor(store)
     assert predictor.model.personalized == (writer == "forget")
     assert next(iter(predictor.predict(photos["red"][:1]))).label in ("healthy", "fast_food")
+
+
+def test_a_killed_import_leaves_no_photos_in_tmp_and_the_next_writer_cleans_up(
+    run, pt_model, photos, models_dir, tmp_path, monkeypatch
+):
+    """A killed import left `$TMPDIR/luncher-import-*` with the user's thumbnails (25 of
+    them accumulated) and nothing ever removed them. Import now unpacks into a hidden
+    directory of the models directory, which the next writer removes unless a live import
+    holds it."""
+    import tempfile
+
+    from healthyluncher.store import ModelStore
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    archive = tmp_path / "b.tar.gz"
+    assert run("export", archive).code == 0
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    assert run("import", archive).code == 0
+    assert list(private_tmp.iterdir()) == []
+    # What a killed import leaves: a scratch directory with thumbnails, no owner alive.
+    leftover = models_dir / ".scratch-0123456789ab"
+    (leftover / "thumbnails").mkdir(parents=True)
+    (leftover / "thumbnails" / "x.jpg").write_bytes(b"a photo")
+    store = ModelStore(models_dir)
+    with store.scratch() as live:  # an import still reading: left alone
+        assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
+        assert live.is_dir() and not leftover.exists()
+    assert not live.exists()
