@@ -120,4 +120,3 @@ def exclusive_lock(
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-

@@ -296,9 +296,11 @@ class ModelStore:
         return name
 
     def collect_garbage(self, state: State) -> None:
-        """Remove directories that state.json no longer names (call with the lock held)."""
+        """Remove what state.json no longer names (call with the lock held): directories,
+        then the thumbnails and cached head inputs of photos that no kept state has among
+        its examples (a cancelled retrain's, a forgotten photo's), and temporary files a
+        killed writer left. Writers write those files under the lock, so none is in use."""
         keep = state.names()
-        removed_personal = False
         for entry in self.root.iterdir():
             name = entry.name
             if not entry.is_dir() or name in keep:
@@ -307,13 +309,9 @@ class ModelStore:
                 continue  # an import still reading its archive there
             if name.startswith(("base-", "personal-", ".staging-", ".scratch-")):
                 shutil.rmtree(entry, ignore_errors=True)
-                removed_personal |= name.startswith("personal-")
-        if removed_personal:
-            self._collect_thumbnails(state)
+        self._collect_user_files(state)
 
-    def _collect_thumbnails(self, state: State) -> None:
-        """Remove the thumbnails of photos that no kept state has among its examples (the
-        user's photos leave with the last state that used them)."""
+    def _collect_user_files(self, state: State) -> None:
         import zipfile
 
         import numpy as np
@@ -327,10 +325,17 @@ class ModelStore:
                     used.update(str(d) for d in data["digests"])
             except (OSError, KeyError, ValueError, zipfile.BadZipFile):
                 return  # cannot tell what is used: keep everything
-        folder = self.root / Files.THUMBNAILS
-        if folder.is_dir():
-            for path in folder.glob("*.jpg"):
-                if path.stem not in used:
+        folders = [self.root / Files.THUMBNAILS]
+        cache = self.root / "cache"
+        if cache.is_dir():
+            folders.extend(p for p in cache.iterdir() if p.is_dir())
+        for folder in folders:
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                # <digest>.jpg, <digest>.v2x8.npy; .<name>.<random>.tmp from atomic writes
+                stale = path.name.startswith(".") and path.name.endswith(".tmp")
+                if stale or (path.is_file() and path.name.split(".")[0] not in used):
                     path.unlink(missing_ok=True)
 
     # -- embedding cache ---------------------------------------------------------------

@@ -391,9 +391,9 @@ def test_ctrl_c_after_the_switch_says_the_change_was_saved(run, pt_model, photos
     def interrupted(self, state):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ModelStore, "collect_garbage", interrupted)
-    result = run("reset", "--yes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ModelStore, "collect_garbage", interrupted)
+        result = run("reset", "--yes")
     assert result.code == 130 and "after the change was saved" in result.stderr, result
     assert "not changed" not in result.stderr
-    monkeypatch.undo()
     assert run("status", "--json").json_lines()[0]["predicting_with"] == "base"

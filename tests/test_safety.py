@@ -137,3 +137,31 @@ def test_a_killed_import_leaves_no_photos_in_tmp_and_the_next_writer_cleans_up(
         assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
         assert live.is_dir() and not leftover.exists()
     assert not live.exists()
+
+
+def test_a_cancelled_retrain_leaves_no_thumbnails_or_cache_behind(
+    run, pt_model, photos, models_dir, monkeypatch
+):
+    """Ctrl-C during a retrain left the thumbnails and cached head inputs of the cancelled
+    photos (190 thumbnails for 127 examples), and a thumbnail's .tmp survived every later
+    retrain. The next writer now removes every such file that no kept state uses."""
+    import healthyluncher.personal as personal
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    thumbnails = models_dir / "thumbnails"
+    kept = sorted(p.name for p in thumbnails.glob("*.jpg"))
+    cached = sorted(p.name for p in (models_dir / "cache").rglob("*.npy"))
+    assert len(kept) == 3 and len(cached) == 3
+
+    def cancelled(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(personal, "fit", cancelled)
+        assert run("retrain", "--label", "healthy", *photos["green"]).code == 130
+    assert len(list(thumbnails.glob("*.jpg"))) == 6  # the cancelled photos' files
+    (thumbnails / ".abc.jpg.x1y2.tmp").write_bytes(b"torn")  # what kill -9 leaves
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    assert sorted(p.name for p in thumbnails.iterdir()) == kept
+    assert sorted(p.name for p in (models_dir / "cache").rglob("*.npy")) == cached
