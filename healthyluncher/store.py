@@ -303,6 +303,9 @@ class ModelStore:
         keep = state.names()
         for entry in self.root.iterdir():
             name = entry.name
+            if name.startswith(".") and name.endswith(".tmp") and entry.is_file():
+                entry.unlink(missing_ok=True)  # a state.json a killed writer was writing
+                continue
             if not entry.is_dir() or name in keep:
                 continue
             if name.startswith(".scratch-") and not self._abandoned(entry):
