@@ -46,11 +46,21 @@ out = _Console()
 err = _Console(stderr=True)
 
 
+def printable(text: str) -> str:
+    """`text` with every control or format character (ESC, CR, NUL, newline, U+202E...)
+    shown as an escape: a message stays one line, and a name from a file cannot move the
+    cursor, erase the screen or reverse the text around it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def escape(text: str) -> str:
-    """rich's markup escape, imported when something is printed with markup."""
+    """rich's markup escape (imported when something is printed with markup), of the text
+    with its control characters shown as escapes (`printable`)."""
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    return rich_escape(printable(text))
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Column:
 def print_table(title: str, columns: list[Column], rows: list[list[tuple[str, str]]]) -> None:
     """A table: drawn by rich at a terminal; piped, plain columns separated by two spaces
     (grep- and awk-friendly, and no rich import). Cells are (text, rich style or "")."""
+    rows = [[(printable(cell), style) for cell, style in row] for row in rows]
     if not sys.stdout.isatty():
         widths = [
             max([len(c.header)] + [len(row[i][0]) for row in rows]) for i, c in enumerate(columns)
@@ -238,7 +249,7 @@ class RowPrinter:
     def __init__(self, title: str, labels: Sequence[str] | None, paths: Sequence[object]) -> None:
         self.title = title
         self.labels = list(labels) if labels is not None else None
-        self.width = min(60, max([5, *(len(str(p)) for p in paths)]))
+        self.width = min(60, max([5, *(len(printable(str(p))) for p in paths)]))
         self.started = False
 
     def print(self, row: Prediction) -> None:
@@ -252,7 +263,7 @@ class RowPrinter:
             header += [x.rjust(max(6, len(x))) for x in labels]
             sys.stdout.write("  ".join(header).rstrip() + "\n")
         cells = [
-            str(row.path).ljust(self.width),
+            printable(str(row.path)).ljust(self.width),
             row.label.ljust(self.label_width),
             f"{row.probability:.1%}".rjust(11),
         ]

@@ -13,6 +13,7 @@ from onnx import TensorProto, numpy_helper
 
 from healthyluncher.cuts import Topology, choices, cut_problem, fold_batch_norms, working_counts
 from healthyluncher.errors import LuncherError
+from healthyluncher.meta import check_label
 from healthyluncher.runtime import MAX_IR_VERSION, MAX_OPSET
 from healthyluncher.settings import Layout
 
@@ -371,9 +372,20 @@ def metadata_labels(metadata: dict[str, str]) -> list[str] | None:
         except json.JSONDecodeError:
             value = raw.split(",")
         if isinstance(value, dict):  # {"0": "cat", ...}
-            value = [value[k] for k in sorted(value, key=lambda k: int(k))]
+            try:
+                value = [value[k] for k in sorted(value, key=int)]
+            except (TypeError, ValueError):
+                raise LuncherError(
+                    f"the model's {key!r} metadata maps class numbers to names, but not all "
+                    "of its keys are numbers; give the labels with --labels"
+                ) from None
         if isinstance(value, list) and value:
-            return [str(v).strip() for v in value]
+            try:
+                return [check_label(str(v)) for v in value]
+            except LuncherError as exc:
+                raise LuncherError(
+                    f"the model's {key!r} metadata: {exc}; give the labels with --labels"
+                ) from None
     return None
 
 

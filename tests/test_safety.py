@@ -165,3 +165,21 @@ def test_a_cancelled_retrain_leaves_no_thumbnails_or_cache_behind(
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
     assert sorted(p.name for p in thumbnails.iterdir()) == kept
     assert sorted(p.name for p in (models_dir / "cache").rglob("*.npy")) == cached
+
+
+def test_control_characters_in_names_are_shown_as_escapes(run, pt_model, photos, tmp_path):
+    """A file name (or any text from a file) with ESC, CR or U+202E went straight to the
+    terminal: it could recolour or erase the screen, split an error line, or reverse the
+    text around it. Every line luncher prints shows them as escapes."""
+    assert run("make-updatable", pt_model).code == 0
+    hostile = tmp_path / "lunch\x1b[2J\r\u202egpj.jpg"
+    hostile.write_bytes(b"not an image")
+    good = tmp_path / "fine\x1b[31m.png"
+    good.write_bytes(photos["red"][0].read_bytes())
+    result = run("predict", good, hostile)
+    assert result.code == 1
+    for stream in (result.stdout, result.stderr):
+        assert "\x1b" not in stream and "\r" not in stream and "\u202e" not in stream
+    assert "\\x1b[2J\\r\\u202egpj.jpg" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "fine\\x1b[31m.png" in result.stdout
