@@ -152,13 +152,15 @@ class Luncher:
         epochs: int | None = None,
         learning_rate: float | None = None,
         views: int | None = None,
+        save: bool = False,
         progress: ProgressCallback | None = None,
     ) -> RetrainResult:
         """Teach the model that these photos are `label`, and retrain.
 
         A label the model does not have is refused unless `new_label=True`, which adds it.
         `epochs`, `learning_rate` and `views` (augmented views per photo) override the
-        stored settings and are remembered. `progress` receives `Progress` events.
+        stored settings for this retrain; `save=True` keeps them as the settings of later
+        retrains. `progress` receives `Progress` events.
         """
         from healthyluncher.personalizing import retrain
 
@@ -171,6 +173,7 @@ class Luncher:
             epochs=epochs,
             learning_rate=learning_rate,
             augment_views=views,
+            save=save,
             progress=progress,
         )
 

@@ -105,6 +105,10 @@ def retrain(
     new_label: Annotated[
         bool, typer.Option("--new-label", help="LABEL is new: add it to the model.")
     ] = False,
+    save: Annotated[
+        bool,
+        typer.Option("--save", help="Keep --epochs, --learning-rate and --views for later."),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Teach the model that these photos are LABEL.
@@ -120,6 +124,7 @@ def retrain(
                 epochs=epochs,
                 learning_rate=learning_rate,
                 views=views,
+                save=save,
                 progress=report,
             )
     except UnknownLabelError as exc:  # a typo must not become a class forever

@@ -58,11 +58,15 @@ def publish_personal(
     keep_history: bool = True,
     names: dict[str, str] | None = None,
     progress: ProgressCallback | None = None,
+    remember: Hyperparameters | None = None,
 ) -> Fitted:
     """Train the head from the base's weights on the examples plus replay (or, with
     `restore`, take those exact weights and that meta), publish a new personalized copy in
     `txn`, and commit the state that makes it current: the one way a personalized copy is
     made, by retrain, forget, import and base upgrades alike.
+
+    `remember`: the settings to store with the copy when they are not `hp` (a retrain's
+    one-off --epochs trains with `hp` and keeps the settings it started from).
 
     Labels beyond the base's grow the head: old classes keep their weights, the new ones
     start at zero, and training artifacts for the grown head are written with the copy.
@@ -99,7 +103,7 @@ def publish_personal(
             meta = PersonalMeta(
                 base_sha256=base.meta.sha256,
                 labels=labels,
-                hyperparameters=hp,
+                hyperparameters=remember or hp,  # the settings later retrains start from
                 trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 retrains=(previous.meta.retrains if previous else 0) + 1,
                 examples_per_label=examples.per_label(),

@@ -97,6 +97,7 @@ def retrain(
     epochs: int | None = None,
     learning_rate: float | None = None,
     augment_views: int | None = None,
+    save: bool = False,
     progress: ProgressCallback | None = None,
 ) -> RetrainResult:
     """Add the photos as examples of `label` (a new label grows the head) and retrain."""
@@ -143,7 +144,16 @@ def retrain(
         else:
             before_label = np.zeros(len(probe))  # the label did not exist yet
         names = {digest: _display_name(path) for path, digest in named}
-        fitted = publish_personal(txn, base, labels, examples, hp, names=names, progress=progress)
+        fitted = publish_personal(
+            txn,
+            base,
+            labels,
+            examples,
+            hp,
+            names=names,
+            progress=progress,
+            remember=None if save else settings,  # one-off settings apply once
+        )
     after = np.stack([fitted.scores[digest] for _, digest in named])
     after_label = after[:, labels.index(label)]
     photos = tuple(

@@ -44,7 +44,9 @@ def predict_json(run, *paths: Path) -> str:
 def personalized(run, pt_model, photos) -> None:
     """A personalization with a label the base lacks (the head grew) and six thumbnails."""
     assert run("make-updatable", pt_model).code == 0
-    assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
+    assert (
+        run("retrain", "--label", "fast_food", "--epochs", "60", "--save", *photos["red"]).code == 0
+    )
     assert (
         run("retrain", "--label", "dessert", "--new-label", "--epochs", "60", *photos["green"]).code
         == 0

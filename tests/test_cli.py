@@ -157,7 +157,7 @@ def test_status_tells_the_truth_before_and_after(run, pt_model, photos, models_d
     status = run("status", "--json").json_lines()[0]
     assert status["predicting_with"] == "base" and status["examples_per_label"] == {}
     assert status["models_dir"] == str(models_dir)
-    assert run("retrain", "--label", "healthy", "--epochs", "3", *photos["red"]).code == 0
+    assert run("retrain", "--label", "healthy", "--epochs", "3", "--save", *photos["red"]).code == 0
     status = run("status", "--json").json_lines()[0]
     assert status["predicting_with"] == "personalized"
     assert status["hyperparameters"]["epochs"] == 3 and status["last_retrain"]
@@ -618,8 +618,12 @@ def test_views_follow_the_budget_and_photos_keep_the_views_they_got(
     with np.load(personal / Files.EXAMPLES) as data:
         per_photo = np.bincount(data["owner"]).tolist()
     assert per_photo == [5, 5, 5, 2]
-    # --views is remembered like --epochs: the next retrain gives exactly 2 again.
-    again = run("retrain", "--label", "healthy", "--json", *photos["green"][1:])
+    # --views applies once; with --save, it is kept: later retrains give exactly 2 again.
+    once = run("retrain", "--label", "healthy", "--json", photos["green"][1])
+    assert once.json_lines()[0]["views_per_photo"] == 8  # the budget again
+    saved = run("retrain", "--label", "healthy", "--views", "2", "--save", photos["green"][1])
+    assert saved.code == 0, saved
+    again = run("retrain", "--label", "healthy", "--json", photos["green"][2])
     assert again.json_lines()[0]["views_per_photo"] == 2
     assert "2 views per photo" in run("status").stdout
     after = probabilities(run, *photos["red"], *photos["green"])
@@ -663,3 +667,16 @@ def test_a_damaged_base_weights_file_is_one_line_that_says_what_to_do(
     one_line_error(run("predict", photos["red"][0]), "base model", "make-updatable")
     assert run("make-updatable", pt_model, "--force").code == 0
     assert run("predict", photos["red"][0]).code == 0
+
+
+def test_one_off_training_options_apply_once_unless_saved(run, pt_model, photos):
+    """`retrain --epochs 1` used to become the setting of every later retrain (and of
+    forget and upgrades) without a word."""
+    assert run("make-updatable", pt_model).code == 0
+    default = run("status", "--json").json_lines()[0]["hyperparameters"]
+    once = run("retrain", "--label", "fast_food", "--epochs", "2", "--json", *photos["red"])
+    assert once.json_lines()[0]["hyperparameters"]["epochs"] == 2  # what it trained with
+    assert run("status", "--json").json_lines()[0]["hyperparameters"] == default
+    saved = run("retrain", "--label", "healthy", "--epochs", "7", "--save", *photos["green"])
+    assert saved.code == 0, saved
+    assert run("status", "--json").json_lines()[0]["hyperparameters"]["epochs"] == 7

@@ -118,7 +118,7 @@ def test_memory_in_the_graph_matches_its_definition(head):
 
 def test_augmented_views_are_cached_not_recomputed(run, pt_model, photos, models_dir, monkeypatch):
     assert run("make-updatable", pt_model).code == 0
-    assert run("retrain", "--label", "healthy", "--views", "4", *photos["red"]).code == 0
+    assert run("retrain", "--label", "healthy", "--views", "4", "--save", *photos["red"]).code == 0
     cached = sorted((models_dir / "cache").rglob("*.npy"))
     assert len(cached) == 3 and all(np.load(p).shape[0] == 4 for p in cached)
 
