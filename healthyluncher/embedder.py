@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 # enough that the first call starts while later photos still decode and that memory stays
 # flat (128 at once peaked above 1 GB on the shipped base).
 FROZEN_BATCH = 8
+# The longest side a JPEG thumbnail can have (libjpeg's limit).
+JPEG_MAX_SIDE = 65500
 # Bump when augmented_views changes, so cached views are not mixed with new ones.
 AUGMENT_VERSION = 2
 
@@ -154,6 +156,8 @@ class Embedder:
                 self._write_thumbnail(digest, image)
             views = imaging.augmented_views(image, prep, self.views, int(digest[:8], 16))
             return _Prepared(path, digest, views, cached=False)
+        except StorageError:
+            raise
         except LuncherError as exc:
             message = str(exc)
             return ImageFailure(path, message if str(path) in message else f"{path}: {message}")
@@ -183,16 +187,24 @@ class Embedder:
             return
         short = self.base.meta.preprocessing.resize
         small = resize_short_side(image, short) if min(image.size) > short else image
+        width, height = small.size
+        if max(width, height) > JPEG_MAX_SIDE:  # a 65535x1 strip: keep its centre
+            keep_w, keep_h = min(width, JPEG_MAX_SIDE), min(height, JPEG_MAX_SIDE)
+            left, top = (width - keep_w) // 2, (height - keep_h) // 2
+            small = small.crop((left, top, left + keep_w, top + keep_h))
         buffer = io.BytesIO()
         try:
             small.convert("RGB").save(buffer, "JPEG", quality=90)
-        except (OSError, ValueError) as exc:  # e.g. wider than JPEG's 65500 pixels
+        except (OSError, ValueError) as exc:
             raise LuncherError(f"cannot keep a thumbnail of this photo: {exc}") from None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, buffer.getvalue())
-        except OSError as exc:
-            raise LuncherError(f"cannot keep a thumbnail in {target.parent}: {exc}") from None
+        except OSError as exc:  # the disk or the folder, not the photo
+            raise StorageError(
+                f"cannot write in {target.parent}: {exc.strerror or exc}; the models "
+                "directory was not changed"
+            ) from None
 
     def _read_cache(self, digest: str) -> np.ndarray | None:
         path = self._cache_file(digest)

@@ -9,6 +9,11 @@ class CommittedInterrupt(KeyboardInterrupt):
     """Ctrl-C after a change was saved (state.json switched), while it cleaned up."""
 
 
+class StorageError(LuncherError):
+    """The models directory cannot be written (a full disk, no permission): no photo is to
+    blame, so the whole command stops rather than skipping photos one by one."""
+
+
 class DamagedError(LuncherError):
     """A file of the models directory that cannot be parsed (not one that cannot be read)."""
 

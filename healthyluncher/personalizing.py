@@ -128,7 +128,7 @@ def retrain(
         embedded = [item for i, item in enumerate(embedded) if firsts[item[1]] == i]
         if not embedded:
             raise LuncherError(
-                "none of the photos could be read: " + "; ".join(f.error for f in failures)
+                "none of the photos could be used: " + "; ".join(f.error for f in failures)
             )
         sample_shape = embedded[0][2].shape[1:]
         # Earlier photos keep the views they were embedded with: training weighs photos,

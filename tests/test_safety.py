@@ -183,3 +183,40 @@ def test_control_characters_in_names_are_shown_as_escapes(run, pt_model, photos,
     assert "\\x1b[2J\\r\\u202egpj.jpg" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "fine\\x1b[31m.png" in result.stdout
+
+
+def test_a_65535x1_photo_is_used_not_called_unreadable(run, pt_model, tmp_path):
+    """Its thumbnail could not be a JPEG (at most 65500 pixels a side), and the retrain said
+    "none of the photos could be read". The thumbnail now keeps the strip's centre."""
+    from PIL import Image
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (65535, 1), (200, 40, 40)).save(strip)
+    assert run("make-updatable", pt_model).code == 0
+    result = run("retrain", "--label", "healthy", strip)
+    assert result.code == 0, result
+
+
+def test_a_full_disk_says_so_and_changes_nothing(run, pt_model, photos, models_dir, monkeypatch):
+    """A full disk (or a thumbnails folder that cannot be written) was reported per photo as
+    "none of the photos could be read". It is the disk: one line that says so, nothing
+    changed."""
+    import errno
+
+    import healthyluncher.embedder as embedder
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    before = run("status", "--json").json_lines()[0]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(embedder, "atomic_write_bytes", full)
+        result = run("retrain", "--label", "healthy", *photos["green"])
+    assert result.code == 1
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "No space left on device" in line
+    assert "could be read" not in line and "was not changed" in line
+    assert run("status", "--json").json_lines()[0] == before
