@@ -220,3 +220,24 @@ def test_a_full_disk_says_so_and_changes_nothing(run, pt_model, photos, models_d
     assert len(line.splitlines()) == 1 and "No space left on device" in line
     assert "could be read" not in line and "was not changed" in line
     assert run("status", "--json").json_lines()[0] == before
+
+
+def test_an_unreadable_state_json_is_not_called_damaged(run, pt_model, models_dir, monkeypatch):
+    """state.json is created 0600: another user was told it is "damaged" and to run
+    `reset`. It is unreadable, and the message says that."""
+    from pathlib import Path
+
+    assert run("make-updatable", pt_model).code == 0
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "state.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "read_text", denied)
+        result = run("status")
+    assert result.code == 1
+    assert "cannot read" in result.stderr and "Permission denied" in result.stderr
+    assert "damaged" not in result.stderr and "reset" not in result.stderr
