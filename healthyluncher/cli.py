@@ -312,6 +312,12 @@ def status(
     out.print(f"[bold]predicting with[/bold]   the {result.predicting_with} model")
     examples = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     out.print(f"[bold]your examples[/bold]     {escape(examples) or 'none'}")
+    if result.memory_summarized:
+        out.print(
+            f"[bold]memory[/bold]            your {result.memory_photos} newest photos one by "
+            f"one; {result.memory_summarized} older ones summarized (averages of photos taught "
+            "together)"
+        )
     out.print(
         f"[bold]undo steps[/bold]        {result.undo_steps}; the models directory holds "
         f"{result.disk_bytes / 2**20:.1f} MiB"

@@ -92,15 +92,64 @@ def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The views to remember and their class indices: every photo's own view first, then
-    augmented views while they fit in MEMORY_ROWS."""
-    owner = examples.owner
+    """The views to remember and their class indices, at most MEMORY_ROWS.
+
+    When every photo's own view fits, they all go in, then augmented views while they fit.
+    Beyond that, the newest photos keep their own views (a photo taught today takes its
+    label today) and the older ones are summarized: each run of photos taught one after
+    the other under one label becomes one or more rows, the mean of its photos' unit-length
+    views, so every photo still counts (`memory_plan` says how the rows are split)."""
     first = _first_view_indices(examples)
-    rest = np.ones(len(owner), bool)
-    rest[first] = False
-    chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
-    classes = np.array([labels.index(examples.labels[o]) for o in examples.owner[chosen]])
-    return examples.inputs[chosen], classes.astype(np.int64)
+    class_of = np.array([labels.index(label) for label in examples.labels], np.int64)
+    photos = len(examples)
+    if photos <= MEMORY_ROWS:
+        rest = np.ones(len(examples.owner), bool)
+        rest[first] = False
+        chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
+        return examples.inputs[chosen], class_of[examples.owner[chosen]]
+    newest, older = memory_plan(photos)
+    flat = examples.inputs[first].reshape(photos, -1).astype(np.float64)
+    flat /= np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    summaries = _run_means(flat[:older], class_of[:older], MEMORY_ROWS - newest)
+    rows = np.concatenate(
+        [summaries[0].reshape(-1, *examples.inputs.shape[1:]), examples.inputs[first[older:]]]
+    )
+    return rows.astype(np.float32), np.concatenate([summaries[1], class_of[older:]])
+
+
+def memory_plan(photos: int) -> tuple[int, int]:
+    """(photos remembered one by one, the newest; older photos summarized) for this many
+    photos: all of them one by one while they fit in MEMORY_ROWS, else the newest
+    seven-eighths of the rows, and the rest of the rows summarize the older photos."""
+    if photos <= MEMORY_ROWS:
+        return photos, 0
+    newest = MEMORY_ROWS - MEMORY_ROWS // 8
+    return newest, photos - newest
+
+
+def _run_means(
+    unit: np.ndarray, classes: np.ndarray, budget: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """At most `budget` rows summarizing these photos (in the order taught): runs of one
+    label, cut into equal chunks so that the chunks number at most `budget`, each the mean
+    of its photos."""
+    starts = np.flatnonzero(np.r_[True, classes[1:] != classes[:-1]])
+    if len(starts) > budget:  # labels alternate photo by photo: group by label instead
+        order = np.argsort(classes, kind="stable")
+        unit, classes = unit[order], classes[order]
+        starts = np.flatnonzero(np.r_[True, classes[1:] != classes[:-1]])
+    ends = np.r_[starts[1:], len(classes)]
+    size = 1
+    while size < len(classes) and (
+        sum(-(-(e - s) // size) for s, e in zip(starts, ends, strict=True)) > budget
+    ):
+        size *= 2
+    rows, row_classes = [], []
+    for start, end in zip(starts, ends, strict=True):
+        for at in range(start, end, size):
+            rows.append(unit[at : min(end, at + size)].mean(axis=0))
+            row_classes.append(classes[start])
+    return np.stack(rows), np.array(row_classes, np.int64)
 
 
 def _first_view_indices(examples: Examples) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from healthyluncher.embedder import Embedder
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.examples import merge_examples, select_examples
+from healthyluncher.examples import memory_plan, merge_examples, select_examples
 from healthyluncher.meta import check_label
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
@@ -86,6 +86,10 @@ class Status:
     trainer: str = "onnxruntime"  # what trains the head here: "onnxruntime" or "numpy"
     warning: str | None = None  # a problem with this environment's ONNX Runtime
     version: str = ""  # of healthyluncher
+    # The nearest-neighbour memory: photos remembered one by one (the newest), and older
+    # photos summarized in fewer rows (see examples.memory_rows).
+    memory_photos: int = 0
+    memory_summarized: int = 0
 
 
 def retrain(
@@ -328,6 +332,8 @@ def _status(store: ModelStore, state: State) -> Status:
     base = load_base(store, state)
     personal = load_personal(store, state)
     hp = personal.meta.hyperparameters if personal else base.meta.hyperparameters
+    photos = sum(personal.meta.examples_per_label.values()) if personal else 0
+    plan = memory_plan(photos) if hp.memory_strength > 0 else (0, 0)
     return Status(
         models_dir=store.root,
         base_name=base.meta.name,
@@ -342,6 +348,8 @@ def _status(store: ModelStore, state: State) -> Status:
         trainable_layers=base.meta.trainable_layers,
         replay_examples=base.meta.replay_examples,
         undo_steps=len(state.history),
+        memory_photos=plan[0],
+        memory_summarized=plan[1],
         int8=base.meta.int8,
         disk_bytes=_disk_bytes(store.root),
         trainer=trainer_name(cheap=True),

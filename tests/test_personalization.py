@@ -236,3 +236,48 @@ def test_numpy_scores_match_the_graph(with_replay, trans_b):
     )
     assert (ours - spec.logits({"W": weight, "b": bias}, x)).max() > 1  # the memory acts
     np.testing.assert_allclose(ours, got, rtol=1e-5, atol=1e-5)
+
+
+def test_the_newest_photos_are_always_in_the_memory_and_old_ones_still_count(monkeypatch):
+    """`memory_rows` kept the oldest rows first: past MEMORY_ROWS examples, every photo
+    taught after that was silently left out of the memory, and at 3,000 examples a
+    correction no longer stuck. Now the newest photos keep their own rows, and the older
+    ones are summarized (each run of one label by the means of its photos)."""
+    import healthyluncher.examples as ex
+
+    monkeypatch.setattr(ex, "MEMORY_ROWS", 16)
+    rng = np.random.default_rng(0)
+    photos = 40
+    inputs = rng.normal(size=(photos * 2, DIM)).astype(np.float32)  # 2 views each
+    owner = np.repeat(np.arange(photos), 2)
+    labels = tuple("A" if i < 25 else "B" for i in range(photos))  # B: the newest 15
+    examples = Examples(inputs, owner, tuple(f"{i:064x}" for i in range(photos)), labels)
+    rows, classes = ex.memory_rows(examples, ("A", "B"))
+    assert len(rows) <= 16
+    newest, older = ex.memory_plan(photos)
+    assert (newest, older) == (14, 26)
+    # The newest 14 photos' own views, unchanged, at the end.
+    np.testing.assert_array_equal(rows[-14:], inputs[2 * 26 :: 2])
+    assert classes[-14:].tolist() == [1] * 14
+    # The 26 older ones: A's 25 and B's first one, summarized in the remaining rows.
+    summaries = rows[:-14]
+    assert len(summaries) == 2 and sorted(classes[:-14].tolist()) == [0, 1]
+    unit = inputs[: 2 * 26 : 2] / np.linalg.norm(inputs[: 2 * 26 : 2], axis=1, keepdims=True)
+    np.testing.assert_allclose(summaries[0], unit[:25].mean(axis=0), rtol=1e-5)
+
+
+def test_status_says_how_the_memory_is_built(run, pt_model, tmp_path, monkeypatch):
+    import healthyluncher.examples as ex
+    from tests.conftest import solid
+
+    monkeypatch.setattr(ex, "MEMORY_ROWS", 8)
+    assert run("make-updatable", pt_model).code == 0
+    shots = [solid(tmp_path / "p" / f"{i}.png", (20 + 20 * i, 90, 200 - 15 * i)) for i in range(10)]
+    assert run("retrain", "--label", "healthy", "--views", "1", *shots).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert (status["memory_photos"], status["memory_summarized"]) == (7, 3)
+    assert "your 7 newest photos one by one; 3 older ones summarized" in run("status").stdout
+    # The newest photo takes its label, whatever came before it.
+    newest = solid(tmp_path / "new.png", (240, 240, 10))
+    taught = run("retrain", "--label", "fast_food", "--json", newest).json_lines()[0]
+    assert taught["photos"][0]["after"] > 0.5
