@@ -67,6 +67,10 @@ class ImportResult:
 # -- export ------------------------------------------------------------------------------
 
 
+# gzip level of backups (see export_backup).
+GZIP_LEVEL = 1
+
+
 def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> ExportResult:
     """Write the personalization, its examples and thumbnails to one .tar.gz, atomically.
     An existing file is replaced only with `force` (`export photo.jpg` must not eat it)."""
@@ -346,7 +350,12 @@ def write_archive(target: Path, manifest: dict[str, Any], files: list[tuple[str,
     try:
         with os.fdopen(fd, "wb") as raw:
             # No file name or time in the gzip header: the temporary name means nothing.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed:
+            # Level 1: the thumbnails are JPEGs and the examples float32, neither of which
+            # compresses much; on 28 MB of both, level 9 took 4.65 s for 22.3 MB and level
+            # 1 0.73 s for 22.8 MB.
+            with gzip.GzipFile(
+                filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL
+            ) as packed:
                 with tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as tar:
                     header = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
                     tar.addfile(info(MANIFEST, len(header)), io.BytesIO(header))

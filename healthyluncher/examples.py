@@ -127,9 +127,7 @@ def memory_plan(photos: int) -> tuple[int, int]:
     return newest, photos - newest
 
 
-def _run_means(
-    unit: np.ndarray, classes: np.ndarray, budget: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _run_means(unit: np.ndarray, classes: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     """At most `budget` rows summarizing these photos (in the order taught): runs of one
     label, cut into equal chunks so that the chunks number at most `budget`, each the mean
     of its photos."""
