@@ -37,7 +37,7 @@ from healthyluncher.runtime import HeadRunner, softmax
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, Transaction
 from healthyluncher.template import load as load_template
-from healthyluncher.training import checkpoint_writer, fit, prepare_head
+from healthyluncher.training import checkpoint_writer, fit, prepare_head, trainer_name
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,9 @@ def publish_personal(
             artifact_dir = base.path / Files.ARTIFACTS
             if extra > 0:
                 artifact_dir = staged / Files.ARTIFACTS
-                _grown_head(base, extra, hp, staged / Files.HEAD, artifact_dir)
+                previous_copy = load_personal(txn.store, txn.state)
+                if not _reuse_grown_head(previous_copy, len(labels), hp, staged):
+                    _grown_head(base, extra, hp, staged / Files.HEAD, artifact_dir)
             if restore is None:
 
                 def on_epoch(epoch: int, total: int, loss: float) -> None:
@@ -174,6 +176,31 @@ def _scores(
             )
         parts.append(logits)
     return softmax(np.concatenate(parts).astype(np.float64))
+
+
+def _reuse_grown_head(
+    previous: Personal | None, classes: int, hp: Hyperparameters, staged: Path
+) -> bool:
+    """Copy the grown head and its training artifacts of the current copy into `staged`
+    when they fit (the same base, class count and optimizer): generating them again costs
+    a retrain with a label of your own 0.2 to 0.5 s. Their checkpoint holds the grown
+    base's weights, the start of every retrain, not the copy's trained ones."""
+    if previous is None or len(previous.meta.labels) != classes:
+        return False
+    if previous.meta.hyperparameters.optimizer != hp.optimizer:
+        return False
+    head, artifacts = previous.path / Files.HEAD, previous.path / Files.ARTIFACTS
+    needs_artifacts = trainer_name() == "onnxruntime"
+    if not head.is_file() or (needs_artifacts and not artifacts.is_dir()):
+        return False
+    try:
+        shutil.copyfile(head, staged / Files.HEAD)
+        if needs_artifacts:
+            shutil.copytree(artifacts, staged / Files.ARTIFACTS)
+    except OSError:
+        shutil.rmtree(staged / Files.ARTIFACTS, ignore_errors=True)
+        return False
+    return True
 
 
 def _grown_head(

@@ -281,3 +281,33 @@ def test_status_says_how_the_memory_is_built(run, pt_model, tmp_path, monkeypatc
     newest = solid(tmp_path / "new.png", (240, 240, 10))
     taught = run("retrain", "--label", "fast_food", "--json", newest).json_lines()[0]
     assert taught["photos"][0]["after"] > 0.5
+
+
+def test_a_label_of_your_own_reuses_the_grown_head_and_trains_the_same(
+    run, pt_model, photos, models_dir, tmp_path
+):
+    """Once a label of your own existed, every retrain grew the head and generated its
+    training artifacts again (0.2 to 0.5 s, and an onnx import). The next retrain now takes
+    them from the current copy, and trains exactly as if it had made them."""
+    import shutil
+
+    import healthyluncher.personal as personal
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "dessert", "--new-label", *photos["green"]).code == 0
+    twin = tmp_path / "twin"
+    shutil.copytree(models_dir, twin)
+
+    def regenerated(*args, **kwargs):
+        raise AssertionError("the grown head was made again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(personal, "_grown_head", regenerated)
+        assert run("retrain", "--label", "dessert", *photos["red"][:1]).code == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(personal, "_reuse_grown_head", lambda *args: False)
+        made = run("--models-dir", twin, "retrain", "--label", "dessert", *photos["red"][:1])
+        assert made.code == 0, made
+    reused = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    again = run("--models-dir", twin, "predict", "--json", *photos["red"], *photos["green"])
+    assert again.json_lines() == reused
