@@ -5,7 +5,7 @@
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -187,12 +187,7 @@ def reset(
     Example: luncher reset
     """
     lun = luncher(ctx)
-    # A purge also destroys what `undo` could bring back after an earlier reset.
-    try:
-        at_stake = lun.personalized or (purge and lun.status().undo_steps > 0)
-    except LuncherError:  # a damaged directory: reset is the way out, ask as usual
-        at_stake = True
-    if not yes and sys.stdin.isatty() and at_stake:
+    if not yes and sys.stdin.isatty() and _reset_has_something_to_lose(lun, purge):
         question = (
             "Remove your personalization, its undo steps and your photos' thumbnails for good?"
             if purge
@@ -223,6 +218,15 @@ def reset(
         f"{result.removed_thumbnails} thumbnail(s) and {result.removed_cache_files} cached "
         "embedding file(s). Predictions now come from the base model."
     )
+
+
+def _reset_has_something_to_lose(lun: Any, purge: bool) -> bool:
+    """A personalization, or (for a purge) what `undo` could bring back after an earlier
+    reset; asked only at a terminal, where a question is worth these reads."""
+    try:
+        return bool(lun.personalized or (purge and lun.status().undo_steps > 0))
+    except LuncherError:  # a damaged directory: reset is the way out; ask as usual
+        return True
 
 
 @app.command()

@@ -241,3 +241,13 @@ def test_an_unreadable_state_json_is_not_called_damaged(run, pt_model, models_di
     assert result.code == 1
     assert "cannot read" in result.stderr and "Permission denied" in result.stderr
     assert "damaged" not in result.stderr and "reset" not in result.stderr
+
+
+def test_reset_in_a_script_reads_nothing_it_does_not_need(run, models_dir, monkeypatch):
+    """reset without a terminal does not ask, so it must not set up the shipped base just
+    to find out whether there was something to ask about: in an empty models directory it
+    still says there is nothing to reset, and leaves no base behind."""
+    monkeypatch.delenv("LUNCHER_BUNDLED_MODEL")  # the shipped base is there to be set up
+    result = run("reset")
+    assert result.code == 0 and "Nothing to reset" in result.stdout, result
+    assert not list(models_dir.glob("base-*"))
