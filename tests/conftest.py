@@ -83,3 +83,16 @@ def photos(tmp_path: Path) -> dict[str, list[Path]]:
 @pytest.fixture
 def pt_model(tmp_path: Path) -> Path:
     return pytorch_style(tmp_path / "tiny_pt.onnx")
+
+
+def one_line_error(result: Result, *fragments: str) -> str:
+    """The command failed with exit code 1 and one `error:` line naming every fragment, and
+    no traceback; returns that line."""
+    assert result.code == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    return lines[0]

@@ -17,9 +17,8 @@ from healthyluncher import archive as archive_format
 from healthyluncher import backup
 from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
-from tests.conftest import TRAINER, needs_ort
+from tests.conftest import TRAINER, needs_ort, one_line_error
 from tests.models import keras_style, pytorch_style
-from tests.test_cli import one_line_error
 
 Member = tuple[tarfile.TarInfo, bytes]
 

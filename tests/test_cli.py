@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
-from tests.conftest import needs_ort
+from tests.conftest import needs_ort, one_line_error
 from tests.models import keras_style, pytorch_style
 
 
@@ -169,16 +169,6 @@ def test_status_tells_the_truth_before_and_after(run, pt_model, photos, models_d
 
 
 # -- errors ------------------------------------------------------------------------------
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.code == 1, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_refuses_a_file_that_is_not_onnx(run, tmp_path):

@@ -17,6 +17,7 @@ from healthyluncher import imaging
 from healthyluncher.errors import LuncherError
 from healthyluncher.photos import find_images, image_suffixes, read_bytes, url_error
 from healthyluncher.settings import Preprocessing
+from tests.conftest import one_line_error
 
 pillow_heif = pytest.importorskip("pillow_heif")
 
@@ -78,17 +79,6 @@ FORMATS = [
     pytest.param(".heif", save_heif, id="heif"),
     pytest.param(".avif", save_avif, id="avif", marks=needs_avif),
 ]
-
-
-def one_line_error(result, *fragments: str) -> str:
-    assert result.code == 1, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
-    return lines[0]
 
 
 def predictions(run, *paths: Path | str) -> dict[str, dict]:

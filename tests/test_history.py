@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from healthyluncher.store import ModelStore
-from tests.test_cli import one_line_error, probabilities
+from tests.conftest import one_line_error
+from tests.test_cli import probabilities
 
 
 def test_undo_walks_back_through_retrains(run, pt_model, photos):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from healthyluncher.meta import BaseMeta
 from healthyluncher.store import STATE_FILE, Files, ModelStore
-from tests.conftest import needs_ort
+from tests.conftest import needs_ort, one_line_error
 from tests.models import keras_style, pytorch_style
 
 
@@ -44,14 +44,6 @@ def base_dir(models_dir: Path) -> Path:
     path = ModelStore(models_dir).base_dir()
     assert path is not None
     return path
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.code == 1, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from healthyluncher.store import STATE_FILE
-from tests.conftest import needs_ort
+from tests.conftest import needs_ort, one_line_error
 from tests.models import keras_style, pytorch_style
-from tests.test_cli import one_line_error, probabilities
+from tests.test_cli import probabilities
 
 
 def test_upgrade_keeps_the_users_labels(run, pt_model, tmp_path, photos, models_dir):
