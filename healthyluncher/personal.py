@@ -157,7 +157,7 @@ def _scores(
         return runner.probabilities(inputs)
     spec = spec.with_extra_classes(len(labels) - spec.classes)
     memory = None
-    if hp.memory_strength > 0 and len(examples) > 0:
+    if _remembers(hp, examples):
         memory = (*memory_rows(examples, labels), load_replay(base))
     parts = []
     for start in range(0, len(inputs), 256):
@@ -176,6 +176,12 @@ def _scores(
             )
         parts.append(logits)
     return softmax(np.concatenate(parts).astype(np.float64))
+
+
+def _remembers(hp: Hyperparameters, examples: Examples) -> bool:
+    """Whether the copy has a nearest-neighbour memory in front of its logits: the one rule
+    the graphs (template or onnx) and the numpy scores follow alike."""
+    return hp.memory_strength > 0 and len(examples) > 0
 
 
 def _reuse_grown_head(
@@ -251,7 +257,7 @@ def personal_graphs(
             heads.grow_classes(target, axes, extra)
     for target in targets:
         heads.write_back(target, params)
-    if hp.memory_strength > 0 and len(examples) > 0:
+    if _remembers(hp, examples):
         rows, classes = memory_rows(examples, labels)
         replay = load_replay(base)
         for target in targets:
@@ -315,7 +321,7 @@ def render_personal(
     """The personalized models for these weights and examples: from the base's template
     when it fits (no onnx import), else built with onnx by `personal_graphs`."""
     template = None
-    if hp.memory_strength > 0 and len(examples) > 0:
+    if _remembers(hp, examples):
         template = load_template(base.path / Files.TEMPLATE)
     if template is not None and template.num_classes == len(labels):
         rows, classes = memory_rows(examples, labels)
