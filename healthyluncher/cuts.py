@@ -269,3 +269,136 @@ def choices(counts: Sequence[int], total: int, limit: int = MAX_LISTED) -> str:
     if not counts:
         return f"no --trainable-layers value works for this model{checked}"
     return f"choose --trainable-layers from {', '.join(map(str, counts))}{checked}"
+
+
+def merge_parallel_heads(model: onnx.ModelProto, logits: str) -> bool:
+    """Make logits that are the (scaled) sum of several linear layers one linear layer, in
+    place; returns whether it did.
+
+    A distilled DeiT ends in (head(cls) + head_dist(dist)) / 2: two Gemms read two tensors
+    and no single tensor crosses a cut before the last layer. Exactly the same logits come
+    from one Gemm over the concatenated inputs, with the weights stacked and the biases
+    summed (each times the final scale): W = s [W1 W2], b = s (b1 + b2). That Gemm is then
+    the last layer, which `--trainable-layers 1` trains and `--examples` replaces. Gemms
+    that read the same tensor add their weights instead.
+    """
+    graph = model.graph
+    old = [onnx.NodeProto.FromString(node.SerializeToString()) for node in graph.node]
+    inits = {t.name: t for t in graph.initializer}
+    reads = Counter(name for node in old for name in node.input)
+    reads.update(o.name for o in graph.output)
+    producers = {out: i for i, node in enumerate(old) for out in node.output if out}
+    scale, total, gone = 1.0, logits, set()
+    root = old[producers[logits]] if logits in producers else None
+    if root is not None and root.op_type in ("Mul", "Div") and len(root.input) == 2:
+        factor = _scalar(inits, root.input[1])
+        if factor is None and root.op_type == "Mul":
+            factor = _scalar(inits, root.input[0])
+        if factor is not None and factor != 0.0:
+            data = root.input[0] if root.input[0] not in inits else root.input[1]
+            scale, total = (1.0 / factor if root.op_type == "Div" else factor), data
+            gone.add(producers[logits])
+    sums, leaves = _linear_sum(old, producers, inits, reads, total)
+    if len(leaves) < 2 or (total != logits and reads[total] != 1):
+        return False
+    classes = {_gemm_weight(old[i], inits).shape[1] for i in leaves}
+    if len(classes) != 1:
+        return False
+    weights: dict[str, np.ndarray] = {}
+    bias = np.zeros(classes.pop())
+    for leaf in (old[i] for i in leaves):
+        weight = _gemm_weight(leaf, inits)
+        weights[leaf.input[0]] = (
+            weights[leaf.input[0]] + weight if leaf.input[0] in weights else weight
+        )
+        if len(leaf.input) > 2 and leaf.input[2]:
+            beta = next((a.f for a in leaf.attribute if a.name == "beta"), 1.0)
+            bias = bias + beta * _array(inits[leaf.input[2]]).reshape(-1)
+    taken = set(inits) | set(reads) | set(producers)
+    name = "+".join(old[i].name or old[i].output[0] for i in leaves)
+    weight_name = _fresh("merged_head.weight", taken)
+    bias_name = _fresh("merged_head.bias", taken)
+    sources = list(weights)
+    features = sources[0]
+    merged = []
+    if len(sources) > 1:
+        features = _fresh("merged_head.input", taken)
+        merged.append(
+            helper.make_node("Concat", sources, [features], name=f"{name}.concat", axis=1)
+        )
+    stacked = np.concatenate([weights[s] for s in sources], axis=0) * scale  # (D, C)
+    merged.append(
+        helper.make_node("Gemm", [features, weight_name, bias_name], [logits], name=name, transB=1)
+    )
+    gone.update(sums, leaves)
+    constants = {n for i in gone for n in old[i].input if n in inits}
+    _set(model, inits, weight_name, np.ascontiguousarray(stacked.T).astype(np.float32))
+    _set(model, inits, bias_name, (bias * scale).astype(np.float32))
+    rebuilt: list[onnx.NodeProto] = []
+    for i, node in enumerate(old):
+        if i not in gone:
+            rebuilt.append(node)
+        if i == max(gone):
+            rebuilt.extend(merged)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    _drop_unread(model, constants)
+    return True
+
+
+def _scalar(inits: dict[str, TensorProto], name: str) -> float | None:
+    tensor = inits.get(name)
+    if tensor is None or tensor.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):
+        return None
+    value = _array(tensor)
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def _linear_sum(
+    nodes: list[onnx.NodeProto],
+    producers: dict[str, int],
+    inits: dict[str, TensorProto],
+    reads: Counter[str],
+    total: str,
+) -> tuple[list[int], list[int]]:
+    """(the Add nodes, the Gemm leaves) of `total` = a sum of float linear layers, each read
+    once, as node indices; ([], []) when it is anything else."""
+    sums: list[int] = []
+    leaves: list[int] = []
+    stack = [total]
+    while stack:
+        name = stack.pop()
+        if name not in producers or (name != total and reads[name] != 1):
+            return [], []
+        node = nodes[producers[name]]
+        if node.op_type == "Add" and len(node.input) == 2 and not set(node.input) & set(inits):
+            sums.append(producers[name])
+            stack.extend(node.input)
+        elif node.op_type == "Gemm" and _plain_gemm(node, inits):
+            leaves.append(producers[name])
+        else:
+            return [], []
+    return sums, sorted(leaves)
+
+
+def _plain_gemm(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> bool:
+    attrs = {a.name: a for a in node.attribute}
+    if "transA" in attrs and attrs["transA"].i:
+        return False
+    floats = [node.input[1]] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
+    if node.input[0] in inits or not all(
+        n in inits and inits[n].data_type == TensorProto.FLOAT for n in floats
+    ):
+        return False
+    weight = inits[node.input[1]]
+    classes = weight.dims[0] if "transB" in attrs and attrs["transB"].i else weight.dims[-1]
+    bias_ok = len(floats) == 1 or int(np.prod(inits[floats[1]].dims)) == classes
+    return len(weight.dims) == 2 and bias_ok
+
+
+def _gemm_weight(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> np.ndarray:
+    """alpha * B as (inputs, classes)."""
+    attrs = {a.name: a for a in node.attribute}
+    weight = _array(inits[node.input[1]])
+    alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
+    return alpha * (weight.T if "transB" in attrs and attrs["transB"].i else weight)

@@ -11,7 +11,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from healthyluncher.cuts import Topology, choices, cut_problem, fold_batch_norms, working_counts
+from healthyluncher.cuts import (
+    Topology,
+    choices,
+    cut_problem,
+    fold_batch_norms,
+    merge_parallel_heads,
+    working_counts,
+)
 from healthyluncher.errors import LuncherError
 from healthyluncher.meta import check_label
 from healthyluncher.runtime import MAX_IR_VERSION, MAX_OPSET
@@ -116,8 +123,9 @@ def float_initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
 
 def analyze(model: onnx.ModelProto) -> Analysis:
     """What the classifier is, and its layers. Folds each BatchNormalization that follows a
-    Conv into that Conv first, in place (exact in eval mode): the layers listed are then
-    the ones that train, and the model written for the base is the folded one."""
+    Conv into that Conv first, and logits that sum several linear layers into one, in place
+    (both exact): the layers listed are then the ones that train, and the model written for
+    the base is the rewritten one."""
     fold_batch_norms(model)
     graph = model.graph
     initializer_names = {t.name for t in graph.initializer}
@@ -143,6 +151,7 @@ def analyze(model: onnx.ModelProto) -> Analysis:
             "expected (batch, classes) class scores"
         )
     logits_name, is_probability = _logits_of(model, output.name)
+    merge_parallel_heads(model, logits_name)
     layers = layers_of(model)
     if not layers:
         raise LuncherError("the model has no layers with weights to train")

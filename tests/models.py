@@ -113,3 +113,39 @@ def keras_style(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return save(model, path, list(labels) if labels is not None else None)
+
+
+def distilled_style(
+    path: Path, labels: list[str] | None = ("healthy", "fast_food"), *, classes: int = 2
+) -> Path:  # type: ignore[assignment]
+    """A distilled DeiT's ending: two linear heads on two different tensors, averaged.
+
+    pytorch_style's body, then (fc(average-pooled) + fc_dist(max-pooled)) / 2."""
+    model = onnx.load(str(pytorch_style(path, None, classes=classes)))
+    rng = np.random.default_rng(5)
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(
+                rng.normal(0, 0.3, (classes, 8)).astype(np.float32), "fc_dist.weight"
+            ),
+            numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "fc_dist.bias"),
+            numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        ]
+    )
+    model.graph.node[-1].output[0] = "cls_logits"
+    model.graph.node.extend(
+        [
+            helper.make_node("GlobalMaxPool", ["r2"], ["max_pooled"], name="max_pool"),
+            helper.make_node("Flatten", ["max_pooled"], ["dist_features"], name="flatten_dist"),
+            helper.make_node(
+                "Gemm",
+                ["dist_features", "fc_dist.weight", "fc_dist.bias"],
+                ["dist_logits"],
+                name="fc_dist",
+                transB=1,
+            ),
+            helper.make_node("Add", ["cls_logits", "dist_logits"], ["logit_sum"], name="add"),
+            helper.make_node("Div", ["logit_sum", "two"], ["logits"], name="average"),
+        ]
+    )
+    return save(model, path, list(labels) if labels is not None else None)

@@ -12,12 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from healthyluncher import decompose, graph
+from healthyluncher import cuts, decompose, graph
 from healthyluncher.errors import LuncherError
 from healthyluncher.runtime import inference_session, training
 from healthyluncher.store import Files, ModelStore
-from tests.conftest import needs_ort, require_ort_training
-from tests.models import SIZE
+from tests.conftest import needs_ort, require_ort_training, solid
+from tests.models import SIZE, distilled_style
 
 LABELS = ["healthy", "fast_food"]
 # Fragments of ONNX Runtime's own messages (C++ sources, assertions, status codes).
@@ -601,3 +601,48 @@ def test_the_refusals_hold_without_onnx_runtime_training(run, tmp_path, monkeypa
     result = run("make-updatable", _reduce_max(tmp_path / "m.onnx"), "--trainable-layers", "3")
     assert result.code == 1
     assert "ReduceMax" in _one_line_without_ort_text(result.stderr)
+
+
+# Several linear heads summed (a distilled DeiT): one last layer
+
+
+def test_two_averaged_heads_become_one_last_layer_exactly(tmp_path):
+    path = distilled_style(tmp_path / "distilled.onnx")
+    original = onnx.load(str(path))
+    merged = onnx.load(str(path))
+    analysis = graph.analyze(merged)
+    last = analysis.layers[-1]
+    assert (last.name, last.op) == ("fc+fc_dist", "Gemm")
+    assert [layer.name for layer in analysis.layers[:-1]] == ["conv1", "conv2"]
+    assert not {"Add", "Div"} & {node.op_type for node in merged.graph.node}
+    onnx.checker.check_model(merged)
+    x = _image_batch()
+    np.testing.assert_allclose(_outputs(merged, x), _outputs(original, x), rtol=1e-5, atol=1e-6)
+    assert graph.analyze(merged).layers == analysis.layers  # merging twice changes nothing
+
+
+def test_a_sum_of_heads_with_another_reader_is_left_alone(tmp_path):
+    model = onnx.load(str(distilled_style(tmp_path / "d.onnx")))
+    model.graph.output.append(helper.make_tensor_value_info("cls_logits", TensorProto.FLOAT, None))
+    assert not cuts.merge_parallel_heads(model, "logits")
+    assert "fc_dist" in {node.name for node in model.graph.node}
+
+
+@needs_ort
+@pytest.mark.parametrize("layers", ["1", "2"])
+def test_a_distilled_model_gets_a_new_head_and_personalizes(run, tmp_path, photos, layers):
+    """A distilled DeiT was refused at --trainable-layers 1: its two heads read two tensors,
+    so no single tensor crossed the cut."""
+    model = distilled_style(tmp_path / "distilled.onnx", labels=None, classes=10)
+    examples = tmp_path / "examples"
+    for i in range(10):
+        solid(examples / "fast_food" / f"f{i}.png", (150 + 10 * i, 20 + 3 * i, 40))
+        solid(examples / "healthy" / f"h{i}.png", (30, 150 + 10 * i, 40 + 2 * i))
+    made = run("make-updatable", model, "--examples", examples, "--trainable-layers", layers)
+    assert made.code == 0, made
+    blue = [solid(tmp_path / "blue" / f"b{i}.png", (40, 60, 200 + 10 * i)) for i in range(3)]
+    before = run("predict", "--json", *blue).json_lines()
+    trained = run("retrain", "--label", "healthy", "--json", *blue).json_lines()[0]
+    assert all(p["after"] > p["before"] for p in trained["photos"]), trained
+    assert run("reset").code == 0
+    assert run("predict", "--json", *blue).json_lines() == before
