@@ -291,13 +291,15 @@ def merge_parallel_heads(model: onnx.ModelProto, logits: str) -> bool:
     scale, total, gone = 1.0, logits, set()
     root = old[producers[logits]] if logits in producers else None
     if root is not None and root.op_type in ("Mul", "Div") and len(root.input) == 2:
-        factor = _scalar(inits, root.input[1])
-        if factor is None and root.op_type == "Mul":
-            factor = _scalar(inits, root.input[0])
-        if factor is not None and factor != 0.0:
-            data = root.input[0] if root.input[0] not in inits else root.input[1]
-            scale, total = (1.0 / factor if root.op_type == "Div" else factor), data
+        at = 1 if _scalar(old, producers, inits, root.input[1]) is not None else 0
+        factor = _scalar(old, producers, inits, root.input[at])
+        if factor and (at == 1 or root.op_type == "Mul"):
+            scale = 1.0 / factor if root.op_type == "Div" else factor
+            total = root.input[1 - at]
             gone.add(producers[logits])
+            constant = producers.get(root.input[at])
+            if constant is not None and reads[root.input[at]] == 1:
+                gone.add(constant)  # the Constant node that held the factor
     sums, leaves = _linear_sum(old, producers, inits, reads, total)
     if len(leaves) < 2 or (total != logits and reads[total] != 1):
         return False
@@ -346,8 +348,21 @@ def merge_parallel_heads(model: onnx.ModelProto, logits: str) -> bool:
     return True
 
 
-def _scalar(inits: dict[str, TensorProto], name: str) -> float | None:
+def _scalar(
+    nodes: list[onnx.NodeProto], producers: dict[str, int], inits: dict[str, TensorProto], name: str
+) -> float | None:
+    """The value of a one-element float initializer or Constant node, else None."""
     tensor = inits.get(name)
+    if tensor is None and name in producers:
+        node = nodes[producers[name]]
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+        elif (
+            node.op_type == "Constant"
+            and node.attribute
+            and node.attribute[0].name == "value_float"
+        ):
+            return float(node.attribute[0].f)
     if tensor is None or tensor.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):
         return None
     value = _array(tensor)

@@ -116,11 +116,16 @@ def keras_style(
 
 
 def distilled_style(
-    path: Path, labels: list[str] | None = ("healthy", "fast_food"), *, classes: int = 2
-) -> Path:  # type: ignore[assignment]
+    path: Path,
+    labels: list[str] | None = ("healthy", "fast_food"),  # type: ignore[assignment]
+    *,
+    classes: int = 2,
+    constant_node: bool = True,
+) -> Path:
     """A distilled DeiT's ending: two linear heads on two different tensors, averaged.
 
-    pytorch_style's body, then (fc(average-pooled) + fc_dist(max-pooled)) / 2."""
+    pytorch_style's body, then (fc(average-pooled) + fc_dist(max-pooled)) / 2, the 2 a
+    Constant node as torch exports it (or an initializer)."""
     model = onnx.load(str(pytorch_style(path, None, classes=classes)))
     rng = np.random.default_rng(5)
     model.graph.initializer.extend(
@@ -129,12 +134,15 @@ def distilled_style(
                 rng.normal(0, 0.3, (classes, 8)).astype(np.float32), "fc_dist.weight"
             ),
             numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "fc_dist.bias"),
-            numpy_helper.from_array(np.array(2.0, np.float32), "two"),
         ]
     )
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    if not constant_node:
+        model.graph.initializer.append(two)
     model.graph.node[-1].output[0] = "cls_logits"
     model.graph.node.extend(
         [
+            *([helper.make_node("Constant", [], ["two"], value=two)] if constant_node else []),
             helper.make_node("GlobalMaxPool", ["r2"], ["max_pooled"], name="max_pool"),
             helper.make_node("Flatten", ["max_pooled"], ["dist_features"], name="flatten_dist"),
             helper.make_node(

@@ -606,15 +606,16 @@ def test_the_refusals_hold_without_onnx_runtime_training(run, tmp_path, monkeypa
 # Several linear heads summed (a distilled DeiT): one last layer
 
 
-def test_two_averaged_heads_become_one_last_layer_exactly(tmp_path):
-    path = distilled_style(tmp_path / "distilled.onnx")
+@pytest.mark.parametrize("constant_node", [True, False])
+def test_two_averaged_heads_become_one_last_layer_exactly(tmp_path, constant_node):
+    path = distilled_style(tmp_path / "distilled.onnx", constant_node=constant_node)
     original = onnx.load(str(path))
     merged = onnx.load(str(path))
     analysis = graph.analyze(merged)
     last = analysis.layers[-1]
     assert (last.name, last.op) == ("fc+fc_dist", "Gemm")
     assert [layer.name for layer in analysis.layers[:-1]] == ["conv1", "conv2"]
-    assert not {"Add", "Div"} & {node.op_type for node in merged.graph.node}
+    assert not {"Add", "Div", "Constant"} & {node.op_type for node in merged.graph.node}
     onnx.checker.check_model(merged)
     x = _image_batch()
     np.testing.assert_allclose(_outputs(merged, x), _outputs(original, x), rtol=1e-5, atol=1e-6)
