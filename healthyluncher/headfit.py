@@ -53,12 +53,15 @@ MAX_INPUT_L1 = 1000.0
 class LabelledPhotos:
     labels: tuple[str, ...]
     photos: tuple[tuple[PhotoSource, int], ...]  # (photo, label index), in folder order
+    # Each photo's subfolder inside its label's folder ("" directly in it), as photos:
+    # a label's dishes, when the user sorted them so.
+    groups: tuple[str, ...] = ()
 
     def in_order(self, labels: Sequence[str]) -> LabelledPhotos:
         """The same photos with the same label names, indexed in another label order."""
         position = {label: i for i, label in enumerate(labels)}
         moved = tuple((photo, position[self.labels[i]]) for photo, i in self.photos)
-        return LabelledPhotos(tuple(labels), moved)
+        return LabelledPhotos(tuple(labels), moved, self.groups)
 
 
 @dataclass(frozen=True)
@@ -82,17 +85,28 @@ def read_examples(directory: Path) -> LabelledPhotos:
     folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     labels = tuple(check_label(folder.name) for folder in folders)
     photos: list[tuple[PhotoSource, int]] = []
+    groups: list[str] = []
     for index, folder in enumerate(folders):
         found = find_images([folder])
         if not found:
             raise LuncherError(f"--examples: {folder} holds no photos")
         photos.extend((photo, index) for photo in found)
+        groups.extend(_group(folder, photo) for photo in found)
     if len(labels) < 2:
         raise LuncherError(
             f"--examples {directory} needs one subfolder per label, at least two "
             "(e.g. healthy/ and fast_food/)"
         )
-    return LabelledPhotos(labels, tuple(photos))
+    return LabelledPhotos(labels, tuple(photos), tuple(groups))
+
+
+def _group(folder: Path, photo: PhotoSource) -> str:
+    """The first subfolder of `folder` that holds `photo` ("" directly inside)."""
+    try:
+        parts = Path(str(photo)).relative_to(folder).parts
+    except ValueError:
+        return ""
+    return parts[0] if len(parts) > 1 else ""
 
 
 def needs_new_head(model_labels: Sequence[str] | None, labels: Sequence[str]) -> bool:
@@ -136,7 +150,7 @@ def fit_new_head(
     progress: ProgressCallback | None = None,
 ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray], HeadReport]:
     """Train the head on the photos: (its parameters, the replay set, the report)."""
-    inputs, labels, digests, skipped = _embed(cut, analysis, prep, examples, progress)
+    inputs, labels, digests, groups, skipped = _embed(cut, analysis, prep, examples, progress)
     if len(set(labels.tolist())) < len(examples.labels):
         missing = sorted(set(range(len(examples.labels))) - set(labels.tolist()))
         names = ", ".join(examples.labels[i] for i in missing)
@@ -174,7 +188,7 @@ def fit_new_head(
     if held.any():
         runner = HeadRunner(heads.head_with(head, params))
         accuracy = float(np.mean(runner.logits(inputs[held]).argmax(axis=1) == labels[held]))
-    replay = _replay(inputs[train], labels[train], np.array(digests)[train])
+    replay = _replay(inputs[train], labels[train], np.array(digests)[train], groups[train])
     per_label = np.bincount(labels, minlength=len(examples.labels))
     report = HeadReport(
         replaced_head=replaced,
@@ -194,8 +208,9 @@ def _embed(
     prep: Preprocessing,
     examples: LabelledPhotos,
     progress: ProgressCallback | None,
-) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """Head inputs of every readable photo (float32), their label indices and digests."""
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int]:
+    """Head inputs of every readable photo (float32), their label indices, digests and
+    groups (subfolders)."""
     session = None
     if cut.frozen is not None:
         session = inference_session(cut.frozen.SerializeToString())
@@ -206,8 +221,10 @@ def _embed(
         return np.asarray(session.run(None, {name: chunk})[0], dtype=np.float32)
 
     label_of = dict(examples.photos)
+    group_of = dict(zip((p for p, _ in examples.photos), examples.groups, strict=False))
     outputs: list[np.ndarray] = []
     labels: list[int] = []
+    groups: list[str] = []
     digests: list[str] = []
     pending: list[LoadedImage] = []
     skipped = 0
@@ -221,6 +238,7 @@ def _embed(
             batch = run_in_batches(run, batch, step=BATCH, fixed=analysis.input.batch)
         outputs.append(batch.astype(np.float32, copy=False))
         labels.extend(label_of[item.path] for item in pending)
+        groups.extend(group_of.get(item.path, "") for item in pending)
         digests.extend(item.digest for item in pending)
         pending.clear()
 
@@ -236,7 +254,8 @@ def _embed(
     flush()
     if not outputs:
         raise LuncherError("--examples: none of the photos could be read")
-    return np.concatenate(outputs), np.array(labels, np.int64), digests, skipped
+    group_array = np.array(groups, dtype=object)
+    return np.concatenate(outputs), np.array(labels, np.int64), digests, group_array, skipped
 
 
 def input_scale(inputs: np.ndarray) -> float:
@@ -286,13 +305,35 @@ def _class_means(
 
 
 def _replay(
-    inputs: np.ndarray, labels: np.ndarray, digests: np.ndarray
+    inputs: np.ndarray, labels: np.ndarray, digests: np.ndarray, groups: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Up to REPLAY_PER_LABEL training photos per label, chosen by content hash."""
+    """Up to REPLAY_PER_LABEL training photos per label, spread evenly over the label's
+    subfolders (its dishes, when the user sorted them so), chosen by content hash within
+    each. Taken in proportion instead, a dish with few photos would all but vanish from
+    the replay set, and personalizing would then forget it first."""
     chosen: list[int] = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
         members = members[np.argsort(digests[members], kind="stable")]
-        chosen.extend(members[:REPLAY_PER_LABEL].tolist())
+        pools = {g: members[groups[members] == g] for g in sorted(set(groups[members]))}
+        quotas = fair_quotas({g: len(pool) for g, pool in pools.items()}, REPLAY_PER_LABEL)
+        for g, pool in pools.items():
+            chosen.extend(pool[: quotas[g]].tolist())
     index = np.array(sorted(chosen), np.int64)
     return inputs[index], labels[index]
+
+
+def fair_quotas(capacity: dict[str, int], total: int) -> dict[str, int]:
+    """Split `total` as evenly as the capacities allow; what a small pool cannot take goes
+    to the larger ones."""
+    quotas = dict.fromkeys(capacity, 0)
+    remaining = min(total, sum(capacity.values()))
+    open_pools = sorted(capacity)
+    while remaining > 0 and open_pools:
+        share, extra = divmod(remaining, len(open_pools))
+        for i, name in enumerate(open_pools):
+            give = min(share + (i < extra), capacity[name] - quotas[name])
+            quotas[name] += give
+            remaining -= give
+        open_pools = [name for name in open_pools if quotas[name] < capacity[name]]
+    return quotas

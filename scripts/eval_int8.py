@@ -6,9 +6,9 @@ Run from the repository root (needs ../shared/food):
 
 Two models directories are made in a temporary directory with the real CLI: the shipped
 base as it is (fp32), and the same file with `--int8 --calibration DIR`, where DIR links to
-100 photos of the training split (the model card's split: `sha256(file name) % 5 == 0` is
-held out; the 100 are drawn with seed 0, the draw of scripts/quantize_experiment.py).
-Then, for the 291 held-out full-size photos in ../shared/food/{healthy,fast_food}/*/:
+100 photos of the training split (the model card's split: make-updatable --examples held out
+the photos whose content hash is 0 mod 5; the 100 are drawn with seed 0).
+Then, for the held-out full-size photos in ../shared/food/{healthy,fast_food}/*/:
 
 - accuracy: the labels `luncher predict --json` prints, against the photo's folder;
 - speed: the wall time of whole `luncher predict --json PHOTO...` processes, one untimed
@@ -63,13 +63,13 @@ class Photo:
 
 def food_photos(food: Path) -> tuple[list[Photo], list[Photo]]:
     """(training split, held out) of the full-size photos, each in sorted order."""
-    from build_base_model import HELDOUT_FOLD, fold_of
+    from build_base_model import held_out  # type: ignore[import-not-found]
 
     train: list[Photo] = []
     held: list[Photo] = []
     for label in LABELS:
         for path in find_images([food / label]):
-            (held if fold_of(path) == HELDOUT_FOLD else train).append(Photo(path, label))
+            (held if held_out(path) else train).append(Photo(path, label))
     return train, held
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import healthyluncher
@@ -305,3 +306,40 @@ def test_a_replay_set_beside_the_model_is_used(run, tmp_path, pt_model, photos):
         solid(folder / "fast_food" / f"f{i}.png", (170 + 9 * i, 30, 40))
     again = run("make-updatable", model, "--examples", folder, "--force")
     assert again.code == 0 and "found beside" not in again.stdout
+
+
+def test_the_replay_set_spreads_over_a_labels_subfolders(tmp_path):
+    """A dish with few photos kept few replay rows (chosen by hash in proportion: 3 of 54
+    fruit photos against 95 of 247 beet salads), so personalizing forgot it first. Each
+    subfolder (dish) now gets an even share of the label's replay rows."""
+    from healthyluncher import headfit
+
+    root = tmp_path / "examples"
+    for i in range(6):
+        solid(root / "healthy" / "salad" / f"s{i}.png", (30, 150 + 10 * i, 40))
+    solid(root / "healthy" / "fruit" / "f0.png", (200, 200, 20))
+    solid(root / "healthy" / "loose.png", (20, 200, 200))
+    for i in range(3):
+        solid(root / "fast_food" / f"b{i}.png", (150 + 10 * i, 20, 40))
+    found = headfit.read_examples(root)
+    named = {Path(str(p)).name: g for (p, _), g in zip(found.photos, found.groups, strict=True)}
+    assert named == {
+        **{f"s{i}.png": "salad" for i in range(6)},
+        "f0.png": "fruit",
+        "loose.png": "",
+        **{f"b{i}.png": "" for i in range(3)},
+    }
+
+    rng = np.random.default_rng(0)
+    groups = np.array(["big"] * 300 + ["small"] * 10 + ["mid"] * 40 + [""] * 50, dtype=object)
+    labels = np.array([0] * 350 + [1] * 50)
+    digests = np.array([f"{rng.integers(1 << 60):016x}" for _ in range(400)])
+    inputs = np.arange(400, dtype=np.float32)[:, None]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(headfit, "REPLAY_PER_LABEL", 60)
+        replay, replay_labels = headfit._replay(inputs, labels, digests, groups)
+    rows = replay[:, 0].astype(int)
+    kept = {g: int(np.sum(groups[rows] == g)) for g in ("big", "small", "mid", "")}
+    assert kept == {"big": 25, "small": 10, "mid": 25, "": 50}
+    assert replay_labels.tolist() == labels[rows].tolist()
+    assert headfit.fair_quotas({"a": 1, "b": 100, "c": 100}, 1000) == {"a": 1, "b": 100, "c": 100}
