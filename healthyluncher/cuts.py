@@ -293,7 +293,7 @@ def merge_parallel_heads(model: onnx.ModelProto, logits: str) -> bool:
     if root is not None and root.op_type in ("Mul", "Div") and len(root.input) == 2:
         at = 1 if _scalar(old, producers, inits, root.input[1]) is not None else 0
         factor = _scalar(old, producers, inits, root.input[at])
-        if factor and (at == 1 or root.op_type == "Mul"):
+        if factor and np.isfinite(factor) and (at == 1 or root.op_type == "Mul"):
             scale = 1.0 / factor if root.op_type == "Div" else factor
             total = root.input[1 - at]
             gone.add(producers[logits])

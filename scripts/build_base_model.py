@@ -43,6 +43,7 @@ import onnx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 import healthyluncher  # noqa: E402
 from healthyluncher.headfit import HOLD_OUT  # noqa: E402
@@ -65,12 +66,28 @@ def export_stock(build_python: Path, output: Path) -> None:
         raise SystemExit(f"export failed ({' '.join(command)}):\n{result.stderr}")
 
 
-def examples_folder(food: Path, root: Path) -> Path:
-    """healthy/ and fast_food/ of the food photos, as links in one examples folder."""
+def left_out(food: Path) -> set[str]:
+    """The 64 px dishes no base may train on: scripts/eval_dishes.py's design and report
+    dishes, which measure personalization on dishes the base never saw."""
+    from eval_dishes import DESIGN, report_dishes  # type: ignore[import-not-found]
+
+    return set(DESIGN) | set(report_dishes(food))
+
+
+def examples_folder(food: Path, root: Path, lowres: bool) -> Path:
+    """One subfolder per label, one link per dish in it: the full-size dishes of healthy/
+    and fast_food/, and with `lowres` the 64 px dishes of lowres64/ besides left_out()."""
     folder = root / "examples"
-    folder.mkdir()
+    skip = left_out(food)
     for label in LABELS:
-        (folder / label).symlink_to((food / label).resolve(), target_is_directory=True)
+        (folder / label).mkdir(parents=True)
+        dishes = [p for p in sorted((food / label).iterdir()) if p.is_dir()]
+        if lowres:
+            low = food / "lowres64" / label
+            dishes += [p for p in sorted(low.iterdir()) if p.is_dir() and p.name not in skip]
+        for dish in dishes:
+            name = f"{dish.name}-64px" if dish.parent.parent.name == "lowres64" else dish.name
+            (folder / label / name).symlink_to(dish.resolve(), target_is_directory=True)
     return folder
 
 
@@ -100,7 +117,7 @@ def held_out(path: Path) -> bool:
     return int(digest_of(read_bytes(path))[:8], 16) % HOLD_OUT == 0
 
 
-def evaluate(model: Path, food: Path, work: Path) -> dict[str, Any]:
+def evaluate(model: Path, food: Path, work: Path, trained_lowres: bool) -> dict[str, Any]:
     """Accuracy of the shipped model through the public API, as a user's predict sees it."""
     import os
 
@@ -113,18 +130,26 @@ def evaluate(model: Path, food: Path, work: Path) -> dict[str, Any]:
             got = [r.label for r in lun.predict(photos)]
             per_dish[dish.name] = score(got, label, "held out, full size")
     lowres = food / "lowres64"
+    skip = left_out(food)
     for label in LABELS:
         for dish in sorted(p for p in (lowres / label).iterdir() if p.is_dir()):
             photos = [p for p in find_images([dish]) if isinstance(p, Path)]
+            if trained_lowres and dish.name not in skip:
+                photos = [p for p in photos if held_out(p)]
+                kind = "held out, 64 px"
+            else:
+                kind = "64 px, never trained on"
             got = [r.label for r in lun.predict(photos)]
-            per_dish[f"lowres64/{dish.name}"] = score(got, label, "64 px, never trained on")
+            per_dish[f"lowres64/{dish.name}"] = score(got, label, kind)
     pancakes = [p for p in find_images([food / "personal" / "pancakes"]) if isinstance(p, Path)]
     called = [r.label for r in lun.predict(pancakes)]
     full = [s for s in per_dish.values() if s["set"] == "held out, full size"]
     low = [s for s in per_dish.values() if s["set"] == "64 px, never trained on"]
+    low_held = [s for s in per_dish.values() if s["set"] == "held out, 64 px"]
     return {
         "held_out_full_size": total(full),
         "lowres64_never_trained": total(low),
+        "lowres64_held_out": total(low_held) if low_held else None,
         "per_dish": per_dish,
         "pancakes_called_fast_food": {
             "photos": len(called),
@@ -218,6 +243,11 @@ def main() -> None:
     parser.add_argument("--stock", type=Path, help="an already exported stock model")
     parser.add_argument("--food", type=Path, default=DEFAULT_FOOD, help="the food photos")
     parser.add_argument("--output", type=Path, default=REPO / "models")
+    parser.add_argument(
+        "--full-size-only",
+        action="store_true",
+        help="train on the full-size dishes alone (no 64 px dish of lowres64/)",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="luncher-build-") as scratch:
@@ -225,7 +255,7 @@ def main() -> None:
         stock = args.stock or work / "lite0-imagenet.onnx"
         if args.stock is None:
             export_stock(args.build_python, stock)
-        examples = examples_folder(args.food, work)
+        examples = examples_folder(args.food, work, lowres=not args.full_size_only)
         making = time.perf_counter()
         result = healthyluncher.make_updatable(
             stock, examples=examples, labels=list(LABELS), models_dir=work / "models"
@@ -244,7 +274,7 @@ def main() -> None:
                 "preprocessing": result.preprocessing_source,
                 "seconds": round(making, 1),
             },
-            "evaluation": evaluate(model, args.food, work),
+            "evaluation": evaluate(model, args.food, work, not args.full_size_only),
             "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
             "replay_sha256": hashlib.sha256(replay.read_bytes()).hexdigest(),
         }
