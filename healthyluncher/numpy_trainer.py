@@ -18,7 +18,7 @@ import numpy as np
 from healthyluncher.errors import LuncherError
 from healthyluncher.linearhead import LinearHead
 from healthyluncher.settings import Hyperparameters
-from healthyluncher.trainers import TrainingSet
+from healthyluncher.trainers import TrainingSet, epoch_order
 
 if TYPE_CHECKING:
     pass
@@ -57,9 +57,10 @@ def train_linear(
     loss.
 
     Everything that decides the result follows `trainers.train`: a numpy generator seeded
-    with hp.seed, per epoch N draws weighted by `data.weights` (or a permutation when all
-    weights are equal), batches of min(hp.batch_size, batch_limit), mean cross-entropy on
-    the logits, and one AdamW or SGD step per batch at hp.learning_rate.
+    with hp.seed, per epoch the draws of `trainers.epoch_order` (N weighted by
+    `data.weights`, or a permutation when all weights are equal, N capped), batches of
+    min(hp.batch_size, batch_limit), mean cross-entropy on the logits, and one AdamW or
+    SGD step per batch at hp.learning_rate.
     """
     if len(data) == 0:
         raise LuncherError("nothing to train on")
@@ -76,7 +77,6 @@ def train_linear(
         )
     step = _optimizer(hp, params)
     batch = max(1, min(hp.batch_size, batch_limit or hp.batch_size))
-    n = len(data)
     p = data.weights / data.weights.sum()
     data = data.joined()
     loss_mean = float("nan")
@@ -89,9 +89,9 @@ def train_linear(
     # than 1e-12.
     weighted = bool(np.ptp(p) > 1e-12)
     for epoch in range(hp.epochs):
-        order = rng.choice(n, size=n, replace=True, p=p) if weighted else rng.permutation(n)
+        order = epoch_order(rng, p, weighted)
         losses = []
-        for start_at in range(0, n, batch):
+        for start_at in range(0, len(order), batch):
             idx = order[start_at : start_at + batch]
             x = whole[idx] if whole is not None else data.take(idx)
             loss, grads = _loss_and_gradients(spec, params, x, labels[idx])

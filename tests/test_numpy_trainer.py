@@ -360,3 +360,66 @@ def test_grown_matches_heads_grow_classes(kind: str) -> None:
     assert {n: v.shape for n, v in params.items()} == {n: v.shape for n, v in grown.items()}
     with pytest.raises(LuncherError):
         spec.grown(-1, params_of(HEADS[kind]()))
+
+
+def test_epochs_draw_at_most_the_cap_and_both_trainers_follow_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With years of examples every epoch drew one example per row (5,000 photos: 1,690
+    optimizer steps for a 5-photo retrain). Epochs now draw at most MAX_DRAWS_PER_EPOCH,
+    by the same weights; below it nothing changes, draw for draw."""
+    from healthyluncher import numpy_trainer, trainers
+
+    p = np.full(48, 1 / 48)
+    p[:8] *= 3
+    p /= p.sum()
+    for weighted in (True, False):
+        old_rule = np.random.default_rng(7)
+        expected = (
+            old_rule.choice(48, size=48, replace=True, p=p)
+            if weighted
+            else old_rule.permutation(48)
+        )
+        got = trainers.epoch_order(np.random.default_rng(7), p, weighted)
+        assert np.array_equal(got, expected)  # under the cap: the draws of before
+
+    model = gemm_head()
+    start = params_of(model)
+    spec = linear_head_of(model, tuple(start))
+    assert spec is not None
+    steps = 0
+    real = numpy_trainer._loss_and_gradients
+
+    def counted(*args: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        return real(*args)
+
+    monkeypatch.setattr(numpy_trainer, "_loss_and_gradients", counted)
+    monkeypatch.setattr(trainers, "MAX_DRAWS_PER_EPOCH", 20)
+    assert len(trainers.epoch_order(np.random.default_rng(0), p, True)) == 20
+    hp = Hyperparameters(epochs=3, learning_rate=0.05, batch_size=16)
+    train_linear(spec, start, training_set(weighted=True), hp)
+    assert steps == 3 * 2  # 20 draws in batches of 16 per epoch; 48 rows made 3 batches
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_capped_epochs_train_the_same_as_onnx_runtime(
+    artifacts: dict[tuple[str, str], Path],
+    optimizer: OptimizerName,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from healthyluncher import trainers
+
+    monkeypatch.setattr(trainers, "MAX_DRAWS_PER_EPOCH", 20)
+    model = gemm_head()
+    start = params_of(model)
+    spec = linear_head_of(model, tuple(start))
+    assert spec is not None
+    data = training_set(weighted=True)
+    hp = Hyperparameters(epochs=6, learning_rate=0.05, batch_size=16, optimizer=optimizer)
+    ort = train(artifacts["gemm", optimizer], data, hp, start=start)
+    params, loss = train_linear(spec, start, data, hp)
+    drift = max(float(np.abs(params[n] - ort.params[n]).max()) for n in start)
+    assert drift <= WEIGHT_TOLERANCE[optimizer]
+    assert loss == pytest.approx(ort.final_loss, abs=LOSS_TOLERANCE)
