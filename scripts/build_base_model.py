@@ -74,14 +74,19 @@ def left_out(food: Path) -> set[str]:
     return set(DESIGN) | set(report_dishes(food))
 
 
-def examples_folder(food: Path, root: Path, lowres: bool) -> Path:
+def examples_folder(
+    food: Path, root: Path, lowres: bool, without: frozenset[str] = frozenset()
+) -> Path:
     """One subfolder per label, one link per dish in it: the full-size dishes of healthy/
-    and fast_food/, and with `lowres` the 64 px dishes of lowres64/ besides left_out()."""
+    and fast_food/ besides `without`, and with `lowres` the 64 px dishes of lowres64/
+    besides left_out()."""
     folder = root / "examples"
     skip = left_out(food)
     for label in LABELS:
         (folder / label).mkdir(parents=True)
-        dishes = [p for p in sorted((food / label).iterdir()) if p.is_dir()]
+        dishes = [
+            p for p in sorted((food / label).iterdir()) if p.is_dir() and p.name not in without
+        ]
         if lowres:
             low = food / "lowres64" / label
             dishes += [p for p in sorted(low.iterdir()) if p.is_dir() and p.name not in skip]
@@ -249,14 +254,21 @@ def main() -> None:
         help="also train on the 64 px dishes of lowres64/ (besides the evaluation's left-out "
         "dishes); measured, not shipped: see the README",
     )
+    parser.add_argument(
+        "--leave-out",
+        default="",
+        help="full-size dishes to leave out of the examples (comma-separated), for "
+        "scripts/eval_dishes.py --full-size: a base that never saw them",
+    )
     args = parser.parse_args()
+    without = frozenset(d for d in args.leave_out.split(",") if d)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="luncher-build-") as scratch:
         work = Path(scratch)
         stock = args.stock or work / "lite0-imagenet.onnx"
         if args.stock is None:
             export_stock(args.build_python, stock)
-        examples = examples_folder(args.food, work, lowres=args.with_lowres64)
+        examples = examples_folder(args.food, work, lowres=args.with_lowres64, without=without)
         making = time.perf_counter()
         result = healthyluncher.make_updatable(
             stock, examples=examples, labels=list(LABELS), models_dir=work / "models"

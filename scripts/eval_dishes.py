@@ -118,7 +118,14 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="a stored retrain setting other than the default (e.g. memory_strength=20)",
     )
-    parser.add_argument("--only", choices=("design", "report"), help="one group of dishes")
+    parser.add_argument("--only", choices=("design", "report", "full-size"), help="one group of dishes")
+    parser.add_argument(
+        "--full-size",
+        default="",
+        metavar="DISH,...",
+        help="full-size dishes of healthy/ and fast_food/ to report on too, for a base built "
+        "without them (scripts/build_base_model.py --leave-out); they leave the base test",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     overrides: dict[str, Any] = {}
@@ -138,13 +145,22 @@ def main() -> None:
             if held_out(path):
                 paths.append(path)
                 truth.append(label)
-    base_test = embed(store, base, paths, truth)
+    full_size = {d for d in args.full_size.split(",") if d}
+    kept = [i for i, p in enumerate(paths) if p.parent.name not in full_size]
+    base_test = embed(store, base, [paths[i] for i in kept], [truth[i] for i in kept])
     report = report_dishes(args.food)
     far = {
         dish: embed(store, base, photos(folder), [label] * len(photos(folder)))
         for dish, (folder, label) in report.items()
     }
     groups = {"design": design_dishes(args.food), "report": report}
+    if full_size:
+        groups["full-size"] = {
+            folder.name: (folder, label)
+            for label in LABELS
+            for folder in sorted((args.food / label).iterdir())
+            if folder.name in full_size
+        }
     rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(0)
     for group, dishes in groups.items():
@@ -239,6 +255,10 @@ def summary(
     return out
 
 
+def groups_of(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["group"] for r in rows))
+
+
 def write(
     args: argparse.Namespace,
     rows: list[dict[str, Any]],
@@ -275,7 +295,7 @@ def write(
     lines += ["", "Means over the report dishes (worst dish mean in brackets):", ""]
     lines += ["| scenario | held out | precision | base drop (pt) | far drop (pt) |"]
     lines += ["|---|---:|---:|---:|---:|"]
-    for group in ("design", "report"):
+    for group in groups_of(rows):
         for k, new in ((1, False), (5, False), (10, False), (10, True)):
             chosen = [
                 r for r in rows if r["group"] == group and r["k"] == k and r["new_label"] == new
