@@ -11,6 +11,10 @@ Protocol, fixed before any result was seen:
   base never trained on, chosen by a rule that looks at names only: within each label, the
   four dishes whose sha256(name) is smallest, design dishes excluded. `--set` settings
   may be chosen by looking at the design rows; the report rows are the ones to quote.
+- **Full-size dishes** (`--full-size bibimbap,breakfast_burrito`): with a base built
+  without them (`scripts/build_base_model.py --leave-out ...`), base dishes become dishes
+  nobody tuned for at full size too; they leave the base test. The two were chosen by the
+  same rule: the smallest sha256 of the name among each label's full-size dishes.
 - **Scenario.** The user disagrees with the base's majority call for the dish and teaches
   the other label with K = 1, 5 or 10 photos, or teaches a new label (the dish's name)
   from 10 photos. Photos are drawn from one half of the dish (by file-name hash); the
@@ -118,7 +122,9 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="a stored retrain setting other than the default (e.g. memory_strength=20)",
     )
-    parser.add_argument("--only", choices=("design", "report", "full-size"), help="one group of dishes")
+    parser.add_argument(
+        "--only", choices=("design", "report", "full-size"), help="one group of dishes"
+    )
     parser.add_argument(
         "--full-size",
         default="",
