@@ -91,25 +91,7 @@ def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray] | None:
         )
 
 
-# The last memory_rows result, with the very Examples object it was computed from: a retrain
-# asks for the same rows three times (the previous copy's "before", the new model, the
-# summary's scores), and summarizing thousands of photos is not free.
-_last_rows: tuple[Examples, tuple[str, ...], tuple[np.ndarray, np.ndarray]] | None = None
-
-
 def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The memory's rows and their class indices (see _memory_rows); the same object's
-    rows are computed once."""
-    global _last_rows
-    last = _last_rows
-    if last is not None and last[0] is examples and last[1] == labels:
-        return last[2]
-    rows = _memory_rows(examples, labels)
-    _last_rows = (examples, labels, rows)
-    return rows
-
-
-def _memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The views to remember and their class indices, at most MEMORY_ROWS.
 
     When every photo's own view fits, they all go in, then augmented views while they fit.

@@ -39,9 +39,8 @@ from healthyluncher.store import Files, Transaction
 from healthyluncher.template import load as load_template
 from healthyluncher.training import checkpoint_writer, fit, prepare_head, trainer_name
 
-# Example photos a new copy scores at most (besides those just taught): scoring is the
-# newest photos' "before" for their next retrain, and a cost per retrain that grew with
-# every photo ever taught (5,000 photos: 0.5 s of a 1.4 s retrain).
+# Example photos a new copy scores at most besides those just taught (scoring all of them
+# grew with every photo ever taught: 5,000 photos, 0.5 s of a 1.4 s retrain).
 MAX_SCORED = 1024
 
 
@@ -101,7 +100,8 @@ def publish_personal(
                 save_checkpoint = checkpoint_writer(artifact_dir, params)
             if save_checkpoint is not None:  # ONNX Runtime's state, where it trains
                 save_checkpoint(staged / Files.CHECKPOINT)
-            rendered = render_personal(base, labels, params, examples, hp)
+            rows = memory_rows(examples, labels) if _remembers(hp, examples) else None
+            rendered = render_personal(base, labels, params, examples, hp, rows=rows)
             copying.join()  # write_model finds the weights file complete
             write_model(rendered, base, staged)
             save_arrays(staged / Files.WEIGHTS, params)
@@ -126,12 +126,10 @@ def publish_personal(
                 staged / Files.TAUGHT,
                 {d: list(taught[d]) for d in examples.digests if d in taught},
             )
-            # What the new copy says about the newest example photos and the ones just
-            # taught: the retrain's summary, and the "before" of the next retrain of these
-            # photos, without running the model again (an older photo taught again is
-            # scored by the model then).
+            # The summary, and the "before" of these photos' next retrain without the model
+            # (an older photo taught again is scored by the model then).
             which = _scored(examples, set(names or ()))
-            probs = _scores(base, labels, params, examples, hp, rendered, which)
+            probs = _scores(base, labels, params, examples, hp, rendered, which, rows)
             digests = [examples.digests[i] for i in which]
             save_arrays(
                 staged / Files.SCORES,
@@ -146,14 +144,11 @@ def publish_personal(
 
 
 def _scored(examples: Examples, taught: set[str]) -> np.ndarray:
-    """Indices of the example photos a new copy scores: all of them up to MAX_SCORED, else
-    the newest MAX_SCORED and the ones taught by this change."""
-    count = len(examples)
-    if count <= MAX_SCORED:
-        return np.arange(count)
-    newest = set(range(count - MAX_SCORED, count))
-    newest.update(i for i, digest in enumerate(examples.digests) if digest in taught)
-    return np.array(sorted(newest), np.int64)
+    """Indices of the photos a new copy scores: all up to MAX_SCORED, else the newest
+    MAX_SCORED and those taught by this change."""
+    chosen = set(range(max(0, len(examples) - MAX_SCORED), len(examples)))
+    chosen.update(i for i, digest in enumerate(examples.digests) if digest in taught)
+    return np.array(sorted(chosen), np.int64)
 
 
 def _scores(
@@ -164,6 +159,7 @@ def _scores(
     hp: Hyperparameters,
     rendered: PersonalModel,
     which: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray] | None,
 ) -> np.ndarray:
     """What the new copy says about the example photos at `which` (their first views). A
     head that is one linear layer, the memory in front of it, is computed with numpy: a
@@ -179,16 +175,16 @@ def _scores(
     spec = spec.with_extra_classes(len(labels) - spec.classes)
     memory = None
     if _remembers(hp, examples):
-        memory = (*memory_rows(examples, labels), load_replay(base))
+        memory = (*(rows or memory_rows(examples, labels)), load_replay(base))
     parts = []
     for start in range(0, len(inputs), 256):
         chunk = inputs[start : start + 256]
         logits = spec.logits(params, chunk)
         if memory is not None:
-            rows, classes, replay = memory
+            kept, classes, replay = memory
             logits += memory_bonus(
                 chunk,
-                rows,
+                kept,
                 classes,
                 len(labels),
                 hp.memory_threshold,
@@ -252,6 +248,7 @@ def personal_graphs(
     hp: Hyperparameters,
     *,
     with_model: bool = True,
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Any, Any]:
     """(the full inference model, the head for scoring) with these weights and memory;
     without `with_model`, (None, the head).
@@ -279,14 +276,14 @@ def personal_graphs(
     for target in targets:
         heads.write_back(target, params)
     if _remembers(hp, examples):
-        rows, classes = memory_rows(examples, labels)
+        memory, classes = rows or memory_rows(examples, labels)
         replay = load_replay(base)
         for target in targets:
             heads.add_memory(
                 target,
                 base.meta.split_tensor,
                 logits,
-                rows,
+                memory,
                 classes,
                 len(labels),
                 hp.memory_threshold,
@@ -338,23 +335,27 @@ def render_personal(
     hp: Hyperparameters,
     *,
     with_model: bool = True,
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PersonalModel:
     """The personalized models for these weights and examples: from the base's template
-    when it fits (no onnx import), else built with onnx by `personal_graphs`."""
+    when it fits (no onnx import), else built with onnx by `personal_graphs`; `rows`: the
+    memory's rows, when the caller has them."""
     template = None
     if _remembers(hp, examples):
         template = load_template(base.path / Files.TEMPLATE)
     if template is not None and template.num_classes == len(labels):
-        rows, classes = memory_rows(examples, labels)
+        memory, classes = rows or memory_rows(examples, labels)
         tensors = dict(params)
         tensors.update(
-            personal_memory(rows, classes, len(labels), hp.memory_threshold, hp.memory_strength)
+            personal_memory(memory, classes, len(labels), hp.memory_threshold, hp.memory_strength)
         )
         model_bytes, head_bytes = template.render(tensors)
         return PersonalModel(model_bytes if with_model else None, head_bytes, template.locations)
     from healthyluncher import heads  # onnx: only off the template's fast path
 
-    model, head = personal_graphs(base, labels, params, examples, hp, with_model=with_model)
+    model, head = personal_graphs(
+        base, labels, params, examples, hp, with_model=with_model, rows=rows
+    )
     if model is None:
         return PersonalModel(None, head.SerializeToString(), ())
     locations = tuple(sorted(heads.external_locations(model)))
