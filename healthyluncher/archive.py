@@ -131,7 +131,9 @@ def read_backup(archive: Path, scratch: Path) -> Backup:
         raise refuse(archive, "meta.json and manifest.json name different base models")
     personal = Personal(scratch, meta)
     weights = _load_npz(archive, scratch / Files.WEIGHTS, lambda: load_weights(personal))
-    examples = _load_npz(archive, scratch / Files.EXAMPLES, lambda: load_examples(personal, ()))
+    examples = _load_npz(
+        archive, scratch / Files.EXAMPLES, lambda: load_examples(personal, (), shared=False)
+    )
     _check_weights(archive, weights)
     _check_examples(archive, examples, meta)
     thumbnails = {}

@@ -36,7 +36,7 @@ from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, fsync_dir
 from healthyluncher.heads import fit_problem
 from healthyluncher.personal import publish_personal, render_personal
-from healthyluncher.records import Base, load_base, load_examples, load_personal
+from healthyluncher.records import Base, load_base, load_examples, load_personal, save_examples
 from healthyluncher.store import Files, ModelStore, Transaction
 from healthyluncher.version import __version__
 
@@ -80,17 +80,21 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
         raise LuncherError(f"{target} already exists; use --force to replace it")
     if store.current_state().personal is None:
         raise _nothing_to_export()
-    with store.lock():  # no writer may change the files while they are hashed and packed
+    # No writer may change the files while they are hashed and packed.
+    with store.lock(), store.scratch() as scratch:
         state = store.current_state()
         base = load_base(store, state)
         personal = load_personal(store, state)
         if personal is None:
             raise _nothing_to_export()
         examples = load_examples(personal, ())
+        # The archive's examples.npz holds the views itself (the models directory's
+        # shared segments stay behind).
+        save_examples(examples, scratch / Files.EXAMPLES, shared=False)
         files = [
             (Files.META, personal.path / Files.META),
             (Files.WEIGHTS, personal.path / Files.WEIGHTS),
-            (Files.EXAMPLES, personal.path / Files.EXAMPLES),
+            (Files.EXAMPLES, scratch / Files.EXAMPLES),
         ]
         digests = list(dict.fromkeys(examples.digests))
         thumbnails = [

@@ -23,13 +23,20 @@ def merge_examples(old: Examples, new: list[tuple[str, np.ndarray]], label: str)
     owner = [kept.owner] + [
         np.full(len(views), len(kept) + i, np.int64) for i, (_, views) in enumerate(new)
     ]
+    inputs = np.concatenate([kept.inputs, *(views for _, views in new)]).astype(
+        np.float32, copy=False
+    )
+    origin = None
+    if kept.origin is not None:  # the new views are not stored yet
+        origin = np.full((len(inputs), 2), -1, np.int64)
+        origin[: len(kept.origin)] = kept.origin
     return Examples(
-        inputs=np.concatenate([kept.inputs, *(views for _, views in new)]).astype(
-            np.float32, copy=False
-        ),
+        inputs=inputs,
         owner=np.concatenate(owner),
         digests=kept.digests + tuple(d for d, _ in new),
         labels=kept.labels + (label,) * len(new),
+        origin=origin,
+        segments=kept.segments,
     )
 
 
@@ -48,6 +55,8 @@ def select_examples(examples: Examples, keep: list[int]) -> Examples:
         row_owner[rows],
         tuple(examples.digests[i] for i in keep),
         tuple(examples.labels[i] for i in keep),
+        None if examples.origin is None else examples.origin[rows],
+        examples.segments,
     )
 
 
@@ -108,9 +117,9 @@ def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray
         chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
         return examples.inputs[chosen], class_of[examples.owner[chosen]]
     newest, older = memory_plan(photos)
-    flat = examples.inputs[first].reshape(photos, -1).astype(np.float64)
-    flat /= np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
-    summaries = _run_means(flat[:older], class_of[:older], MEMORY_ROWS - newest)
+    flat = examples.inputs[first[:older]].reshape(older, -1).astype(np.float32)
+    flat /= np.maximum(np.sqrt(np.einsum("nd,nd->n", flat, flat)), 1e-12)[:, None]
+    summaries = _run_means(flat, class_of[:older], MEMORY_ROWS - newest)
     rows = np.concatenate(
         [summaries[0].reshape(-1, *examples.inputs.shape[1:]), examples.inputs[first[older:]]]
     )

@@ -18,10 +18,15 @@ EXACT_MATCH = 0.999
 def memory_tensors(rows: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The memory's two tensors: unit-length rows, transposed to (D, M), and the (C, M)
     mask that is 0 where row m counts for class c and -4 (below any similarity) elsewhere."""
-    unit = rows.reshape(len(rows), -1).astype(np.float32)  # a copy: normalized below
-    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
-    mask = np.where(keep, 0.0, -4.0).astype(np.float32)
+    unit, mask = _unit_rows(rows, keep)
     return unit.T.copy(), mask
+
+
+def _unit_rows(rows: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, D) unit-length rows and the (C, M) mask of memory_tensors."""
+    unit = rows.reshape(len(rows), -1).astype(np.float32)  # a copy: normalized below
+    unit /= np.maximum(np.sqrt(np.einsum("md,md->m", unit, unit)), 1e-12)[:, None]
+    return unit, np.where(keep, 0.0, -4.0).astype(np.float32)
 
 
 def personal_memory(
@@ -45,25 +50,35 @@ def memory_bonus(
     threshold: float,
     strength: float,
     replay: tuple[np.ndarray, np.ndarray] | None = None,
+    *,
+    batch: int = 256,
 ) -> np.ndarray:
     """What the memory that heads.add_memory puts in the graph adds to the logits of the
     head inputs x (N, D), computed with numpy in float32 as ONNX Runtime runs that graph
-    (tests/test_personalization.py checks that they agree): (N, num_classes)."""
-    flat = x.reshape(len(x), -1).astype(np.float32)
-    # LpNormalization: a row whose norm is 0 (in float32) stays 0.
-    norm = np.sqrt(np.einsum("nd,nd->n", flat, flat))[:, None]
-    unit = np.divide(flat, norm, out=np.zeros_like(flat), where=norm > 0)
+    (tests/test_personalization.py checks that they agree): (N, num_classes). The memory's
+    unit rows are made once, and x is scored `batch` rows at a time."""
     class_ids = np.arange(num_classes)[:, None]
-
-    def best_per_class(memory: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        memory_t, mask = memory_tensors(memory, keep)
-        similarity = unit @ memory_t  # (N, M)
-        return (similarity[:, None, :] + mask[None]).max(axis=2)  # type: ignore[no-any-return]
-
-    best = best_per_class(rows, classes[None, :] == class_ids)
-    floor = np.float32(threshold)
+    memory = _unit_rows(rows, classes[None, :] == class_ids)
+    others = None
     if replay is not None and len(replay[0]):
-        floor = np.maximum(best_per_class(replay[0], replay[1][None, :] != class_ids), floor)
-    exact = np.maximum(best - np.float32(EXACT_MATCH), 0) * np.float32(1 / (1 - EXACT_MATCH))
-    total = np.maximum(best - floor, 0) + exact
-    return total * np.float32(strength)  # type: ignore[no-any-return]
+        others = _unit_rows(replay[0], replay[1][None, :] != class_ids)
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    parts = [np.zeros((0, num_classes), np.float32)]
+    for start in range(0, len(flat), batch):
+        chunk = flat[start : start + batch]
+        # LpNormalization: a row whose norm is 0 (in float32) stays 0.
+        norm = np.sqrt(np.einsum("nd,nd->n", chunk, chunk))[:, None]
+        unit = np.divide(chunk, norm, out=np.zeros_like(chunk), where=norm > 0)
+        best = _best_per_class(unit, *memory)
+        floor = np.float32(threshold)
+        if others is not None:
+            floor = np.maximum(_best_per_class(unit, *others), floor)
+        exact = np.maximum(best - np.float32(EXACT_MATCH), 0) * np.float32(1 / (1 - EXACT_MATCH))
+        parts.append((np.maximum(best - floor, 0) + exact) * np.float32(strength))
+    return np.concatenate(parts)
+
+
+def _best_per_class(unit: np.ndarray, memory: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(N, C): each photo's highest similarity to a memory row that counts for class c."""
+    similarity = unit @ memory.T  # (N, M)
+    return (similarity[:, None, :] + mask[None]).max(axis=2)  # type: ignore[no-any-return]

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import threading
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -15,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from healthyluncher import weightsfile
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.examples import first_views, load_replay, memory_rows, training_set
@@ -40,8 +38,10 @@ from healthyluncher.template import load as load_template
 from healthyluncher.training import checkpoint_writer, fit, prepare_head, trainer_name
 
 # Example photos a new copy scores at most besides those just taught (scoring all of them
-# grew with every photo ever taught: 5,000 photos, 0.5 s of a 1.4 s retrain).
-MAX_SCORED = 1024
+# grew with every photo ever taught: 5,000 photos, 0.5 s of a 1.4 s retrain). The scores
+# are only the next retrain's "before" of a photo taught again; the model answers for the
+# others, with numpy where the head is linear.
+MAX_SCORED = 256
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ def publish_personal(
     """
     extra = len(labels) - len(base.meta.labels)
     with txn.staging() as staged:
-        copying = _copy_weights_in_background(base, staged)
+        copying = weightsfile.copy_in_background(
+            base.path / Files.MODEL_DATA, staged / Files.MODEL_DATA
+        )
         try:
             artifact_dir = base.path / Files.ARTIFACTS
             if extra > 0:
@@ -125,6 +127,7 @@ def publish_personal(
             write_json(
                 staged / Files.TAUGHT,
                 {d: list(taught[d]) for d in examples.digests if d in taught},
+                compact=True,
             )
             # The summary, and the "before" of these photos' next retrain without the model
             # (an older photo taught again is scored by the model then).
@@ -161,38 +164,47 @@ def _scores(
     which: np.ndarray,
     rows: tuple[np.ndarray, np.ndarray] | None,
 ) -> np.ndarray:
-    """What the new copy says about the example photos at `which` (their first views). A
-    head that is one linear layer, the memory in front of it, is computed with numpy: a
-    retrain of cached photos then never starts ONNX Runtime where the numpy trainer trains.
-    Any other head runs in ONNX Runtime."""
+    """What the new copy says about the example photos at `which` (their first views)."""
     inputs = first_views(examples)[which]
+    probs = _numpy_probabilities(base, labels, params, examples, hp, inputs, rows)
+    if probs is None:
+        runner = HeadRunner(rendered.head, batch_limit=base.meta.head_batch_limit)
+        return runner.probabilities(inputs)
+    return probs
+
+
+def _numpy_probabilities(
+    base: Base,
+    labels: tuple[str, ...],
+    params: dict[str, np.ndarray],
+    examples: Examples,
+    hp: Hyperparameters,
+    inputs: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray | None:
+    """What a copy with these weights and examples says about head inputs, computed with
+    numpy when its head is one linear layer, the memory in front of it: a retrain of cached
+    photos then never starts ONNX Runtime where the numpy trainer trains, and no model is
+    rendered. None for any other head (it runs in ONNX Runtime)."""
     spec = None
     if base.meta.linear_head is not None and inputs.ndim == 2:
         spec = LinearHead.from_json(base.meta.linear_head)
     if spec is None or len(labels) < spec.classes:
-        runner = HeadRunner(rendered.head, batch_limit=base.meta.head_batch_limit)
-        return runner.probabilities(inputs)
+        return None
     spec = spec.with_extra_classes(len(labels) - spec.classes)
-    memory = None
+    logits = spec.logits(params, inputs)
     if _remembers(hp, examples):
-        memory = (*(rows or memory_rows(examples, labels)), load_replay(base))
-    parts = []
-    for start in range(0, len(inputs), 256):
-        chunk = inputs[start : start + 256]
-        logits = spec.logits(params, chunk)
-        if memory is not None:
-            kept, classes, replay = memory
-            logits += memory_bonus(
-                chunk,
-                kept,
-                classes,
-                len(labels),
-                hp.memory_threshold,
-                hp.memory_strength,
-                replay,
-            )
-        parts.append(logits)
-    return softmax(np.concatenate(parts).astype(np.float64))
+        kept, classes = rows or memory_rows(examples, labels)
+        logits += memory_bonus(
+            inputs,
+            kept,
+            classes,
+            len(labels),
+            hp.memory_threshold,
+            hp.memory_strength,
+            load_replay(base),
+        )
+    return softmax(logits.astype(np.float64))
 
 
 def _remembers(hp: Hyperparameters, examples: Examples) -> bool:
@@ -293,31 +305,6 @@ def personal_graphs(
     return model, head
 
 
-def _copy_weights_in_background(base: Base, directory: Path) -> Any:
-    """Copy (and fsync) the base's frozen weights file into a new copy while the head
-    trains: the GIL is free during both. A failure leaves nothing behind, and
-    `write_model` copies again and reports it."""
-    source, target = base.path / Files.MODEL_DATA, directory / Files.MODEL_DATA
-
-    def copy() -> None:
-        if not source.is_file():
-            return  # a base from before the weights file: nothing to copy
-        try:
-            shutil.copyfile(source, target)
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                target.unlink()
-
-    thread = threading.Thread(target=copy, name="copy-weights", daemon=True)
-    thread.start()
-    return thread
-
-
 @dataclass(frozen=True)
 class PersonalModel:
     """A personalized copy's models, serialized."""
@@ -365,7 +352,7 @@ def render_personal(
 def write_model(personal: PersonalModel, base: Base, directory: Path) -> None:
     """Write a personalized model.onnx into `directory`, with a copy of the base's file of
     large frozen weights beside it: only the small graph is serialized on each retrain.
-    (A copy, not a hard link: onnx.load refuses external data with several links.)"""
+    (A copy, not a hard link: see weightsfile.py.)"""
     assert personal.model is not None
     for location in personal.locations:
         if Path(location).name != location:
@@ -400,8 +387,12 @@ def current_probabilities(
     if all(digest in known for _, digest in named):
         return np.stack([known[digest] for _, digest in named])
     meta = personal.meta
+    params = load_weights(personal)
+    probs = _numpy_probabilities(base, meta.labels, params, examples, meta.hyperparameters, inputs)
+    if probs is not None:
+        return probs
     rendered = render_personal(
-        base, meta.labels, load_weights(personal), examples, meta.hyperparameters, with_model=False
+        base, meta.labels, params, examples, meta.hyperparameters, with_model=False
     )
     return HeadRunner(rendered.head, batch_limit=limit).probabilities(inputs)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from healthyluncher import segments
 from healthyluncher.errors import DamagedError, LuncherError
 from healthyluncher.fileio import read_json
 from healthyluncher.meta import BaseMeta, PersonalMeta
@@ -49,6 +50,10 @@ class Examples:
     owner: np.ndarray
     digests: tuple[str, ...]
     labels: tuple[str, ...]
+    # Where each view is stored in the models directory's shared segments (segments.py):
+    # (views, 2) [index in `segments`, row], -1 for a view not stored yet; None: none is.
+    origin: np.ndarray | None = None
+    segments: tuple[str, ...] = ()
 
     @staticmethod
     def empty(sample_shape: tuple[int, ...]) -> Examples:
@@ -107,18 +112,33 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
         raise LuncherError(f"{path / Files.META} is damaged ({exc}); {GO_BACK}") from None
 
 
-def load_examples(personal: Personal | None, sample_shape: tuple[int, ...]) -> Examples:
+def load_examples(
+    personal: Personal | None, sample_shape: tuple[int, ...], *, shared: bool = True
+) -> Examples:
+    """A copy's examples. Their views are in the file itself, or (`shared`, a copy inside a
+    models directory) in the directory's segments, which the file indexes."""
     if personal is None:
         return Examples.empty(sample_shape)
     path = personal.path / Files.EXAMPLES
     try:
         with np.load(path, allow_pickle=False) as data:
-            return Examples(
-                inputs=data["inputs"].astype(np.float32, copy=False),
-                owner=data["owner"].astype(np.int64),
-                digests=tuple(str(d) for d in data["digests"]),
-                labels=tuple(str(label) for label in data["labels"]),
-            )
+            origin: np.ndarray | None = None
+            segment_names: tuple[str, ...] = ()
+            if "inputs" in data.files or not shared:
+                inputs = data["inputs"].astype(np.float32, copy=False)
+            else:
+                origin = data["origin"].astype(np.int64)
+                names = data["segments"]
+                inputs = segments.load_views(personal.path.parent / segments.FOLDER, origin, names)
+                segment_names = tuple(str(name) for name in names)
+            owner = data["owner"].astype(np.int64)
+            digests = tuple(str(d) for d in data["digests"])
+            labels = tuple(str(label) for label in data["labels"])
+        if owner.shape != (len(inputs),) or len(labels) != len(digests):
+            raise ValueError("its arrays differ in length")
+        if len(owner) and (owner.min() < 0 or owner.max() >= len(digests)):
+            raise ValueError("a view belongs to no photo")
+        return Examples(inputs, owner, digests, labels, origin, segment_names)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise LuncherError(f"{path} is damaged ({exc}); {GO_BACK}") from None
 
@@ -149,16 +169,24 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     savez(path, **arrays)
 
 
-def save_examples(examples: Examples, path: Path) -> None:
-    save_arrays(
-        path,
-        {
-            "inputs": examples.inputs,
-            "owner": examples.owner,
-            "digests": np.array(examples.digests, dtype=np.str_),
-            "labels": np.array(examples.labels, dtype=np.str_),
-        },
-    )
+def save_examples(examples: Examples, path: Path, *, shared: bool = True) -> None:
+    """Write a copy's examples.npz: with `shared` (a copy in a models directory), an index
+    of its views in the directory's segments, storing only views not stored yet; else a
+    file that holds the views itself (an archive's)."""
+    arrays = {
+        "owner": examples.owner,
+        "digests": np.array(examples.digests, dtype=np.str_),
+        "labels": np.array(examples.labels, dtype=np.str_),
+    }
+    if shared and len(examples.inputs):
+        folder = path.parent.parent / segments.FOLDER
+        origin, names = segments.store_views(
+            folder, examples.inputs, examples.origin, examples.segments
+        )
+        arrays.update(origin=origin, segments=np.array(names, dtype=np.str_))
+    else:
+        arrays["inputs"] = examples.inputs
+    save_arrays(path, arrays)
 
 
 def load_weights(personal: Personal) -> dict[str, np.ndarray]:

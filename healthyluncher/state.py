@@ -82,7 +82,9 @@ def recover(root: Path, meta_file: str, model_file: str) -> State:
             if DIRECTORY.fullmatch(path.name) and path.is_dir():
                 data = meta(path)
                 if data is not None:
-                    found.append((path.stat().st_mtime, path, data))
+                    # meta.json's time: an undo step's directory changes when its
+                    # weights file becomes a link (weightsfile.share); meta.json never does.
+                    found.append(((path / meta_file).stat().st_mtime_ns, path, data))
         return [(p, m) for _, p, m in sorted(found, key=lambda item: item[0], reverse=True)]
 
     bases = newest_first("base")

@@ -9,6 +9,7 @@ Layout (every directory below is immutable once published)::
                           artifacts/, meta.json, replay.npz (optional)
       personal-<id>/      the personalized copy: model.onnx, weights.npz, checkpoint,
                           examples.npz, meta.json
+      examples/           the examples' head inputs, shared by the copies (segments.py)
       cache/<base>/       head inputs of the user's photos, by content hash
 
 Every change goes through one `Transaction`: under the lock, new directories are staged in
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from healthyluncher import fileio, segments, weightsfile
 from healthyluncher.errors import CommittedInterrupt, DamagedError, LuncherError
 from healthyluncher.fileio import exclusive_lock, fsync_dir, fsync_tree, read_json, write_json
 from healthyluncher.state import DIRECTORY, STATE_FORMAT, State, Step, recover
@@ -92,7 +94,7 @@ class ModelStore:
             entry.name
             for entry in self.root.iterdir()
             if not entry.name.startswith(ours)
-            and entry.name not in (LOCK_FILE, Files.THUMBNAILS, "cache")
+            and entry.name not in (LOCK_FILE, Files.THUMBNAILS, "cache", segments.FOLDER)
         ]
         if foreign:
             raise LuncherError(
@@ -188,6 +190,8 @@ class ModelStore:
 
     def write_state(self, state: State) -> None:
         try:
+            if state.personal:  # the current copy's weights file, never a link
+                weightsfile.own(self.root / state.personal)
             write_json(self.root / STATE_FILE, state.to_json())
         except OSError as exc:
             raise LuncherError(
@@ -312,6 +316,11 @@ class ModelStore:
                 continue  # an import still reading its archive there
             if name.startswith(("base-", "personal-", ".staging-", ".scratch-")):
                 shutil.rmtree(entry, ignore_errors=True)
+        for step in (state.step(), *state.history):
+            if step.personal:
+                weightsfile.tidy(self.root / step.personal)
+            if step.personal and step.base and step.personal != state.personal:
+                weightsfile.share(self.root / step.personal, self.root / step.base)
         self._collect_user_files(state)
 
     def _collect_user_files(self, state: State) -> None:
@@ -320,30 +329,24 @@ class ModelStore:
         import numpy as np
 
         used: set[str] = set()
+        used_segments: set[str] = set()
         for name in state.names():
             if not name.startswith("personal-"):
                 continue
             try:
                 with np.load(self.root / name / Files.EXAMPLES, allow_pickle=False) as data:
-                    used.update(str(d) for d in data["digests"])
+                    used.update(data["digests"].tolist())  # str, at C speed
+                    if "segments" in data.files:
+                        used_segments.update(str(s) for s in data["segments"].tolist())
             except (OSError, KeyError, ValueError, zipfile.BadZipFile):
                 return  # cannot tell what is used: keep everything
+        fileio.sweep(self.root / segments.FOLDER, {name.split(".")[0] for name in used_segments})
         folders = [self.root / Files.THUMBNAILS]
         cache = self.root / "cache"
         if cache.is_dir():
             folders.extend(p for p in cache.iterdir() if p.is_dir())
         for folder in folders:
-            if not folder.is_dir():
-                continue
-            # scandir: the names decide, and only a file to remove costs a stat (thousands
-            # of photos' thumbnails and cache files are listed on every change).
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    # <digest>.jpg, <digest>.v2x8.npy; .<name>.<random>.tmp from atomic writes
-                    name = entry.name
-                    stale = name.startswith(".") and name.endswith(".tmp")
-                    if stale or (name.split(".")[0] not in used and entry.is_file()):
-                        Path(entry.path).unlink(missing_ok=True)
+            fileio.sweep(folder, used)
 
     # -- embedding cache ---------------------------------------------------------------
 

@@ -108,6 +108,8 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
             examples.owner,
             examples.digests,
             tuple(new if x == old else x for x in examples.labels),
+            examples.origin,
+            examples.segments,
         )
         new_labels = tuple(new if x == old else x for x in labels)
         meta = personal.meta

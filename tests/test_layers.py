@@ -78,6 +78,7 @@ def test_low_layers_never_import_high_ones():
     layers = [
         {"errors", "events", "version", "memory", "template"},
         {"settings", "photos", "state", "fileio"},
+        {"segments", "weightsfile"},
         {"meta", "store", "runtime", "imaging"},
         {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"},
         {"training"},

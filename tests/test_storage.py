@@ -1,0 +1,162 @@
+"""What kept copies share on disk: the examples' views (segments) and the frozen weights."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import healthyluncher
+from healthyluncher import segments
+from healthyluncher.records import load_examples, load_personal
+from healthyluncher.store import Files, ModelStore
+from tests.conftest import one_line_error, solid
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=str(models_dir))
+    return healthyluncher.open(str(models_dir))
+
+
+def _copies(models_dir: Path) -> tuple[ModelStore, list[Path]]:
+    """The store and its personal directories, current first, then the undo steps."""
+    store = ModelStore(models_dir)
+    state = store.read_state()
+    names = [state.personal, *(step.personal for step in state.history)]
+    return store, [models_dir / name for name in names if name]
+
+
+def _views(store: ModelStore, folder: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    state = store.read_state()
+    personal = load_personal(store, state)
+    assert personal is not None and personal.path == folder
+    examples = load_examples(personal, ())
+    return examples.inputs, examples.digests
+
+
+def test_kept_copies_share_their_examples_views(lun, photos, models_dir, tmp_path, pt_model):
+    """Each kept copy held its own examples.npz with every view (5,000 photos: 25 MB per
+    undo step), and each retrain wrote them all again. A change now writes only its new
+    photos' views into one shared segment, and a copy's file indexes them."""
+    lun.retrain("healthy", photos["red"])
+    store, _ = _copies(models_dir)
+    first_views, first_digests = _views(store, _copies(models_dir)[1][0])
+    lun.retrain("fast_food", photos["green"][:1])
+    lun.retrain("fast_food", photos["green"][1:])
+    store, folders = _copies(models_dir)
+    assert len(folders) == 3
+    for folder in folders:
+        with np.load(folder / Files.EXAMPLES) as data:
+            assert "inputs" not in data.files and set(segments.INDEX_KEYS) <= set(data.files)
+    stored = sorted((models_dir / segments.FOLDER).glob("*.npy"))
+    assert len(stored) == 3  # one per change, each holding that change's new photos
+    views, digests = _views(store, folders[0])
+    assert sum(len(np.load(path)) for path in stored) == len(views)
+    # Undo brings back exactly the first copy's views, read from the shared segments.
+    lun.undo()
+    lun.undo()
+    store, folders = _copies(models_dir)
+    again, again_digests = _views(store, folders[0])
+    np.testing.assert_array_equal(again, first_views)
+    assert again_digests == first_digests
+    # A backup holds its views itself: another machine has none of these segments.
+    archive = tmp_path / "backup.tar.gz"
+    lun.export_backup(archive)
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile(Files.EXAMPLES)
+        assert member is not None
+        (tmp_path / "unpacked.npz").write_bytes(member.read())
+    with np.load(tmp_path / "unpacked.npz") as data:
+        np.testing.assert_array_equal(data["inputs"], first_views)
+    healthyluncher.make_updatable(pt_model, models_dir=str(tmp_path / "other"))
+    other = healthyluncher.open(str(tmp_path / "other"))
+    other.import_backup(archive)
+    assert other.predict(photos["red"]) == lun.predict(photos["red"])
+
+
+def test_segments_no_kept_copy_names_are_removed(lun, photos, models_dir):
+    lun.retrain("healthy", photos["red"])
+    lun.retrain("fast_food", photos["green"])
+    assert len(list((models_dir / segments.FOLDER).glob("*.npy"))) == 2
+    lun.forget(photos["red"])  # no undo step keeps the red photos' views
+    (left,) = (models_dir / segments.FOLDER).glob("*.npy")
+    store, (current,) = _copies(models_dir)
+    views, digests = _views(store, current)
+    assert len(digests) == len(photos["green"]) and len(np.load(left)) == len(views)
+    with np.load(current / Files.EXAMPLES) as data:
+        assert [str(s) for s in data["segments"]] == [left.name]
+    lun.reset(purge=True)
+    assert list((models_dir / segments.FOLDER).glob("*")) == []
+
+
+def test_past_max_segments_the_small_ones_merge(lun, photos, models_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(segments, "MAX_SEGMENTS", 2)
+    more = [solid(tmp_path / "more" / f"m{i}.png", (40, 40, 120 + 30 * i)) for i in range(4)]
+    lun.retrain("healthy", photos["red"])
+    expected = None
+    for photo in more:
+        lun.retrain("fast_food", [photo])
+        store, folders = _copies(models_dir)
+        with np.load(folders[0] / Files.EXAMPLES) as data:
+            assert len(data["segments"]) <= 2
+        views, digests = _views(store, folders[0])
+        assert len(digests) == len(photos["red"]) + more.index(photo) + 1
+        expected = views
+    # The merged views are the same views: a fresh copy trained on them predicts alike.
+    assert expected is not None and np.isfinite(expected).all()
+    assert lun.status().examples_per_label == {"healthy": 3, "fast_food": 4}
+
+
+@pytest.mark.parametrize(
+    "damage", ["row past the end", "segment not listed", "segment name", "missing segment"]
+)
+def test_a_damaged_examples_index_is_refused_in_one_line(run, lun, photos, models_dir, damage):
+    """Every value of the index is checked before it is used: a name that leaves the
+    folder, a row or segment out of range, a segment that is gone."""
+    lun.retrain("healthy", photos["red"])
+    lun.retrain("fast_food", photos["green"])
+    _, folders = _copies(models_dir)
+    path = folders[0] / Files.EXAMPLES
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    if damage == "row past the end":
+        arrays["origin"][0, 1] = 10**6
+    elif damage == "segment not listed":
+        arrays["origin"][0, 0] = len(arrays["segments"])
+    elif damage == "segment name":
+        arrays["segments"] = np.array(["../../../etc/passwd"] * len(arrays["segments"]))
+    else:
+        (models_dir / segments.FOLDER / str(arrays["segments"][-1])).unlink()
+    if damage != "missing segment":
+        np.savez(path, **arrays)
+    result = run("retrain", "--label", "healthy", photos["green"][0])
+    one_line_error(result, str(path), "damaged", "undo")
+    assert run("undo").code == 0
+    assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
+
+
+def test_undo_steps_share_the_bases_weights_file_and_the_current_copy_owns_one(
+    lun, photos, models_dir
+):
+    """Each kept copy held its own 13.5 MB copy of the base's frozen weights. An undo step
+    now links the base's file; the current copy keeps a file of its own, which onnx.load
+    accepts (it refuses external data with several links), also after `undo`."""
+    lun.retrain("healthy", photos["red"])
+    before = lun.predict(photos["red"] + photos["green"])
+    lun.retrain("fast_food", photos["green"])
+    store, (current, step) = _copies(models_dir)
+    base = models_dir / store.read_state().base
+    assert os.path.samefile(step / Files.MODEL_DATA, base / Files.MODEL_DATA)
+    assert (current / Files.MODEL_DATA).stat().st_nlink == 1
+    onnx.load(str(current / Files.MODEL))
+    lun.undo()
+    _, (now,) = _copies(models_dir)
+    assert now == step and (now / Files.MODEL_DATA).stat().st_nlink == 1
+    assert (base / Files.MODEL_DATA).stat().st_nlink == 1
+    onnx.load(str(now / Files.MODEL))
+    assert lun.predict(photos["red"] + photos["green"]) == before
