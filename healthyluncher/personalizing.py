@@ -396,9 +396,12 @@ def _display_name(path: PhotoSource) -> str:
 
 
 def _disk_bytes(root: Path) -> int:
-    total = 0
+    """The bytes of every file, a file with several hard links (an undo step's weights
+    file and its base's) counted once."""
+    sizes: dict[tuple[int, int], int] = {}
     for path in root.rglob("*"):
         with contextlib.suppress(OSError):  # removed meanwhile by a writer
             if path.is_file():
-                total += path.stat().st_size
-    return total
+                info = path.stat()
+                sizes[(info.st_dev, info.st_ino)] = info.st_size
+    return sum(sizes.values())

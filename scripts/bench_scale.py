@@ -110,7 +110,13 @@ def run(command: list[str], models: Path) -> tuple[float, float, str]:
 
 
 def disk_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+    """Every file's bytes, a file with several hard links counted once (as `du`)."""
+    sizes = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            info = path.stat()
+            sizes[(info.st_dev, info.st_ino)] = info.st_size
+    return sum(sizes.values()) / 1e6
 
 
 def main() -> None:

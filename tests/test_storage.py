@@ -154,6 +154,12 @@ def test_undo_steps_share_the_bases_weights_file_and_the_current_copy_owns_one(
     assert os.path.samefile(step / Files.MODEL_DATA, base / Files.MODEL_DATA)
     assert (current / Files.MODEL_DATA).stat().st_nlink == 1
     onnx.load(str(current / Files.MODEL))
+    # status counts the linked file once, as du does.
+    sizes = {}
+    for path in models_dir.rglob("*"):
+        if path.is_file():
+            sizes[path.stat().st_ino] = path.stat().st_size
+    assert lun.status().disk_bytes == sum(sizes.values())
     lun.undo()
     _, (now,) = _copies(models_dir)
     assert now == step and (now / Files.MODEL_DATA).stat().st_nlink == 1
