@@ -43,12 +43,18 @@ class _Prepared:
 class Embedder:
     """Head inputs for photos: the frozen part runs once per photo, then the cache answers."""
 
-    def __init__(self, store: ModelStore, base: Base, views: int) -> None:
+    def __init__(
+        self, store: ModelStore, base: Base, views: int, known: Examples | None = None
+    ) -> None:
         self.base = base
         self.views = max(1, views)
         self.store = store
         self.cache = store.cache_dir(base.meta.embedding_key)
         self._session: Any = None
+        # The current copy's examples answer for their own photos: the cache keeps no
+        # second copy of their views (ModelStore.collect_garbage).
+        self.known = known
+        self._index = {digest: i for i, digest in enumerate(known.digests)} if known else {}
 
     def _cache_file(self, digest: str) -> Path:
         return self.cache / f"{digest}.v{AUGMENT_VERSION}x{self.views}.npy"
@@ -143,7 +149,9 @@ class Embedder:
             data = read_bytes(path)
             own_photo = digest is None
             digest = digest or digest_of(data)
-            cached = self._read_cache(digest)
+            cached = self._read_known(digest)
+            if cached is None:
+                cached = self._read_cache(digest)
             if cached is not None and (not own_photo or self.store.thumbnail(digest).is_file()):
                 return _Prepared(path, digest, cached, cached=True)
             if not decode:
@@ -205,6 +213,13 @@ class Embedder:
                 f"cannot write in {target.parent}: {exc.strerror or exc}; the models "
                 "directory was not changed"
             ) from None
+
+    def _read_known(self, digest: str) -> np.ndarray | None:
+        """The photo's views among the known examples, if it has as many as asked."""
+        if self.known is None or digest not in self._index:
+            return None
+        rows = np.flatnonzero(self.known.owner == self._index[digest])
+        return self.known.inputs[rows] if len(rows) == self.views else None
 
     def _read_cache(self, digest: str) -> np.ndarray | None:
         path = self._cache_file(digest)

@@ -18,7 +18,7 @@ from healthyluncher.examples import memory_plan, merge_examples, select_examples
 from healthyluncher.meta import check_label
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
-from healthyluncher.records import load_base, load_examples, load_personal
+from healthyluncher.records import Examples, load_base, load_examples, load_personal
 from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
@@ -125,7 +125,10 @@ def retrain(
             view_budget=0 if augment_views is not None else None,  # --views N: exactly N
         )
         views = hp.views_for(len(paths))
-        embedder = Embedder(store, base, views)
+        # Earlier photos keep the views they were embedded with: training weighs photos,
+        # not views. A photo taught before is read from them, not embedded again.
+        old_examples = load_examples(personal, ()) if personal else None
+        embedder = Embedder(store, base, views, known=old_examples)
         embedded, failures, misses = embedder.embed(paths, progress)
         # The same photo twice (a.jpg a.jpg, or two copies) is one example.
         firsts = {digest: i for i, (_, digest, _) in reversed(list(enumerate(embedded)))}
@@ -134,10 +137,9 @@ def retrain(
             raise LuncherError(
                 "none of the photos could be used: " + "; ".join(f.error for f in failures)
             )
-        sample_shape = embedded[0][2].shape[1:]
-        # Earlier photos keep the views they were embedded with: training weighs photos,
-        # not views.
-        old_examples = load_examples(personal, sample_shape)
+        if old_examples is None:
+            old_examples = Examples.empty(embedded[0][2].shape[1:])
+        del embedder  # it holds the old examples
         probe = np.stack([views[0] for _, _, views in embedded])
         named = [(path, digest) for path, digest, _ in embedded]
         before = current_probabilities(base, personal, old_examples, probe, named)

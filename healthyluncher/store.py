@@ -329,24 +329,24 @@ class ModelStore:
         import numpy as np
 
         used: set[str] = set()
+        current: set[str] = set()  # the current copy's examples are their photos' cache
         used_segments: set[str] = set()
         for name in state.names():
             if not name.startswith("personal-"):
                 continue
             try:
                 with np.load(self.root / name / Files.EXAMPLES, allow_pickle=False) as data:
-                    used.update(data["digests"].tolist())  # str, at C speed
+                    digests = set(data["digests"].tolist())  # str, at C speed
                     if "segments" in data.files:
                         used_segments.update(str(s) for s in data["segments"].tolist())
             except (OSError, KeyError, ValueError, zipfile.BadZipFile):
                 return  # cannot tell what is used: keep everything
+            used, current = used | digests, current | (digests if name == state.personal else set())
         fileio.sweep(self.root / segments.FOLDER, {name.split(".")[0] for name in used_segments})
-        folders = [self.root / Files.THUMBNAILS]
+        fileio.sweep(self.root / Files.THUMBNAILS, used)
         cache = self.root / "cache"
-        if cache.is_dir():
-            folders.extend(p for p in cache.iterdir() if p.is_dir())
-        for folder in folders:
-            fileio.sweep(folder, used)
+        for folder in cache.iterdir() if cache.is_dir() else ():
+            fileio.sweep(folder, used - current)
 
     # -- embedding cache ---------------------------------------------------------------
 
