@@ -477,3 +477,39 @@ def test_a_compressed_array_bomb_inside_the_npz_is_refused(run, archive, tmp_pat
 
     hostile = edited(archive, tmp_path / "h.tar.gz", edit)
     refused(run, hostile, models_dir, "examples.npz holds a compressed array")
+
+
+def test_an_archive_of_an_index_into_segments_is_refused(run, archive, tmp_path, models_dir):
+    """A backup's examples.npz must hold its views: an index that names segments of the
+    models directory (which another machine does not have, and which an archive must not
+    reach) is refused, whatever it names."""
+    existing = sorted((models_dir / "examples").glob("*.npy"))[0].name  # this machine's
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        owner=np.zeros(1, np.int64),
+        digests=np.array(["0" * 64]),
+        labels=np.array(["healthy"]),
+        origin=np.zeros((1, 2), np.int64),
+        segments=np.array([existing]),
+    )
+    index = buffer.getvalue()
+
+    def edit(content: list[Member]) -> list[Member]:
+        def change(manifest: dict[str, object]) -> None:
+            files = manifest["files"]
+            assert isinstance(files, dict)
+            files["examples.npz"] = {
+                "sha256": hashlib.sha256(index).hexdigest(),
+                "size": len(index),
+            }
+
+        rest = [
+            regular("examples.npz", index) if info.name == "examples.npz" else (info, data)
+            for info, data in content[1:]
+        ]
+        return [with_manifest(content, change), *rest]
+
+    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+
+    refused(run, hostile, models_dir, "examples.npz")

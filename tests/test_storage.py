@@ -166,3 +166,35 @@ def test_undo_steps_share_the_bases_weights_file_and_the_current_copy_owns_one(
     assert (base / Files.MODEL_DATA).stat().st_nlink == 1
     onnx.load(str(now / Files.MODEL))
     assert lun.predict(photos["red"] + photos["green"]) == before
+
+
+def test_a_models_directory_from_before_segments_keeps_working(lun, photos, models_dir):
+    """Earlier versions wrote each copy's views into its examples.npz: such copies load,
+    undo to them works, and the next change stores their views in segments."""
+    lun.retrain("healthy", photos["red"])
+    lun.retrain("fast_food", photos["green"][:1])
+    store, folders = _copies(models_dir)
+    expected = {}
+    for folder in folders:
+        personal = load_personal(store, store.read_state())
+        assert personal is not None
+        examples = load_examples(type(personal)(folder, personal.meta), ())
+        expected[folder.name] = examples.inputs
+        np.savez(
+            folder / Files.EXAMPLES,
+            inputs=examples.inputs,
+            owner=examples.owner,
+            digests=np.array(examples.digests),
+            labels=np.array(examples.labels),
+        )
+    for path in (models_dir / segments.FOLDER).iterdir():
+        path.unlink()
+    before = lun.predict(photos["red"] + photos["green"])
+    lun.retrain("fast_food", photos["green"][1:])
+    _, (current, *_) = _copies(models_dir)
+    with np.load(current / Files.EXAMPLES) as data:
+        assert "inputs" not in data.files
+    lun.undo()
+    assert lun.predict(photos["red"] + photos["green"]) == before
+    views, _ = _views(store, folders[0])
+    np.testing.assert_array_equal(views, expected[folders[0].name])
