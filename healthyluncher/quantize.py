@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,9 @@ MAX_CALIBRATION_PHOTOS = 200
 CALIBRATION_BATCH = 16
 # Per-channel int8 weights need DequantizeLinear's `axis` attribute, new in opset 13.
 MIN_OPSET = 13
+# Ops whose weights the quantizer makes int8 (a frozen part without one gains nothing).
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,8 @@ class _CalibrationReader:
 
 def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -> onnx.ModelProto:
     """Static QDQ: uint8 activations with MinMax ranges, int8 per-channel weights (the
-    variant measured in bench-results/quantize.md)."""
+    variant measured in bench-results/quantize.md), except the stem (`stem_convolutions`),
+    which stays float32; biases the quantizer overflows are repaired (`_repair_biases`)."""
 
     runtime()  # onnxruntime without its training probe, before the quantizer imports it
     from onnxruntime.quantization import (
@@ -138,6 +144,16 @@ def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -
             # Shape inference and ORT's basic graph optimizations (batch norms folded into
             # convolutions), so that more of the graph quantizes.
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            model = onnx.load(str(prepared))
+            stems = stem_convolutions(model.graph)
+            if not any(n.op_type in WEIGHTED_OPS for n in model.graph.node if n not in stems):
+                raise LuncherError(
+                    "--int8: nothing in the frozen part would be int8: its only layer with "
+                    "weights is the first convolution, which stays float32"
+                )
+            for index, node in enumerate(stems):
+                node.name = node.name or f"luncher_stem_{index}"
+            onnx.save(model, str(prepared))
             quantize_static(
                 str(prepared),
                 str(target),
@@ -147,8 +163,10 @@ def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=[node.name for node in stems],
             )
         quantized = onnx.load(str(target))
+        _repair_biases(quantized, model)
     except LuncherError:
         raise
     except Exception as exc:  # the quantizer raises anything from ValueError to ORT's Fail
@@ -160,14 +178,82 @@ def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -
     return quantized
 
 
+def stem_convolutions(part: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The convolutions that the graph's input reaches without passing another one: the
+    first Conv of a CNN (after a Transpose, a Cast or a normalization, if any), a ViT's
+    patch embedding. They see the photo's full range of values through few channels and
+    quantize worst; `make-updatable --int8` keeps them float32 (results/int8.md)."""
+    initializers = {t.name for t in part.initializer}
+    reached = {i.name for i in part.input if i.name not in initializers}
+    stems: list[onnx.NodeProto] = []
+    for node in part.node:  # topologically sorted
+        if node.op_type == "Conv" and node.input[0] in reached:
+            stems.append(node)
+        elif any(name in reached for name in node.input):
+            reached.update(node.output)
+    return stems
+
+
+def _repair_biases(quantized: onnx.ModelProto, prepared: onnx.ModelProto) -> None:
+    """Channels whose int32 bias the quantizer overflowed get it back, in place.
+
+    A channel whose weights are ~0 (a batch norm's ~0 scale folded into them) only adds
+    its bias. Its int8 weight scale is ~0, so is the bias's (input scale x weight scale),
+    and the quantizer casts bias / scale past int32: -2**31 on x86, a silent wrong value
+    (the sign lost: relu(0.5) became 0). Such a channel is quantized as the quantizer
+    quantizes an all-zero one: weights 0 with scale 1, bias at the input's scale. What is
+    dropped: max |weight| < 127 |bias| / (2**31 input scale) and |input| <= 255 input
+    scale, so each input's term is below 1.5e-5 of the bias.
+    """
+    floats = {t.name: t for t in prepared.graph.initializer}
+    tensors = {t.name: t for t in quantized.graph.initializer}
+    made_by = {out: node for node in quantized.graph.node for out in node.output}
+    uses = collections.Counter(name for node in quantized.graph.node for name in node.input)
+    for node in quantized.graph.node:
+        dqs = [made_by.get(name) for name in node.input[:3]]
+        if node.op_type not in ("Conv", "Gemm") or len(dqs) < 3:
+            continue
+        if uses[node.input[1]] > 1 or uses[node.input[2]] > 1:
+            continue  # weights shared with another layer: left as the quantizer made them
+        if not all(dq is not None and dq.op_type == "DequantizeLinear" for dq in dqs):
+            continue
+        x, w, b = (dq.input for dq in dqs if dq is not None)
+        axis = next((a.i for a in made_by[node.input[1]].attribute if a.name == "axis"), 1)
+        source = floats.get(b[0].removesuffix("_quantized"))
+        if source is None or tensors[b[0]].data_type != onnx.TensorProto.INT32:
+            continue
+        bias = onnx.numpy_helper.to_array(source).astype(np.float64)
+        input_scale = onnx.numpy_helper.to_array(tensors[x[1]]).astype(np.float32)
+        weight_scale = onnx.numpy_helper.to_array(tensors[w[1]]).astype(np.float32)
+        over = np.abs(bias / (input_scale * weight_scale)) > INT32_MAX
+        if not over.any() or weight_scale.shape != bias.shape:
+            continue
+        weight = np.moveaxis(onnx.numpy_helper.to_array(tensors[w[0]]).copy(), axis, 0)
+        weight[over] = 0
+        weight_scale[over] = 1
+        bias_scale = (input_scale * weight_scale).astype(np.float32)
+        ints = np.clip(np.round(bias / bias_scale), -INT32_MAX, INT32_MAX).astype(np.int32)
+        new = {
+            w[0]: np.moveaxis(weight, 0, axis),
+            w[1]: weight_scale,
+            b[0]: ints,
+            b[1]: bias_scale,
+        }
+        for name, array in new.items():
+            tensors[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
+
+
 @contextlib.contextmanager
 def _quantizer_logging_silenced() -> Iterator[None]:
-    """The quantizer logs advice through the root logger, which would reach the terminal;
-    what matters to the user arrives as an exception."""
+    """The quantizer logs advice through the root logger and numpy warns about the biases
+    it overflows (`_repair_biases` fixes them), which would reach the terminal; what
+    matters to the user arrives as an exception."""
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
     finally:
         logging.disable(previous)
 

@@ -81,9 +81,15 @@ def pytorch_style(
 
 
 def keras_style(
-    path: Path, labels: list[str] | None = ("healthy", "fast_food"), *, seed: int = 1
-) -> Path:  # type: ignore[assignment]
-    """NHWC: Transpose -> Conv -> Relu -> ReduceMean -> MatMul + Add -> Softmax."""
+    path: Path,
+    labels: list[str] | None = ("healthy", "fast_food"),  # type: ignore[assignment]
+    *,
+    seed: int = 1,
+    convs: int = 1,
+) -> Path:
+    """NHWC: Transpose -> Conv -> Relu -> ReduceMean -> MatMul + Add -> Softmax.
+
+    `convs=2` adds a 1x1 Conv -> Relu after the first Relu."""
     rng = np.random.default_rng(seed)
     inits = [
         numpy_helper.from_array(_colour_conv(rng, 6), "conv/kernel"),
@@ -99,6 +105,19 @@ def keras_style(
         ),
         helper.make_node("Relu", ["c"], ["r"], name="relu"),
         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+    ]
+    if convs == 2:
+        kernel = rng.normal(0, 0.3, (6, 6, 1, 1)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(kernel, "conv_1/kernel"),
+            numpy_helper.from_array(np.full(6, 0.5, np.float32), "conv_1/bias"),
+        ]
+        nodes[-1:] = [
+            helper.make_node("Conv", ["r", "conv_1/kernel", "conv_1/bias"], ["c1"], name="conv_1"),
+            helper.make_node("Relu", ["c1"], ["r1"], name="relu_1"),
+            helper.make_node("GlobalAveragePool", ["r1"], ["p"], name="gap"),
+        ]
+    nodes += [
         helper.make_node("Reshape", ["p", "flat_shape"], ["features"], name="flatten"),
         helper.make_node("MatMul", ["features", "dense/kernel"], ["mm"], name="dense/MatMul"),
         helper.make_node("Add", ["mm", "dense/bias"], ["dense_out"], name="dense/BiasAdd"),

@@ -33,6 +33,10 @@ def calibration(tmp_path: Path) -> Path:
     return folder
 
 
+def two_conv_keras(path: Path) -> Path:
+    return keras_style(path, convs=2)
+
+
 def probabilities(run, *paths: Path, models_dir: Path | None = None) -> dict[str, dict[str, float]]:
     where = ["--models-dir", models_dir] if models_dir else []
     result = run(*where, "predict", "--json", *paths)
@@ -50,7 +54,7 @@ def weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 
 
-@pytest.mark.parametrize("factory", [pytorch_style, keras_style], ids=["pytorch", "keras"])
+@pytest.mark.parametrize("factory", [pytorch_style, two_conv_keras], ids=["pytorch", "keras"])
 def test_int8_base_predicts_like_fp32(run, factory, tmp_path, photos, calibration):
     model = factory(tmp_path / "model.onnx")
     fp32_dir, int8_dir = tmp_path / "fp32", tmp_path / "int8"
@@ -264,3 +268,106 @@ def test_a_quantization_failure_keeps_the_previous_base(
     assert state_of(models_dir) == before_state
     assert probabilities(run, *photos["red"]) == before
     assert not [p for p in models_dir.iterdir() if p.name.startswith(".staging-")]
+
+
+# -- what stays float32 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("factory", "stem", "second"),
+    [(pytorch_style, "conv1", "conv2"), (two_conv_keras, "conv", "conv_1")],
+    ids=["pytorch", "keras"],
+)
+def test_int8_keeps_the_first_convolution_float32(
+    run, factory, stem, second, tmp_path, calibration, models_dir
+):
+    """The stem convolution (found structurally: the first Conv the input reaches, here
+    straight from the input and after a Transpose) keeps float32 weights and bias with no
+    Quantize/DequantizeLinear on them; the next convolution is int8."""
+    made = run(
+        "make-updatable", factory(tmp_path / "model.onnx"), "--int8", "--calibration", calibration
+    )
+    assert made.code == 0, made
+    base = base_dir(models_dir)
+    for file in (Files.FROZEN, Files.MODEL):
+        part = onnx.load(str(base / file))
+        made_by = {out: node for node in part.graph.node for out in node.output}
+        kinds = {t.name: t.data_type for t in part.graph.initializer}
+        convs = {node.name: node for node in part.graph.node if node.op_type == "Conv"}
+        for tensor in convs[stem].input:
+            producer = made_by.get(tensor)
+            assert producer is None or producer.op_type not in {"DequantizeLinear", "Cast"}, (
+                file,
+                tensor,
+            )
+        assert kinds[convs[stem].input[1]] == kinds[convs[stem].input[2]] == TensorProto.FLOAT
+        weight = made_by[convs[second].input[1]]
+        assert weight.op_type == "DequantizeLinear"
+        assert kinds[weight.input[0]] == TensorProto.INT8
+
+
+def test_int8_keeps_the_bias_of_a_nearly_dead_channel(
+    run, tmp_path, calibration, models_dir, recwarn
+):
+    """A channel whose weights are ~0 (a batch norm with a ~0 scale folded into them) outputs
+    its bias. Its int32 bias at scale input_scale * weight_scale overflows; the quantizer
+    used to wrap it to -2**31, turning relu(0.5) into 0, and numpy's warning about that
+    cast reached the user's terminal."""
+    path = pytorch_style(tmp_path / "model.onnx")
+    model = onnx.load(str(path))
+    weight = next(t for t in model.graph.initializer if t.name == "conv2.weight")
+    array = numpy_helper.to_array(weight).copy()
+    array[0] *= 1e-9  # conv2.bias is 0.5: feature 0 is relu(0.5 + ~0) = 0.5 for any photo
+    weight.CopyFrom(numpy_helper.from_array(array, "conv2.weight"))
+    onnx.save(model, str(path))
+    made = run("make-updatable", path, "--int8", "--calibration", calibration)
+    assert made.code == 0, made
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+    from healthyluncher.runtime import runtime
+
+    frozen = base_dir(models_dir) / Files.FROZEN
+    session = runtime().InferenceSession(str(frozen), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(3).normal(0, 1, (4, 3, 16, 16)).astype(np.float32)
+    features = session.run(None, {"image": image})[0]
+    assert np.allclose(features[:, 0], 0.5, atol=0.02), features[:, 0]
+
+
+@pytest.mark.parametrize("trainable", [1, pytest.param(2, marks=needs_ort)])
+def test_int8_refuses_a_frozen_part_that_is_only_the_first_convolution(
+    run, trainable, tmp_path, calibration, models_dir
+):
+    # keras_style's frozen part is Transpose -> Conv -> Relu -> pool; pytorch_style with two
+    # trainable layers freezes conv1 only.
+    model = (keras_style if trainable == 1 else pytorch_style)(tmp_path / "model.onnx")
+    args = ["--trainable-layers", str(trainable)] if trainable > 1 else []
+    result = run("make-updatable", model, *args, "--int8", "--calibration", calibration)
+    one_line_error(result, "--int8", "first convolution")
+    assert state_of(models_dir) is None
+
+
+def test_the_stem_is_every_convolution_the_input_reaches_without_another():
+    from onnx import helper
+
+    from healthyluncher.quantize import stem_convolutions
+
+    def conv(name: str, source: str) -> onnx.NodeProto:
+        return helper.make_node("Conv", [source, "w", "b"], [name], name=name)
+
+    nodes = [
+        helper.make_node("Sub", ["image", "mean"], ["centred"], name="normalize"),
+        conv("a", "centred"),  # the first convolution, after a normalization
+        helper.make_node("Relu", ["a"], ["a_relu"], name="relu"),
+        conv("b", "a_relu"),  # after another convolution: not a stem
+        conv("c", "image"),  # a second branch straight from the input
+        helper.make_node("Add", ["b", "c"], ["sum"], name="add"),
+        conv("d", "sum"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "branches",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros(3, np.float32), name) for name in ("mean", "w", "b")],
+    )
+    assert [node.name for node in stem_convolutions(graph)] == ["a", "c"]
