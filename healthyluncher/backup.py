@@ -34,7 +34,6 @@ from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, fsync_dir
-from healthyluncher.heads import fit_problem
 from healthyluncher.personal import publish_personal, render_personal
 from healthyluncher.records import Base, load_base, load_examples, load_personal, save_examples
 from healthyluncher.store import Files, ModelStore, Transaction
@@ -206,6 +205,8 @@ def _restore(txn: Transaction, base: Base, backup: Backup) -> ImportResult:
         base.meta.trainable_params
     ):
         raise refuse(backup.archive, "its labels or weights do not fit this base")
+    from healthyluncher.heads import fit_problem  # onnx (0.3-0.9 s): not for export
+
     # Weights or examples that do not fit are refused before anything is written.
     problem = fit_problem(
         str(base.path / Files.HEAD),
