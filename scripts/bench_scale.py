@@ -5,8 +5,8 @@
 For each size N the bench builds its own models directory as a user would: N augmented
 copies of the shared photos (random crop, mirror, colour jitter, each a new JPEG with its
 own content hash) taught through the public API in batches of 250, one label per batch.
-Then it times whole `luncher` processes, side by side for every size, `--runs` times, and
-reports medians:
+Then it times whole `luncher` processes, side by side for every size (ascending, then
+descending, turn about), `--runs` times, and reports medians:
 
 - `retrain --label healthy` of 5 new photos (pancakes from personal/, which the base calls
   fast food), then whether all 5 took the label (their "after" probability above 0.5);
@@ -145,7 +145,9 @@ def main() -> None:
     export_mb: dict[int, float] = {}
     for r in range(args.runs):
         new = [str(p) for p in pancakes[5 * r : 5 * r + 5]]
-        for size in sizes:  # side by side: every size in each run
+        # Side by side: every size in each run, the order reversed every other run (the
+        # first process of a run reads the new photos from disk for the others).
+        for size in sizes if r % 2 == 0 else sizes[::-1]:
             models = dirs[size]
             wall, _, out = run(["retrain", "--label", "healthy", "--json", *new], models)
             samples[size]["retrain5"].append(wall)
