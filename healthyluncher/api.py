@@ -152,6 +152,7 @@ class Luncher:
         epochs: int | None = None,
         learning_rate: float | None = None,
         views: int | None = None,
+        memory_strength: float | None = None,
         save: bool = False,
         progress: ProgressCallback | None = None,
     ) -> RetrainResult:
@@ -160,11 +161,12 @@ class Luncher:
         A label the model does not have is refused unless `new_label=True`, which adds it.
         `epochs`, `learning_rate` and `views` (augmented views per photo) override the
         stored settings for this retrain; `save=True` keeps them as the settings of later
-        retrains. `progress` receives `Progress` events.
+        retrains. `memory_strength` (default 40; 0 turns the memory of your examples off)
+        is part of the model, so it is always kept. `progress` receives `Progress` events.
         """
         from healthyluncher.personalizing import retrain
 
-        self._check_overrides(epochs, learning_rate, views)
+        self._check_overrides(epochs, learning_rate, views, memory_strength)
         return self._run(
             retrain,
             label,
@@ -173,6 +175,7 @@ class Luncher:
             epochs=epochs,
             learning_rate=learning_rate,
             augment_views=views,
+            memory_strength=memory_strength,
             save=save,
             progress=progress,
         )
@@ -283,13 +286,17 @@ class Luncher:
 
     @staticmethod
     def _check_overrides(
-        epochs: int | None, learning_rate: float | None, views: int | None
+        epochs: int | None,
+        learning_rate: float | None,
+        views: int | None,
+        memory_strength: float | None = None,
     ) -> None:
         # Validated by Hyperparameters itself, before any photo is read.
-        Hyperparameters(
-            epochs=Hyperparameters.epochs if epochs is None else epochs,
-            learning_rate=Hyperparameters.learning_rate if learning_rate is None else learning_rate,
-            augment_views=Hyperparameters.augment_views if views is None else views,
+        Hyperparameters().replace(
+            epochs=epochs,
+            learning_rate=learning_rate,
+            augment_views=views,
+            memory_strength=memory_strength,
         )
 
 

@@ -102,6 +102,14 @@ def retrain(
             "for a few photos, 1 from 16 photos on.",
         ),
     ] = None,
+    memory_strength: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            min=0.0,
+            help="How strongly photos like the ones you taught take their label (0: off; "
+            "default 40). Kept for later retrains.",
+        ),
+    ] = None,
     new_label: Annotated[
         bool, typer.Option("--new-label", help="LABEL is new: add it to the model.")
     ] = False,
@@ -124,6 +132,7 @@ def retrain(
                 epochs=epochs,
                 learning_rate=learning_rate,
                 views=views,
+                memory_strength=memory_strength,
                 save=save,
                 progress=report,
             )

@@ -101,6 +101,7 @@ def retrain(
     epochs: int | None = None,
     learning_rate: float | None = None,
     augment_views: int | None = None,
+    memory_strength: float | None = None,
     save: bool = False,
     progress: ProgressCallback | None = None,
 ) -> RetrainResult:
@@ -123,6 +124,7 @@ def retrain(
             learning_rate=learning_rate,
             augment_views=augment_views,
             view_budget=0 if augment_views is not None else None,  # --views N: exactly N
+            memory_strength=memory_strength,
         )
         views = hp.views_for(len(paths))
         # Earlier photos keep the views they were embedded with: training weighs photos,
@@ -158,7 +160,9 @@ def retrain(
             hp,
             names=names,
             progress=progress,
-            remember=None if save else settings,  # one-off settings apply once
+            # One-off settings apply once; the memory's strength is part of the model
+            # (and of its later "before"), so it is always kept.
+            remember=None if save else settings.replace(memory_strength=memory_strength),
         )
     after = np.stack([fitted.scores[digest] for _, digest in named])
     after_label = after[:, labels.index(label)]

@@ -388,3 +388,25 @@ def test_a_copy_scores_its_newest_photos_and_those_just_taught(lun, photos, monk
     assert again.photos[0].before == pytest.approx(before, abs=1e-5)
     after = lun.predict([oldest])[0].probabilities["fast_food"]
     assert again.photos[0].after == pytest.approx(after, abs=1e-5)
+
+
+def test_memory_strength_is_a_retrain_option_kept_with_the_model(lun, photos, run):
+    """Issue 16: the memory's strength is the design's one knob. It was not an option;
+    now a retrain sets it, and it stays with the copy (its model and its later "before")."""
+    from tests.conftest import one_line_error
+
+    lun.retrain("healthy", photos["red"])
+    assert lun.status().hyperparameters["memory_strength"] == 40.0
+    lun.retrain("healthy", photos["green"][:1], memory_strength=0)
+    assert lun.status().hyperparameters["memory_strength"] == 0.0
+    lun.retrain("healthy", photos["green"][1:2])  # no option: the copy's setting stays
+    assert lun.status().hyperparameters["memory_strength"] == 0.0
+    before = lun.predict([photos["green"][2]])[0].probabilities["healthy"]
+    again = lun.retrain("healthy", [photos["green"][2]])
+    assert again.photos[0].before == pytest.approx(before, abs=1e-5)
+    result = run("retrain", "--label", "fast_food", "--memory-strength", "80", photos["red"][0])
+    assert result.code == 0, result
+    assert run("status", "--json").json_lines()[0]["hyperparameters"]["memory_strength"] == 80
+    huge = run("retrain", "--label", "healthy", "--memory-strength", "1e9", photos["red"][0])
+    one_line_error(huge, "memory strength")
+    assert lun.status().hyperparameters["memory_strength"] == 80.0
