@@ -1,6 +1,7 @@
 """The models directory: where it is, what its files are called, and how it changes atomically.
 
-Layout (every directory below is immutable once published)::
+Layout (every directory below is immutable once published, but for the weights file of an
+undo step, which becomes a link to the same bytes of its base's: see weightsfile.py)::
 
     MODELS_DIR/
       state.json          which base and personal directories are current
