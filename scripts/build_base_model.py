@@ -122,11 +122,17 @@ def held_out(path: Path) -> bool:
     return int(digest_of(read_bytes(path))[:8], 16) % HOLD_OUT == 0
 
 
-def evaluate(model: Path, food: Path, work: Path, trained_lowres: bool) -> dict[str, Any]:
+def evaluate(
+    model: Path, food: Path, work: Path, trained_lowres: bool, trainable_layers: int = 1
+) -> dict[str, Any]:
     """Accuracy of the shipped model through the public API, as a user's predict sees it."""
     import os
 
     os.environ["LUNCHER_BUNDLED_MODEL"] = str(model)
+    if trainable_layers != 1:  # its replay set fits only a base split the same way
+        healthyluncher.make_updatable(
+            model, models_dir=work / "evaluate", trainable_layers=trainable_layers
+        )
     lun = healthyluncher.open(work / "evaluate")
     per_dish: dict[str, dict[str, Any]] = {}
     for label in LABELS:
@@ -260,6 +266,14 @@ def main() -> None:
         help="full-size dishes to leave out of the examples (comma-separated), for "
         "scripts/eval_dishes.py --full-size: a base that never saw them",
     )
+    parser.add_argument(
+        "--trainable-layers",
+        type=int,
+        default=1,
+        help="layers with weights that train (make-updatable --trainable-layers); 1, the "
+        "shipped design, unless measuring a deeper one (scripts/eval_dishes.py "
+        "--trainable-layers N with the same N)",
+    )
     args = parser.parse_args()
     without = frozenset(d for d in args.leave_out.split(",") if d)
     started = time.perf_counter()
@@ -273,21 +287,48 @@ def main() -> None:
         result = healthyluncher.make_updatable(
             stock, examples=examples, labels=list(LABELS), models_dir=work / "models"
         )
+        last_layer = None
+        if args.trainable_layers != 1:
+            # Deeper in two steps: the shipped recipe trains the new last layer, then that
+            # model (its own labels now) fine-tunes its last N layers on the same photos.
+            # In one step the new layer starts random behind pretrained layers whose inputs
+            # make-updatable scales down, and the head learned one label for everything.
+            assert result.examples is not None
+            last_layer = result.examples
+            first, _ = package(result.directory, work / "last-layer", stock)
+            result = healthyluncher.make_updatable(
+                first,
+                examples=examples,
+                labels=list(LABELS),
+                models_dir=work / "models-deep",
+                trainable_layers=args.trainable_layers,
+            )
         making = time.perf_counter() - making
         assert result.examples is not None
         model, replay = package(result.directory, args.output, stock)
         results = {
             "make_updatable": {
                 "command": "luncher make-updatable lite0-imagenet.onnx --examples DIR "
-                "--labels healthy,fast_food",
+                "--labels healthy,fast_food"
+                + (
+                    f", then luncher make-updatable THAT --examples DIR --labels "
+                    f"healthy,fast_food --trainable-layers {args.trainable_layers}"
+                    if args.trainable_layers != 1
+                    else ""
+                ),
                 "photos": sum(result.examples.photos.values()),
                 "held_out": result.examples.held_out,
                 "held_out_accuracy": round(result.examples.held_out_accuracy, 4),
                 "epochs": result.examples.epochs,
                 "preprocessing": result.preprocessing_source,
                 "seconds": round(making, 1),
+                "last_layer_first_held_out_accuracy": (
+                    round(last_layer.held_out_accuracy, 4) if last_layer else None
+                ),
             },
-            "evaluation": evaluate(model, args.food, work, args.with_lowres64),
+            "evaluation": evaluate(
+                model, args.food, work, args.with_lowres64, args.trainable_layers
+            ),
             "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
             "replay_sha256": hashlib.sha256(replay.read_bytes()).hexdigest(),
         }

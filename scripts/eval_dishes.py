@@ -91,7 +91,9 @@ def design_dishes(food: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-def stores(work: Path, seeds: int, hp: Hyperparameters) -> list[ModelStore]:
+def stores(
+    work: Path, seeds: int, hp: Hyperparameters, trainable_layers: int = 1
+) -> list[ModelStore]:
     """One models directory per training seed, each with the shipped base set up afresh."""
     shipped = bundled_model()
     assert shipped is not None
@@ -101,6 +103,7 @@ def stores(work: Path, seeds: int, hp: Hyperparameters) -> list[ModelStore]:
         options = UpdatableOptions(
             replay=shipped.with_name(BUNDLED_REPLAY),
             hyperparameters=replace(hp, seed=seed),
+            trainable_layers=trainable_layers,
             force=True,
         )
         make_updatable(store, shipped, options)
@@ -132,6 +135,13 @@ def main() -> None:
         help="full-size dishes of healthy/ and fast_food/ to report on too, for a base built "
         "without them (scripts/build_base_model.py --leave-out); they leave the base test",
     )
+    parser.add_argument(
+        "--trainable-layers",
+        type=int,
+        default=1,
+        help="layers that train on the user's photos (make-updatable --trainable-layers); "
+        "the base must be built with the same N (scripts/build_base_model.py)",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     overrides: dict[str, Any] = {}
@@ -140,7 +150,7 @@ def main() -> None:
         current = getattr(Hyperparameters(), name)
         overrides[name] = type(current)(value)
     hp = replace(Hyperparameters(), **overrides)
-    seeded = stores(args.work, args.seeds, hp)
+    seeded = stores(args.work, args.seeds, hp, args.trainable_layers)
     store = seeded[0]
     base = load_base(store, store.read_state())
 
@@ -277,6 +287,8 @@ def write(
     command = f"python scripts/eval_dishes.py --draws {args.draws} --seeds {args.seeds}" + "".join(
         f" --set {k}={v}" for k, v in overrides.items()
     )
+    if args.trainable_layers != 1:
+        command += f" --trainable-layers {args.trainable_layers}"
     lines = [
         "# Personalization on dishes nobody tuned for (leave-dish-out)",
         "",
