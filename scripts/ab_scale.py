@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_scale import disk_mb  # scripts/ is this script's first import path
+
 REPO = Path(__file__).resolve().parent.parent
 BUILD = """
 import sys, healthyluncher
@@ -36,15 +38,6 @@ for label in ("healthy", "fast_food"):
     for i in range(0, len(mine), 250):
         lun.retrain(label, mine[i : i + 250], views=1)
 """
-
-
-def disk_mb(folder: Path) -> float:
-    sizes = {}
-    for path in folder.rglob("*"):
-        if path.is_file():
-            info = path.stat()
-            sizes[(info.st_dev, info.st_ino)] = info.st_size
-    return sum(sizes.values()) / 1e6
 
 
 def main() -> None:

@@ -92,6 +92,24 @@ def with_manifest(content: list[Member], change: Callable[[dict[str, object]], N
     return regular("manifest.json", json.dumps(manifest).encode())
 
 
+def with_examples(data: bytes) -> Callable[[list[Member]], list[Member]]:
+    """An edit that puts `data` in place of examples.npz, with a manifest that agrees."""
+
+    def edit(content: list[Member]) -> list[Member]:
+        def change(manifest: dict[str, object]) -> None:
+            files = manifest["files"]
+            assert isinstance(files, dict)
+            files["examples.npz"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+        rest = [
+            regular("examples.npz", data) if info.name == "examples.npz" else (info, body)
+            for info, body in content[1:]
+        ]
+        return [with_manifest(content, change), *rest]
+
+    return edit
+
+
 def refused(run, path: Path, models_dir: Path, *fragments: str) -> None:
     """The import fails with one line naming the problem, and nothing changed."""
     before = tree(models_dir)
@@ -461,21 +479,7 @@ def test_a_compressed_array_bomb_inside_the_npz_is_refused(run, archive, tmp_pat
     np.savez_compressed(
         buffer, inputs=np.zeros((4096, 8), np.float32), owner=np.zeros(4096, np.int64)
     )
-    bomb = buffer.getvalue()
-
-    def edit(content: list[Member]) -> list[Member]:
-        def change(manifest: dict[str, object]) -> None:
-            files = manifest["files"]
-            assert isinstance(files, dict)
-            files["examples.npz"] = {"sha256": hashlib.sha256(bomb).hexdigest(), "size": len(bomb)}
-
-        rest = [
-            regular("examples.npz", bomb) if info.name == "examples.npz" else (info, data)
-            for info, data in content[1:]
-        ]
-        return [with_manifest(content, change), *rest]
-
-    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_examples(buffer.getvalue()))
     refused(run, hostile, models_dir, "examples.npz holds a compressed array")
 
 
@@ -493,25 +497,7 @@ def test_an_archive_of_an_index_into_segments_is_refused(run, archive, tmp_path,
         origin=np.zeros((1, 2), np.int64),
         segments=np.array([existing]),
     )
-    index = buffer.getvalue()
-
-    def edit(content: list[Member]) -> list[Member]:
-        def change(manifest: dict[str, object]) -> None:
-            files = manifest["files"]
-            assert isinstance(files, dict)
-            files["examples.npz"] = {
-                "sha256": hashlib.sha256(index).hexdigest(),
-                "size": len(index),
-            }
-
-        rest = [
-            regular("examples.npz", index) if info.name == "examples.npz" else (info, data)
-            for info, data in content[1:]
-        ]
-        return [with_manifest(content, change), *rest]
-
-    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
-
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_examples(buffer.getvalue()))
     refused(run, hostile, models_dir, "examples.npz")
 
 
