@@ -697,21 +697,19 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "## Report pair, settings frozen",
         "",
     ]
-    rows = []
-    if "current" in methods:
-        rows.append(("current", "library defaults", methods["current"]["report"]["summary"]))
-    for method in METHODS:
-        m = methods[method.name]
-        rows.append((method.name, fmt_setting(m["report"]["setting"]), m["report"]["summary"]))
-    lines += table(rows)
+
+    def pair_rows(pair: str) -> list[Any]:
+        rows = []
+        if "current" in methods:
+            rows.append(("current", "library defaults", methods["current"][pair]["summary"]))
+        for method in METHODS:
+            m = methods[method.name][pair]
+            rows.append((method.name, fmt_setting(m["setting"]), m["summary"]))
+        return rows
+
+    lines += table(pair_rows("report"))
     lines += ["", "## Tuning pair, chosen settings", ""]
-    rows = []
-    if "current" in methods:
-        rows.append(("current", "library defaults", methods["current"]["tuning"]["summary"]))
-    for method in METHODS:
-        m = methods[method.name]
-        rows.append((method.name, fmt_setting(m["tuning"]["setting"]), m["tuning"]["summary"]))
-    lines += table(rows)
+    lines += table(pair_rows("tuning"))
     lines += [
         "",
         "## Tuning pair: each method's knob (recall vs base accuracy lost)",
