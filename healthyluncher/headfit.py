@@ -162,7 +162,7 @@ def fit_new_head(
     head = cut.head
     trainable = cut.trainable_params
     scale = 1.0
-    if cut.frozen is not None and (replaced or linear_head_of(head, trainable) is not None):
+    if cut.frozen is not None and _may_scale(head, trainable, replaced, len(examples.labels)):
         scale = input_scale(inputs[train])
     if scale != 1.0:
         inputs = inputs * np.float32(scale)
@@ -268,6 +268,17 @@ def input_scale(inputs: np.ndarray) -> float:
     if mean_l1 <= MAX_INPUT_L1:
         return 1.0
     return float(2.0 ** math.floor(math.log2(MAX_INPUT_L1 / mean_l1)))
+
+
+def _may_scale(
+    head: onnx.ModelProto, trainable: tuple[str, ...], replaced: bool, classes: int
+) -> bool:
+    """Whether the head inputs may be scaled: a linear head's weight is rescaled to match,
+    and a new layer starts untrained; but a pretrained layer between them (a new last layer
+    with --trainable-layers 2) would read inputs it was never trained on."""
+    if linear_head_of(head, trainable) is not None:
+        return True
+    return replaced and set(trainable) <= set(heads.class_axes(head, classes))
 
 
 def _rescale_weight(head: onnx.ModelProto, trainable: tuple[str, ...], scale: float) -> None:

@@ -343,3 +343,39 @@ def test_the_replay_set_spreads_over_a_labels_subfolders(tmp_path):
     assert kept == {"big": 25, "small": 10, "mid": 25, "": 50}
     assert replay_labels.tolist() == labels[rows].tolist()
     assert headfit.fair_quotas({"a": 1, "b": 100, "c": 100}, 1000) == {"a": 1, "b": 100, "c": 100}
+
+
+def _tensor_of(model_path: Path, tensor: str, image: np.ndarray) -> np.ndarray:
+    """`tensor` as `model_path` computes it for `image` (an inner tensor made an output)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))  # the base's weights file too
+    model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, 1, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run([tensor], {"image": image})[0])
+
+
+@pytest.mark.parametrize("layers, scaled", [(1, True), (2, False)])
+def test_head_inputs_are_scaled_only_where_no_pretrained_layer_reads_them(
+    tmp_path, examples, layers, scaled
+):
+    """With a new last layer behind a pretrained one (--trainable-layers 2), scaling the
+    large head inputs down (as a new linear head needs) fed the pretrained layer inputs it
+    was never trained on: the shipped backbone's one-step deeper base called every photo
+    fast food (held out 0.35). The pretrained layer must compute what it computed."""
+    stock = pytorch_style(tmp_path / "stock.onnx", labels=None, classes=10, gain=100)
+    options = healthyluncher.Hyperparameters(learning_rate=1e-9)  # training moves nothing
+    result = healthyluncher.make_updatable(
+        stock,
+        examples=examples,
+        trainable_layers=layers,
+        preprocessing="raw",  # pixels 0 to 255: head inputs far above the scaling's bound
+        hyperparameters=options,
+        models_dir=tmp_path / "models",
+    )
+    image = np.random.default_rng(0).uniform(0, 255, (2, 3, 16, 16)).astype(np.float32)
+    made = _tensor_of(result.directory / "model.onnx", "r2", image)
+    np.testing.assert_allclose(made, _tensor_of(stock, "r2", image), rtol=1e-4)
+    assert result.examples is not None
+    assert (result.examples.input_scale != 1.0) == scaled
