@@ -15,6 +15,15 @@ views, ORT training artifacts) through the library API. "naive" is Core ML's upd
 from the current weights and train on the new photos alone, with the same ORT artifacts,
 epochs and learning rate. Both are scored with the head on cached frozen-part outputs,
 which is what `predict` computes (checked against `predict` once per run).
+
+The leave-dish-out protocol (dishes nobody chose a setting on, full size and 64 px, draws
+and training seeds; the settings were chosen on other dishes) is its own mode:
+
+    .venv/bin/python scripts/eval_personalization.py leave-dish-out \
+        --full-size bibimbap,breakfast_burrito --out results/dishes-full-size.md
+
+It runs `scripts/eval_dishes.py` with the options that follow (its docstring has the
+protocol; the full-size dishes need a base built without them).
 """
 
 from __future__ import annotations
@@ -149,6 +158,13 @@ def check_against_predict(
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["leave-dish-out"]:
+        sys.path.insert(0, str(REPO / "scripts"))
+        import eval_dishes  # type: ignore[import-not-found]
+
+        sys.argv = [str(REPO / "scripts" / "eval_dishes.py"), *sys.argv[2:]]
+        eval_dishes.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--food", type=Path, default=FOOD)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "luncher-eval")
