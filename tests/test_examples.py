@@ -10,7 +10,7 @@ import pytest
 
 import healthyluncher
 from healthyluncher import Progress
-from tests.conftest import solid
+from tests.conftest import needs_ort, solid
 from tests.models import keras_style, pytorch_style, save
 
 
@@ -356,7 +356,7 @@ def _tensor_of(model_path: Path, tensor: str, image: np.ndarray) -> np.ndarray:
     return np.asarray(session.run([tensor], {"image": image})[0])
 
 
-@pytest.mark.parametrize("layers, scaled", [(1, True), (2, False)])
+@pytest.mark.parametrize("layers, scaled", [(1, True), pytest.param(2, False, marks=needs_ort)])
 def test_head_inputs_are_scaled_only_where_no_pretrained_layer_reads_them(
     tmp_path, examples, layers, scaled
 ):
