@@ -1,0 +1,238 @@
+"""Two rules for the nearest-neighbour memory, side by side, on the base head alone.
+
+Run from the repository root (needs ../shared/food and the two leave-out bases of
+scripts/eval_heads.py):
+
+    .venv/bin/python scripts/eval_memory_rules.py --tuning-base /tmp/lobaseB \\
+        --report-base /tmp/lobase --out results/memory-rules.md
+
+The memory adds `strength` x (similarity - floor) to a class's logit when a photo's head
+input is close to one of the user's examples of that class. The rules differ in the floor:
+
+- `current` (heads.add_memory, shipped): the threshold, or the photo's own similarity to
+  the nearest replayed base example of another label, if higher. A photo moves only when
+  it is nearer to the user's example than to anything the base knows under another label.
+- `radius`: the threshold, or the user's example's similarity to its nearest replayed base
+  example of another label, if higher: each example claims a ball whose radius is set by
+  its own nearest conflicting base example. The floor is per example and known at retrain
+  time, so `predict` would no longer compare photos with the replay set.
+
+Protocol: eval_heads.py's pairs, scenarios and draws (its `setup_pair`: the same photos,
+draws and augmented views), relabelled dishes only (K = 1, 5, 10; a new label has no base
+logit to add to). No retrain: both rules sit on the base head, so the comparison is of the
+rules alone, not of the shipped design (whose retrained head adds recall to either).
+Deterministic: one run per draw. `strength` is chosen per rule on the tuning pair: the
+highest mean recall over K among the strengths whose mean base drop is at most 0.5 point
+and mean far drop at most 1.0 point at every K; the report pair is measured at that
+strength. Means over draws and dishes, worst draw in brackets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import eval_heads as heads_eval  # type: ignore[import-not-found]  # noqa: E402
+from eval_dishes import report_dishes  # type: ignore[import-not-found]  # noqa: E402
+
+from healthyluncher.examples import load_replay  # noqa: E402
+from healthyluncher.heads import head_with  # noqa: E402
+from healthyluncher.memory import memory_bonus  # noqa: E402
+from healthyluncher.runtime import HeadRunner  # noqa: E402
+from healthyluncher.store import Files  # noqa: E402
+
+STRENGTHS = (10, 20, 40, 80, 160, 320, 640)
+THRESHOLD = 0.4  # the shipped memory_threshold
+MAX_BASE_DROP, MAX_FAR_DROP = 0.5, 1.0
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+
+
+def radius_bonus(
+    x: np.ndarray,
+    rows: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    strength: float,
+    replay: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """The `radius` rule's addition to the logits of x: (N, num_classes)."""
+    u, r = unit(rows), unit(replay[0])
+    conflict = (u @ r.T) + np.where(replay[1][None, :] != classes[:, None], 0.0, -4.0)
+    floor = np.maximum(conflict.max(axis=1), THRESHOLD)  # (M,)
+    excess = unit(x) @ u.T - floor[None, :]
+    out = np.zeros((len(x), num_classes), np.float32)
+    for c in np.unique(classes):
+        out[:, c] = np.maximum(excess[:, classes == c].max(axis=1), 0) * strength
+    return out
+
+
+def run_rule(
+    pair: Any, rule: str, strength: float, base_logits: np.ndarray
+) -> list[dict[str, Any]]:
+    replay = load_replay(pair.base)
+    assert replay is not None
+    num_classes = len(pair.labels)
+    runs = []
+    for d in pair.draws:
+        if d["new"]:
+            continue
+        label_id = pair.labels.index(d["label"])
+        rows = pair.bank[d["view_rows"]]
+        classes = np.full(len(rows), label_id)
+
+        def predict(
+            which: np.ndarray, rows: np.ndarray = rows, classes: np.ndarray = classes
+        ) -> np.ndarray:
+            x = pair.bank[which]
+            if rule == "current":
+                bonus = memory_bonus(x, rows, classes, num_classes, THRESHOLD, strength, replay)
+            else:
+                bonus = radius_bonus(x, rows, classes, num_classes, strength, replay)
+            return (base_logits[which] + bonus).argmax(axis=1)  # type: ignore[no-any-return]
+
+        m = heads_eval.measure(
+            pair, d, predict(d["held_rows"]), predict(pair.base_rows), predict(pair.far_rows),
+            label_id,
+        )  # fmt: skip
+        runs.append({"dish": d["dish"], "k": d["k"], "draw": d["draw"], **m})
+    return runs
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[int, dict[str, list[float]]]:
+    """Per K: [mean, worst] of each measure (worst: the lowest recall and precision, the
+    highest drops)."""
+    out: dict[int, dict[str, list[float]]] = {}
+    for k in sorted({r["k"] for r in runs}):
+        cell = [r for r in runs if r["k"] == k]
+        out[k] = {}
+        for measure, worst in (("recall", min), ("precision", min), ("base_drop", max),
+                               ("far_drop", max)):  # fmt: skip
+            values = [r[measure] for r in cell]
+            out[k][measure] = [float(np.mean(values)), float(worst(values))]
+    return out
+
+
+def allowed(s: dict[int, dict[str, list[float]]]) -> bool:
+    return all(
+        c["base_drop"][0] <= MAX_BASE_DROP and c["far_drop"][0] <= MAX_FAR_DROP for c in s.values()
+    )
+
+
+def mean_recall(s: dict[int, dict[str, list[float]]]) -> float:
+    return float(np.mean([c["recall"][0] for c in s.values()]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--food", type=Path, default=heads_eval.FOOD)
+    parser.add_argument("--tuning-base", type=Path, required=True)
+    parser.add_argument("--tuning-dishes", default="fruit,beignets")
+    parser.add_argument("--report-base", type=Path, required=True)
+    parser.add_argument("--report-dishes", default="bibimbap,breakfast_burrito")
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "eval-heads-cache"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "eval-memory-rules"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "memory-rules.md")
+    args = parser.parse_args()
+    args.skip_current, args.seeds = True, 1  # setup_pair: one store, no library retrain
+    started = time.perf_counter()
+    far = report_dishes(args.food)
+    results: dict[str, Any] = {}
+    for name, base_dir, dishes in (
+        ("tuning", args.tuning_base, args.tuning_dishes),
+        ("report", args.report_base, args.report_dishes),
+    ):
+        wanted = set(dishes.split(","))
+        found = [
+            (folder.name, folder, label)
+            for label in heads_eval.LABELS
+            for folder in sorted((args.food / label).iterdir())
+            if folder.name in wanted
+        ]
+        pair = heads_eval.Pair(name, base_dir, found)
+        heads_eval.setup_pair(pair, args, far)
+        assert pair.base is not None
+        base_logits = HeadRunner(head_with(pair.base.path / Files.HEAD, None)).logits(pair.bank)
+        for rule in ("current", "radius"):
+            if name == "tuning":
+                curve = {s: summary(run_rule(pair, rule, s, base_logits)) for s in STRENGTHS}
+                fine = [s for s in STRENGTHS if allowed(curve[s])] or [STRENGTHS[0]]
+                chosen = max(fine, key=lambda s: mean_recall(curve[s]))
+                results[rule] = {"tuning_curve": curve, "strength": chosen}
+            chosen = results[rule]["strength"]
+            results[rule][name] = summary(run_rule(pair, rule, chosen, base_logits))
+            print(f"[{name}] {rule} strength {chosen}", flush=True)
+    results["seconds"] = time.perf_counter() - started
+    write(args, results)
+
+
+def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    def cell(c: dict[str, list[float]]) -> str:
+        return " | ".join(
+            f"{c[m][0]:{f}} ({c[m][1]:{f}})"
+            for m, f in (
+                ("recall", ".2f"),
+                ("precision", ".2f"),
+                ("base_drop", "+.2f"),
+                ("far_drop", "+.2f"),
+            )  # fmt: skip
+        )
+
+    lines = [
+        "# The memory's floor: the photo's nearest conflicting base example, or the user example's",
+        "",
+        f"Produced by `python scripts/eval_memory_rules.py --tuning-base {args.tuning_base} "
+        f"--report-base {args.report_base}` in {results['seconds']:.0f} s; the protocol is in "
+        "the script's docstring (memory rules on the base head alone, no retrain).",
+        "",
+        "Tuning pair (" + args.tuning_dishes + "), mean recall over K and the largest mean "
+        "drops, per strength:",
+        "",
+        "| rule | strength | mean recall | max base drop (pt) | max far drop (pt) | allowed |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for rule in ("current", "radius"):
+        for s, c in results[rule]["tuning_curve"].items():
+            lines.append(
+                f"| {rule} | {s} | {mean_recall(c):.3f} | "
+                f"{max(x['base_drop'][0] for x in c.values()):+.2f} | "
+                f"{max(x['far_drop'][0] for x in c.values()):+.2f} | "
+                f"{'yes' if allowed(c) else 'no'} |"
+            )
+    lines += [
+        "",
+        "At the strength each rule chose on the tuning pair. Mean (worst draw):",
+        "",
+        "| pair | rule | strength | K | recall | precision | base drop (pt) | far drop (pt) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for pair in ("tuning", "report"):
+        for rule in ("current", "radius"):
+            for k, c in results[rule][pair].items():
+                lines.append(f"| {pair} | {rule} | {results[rule]['strength']} | {k} | {cell(c)} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
