@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -54,28 +52,19 @@ SUFFIXES = {".jpg", ".jpeg", ".png"}
 TARGETS = {"unseen64": 0.85, "seen64": 0.85, "full": 0.97}
 
 
+def held_out(path: Path) -> bool:
+    return int(hashlib.sha256(path.read_bytes()).hexdigest()[:8], 16) % 5 == 0
+
+
 def photos(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
-
-
-def downscale(data: bytes, size: int = 64) -> bytes:
-    """A full-size photo as the lowres64/ copies look: the centre square, `size` px, JPEG at
-    Pillow's default quality (75, the quantization tables of lowres64/ match it)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        rgb = image.convert("RGB")
-    side = min(rgb.size)
-    left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
-    square = rgb.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    out = io.BytesIO()
-    square.save(out, "JPEG")
-    return out.getvalue()
 
 
 def featurize(food: Path, work: Path) -> None:
     """Every photo's head input (the first view, what predict computes), through the shipped
     base's frozen part (the stock backbone's, unchanged), with the shipped head's weights."""
+    from build_base_model import downscale  # type: ignore[import-not-found]
+
     from healthyluncher.bases import UpdatableOptions, make_updatable
     from healthyluncher.embedder import Embedder
     from healthyluncher.records import BUNDLED_REPLAY, bundled_model, load_base
@@ -98,20 +87,24 @@ def featurize(food: Path, work: Path) -> None:
         target = down / label / dish / path.name
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(downscale(path.read_bytes()))
+            target.write_bytes(downscale(path.read_bytes()))  # the build's own copies
         rows.append((target, label, dish, "down"))
 
     store = ModelStore(work / "store")
     shipped = bundled_model()
     assert shipped is not None
-    make_updatable(store, shipped, UpdatableOptions(replay=shipped.with_name(BUNDLED_REPLAY), force=True))
+    make_updatable(
+        store, shipped, UpdatableOptions(replay=shipped.with_name(BUNDLED_REPLAY), force=True)
+    )
     base = load_base(store, store.read_state())
     started = time.perf_counter()
     embedded, failures, ran = Embedder(store, base, 1).embed([r[0] for r in rows])
     if failures:
         raise SystemExit(f"cannot read {failures[0].path}: {failures[0].error}")
-    print(f"embedded {len(rows)} photos ({ran} through the frozen part) in "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"embedded {len(rows)} photos ({ran} through the frozen part) in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     spec = linear_head(base.meta, base.path)
     assert spec is not None and spec.trans_b and spec.alpha == 1.0 and spec.bias is not None
     params = start_params(base.path, base.meta, spec)
@@ -146,9 +139,15 @@ class Data:
             self.dish = z["dish"]
             self.kind = z["kind"]
             digest = z["digest"]
+            paths = z["path"]
             self.shipped = (z["shipped_weight"], z["shipped_bias"])
         self.held = np.array([int(d[:8], 16) % 5 == 0 for d in digest])
         self.inner = np.array([int(d[8:16], 16) % FOLDS for d in digest])
+        # A 64 px copy is a photo of its own to make-updatable, which holds it out by its
+        # own hash: never trained on, as in the build.
+        self.copy_held = np.zeros(len(digest), bool)
+        for i in np.flatnonzero(self.kind == "down"):
+            self.copy_held[i] = held_out(Path(str(paths[i])))
         skip = left_out(food)
         self.left_out = (self.kind == "low") & np.isin(self.dish, sorted(skip))
         low_dishes = sorted(set(self.dish[(self.kind == "low") & ~self.left_out].tolist()))
@@ -201,8 +200,14 @@ def cross_validate(data: Data, name: str, seed: int = 0) -> dict[str, Any]:
             per_dish[d] = [right, n]
     scores = {k: c[0] / c[1] for k, c in counts.items()}
     margin = min(scores[k] - TARGETS[k] for k in TARGETS)
-    return {"setting": name, "seed": seed, **scores, "margin": margin,
-            "photos": {k: c[1] for k, c in counts.items()}, "unseen_per_dish": per_dish}
+    return {
+        "setting": name,
+        "seed": seed,
+        **scores,
+        "margin": margin,
+        "photos": {k: c[1] for k, c in counts.items()},
+        "unseen_per_dish": per_dish,
+    }
 
 
 def run_cv(data: Data, args: argparse.Namespace) -> None:
@@ -221,9 +226,12 @@ def run_cv(data: Data, args: argparse.Namespace) -> None:
             row["seconds"] = round(time.perf_counter() - started, 1)
             done.append(row)
             out.write_text(json.dumps(done, indent=1) + "\n")
-            print(f"{name:24s} seed {seed}  unseen {row['unseen64']:.3f}  seen "
-                  f"{row['seen64']:.3f}  full {row['full']:.3f}  margin {row['margin']:+.3f}"
-                  f"  ({row['seconds']} s)", flush=True)
+            print(
+                f"{name:24s} seed {seed}  unseen {row['unseen64']:.3f}  seen "
+                f"{row['seen64']:.3f}  full {row['full']:.3f}  margin {row['margin']:+.3f}"
+                f"  ({row['seconds']} s)",
+                flush=True,
+            )
 
 
 def report_sets(data: Data) -> dict[str, np.ndarray]:
@@ -238,6 +246,9 @@ def report_sets(data: Data) -> dict[str, np.ndarray]:
             sets[f"unseen64|{d}"] = low
         elif low.any():
             sets[f"seen64|{d}"] = low & data.held
+        down = data.held & (data.kind == "down") & (data.dish == d)
+        if down.any():  # a diagnostic: does blur alone move a full-size dish's label?
+            sets[f"down64|{d}"] = down
     sets["pancakes|pancakes"] = data.kind == "pancakes"
     return sets
 
@@ -247,7 +258,7 @@ def evaluate_head(data: Data, weight: np.ndarray, bias: np.ndarray) -> dict[str,
     for key, mask in report_sets(data).items():
         per[key] = list(accuracy(weight, bias, data.x[mask], data.y[mask]))
     overall = {}
-    for kind in ("full", "seen64", "unseen64", "pancakes"):
+    for kind in ("full", "seen64", "unseen64", "down64", "pancakes"):
         right = sum(v[0] for k, v in per.items() if k.startswith(kind + "|"))
         n = sum(v[1] for k, v in per.items() if k.startswith(kind + "|"))
         overall[kind] = [right, n, right / n]
