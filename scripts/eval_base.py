@@ -282,9 +282,39 @@ def run_report(data: Data, args: argparse.Namespace) -> None:
         print(f"{key:28s} " + "  ".join(f"{k} {v[2]:.4f} ({v[0]}/{v[1]})" for k, v in o.items()))
 
 
+def render(args: argparse.Namespace, out: Path) -> None:
+    """results/base-broader.json from the cross-validation, the report and the build."""
+    cv = json.loads((args.work / "cv.json").read_text())
+    by: dict[str, list[dict[str, Any]]] = {}
+    for row in cv:
+        by.setdefault(row["setting"], []).append(row)
+    table = []
+    for name, rows in by.items():
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in (*TARGETS, "margin")}
+        table.append(
+            {
+                "setting": name,
+                "seeds": len(rows),
+                **mean,
+                "worst_margin": min(r["margin"] for r in rows),
+            }
+        )
+    table.sort(key=lambda r: -r["margin"])
+    report = json.loads((args.work / f"report-{args.setting}.json").read_text())
+    build = Path("/tmp/base64-final/base-eval.json")
+    result = {
+        "fold_groups": Data(args.work / FEATURES, args.food).group,
+        "cross_validation": table,
+        "chosen": args.setting,
+        "report_numpy": report,
+        "build": json.loads(build.read_text()) if build.exists() else None,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("featurize", "cv", "report"))
+    parser.add_argument("step", choices=("featurize", "cv", "report", "render"))
     parser.add_argument("--food", type=Path, default=FOOD)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--setting", help="report: the setting cross-validation chose")
@@ -296,7 +326,9 @@ def main() -> None:
         featurize(args.food, args.work)
         return
     data = Data(args.work / FEATURES, args.food)
-    if args.step == "cv":
+    if args.step == "render":
+        render(args, REPO / "results" / "base-broader.json")
+    elif args.step == "cv":
         run_cv(data, args)
     else:
         run_report(data, args)
