@@ -318,6 +318,7 @@ def make_updatable(
     examples: str | os.PathLike[str] | None = None,
     preprocessing: str | None = None,
     progress: ProgressCallback | None = None,
+    balance_subfolders: bool = False,
 ) -> UpdatableResult:
     """Make an ONNX image classifier the base of a models directory: its last
     `trainable_layers` layers with weights train on your photos, the rest stays frozen.
@@ -329,6 +330,8 @@ def make_updatable(
     `examples` is a folder with one subfolder of photos per label (Create ML's layout): the
     head is trained on them, with a new final layer when the labels are not the model's own
     (a stock 1000-class ImageNet export, say), and they become the base's replay set.
+    Each label weighs the same in training; `balance_subfolders` makes each subfolder of a
+    label (its dishes, say) weigh the same within it too.
     `preprocessing` names a pixel normalization ("imagenet", "inception", "unit", "raw").
     """
     from healthyluncher.bases import UpdatableOptions
@@ -347,6 +350,7 @@ def make_updatable(
         int8=int8,
         calibration=Path(calibration) if calibration is not None else None,
         examples=Path(examples) if examples is not None else None,
+        balance_subfolders=balance_subfolders,
         preprocessing=preprocessing,
         progress=progress,
     )

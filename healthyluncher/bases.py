@@ -69,6 +69,7 @@ class UpdatableOptions:
     # A folder with one subfolder of photos per label: the head is trained on them (a new
     # final layer when the labels are not the model's own), and they become the replay set.
     examples: Path | None = None
+    balance_subfolders: bool = False  # each subfolder of a label weighs the same (headfit)
     preprocessing: str | None = None  # a preset of modelsetup.PRESETS
     progress: ProgressCallback | None = None
 
@@ -190,7 +191,9 @@ def _build(
     model = graph.load_model(model_path)
     graph.normalize_versions(model)
     analysis = graph.analyze(model)
-    examples = read_examples(options.examples) if options.examples is not None else None
+    examples = None
+    if options.examples is not None:
+        examples = read_examples(options.examples, options.balance_subfolders)
     replaced = False
     if examples is None:
         labels = model_labels(options.labels, analysis)

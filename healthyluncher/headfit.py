@@ -56,12 +56,16 @@ class LabelledPhotos:
     # Each photo's subfolder inside its label's folder ("" directly in it), as photos:
     # a label's dishes, when the user sorted them so.
     groups: tuple[str, ...] = ()
+    # Each subfolder of a label weighs the same within it, however many photos it holds
+    # (`make-updatable --examples DIR` with balance_subfolders): a label's dishes, say,
+    # or its photos at two resolutions, instead of its photos in proportion.
+    balance_subfolders: bool = False
 
     def in_order(self, labels: Sequence[str]) -> LabelledPhotos:
         """The same photos with the same label names, indexed in another label order."""
         position = {label: i for i, label in enumerate(labels)}
         moved = tuple((photo, position[self.labels[i]]) for photo, i in self.photos)
-        return LabelledPhotos(tuple(labels), moved, self.groups)
+        return LabelledPhotos(tuple(labels), moved, self.groups, self.balance_subfolders)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class HeadReport:
     input_scale: float = 1.0
 
 
-def read_examples(directory: Path) -> LabelledPhotos:
+def read_examples(directory: Path, balance_subfolders: bool = False) -> LabelledPhotos:
     """The labels (subfolder names, sorted) and their photos."""
     if not directory.is_dir():
         raise LuncherError(f"--examples {directory}: not a directory")
@@ -97,7 +101,7 @@ def read_examples(directory: Path) -> LabelledPhotos:
             f"--examples {directory} needs one subfolder per label, at least two "
             "(e.g. healthy/ and fast_food/)"
         )
-    return LabelledPhotos(labels, tuple(photos), tuple(groups))
+    return LabelledPhotos(labels, tuple(photos), tuple(groups), balance_subfolders)
 
 
 def _group(folder: Path, photo: PhotoSource) -> str:
@@ -174,9 +178,7 @@ def fit_new_head(
     steps_per_epoch = math.ceil(int(train.sum()) / hp.batch_size)
     epochs = min(200, max(10, math.ceil(MIN_STEPS / steps_per_epoch)))
     fit_hp = hp.replace(epochs=epochs)
-    # Each label weighs the same in all, however many photos it has.
-    counts = np.bincount(labels[train], minlength=len(examples.labels)).astype(np.float64)
-    weights = 1.0 / counts[labels[train]]
+    weights = example_weights(labels[train], groups[train], examples.balance_subfolders)
     data = TrainingSet(inputs[train], labels[train], weights)
 
     def on_epoch(epoch: int, total: int, loss: float) -> None:
@@ -200,6 +202,19 @@ def fit_new_head(
         input_scale=scale,
     )
     return params, replay, report
+
+
+def example_weights(labels: np.ndarray, groups: np.ndarray, by_subfolder: bool) -> np.ndarray:
+    """Sampling weights: each label weighs the same in all, however many photos it has;
+    `by_subfolder`: so does each subfolder (group) within its label."""
+    weights = np.zeros(len(labels))
+    for cls in np.unique(labels):
+        members = labels == cls
+        pools = sorted(set(groups[members].tolist())) if by_subfolder else [None]
+        for g in pools:
+            pool = members if g is None else members & (groups == g)
+            weights[pool] = 1.0 / (len(pools) * pool.sum())
+    return weights
 
 
 def _embed(

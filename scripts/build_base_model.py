@@ -74,12 +74,35 @@ def left_out(food: Path) -> set[str]:
     return set(DESIGN) | set(report_dishes(food))
 
 
+def downscale(data: bytes, size: int = 64) -> bytes:
+    """A full-size photo as the lowres64/ copies look: the centre square at `size` px, JPEG
+    at Pillow's default quality (75: lowres64/'s quantization tables are those)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        rgb = image.convert("RGB")
+    side = min(rgb.size)
+    left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+    square = rgb.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    out = io.BytesIO()
+    square.save(out, "JPEG")
+    return out.getvalue()
+
+
 def examples_folder(
-    food: Path, root: Path, lowres: bool, without: frozenset[str] = frozenset()
+    food: Path,
+    root: Path,
+    lowres: bool,
+    without: frozenset[str] = frozenset(),
+    copies: bool = False,
 ) -> Path:
     """One subfolder per label, one link per dish in it: the full-size dishes of healthy/
     and fast_food/ besides `without`, and with `lowres` the 64 px dishes of lowres64/
-    besides left_out()."""
+    besides left_out(). With `copies`, a folder `DISH-64px-copy` per full-size dish holds
+    64 px copies of its photos that are not held out (written under `root`, outside the
+    repository): the same dishes at both resolutions, so that blur carries no label."""
     folder = root / "examples"
     skip = left_out(food)
     for label in LABELS:
@@ -93,6 +116,13 @@ def examples_folder(
         for dish in dishes:
             name = f"{dish.name}-64px" if dish.parent.parent.name == "lowres64" else dish.name
             (folder / label / name).symlink_to(dish.resolve(), target_is_directory=True)
+            if copies and name == dish.name:
+                copy_dir = folder / label / f"{dish.name}-64px-copy"
+                copy_dir.mkdir()
+                for photo in find_images([dish]):
+                    if isinstance(photo, Path) and not held_out(photo):
+                        target = copy_dir / f"{photo.stem}.jpg"
+                        target.write_bytes(downscale(photo.read_bytes()))
     return folder
 
 
@@ -261,6 +291,18 @@ def main() -> None:
         "dishes); measured, not shipped: see the README",
     )
     parser.add_argument(
+        "--lowres-copies",
+        action="store_true",
+        help="with --with-lowres64: also train on 64 px copies of the full-size training "
+        "photos (scripts/eval_base.py's recipe 'dish+down')",
+    )
+    parser.add_argument(
+        "--balance-dishes",
+        action="store_true",
+        help="each dish folder of a label weighs the same within it (make_updatable's "
+        "balance_subfolders), instead of each photo",
+    )
+    parser.add_argument(
         "--leave-out",
         default="",
         help="full-size dishes to leave out of the examples (comma-separated), for "
@@ -282,10 +324,16 @@ def main() -> None:
         stock = args.stock or work / "lite0-imagenet.onnx"
         if args.stock is None:
             export_stock(args.build_python, stock)
-        examples = examples_folder(args.food, work, lowres=args.with_lowres64, without=without)
+        examples = examples_folder(
+            args.food, work, args.with_lowres64, without, copies=args.lowres_copies
+        )
         making = time.perf_counter()
         result = healthyluncher.make_updatable(
-            stock, examples=examples, labels=list(LABELS), models_dir=work / "models"
+            stock,
+            examples=examples,
+            labels=list(LABELS),
+            models_dir=work / "models",
+            balance_subfolders=args.balance_dishes,
         )
         last_layer = None
         if args.trainable_layers != 1:
