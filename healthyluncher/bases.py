@@ -100,6 +100,8 @@ def make_updatable(
         )
     if options.calibration is not None and not options.int8:
         raise LuncherError("--calibration is only used with --int8")
+    if options.balance_subfolders and options.examples is None:
+        raise LuncherError("--balance-subfolders is only used with --examples")
     found = None
     beside = model_path.with_suffix(".replay.npz")
     if options.replay is None and options.examples is None and beside.is_file():

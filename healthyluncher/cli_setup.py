@@ -47,6 +47,14 @@ def make_updatable(
             show_default=False,
         ),
     ] = None,
+    balance_subfolders: Annotated[
+        bool,
+        typer.Option(
+            "--balance-subfolders",
+            help="With --examples: each subfolder of a label (its dishes, say) weighs the "
+            "same within it, however many photos it holds.",
+        ),
+    ] = False,
     preprocessing: Annotated[
         Optional[Preset],  # noqa: UP045
         typer.Option(
@@ -138,6 +146,7 @@ def make_updatable(
             int8=int8,
             calibration=calibration,
             examples=examples,
+            balance_subfolders=balance_subfolders,
             preprocessing=preprocessing.value if preprocessing else None,
             progress=report,
         )

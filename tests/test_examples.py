@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import healthyluncher
-from healthyluncher import Progress
-from tests.conftest import needs_ort, solid
+from healthyluncher import Progress, headfit
+from tests.conftest import needs_ort, one_line_error, solid
 from tests.models import keras_style, pytorch_style, save
 
 
@@ -379,3 +379,38 @@ def test_head_inputs_are_scaled_only_where_no_pretrained_layer_reads_them(
     np.testing.assert_allclose(made, _tensor_of(stock, "r2", image), rtol=1e-4)
     assert result.examples is not None
     assert (result.examples.input_scale != 1.0) == scaled
+
+
+@pytest.mark.parametrize("flag", [[], ["--balance-subfolders"]])
+def test_balance_subfolders_weighs_each_dish_the_same(run, stock, tmp_path, flag):
+    """A label's photos in two dishes of 8 and 2 photos: by default each photo weighs the
+    same; with --balance-subfolders each dish weighs half its label."""
+    root = tmp_path / "dishes"
+    for i in range(8):
+        solid(root / "healthy" / "salad" / f"s{i}.png", (30, 150 + 10 * i, 40))
+    for i in range(2):
+        solid(root / "healthy" / "soup" / f"p{i}.png", (30, 120, 150 + 30 * i))
+    for i in range(10):
+        solid(root / "fast_food" / f"f{i}.png", (150 + 10 * i, 20, 40))
+    seen: list[np.ndarray] = []
+    real = headfit.example_weights
+
+    def spy(labels: np.ndarray, groups: np.ndarray, by_subfolder: bool) -> np.ndarray:
+        weights = real(labels, groups, by_subfolder)
+        seen.append(weights[np.flatnonzero(groups == "soup")].sum() / weights.sum())
+        return weights
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(headfit, "example_weights", spy)
+        assert run("make-updatable", stock, "--examples", root, *flag).code == 0
+    # The soup's share of all the weight: half of healthy's half, or (a photo or two of
+    # healthy's training photos, some held out) well under that.
+    assert len(seen) == 1
+    if flag:
+        assert seen[0] == pytest.approx(0.25)
+    else:
+        assert 0 < seen[0] < 0.15
+
+
+def test_balance_subfolders_without_examples_is_refused(run, stock):
+    one_line_error(run("make-updatable", stock, "--balance-subfolders"), "--examples")
