@@ -17,7 +17,6 @@ from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.examples import load_replay
 from healthyluncher.fileio import write_json
 from healthyluncher.headfit import (
     HeadReport,
@@ -338,9 +337,8 @@ def _build(
             linear_head=linear.to_json() if linear is not None else None,
         )
         prepare_head(meta, cut.head, staged / Files.ARTIFACTS, options.hyperparameters)
-        replay = load_replay(Base(staged, meta))
         template = build_template(
-            full, cut.head, cut.trainable_params, cut.split_tensor, len(labels), replay
+            full, cut.head, cut.trainable_params, cut.split_tensor, len(labels)
         )
         template.save(staged / Files.TEMPLATE)
         write_json(staged / Files.META, meta.to_json())

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import numpy as np
 
-from healthyluncher.records import Base, Examples
+from healthyluncher.memory import Memory, build_memory
+from healthyluncher.records import Base, Examples, Personal, save_arrays
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files
 from healthyluncher.trainers import TrainingSet
@@ -100,8 +104,11 @@ def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray] | None:
         )
 
 
-def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The views to remember and their class indices, at most MEMORY_ROWS.
+def memory_rows(
+    examples: Examples, labels: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The views to remember, their class indices and their indices in `examples.inputs`
+    (-1 for a summary), at most MEMORY_ROWS.
 
     When every photo's own view fits, they all go in, then augmented views while they fit.
     Beyond that, the newest photos keep their own views (a photo taught today takes its
@@ -115,7 +122,7 @@ def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray
         rest = np.ones(len(examples.owner), bool)
         rest[first] = False
         chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
-        return examples.inputs[chosen], class_of[examples.owner[chosen]]
+        return examples.inputs[chosen], class_of[examples.owner[chosen]], chosen
     newest, older = memory_plan(photos)
     flat = examples.inputs[first[:older]].reshape(older, -1).astype(np.float32)
     flat /= np.maximum(np.sqrt(np.einsum("nd,nd->n", flat, flat)), 1e-12)[:, None]
@@ -123,7 +130,73 @@ def memory_rows(examples: Examples, labels: tuple[str, ...]) -> tuple[np.ndarray
     rows = np.concatenate(
         [summaries[0].reshape(-1, *examples.inputs.shape[1:]), examples.inputs[first[older:]]]
     )
-    return rows.astype(np.float32), np.concatenate([summaries[1], class_of[older:]])
+    views = np.concatenate([np.full(len(summaries[1]), -1, np.int64), first[older:]])
+    return rows.astype(np.float32), np.concatenate([summaries[1], class_of[older:]]), views
+
+
+def copy_memory(
+    base: Base,
+    examples: Examples,
+    labels: tuple[str, ...],
+    threshold: float,
+    known: dict[str, float] | None = None,
+) -> Memory:
+    """The memory a copy with these examples holds: its rows, and their floors against the
+    base's replay set; `known`: conflicts found before, by view_keys (a copy's cache)."""
+    rows, classes, views = memory_rows(examples, labels)
+    found = None
+    if known:
+        keys = view_keys(views, examples.origin, examples.segments)
+        found = np.array([known.get(key, np.nan) if key else np.nan for key in keys], np.float32)
+    return build_memory(rows, classes, threshold, load_replay(base), views=views, known=found)
+
+
+def view_keys(views: np.ndarray, origin: np.ndarray | None, segments: tuple[str, ...]) -> list[str]:
+    """Where each of these views is stored ("segment/row": its content's name, segments
+    being content-addressed), or "" for a summary or a view not stored yet."""
+    if origin is None:
+        return [""] * len(views)
+    keys = []
+    for view in views.tolist():
+        if view < 0 or view >= len(origin) or not 0 <= origin[view, 0] < len(segments):
+            keys.append("")
+        else:
+            keys.append(f"{segments[origin[view, 0]]}/{origin[view, 1]}")
+    return keys
+
+
+def load_floors(personal: Personal | None, base: Base) -> dict[str, float]:
+    """The conflicts a copy of `base` saved for its memory rows (save_floors), by view
+    key; {} when there are none, or they are unreadable, of another base or invalid (they
+    are then computed again)."""
+    if personal is None or personal.meta.base_sha256 != base.meta.sha256:
+        return {}
+    try:
+        with np.load(personal.path / Files.FLOORS, allow_pickle=False) as data:
+            keys, conflicts = data["keys"], data["conflicts"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return {}
+    if keys.ndim != 1 or keys.dtype.kind != "U" or conflicts.shape != keys.shape:
+        return {}
+    if conflicts.dtype != np.float32 or not np.all(np.abs(conflicts) <= 1.001):  # NaN too
+        return {}
+    return dict(zip(keys.tolist(), conflicts.tolist(), strict=True))
+
+
+def save_floors(
+    path: Path, memory: Memory, origin: np.ndarray | None, segments: tuple[str, ...]
+) -> None:
+    """Save the memory rows' conflicts by where their views are stored, for the next
+    retrain (load_floors); summaries are computed again."""
+    keys = view_keys(memory.views, origin, segments)
+    keep = np.array([i for i, key in enumerate(keys) if key], np.int64)
+    save_arrays(
+        path,
+        {
+            "keys": np.array([keys[i] for i in keep], dtype=np.str_),
+            "conflicts": memory.conflicts[keep].astype(np.float32),
+        },
+    )
 
 
 def memory_plan(photos: int) -> tuple[int, int]:

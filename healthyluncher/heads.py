@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,20 @@ from onnx import TensorProto, numpy_helper
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.graph import default_opset, float_initializers, layers_of
-from healthyluncher.memory import EXACT_MATCH, MEMORY_PREFIX, MEMORY_TENSORS, memory_tensors
+from healthyluncher.memory import (
+    EXACT_MATCH,
+    MEMORY_PREFIX,
+    MEMORY_TENSORS,
+    PERSONAL_FLOOR,
+    PERSONAL_MASK,
+    PERSONAL_ROWS,
+    STRENGTH,
+    Memory,
+    build_memory,
+    personal_memory,
+)
+from healthyluncher.records import Base
+from healthyluncher.store import Files
 from healthyluncher.template import Template
 
 
@@ -81,61 +95,50 @@ def add_memory(
     model: onnx.ModelProto,
     features: str,
     logits: str,
-    memory: np.ndarray,
-    classes: np.ndarray,
+    memory: Memory,
     num_classes: int,
-    threshold: float,
     strength: float,
-    replay: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Put a nearest-neighbour memory of the user's examples in front of the logits.
 
-    For each class c: `best` is the highest cosine similarity between the photo's head
-    input and the user's examples of c; `floor` is the threshold, or, if higher, the
-    similarity to the closest replayed base example of another class. Where best exceeds
-    floor, c's logit rises by `strength` per unit above it. So a photo leans to the user's
-    label only when it is nearer to the user's photos than to anything the base knows
-    under another label: held-out photos of the user's dish flip, the base's own
-    look-alikes (beignets next to pancakes) keep their label. A photo the user taught (its
-    head input, or one within EXACT_MATCH of it) gains `strength` more, whatever the floor:
-    a base example of another label that looks almost the same never outvotes the user's
-    word about this very photo.
-
-    memory: (M, ...) head inputs; classes: (M,) class indices; replay: the same for the
-    base's replay set, or None.
+    For each class c: `above` is the most by which the cosine similarity between the
+    photo's head input and one of the user's examples of c exceeds that example's floor
+    (memory.build_memory: the threshold, or the example's own similarity to its nearest
+    replayed base example of another class). Where it is positive, c's logit rises by
+    `strength` per unit of it. So each example claims the photos nearer to it than the
+    base's nearest example of another label is: held-out photos of the user's dish flip,
+    the base's own look-alikes (beignets next to pancakes) keep their label, and photos far
+    from the user's dish stay out of reach. A photo the user taught (its head input, or one
+    within EXACT_MATCH of it) gains `strength` more, whatever the floor: a base example of
+    another label that looks almost the same never outvotes the user's word about this
+    very photo.
     """
     prefix = MEMORY_PREFIX
     make = onnx.helper.make_node
     opset = default_opset(model)
-    initializers = [
-        numpy_helper.from_array(np.array(threshold, np.float32), f"{prefix}/threshold"),
-        numpy_helper.from_array(np.array(strength, np.float32), f"{prefix}/strength"),
+    tensors = personal_memory(memory, num_classes, strength)
+    initializers = [numpy_helper.from_array(value, name) for name, value in tensors.items()]
+    initializers += [
         numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
         numpy_helper.from_array(np.array([2], np.int64), f"{prefix}/axis2"),
     ]
     nodes = [
         make("Flatten", [features], [f"{prefix}/flat"], axis=1),
         make("LpNormalization", [f"{prefix}/flat"], [f"{prefix}/unit"], axis=1, p=2),
+        make("MatMul", [f"{prefix}/unit", PERSONAL_ROWS], [f"{prefix}/similarity"]),
+        make("Sub", [f"{prefix}/similarity", PERSONAL_FLOOR], [f"{prefix}/relative"]),
     ]
 
-    def best_per_class(name: str, rows: np.ndarray, keep: np.ndarray) -> str:
-        """(N, C): max similarity to the rows where keep[c, m] is true."""
-        unit, mask = memory_tensors(rows, keep)
-        initializers.extend(
-            [
-                numpy_helper.from_array(unit, f"{prefix}/{name}_rows"),
-                numpy_helper.from_array(mask, f"{prefix}/{name}_mask"),
-            ]
-        )
-        p = f"{prefix}/{name}"
+    def best_per_class(values: str) -> str:
+        """(N, C): the highest of `values` (N, M) over the rows that count for class c."""
+        p = f"{prefix}/{values}"
         nodes.extend(
             [
-                make("MatMul", [f"{prefix}/unit", f"{p}_rows"], [f"{p}_similarity"]),
                 # Unsqueeze takes its axes as an input from opset 13, an attribute before.
-                make("Unsqueeze", [f"{p}_similarity", f"{prefix}/axis1"], [f"{p}_per_class"])
+                make("Unsqueeze", [f"{prefix}/{values}", f"{prefix}/axis1"], [f"{p}_per_class"])
                 if opset >= 13
-                else make("Unsqueeze", [f"{p}_similarity"], [f"{p}_per_class"], axes=[1]),
-                make("Add", [f"{p}_per_class", f"{p}_mask"], [f"{p}_masked"]),
+                else make("Unsqueeze", [f"{prefix}/{values}"], [f"{p}_per_class"], axes=[1]),
+                make("Add", [f"{p}_per_class", PERSONAL_MASK], [f"{p}_masked"]),
                 make("ReduceMax", [f"{p}_masked"], [f"{p}_best"], axes=[2], keepdims=0)
                 if opset < 18
                 else make(
@@ -145,13 +148,8 @@ def add_memory(
         )
         return f"{p}_best"
 
-    class_ids = np.arange(num_classes)[:, None]
-    best = best_per_class("personal", memory, classes[None, :] == class_ids)
-    floor = f"{prefix}/threshold"
-    if replay is not None and len(replay[0]):
-        nearest_other = best_per_class("replay", replay[0], replay[1][None, :] != class_ids)
-        nodes.append(make("Max", [nearest_other, floor], [f"{prefix}/floor"]))
-        floor = f"{prefix}/floor"
+    excess = best_per_class("relative")
+    best = best_per_class("similarity")
     head_logits = f"{prefix}/head_logits"
     for node in model.graph.node:
         for i, name in enumerate(node.output):
@@ -167,8 +165,7 @@ def add_memory(
     )
     nodes.extend(
         [
-            make("Sub", [best, floor], [f"{prefix}/excess"]),
-            make("Relu", [f"{prefix}/excess"], [f"{prefix}/above"]),
+            make("Relu", [excess], [f"{prefix}/above"]),
             # The photo itself (or a copy of it): `strength` more, whatever the floor.
             make("Sub", [best, f"{prefix}/exact"], [f"{prefix}/excess_exact"]),
             make("Relu", [f"{prefix}/excess_exact"], [f"{prefix}/above_exact_raw"]),
@@ -178,7 +175,7 @@ def add_memory(
                 [f"{prefix}/above_exact"],
             ),
             make("Add", [f"{prefix}/above", f"{prefix}/above_exact"], [f"{prefix}/total"]),
-            make("Mul", [f"{prefix}/total", f"{prefix}/strength"], [f"{prefix}/bonus"]),
+            make("Mul", [f"{prefix}/total", STRENGTH], [f"{prefix}/bonus"]),
             make("Add", [head_logits, f"{prefix}/bonus"], [logits]),
         ]
     )
@@ -251,26 +248,15 @@ def build_template(
     trainable: tuple[str, ...],
     split_tensor: str,
     num_classes: int,
-    replay: tuple[np.ndarray, np.ndarray] | None,
 ) -> Template:
     """The template of a base: its full model (skeleton) and head with a placeholder memory,
     stripped of the trainable weights and the memory's varying tensors (needs onnx)."""
     model, head = copy.deepcopy(model), copy.deepcopy(head)
     locations = tuple(sorted(external_locations(model)))
     logits = head.graph.output[0].name
-    placeholder = np.ones((1, 1), np.float32)
+    placeholder = build_memory(np.ones((1, 1), np.float32), np.zeros(1, np.int64), 0.0, None)
     for target in (model, head):
-        add_memory(
-            target,
-            split_tensor,
-            logits,
-            placeholder,
-            np.zeros(1, np.int64),
-            num_classes,
-            0,
-            0,
-            replay,
-        )
+        add_memory(target, split_tensor, logits, placeholder, num_classes, 0)
     varying = set(trainable) | set(MEMORY_TENSORS)
     dtypes = {t.name: int(t.data_type) for t in head.graph.initializer if t.name in varying}
     blobs = []
@@ -284,3 +270,23 @@ def build_template(
         target.ClearField("graph")
         blobs += [target.SerializeToString(), graph_bytes]
     return Template(num_classes, locations, dtypes, *blobs)
+
+
+def rebuild_template(base: Base) -> Template | None:
+    """The template of `base`, made again and saved in its directory, for a base whose
+    template is missing or older than this version's (template.MAGIC): later retrains
+    then render without onnx. None when it cannot be made or written (the copy is then
+    built with onnx, which reports any damage)."""
+    meta = base.meta
+    try:
+        model = onnx.load(str(base.path / Files.MODEL), load_external_data=False)
+        head = onnx.load(str(base.path / Files.HEAD))
+        template = build_template(
+            model, head, meta.trainable_params, meta.split_tensor, len(meta.labels)
+        )
+        temporary = base.path / f".{Files.TEMPLATE}.tmp"
+        template.save(temporary)
+        os.replace(temporary, base.path / Files.TEMPLATE)
+    except Exception:  # noqa: BLE001 - a cache: any failure leaves the slower, same path
+        return None
+    return template

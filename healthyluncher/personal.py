@@ -15,10 +15,17 @@ import numpy as np
 from healthyluncher import weightsfile
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
-from healthyluncher.examples import first_views, load_replay, memory_rows, training_set
+from healthyluncher.examples import (
+    copy_memory,
+    first_views,
+    load_floors,
+    load_replay,
+    save_floors,
+    training_set,
+)
 from healthyluncher.fileio import write_json
 from healthyluncher.linearhead import LinearHead
-from healthyluncher.memory import memory_bonus, personal_memory
+from healthyluncher.memory import Memory, memory_bonus, personal_memory
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.photos import PhotoSource
 from healthyluncher.records import (
@@ -102,13 +109,15 @@ def publish_personal(
                 save_checkpoint = checkpoint_writer(artifact_dir, params)
             if save_checkpoint is not None:  # ONNX Runtime's state, where it trains
                 save_checkpoint(staged / Files.CHECKPOINT)
-            rows = memory_rows(examples, labels) if _remembers(hp, examples) else None
-            rendered = render_personal(base, labels, params, examples, hp, rows=rows)
+            previous = load_personal(txn.store, txn.state)
+            memory = _memory_of(base, examples, labels, hp, previous)
+            rendered = render_personal(base, labels, params, examples, hp, memory=memory)
             copying.join()  # write_model finds the weights file complete
             write_model(rendered, base, staged)
             save_arrays(staged / Files.WEIGHTS, params)
-            save_examples(examples, staged / Files.EXAMPLES)
-            previous = load_personal(txn.store, txn.state)
+            origin, segment_names = save_examples(examples, staged / Files.EXAMPLES)
+            if memory is not None:
+                save_floors(staged / Files.FLOORS, memory, origin, segment_names)
             meta = PersonalMeta(
                 base_sha256=base.meta.sha256,
                 labels=labels,
@@ -132,7 +141,7 @@ def publish_personal(
             # The summary, and the "before" of these photos' next retrain without the model
             # (an older photo taught again is scored by the model then).
             which = _scored(examples, set(names or ()))
-            probs = _scores(base, labels, params, examples, hp, rendered, which, rows)
+            probs = _scores(base, labels, params, examples, hp, rendered, which, memory)
             digests = [examples.digests[i] for i in which]
             save_arrays(
                 staged / Files.SCORES,
@@ -162,11 +171,11 @@ def _scores(
     hp: Hyperparameters,
     rendered: PersonalModel,
     which: np.ndarray,
-    rows: tuple[np.ndarray, np.ndarray] | None,
+    memory: Memory | None,
 ) -> np.ndarray:
     """What the new copy says about the example photos at `which` (their first views)."""
     inputs = first_views(examples)[which]
-    probs = _numpy_probabilities(base, labels, params, examples, hp, inputs, rows)
+    probs = _numpy_probabilities(base, labels, params, examples, hp, inputs, memory)
     if probs is None:
         runner = HeadRunner(rendered.head, batch_limit=base.meta.head_batch_limit)
         return runner.probabilities(inputs)
@@ -180,7 +189,7 @@ def _numpy_probabilities(
     examples: Examples,
     hp: Hyperparameters,
     inputs: np.ndarray,
-    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    memory: Memory | None = None,
 ) -> np.ndarray | None:
     """What a copy with these weights and examples says about head inputs, computed with
     numpy when its head is one linear layer, the memory in front of it: a retrain of cached
@@ -194,17 +203,23 @@ def _numpy_probabilities(
     spec = spec.with_extra_classes(len(labels) - spec.classes)
     logits = spec.logits(params, inputs)
     if _remembers(hp, examples):
-        kept, classes = rows or memory_rows(examples, labels)
-        logits += memory_bonus(
-            inputs,
-            kept,
-            classes,
-            len(labels),
-            hp.memory_threshold,
-            hp.memory_strength,
-            load_replay(base),
-        )
+        memory = memory or copy_memory(base, examples, labels, hp.memory_threshold)
+        logits += memory_bonus(inputs, memory, len(labels), hp.memory_strength)
     return softmax(logits.astype(np.float64))
+
+
+def _memory_of(
+    base: Base,
+    examples: Examples,
+    labels: tuple[str, ...],
+    hp: Hyperparameters,
+    cached: Personal | None,
+) -> Memory | None:
+    """The memory of a copy with these examples, or None when it has none; rows that
+    `cached` (a copy of the same base) saved conflicts for are not compared again."""
+    if not _remembers(hp, examples):
+        return None
+    return copy_memory(base, examples, labels, hp.memory_threshold, load_floors(cached, base))
 
 
 def _remembers(hp: Hyperparameters, examples: Examples) -> bool:
@@ -260,7 +275,7 @@ def personal_graphs(
     hp: Hyperparameters,
     *,
     with_model: bool = True,
-    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    memory: Memory | None = None,
 ) -> tuple[Any, Any]:
     """(the full inference model, the head for scoring) with these weights and memory;
     without `with_model`, (None, the head).
@@ -288,19 +303,10 @@ def personal_graphs(
     for target in targets:
         heads.write_back(target, params)
     if _remembers(hp, examples):
-        memory, classes = rows or memory_rows(examples, labels)
-        replay = load_replay(base)
+        memory = memory or copy_memory(base, examples, labels, hp.memory_threshold)
         for target in targets:
             heads.add_memory(
-                target,
-                base.meta.split_tensor,
-                logits,
-                memory,
-                classes,
-                len(labels),
-                hp.memory_threshold,
-                hp.memory_strength,
-                replay,
+                target, base.meta.split_tensor, logits, memory, len(labels), hp.memory_strength
             )
     return model, head
 
@@ -322,26 +328,28 @@ def render_personal(
     hp: Hyperparameters,
     *,
     with_model: bool = True,
-    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    memory: Memory | None = None,
 ) -> PersonalModel:
     """The personalized models for these weights and examples: from the base's template
-    when it fits (no onnx import), else built with onnx by `personal_graphs`; `rows`: the
-    memory's rows, when the caller has them."""
+    when it fits (no onnx import), else built with onnx by `personal_graphs`; `memory`:
+    the copy's memory, when the caller has it."""
     template = None
     if _remembers(hp, examples):
         template = load_template(base.path / Files.TEMPLATE)
+        if template is None:  # a base of an older version: onnx, once
+            from healthyluncher import heads
+
+            template = heads.rebuild_template(base)
     if template is not None and template.num_classes == len(labels):
-        memory, classes = rows or memory_rows(examples, labels)
+        memory = memory or copy_memory(base, examples, labels, hp.memory_threshold)
         tensors = dict(params)
-        tensors.update(
-            personal_memory(memory, classes, len(labels), hp.memory_threshold, hp.memory_strength)
-        )
+        tensors.update(personal_memory(memory, len(labels), hp.memory_strength))
         model_bytes, head_bytes = template.render(tensors)
         return PersonalModel(model_bytes if with_model else None, head_bytes, template.locations)
     from healthyluncher import heads  # onnx: only off the template's fast path
 
     model, head = personal_graphs(
-        base, labels, params, examples, hp, with_model=with_model, rows=rows
+        base, labels, params, examples, hp, with_model=with_model, memory=memory
     )
     if model is None:
         return PersonalModel(None, head.SerializeToString(), ())
@@ -388,11 +396,13 @@ def current_probabilities(
         return np.stack([known[digest] for _, digest in named])
     meta = personal.meta
     params = load_weights(personal)
-    probs = _numpy_probabilities(base, meta.labels, params, examples, meta.hyperparameters, inputs)
+    hp = meta.hyperparameters
+    memory = _memory_of(base, examples, meta.labels, hp, personal)
+    probs = _numpy_probabilities(base, meta.labels, params, examples, hp, inputs, memory)
     if probs is not None:
         return probs
     rendered = render_personal(
-        base, meta.labels, params, examples, meta.hyperparameters, with_model=False
+        base, meta.labels, params, examples, hp, with_model=False, memory=memory
     )
     return HeadRunner(rendered.head, batch_limit=limit).probabilities(inputs)
 

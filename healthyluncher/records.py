@@ -169,10 +169,13 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     savez(path, **arrays)
 
 
-def save_examples(examples: Examples, path: Path, *, shared: bool = True) -> None:
+def save_examples(
+    examples: Examples, path: Path, *, shared: bool = True
+) -> tuple[np.ndarray | None, tuple[str, ...]]:
     """Write a copy's examples.npz: with `shared` (a copy in a models directory), an index
     of its views in the directory's segments, storing only views not stored yet; else a
-    file that holds the views itself (an archive's)."""
+    file that holds the views itself (an archive's). Returns where the views are stored
+    now (origin and segments, as Examples has them; None without an index)."""
     arrays = {
         "owner": examples.owner,
         "digests": np.array(examples.digests, dtype=np.str_),
@@ -184,9 +187,11 @@ def save_examples(examples: Examples, path: Path, *, shared: bool = True) -> Non
             folder, examples.inputs, examples.origin, examples.segments
         )
         arrays.update(origin=origin, segments=np.array(names, dtype=np.str_))
-    else:
-        arrays["inputs"] = examples.inputs
+        save_arrays(path, arrays)
+        return origin, names
+    arrays["inputs"] = examples.inputs
     save_arrays(path, arrays)
+    return None, ()
 
 
 def load_weights(personal: Personal) -> dict[str, np.ndarray]:

@@ -53,7 +53,7 @@ class Files:
     FROZEN = "frozen.onnx"
     HEAD = "head.onnx"
     HEAD_WEIGHTS = "head_weights.npz"  # the head's trained weights, for the numpy trainer
-    TEMPLATE = "personal.template"  # see fastgraph.py
+    TEMPLATE = "personal.template"  # see template.py
     ARTIFACTS = "artifacts"
     META = "meta.json"
     REPLAY = "replay.npz"
@@ -62,6 +62,7 @@ class Files:
     EXAMPLES = "examples.npz"
     TAUGHT = "taught.json"  # each example photo's file name and when it was taught
     SCORES = "scores.npz"  # what the personalized model says about each example photo
+    FLOORS = "floors.npz"  # the memory rows' nearest conflicting replayed examples
     THUMBNAILS = "thumbnails"
 
 

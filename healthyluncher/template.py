@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-# 2: the memory gives a taught photo its label (heads.add_memory's exact match); a
-# template of 1 is not read, and the copy is then built with onnx.
-MAGIC = b"luncher-template 2\n"
+# 2: the memory gives a taught photo its label (heads.add_memory's exact match); 3: each
+# remembered example has its own floor (memory.build_memory), and the replay set left the
+# graph. An older template is not read, and the copy is then built with onnx.
+MAGIC = b"luncher-template 3\n"
 
 # ONNX TensorProto.DataType values a head's weights may use.
 DTYPES: dict[int, Any] = {

@@ -1,4 +1,4 @@
-"""Two rules for the nearest-neighbour memory, side by side, on the base head alone.
+"""Rules for the nearest-neighbour memory's floor, side by side.
 
 Run from the repository root (needs ../shared/food and the two leave-out bases of
 scripts/eval_heads.py):
@@ -9,31 +9,35 @@ scripts/eval_heads.py):
 The memory adds `strength` x (similarity - floor) to a class's logit when a photo's head
 input is close to one of the user's examples of that class. The rules differ in the floor:
 
-- `current` (heads.add_memory, shipped): the threshold, or the photo's own similarity to
-  the nearest replayed base example of another label, if higher. A photo moves only when
-  it is nearer to the user's example than to anything the base knows under another label.
-- `radius`: the threshold, or the user's example's similarity to its nearest replayed base
-  example of another label, if higher: each example claims a ball whose radius is set by
-  its own nearest conflicting base example. The floor is per example and known at retrain
-  time, so `predict` would no longer compare photos with the replay set.
+- `photo` (heads.add_memory until this comparison): the threshold, or the photo's own
+  similarity to the nearest replayed base example of another label, if higher. A photo
+  moves only when it is nearer to the user's example than to anything the base knows
+  under another label.
+- `radius` (heads.add_memory now: memory.build_memory): the threshold, or the user's
+  example's similarity to its nearest replayed base example of another label, if higher:
+  each example claims a ball whose radius is set by its own nearest conflicting base
+  example. The floor is per example and known at retrain time, so `predict` no longer
+  compares photos with the replay set.
+- `both`: the higher of the two floors (a photo must pass both).
 
 Protocol: eval_heads.py's pairs, scenarios and draws (its `setup_pair`: the same photos,
 draws and augmented views).
 
-- Default: no retrain; both rules sit on the base head, so the comparison is of the rules
+- Default: no retrain; the rules sit on the base head, so the comparison is of the rules
   alone. Relabelled dishes only (K = 1, 5, 10; a new label has no base logit to add to).
   Deterministic: one run per draw.
-- `--retrained`: the shipped design with either rule. Each draw is retrained through the
+- `--retrained`: the shipped design with each rule. Each draw is retrained through the
   public API (`healthyluncher.open(dir).retrain`, as eval_dishes.py does) with each of
-  `--seeds` training seeds; the retrained head's logits (memory off) plus either rule's
+  `--seeds` training seeds; the retrained head's logits (memory off) plus each rule's
   memory over the copy's own memory rows (examples.memory_rows) decide. A new label
-  from 10 photos is scored too. `current` at strength 40 is the shipped design itself.
+  from 10 photos is scored too. At strength 40 (the default), `photo` was the shipped
+  design and `radius` is.
 
 `strength` is chosen per rule on the tuning pair: the highest mean recall over the
 scenarios among the strengths whose mean base drop is at most 0.5 point and whose mean
 far drop is at most 1.0 point above the rule's at the weakest strength (the retrained head
 moves far photos by itself), in every scenario. The report pair is measured at that
-strength, and at the shipped strength (40) for both rules. Means over draws, seeds and
+strength, and at the default strength (40) for every rule. Means over draws, seeds and
 dishes, the worst run in brackets.
 """
 
@@ -59,13 +63,14 @@ from eval_personalization import ours  # type: ignore[import-not-found]  # noqa:
 
 from healthyluncher.examples import load_replay, memory_rows  # noqa: E402
 from healthyluncher.heads import head_with  # noqa: E402
-from healthyluncher.memory import memory_bonus  # noqa: E402
+from healthyluncher.memory import EXACT_MATCH, build_memory, memory_bonus  # noqa: E402
 from healthyluncher.personal import personal_graphs  # noqa: E402
 from healthyluncher.records import load_examples, load_personal, load_weights  # noqa: E402
 from healthyluncher.runtime import HeadRunner  # noqa: E402
 from healthyluncher.store import Files  # noqa: E402
 
 STRENGTHS = (10, 20, 40, 80, 160, 320, 640)
+RULES = ("photo", "radius", "both")
 THRESHOLD = 0.4  # the shipped memory_threshold
 SHIPPED = 40.0  # Hyperparameters().memory_strength
 MAX_BASE_DROP, MAX_FAR_RISE = 0.5, 1.0
@@ -76,7 +81,8 @@ def unit(x: np.ndarray) -> np.ndarray:
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
 
-def radius_bonus(
+def bonus(
+    rule: str,
     x: np.ndarray,
     rows: np.ndarray,
     classes: np.ndarray,
@@ -84,14 +90,25 @@ def radius_bonus(
     strength: float,
     replay: tuple[np.ndarray, np.ndarray],
 ) -> np.ndarray:
-    """The `radius` rule's addition to the logits of x: (N, num_classes)."""
-    u, r = unit(rows), unit(replay[0])
-    conflict = (u @ r.T) + np.where(replay[1][None, :] != classes[:, None], 0.0, -4.0)
-    floor = np.maximum(conflict.max(axis=1), THRESHOLD)  # (M,)
-    excess = unit(x) @ u.T - floor[None, :]
+    """A rule's addition to the logits of x: (N, num_classes). `radius` is the library's
+    memory (memory.build_memory, memory_bonus); `photo` its rule before (kept here);
+    `both` the stricter of the two floors."""
+    if rule == "radius":
+        memory = build_memory(rows, classes, THRESHOLD, replay)
+        return memory_bonus(x, memory, num_classes, strength)
+    ux, ur, r = unit(x), unit(rows), unit(replay[0])
+    near = ux @ r.T  # (N, R): the photo's similarity to each replayed example
+    similarity = ux @ ur.T  # (N, M)
+    floors = build_memory(rows, classes, THRESHOLD, replay).floors
     out = np.zeros((len(x), num_classes), np.float32)
     for c in np.unique(classes):
-        out[:, c] = np.maximum(excess[:, classes == c].max(axis=1), 0) * strength
+        photo_floor = np.maximum(near[:, replay[1] != c].max(axis=1), THRESHOLD)
+        best = similarity[:, classes == c].max(axis=1)
+        above = best - photo_floor
+        if rule == "both":
+            above = np.minimum(above, (similarity[:, classes == c] - floors[classes == c]).max(1))
+        exact = np.maximum(best - EXACT_MATCH, 0) / (1 - EXACT_MATCH)
+        out[:, c] = (np.maximum(above, 0) + exact) * strength
     return out
 
 
@@ -133,7 +150,7 @@ def retrained_cases(pair: Any, seeds: int) -> list[dict[str, Any]]:
             rows = np.unique(np.concatenate([wanted, d["held_rows"]]))
             logits = np.zeros((len(pair.bank), len(meta.labels)), np.float32)
             logits[rows] = HeadRunner(head_with(head, None)).logits(pair.bank[rows])
-            memory, classes = memory_rows(examples, meta.labels)
+            memory, classes, _ = memory_rows(examples, meta.labels)
             cases.append(
                 {"d": d, "seed": seed, "label_id": meta.labels.index(d["label"]),
                  "logits": logits, "rows": memory, "classes": classes,
@@ -153,11 +170,8 @@ def run_rule(
 
         def predict(which: np.ndarray, case: dict[str, Any] = case) -> np.ndarray:
             x, rows, classes, n = pair.bank[which], case["rows"], case["classes"], case["n"]
-            if rule == "current":
-                bonus = memory_bonus(x, rows, classes, n, THRESHOLD, strength, replay)
-            else:
-                bonus = radius_bonus(x, rows, classes, n, strength, replay)
-            return (case["logits"][which] + bonus).argmax(axis=1)  # type: ignore[no-any-return]
+            added = bonus(rule, x, rows, classes, n, strength, replay)
+            return (case["logits"][which] + added).argmax(axis=1)  # type: ignore[no-any-return]
 
         m = heads_eval.measure(
             pair, d, predict(d["held_rows"]), predict(pair.base_rows), predict(pair.far_rows),
@@ -212,7 +226,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "memory-rules.md")
     parser.add_argument(
-        "--retrained", action="store_true", help="the shipped retrain under either rule"
+        "--retrained", action="store_true", help="the shipped retrain under each rule"
     )
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (--retrained)")
     args = parser.parse_args()
@@ -238,7 +252,7 @@ def main() -> None:
         t = time.perf_counter()
         cases = retrained_cases(pair, args.seeds) if args.retrained else base_cases(pair)
         print(f"[{name}] {len(cases)} cases in {time.perf_counter() - t:.0f} s", flush=True)
-        for rule in ("current", "radius"):
+        for rule in RULES:
             if name == "tuning":
                 curve = {s: summary(run_rule(pair, rule, s, cases)) for s in STRENGTHS}
                 weakest = curve[STRENGTHS[0]]
@@ -266,7 +280,8 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         )
 
     lines = [
-        "# The memory's floor: the photo's nearest conflicting base example, or the user example's",
+        "# The memory's floor: from the photo's nearest conflicting base example, the user "
+        "example's, or both",
         "",
         f"Produced by `python scripts/eval_memory_rules.py --tuning-base {args.tuning_base} "
         f"--report-base {args.report_base}"
@@ -274,7 +289,7 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         + f" --out {args.out}` in {results['seconds']:.0f} s; the protocol is in the "
         "script's docstring ("
         + (
-            "the shipped retrain, then either rule"
+            "the shipped retrain, then each rule"
             if args.retrained
             else "memory rules on the base head alone, no retrain"
         )
@@ -286,7 +301,7 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "| rule | strength | mean recall | max base drop (pt) | max far drop (pt) | allowed |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for rule in ("current", "radius"):
+    for rule in RULES:
         for s, c in results[rule]["tuning_curve"].items():
             lines.append(
                 f"| {rule} | {s} | {mean_recall(c):.3f} | "
@@ -296,7 +311,7 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
             )
     lines += [
         "",
-        "At the shipped strength, then at the strength each rule chose on the tuning pair. "
+        "At the default strength, then at the strength each rule chose on the tuning pair. "
         "Mean (worst run); scenario K=0 is a new label from 10 photos:",
         "",
         "| pair | rule | strength | scenario | recall | precision | base drop (pt) | far drop "
@@ -304,9 +319,9 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for pair in ("tuning", "report"):
-        for key, what in ((f"{pair}@{SHIPPED:g}", "shipped"), (pair, "chosen")):
-            for rule in ("current", "radius"):
-                strength = SHIPPED if what == "shipped" else results[rule]["strength"]
+        for key, what in ((f"{pair}@{SHIPPED:g}", "default"), (pair, "chosen")):
+            for rule in RULES:
+                strength = SHIPPED if what == "default" else results[rule]["strength"]
                 for k, c in results[rule][key].items():
                     scenario = "new label" if k == 0 else f"K={k}"
                     lines.append(
