@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -289,6 +290,13 @@ def write(
     )
     if args.trainable_layers != 1:
         command += f" --trainable-layers {args.trainable_layers}"
+    if args.full_size:
+        command += f" --full-size {args.full_size}"
+    if args.only:
+        command += f" --only {args.only}"
+    bundled = os.environ.get("LUNCHER_BUNDLED_MODEL")
+    if bundled:  # a base other than the shipped one (a leave-out build, say)
+        command = f"LUNCHER_BUNDLED_MODEL={bundled} {command}"
     lines = [
         "# Personalization on dishes nobody tuned for (leave-dish-out)",
         "",
