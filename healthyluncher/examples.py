@@ -124,14 +124,16 @@ def memory_rows(
         chosen = np.concatenate([first, np.flatnonzero(rest)])[:MEMORY_ROWS]
         return examples.inputs[chosen], class_of[examples.owner[chosen]], chosen
     newest, older = memory_plan(photos)
-    flat = examples.inputs[first[:older]].reshape(older, -1).astype(np.float32)
+    # Fancy indexing copies once; the rows are normalized in that copy.
+    flat = examples.inputs[first[:older]].reshape(older, -1).astype(np.float32, copy=False)
     flat /= np.maximum(np.sqrt(np.einsum("nd,nd->n", flat, flat)), 1e-12)[:, None]
     summaries = _run_means(flat, class_of[:older], MEMORY_ROWS - newest)
     rows = np.concatenate(
         [summaries[0].reshape(-1, *examples.inputs.shape[1:]), examples.inputs[first[older:]]]
     )
     views = np.concatenate([np.full(len(summaries[1]), -1, np.int64), first[older:]])
-    return rows.astype(np.float32), np.concatenate([summaries[1], class_of[older:]]), views
+    classes = np.concatenate([summaries[1], class_of[older:]])
+    return rows.astype(np.float32, copy=False), classes, views
 
 
 def copy_memory(
@@ -154,15 +156,17 @@ def copy_memory(
 def view_keys(views: np.ndarray, origin: np.ndarray | None, segments: tuple[str, ...]) -> list[str]:
     """Where each of these views is stored ("segment/row": its content's name, segments
     being content-addressed), or "" for a summary or a view not stored yet."""
-    if origin is None:
+    if origin is None or not len(origin):
         return [""] * len(views)
-    keys = []
-    for view in views.tolist():
-        if view < 0 or view >= len(origin) or not 0 <= origin[view, 0] < len(segments):
-            keys.append("")
-        else:
-            keys.append(f"{segments[origin[view, 0]]}/{origin[view, 1]}")
-    return keys
+    stored = (views >= 0) & (views < len(origin))
+    where = origin[np.where(stored, views, 0)]
+    stored &= (where[:, 0] >= 0) & (where[:, 0] < len(segments))
+    return [
+        f"{segments[segment]}/{row}" if ok else ""
+        for segment, row, ok in zip(
+            where[:, 0].tolist(), where[:, 1].tolist(), stored.tolist(), strict=True
+        )
+    ]
 
 
 def load_floors(personal: Personal | None, base: Base) -> dict[str, float]:
