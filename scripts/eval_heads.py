@@ -535,29 +535,22 @@ def choose(results: list[dict[str, Any]], max_drop: float) -> dict[str, Any]:
     return min(results, key=lambda r: score_of(r["summary"])[1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_pair_arguments(parser: argparse.ArgumentParser, work: str) -> None:
+    """The options that name the photos, the two pairs and their bases, and the caches."""
     parser.add_argument("--food", type=Path, default=FOOD)
     parser.add_argument("--tuning-base", type=Path, required=True)
     parser.add_argument("--tuning-dishes", default="fruit,beignets")
     parser.add_argument("--report-base", type=Path, required=True)
     parser.add_argument("--report-dishes", default="bibimbap,breakfast_burrito")
     parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--max-drop", type=float, default=0.5, help="selection rule, points")
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "eval-heads-cache"
     )
-    parser.add_argument(
-        "--work", type=Path, default=Path(tempfile.gettempdir()) / "eval-heads-work"
-    )
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "heads.md")
-    parser.add_argument(
-        "--skip-current", action="store_true", help="leave out the library's own retrain"
-    )
-    args = parser.parse_args()
-    started = time.perf_counter()
-    far = report_dishes(args.food)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / work)
+
+
+def pairs_of(args: argparse.Namespace) -> list[Pair]:
+    """The tuning pair, then the report pair, as the options name them."""
     pairs = []
     for name, base_dir, dishes in (
         ("tuning", args.tuning_base, args.tuning_dishes),
@@ -573,6 +566,22 @@ def main() -> None:
         if len(found) != len(wanted):
             raise SystemExit(f"--{name}-dishes {dishes}: not all are dishes of {args.food}")
         pairs.append(Pair(name, base_dir, found))
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_pair_arguments(parser, "eval-heads-work")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--max-drop", type=float, default=0.5, help="selection rule, points")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "heads.md")
+    parser.add_argument(
+        "--skip-current", action="store_true", help="leave out the library's own retrain"
+    )
+    args = parser.parse_args()
+    started = time.perf_counter()
+    far = report_dishes(args.food)
+    pairs = pairs_of(args)
     results: dict[str, Any] = {"pairs": {}, "methods": {}}
     for pair in pairs:
         setup_pair(pair, args, far)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -212,18 +211,7 @@ def mean_recall(s: dict[int, dict[str, list[float]]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--food", type=Path, default=heads_eval.FOOD)
-    parser.add_argument("--tuning-base", type=Path, required=True)
-    parser.add_argument("--tuning-dishes", default="fruit,beignets")
-    parser.add_argument("--report-base", type=Path, required=True)
-    parser.add_argument("--report-dishes", default="bibimbap,breakfast_burrito")
-    parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument(
-        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "eval-heads-cache"
-    )
-    parser.add_argument(
-        "--work", type=Path, default=Path(tempfile.gettempdir()) / "eval-memory-rules"
-    )
+    heads_eval.add_pair_arguments(parser, "eval-memory-rules")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "memory-rules.md")
     parser.add_argument(
         "--retrained", action="store_true", help="the shipped retrain under each rule"
@@ -236,18 +224,8 @@ def main() -> None:
     started = time.perf_counter()
     far = report_dishes(args.food)
     results: dict[str, Any] = {}
-    for name, base_dir, dishes in (
-        ("tuning", args.tuning_base, args.tuning_dishes),
-        ("report", args.report_base, args.report_dishes),
-    ):
-        wanted = set(dishes.split(","))
-        found = [
-            (folder.name, folder, label)
-            for label in heads_eval.LABELS
-            for folder in sorted((args.food / label).iterdir())
-            if folder.name in wanted
-        ]
-        pair = heads_eval.Pair(name, base_dir, found)
+    for pair in heads_eval.pairs_of(args):
+        name = pair.name
         heads_eval.setup_pair(pair, args, far)
         t = time.perf_counter()
         cases = retrained_cases(pair, args.seeds) if args.retrained else base_cases(pair)
