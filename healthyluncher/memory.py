@@ -29,6 +29,7 @@ class Memory:
     conflicts: np.ndarray
     floors: np.ndarray
     views: np.ndarray
+    unit: np.ndarray  # (M, D) the rows at unit length, made once for every use
 
 
 def build_memory(
@@ -56,24 +57,24 @@ def build_memory(
         conflicts = known.astype(np.float32)  # a copy
     todo = np.flatnonzero(np.isnan(conflicts))
     conflicts[todo] = -1.0
+    unit = _unit(rows)
     if replay is not None and len(replay[0]) and len(todo):
         others = _unit(replay[0])
         for start in range(0, len(todo), batch):
             chosen = todo[start : start + batch]
-            similarity = _unit(rows[chosen]) @ others.T  # (b, R)
+            similarity = unit[chosen] @ others.T  # (b, R)
             similarity[classes[chosen, None] == replay[1][None, :]] = -1.0
             conflicts[chosen] = similarity.max(axis=1)
     floors = np.maximum(conflicts, np.float32(threshold))
     if views is None:
         views = np.full(len(rows), -1, np.int64)
-    return Memory(rows, classes, conflicts, floors, views)
+    return Memory(rows, classes, conflicts, floors, views, unit)
 
 
 def personal_memory(memory: Memory, num_classes: int, strength: float) -> dict[str, np.ndarray]:
     """The varying memory tensors of heads.add_memory's graph for this memory."""
-    unit = _unit(memory.rows)
     return {
-        PERSONAL_ROWS: unit.T.copy(),
+        PERSONAL_ROWS: memory.unit.T.copy(),
         PERSONAL_MASK: _mask(memory.classes, num_classes),
         PERSONAL_FLOOR: memory.floors.astype(np.float32),
         STRENGTH: np.array(strength, np.float32),
@@ -87,7 +88,7 @@ def memory_bonus(
     head inputs x (N, D), computed with numpy in float32 as ONNX Runtime runs that graph
     (tests/test_personalization.py checks that they agree): (N, num_classes). The memory's
     unit rows are made once, and x is scored `batch` rows at a time."""
-    unit = _unit(memory.rows)
+    unit = memory.unit
     mask = _mask(memory.classes, num_classes)
     floors = memory.floors.astype(np.float32)
     flat = x.reshape(len(x), -1).astype(np.float32)
