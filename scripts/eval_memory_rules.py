@@ -19,6 +19,11 @@ input is close to one of the user's examples of that class. The rules differ in 
   example. The floor is per example and known at retrain time, so `predict` no longer
   compares photos with the replay set.
 - `both`: the higher of the two floors (a photo must pass both).
+- `centred-T`: `radius` on head inputs centred on the mean of the base's replay set
+  (SimpleShot's centring: the pooled features are all positive, so raw cosines crowd
+  together), with threshold T in place of 0.4 (centred cosines are lower).
+
+`--rules` runs some of them (results/memory-rules-centred.md: radius and centred-T).
 
 Protocol: eval_heads.py's pairs, scenarios and draws (its `setup_pair`: the same photos,
 draws and augmented views).
@@ -69,7 +74,7 @@ from healthyluncher.runtime import HeadRunner  # noqa: E402
 from healthyluncher.store import Files  # noqa: E402
 
 STRENGTHS = (10, 20, 40, 80, 160, 320, 640)
-RULES = ("photo", "radius", "both")
+RULES = ("photo", "radius", "both", "centred-0.2", "centred-0.4")
 THRESHOLD = 0.4  # the shipped memory_threshold
 SHIPPED = 40.0  # Hyperparameters().memory_strength
 MAX_BASE_DROP, MAX_FAR_RISE = 0.5, 1.0
@@ -91,10 +96,18 @@ def bonus(
 ) -> np.ndarray:
     """A rule's addition to the logits of x: (N, num_classes). `radius` is the library's
     memory (memory.build_memory, memory_bonus); `photo` its rule before (kept here);
-    `both` the stricter of the two floors."""
+    `both` the stricter of the two floors; `centred-T` the library's rule on head inputs
+    centred on the replay set's mean (SimpleShot's centring), with threshold T."""
     if rule == "radius":
         memory = build_memory(rows, classes, THRESHOLD, replay)
         return memory_bonus(x, memory, num_classes, strength)
+    if rule.startswith("centred-"):
+        flat = replay[0].reshape(len(replay[0]), -1).astype(np.float32)
+        mean = flat.mean(axis=0)
+        centred = (flat - mean, replay[1])
+        memory = build_memory(rows.reshape(len(rows), -1) - mean, classes,
+                              float(rule.split("-")[1]), centred)  # fmt: skip
+        return memory_bonus(x.reshape(len(x), -1) - mean, memory, num_classes, strength)
     ux, ur, r = unit(x), unit(rows), unit(replay[0])
     near = ux @ r.T  # (N, R): the photo's similarity to each replayed example
     similarity = ux @ ur.T  # (N, M)
@@ -217,6 +230,7 @@ def main() -> None:
         "--retrained", action="store_true", help="the shipped retrain under each rule"
     )
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (--retrained)")
+    parser.add_argument("--rules", default=",".join(RULES), help="comma-separated rules")
     args = parser.parse_args()
     if not args.retrained:
         args.seeds = 1
@@ -230,7 +244,7 @@ def main() -> None:
         t = time.perf_counter()
         cases = retrained_cases(pair, args.seeds) if args.retrained else base_cases(pair)
         print(f"[{name}] {len(cases)} cases in {time.perf_counter() - t:.0f} s", flush=True)
-        for rule in RULES:
+        for rule in args.rules.split(","):
             if name == "tuning":
                 curve = {s: summary(run_rule(pair, rule, s, cases)) for s in STRENGTHS}
                 weakest = curve[STRENGTHS[0]]
@@ -264,6 +278,7 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         f"Produced by `python scripts/eval_memory_rules.py --tuning-base {args.tuning_base} "
         f"--report-base {args.report_base}"
         + (f" --retrained --seeds {args.seeds}" if args.retrained else "")
+        + (f" --rules {args.rules}" if args.rules != ",".join(RULES) else "")
         + f" --out {args.out}` in {results['seconds']:.0f} s; the protocol is in the "
         "script's docstring ("
         + (
@@ -279,7 +294,8 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "| rule | strength | mean recall | max base drop (pt) | max far drop (pt) | allowed |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for rule in RULES:
+    rules = args.rules.split(",")
+    for rule in rules:
         for s, c in results[rule]["tuning_curve"].items():
             lines.append(
                 f"| {rule} | {s} | {mean_recall(c):.3f} | "
@@ -298,7 +314,7 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
     ]
     for pair in ("tuning", "report"):
         for key, what in ((f"{pair}@{SHIPPED:g}", "default"), (pair, "chosen")):
-            for rule in RULES:
+            for rule in rules:
                 strength = SHIPPED if what == "default" else results[rule]["strength"]
                 for k, c in results[rule][key].items():
                     scenario = "new label" if k == 0 else f"K={k}"
