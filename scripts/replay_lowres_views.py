@@ -8,8 +8,10 @@ Writes DIR/healthyluncher-base.onnx (the shipped model, unchanged) and DIR's rep
 the shipped replay's 400 photos (chosen as `make-updatable --examples` chooses them: the
 training split by content hash, spread evenly over each label's dishes; checked to be the
 shipped rows exactly) plus the same 400 photos shrunk to 64 x 64, with the same labels.
-The question it answers: do base examples at low resolution stop blur from predicting a
-user's label (the far drop of scripts/eval_dishes.py)?
+`--leave-out DISHES` does the same for a base built without those dishes (named by
+LUNCHER_BUNDLED_MODEL), for `eval_dishes.py --full-size`. The question it answers: do base
+examples at low resolution stop blur from predicting a user's label (the far drop of
+scripts/eval_dishes.py)?
 """
 
 from __future__ import annotations
@@ -42,8 +44,15 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--food", type=Path, default=FOOD)
     parser.add_argument("--size", type=int, default=64, help="side of the shrunk views")
+    parser.add_argument(
+        "--leave-out",
+        default="",
+        help="the dishes the base was built without (build_base_model.py --leave-out), "
+        "for a base named by LUNCHER_BUNDLED_MODEL",
+    )
     args = parser.parse_args()
-    shipped = bundled_model()
+    shipped = bundled_model()  # LUNCHER_BUNDLED_MODEL names another base
+    left_out = set(filter(None, args.leave_out.split(",")))
     assert shipped is not None
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -54,7 +63,7 @@ def main() -> None:
         rows = []
         for index, label in enumerate(("healthy", "fast_food")):
             for path in sorted((args.food / label).rglob("*")):
-                if path.suffix.lower() in SUFFIXES:
+                if path.suffix.lower() in SUFFIXES and path.parent.name not in left_out:
                     digest = hashlib.sha256(path.read_bytes()).hexdigest()
                     if int(digest[:8], 16) % headfit.HOLD_OUT != 0:
                         rows.append((path, label, index, path.parent.name, digest))
