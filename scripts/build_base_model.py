@@ -225,6 +225,8 @@ def model_card(results: dict[str, Any]) -> str:
         for dish, s in ev["per_dish"].items()
     )
     full, low = ev["held_out_full_size"], ev["lowres64_never_trained"]
+    steps = [f"{s['trainable_layers']} layer(s)" for s in head["steps"][1:]]
+    deeper = f" Then trained again on the same photos: {', '.join(steps)}." if steps else ""
     pancakes = ev["pancakes_called_fast_food"]
     return f"""# Model card: healthyluncher base
 
@@ -246,7 +248,7 @@ chosen by content hash (`int(sha256(bytes)[:8], 16) % 5 == 0`), was held out
 ({head["held_out"]} photos) and never trained on. The training photos' head inputs (up to
 200 per label, spread evenly over each label's dishes, its subfolders) ship as the replay
 set `healthyluncher-base.replay.npz`, so personalizing the
-base does not forget. No photo ships.
+base does not forget. No photo ships.{deeper}
 
 ## Accuracy
 
@@ -276,6 +278,47 @@ requirements-build.txt`, then `.venv/bin/python scripts/build_base_model.py --bu
 .venv-build/bin/python` ({results["seconds"]:.0f} s here, of which make-updatable took
 {head["seconds"]:.0f} s).
 """
+
+
+def layer_plan(args: argparse.Namespace) -> tuple[int, ...]:
+    """The trainable layers of each make-updatable after the first (the shipped recipe)."""
+    if args.fine_tune_layers:
+        return (args.fine_tune_layers, 1)
+    return (args.trainable_layers,) if args.trainable_layers != 1 else ()
+
+
+def build(
+    stock: Path, examples: Path, work: Path, args: argparse.Namespace
+) -> tuple[healthyluncher.UpdatableResult, list[Any]]:
+    """The base's directory and each step's report: the shipped recipe (a new last layer
+    from the class means), then the last N layers fine-tuned (results/dishes-deeper.md),
+    then for --fine-tune-layers 1 layer again (replay and retrains on the tuned features).
+    Each step holds out the same photos (by content hash, headfit.HOLD_OUT)."""
+    result = healthyluncher.make_updatable(
+        stock,
+        examples=examples,
+        labels=list(LABELS),
+        models_dir=work / "models",
+        balance_subfolders=args.balance_dishes,
+    )
+    assert result.examples is not None
+    steps = [result.examples]
+    for step, layers in enumerate(layer_plan(args), start=1):
+        previous, _ = package(result.directory, work / f"step{step}", stock)
+        result = healthyluncher.make_updatable(
+            previous,
+            examples=examples,
+            labels=list(LABELS),
+            models_dir=work / f"models-step{step}",
+            trainable_layers=layers,
+            balance_subfolders=args.balance_dishes,
+        )
+        report = result.examples
+        assert report is not None
+        if (report.held_out, report.photos) != (steps[0].held_out, steps[0].photos):
+            raise SystemExit(f"step {step} read or held out other photos than step 0")
+        steps.append(report)
+    return result, steps
 
 
 def main() -> None:
@@ -316,7 +359,14 @@ def main() -> None:
         "shipped design, unless measuring a deeper one (scripts/eval_dishes.py "
         "--trainable-layers N with the same N)",
     )
+    parser.add_argument(
+        "--fine-tune-layers",
+        type=int,
+        help="--trainable-layers N, then 1 layer again: personalizes as shipped, tuned features",
+    )
     args = parser.parse_args()
+    if args.fine_tune_layers is not None and args.trainable_layers != 1:
+        parser.error("--fine-tune-layers N already trains N layers; drop --trainable-layers")
     without = frozenset(d for d in args.leave_out.split(",") if d)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="luncher-build-") as scratch:
@@ -328,31 +378,7 @@ def main() -> None:
             args.food, work, args.with_lowres64, without, copies=args.lowres_copies
         )
         making = time.perf_counter()
-        result = healthyluncher.make_updatable(
-            stock,
-            examples=examples,
-            labels=list(LABELS),
-            models_dir=work / "models",
-            balance_subfolders=args.balance_dishes,
-        )
-        last_layer = None
-        if args.trainable_layers != 1:
-            # Deeper in two steps, as results/dishes-deeper.md measured: the shipped recipe
-            # trains the new last layer (from the class means), then that model (its own
-            # labels now) fine-tunes its last N layers on the same photos. One step
-            # (make-updatable --examples --trainable-layers N) starts the new layer random;
-            # it called every photo fast food until the head inputs were no longer scaled
-            # behind a pretrained layer, and holds out 0.977 since (N=2).
-            assert result.examples is not None
-            last_layer = result.examples
-            first, _ = package(result.directory, work / "last-layer", stock)
-            result = healthyluncher.make_updatable(
-                first,
-                examples=examples,
-                labels=list(LABELS),
-                models_dir=work / "models-deep",
-                trainable_layers=args.trainable_layers,
-            )
+        result, steps = build(stock, examples, work, args)
         making = time.perf_counter() - making
         assert result.examples is not None
         model, replay = package(result.directory, args.output, stock)
@@ -360,11 +386,10 @@ def main() -> None:
             "make_updatable": {
                 "command": "luncher make-updatable lite0-imagenet.onnx --examples DIR "
                 "--labels healthy,fast_food"
-                + (
+                + "".join(
                     f", then luncher make-updatable THAT --examples DIR --labels "
-                    f"healthy,fast_food --trainable-layers {args.trainable_layers}"
-                    if args.trainable_layers != 1
-                    else ""
+                    f"healthy,fast_food --trainable-layers {n}"
+                    for n in layer_plan(args)
                 ),
                 "photos": sum(result.examples.photos.values()),
                 "held_out": result.examples.held_out,
@@ -372,9 +397,11 @@ def main() -> None:
                 "epochs": result.examples.epochs,
                 "preprocessing": result.preprocessing_source,
                 "seconds": round(making, 1),
-                "last_layer_first_held_out_accuracy": (
-                    round(last_layer.held_out_accuracy, 4) if last_layer else None
-                ),
+                "steps": [
+                    {"trainable_layers": n, "held_out": r.held_out, "epochs": r.epochs}
+                    | {"held_out_accuracy": round(r.held_out_accuracy, 4)}
+                    for n, r in zip((1, *layer_plan(args)), steps, strict=True)
+                ],
             },
             "evaluation": evaluate(
                 model, args.food, work, args.with_lowres64, args.trainable_layers
