@@ -17,6 +17,7 @@ from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
+from healthyluncher.examples import replay_weights
 from healthyluncher.fileio import write_json
 from healthyluncher.headfit import (
     HeadReport,
@@ -308,7 +309,8 @@ def _build(
         replay_count = 0
         if replay_set is not None:
             names = np.array([labels[i] for i in replay_set[1]], dtype=np.str_)
-            save_arrays(staged / Files.REPLAY, {"inputs": replay_set[0], "labels": names})
+            arrays = {"inputs": replay_set[0], "labels": names, "weights": replay_set[2]}
+            save_arrays(staged / Files.REPLAY, arrays)
             replay_count = len(names)
         elif options.replay is not None:
             replay_count = _copy_replay(options.replay, staged / Files.REPLAY, labels, split_sample)
@@ -403,6 +405,7 @@ def _copy_replay(
         with np.load(source, allow_pickle=False) as data:
             inputs = data["inputs"].astype(np.float32)
             replay_labels = [str(x) for x in data["labels"]]
+            replay_weights(data, len(inputs), source)
     except (OSError, KeyError, ValueError) as exc:
         raise LuncherError(f"{source}: not a replay set ({exc})") from None
     if inputs.shape[1:] != split_sample.shape[1:]:

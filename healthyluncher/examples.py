@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from healthyluncher.errors import LuncherError
 from healthyluncher.memory import Memory, build_memory
 from healthyluncher.records import Base, Examples, Personal, save_arrays
 from healthyluncher.settings import Hyperparameters
@@ -66,7 +68,7 @@ def select_examples(examples: Examples, keep: list[int]) -> Examples:
 
 def training_set(
     examples: Examples,
-    replay: tuple[np.ndarray, np.ndarray] | None,
+    replay: tuple[np.ndarray, ...] | None,
     labels: tuple[str, ...],
     hp: Hyperparameters,
 ) -> TrainingSet:
@@ -83,7 +85,7 @@ def training_set(
     if replay is not None and len(replay[0]):
         extra = replay[0]
         parts_y.append(replay[1])
-        parts_w.append(np.ones(len(replay[0])))
+        parts_w.append(replay[2] if len(replay) > 2 else np.ones(len(replay[0])))
     y = np.concatenate(parts_y).astype(np.int64)
     w = np.concatenate(parts_w).astype(np.float64)
     for cls in np.flatnonzero(np.bincount(y)):  # not np.unique: it imports numpy.ma
@@ -92,16 +94,31 @@ def training_set(
     return TrainingSet(inputs=examples.inputs, labels=y, weights=w, extra=extra)
 
 
-def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray] | None:
+def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The base's replay set: head inputs, class indices and training weights."""
     path = base.path / Files.REPLAY
     if not path.is_file():
         return None
     index = {label: i for i, label in enumerate(base.meta.labels)}
     with np.load(path, allow_pickle=False) as data:
+        inputs = data["inputs"].astype(np.float32, copy=False)
         return (
-            data["inputs"].astype(np.float32, copy=False),
+            inputs,
             np.array([index[str(label)] for label in data["labels"]], np.int64),
+            replay_weights(data, len(inputs), path),
         )
+
+
+def replay_weights(data: Any, rows: int, source: Path) -> np.ndarray:
+    """A replay file's training weights (each row 1 when it has none): a photo replayed
+    both as it is and as a thumbnail weighs 1 in all, as a user's photo over its views."""
+    if "weights" not in data.files:
+        return np.ones(rows)
+    weights = np.asarray(data["weights"])
+    fine = weights.shape == (rows,) and weights.dtype.kind == "f"
+    if not fine or not np.all((weights > 0) & (weights <= 1)):  # NaN fails both
+        raise LuncherError(f"{source}: the replay set's weights are damaged")
+    return weights.astype(np.float64)
 
 
 def memory_rows(

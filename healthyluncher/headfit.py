@@ -11,7 +11,7 @@ become the base's replay set, so that personalizing the base later does not forg
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,11 @@ HOLD_OUT = 5
 MIN_STEPS = 400
 # Head inputs kept per label as the base's replay set (the shipped base keeps 200 each).
 REPLAY_PER_LABEL = 200
+# Each replayed photo is also replayed as a thumbnail (short side this many pixels), so
+# that blur never tells a user's label from the base's: without them a label taught from
+# small photos spread to every other small photo (results/replay-small-views.md). A photo
+# and its thumbnail weigh half each. Not for a model that shrinks every photo that far.
+REPLAY_SMALL_SIDE = 64
 # Images per call of the frozen part.
 BATCH = 8
 # AdamW moves each weight by about the learning rate per step, so a logit moves by about
@@ -152,9 +157,12 @@ def fit_new_head(
     hp: Hyperparameters,
     workdir: Path,
     progress: ProgressCallback | None = None,
-) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray], HeadReport]:
-    """Train the head on the photos: (its parameters, the replay set, the report)."""
-    inputs, labels, digests, groups, skipped = _embed(cut, analysis, prep, examples, progress)
+) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray], HeadReport]:
+    """Train the head on the photos: (its parameters, the replay set (head inputs, class
+    indices, training weights), the report)."""
+    inputs, labels, digests, groups, skipped, sources = _embed(
+        cut, analysis, prep, examples, progress
+    )
     if len(set(labels.tolist())) < len(examples.labels):
         missing = sorted(set(range(len(examples.labels))) - set(labels.tolist()))
         names = ", ".join(examples.labels[i] for i in missing)
@@ -190,7 +198,16 @@ def fit_new_head(
     if held.any():
         runner = HeadRunner(heads.head_with(head, params))
         accuracy = float(np.mean(runner.logits(inputs[held]).argmax(axis=1) == labels[held]))
-    replay = _replay(inputs[train], labels[train], np.array(digests)[train], groups[train])
+    chosen = np.flatnonzero(train)[_replay(labels[train], np.array(digests)[train], groups[train])]
+    replay = (inputs[chosen], labels[chosen], np.ones(len(chosen), np.float32))
+    if prep.resize > REPLAY_SMALL_SIDE:  # else the model sees every photo that small
+        small, read = _embed_small(cut, analysis, prep, [sources[i] for i in chosen], inputs.shape)
+        half = np.float32(0.5)  # a photo and its thumbnail weigh one photo in all
+        replay = (
+            np.concatenate([replay[0], small * np.float32(scale)]),
+            np.concatenate([replay[1], labels[chosen][read]]),
+            np.concatenate([np.where(read, half, 1), np.full(int(read.sum()), half)]),
+        )
     per_label = np.bincount(labels, minlength=len(examples.labels))
     report = HeadReport(
         replaced_head=replaced,
@@ -223,24 +240,17 @@ def _embed(
     prep: Preprocessing,
     examples: LabelledPhotos,
     progress: ProgressCallback | None,
-) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int]:
-    """Head inputs of every readable photo (float32), their label indices, digests and
-    groups (subfolders)."""
-    session = None
-    if cut.frozen is not None:
-        session = inference_session(cut.frozen.SerializeToString())
-    name = analysis.input.name
-
-    def run(chunk: np.ndarray) -> np.ndarray:
-        assert session is not None
-        return np.asarray(session.run(None, {name: chunk})[0], dtype=np.float32)
-
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int, list[PhotoSource]]:
+    """Head inputs of every readable photo (float32), their label indices, digests,
+    groups (subfolders) and sources."""
+    frozen = _frozen_part(cut, analysis)
     label_of = dict(examples.photos)
     group_of = dict(zip((p for p, _ in examples.photos), examples.groups, strict=False))
     outputs: list[np.ndarray] = []
     labels: list[int] = []
     groups: list[str] = []
     digests: list[str] = []
+    sources: list[PhotoSource] = []
     pending: list[LoadedImage] = []
     skipped = 0
     total = len(examples.photos)
@@ -248,13 +258,11 @@ def _embed(
     def flush() -> None:
         if not pending:
             return
-        batch = np.stack([item.array for item in pending])
-        if session is not None:
-            batch = run_in_batches(run, batch, step=BATCH, fixed=analysis.input.batch)
-        outputs.append(batch.astype(np.float32, copy=False))
+        outputs.append(frozen(np.stack([item.array for item in pending])))
         labels.extend(label_of[item.path] for item in pending)
         groups.extend(group_of.get(item.path, "") for item in pending)
         digests.extend(item.digest for item in pending)
+        sources.extend(item.path for item in pending)
         pending.clear()
 
     for done, item in enumerate(load_many([p for p, _ in examples.photos], prep), start=1):
@@ -270,7 +278,44 @@ def _embed(
     if not outputs:
         raise LuncherError("--examples: none of the photos could be read")
     group_array = np.array(groups, dtype=object)
-    return np.concatenate(outputs), np.array(labels, np.int64), digests, group_array, skipped
+    inputs = np.concatenate(outputs)
+    return inputs, np.array(labels, np.int64), digests, group_array, skipped, sources
+
+
+def _frozen_part(cut: graph.Split, analysis: graph.Analysis) -> Callable[[np.ndarray], np.ndarray]:
+    """What turns a batch of model inputs into head inputs (float32)."""
+    if cut.frozen is None:
+        return lambda batch: batch.astype(np.float32, copy=False)
+    session = inference_session(cut.frozen.SerializeToString())
+    name = analysis.input.name
+
+    def run(chunk: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(None, {name: chunk})[0], dtype=np.float32)
+
+    return lambda batch: run_in_batches(run, batch, step=BATCH, fixed=analysis.input.batch)
+
+
+def _embed_small(
+    cut: graph.Split,
+    analysis: graph.Analysis,
+    prep: Preprocessing,
+    photos: list[PhotoSource],
+    shape: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Head inputs of thumbnails of these photos (REPLAY_SMALL_SIDE), and which of the
+    photos they are (a photo that cannot be read again is left out)."""
+    frozen = _frozen_part(cut, analysis)
+    outputs = [np.zeros((0, *shape[1:]), np.float32)]
+    read = np.zeros(len(photos), bool)
+    pending: list[np.ndarray] = []
+    for i, item in enumerate(load_many(photos, prep, small=REPLAY_SMALL_SIDE)):
+        if isinstance(item, LoadedImage):
+            read[i] = True
+            pending.append(item.array)
+        if pending and (len(pending) >= BATCH or i == len(photos) - 1):
+            outputs.append(frozen(np.stack(pending)))
+            pending.clear()
+    return np.concatenate(outputs), read
 
 
 def input_scale(inputs: np.ndarray) -> float:
@@ -330,13 +375,11 @@ def _class_means(
     return {k: v.astype(np.float32) for k, v in start.items()}
 
 
-def _replay(
-    inputs: np.ndarray, labels: np.ndarray, digests: np.ndarray, groups: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Up to REPLAY_PER_LABEL training photos per label, spread evenly over the label's
-    subfolders (its dishes, when the user sorted them so), chosen by content hash within
-    each. Taken in proportion instead, a dish with few photos would all but vanish from
-    the replay set, and personalizing would then forget it first."""
+def _replay(labels: np.ndarray, digests: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """The indices of up to REPLAY_PER_LABEL training photos per label, spread evenly over
+    the label's subfolders (its dishes, when the user sorted them so), chosen by content
+    hash within each. Taken in proportion instead, a dish with few photos would all but
+    vanish from the replay set, and personalizing would then forget it first."""
     chosen: list[int] = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
@@ -345,8 +388,7 @@ def _replay(
         quotas = fair_quotas({g: len(pool) for g, pool in pools.items()}, REPLAY_PER_LABEL)
         for g, pool in pools.items():
             chosen.extend(pool[: quotas[g]].tolist())
-    index = np.array(sorted(chosen), np.int64)
-    return inputs[index], labels[index]
+    return np.array(sorted(chosen), np.int64)
 
 
 def fair_quotas(capacity: dict[str, int], total: int) -> dict[str, int]:

@@ -335,20 +335,24 @@ def to_tensor(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
-def load(path: PhotoSource, prep: Preprocessing) -> LoadedImage:
+def load(path: PhotoSource, prep: Preprocessing, small: int | None = None) -> LoadedImage:
+    """`small`: the photo as a thumbnail of it comes, its short side that many pixels."""
     data = read_bytes(path)
-    image = resize_and_crop(decode(data, prep, name=str(path)), prep)
+    image = decode(data, prep, name=str(path))
+    if small is not None and min(image.size) > small:
+        image = resize_short_side(image, small)
+    image = resize_and_crop(image, prep)
     return LoadedImage(path=path, digest=digest_of(data), array=to_tensor(image, prep))
 
 
 def load_many(
-    paths: Iterable[PhotoSource], prep: Preprocessing, *, workers: int = 2
+    paths: Iterable[PhotoSource], prep: Preprocessing, *, workers: int = 2, small: int | None = None
 ) -> Iterator[LoadedImage | ImageFailure]:
     """Decode photos on background threads (Pillow releases the GIL) in input order."""
 
     def safe_load(path: PhotoSource) -> LoadedImage | ImageFailure:
         try:
-            return load(path, prep)
+            return load(path, prep, small)
         except LuncherError as exc:
             return ImageFailure(path=path, error=str(exc))
         except MemoryError:

@@ -36,7 +36,7 @@ def build_memory(
     rows: np.ndarray,
     classes: np.ndarray,
     threshold: float,
-    replay: tuple[np.ndarray, np.ndarray] | None,
+    replay: tuple[np.ndarray, ...] | None,  # head inputs, class indices (, weights)
     *,
     views: np.ndarray | None = None,
     known: np.ndarray | None = None,

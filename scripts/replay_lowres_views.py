@@ -67,14 +67,12 @@ def main() -> None:
                     digest = hashlib.sha256(path.read_bytes()).hexdigest()
                     if int(digest[:8], 16) % headfit.HOLD_OUT != 0:
                         rows.append((path, label, index, path.parent.name, digest))
-        order = np.arange(len(rows), dtype=np.float32)[:, None]
-        chosen, _ = headfit._replay(
-            order,
+        chosen = headfit._replay(
             np.array([r[2] for r in rows]),
             np.array([r[4] for r in rows]),
             np.array([r[3] for r in rows], dtype=object),
         )
-        picked = [rows[int(i)] for i in chosen[:, 0]]
+        picked = [rows[int(i)] for i in chosen]
         small = []
         for i, (path, *_rest) in enumerate(picked):
             target = Path(scratch) / f"{i:04d}.png"

@@ -40,6 +40,7 @@ def pytorch_style(
     seed: int = 0,
     gain: float = 1.0,
     offset: float = 0.5,
+    size: int = SIZE,
 ) -> Path:
     """NCHW: Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm (logits).
 
@@ -72,7 +73,7 @@ def pytorch_style(
     graph = helper.make_graph(
         nodes,
         "tiny_pytorch",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
         inits,
     )

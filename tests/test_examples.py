@@ -334,14 +334,11 @@ def test_the_replay_set_spreads_over_a_labels_subfolders(tmp_path):
     groups = np.array(["big"] * 300 + ["small"] * 10 + ["mid"] * 40 + [""] * 50, dtype=object)
     labels = np.array([0] * 350 + [1] * 50)
     digests = np.array([f"{rng.integers(1 << 60):016x}" for _ in range(400)])
-    inputs = np.arange(400, dtype=np.float32)[:, None]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(headfit, "REPLAY_PER_LABEL", 60)
-        replay, replay_labels = headfit._replay(inputs, labels, digests, groups)
-    rows = replay[:, 0].astype(int)
+        rows = headfit._replay(labels, digests, groups)
     kept = {g: int(np.sum(groups[rows] == g)) for g in ("big", "small", "mid", "")}
     assert kept == {"big": 25, "small": 10, "mid": 25, "": 50}
-    assert replay_labels.tolist() == labels[rows].tolist()
     assert headfit.fair_quotas({"a": 1, "b": 100, "c": 100}, 1000) == {"a": 1, "b": 100, "c": 100}
 
 
@@ -414,3 +411,107 @@ def test_balance_subfolders_weighs_each_dish_the_same(run, stock, tmp_path, flag
 
 def test_balance_subfolders_without_examples_is_refused(run, stock):
     one_line_error(run("make-updatable", stock, "--balance-subfolders"), "--examples")
+
+
+def test_the_replay_set_holds_each_replayed_photo_as_a_thumbnail_too(run, tmp_path, models_dir):
+    """A label taught from small photos (thumbnails, photos sent small) spread to every
+    other small photo: the replay set held the base's photos at full size only, so blur
+    alone told the user's label from the base's. Each replayed photo now also comes as a
+    64-pixel thumbnail, embedded as `retrain` embeds such a photo."""
+    from PIL import Image
+
+    from healthyluncher.embedder import Embedder
+    from healthyluncher.records import load_base
+    from healthyluncher.store import Files, ModelStore
+
+    rng = np.random.default_rng(0)
+    root, small = tmp_path / "examples", tmp_path / "small"
+    for label in ("healthy", "fast_food"):
+        (root / label).mkdir(parents=True)
+        (small / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (192, 256, 3), dtype=np.uint8)  # detail blur removes
+            pixels[:, :, 1 if label == "healthy" else 0] //= 4
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+            thumbnail = Image.fromarray(pixels).resize((85, 64), Image.Resampling.BILINEAR)
+            thumbnail.save(small / label / f"{i}.png")
+    stock = pytorch_style(tmp_path / "stock.onnx", labels=None, classes=10, size=128)
+    assert run("make-updatable", stock, "--examples", root).code == 0
+    store = ModelStore(models_dir)
+    base = load_base(store, store.read_state())
+    with np.load(base.path / Files.REPLAY, allow_pickle=False) as data:
+        inputs, labels = data["inputs"], data["labels"]
+        weights = data["weights"]
+    half = len(inputs) // 2
+    assert len(inputs) == 2 * half and half > 0
+    assert labels[:half].tolist() == labels[half:].tolist()
+    # A photo and its thumbnail weigh one photo in all, as a user's photo over its views.
+    np.testing.assert_array_equal(weights, np.full(2 * half, 0.5, np.float32))
+    full = inputs[:half].reshape(half, -1)
+    thumbs = inputs[half:].reshape(half, -1)
+    assert not np.allclose(full, thumbs, atol=1e-3)  # the thumbnails are other inputs
+    # Each thumbnail row is what embedding a 64-pixel copy of one of the photos gives.
+    done, failures, _ = Embedder(store, base, 1).embed(sorted(small.rglob("*.png")))
+    assert not failures
+    expected = np.stack([v[0].reshape(-1) for _, _, v in done])
+    nearest = np.abs(thumbs[:, None, :] - expected[None, :, :]).max(axis=2).min(axis=1)
+    assert np.all(nearest < 0.05 * np.abs(expected).max())
+
+
+def test_replayed_rows_weigh_what_the_replay_file_says(tmp_path):
+    """Two rows of weight 0.5 (a photo and its thumbnail) count as one row of weight 1."""
+    from healthyluncher.examples import training_set
+    from healthyluncher.records import Examples
+    from healthyluncher.settings import Hyperparameters
+
+    mine = Examples(
+        inputs=np.ones((2, 4), np.float32),
+        owner=np.array([0, 1]),
+        digests=("a" * 64, "b" * 64),
+        labels=("healthy", "healthy"),
+    )
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    hp = Hyperparameters()
+    labels = ("healthy", "fast_food")
+    halves = training_set(mine, (rows, np.array([1, 1, 0]), np.array([0.5, 0.5, 1.0])), labels, hp)
+    whole = training_set(mine, (rows[1:], np.array([1, 0])), labels, hp)
+    np.testing.assert_allclose(halves.weights[:2], whole.weights[:2])  # the user's photos
+    np.testing.assert_allclose(halves.weights[2] + halves.weights[3], whole.weights[2])
+    np.testing.assert_allclose(halves.weights[2], halves.weights[3])
+    np.testing.assert_allclose(halves.weights[4], whole.weights[3])
+
+
+@pytest.mark.parametrize(
+    "weights", [np.full(4, 0.5), np.array([0.5, np.nan, 0.5]), np.array([0.5, 2.0, 0.5]),
+                np.array([1, 1, 1]), np.array([0.5, 0.0, 0.5])],
+)  # fmt: skip
+def test_a_replay_file_with_damaged_weights_is_refused_in_one_line(
+    run, pt_model, tmp_path, weights
+):
+    replay = tmp_path / "mine.replay.npz"
+    np.savez(replay, inputs=np.ones((3, 8), np.float32), labels=np.array(["healthy"] * 3),
+             weights=weights)  # fmt: skip
+    result = run("make-updatable", pt_model, "--replay", replay)
+    assert result.code != 0
+    one_line_error(result, "weights are damaged")
+
+
+def test_a_damaged_replay_file_in_the_models_directory_stops_a_retrain_in_one_line(
+    run, pt_model, tmp_path, models_dir, photos
+):
+    from healthyluncher.store import Files, ModelStore
+
+    replay = tmp_path / "mine.replay.npz"
+    np.savez(replay, inputs=np.ones((4, 8), np.float32), labels=np.array(["healthy"] * 4),
+             weights=np.full(4, 0.5, np.float32))  # fmt: skip
+    assert run("make-updatable", pt_model, "--replay", replay).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"][:1]).code == 0
+    before = run("predict", "--json", *photos["green"]).json_lines()
+    store = ModelStore(models_dir)
+    path = store.root / store.read_state().base / Files.REPLAY
+    np.savez(path, inputs=np.ones((4, 8), np.float32), labels=np.array(["healthy"] * 4),
+             weights=np.array([0.5, np.inf, 0.5, 0.5], np.float32))  # fmt: skip
+    result = run("retrain", "--label", "healthy", *photos["red"][1:2])
+    assert result.code != 0
+    one_line_error(result, "weights are damaged")
+    assert run("predict", "--json", *photos["green"]).json_lines() == before
