@@ -459,7 +459,8 @@ def test_the_replay_set_holds_each_replayed_photo_as_a_thumbnail_too(run, tmp_pa
 
 
 def test_replayed_rows_weigh_what_the_replay_file_says(tmp_path):
-    """Two rows of weight 0.5 (a photo and its thumbnail) count as one row of weight 1."""
+    """Two rows of weight 0.5 (a photo and its thumbnail) count as one row of weight 1;
+    before, each counted as a whole photo against the user's."""
     from healthyluncher.examples import training_set
     from healthyluncher.records import Examples
     from healthyluncher.settings import Hyperparameters
@@ -473,8 +474,10 @@ def test_replayed_rows_weigh_what_the_replay_file_says(tmp_path):
     rows = np.arange(12, dtype=np.float32).reshape(3, 4)
     hp = Hyperparameters()
     labels = ("healthy", "fast_food")
-    halves = training_set(mine, (rows, np.array([1, 1, 0]), np.array([0.5, 0.5, 1.0])), labels, hp)
-    whole = training_set(mine, (rows[1:], np.array([1, 0])), labels, hp)
+    # Two replayed rows of the user's own label at 0.5 each (a photo and its thumbnail)...
+    halves = training_set(mine, (rows, np.array([0, 0, 1]), np.array([0.5, 0.5, 1.0])), labels, hp)
+    # ...weigh what one row of weight 1 does, so the user's photos keep their share.
+    whole = training_set(mine, (rows[1:], np.array([0, 1])), labels, hp)
     np.testing.assert_allclose(halves.weights[:2], whole.weights[:2])  # the user's photos
     np.testing.assert_allclose(halves.weights[2] + halves.weights[3], whole.weights[2])
     np.testing.assert_allclose(halves.weights[2], halves.weights[3])
