@@ -246,9 +246,9 @@ weight). DIR holds the `healthy/` (beet salad, bibimbap, sushi, fruit) and `fast
 for research) and MIT-licensed fruit photos. {head["photos"]} photos were read; one in five,
 chosen by content hash (`int(sha256(bytes)[:8], 16) % 5 == 0`), was held out
 ({head["held_out"]} photos) and never trained on. The training photos' head inputs (up to
-200 per label, spread evenly over each label's dishes, its subfolders), each also as a
-64-pixel thumbnail, ship as the replay set `healthyluncher-base.replay.npz`, so
-personalizing the base does not forget, and blur does not tell a user's label. No photo ships.{deeper}
+200 per label, spread evenly over each label's dishes), each also as a 64-pixel thumbnail,
+ship as the replay set `healthyluncher-base.replay.npz`, so personalizing the base does not
+forget, and blur does not tell a user's label. No photo ships.{deeper}
 
 ## Accuracy
 
