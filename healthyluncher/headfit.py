@@ -201,12 +201,16 @@ def fit_new_head(
     chosen = np.flatnonzero(train)[_replay(labels[train], np.array(digests)[train], groups[train])]
     replay = (inputs[chosen], labels[chosen], np.ones(len(chosen), np.float32))
     if prep.resize > REPLAY_SMALL_SIDE:  # else the model sees every photo that small
-        small, read = _embed_small(cut, analysis, prep, [sources[i] for i in chosen], inputs.shape)
+        again = LabelledPhotos(examples.labels, tuple((sources[i], int(labels[i])) for i in chosen))
+        small, small_labels, small_digests, *_ = _embed(
+            cut, analysis, prep, again, None, small=REPLAY_SMALL_SIDE
+        )
+        read = np.isin(np.array(digests)[chosen], small_digests)  # unreadable now: weight 1
         half = np.float32(0.5)  # a photo and its thumbnail weigh one photo in all
         replay = (
             np.concatenate([replay[0], small * np.float32(scale)]),
-            np.concatenate([replay[1], labels[chosen][read]]),
-            np.concatenate([np.where(read, half, 1), np.full(int(read.sum()), half)]),
+            np.concatenate([replay[1], small_labels]),
+            np.concatenate([np.where(read, half, 1), np.full(len(small), half)]),
         )
     per_label = np.bincount(labels, minlength=len(examples.labels))
     report = HeadReport(
@@ -240,9 +244,11 @@ def _embed(
     prep: Preprocessing,
     examples: LabelledPhotos,
     progress: ProgressCallback | None,
+    small: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int, list[PhotoSource]]:
     """Head inputs of every readable photo (float32), their label indices, digests,
-    groups (subfolders) and sources."""
+    groups (subfolders) and sources; `small`: of thumbnails of the photos, their short
+    side that many pixels."""
     frozen = _frozen_part(cut, analysis)
     label_of = dict(examples.photos)
     group_of = dict(zip((p for p, _ in examples.photos), examples.groups, strict=False))
@@ -265,7 +271,8 @@ def _embed(
         sources.extend(item.path for item in pending)
         pending.clear()
 
-    for done, item in enumerate(load_many([p for p, _ in examples.photos], prep), start=1):
+    photos = [p for p, _ in examples.photos]
+    for done, item in enumerate(load_many(photos, prep, small=small), start=1):
         if isinstance(item, LoadedImage):
             pending.append(item)
             if len(pending) >= BATCH:
@@ -293,29 +300,6 @@ def _frozen_part(cut: graph.Split, analysis: graph.Analysis) -> Callable[[np.nda
         return np.asarray(session.run(None, {name: chunk})[0], dtype=np.float32)
 
     return lambda batch: run_in_batches(run, batch, step=BATCH, fixed=analysis.input.batch)
-
-
-def _embed_small(
-    cut: graph.Split,
-    analysis: graph.Analysis,
-    prep: Preprocessing,
-    photos: list[PhotoSource],
-    shape: tuple[int, ...],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Head inputs of thumbnails of these photos (REPLAY_SMALL_SIDE), and which of the
-    photos they are (a photo that cannot be read again is left out)."""
-    frozen = _frozen_part(cut, analysis)
-    outputs = [np.zeros((0, *shape[1:]), np.float32)]
-    read = np.zeros(len(photos), bool)
-    pending: list[np.ndarray] = []
-    for i, item in enumerate(load_many(photos, prep, small=REPLAY_SMALL_SIDE)):
-        if isinstance(item, LoadedImage):
-            read[i] = True
-            pending.append(item.array)
-        if pending and (len(pending) >= BATCH or i == len(photos) - 1):
-            outputs.append(frozen(np.stack(pending)))
-            pending.clear()
-    return np.concatenate(outputs), read
 
 
 def input_scale(inputs: np.ndarray) -> float:
