@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +19,25 @@ from healthyluncher.errors import LuncherError
 # newer onnx releases write IR 11 and up.
 MAX_IR_VERSION = 10
 MAX_OPSET = 21
+
+_blas: Any = None  # threadpoolctl's view of the BLAS libraries loaded, made once
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread while an operation runs, as it was afterwards.
+
+    Its products here are small (memory rows against the replay set, a linear head over a
+    few thousand rows). With more threads they only contend with ONNX Runtime's own: on 2
+    cores a retrain of a directory of 5,000 examples spent a quarter more CPU time and up
+    to 30 ms more per product (bench-results/blas-threads.md)."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
+
+        _blas = ThreadpoolController()
+    with _blas.limit(limits=1, user_api="blas"):
+        yield
 
 
 def _register_training_package() -> None:

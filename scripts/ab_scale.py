@@ -11,7 +11,8 @@ of 250, one label per batch, one view per photo). Then, `--runs` times, each ver
 retrains 5 new photos (pancakes from personal/) in a fresh copy of its directory (`cp -a`,
 which keeps hard links), as a whole `luncher` process run from outside the repository (so
 each version imports its own package); which version goes first alternates. It prints
-medians, the ratio, and each directory's size on disk (a file with several links counted
+medians of wall and CPU time (user + sys, which a shared machine moves less), their
+ratios, and each directory's size on disk (a file with several links counted
 once).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -65,6 +67,7 @@ def main() -> None:
         command = [python, "-c", BUILD, str(built[name]), *pool]
         subprocess.run(command, check=True, env=env, cwd=tempfile.gettempdir())
     times: dict[str, list[float]] = {name: [] for name in versions}
+    cpu: dict[str, list[float]] = {name: [] for name in versions}
     for r in range(args.runs):
         order = list(versions.items())
         for name, python in order if r % 2 == 0 else order[::-1]:
@@ -73,6 +76,7 @@ def main() -> None:
             subprocess.run(["cp", "-a", str(built[name]), str(copy)], check=True)
             photos = pancakes[5 * r : 5 * r + 5]
             command = [python, "-m", "healthyluncher", "retrain", "--label", "healthy", *photos]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             subprocess.run(
                 command,
@@ -82,15 +86,19 @@ def main() -> None:
                 cwd=tempfile.gettempdir(),
             )
             times[name].append(time.perf_counter() - started)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     for name in versions:
         runs = " ".join(f"{t:.2f}" for t in times[name])
         print(
             f"{args.size} examples, {name}: retrain 5 photos median "
-            f"{statistics.median(times[name]):.3f} s ({runs}); "
+            f"{statistics.median(times[name]):.3f} s ({runs}), CPU "
+            f"{statistics.median(cpu[name]):.3f} s; "
             f"models directory {disk_mb(built[name]):.0f} MB"
         )
     ratio = statistics.median(times["new"]) / statistics.median(times["old"])
-    print(f"new / old: {ratio:.3f}x")
+    cpu_ratio = statistics.median(cpu["new"]) / statistics.median(cpu["old"])
+    print(f"new / old: {ratio:.3f}x (CPU {cpu_ratio:.3f}x)")
     sys.stdout.flush()
 
 

@@ -410,3 +410,22 @@ def test_memory_strength_is_a_retrain_option_kept_with_the_model(lun, photos, ru
     huge = run("retrain", "--label", "healthy", "--memory-strength", "1e9", photos["red"][0])
     one_line_error(huge, "memory strength")
     assert lun.status().hyperparameters["memory_strength"] == 80.0
+
+
+def test_numpy_runs_its_blas_on_one_thread_while_an_operation_runs(lun, photos):
+    """Its threads only contended with ONNX Runtime's (bench-results/blas-threads.md); the
+    caller's setting is back once the operation returns."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    seen: list[set[int]] = []
+    with threadpool_limits(limits=2, user_api="blas"):
+        if blas_threads() != {2}:
+            pytest.skip(f"this numpy's BLAS cannot run 2 threads here: {blas_threads()}")
+        lun.retrain("healthy", photos["red"][:2], progress=lambda _: seen.append(blas_threads()))
+        assert seen and all(threads == {1} for threads in seen)
+        assert blas_threads() == {2}
+        lun.status()
+        assert blas_threads() == {2}
