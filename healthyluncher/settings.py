@@ -35,10 +35,11 @@ class Hyperparameters:
     augment_views: int = 8
     # Views for one retrain in all: few photos get up to `augment_views` views each, many
     # photos one view each (they vary enough by themselves). 0 gives every photo
-    # `augment_views`. scripts/eval_personalization.py measured views helping below
-    # about 5 photos (pancakes K=1: 0.64 of held-out photos flipped with 8 views, 0.51
-    # with 1) and hardly above 10 (0.98 with 8 against 0.97).
-    view_budget: int = 16
+    # `augment_views`. Chosen by scripts/eval_dishes.py on the tuning dishes (fruit,
+    # beignets) among budgets of 16, 32 and 64 and up to 8, 16 or 32 views a photo
+    # (results/views-per-photo.md): 32 recalls more from 5 or 10 photos (6 and 3 views
+    # each, against 3 and 1) at no cost to the base; more views for one photo did not help.
+    view_budget: int = 32
     # Nearest-neighbour memory in front of the logits: a photo whose head input is closer
     # than this cosine similarity to one of your examples, and closer to it than to any
     # replayed base example of another label, leans to your example's label by

@@ -776,7 +776,7 @@ def scenarios(sizes: Sizes) -> list[Scenario]:
         Scenario(
             "retrain-20x10",
             f"retrain {s.retrain_small} new photos, 10 epochs, default settings "
-            "(views: 16 per retrain, so 1 per photo here)",
+            "(views: 32 per retrain, so 1 per photo here)",
             "luncher retrain --label L --epochs 10 DIR",
         ),
         Scenario(
