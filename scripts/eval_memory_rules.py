@@ -19,11 +19,15 @@ input is close to one of the user's examples of that class. The rules differ in 
   example. The floor is per example and known at retrain time, so `predict` no longer
   compares photos with the replay set.
 - `both`: the higher of the two floors (a photo must pass both).
+- `kth-N`: `radius` with the ball bounded by the example's N-th nearest replayed row of
+  another label instead of its nearest (N counts rows: the replay set holds each base
+  photo twice, full size and as a 64 px thumbnail); `kth-1` is `radius`.
 - `centred-T`: `radius` on head inputs centred on the mean of the base's replay set
   (SimpleShot's centring: the pooled features are all positive, so raw cosines crowd
   together), with threshold T in place of 0.4 (centred cosines are lower).
 
-`--rules` runs some of them (results/memory-rules-centred.md: radius and centred-T).
+`--rules` runs some of them (results/memory-rules-centred.md: radius and centred-T;
+any `kth-N` may be named).
 
 Protocol: eval_heads.py's pairs, scenarios and draws (its `setup_pair`: the same photos,
 draws and augmented views).
@@ -49,6 +53,7 @@ dishes, the worst run in brackets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -67,7 +72,7 @@ from eval_personalization import ours  # type: ignore[import-not-found]  # noqa:
 
 from healthyluncher.examples import load_replay, memory_rows  # noqa: E402
 from healthyluncher.heads import head_with  # noqa: E402
-from healthyluncher.memory import EXACT_MATCH, build_memory, memory_bonus  # noqa: E402
+from healthyluncher.memory import EXACT_MATCH, _unit, build_memory, memory_bonus  # noqa: E402
 from healthyluncher.personal import personal_graphs  # noqa: E402
 from healthyluncher.records import load_examples, load_personal, load_weights  # noqa: E402
 from healthyluncher.runtime import HeadRunner  # noqa: E402
@@ -97,9 +102,16 @@ def bonus(
     """A rule's addition to the logits of x: (N, num_classes). `radius` is the library's
     memory (memory.build_memory, memory_bonus); `photo` its rule before (kept here);
     `both` the stricter of the two floors; `centred-T` the library's rule on head inputs
-    centred on the replay set's mean (SimpleShot's centring), with threshold T."""
-    if rule == "radius":
+    centred on the replay set's mean (SimpleShot's centring), with threshold T; `kth-N`
+    the library's rule with each row's N-th highest similarity to the replay rows of
+    other classes in place of the highest."""
+    if rule == "radius" or rule.startswith("kth-"):
         memory = build_memory(rows, classes, THRESHOLD, replay)
+        if rule.startswith("kth-"):
+            similarity = memory.unit @ _unit(replay[0]).T  # (M, R), as build_memory
+            similarity[classes[:, None] == replay[1][None, :]] = -1.0
+            nth = np.sort(similarity, axis=1)[:, -int(rule.split("-")[1])]
+            memory = dataclasses.replace(memory, floors=np.maximum(nth, np.float32(THRESHOLD)))
         return memory_bonus(x, memory, num_classes, strength)
     if rule.startswith("centred-"):
         flat = replay[0].reshape(len(replay[0]), -1).astype(np.float32)
