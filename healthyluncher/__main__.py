@@ -4,10 +4,16 @@ The entry point imports the command inside a guard: Ctrl-C while its modules loa
 fraction of a second) ends with one line and exit code 130, not a traceback.
 """
 
+import os
 import sys
 
 
 def run() -> None:
+    # numpy's BLAS on one thread in luncher's own process, set before numpy loads (the
+    # library sets it per operation, runtime.one_blas_thread): its threads only contended
+    # with ONNX Runtime's, and starting them cost every command about 0.08 s of CPU time
+    # (bench-results/blas-threads.md). A value the user set stays.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         from healthyluncher.cli import main
     except KeyboardInterrupt:
