@@ -29,7 +29,7 @@ def one_blas_thread() -> Iterator[None]:
 
     Its products here are small (memory rows against the replay set, a linear head over a
     few thousand rows). With more threads they only contend with ONNX Runtime's own: on 2
-    cores a retrain of a directory of 5,000 examples spent a quarter more CPU time and up
+    cores a retrain of a directory of 5,000 examples spent up to a quarter more CPU time and up
     to 30 ms more per product (bench-results/blas-threads.md). OpenBLAS 0.3.31 ignores a
     limit set from a thread other than the main one: there this changes nothing."""
     global _blas

@@ -38,7 +38,9 @@ class Hyperparameters:
     # `augment_views`. Chosen by scripts/eval_dishes.py on the tuning dishes (fruit,
     # beignets) among budgets of 16, 32 and 64 and up to 8, 16 or 32 views a photo
     # (results/views-per-photo.md): 32 recalls more from 5 or 10 photos (6 and 3 views
-    # each, against 3 and 1) at no cost to the base; more views for one photo did not help.
+    # each, against 3 and 1) at about the same mean base accuracy; more views for one
+    # photo did not help. On 64 px photos a new label then spreads more to other dishes
+    # (README, "Dishes nobody tuned for").
     view_budget: int = 32
     # Nearest-neighbour memory in front of the logits: a photo whose head input is closer
     # than this cosine similarity to one of your examples, and closer to it than to any
