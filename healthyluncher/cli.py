@@ -336,15 +336,22 @@ def status(
         f"{result.disk_bytes / 2**20:.1f} MiB"
     )
     if result.last_retrain:
-        hp = result.hyperparameters
+        used = result.last_retrain_hyperparameters
         out.print(
             f"[bold]last retrain[/bold]      {result.last_retrain} ({result.retrains} in all; "
-            f"{hp['epochs']} epochs, lr {hp['learning_rate']}, {hp['optimizer']}, "
-            f"{views_setting(hp)})"
+            f"{_settings(used)})"
         )
+        if used != result.hyperparameters:  # it ran with one-off options
+            out.print(f"[bold]next retrain[/bold]      {_settings(result.hyperparameters)}")
     out.print(f"[bold]trainer[/bold]           {result.trainer}; healthyluncher {result.version}")
     if result.warning:
         err.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
+
+
+def _settings(hp: dict[str, Any]) -> str:
+    return (
+        f"{hp['epochs']} epochs, lr {hp['learning_rate']}, {hp['optimizer']}, {views_setting(hp)}"
+    )
 
 
 def main() -> None:

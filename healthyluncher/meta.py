@@ -134,6 +134,9 @@ class PersonalMeta:
     retrains: int
     examples_per_label: dict[str, int] = field(default_factory=dict)
     final_loss: float = float("nan")
+    # The settings this copy was trained with, where a one-off retrain option made them
+    # differ from `hyperparameters` (the settings later retrains start from).
+    trained_with: Hyperparameters | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -145,6 +148,7 @@ class PersonalMeta:
             "retrains": self.retrains,
             "examples_per_label": dict(self.examples_per_label),
             "final_loss": self.final_loss,
+            "trained_with": None if self.trained_with is None else self.trained_with.to_json(),
         }
 
     @classmethod
@@ -154,6 +158,7 @@ class PersonalMeta:
         if not isinstance(counts, dict):
             raise LuncherError("meta.json: examples_per_label must be an object")
         loss = data.get("final_loss", float("nan"))
+        once = data.get("trained_with")
         if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
             raise LuncherError("meta.json: final_loss must be a number")
         return cls(
@@ -166,6 +171,7 @@ class PersonalMeta:
                 check_label(k): _count(v, "examples_per_label", 0, 10**9) for k, v in counts.items()
             },
             final_loss=float("nan") if loss is None else float(loss),
+            trained_with=None if once is None else Hyperparameters.from_json(once),
         )
 
 

@@ -76,8 +76,7 @@ def publish_personal(
     `txn`, and commit the state that makes it current: the one way a personalized copy is
     made, by retrain, forget, import and base upgrades alike.
 
-    `remember`: the settings to store with the copy when they are not `hp` (a retrain's
-    one-off --epochs trains with `hp` and keeps the settings it started from).
+    `remember`: the settings later retrains start from, when not `hp` (a one-off --epochs).
 
     Labels beyond the base's grow the head: old classes keep their weights, the new ones
     start at zero, and training artifacts for the grown head are written with the copy.
@@ -122,6 +121,7 @@ def publish_personal(
                 base_sha256=base.meta.sha256,
                 labels=labels,
                 hyperparameters=remember or hp,  # the settings later retrains start from
+                trained_with=hp if remember not in (None, hp) else None,
                 trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 retrains=(previous.meta.retrains if previous else 0) + 1,
                 examples_per_label=examples.per_label(),

@@ -77,7 +77,8 @@ class Status:
     examples_per_label: dict[str, int] = field(default_factory=dict)
     last_retrain: str | None = None
     retrains: int = 0
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # the next retrain's
+    last_retrain_hyperparameters: dict[str, Any] = field(default_factory=dict)  # what it used
     trainable_layers: int = 1
     replay_examples: int = 0
     undo_steps: int = 0
@@ -351,6 +352,9 @@ def _status(store: ModelStore, state: State) -> Status:
         last_retrain=personal.meta.trained_at if personal else None,
         retrains=personal.meta.retrains if personal else 0,
         hyperparameters=hp.to_json(),
+        last_retrain_hyperparameters=(
+            (personal.meta.trained_with or hp).to_json() if personal else {}
+        ),
         trainable_layers=base.meta.trainable_layers,
         replay_examples=base.meta.replay_examples,
         undo_steps=len(state.history),

@@ -670,3 +670,18 @@ def test_one_off_training_options_apply_once_unless_saved(run, pt_model, photos)
     saved = run("retrain", "--label", "healthy", "--epochs", "7", "--save", *photos["green"])
     assert saved.code == 0, saved
     assert run("status", "--json").json_lines()[0]["hyperparameters"]["epochs"] == 7
+
+
+def test_status_names_the_settings_the_last_retrain_used(run, pt_model, photos):
+    """`status` printed the saved settings beside the last retrain's date, so after
+    `retrain --epochs 2` it said the last retrain ran the default epochs."""
+    assert run("make-updatable", pt_model).code == 0
+    default = run("status", "--json").json_lines()[0]["hyperparameters"]
+    assert run("retrain", "--label", "fast_food", "--epochs", "2", *photos["red"]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["last_retrain_hyperparameters"]["epochs"] == 2
+    assert status["hyperparameters"] == default  # what the next retrain starts from
+    lines = run("status").stdout.splitlines()
+    last = next(line for line in lines if line.startswith("last retrain"))
+    settings = next(line for line in lines if line.startswith("next retrain"))
+    assert "2 epochs" in last and f"{default['epochs']} epochs" in settings
