@@ -5,7 +5,7 @@
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, cast
 
 import typer
 
@@ -50,10 +50,12 @@ def predict(
 
     Example: luncher predict pancakes.jpg photos/ --json
     """
-    from healthyluncher.photos import ImageFailure
+    from healthyluncher.photos import ImageFailure, find_images
 
     lun = luncher(ctx)
-    paths = with_stdin(images)
+    given = with_stdin(images)
+    # The photos inside folders, to size the columns and the bar (paths give paths back).
+    paths = cast("list[Path]", find_images(given)) or given
     failed = 0
     which = "personalized" if lun.personalized and not base else "base"
     rows = RowPrinter(f"Predictions ({which} model)", lun.labels if not base else None, paths)

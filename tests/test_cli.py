@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
-from tests.conftest import needs_ort, one_line_error
+from tests.conftest import needs_ort, one_line_error, solid
 from tests.models import keras_style, pytorch_style
 
 
@@ -685,3 +685,34 @@ def test_status_names_the_settings_the_last_retrain_used(run, pt_model, photos):
     last = next(line for line in lines if line.startswith("last retrain"))
     settings = next(line for line in lines if line.startswith("next retrain"))
     assert "2 epochs" in last and f"{default['epochs']} epochs" in settings
+
+
+def test_predict_sizes_columns_and_counts_photos_inside_a_folder(
+    run, pt_model, tmp_path, monkeypatch
+):
+    """Given a folder, the columns were sized by the folder's name and the progress bar
+    counted one photo: rows ran past the header, and 40 photos got no bar."""
+    from healthyluncher import cli_output
+
+    album = tmp_path / "a"
+    names = [f"a-rather-long-photo-name-{i:02d}.png" for i in range(12)]
+    for i, name in enumerate(names):
+        solid(album / name, (20 * i, 200 - 10 * i, 40))
+    assert run("make-updatable", pt_model).code == 0
+    counted = []
+    real_counting = cli_output.counting
+
+    def counting(total: int):
+        counted.append(total)
+        return real_counting(total)
+
+    monkeypatch.setattr("healthyluncher.cli.counting", counting)
+    monkeypatch.chdir(tmp_path)
+    result = run("predict", "a")
+    assert result.code == 0, result
+    assert counted == [12]
+    header, *rows = result.stdout.splitlines()[1:]
+    assert len(rows) == 12
+    column = header.index("label")
+    for row in rows:
+        assert row[column - 2 : column] == "  " and row[column] != " ", (header, row)
