@@ -25,9 +25,17 @@ input is close to one of the user's examples of that class. The rules differ in 
 - `centred-T`: `radius` on head inputs centred on the mean of the base's replay set
   (SimpleShot's centring: the pooled features are all positive, so raw cosines crowd
   together), with threshold T in place of 0.4 (centred cosines are lower).
+- `imagenet-S` (or `imagenet-S-T`, threshold T, 0.4 if not given): `radius` in the
+  output space of the stock ImageNet classifier instead of its 1280-d input: every head
+  input f (the photo, the user's rows, the replay set, so the floors too) becomes z = W f
+  + b through the stock model's last layer (`--imagenet`, its final Gemm or MatMul), then
+  S: `logit` z; `logprob` log-softmax(z) centred per row (the log-sum-exp cancels, so
+  z - mean(z)); `prob` softmax(z); `hellinger` sqrt(softmax(z)) (cosine = the Bhattacharyya
+  coefficient). All are a Gemm and a few elementwise ops in front of the memory's graph.
 
 `--rules` runs some of them (results/memory-rules-centred.md: radius and centred-T;
-any `kth-N` may be named).
+any `kth-N`, `centred-T` or `imagenet-S[-T]` may be named). `--pairs tuning` runs the
+tuning pair alone (to fix a choice before the report pair is looked at).
 
 Protocol: eval_heads.py's pairs, scenarios and draws (its `setup_pair`: the same photos,
 draws and augmented views).
@@ -54,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -85,6 +94,57 @@ SHIPPED = 40.0  # Hyperparameters().memory_strength
 MAX_BASE_DROP, MAX_FAR_RISE = 0.5, 1.0
 
 
+IMAGENET = Path("/tmp/backbones/lite0-imagenet.onnx")
+SPACES = ("logit", "logprob", "prob", "hellinger")
+
+
+@functools.cache
+def imagenet_layer(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The stock classifier's last layer: W (1280, 1000) as x @ W takes it, b (1000,)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    last = model.graph.node[-1]
+    if last.op_type == "Gemm":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in last.attribute}
+        assert attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        assert not attrs.get("transA", 0)
+        w = values[last.input[1]]
+        w = w.T if attrs.get("transB", 0) else w
+        return w.astype(np.float32), values[last.input[2]].astype(np.float32)
+    if last.op_type == "Add":  # MatMul, then Add of the bias
+        matmul = next(n for n in model.graph.node if n.output[0] in last.input)
+        assert matmul.op_type == "MatMul"
+        w = values[matmul.input[1]]
+        bias = next(values[i] for i in last.input if i in values)
+        return w.astype(np.float32), bias.astype(np.float32)
+    raise SystemExit(f"{path}: its last node is {last.op_type}, not Gemm or MatMul + Add")
+
+
+def imagenet_rule(rule: str) -> tuple[str, float]:
+    """`imagenet-S[-T]`: the space S and the threshold T."""
+    parts = rule.split("-")
+    if len(parts) not in (2, 3) or parts[1] not in SPACES:
+        raise SystemExit(f"--rules {rule}: imagenet-S[-T] with S one of {', '.join(SPACES)}")
+    return parts[1], float(parts[2]) if len(parts) == 3 else THRESHOLD
+
+
+def project(x: np.ndarray, space: str, path: Path) -> np.ndarray:
+    """Head inputs (N, ...) in the stock classifier's output space S (see the docstring)."""
+    w, b = imagenet_layer(path)
+    z = x.reshape(len(x), -1).astype(np.float32) @ w + b
+    if space == "logit":
+        return z
+    z -= z.mean(axis=1, keepdims=True)
+    if space == "logprob":
+        return z
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return p if space == "prob" else np.sqrt(p)
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(len(x), -1).astype(np.float32)
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
@@ -104,7 +164,11 @@ def bonus(
     `both` the stricter of the two floors; `centred-T` the library's rule on head inputs
     centred on the replay set's mean (SimpleShot's centring), with threshold T; `kth-N`
     the library's rule with each row's N-th highest similarity to the replay rows of
-    other classes in place of the highest."""
+    other classes in place of the highest; `imagenet-S[-T]` the library's rule with
+    threshold T on x, rows and replay already projected (run_rule)."""
+    if rule.startswith("imagenet-"):
+        memory = build_memory(rows, classes, imagenet_rule(rule)[1], replay)
+        return memory_bonus(x, memory, num_classes, strength)
     if rule == "radius" or rule.startswith("kth-"):
         memory = build_memory(rows, classes, THRESHOLD, replay)
         if rule.startswith("kth-"):
@@ -183,17 +247,34 @@ def retrained_cases(pair: Any, seeds: int) -> list[dict[str, Any]]:
     return cases
 
 
+PROJECTED: dict[tuple[str, str], np.ndarray] = {}  # (pair, space): the pair's bank in it
+
+
+def projected_bank(pair: Any, space: str, path: Path) -> np.ndarray:
+    if (pair.name, space) not in PROJECTED:
+        PROJECTED[pair.name, space] = project(pair.bank, space, path)
+    return PROJECTED[pair.name, space]
+
+
 def run_rule(
-    pair: Any, rule: str, strength: float, cases: list[dict[str, Any]]
+    pair: Any, rule: str, strength: float, cases: list[dict[str, Any]], imagenet: Path
 ) -> list[dict[str, Any]]:
     replay = load_replay(pair.base)
     assert replay is not None
+    bank = pair.bank
+    space = imagenet_rule(rule)[0] if rule.startswith("imagenet-") else None
+    if space is not None:
+        bank = projected_bank(pair, space, imagenet)
+        replay = (project(replay[0], space, imagenet), replay[1], replay[2])
     runs = []
     for case in cases:
         d = case["d"]
+        rows = case["rows"] if space is None else project(case["rows"], space, imagenet)
 
-        def predict(which: np.ndarray, case: dict[str, Any] = case) -> np.ndarray:
-            x, rows, classes, n = pair.bank[which], case["rows"], case["classes"], case["n"]
+        def predict(
+            which: np.ndarray, case: dict[str, Any] = case, rows: np.ndarray = rows
+        ) -> np.ndarray:
+            x, classes, n = bank[which], case["classes"], case["n"]
             added = bonus(rule, x, rows, classes, n, strength, replay)
             return (case["logits"][which] + added).argmax(axis=1)  # type: ignore[no-any-return]
 
@@ -243,7 +324,15 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (--retrained)")
     parser.add_argument("--rules", default=",".join(RULES), help="comma-separated rules")
+    parser.add_argument(
+        "--pairs", default="tuning,report", help="'tuning' alone: fix a choice before the report"
+    )
+    parser.add_argument(
+        "--imagenet", type=Path, default=IMAGENET, help="the stock model (imagenet-S rules)"
+    )
     args = parser.parse_args()
+    if "tuning" not in args.pairs.split(","):
+        raise SystemExit("--pairs: the tuning pair chooses each rule's strength; name it")
     if not args.retrained:
         args.seeds = 1
     args.skip_current = not args.retrained  # setup_pair: one store per seed when retraining
@@ -252,20 +341,26 @@ def main() -> None:
     results: dict[str, Any] = {}
     for pair in heads_eval.pairs_of(args):
         name = pair.name
+        if name not in args.pairs.split(","):
+            continue
         heads_eval.setup_pair(pair, args, far)
         t = time.perf_counter()
         cases = retrained_cases(pair, args.seeds) if args.retrained else base_cases(pair)
         print(f"[{name}] {len(cases)} cases in {time.perf_counter() - t:.0f} s", flush=True)
         for rule in args.rules.split(","):
             if name == "tuning":
-                curve = {s: summary(run_rule(pair, rule, s, cases)) for s in STRENGTHS}
+                curve = {
+                    s: summary(run_rule(pair, rule, s, cases, args.imagenet)) for s in STRENGTHS
+                }
                 weakest = curve[STRENGTHS[0]]
                 fine = [s for s in STRENGTHS if allowed(curve[s], weakest)] or [STRENGTHS[0]]
                 chosen = max(fine, key=lambda s: mean_recall(curve[s]))
                 results[rule] = {"tuning_curve": curve, "strength": chosen, "allowed": fine}
             chosen = results[rule]["strength"]
-            results[rule][name] = summary(run_rule(pair, rule, chosen, cases))
-            results[rule][f"{name}@{SHIPPED:g}"] = summary(run_rule(pair, rule, SHIPPED, cases))
+            results[rule][name] = summary(run_rule(pair, rule, chosen, cases, args.imagenet))
+            results[rule][f"{name}@{SHIPPED:g}"] = summary(
+                run_rule(pair, rule, SHIPPED, cases, args.imagenet)
+            )
             print(f"[{name}] {rule} strength {chosen}", flush=True)
     results["seconds"] = time.perf_counter() - started
     write(args, results)
@@ -291,6 +386,12 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         f"--report-base {args.report_base}"
         + (f" --retrained --seeds {args.seeds}" if args.retrained else "")
         + (f" --rules {args.rules}" if args.rules != ",".join(RULES) else "")
+        + (f" --pairs {args.pairs}" if args.pairs != "tuning,report" else "")
+        + (
+            f" --imagenet {args.imagenet}"
+            if any(r.startswith("imagenet-") for r in args.rules.split(","))
+            else ""
+        )
         + f" --out {args.out}` in {results['seconds']:.0f} s; the protocol is in the "
         "script's docstring ("
         + (
@@ -324,7 +425,7 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "(pt) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for pair in ("tuning", "report"):
+    for pair in args.pairs.split(","):
         for key, what in ((f"{pair}@{SHIPPED:g}", "default"), (pair, "chosen")):
             for rule in rules:
                 strength = SHIPPED if what == "default" else results[rule]["strength"]
