@@ -328,7 +328,10 @@ def main() -> None:
         "--pairs", default="tuning,report", help="'tuning' alone: fix a choice before the report"
     )
     parser.add_argument(
-        "--imagenet", type=Path, default=IMAGENET, help="the stock model (imagenet-S rules)"
+        "--imagenet",
+        type=Path,
+        default=IMAGENET,
+        help="the stock Lite0 model with its logits (imagenet-S rules; scripts/export_lite.py)",
     )
     args = parser.parse_args()
     if "tuning" not in args.pairs.split(","):
