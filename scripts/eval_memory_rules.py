@@ -32,9 +32,18 @@ input is close to one of the user's examples of that class. The rules differ in 
   S: `logit` z; `logprob` log-softmax(z) centred per row (the log-sum-exp cancels, so
   z - mean(z)); `prob` softmax(z); `hellinger` sqrt(softmax(z)) (cosine = the Bhattacharyya
   coefficient). All are a Gemm and a few elementwise ops in front of the memory's graph.
+- `embed-S`: `radius` (threshold 0.4) in another embedding of the same frozen network,
+  for the memory only (the head still reads its 1280-d input): S one of
+  scripts/eval_memory_embeddings.py's spaces (e.g. `cat320-192-112`: the L2-normalised
+  average pools of the last feature map and of the 320-, 192- and 112-channel stage
+  outputs, concatenated). Every bank row (replay rows, photos, the user's views) is
+  embedded again through the base's ONNX model with those maps as extra outputs, from
+  the library's own pixels (imaging.load, imaging.augmented_views with the embedder's
+  seed), and checked against the bank's head inputs; a case's memory rows are found
+  among its draw's view rows by their head inputs.
 
 `--rules` runs some of them (results/memory-rules-centred.md: radius and centred-T;
-any `kth-N`, `centred-T` or `imagenet-S[-T]` may be named). `--pairs tuning` runs the
+any `kth-N`, `centred-T`, `imagenet-S[-T]` or `embed-S` may be named). `--pairs tuning` runs the
 tuning pair alone (to fix a choice before the report pair is looked at).
 
 Protocol: eval_heads.py's pairs, scenarios and draws (its `setup_pair`: the same photos,
@@ -76,6 +85,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import eval_heads as heads_eval  # type: ignore[import-not-found]  # noqa: E402
+import eval_memory_embeddings as embeddings  # type: ignore[import-not-found]  # noqa: E402
 from eval_dishes import report_dishes  # type: ignore[import-not-found]  # noqa: E402
 from eval_personalization import ours  # type: ignore[import-not-found]  # noqa: E402
 
@@ -166,6 +176,9 @@ def bonus(
     the library's rule with each row's N-th highest similarity to the replay rows of
     other classes in place of the highest; `imagenet-S[-T]` the library's rule with
     threshold T on x, rows and replay already projected (run_rule)."""
+    if rule.startswith("embed-"):
+        memory = build_memory(rows, classes, THRESHOLD, replay)
+        return memory_bonus(x, memory, num_classes, strength)
     if rule.startswith("imagenet-"):
         memory = build_memory(rows, classes, imagenet_rule(rule)[1], replay)
         return memory_bonus(x, memory, num_classes, strength)
@@ -256,6 +269,79 @@ def projected_bank(pair: Any, space: str, path: Path) -> np.ndarray:
     return PROJECTED[pair.name, space]
 
 
+EMBEDDED: dict[str, dict[str, np.ndarray]] = {}  # pair: its bank's pooled maps
+
+
+def embedded_bank(pair: Any, name: str) -> np.ndarray:
+    """The pair's bank in space `name` (eval_memory_embeddings.space), row for row."""
+    if pair.name not in EMBEDDED:
+        EMBEDDED[pair.name] = pooled_bank(pair)
+    return embeddings.space(EMBEDDED[pair.name], name)  # type: ignore[no-any-return]
+
+
+def pooled_bank(pair: Any) -> dict[str, np.ndarray]:
+    """The pooled maps of every bank row, from the library's pixels, checked against the
+    bank's head inputs (the `avg` pool is the head input)."""
+    from healthyluncher import imaging
+    from healthyluncher.photos import digest_of, read_bytes
+    from healthyluncher.records import BUNDLED_MODEL
+
+    t = time.perf_counter()
+    prep = pair.base.meta.preprocessing
+    sess = embeddings.session(pair.base_dir / BUNDLED_MODEL)
+    n = len(pair.bank)
+    out: dict[str, np.ndarray] = {}
+
+    def put(at: np.ndarray, got: dict[str, np.ndarray]) -> None:
+        for k, v in got.items():
+            out.setdefault(k, np.full((n, v.shape[1]), np.nan, np.float32))[at] = v
+
+    paths = sorted(pair.index, key=pair.index.get)
+    rows = np.array([pair.index[p] for p in paths])
+    put(rows, embeddings.embed(sess, [Path(p) for p in paths], prep, None))
+    # The replay set: its full-size rows are photos of the bank; its thumbnails again.
+    half = len(pair.replay_rows) // 2
+    cos = unit(pair.bank[:half]) @ unit(pair.bank[rows]).T
+    assert cos.max(axis=1).min() >= 0.9999, "replay rows that are no photo of the bank"
+    match = rows[cos.argmax(axis=1)]
+    put(np.arange(half), {k: v[match] for k, v in out.items()})
+    photo_of = {r: p for p, r in pair.index.items()}
+    small = [Path(photo_of[int(r)]) for r in match]
+    put(np.arange(half, 2 * half), embeddings.embed(sess, small, prep, embeddings.SMALL))
+    # The drawn photos' augmented views, as the embedder makes them.
+    done: set[int] = set()
+    for d in pair.draws:
+        views = len(d["view_rows"]) // len(d["photos"])
+        for j, photo in enumerate(d["photos"]):
+            start = int(d["view_rows"][j * views])
+            if start in done:
+                continue
+            done.add(start)
+            data = read_bytes(photo)
+            image = imaging.decode(data, prep, name=str(photo))
+            seed = int(digest_of(data)[:8], 16)
+            pixels = imaging.augmented_views(image, prep, views, seed)
+            put(np.arange(start, start + views), embeddings.pooled(sess, pixels))
+    assert not np.isnan(out["avg"]).any(), "bank rows left without an embedding"
+    worst = float(np.min(np.sum(unit(out["avg"]) * unit(pair.bank), axis=1)))
+    diff = float(np.abs(out["avg"] - pair.bank.reshape(n, -1)).max())
+    print(f"[{pair.name}] {n} bank rows embedded again in {time.perf_counter() - t:.0f} s: "
+          f"avg against the head inputs, lowest cosine {worst:.6f}, max |diff| {diff:.1e}",
+          flush=True)  # fmt: skip
+    if worst < 0.9999:
+        raise SystemExit(f"[{pair.name}] the pooled maps do not match the head inputs")
+    return out
+
+
+def memory_bank_rows(pair: Any, case: dict[str, Any]) -> np.ndarray:
+    """The bank rows of a case's memory rows: among its draw's view rows, by head input."""
+    candidates = case["d"]["view_rows"]
+    cos = unit(case["rows"]) @ unit(pair.bank[candidates]).T
+    if cos.max(axis=1).min() < 0.9999:
+        raise SystemExit("a memory row is none of its draw's views")
+    return candidates[cos.argmax(axis=1)]  # type: ignore[no-any-return]
+
+
 def run_rule(
     pair: Any, rule: str, strength: float, cases: list[dict[str, Any]], imagenet: Path
 ) -> list[dict[str, Any]]:
@@ -266,10 +352,16 @@ def run_rule(
     if space is not None:
         bank = projected_bank(pair, space, imagenet)
         replay = (project(replay[0], space, imagenet), replay[1], replay[2])
+    embedded = rule.removeprefix("embed-") if rule.startswith("embed-") else None
+    if embedded is not None:
+        bank = embedded_bank(pair, embedded)
+        replay = (bank[pair.replay_rows], replay[1], replay[2])
     runs = []
     for case in cases:
         d = case["d"]
         rows = case["rows"] if space is None else project(case["rows"], space, imagenet)
+        if embedded is not None:
+            rows = bank[memory_bank_rows(pair, case)]
 
         def predict(
             which: np.ndarray, case: dict[str, Any] = case, rows: np.ndarray = rows
