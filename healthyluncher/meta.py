@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.settings import Hyperparameters, Preprocessing
+from healthyluncher.settings import Hyperparameters, Preprocessing, is_finite_number
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # Longest label kept: a name, not a sentence.
@@ -154,7 +154,7 @@ class PersonalMeta:
         if not isinstance(counts, dict):
             raise LuncherError("meta.json: examples_per_label must be an object")
         loss = data.get("final_loss", float("nan"))
-        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        if loss is not None and not (is_finite_number(loss) or isinstance(loss, float)):
             raise LuncherError("meta.json: final_loss must be a number")
         return cls(
             base_sha256=_digest(data, "base_sha256"),

@@ -10,7 +10,7 @@ import numpy as np
 
 from healthyluncher import graph
 from healthyluncher.errors import LuncherError
-from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, is_finite_number
 
 # Pixel normalizations by name, in 0..255 units: (mean, std) per channel.
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -115,8 +115,8 @@ def model_inputs(
 def _per_channel(name: str, values: Any, channels: int) -> tuple[float, ...]:
     if not isinstance(values, (list, tuple)) or len(values) not in (1, channels, 3):
         raise LuncherError(f"{name} needs {channels} values (or 1), got {values!r}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise LuncherError(f"{name} values must be numbers, got {values!r}")
+    if not all(is_finite_number(v) for v in values):
+        raise LuncherError(f"{name} values must be finite numbers, got {values!r:.80}")
     floats = tuple(float(v) for v in values)
     return floats * 3 if len(floats) == 1 else floats
 
