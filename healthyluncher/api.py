@@ -338,6 +338,8 @@ def make_updatable(
     from healthyluncher.bases import UpdatableOptions
     from healthyluncher.bases import make_updatable as build
 
+    if isinstance(labels, str):
+        raise LuncherError(f"labels must be a list of names, not the string {labels!r:.80}")
     options = UpdatableOptions(
         labels=tuple(labels) if labels is not None else None,
         trainable_layers=trainable_layers,

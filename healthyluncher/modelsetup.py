@@ -10,6 +10,7 @@ import numpy as np
 
 from healthyluncher import graph
 from healthyluncher.errors import LuncherError
+from healthyluncher.meta import check_label
 from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, is_finite_number
 
 # Pixel normalizations by name, in 0..255 units: (mean, std) per channel.
@@ -36,7 +37,8 @@ class Inputs:
 
 
 def model_labels(given: Sequence[str] | None, analysis: graph.Analysis) -> tuple[str, ...]:
-    labels = list(given) if given else graph.metadata_labels(analysis.metadata)
+    # Checked as every later read of meta.json checks them, so that none is refused there.
+    labels = [check_label(v) for v in given] if given else graph.metadata_labels(analysis.metadata)
     if not labels:
         raise LuncherError(
             f"the model does not name its {analysis.num_classes} classes; give them with "

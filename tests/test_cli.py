@@ -231,6 +231,27 @@ def test_refuses_a_label_count_that_does_not_match(run, pt_model):
     one_line_error(run("make-updatable", pt_model, "--labels", "a,b,c"), "3 labels", "2 outputs")
 
 
+@pytest.mark.parametrize("labels", ["a\x1b[31m,b", "x" * 65 + ",b", "a, a"])
+def test_labels_given_are_checked_before_they_become_a_base(run, pt_model, photos, labels):
+    """A label that every later read of meta.json refuses must not be written there: it
+    left a models directory where no command, make-updatable --force included, worked."""
+    one_line_error(run("make-updatable", pt_model, "--labels", labels), "label")
+    assert run("make-updatable", pt_model).code == 0
+    assert run("predict", photos["red"][0]).code == 0
+
+
+def test_the_api_checks_the_labels_it_is_given(pt_model, models_dir):
+    import healthyluncher
+
+    for labels, words in ((["a", 2], "must be text"), ("healthy,fast_food", "list")):
+        with pytest.raises(healthyluncher.LuncherError, match=words):
+            healthyluncher.make_updatable(pt_model, labels=labels, force=True)  # type: ignore[arg-type]
+    assert healthyluncher.make_updatable(pt_model, force=True).meta.labels == (
+        "healthy",
+        "fast_food",
+    )
+
+
 def test_refuses_a_model_without_labels(run, tmp_path):
     model = pytorch_style(tmp_path / "nolabels.onnx", labels=None)
     one_line_error(run("make-updatable", model), "--labels")
