@@ -175,6 +175,10 @@ def _image_input(value: onnx.ValueInfoProto) -> ImageInput:
             f"input {value.name!r} is not an image: expected float32 with 4 dimensions, "
             f"got {kind.lower()} with shape {dims}"
         )
+    if any(d is not None and d < 1 for d in dims):
+        raise LuncherError(
+            f"input {value.name!r} with shape {dims} is not an image: a size below 1"
+        )
     layout: Layout
     if dims[1] in (1, 3):
         layout, channels, height, width = "NCHW", dims[1], dims[2], dims[3]

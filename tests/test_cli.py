@@ -203,6 +203,17 @@ def test_refuses_a_model_without_image_input(run, tmp_path):
     )
 
 
+@pytest.mark.parametrize("side", [0, -5])
+def test_refuses_an_image_input_with_a_side_of_zero_or_less(run, pt_model, side):
+    model = onnx.load(str(pt_model))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_value = dims[3].dim_value = side
+    onnx.save(model, str(pt_model))
+    # It was ONNX Runtime's "Got invalid dimensions" (0) or "--resize -6 is smaller" (-5).
+    line = one_line_error(run("make-updatable", pt_model), "not an image", f"{side}")
+    assert "resize" not in line
+
+
 def test_refuses_several_inputs(run, tmp_path):
     w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
     graph = helper.make_graph(
