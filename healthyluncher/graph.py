@@ -313,8 +313,13 @@ def split(model: onnx.ModelProto, analysis: Analysis, trainable_layers: int) -> 
 
 
 def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
-    extractor = onnx.utils.Extractor(model)
-    part = extractor.extract_model(inputs, outputs)
+    try:
+        part = onnx.utils.Extractor(model).extract_model(inputs, outputs)
+    except ValueError:  # a tensor there has no inferred type
+        raise LuncherError(
+            f"cannot cut the model at {inputs[0]!r}: onnx cannot infer the shapes there (an "
+            f"op of another domain, or one onnx cannot infer at opset {default_opset(model)})"
+        ) from None
     part.ir_version = model.ir_version
     del part.metadata_props[:]
     return part

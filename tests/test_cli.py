@@ -214,6 +214,19 @@ def test_refuses_an_image_input_with_a_side_of_zero_or_less(run, pt_model, side)
     assert "resize" not in line
 
 
+@pytest.mark.parametrize("change", ["custom domain", "opset 1"])
+def test_an_op_onnx_cannot_infer_is_one_line(run, pt_model, change):
+    model = onnx.load(str(pt_model))
+    if change == "custom domain":
+        model.opset_import.add(domain="com.example", version=1)
+        model.graph.node[1].domain = "com.example"  # relu1: an op only its vendor knows
+    else:
+        model.opset_import[0].version = 1
+    onnx.save(model, str(pt_model))
+    # It was "unexpected ValueError: The following names were not found in value_infos".
+    one_line_error(run("make-updatable", pt_model), "cannot cut the model", "infer")
+
+
 def test_refuses_several_inputs(run, tmp_path):
     w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
     graph = helper.make_graph(
