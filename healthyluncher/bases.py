@@ -29,7 +29,7 @@ from healthyluncher.headfit import (
 from healthyluncher.heads import build_template, write_back
 from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import BaseMeta, LayerInfo
-from healthyluncher.modelsetup import dummy_input, model_inputs, model_labels
+from healthyluncher.modelsetup import dummy_input, model_inputs, model_labels, refuse_non_finite
 from healthyluncher.personal import publish_personal
 from healthyluncher.precision import float32_head, scale_tensor
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
@@ -257,9 +257,8 @@ def _build(
             write_back(target, params)
     model_bytes = model.SerializeToString()
     # Fail now, with a clear message, on anything ONNX Runtime cannot run.
-    full_session = inference_session(model_bytes)
     sample = dummy_input(analysis, prep)
-    full_session.run(None, {analysis.input.name: sample})
+    refuse_non_finite(inference_session(model_bytes).run(None, {analysis.input.name: sample}))
     frozen = cut.frozen
     identity = hashlib.sha256(raw)
     if report is not None:

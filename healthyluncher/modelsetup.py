@@ -130,3 +130,13 @@ def dummy_input(analysis: graph.Analysis, prep: Preprocessing) -> np.ndarray:
     else:
         shape = (batch, prep.height, prep.width, prep.channels)
     return np.zeros(shape, np.float32)
+
+
+def refuse_non_finite(outputs: Sequence[Any]) -> None:
+    """The model's outputs for `dummy_input` must be numbers: NaN or infinite weights (or
+    weights whose products overflow float32) would predict nothing and train to NaN."""
+    if not all(np.isfinite(np.asarray(output, np.float64)).all() for output in outputs):
+        raise LuncherError(
+            "the model outputs NaN or infinity for a plain photo: its weights are NaN or "
+            "infinite, or so large that float32 overflows"
+        )

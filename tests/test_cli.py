@@ -227,6 +227,21 @@ def test_an_op_onnx_cannot_infer_is_one_line(run, pt_model, change):
     one_line_error(run("make-updatable", pt_model), "cannot cut the model", "infer")
 
 
+@pytest.mark.parametrize(
+    ("tensor", "value"), [("fc.weight", np.nan), ("conv1.weight", np.inf), ("conv2.bias", 3e38)]
+)
+def test_a_model_whose_output_is_not_finite_is_refused(run, pt_model, photos, tensor, value):
+    model = onnx.load(str(pt_model))
+    for init in model.graph.initializer:
+        if init.name == tensor:
+            weights = numpy_helper.to_array(init).copy()
+            weights.flat[0] = value  # 3e38 is finite, but the logits overflow float32
+            init.CopyFrom(numpy_helper.from_array(weights, tensor))
+    onnx.save(model, str(pt_model))
+    # It became a base that predicted null probabilities with exit code 0.
+    one_line_error(run("make-updatable", pt_model), "NaN or infinity")
+
+
 def test_refuses_several_inputs(run, tmp_path):
     w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
     graph = helper.make_graph(
