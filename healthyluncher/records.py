@@ -14,7 +14,7 @@ import numpy as np
 from healthyluncher import segments
 from healthyluncher.errors import DamagedError, LuncherError
 from healthyluncher.fileio import read_json
-from healthyluncher.meta import BaseMeta, PersonalMeta
+from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
 
@@ -131,9 +131,16 @@ def load_examples(
                 names = data["segments"]
                 inputs = segments.load_views(personal.path.parent / segments.FOLDER, origin, names)
                 segment_names = tuple(str(name) for name in names)
-            owner = data["owner"].astype(np.int64)
-            digests = tuple(str(d) for d in data["digests"])
-            labels = tuple(str(label) for label in data["labels"])
+            owner, digests, labels = data["owner"], data["digests"], data["labels"]
+        # A digest names a thumbnail file (a forget deletes it), a label picks a class.
+        if owner.dtype.kind not in "iu" or digests.ndim != 1 or labels.ndim != 1:
+            raise ValueError("its owners, digests or labels are not lists of their type")
+        owner = owner.astype(np.int64)
+        digests, labels = tuple(map(str, digests)), tuple(map(str, labels))
+        if not all(SHA256.fullmatch(d) for d in digests):
+            raise ValueError("a digest is not a sha256")
+        if not set(labels) <= set(personal.meta.labels):
+            raise ValueError("a label is not one of the model's")
         if owner.shape != (len(inputs),) or len(labels) != len(digests):
             raise ValueError("its arrays differ in length")
         if len(owner) and (owner.min() < 0 or owner.max() >= len(digests)):
