@@ -681,7 +681,7 @@ def test_views_follow_the_budget_and_photos_keep_the_views_they_got(
     assert all(after[str(p)]["healthy"] > 0.5 for p in photos["green"]), after
 
 
-@pytest.mark.parametrize("scores", ["kept", "damaged", "missing"])
+@pytest.mark.parametrize("scores", ["kept", "damaged", "missing", "0-d digests", "NaN", "text"])
 def test_before_of_a_retrain_is_what_the_last_retrain_said_after(
     run, pt_model, photos, models_dir, scores
 ):
@@ -695,6 +695,15 @@ def test_before_of_a_retrain_is_what_the_last_retrain_said_after(
         (personal / Files.SCORES).write_bytes(b"PK\x03\x04 torn")
     elif scores == "missing":
         (personal / Files.SCORES).unlink()
+    elif scores != "kept":  # arrays of the wrong kind: "0-d digests" was a TypeError
+        with np.load(personal / Files.SCORES) as data:
+            arrays = {name: data[name] for name in data.files}
+        if scores == "0-d digests":
+            arrays["digests"] = arrays["digests"][0]
+        else:
+            probs = arrays["probabilities"]
+            arrays["probabilities"] = probs * np.nan if scores == "NaN" else probs.astype(str)
+        np.savez(personal / Files.SCORES, **arrays)
     again = run("retrain", "--label", "fast_food", "--json", *photos["red"])
     assert again.code == 0, again
     after = {p["path"]: p["after"] for p in first.json_lines()[0]["photos"]}
