@@ -76,6 +76,31 @@ def test_bad_inputs_are_luncher_errors(lun, tmp_path):
     assert isinstance(failures[0], healthyluncher.ImageFailure)
 
 
+def test_arguments_of_the_wrong_type_are_luncher_errors(lun, photos, pt_model):
+    """None or a number where a path or photos belong: a TypeError from deep inside
+    before ("'NoneType' object is not iterable", "expected str, bytes or os.PathLike")."""
+    calls = {
+        "photos must be": [
+            lambda: lun.predict(None),  # type: ignore[arg-type]
+            lambda: lun.retrain("healthy", 42),  # type: ignore[arg-type]
+            lambda: lun.forget(None),  # type: ignore[arg-type]
+        ],
+        "path must be a path": [
+            lambda: lun.export_backup(None),  # type: ignore[arg-type]
+            lambda: lun.import_backup(3),  # type: ignore[arg-type]
+        ],
+        "model must be a path": [lambda: healthyluncher.make_updatable(None)],  # type: ignore[arg-type]
+        "examples must be a path": [
+            lambda: healthyluncher.make_updatable(pt_model, examples=3)  # type: ignore[arg-type]
+        ],
+    }
+    for words, operations in calls.items():
+        for operation in operations:
+            with pytest.raises(LuncherError, match=words):
+                operation()
+    assert lun.predict(photos["red"][0])[0].label in lun.labels
+
+
 def test_retrain_needs_new_label_for_an_unknown_label(lun, photos):
     with pytest.raises(LuncherError, match="new_label=True"):
         lun.retrain("dessert", photos["red"])
