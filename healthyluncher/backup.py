@@ -35,7 +35,15 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, fsync_dir
 from healthyluncher.personal import publish_personal, render_personal
-from healthyluncher.records import Base, load_base, load_examples, load_personal, save_examples
+from healthyluncher.records import (
+    GO_BACK,
+    Base,
+    load_base,
+    load_examples,
+    load_personal,
+    load_weights,
+    save_examples,
+)
 from healthyluncher.store import Files, ModelStore, Transaction
 from healthyluncher.version import __version__
 
@@ -86,6 +94,8 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
         personal = load_personal(store, state)
         if personal is None:
             raise _nothing_to_export()
+        if set(load_weights(personal)) != set(base.meta.trainable_params):  # else unimportable
+            raise LuncherError(f"{personal.path / Files.WEIGHTS} is damaged; {GO_BACK}")
         examples = load_examples(personal, ())
         # The archive's examples.npz holds the views itself (the models directory's
         # shared segments stay behind).

@@ -205,6 +205,10 @@ def load_weights(personal: Personal) -> dict[str, np.ndarray]:
     path = personal.path / Files.WEIGHTS
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+            weights = {name: data[name] for name in data.files}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise LuncherError(f"{path} is damaged ({exc}); {GO_BACK}") from None
+    # A rename publishes these as they are, and an export writes them.
+    if not all(w.dtype == np.float32 and np.isfinite(w).all() for w in weights.values()):
+        raise LuncherError(f"{path} is damaged (weights not finite float32); {GO_BACK}")
+    return weights
