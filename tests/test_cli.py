@@ -402,6 +402,13 @@ def test_usage_errors_exit_2(run):
     assert run("make-updatable", "m.onnx", "--trainable-layers", "0").code == 2
 
 
+def test_a_name_too_long_for_the_file_system_is_one_line(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    result = run("predict", "x" * 300, photos["red"][0])
+    one_line_error(result, "cannot read", "too long")  # was "unexpected OSError"
+    assert "fast_food" in result.stdout
+
+
 @pytest.mark.parametrize("command", ["make-updatable", "predict", "retrain", "reset", "status"])
 def test_every_command_has_help_with_an_example(run, command):
     for flag in ("--help", "-h"):
