@@ -375,6 +375,8 @@ def _sources(photos: Any) -> list[PhotoSource]:
     items = [photos] if _is_single(photos) else list(photos)
     sources: list[PhotoSource] = []
     for index, item in enumerate(items):
+        if isinstance(item, str) and not item:  # Path("") would be the current directory
+            raise LuncherError(f"photo {index} is an empty path")
         if isinstance(item, (str, os.PathLike)):
             sources.append(Path(item))
         else:

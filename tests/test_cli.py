@@ -402,6 +402,24 @@ def test_usage_errors_exit_2(run):
     assert run("make-updatable", "m.onnx", "--trainable-layers", "0").code == 2
 
 
+def test_an_empty_photo_argument_is_refused_not_read_as_the_current_directory(
+    run, pt_model, photos, tmp_path, monkeypatch
+):
+    """`luncher forget "$PHOTO"` with PHOTO unset forgot every photo under the current
+    directory, and with them the undo history."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    monkeypatch.chdir(tmp_path)  # where the taught photos are
+    for command in (("forget",), ("predict",), ("retrain", "--label", "healthy")):
+        result = run(*command, "")
+        assert result.code == 2 and "an empty path" in result.stderr, result
+    import healthyluncher
+
+    with pytest.raises(healthyluncher.LuncherError, match="empty path"):
+        healthyluncher.open().forget("")
+    assert json.loads(run("status", "--json").stdout)["examples_per_label"] == {"fast_food": 3}
+
+
 def test_a_name_too_long_for_the_file_system_is_one_line(run, pt_model, photos):
     assert run("make-updatable", pt_model).code == 0
     result = run("predict", "x" * 300, photos["red"][0])
