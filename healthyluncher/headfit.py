@@ -93,6 +93,8 @@ def read_examples(directory: Path, balance_subfolders: bool = False) -> Labelled
         raise LuncherError(f"--examples {directory}: not a directory")
     folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     labels = tuple(check_label(folder.name) for folder in folders)
+    if len(set(labels)) != len(labels):  # "healthy" and "healthy ": one label once trimmed
+        raise LuncherError(f"--examples {directory}: two subfolders name the same label")
     photos: list[tuple[PhotoSource, int]] = []
     groups: list[str] = []
     for index, folder in enumerate(folders):

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
-from tests.conftest import needs_ort, one_line_error
+from tests.conftest import needs_ort, one_line_error, solid
 from tests.models import keras_style, pytorch_style
 
 
@@ -277,6 +277,16 @@ def test_labels_given_are_checked_before_they_become_a_base(run, pt_model, photo
     one_line_error(run("make-updatable", pt_model, "--labels", labels), "label")
     assert run("make-updatable", pt_model).code == 0
     assert run("predict", photos["red"][0]).code == 0
+
+
+def test_example_folders_that_name_one_label_twice_are_refused(run, pt_model, photos, tmp_path):
+    examples = tmp_path / "examples"
+    for name, kind in (("healthy", "red"), ("healthy ", "green")):
+        for photo in photos[kind]:
+            solid(examples / name / photo.name, (200, 40, 40) if kind == "red" else (40, 200, 40))
+    # It became a base labelled (healthy, healthy) that no command could load again.
+    one_line_error(run("make-updatable", pt_model, "--examples", examples), "same label")
+    assert run("make-updatable", pt_model).code == 0
 
 
 def test_the_api_checks_the_labels_it_is_given(pt_model, models_dir):
