@@ -113,7 +113,7 @@ def make_updatable(
         state = txn.state
         keep = bool(options.keep_personalization) and state.personal is not None
         existing_is_replaceable = True
-        if state.base is not None and not keep:
+        if state.base is not None and not keep and not options.force:  # even if damaged
             existing_is_replaceable = load_base(store, state).meta.bundled and not state.personal
         if not existing_is_replaceable and not options.force:
             raise LuncherError(

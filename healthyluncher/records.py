@@ -88,14 +88,17 @@ def load_base(store: ModelStore, state: State) -> Base:
     path = store.base_dir(state)
     if path is None:
         raise LuncherError("there is no base model yet: run 'luncher make-updatable MODEL.onnx'")
+    again = "run 'luncher make-updatable' again"
     try:
-        return Base(path, BaseMeta.from_json(read_json(path / Files.META)))
+        data = read_json(path / Files.META)
     except FileNotFoundError:
-        raise LuncherError(f"{path} is incomplete; run 'luncher make-updatable' again") from None
+        raise LuncherError(f"{path} is incomplete; {again}") from None
     except DamagedError as exc:
-        raise LuncherError(f"{exc}; run 'luncher make-updatable' again") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LuncherError(f"{path / Files.META} is damaged ({exc})") from None
+        raise LuncherError(f"{exc}; {again}") from None
+    try:  # a value the checks refuse is named with its file, like one that does not parse
+        return Base(path, BaseMeta.from_json(data))
+    except (LuncherError, KeyError, TypeError, ValueError) as exc:
+        raise LuncherError(f"{path / Files.META} is damaged ({exc}); {again}") from None
 
 
 def load_personal(store: ModelStore, state: State) -> Personal | None:
@@ -103,12 +106,14 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
     if path is None:
         return None
     try:
-        return Personal(path, PersonalMeta.from_json(read_json(path / Files.META)))
+        data = read_json(path / Files.META)
     except FileNotFoundError:
         raise LuncherError(f"{path} is incomplete; {GO_BACK}") from None
     except DamagedError as exc:
         raise LuncherError(f"{exc}; {GO_BACK}") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    try:
+        return Personal(path, PersonalMeta.from_json(data))
+    except (LuncherError, KeyError, TypeError, ValueError) as exc:
         raise LuncherError(f"{path / Files.META} is damaged ({exc}); {GO_BACK}") from None
 
 

@@ -676,6 +676,27 @@ def test_a_damaged_personal_copy_points_to_undo(run, pt_model, photos, models_di
     assert probabilities(run, *photos["red"]) == base
 
 
+@pytest.mark.parametrize("copy", ["base", "personal"])
+def test_a_meta_value_the_checks_refuse_names_its_file_and_the_way_out(
+    run, pt_model, photos, models_dir, copy
+):
+    """Duplicate labels in meta.json were a bare "labels must be unique", from every command,
+    make-updatable --force included: nothing said which file, nor how to get out."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    store = ModelStore(models_dir)
+    folder = store.base_dir() if copy == "base" else store.personal_dir()
+    assert folder is not None
+    meta = json.loads((folder / Files.META).read_text())
+    meta["labels"] = ["a", "a"]
+    (folder / Files.META).write_text(json.dumps(meta))
+    way_out = "make-updatable" if copy == "base" else "undo"
+    one_line_error(run("status"), str(folder / Files.META), "must be unique", way_out)
+    result = run("make-updatable", pt_model, "--force") if copy == "base" else run("undo")
+    assert result.code == 0, result
+    assert run("predict", photos["red"][0]).code == 0
+
+
 def test_damaged_examples_are_a_clear_error(run, pt_model, photos, models_dir):
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
