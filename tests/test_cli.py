@@ -177,6 +177,23 @@ def test_refuses_a_file_that_is_not_onnx(run, tmp_path):
     one_line_error(run("make-updatable", bogus), "not an ONNX model")
 
 
+@pytest.mark.parametrize("location", ["weights.data", "../outside.data"])
+def test_external_weights_that_cannot_be_read_are_named_not_called_not_onnx(
+    run, pt_model, tmp_path, location
+):
+    """A model copied without its external data file was "not an ONNX model (ValidationError)"."""
+    model = onnx.load(str(pt_model))
+    onnx.save(model, str(pt_model), save_as_external_data=True, size_threshold=0)
+    model = onnx.load(str(pt_model), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(pt_model))
+    line = one_line_error(run("make-updatable", pt_model), location)
+    assert "not an ONNX model" not in line
+
+
 def test_refuses_a_missing_file(run, tmp_path):
     one_line_error(run("make-updatable", tmp_path / "nope.onnx"), "no such file")
 
