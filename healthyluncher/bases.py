@@ -17,7 +17,7 @@ from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.examples import replay_weights
+from healthyluncher.examples import read_replay
 from healthyluncher.fileio import write_json
 from healthyluncher.headfit import (
     HeadReport,
@@ -400,13 +400,7 @@ def _head_batch_limit(head_bytes: bytes, split_sample: np.ndarray) -> int | None
 def _copy_replay(
     source: Path, target: Path, labels: tuple[str, ...], split_sample: np.ndarray
 ) -> int:
-    try:
-        with np.load(source, allow_pickle=False) as data:
-            inputs = data["inputs"].astype(np.float32)
-            replay_labels = [str(x) for x in data["labels"]]
-            replay_weights(data, len(inputs), source)
-    except (OSError, KeyError, ValueError) as exc:
-        raise LuncherError(f"{source}: not a replay set ({exc})") from None
+    inputs, replay_labels, _ = read_replay(source)
     if inputs.shape[1:] != split_sample.shape[1:]:
         raise LuncherError(
             f"{source}: replay inputs have shape {inputs.shape[1:]}, the head takes "
