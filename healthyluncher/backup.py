@@ -85,6 +85,10 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
         raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
     if target.exists() and not force:
         raise LuncherError(f"{target} already exists; use --force to replace it")
+    if target.exists() and not target.is_file():  # /dev/stdout, a pipe: never replaced
+        raise LuncherError(
+            f"{target} is not a regular file; give a file name such as backup.tar.gz"
+        )
     if store.current_state().personal is None:
         raise _nothing_to_export()
     # No writer may change the files while they are hashed and packed.
