@@ -181,6 +181,14 @@ def check_label(label: Any) -> str:
     return text
 
 
+def label_key(label: str) -> str:
+    """What two labels that look the same share: a composed é and an e with a combining
+    accent (a macOS folder name) are one label."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", label)
+
+
 def labels_of(values: Any) -> tuple[str, ...]:
     if not isinstance(values, list) or not values:
         raise LuncherError("labels must be a non-empty list")

@@ -15,7 +15,7 @@ from healthyluncher.embedder import Embedder
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import memory_plan, merge_examples, select_examples
-from healthyluncher.meta import check_label
+from healthyluncher.meta import check_label, label_key
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.records import Examples, load_base, load_examples, load_personal
@@ -115,6 +115,8 @@ def retrain(
         personal = load_personal(store, txn.state)
         check_trainable(base.meta, base.path)
         old_labels = personal.meta.labels if personal else base.meta.labels
+        # "café" typed (NFC) is the "café" of a macOS folder name (NFD), never a twin label.
+        label = next((k for k in old_labels if label_key(k) == label_key(label)), label)
         if label not in old_labels and not new_label:
             raise UnknownLabelError(label, old_labels)
         labels = old_labels if label in old_labels else (*old_labels, label)

@@ -296,14 +296,35 @@ def test_labels_given_are_checked_before_they_become_a_base(run, pt_model, photo
     assert run("predict", photos["red"][0]).code == 0
 
 
-def test_example_folders_that_name_one_label_twice_are_refused(run, pt_model, photos, tmp_path):
+# "café" as macOS writes folder names (e + a combining accent) and as a keyboard types it.
+CAFE_NFD, CAFE_NFC = "cafe\u0301", "caf\u00e9"
+
+
+@pytest.mark.parametrize("twin", [("healthy", "healthy "), (CAFE_NFD, CAFE_NFC)])
+def test_example_folders_that_name_one_label_twice_are_refused(
+    run, pt_model, photos, tmp_path, twin
+):
     examples = tmp_path / "examples"
-    for name, kind in (("healthy", "red"), ("healthy ", "green")):
+    for name, kind in zip(twin, ("red", "green"), strict=True):
         for photo in photos[kind]:
             solid(examples / name / photo.name, (200, 40, 40) if kind == "red" else (40, 200, 40))
     # It became a base labelled (healthy, healthy) that no command could load again.
     one_line_error(run("make-updatable", pt_model, "--examples", examples), "same label")
     assert run("make-updatable", pt_model).code == 0
+
+
+def test_a_label_typed_in_another_unicode_form_is_the_same_label(run, pt_model, photos, tmp_path):
+    """A café folder made on macOS and "café" typed in a terminal are one label: the
+    typed one was "not a label ... did you mean 'café'?", and a twin with --new-label."""
+    examples = tmp_path / "examples"
+    for name, kind in ((CAFE_NFD, "red"), ("other", "green")):
+        for photo in photos[kind]:
+            solid(examples / name / photo.name, (200, 40, 40) if kind == "red" else (40, 200, 40))
+    assert run("make-updatable", pt_model, "--examples", examples).code == 0
+    for extra in ((), ("--new-label",)):
+        result = run("retrain", "--label", CAFE_NFC, *extra, photos["red"][0])
+        assert result.code == 0, result
+    assert len(json.loads(run("status", "--json").stdout)["labels"]) == 2
 
 
 def test_the_api_checks_the_labels_it_is_given(pt_model, models_dir):
