@@ -10,7 +10,7 @@ import numpy as np
 
 from healthyluncher import graph
 from healthyluncher.errors import LuncherError
-from healthyluncher.meta import check_label
+from healthyluncher.meta import check_label, label_key
 from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, is_finite_number
 
 # Pixel normalizations by name, in 0..255 units: (mean, std) per channel.
@@ -51,7 +51,7 @@ def model_labels(given: Sequence[str] | None, analysis: graph.Analysis) -> tuple
             f"{analysis.num_classes} outputs; to give it a new head with your labels, use "
             "--examples DIR (one subfolder of photos per label)"
         )
-    if len(set(labels)) != len(labels) or any(not label for label in labels):
+    if len({label_key(x) for x in labels}) != len(labels) or any(not label for label in labels):
         raise LuncherError("labels must be unique and non-empty")
     return tuple(labels)
 

@@ -325,6 +325,10 @@ def test_a_label_typed_in_another_unicode_form_is_the_same_label(run, pt_model, 
         result = run("retrain", "--label", CAFE_NFC, *extra, photos["red"][0])
         assert result.code == 0, result
     assert len(json.loads(run("status", "--json").stdout)["labels"]) == 2
+    assert run("retrain", "--label", "dessert", "--new-label", photos["green"][0]).code == 0
+    one_line_error(run("labels", "rename", "dessert", CAFE_NFC), "already a label")
+    twins = run("make-updatable", pt_model, "--force", "--labels", f"{CAFE_NFD},{CAFE_NFC}")
+    one_line_error(twins, "unique")
 
 
 def test_the_api_checks_the_labels_it_is_given(pt_model, models_dir):
