@@ -301,6 +301,8 @@ def forget(
             digests = {
                 d for d, x in zip(examples.digests, examples.labels, strict=True) if x == label
             }
+            if label not in personal.meta.labels:  # a typo is not a label without examples
+                raise LuncherError(f"{label!r} is not a label ({', '.join(personal.meta.labels)})")
             if not digests:
                 raise LuncherError(f"there are no examples of {label!r}")
         keep = [i for i, digest in enumerate(examples.digests) if digest not in digests]
