@@ -337,6 +337,11 @@ def _build(
             calibration_photos=quantized.calibration_photos if quantized else 0,
             linear_head=linear.to_json() if linear is not None else None,
         )
+        try:  # what every later read would refuse (a control character in a name): not written
+            BaseMeta.from_json(meta.to_json())
+        except LuncherError as exc:
+            why = str(exc).removeprefix("meta.json: ")
+            raise LuncherError(f"{model_path} cannot be a base: {why}") from None
         prepare_head(meta, cut.head, staged / Files.ARTIFACTS, options.hyperparameters)
         template = build_template(
             full, cut.head, cut.trainable_params, cut.split_tensor, len(labels)

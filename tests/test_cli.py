@@ -259,6 +259,27 @@ def test_a_model_whose_output_is_not_finite_is_refused(run, pt_model, photos, te
     one_line_error(run("make-updatable", pt_model), "NaN or infinity")
 
 
+@pytest.mark.parametrize("oddity", ["node name", "input name", "file name", "batch 5000"])
+def test_a_model_whose_meta_json_would_be_refused_is_refused_first(
+    run, pt_model, photos, tmp_path, oddity
+):
+    """make-updatable wrote meta.json values its own reader refuses: every later command,
+    predict included, then failed on the new base."""
+    if oddity == "batch 5000":
+        pt_model = pytorch_style(tmp_path / "batch.onnx", batch=5000)
+    model = onnx.load(str(pt_model))
+    if oddity == "node name":
+        model.graph.node[0].name = "conv\n1"
+    elif oddity == "input name":
+        model.graph.input[0].name = model.graph.node[0].input[0] = "im\x07age"
+    elif oddity == "file name":
+        pt_model = tmp_path / "tiny\x1b.onnx"
+    onnx.save(model, str(pt_model))
+    one_line_error(run("make-updatable", pt_model), "cannot be a base")
+    assert run("predict", photos["red"][0]).code == 1  # still no base, not a damaged one
+    assert run("make-updatable", pytorch_style(tmp_path / "plain.onnx")).code == 0
+
+
 def test_refuses_several_inputs(run, tmp_path):
     w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
     graph = helper.make_graph(
