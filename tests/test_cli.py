@@ -834,6 +834,26 @@ def test_before_of_a_retrain_is_what_the_last_retrain_said_after(
         assert abs(photo["after"] - said[photo["path"]]["fast_food"]) < 1e-4
 
 
+@needs_ort
+@pytest.mark.parametrize("name", ["checkpoint", "training_model.onnx", "optimizer_model.onnx"])
+def test_damaged_training_artifacts_are_one_line_that_says_what_to_do(
+    run, pt_model, photos, models_dir, name
+):
+    """It was "unexpected RuntimeError: /onnxruntime_src/orttraining/...", C++ source text."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    before = probabilities(run, photos["red"][1])
+    base = ModelStore(models_dir).base_dir()
+    assert base is not None
+    (base / Files.ARTIFACTS / name).write_bytes(b"torn")
+    result = run("retrain", "--label", "fast_food", photos["red"][1])
+    one_line_error(result, "is damaged", "make-updatable")
+    assert "onnxruntime_src" not in result.stderr
+    assert probabilities(run, photos["red"][1]) == before
+    assert run("make-updatable", pt_model, "--keep-personalization").code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][1]).code == 0
+
+
 def test_a_damaged_base_weights_file_is_one_line_that_says_what_to_do(
     run, pt_model, photos, models_dir
 ):
