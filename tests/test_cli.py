@@ -854,6 +854,20 @@ def test_damaged_training_artifacts_are_one_line_that_says_what_to_do(
     assert run("retrain", "--label", "fast_food", photos["red"][1]).code == 0
 
 
+def test_a_damaged_frozen_part_says_what_to_do(run, pt_model, photos, models_dir):
+    """A retrain of a new photo runs the base's frozen.onnx: damaged, it was ONNX Runtime's
+    "INVALID_PROTOBUF" with no way out."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    base = ModelStore(models_dir).base_dir()
+    assert base is not None
+    (base / Files.FROZEN).write_bytes(b"torn")
+    result = run("retrain", "--label", "fast_food", photos["red"][1])
+    one_line_error(result, "base model", "damaged", "--keep-personalization")
+    assert run("make-updatable", pt_model, "--keep-personalization").code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][1]).code == 0
+
+
 def test_a_damaged_base_weights_file_is_one_line_that_says_what_to_do(
     run, pt_model, photos, models_dir
 ):
