@@ -673,7 +673,10 @@ def test_a_retrain_rewrites_the_small_graph_and_copies_the_frozen_weights(
             np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not an object", "names a stranger"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "not an object", "names a stranger", "empty object", "format a string"],
+)
 def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
     run, pt_model, photos, models_dir, damage
 ):
@@ -691,6 +694,8 @@ def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
             "truncated": "{ truncated",
             "not an object": "[1, 2]",
             "names a stranger": '{"format": 1, "base": "../../etc", "personal": null}',
+            "empty object": "{}",  # was "an unknown format; written by a newer luncher?"
+            "format a string": '{"format": "1", "base": null}',
         }[damage]
     )
     assert probabilities(run, *photos["red"], *photos["green"]) == personal
