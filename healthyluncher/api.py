@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -63,11 +63,7 @@ def open(  # noqa: A001
     >>> lun.predict(["lunch.jpg"])[0].label
     'healthy'
     """
-    if models_dir is not None and not isinstance(models_dir, (str, os.PathLike)):
-        raise LuncherError(
-            f"models_dir must be a path (str or os.PathLike), not {type(models_dir).__name__}"
-        )
-    root = resolve_models_dir(Path(models_dir) if models_dir is not None else None)
+    root = resolve_models_dir(None if models_dir is None else _path(models_dir, "models_dir"))
     return Luncher(root, on_wait=on_wait)
 
 
@@ -253,7 +249,7 @@ class Luncher:
         file is replaced only with `force`."""
         from healthyluncher.backup import export_backup
 
-        return self._run(export_backup, Path(path), force=force)
+        return self._run(export_backup, _path(path, "path"), force=force)
 
     def import_backup(
         self,
@@ -266,7 +262,8 @@ class Luncher:
         another base needs `rebuild=True`: its photos are embedded again and retrained."""
         from healthyluncher.backup import import_backup
 
-        return self._run(import_backup, Path(path), rebuild=rebuild, progress=progress)
+        source = _path(path, "path")
+        return self._run(import_backup, source, rebuild=rebuild, progress=progress)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -338,6 +335,8 @@ def make_updatable(
     from healthyluncher.bases import UpdatableOptions
     from healthyluncher.bases import make_updatable as build
 
+    if isinstance(labels, str):
+        raise LuncherError(f"labels must be a list of names, not the string {labels!r:.80}")
     options = UpdatableOptions(
         labels=tuple(labels) if labels is not None else None,
         trainable_layers=trainable_layers,
@@ -345,26 +344,39 @@ def make_updatable(
         mean=tuple(mean) if mean is not None else None,
         std=tuple(std) if std is not None else None,
         hyperparameters=hyperparameters or Hyperparameters(),
-        replay=Path(replay) if replay is not None else None,
+        replay=None if replay is None else _path(replay, "replay"),
         force=force or keep_personalization is False,
         keep_personalization=keep_personalization,
         int8=int8,
-        calibration=Path(calibration) if calibration is not None else None,
-        examples=Path(examples) if examples is not None else None,
+        calibration=None if calibration is None else _path(calibration, "calibration"),
+        examples=None if examples is None else _path(examples, "examples"),
         balance_subfolders=balance_subfolders,
         preprocessing=preprocessing,
         progress=progress,
     )
     lun = open(models_dir)
     with lun._lock, one_blas_thread():
-        return build(lun._store, Path(model), options)
+        return build(lun._store, _path(model, "model"), options)
+
+
+def _path(value: Any, name: str) -> Path:
+    """A path argument as a Path, or the one-line error a wrong type gets."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise LuncherError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}")
 
 
 def _sources(photos: Any) -> list[PhotoSource]:
     """Paths as Paths, in-memory images as lossless in-memory photos."""
+    if not _is_single(photos) and not isinstance(photos, Iterable):
+        raise LuncherError(
+            f"photos must be a path, an image or a list of them, not {type(photos).__name__}"
+        )
     items = [photos] if _is_single(photos) else list(photos)
     sources: list[PhotoSource] = []
     for index, item in enumerate(items):
+        if isinstance(item, str) and not item:  # Path("") would be the current directory
+            raise LuncherError(f"photo {index} is an empty path")
         if isinstance(item, (str, os.PathLike)):
             sources.append(Path(item))
         else:

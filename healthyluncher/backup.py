@@ -35,7 +35,15 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, fsync_dir
 from healthyluncher.personal import publish_personal, render_personal
-from healthyluncher.records import Base, load_base, load_examples, load_personal, save_examples
+from healthyluncher.records import (
+    GO_BACK,
+    Base,
+    load_base,
+    load_examples,
+    load_personal,
+    load_weights,
+    save_examples,
+)
 from healthyluncher.store import Files, ModelStore, Transaction
 from healthyluncher.version import __version__
 
@@ -77,6 +85,10 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
         raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
     if target.exists() and not force:
         raise LuncherError(f"{target} already exists; use --force to replace it")
+    if target.exists() and not target.is_file():  # /dev/stdout, a pipe: never replaced
+        raise LuncherError(
+            f"{target} is not a regular file; give a file name such as backup.tar.gz"
+        )
     if store.current_state().personal is None:
         raise _nothing_to_export()
     # No writer may change the files while they are hashed and packed.
@@ -86,6 +98,8 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
         personal = load_personal(store, state)
         if personal is None:
             raise _nothing_to_export()
+        if set(load_weights(personal)) != set(base.meta.trainable_params):  # else unimportable
+            raise LuncherError(f"{personal.path / Files.WEIGHTS} is damaged; {GO_BACK}")
         examples = load_examples(personal, ())
         # The archive's examples.npz holds the views itself (the models directory's
         # shared segments stay behind).

@@ -17,7 +17,7 @@ from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.examples import replay_weights
+from healthyluncher.examples import read_replay
 from healthyluncher.fileio import write_json
 from healthyluncher.headfit import (
     HeadReport,
@@ -29,7 +29,7 @@ from healthyluncher.headfit import (
 from healthyluncher.heads import build_template, write_back
 from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import BaseMeta, LayerInfo
-from healthyluncher.modelsetup import dummy_input, model_inputs, model_labels
+from healthyluncher.modelsetup import dummy_input, model_inputs, model_labels, refuse_non_finite
 from healthyluncher.personal import publish_personal
 from healthyluncher.precision import float32_head, scale_tensor
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
@@ -113,7 +113,7 @@ def make_updatable(
         state = txn.state
         keep = bool(options.keep_personalization) and state.personal is not None
         existing_is_replaceable = True
-        if state.base is not None and not keep:
+        if state.base is not None and not keep and not options.force:  # even if damaged
             existing_is_replaceable = load_base(store, state).meta.bundled and not state.personal
         if not existing_is_replaceable and not options.force:
             raise LuncherError(
@@ -257,9 +257,8 @@ def _build(
             write_back(target, params)
     model_bytes = model.SerializeToString()
     # Fail now, with a clear message, on anything ONNX Runtime cannot run.
-    full_session = inference_session(model_bytes)
     sample = dummy_input(analysis, prep)
-    full_session.run(None, {analysis.input.name: sample})
+    refuse_non_finite(inference_session(model_bytes).run(None, {analysis.input.name: sample}))
     frozen = cut.frozen
     identity = hashlib.sha256(raw)
     if report is not None:
@@ -338,6 +337,11 @@ def _build(
             calibration_photos=quantized.calibration_photos if quantized else 0,
             linear_head=linear.to_json() if linear is not None else None,
         )
+        try:  # what every later read would refuse (a control character in a name): not written
+            BaseMeta.from_json(meta.to_json())
+        except LuncherError as exc:
+            why = str(exc).removeprefix("meta.json: ")
+            raise LuncherError(f"{model_path} cannot be a base: {why}") from None
         prepare_head(meta, cut.head, staged / Files.ARTIFACTS, options.hyperparameters)
         template = build_template(
             full, cut.head, cut.trainable_params, cut.split_tensor, len(labels)
@@ -401,13 +405,7 @@ def _head_batch_limit(head_bytes: bytes, split_sample: np.ndarray) -> int | None
 def _copy_replay(
     source: Path, target: Path, labels: tuple[str, ...], split_sample: np.ndarray
 ) -> int:
-    try:
-        with np.load(source, allow_pickle=False) as data:
-            inputs = data["inputs"].astype(np.float32)
-            replay_labels = [str(x) for x in data["labels"]]
-            replay_weights(data, len(inputs), source)
-    except (OSError, KeyError, ValueError) as exc:
-        raise LuncherError(f"{source}: not a replay set ({exc})") from None
+    inputs, replay_labels, _ = read_replay(source)
     if inputs.shape[1:] != split_sample.shape[1:]:
         raise LuncherError(
             f"{source}: replay inputs have shape {inputs.shape[1:]}, the head takes "

@@ -29,10 +29,19 @@ from healthyluncher.cli_output import (
 )
 from healthyluncher.errors import LuncherError, UnknownLabelError
 
+
+def photo_path(text: str) -> Path:
+    # Path("") is the current directory: `luncher forget "$UNSET"` forgot every photo there.
+    if not text:
+        raise typer.BadParameter("an empty path (an unset variable?)")
+    return Path(text)
+
+
 PHOTOS = typer.Argument(
     help="Photos, or directories to search; - reads paths from standard input, one a line.",
     show_default=False,
     metavar="PHOTO_OR_DIR...",
+    parser=photo_path,
 )
 
 

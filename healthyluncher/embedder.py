@@ -172,7 +172,13 @@ class Embedder:
 
     def _ensure_session(self) -> None:
         if self._session is None and self.base.meta.has_frozen_part:
-            self._session = inference_session(self.base.path / Files.FROZEN)
+            try:
+                self._session = inference_session(self.base.path / Files.FROZEN)
+            except LuncherError as exc:  # as predict says of a damaged base model
+                raise LuncherError(
+                    f"the base model in {self.base.path} is damaged ({exc}); make it again "
+                    "with `luncher make-updatable MODEL.onnx --keep-personalization`"
+                ) from None
 
     def _run_frozen(self, batch: np.ndarray) -> np.ndarray:
         meta = self.base.meta

@@ -99,14 +99,26 @@ def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     path = base.path / Files.REPLAY
     if not path.is_file():
         return None
+    inputs, names, weights = read_replay(path)
     index = {label: i for i, label in enumerate(base.meta.labels)}
-    with np.load(path, allow_pickle=False) as data:
-        inputs = data["inputs"].astype(np.float32, copy=False)
-        return (
-            inputs,
-            np.array([index[str(label)] for label in data["labels"]], np.int64),
-            replay_weights(data, len(inputs), path),
-        )
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        raise LuncherError(f"{path}: replay labels {unknown} are not model labels")
+    return inputs, np.array([index[name] for name in names], np.int64), weights
+
+
+def read_replay(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """A replay file's head inputs, label names and weights, every value checked: it comes
+    from anywhere (--replay), and every retrain trains on it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            inputs, names = data["inputs"].astype(np.float32, copy=False), data["labels"]
+            weights = replay_weights(data, len(inputs), path)
+    except (OSError, KeyError, ValueError, TypeError) as exc:  # TypeError: a 0-d array
+        raise LuncherError(f"{path}: not a replay set ({exc})") from None
+    if names.shape != (len(inputs),) or inputs.ndim < 2 or not np.isfinite(inputs).all():
+        raise LuncherError(f"{path}: not a replay set (labels without inputs, or NaN inputs)")
+    return inputs, [str(name) for name in names], weights
 
 
 def replay_weights(data: Any, rows: int, source: Path) -> np.ndarray:

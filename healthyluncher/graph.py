@@ -83,8 +83,9 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise LuncherError(f"{path}: no such file")
     try:
         model = onnx.load(str(path))
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise LuncherError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    except Exception as exc:  # protobuf's DecodeError; onnx's on external data (missing...)
+        why = f"not an ONNX model ({type(exc).__name__})"
+        raise LuncherError(f"{path}: {exc if 'TensorProto' in str(exc) else why}") from None
     if not model.graph.node:
         raise LuncherError(f"{path}: not an ONNX model (the graph has no nodes)")
     return model
@@ -174,6 +175,10 @@ def _image_input(value: onnx.ValueInfoProto) -> ImageInput:
         raise LuncherError(
             f"input {value.name!r} is not an image: expected float32 with 4 dimensions, "
             f"got {kind.lower()} with shape {dims}"
+        )
+    if any(d is not None and d < 1 for d in dims):
+        raise LuncherError(
+            f"input {value.name!r} with shape {dims} is not an image: a size below 1"
         )
     layout: Layout
     if dims[1] in (1, 3):
@@ -309,8 +314,11 @@ def split(model: onnx.ModelProto, analysis: Analysis, trainable_layers: int) -> 
 
 
 def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
-    extractor = onnx.utils.Extractor(model)
-    part = extractor.extract_model(inputs, outputs)
+    try:
+        part = onnx.utils.Extractor(model).extract_model(inputs, outputs)
+    except ValueError:  # a tensor there has no inferred type: an op of another domain, say
+        why = f"onnx cannot infer shapes there (an op unknown at opset {default_opset(model)}?)"
+        raise LuncherError(f"cannot cut the model at {inputs[0]!r}: {why}") from None
     part.ir_version = model.ir_version
     del part.metadata_props[:]
     return part

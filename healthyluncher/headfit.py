@@ -24,7 +24,7 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.linearhead import linear_head_of
-from healthyluncher.meta import check_label
+from healthyluncher.meta import check_label, label_key
 from healthyluncher.photos import PhotoSource, find_images
 from healthyluncher.runtime import HeadRunner, inference_session, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
@@ -93,6 +93,8 @@ def read_examples(directory: Path, balance_subfolders: bool = False) -> Labelled
         raise LuncherError(f"--examples {directory}: not a directory")
     folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     labels = tuple(check_label(folder.name) for folder in folders)
+    if len({label_key(label) for label in labels}) != len(labels):  # "a", "a ", NFD "a"
+        raise LuncherError(f"--examples {directory}: two subfolders name the same label")
     photos: list[tuple[PhotoSource, int]] = []
     groups: list[str] = []
     for index, folder in enumerate(folders):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.settings import Hyperparameters, Preprocessing
+from healthyluncher.settings import Hyperparameters, Preprocessing, is_finite_number
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # Longest label kept: a name, not a sentence.
@@ -138,6 +138,11 @@ class PersonalMeta:
     # differ from `hyperparameters` (the settings later retrains start from).
     trained_with: Hyperparameters | None = None
 
+    @property
+    def used(self) -> Hyperparameters:
+        """The settings the training of this copy used."""
+        return self.trained_with or self.hyperparameters
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": 1,
@@ -159,7 +164,7 @@ class PersonalMeta:
             raise LuncherError("meta.json: examples_per_label must be an object")
         loss = data.get("final_loss", float("nan"))
         once = data.get("trained_with")
-        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        if loss is not None and not (is_finite_number(loss) or isinstance(loss, float)):
             raise LuncherError("meta.json: final_loss must be a number")
         return cls(
             base_sha256=_digest(data, "base_sha256"),
@@ -185,6 +190,14 @@ def check_label(label: Any) -> str:
             f"{label!r} is not a usable label: 1 to {MAX_LABEL} printable characters"
         )
     return text
+
+
+def label_key(label: str) -> str:
+    """What two labels that look the same share: a composed é and an e with a combining
+    accent (a macOS folder name) are one label."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", label)
 
 
 def labels_of(values: Any) -> tuple[str, ...]:

@@ -10,7 +10,8 @@ import numpy as np
 
 from healthyluncher import graph
 from healthyluncher.errors import LuncherError
-from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from healthyluncher.meta import check_label, label_key
+from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, is_finite_number
 
 # Pixel normalizations by name, in 0..255 units: (mean, std) per channel.
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -36,7 +37,8 @@ class Inputs:
 
 
 def model_labels(given: Sequence[str] | None, analysis: graph.Analysis) -> tuple[str, ...]:
-    labels = list(given) if given else graph.metadata_labels(analysis.metadata)
+    # Checked as every later read of meta.json checks them, so that none is refused there.
+    labels = [check_label(v) for v in given] if given else graph.metadata_labels(analysis.metadata)
     if not labels:
         raise LuncherError(
             f"the model does not name its {analysis.num_classes} classes; give them with "
@@ -49,7 +51,7 @@ def model_labels(given: Sequence[str] | None, analysis: graph.Analysis) -> tuple
             f"{analysis.num_classes} outputs; to give it a new head with your labels, use "
             "--examples DIR (one subfolder of photos per label)"
         )
-    if len(set(labels)) != len(labels) or any(not label for label in labels):
+    if len({label_key(x) for x in labels}) != len(labels) or any(not label for label in labels):
         raise LuncherError("labels must be unique and non-empty")
     return tuple(labels)
 
@@ -115,8 +117,8 @@ def model_inputs(
 def _per_channel(name: str, values: Any, channels: int) -> tuple[float, ...]:
     if not isinstance(values, (list, tuple)) or len(values) not in (1, channels, 3):
         raise LuncherError(f"{name} needs {channels} values (or 1), got {values!r}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise LuncherError(f"{name} values must be numbers, got {values!r}")
+    if not all(is_finite_number(v) for v in values):
+        raise LuncherError(f"{name} values must be finite numbers, got {values!r:.80}")
     floats = tuple(float(v) for v in values)
     return floats * 3 if len(floats) == 1 else floats
 
@@ -128,3 +130,13 @@ def dummy_input(analysis: graph.Analysis, prep: Preprocessing) -> np.ndarray:
     else:
         shape = (batch, prep.height, prep.width, prep.channels)
     return np.zeros(shape, np.float32)
+
+
+def refuse_non_finite(outputs: Sequence[Any]) -> None:
+    """The model's outputs for `dummy_input` must be numbers: NaN or infinite weights (or
+    weights whose products overflow float32) would predict nothing and train to NaN."""
+    if not all(np.isfinite(np.asarray(output, np.float64)).all() for output in outputs):
+        raise LuncherError(
+            "the model outputs NaN or infinity for a plain photo: its weights are NaN or "
+            "infinite, or so large that float32 overflows"
+        )

@@ -408,13 +408,13 @@ def current_probabilities(
 
 
 def load_scores(personal: Personal) -> dict[str, np.ndarray]:
-    """{digest: probabilities} saved with the copy; empty when missing or unreadable (the
-    scores are then computed again)."""
+    """{digest: probabilities} saved with the copy; {} when missing or damaged (computed again)."""
     try:
         with np.load(personal.path / Files.SCORES, allow_pickle=False) as data:
             digests, probs = data["digests"], data["probabilities"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return {}
-    if probs.ndim != 2 or len(probs) != len(digests) or probs.shape[1] != len(personal.meta.labels):
+    shape = (len(digests), len(personal.meta.labels)) if digests.ndim == 1 else None
+    if probs.shape != shape or probs.dtype.kind != "f" or not np.isfinite(probs).all():
         return {}
     return {str(d): p for d, p in zip(digests, probs, strict=True)}

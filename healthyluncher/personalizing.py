@@ -15,7 +15,7 @@ from healthyluncher.embedder import Embedder
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import memory_plan, merge_examples, select_examples
-from healthyluncher.meta import check_label
+from healthyluncher.meta import check_label, label_key
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.records import Examples, load_base, load_examples, load_personal
@@ -116,6 +116,8 @@ def retrain(
         personal = load_personal(store, txn.state)
         check_trainable(base.meta, base.path)
         old_labels = personal.meta.labels if personal else base.meta.labels
+        # "café" typed (NFC) is the "café" of a macOS folder name (NFD), never a twin label.
+        label = next((k for k in old_labels if label_key(k) == label_key(label)), label)
         if label not in old_labels and not new_label:
             raise UnknownLabelError(label, old_labels)
         labels = old_labels if label in old_labels else (*old_labels, label)
@@ -300,6 +302,8 @@ def forget(
             digests = {
                 d for d, x in zip(examples.digests, examples.labels, strict=True) if x == label
             }
+            if label not in personal.meta.labels:  # a typo is not a label without examples
+                raise LuncherError(f"{label!r} is not a label ({', '.join(personal.meta.labels)})")
             if not digests:
                 raise LuncherError(f"there are no examples of {label!r}")
         keep = [i for i, digest in enumerate(examples.digests) if digest not in digests]
@@ -352,9 +356,7 @@ def _status(store: ModelStore, state: State) -> Status:
         last_retrain=personal.meta.trained_at if personal else None,
         retrains=personal.meta.retrains if personal else 0,
         hyperparameters=hp.to_json(),
-        last_retrain_hyperparameters=(
-            (personal.meta.trained_with or hp).to_json() if personal else {}
-        ),
+        last_retrain_hyperparameters=personal.meta.used.to_json() if personal else {},
         trainable_layers=base.meta.trainable_layers,
         replay_examples=base.meta.replay_examples,
         undo_steps=len(state.history),

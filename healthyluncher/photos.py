@@ -124,6 +124,13 @@ def _exists(item: Path | str) -> bool:
         return False
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long: read_bytes reports it with the photo
+        return False
+
+
 def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
     """Files as given, and image files under directories (recursive, sorted).
 
@@ -138,7 +145,7 @@ def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
     suffixes = image_suffixes()
     found: list[PhotoSource] = []
     for item in inputs:
-        if isinstance(item, Path) and item.is_dir():
+        if isinstance(item, Path) and _is_dir(item):
             found.extend(sorted(_walk(item, suffixes)))
         else:
             # A missing file is reported with the others' results, not as a fatal error.

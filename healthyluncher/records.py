@@ -14,7 +14,7 @@ import numpy as np
 from healthyluncher import segments
 from healthyluncher.errors import DamagedError, LuncherError
 from healthyluncher.fileio import read_json
-from healthyluncher.meta import BaseMeta, PersonalMeta
+from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
 
@@ -88,14 +88,17 @@ def load_base(store: ModelStore, state: State) -> Base:
     path = store.base_dir(state)
     if path is None:
         raise LuncherError("there is no base model yet: run 'luncher make-updatable MODEL.onnx'")
+    again = "run 'luncher make-updatable' again"
     try:
-        return Base(path, BaseMeta.from_json(read_json(path / Files.META)))
+        data = read_json(path / Files.META)
     except FileNotFoundError:
-        raise LuncherError(f"{path} is incomplete; run 'luncher make-updatable' again") from None
+        raise LuncherError(f"{path} is incomplete; {again}") from None
     except DamagedError as exc:
-        raise LuncherError(f"{exc}; run 'luncher make-updatable' again") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LuncherError(f"{path / Files.META} is damaged ({exc})") from None
+        raise LuncherError(f"{exc}; {again}") from None
+    try:  # a value the checks refuse is named with its file, like one that does not parse
+        return Base(path, BaseMeta.from_json(data))
+    except (LuncherError, KeyError, TypeError, ValueError) as exc:
+        raise LuncherError(f"{path / Files.META} is damaged ({exc}); {again}") from None
 
 
 def load_personal(store: ModelStore, state: State) -> Personal | None:
@@ -103,12 +106,14 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
     if path is None:
         return None
     try:
-        return Personal(path, PersonalMeta.from_json(read_json(path / Files.META)))
+        data = read_json(path / Files.META)
     except FileNotFoundError:
         raise LuncherError(f"{path} is incomplete; {GO_BACK}") from None
     except DamagedError as exc:
         raise LuncherError(f"{exc}; {GO_BACK}") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    try:
+        return Personal(path, PersonalMeta.from_json(data))
+    except (LuncherError, KeyError, TypeError, ValueError) as exc:
         raise LuncherError(f"{path / Files.META} is damaged ({exc}); {GO_BACK}") from None
 
 
@@ -131,9 +136,16 @@ def load_examples(
                 names = data["segments"]
                 inputs = segments.load_views(personal.path.parent / segments.FOLDER, origin, names)
                 segment_names = tuple(str(name) for name in names)
-            owner = data["owner"].astype(np.int64)
-            digests = tuple(str(d) for d in data["digests"])
-            labels = tuple(str(label) for label in data["labels"])
+            owner, digests, labels = data["owner"], data["digests"], data["labels"]
+        # A digest names a thumbnail file (a forget deletes it), a label picks a class.
+        if owner.dtype.kind not in "iu" or digests.ndim != 1 or labels.ndim != 1:
+            raise ValueError("its owners, digests or labels are not lists of their type")
+        owner = owner.astype(np.int64)
+        digests, labels = tuple(map(str, digests)), tuple(map(str, labels))
+        if not all(SHA256.fullmatch(d) for d in digests):
+            raise ValueError("a digest is not a sha256")
+        if not set(labels) <= set(personal.meta.labels):
+            raise ValueError("a label is not one of the model's")
         if owner.shape != (len(inputs),) or len(labels) != len(digests):
             raise ValueError("its arrays differ in length")
         if len(owner) and (owner.min() < 0 or owner.max() >= len(digests)):
@@ -198,6 +210,10 @@ def load_weights(personal: Personal) -> dict[str, np.ndarray]:
     path = personal.path / Files.WEIGHTS
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+            weights = {name: data[name] for name in data.files}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise LuncherError(f"{path} is damaged ({exc}); {GO_BACK}") from None
+    # A rename publishes these as they are, and an export writes them.
+    if not all(w.dtype == np.float32 and np.isfinite(w).all() for w in weights.values()):
+        raise LuncherError(f"{path} is damaged (weights not finite float32); {GO_BACK}")
+    return weights

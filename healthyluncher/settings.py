@@ -155,8 +155,19 @@ def _integer(name: str, value: Any, low: int, high: int) -> None:
 
 
 def _number(name: str, value: Any, *, low: float, high: float, open_low: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LuncherError(f"{name} must be a finite number, not {value!r}")
+    if not is_finite_number(value):
+        raise LuncherError(f"{name} must be a finite number, not {value!r:.40}")
     if value < low or (open_low and value == low) or value > high:
         above = "greater than" if open_low else "at least"
         raise LuncherError(f"{name} must be {above} {low:g} and at most {high:g}, not {value!r}")
+
+
+def is_finite_number(value: Any) -> bool:
+    """A JSON number that is a finite float: not a bool, NaN, an infinity or an integer too
+    large for a float (10**400 parses, then float() raises OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

@@ -144,11 +144,11 @@ class ModelStore:
             raise DamagedError(f"{exc}; {repair}") from None
         if not isinstance(data, dict):
             raise DamagedError(f"{path} is damaged (not a JSON object); {repair}")
-        if data.get("format") != STATE_FORMAT:
-            raise LuncherError(
-                f"{self.root / STATE_FILE} has an unknown format; was it written by a newer "
-                "luncher?"
-            )
+        version = data.get("format")
+        if type(version) is int and version > STATE_FORMAT:
+            raise LuncherError(f"{path} has an unknown format; was it written by a newer luncher?")
+        if version != STATE_FORMAT:  # no format at all, or a string: damaged, not newer
+            raise DamagedError(f"{path} is damaged (its format is {version!r:.20}); {repair}")
         base, personal = data.get("base"), data.get("personal")
         history: list[Step] = []
         for entry in data.get("history") or []:

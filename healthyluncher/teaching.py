@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.meta import PersonalMeta, check_label
+from healthyluncher.meta import PersonalMeta, check_label, label_key
 from healthyluncher.personal import publish_personal
 from healthyluncher.records import (
     Base,
@@ -99,7 +99,7 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
                 f"{old!r} is a class of the base model; only labels you added can be renamed "
                 "(make a base with your own labels with `luncher make-updatable --examples`)"
             )
-        if new in labels:
+        if any(label_key(new) == label_key(label) for label in labels):
             raise LuncherError(f"{new!r} is already a label")
         assert personal is not None  # a label beyond the base's exists only in a copy
         examples = load_examples(personal, ())

@@ -235,19 +235,29 @@ def train(
     api = training_api()
     if len(data) == 0:
         raise LuncherError("nothing to train on")
-    state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
-    # No eval model: it is never run here, and loading it is one more session. One thread:
-    # the head is a few small layers on batches of 16, where ONNX Runtime's thread pool
-    # costs more than it shares (20 photos x 10 epochs on the shipped head: 18 ms of
-    # training instead of 37, and 3 ms to create the session instead of 8).
-    options = runtime().SessionOptions()
-    options.intra_op_num_threads = 1
-    module = api.Module(str(artifact_dir / "training_model.onnx"), state, session_options=options)
-    # Parameters can only be assigned once a Module holds the state (before, ORT 1.19
-    # crashes with a segmentation fault).
-    for name, value in (start or {}).items():
-        state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
-    optimizer = api.Optimizer(str(artifact_dir / "optimizer_model.onnx"), module)
+    try:
+        state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
+        # No eval model: it is never run here, and loading it is one more session. One
+        # thread: the head is a few small layers on batches of 16, where ONNX Runtime's
+        # thread pool costs more than it shares (20 photos x 10 epochs on the shipped head:
+        # 18 ms of training instead of 37, and 3 ms to create the session instead of 8).
+        options = runtime().SessionOptions()
+        options.intra_op_num_threads = 1
+        module = api.Module(
+            str(artifact_dir / "training_model.onnx"), state, session_options=options
+        )
+        # Parameters can only be assigned once a Module holds the state (before, ORT 1.19
+        # crashes with a segmentation fault).
+        for name, value in (start or {}).items():
+            state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+        optimizer = api.Optimizer(str(artifact_dir / "optimizer_model.onnx"), module)
+    except Exception:  # ORT's RuntimeError with C++ text, for a file it cannot parse
+        base = artifact_dir.parent.name.startswith("base-")
+        fix = "make-updatable MODEL.onnx --keep-personalization" if base else "undo"
+        raise LuncherError(
+            f"{artifact_dir} is damaged (ONNX Runtime cannot load its training files); "
+            f"run `luncher {fix}`"
+        ) from None
     optimizer.set_learning_rate(hp.learning_rate)
     module.train()
     batch = max(1, min(hp.batch_size, batch_limit or hp.batch_size))

@@ -90,7 +90,7 @@ def fit(
         trained = ort_train(
             artifact_dir, data, hp, batch_limit=meta.head_batch_limit, on_epoch=on_epoch
         )
-        return Trained(trained.params, trained.final_loss, trained.save_checkpoint)
+        return _finite(Trained(trained.params, trained.final_loss, trained.save_checkpoint))
     from healthyluncher.numpy_trainer import train_linear  # only where ORT does not train
 
     check_trainable(meta, base_dir)
@@ -103,7 +103,17 @@ def fit(
     params, loss = train_linear(
         spec, start, data, hp, batch_limit=meta.head_batch_limit, on_epoch=on_epoch
     )
-    return Trained(params, loss, None)
+    return _finite(Trained(params, loss, None))
+
+
+def _finite(trained: Trained) -> Trained:
+    """NaN or infinite weights (a diverged run, a damaged start) never become the model."""
+    if not all(np.isfinite(value).all() for value in trained.params.values()):
+        raise LuncherError(
+            "training ended with weights that are NaN or infinite, so nothing was changed; "
+            "a smaller --learning-rate may help"
+        )
+    return trained
 
 
 def fit_head(
@@ -174,4 +184,6 @@ def start_params(base_dir: Path, meta: BaseMeta, spec: LinearHead) -> dict[str, 
         params = {name: found[name].astype(np.float32) for name in spec.param_names}
     except (OSError, KeyError, ValueError) as exc:
         raise LuncherError(f"{path} is damaged ({exc}); make the base again") from None
+    if not all(np.isfinite(value).all() for value in params.values()):
+        raise LuncherError(f"{path} is damaged (weights not finite); make the base again")
     return params

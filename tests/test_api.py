@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
@@ -17,7 +18,7 @@ from healthyluncher import LuncherError, Progress
 from healthyluncher.runtime import pad_batch, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.store import STATE_FILE, ModelStore
-from tests.conftest import needs_ort, solid
+from tests.conftest import needs_ort, one_line_error, solid
 from tests.models import SIZE, save
 
 
@@ -73,6 +74,31 @@ def test_bad_inputs_are_luncher_errors(lun, tmp_path):
         lun.predict([tmp_path / "missing.jpg"])
     failures = list(lun.predict_each([tmp_path / "missing.jpg"]))
     assert isinstance(failures[0], healthyluncher.ImageFailure)
+
+
+def test_arguments_of_the_wrong_type_are_luncher_errors(lun, photos, pt_model):
+    """None or a number where a path or photos belong: a TypeError from deep inside
+    before ("'NoneType' object is not iterable", "expected str, bytes or os.PathLike")."""
+    calls = {
+        "photos must be": [
+            lambda: lun.predict(None),  # type: ignore[arg-type]
+            lambda: lun.retrain("healthy", 42),  # type: ignore[arg-type]
+            lambda: lun.forget(None),  # type: ignore[arg-type]
+        ],
+        "path must be a path": [
+            lambda: lun.export_backup(None),  # type: ignore[arg-type]
+            lambda: lun.import_backup(3),  # type: ignore[arg-type]
+        ],
+        "model must be a path": [lambda: healthyluncher.make_updatable(None)],  # type: ignore[arg-type]
+        "examples must be a path": [
+            lambda: healthyluncher.make_updatable(pt_model, examples=3)  # type: ignore[arg-type]
+        ],
+    }
+    for words, operations in calls.items():
+        for operation in operations:
+            with pytest.raises(LuncherError, match=words):
+                operation()
+    assert lun.predict(photos["red"][0])[0].label in lun.labels
 
 
 def test_retrain_needs_new_label_for_an_unknown_label(lun, photos):
@@ -187,6 +213,40 @@ def test_damaged_meta_values_are_refused_not_obeyed(run, pt_model, photos, model
     meta_path.write_text(json.dumps(meta))
     result = run("retrain", "--label", "fast_food", photos["green"][1])
     assert result.code == 1 and "epochs must be a whole number" in result.stderr
+
+
+# A JSON integer too large for a float (float() raises OverflowError, not ValueError).
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    "place", ["final_loss", "learning_rate", "memory_strength", "personal_weight"]
+)
+def test_a_number_too_large_for_a_float_is_refused_in_one_line(
+    run, pt_model, photos, models_dir, place
+):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["green"][0]).code == 0
+    state = json.loads((models_dir / STATE_FILE).read_text())
+    meta_path = models_dir / state["personal"] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    (meta if place == "final_loss" else meta["hyperparameters"])[place] = HUGE
+    meta_path.write_text(json.dumps(meta))
+    for command in (("status",), ("predict", photos["red"][0])):
+        one_line_error(run(*command), "number")
+    assert run("undo").code == 0
+    assert run("predict", photos["red"][0]).code == 0
+
+
+def test_preprocessing_metadata_too_large_for_a_float_is_refused(run, pt_model):
+    model = onnx.load(str(pt_model))
+    helper.set_model_props(
+        model, {"labels": '["healthy", "fast_food"]', "preprocessing": f'{{"mean": [{HUGE}]}}'}
+    )
+    onnx.save(model, str(pt_model))
+    one_line_error(run("make-updatable", pt_model), "mean")
+    with pytest.raises(LuncherError, match="finite"):
+        Hyperparameters.from_json({"learning_rate": HUGE})
 
 
 def _batch_one_head_model(path: Path) -> Path:

@@ -220,6 +220,30 @@ def test_export_without_personalization_is_refused(run, pt_model, tmp_path):
     assert not (tmp_path / "b.tar.gz").exists()
 
 
+@pytest.mark.parametrize("damage", ["NaN", "missing"])
+def test_damaged_personal_weights_are_neither_exported_nor_renamed_into_a_model(
+    run, personalized, photos, models_dir, tmp_path, damage
+):
+    """weights.npz is read by export and by a rename, which publishes it as the model: a
+    NaN there became a model that predicted null, a missing one a backup import refused."""
+    path = ModelStore(models_dir).personal_dir() / Files.WEIGHTS  # type: ignore[operator]
+    with np.load(path) as data:
+        weights = {name: data[name] for name in data.files}
+    if damage == "NaN":
+        weights["fc.weight"] = weights["fc.weight"] * np.nan
+    else:
+        del weights["fc.bias"]
+    np.savez(path, **weights)
+    one_line_error(run("export", tmp_path / "b.tar.gz"), str(path), "damaged", "undo")
+    assert not (tmp_path / "b.tar.gz").exists()
+    if damage == "NaN":
+        one_line_error(run("labels", "rename", "dessert", "sweets"), "damaged", "undo")
+    predicted = run("predict", "--json", photos["red"][0]).json_lines()[0]
+    assert predicted["probability"] is not None
+    assert run("undo").code == 0
+    assert run("export", tmp_path / "b.tar.gz").code == 0
+
+
 def test_export_into_a_missing_directory(run, personalized, tmp_path):
     one_line_error(run("export", tmp_path / "nope" / "b.tar.gz"), "cannot write")
 

@@ -177,6 +177,23 @@ def test_refuses_a_file_that_is_not_onnx(run, tmp_path):
     one_line_error(run("make-updatable", bogus), "not an ONNX model")
 
 
+@pytest.mark.parametrize("location", ["weights.data", "../outside.data"])
+def test_external_weights_that_cannot_be_read_are_named_not_called_not_onnx(
+    run, pt_model, tmp_path, location
+):
+    """A model copied without its external data file was "not an ONNX model (ValidationError)"."""
+    model = onnx.load(str(pt_model))
+    onnx.save(model, str(pt_model), save_as_external_data=True, size_threshold=0)
+    model = onnx.load(str(pt_model), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(pt_model))
+    line = one_line_error(run("make-updatable", pt_model), location)
+    assert "not an ONNX model" not in line
+
+
 def test_refuses_a_missing_file(run, tmp_path):
     one_line_error(run("make-updatable", tmp_path / "nope.onnx"), "no such file")
 
@@ -201,6 +218,66 @@ def test_refuses_a_model_without_image_input(run, tmp_path):
         run("make-updatable", _save(model, tmp_path / "t.onnx"), "--labels", "a,b"),
         "not an image",
     )
+
+
+@pytest.mark.parametrize("side", [0, -5])
+def test_refuses_an_image_input_with_a_side_of_zero_or_less(run, pt_model, side):
+    model = onnx.load(str(pt_model))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_value = dims[3].dim_value = side
+    onnx.save(model, str(pt_model))
+    # It was ONNX Runtime's "Got invalid dimensions" (0) or "--resize -6 is smaller" (-5).
+    line = one_line_error(run("make-updatable", pt_model), "not an image", f"{side}")
+    assert "resize" not in line
+
+
+@pytest.mark.parametrize("change", ["custom domain", "opset 1"])
+def test_an_op_onnx_cannot_infer_is_one_line(run, pt_model, change):
+    model = onnx.load(str(pt_model))
+    if change == "custom domain":
+        model.opset_import.add(domain="com.example", version=1)
+        model.graph.node[1].domain = "com.example"  # relu1: an op only its vendor knows
+    else:
+        model.opset_import[0].version = 1
+    onnx.save(model, str(pt_model))
+    # It was "unexpected ValueError: The following names were not found in value_infos".
+    one_line_error(run("make-updatable", pt_model), "cannot cut the model", "infer")
+
+
+@pytest.mark.parametrize(
+    ("tensor", "value"), [("fc.weight", np.nan), ("conv1.weight", np.inf), ("conv2.bias", 3e38)]
+)
+def test_a_model_whose_output_is_not_finite_is_refused(run, pt_model, photos, tensor, value):
+    model = onnx.load(str(pt_model))
+    for init in model.graph.initializer:
+        if init.name == tensor:
+            weights = numpy_helper.to_array(init).copy()
+            weights.flat[0] = value  # 3e38 is finite, but the logits overflow float32
+            init.CopyFrom(numpy_helper.from_array(weights, tensor))
+    onnx.save(model, str(pt_model))
+    # It became a base that predicted null probabilities with exit code 0.
+    one_line_error(run("make-updatable", pt_model), "NaN or infinity")
+
+
+@pytest.mark.parametrize("oddity", ["node name", "input name", "file name", "batch 5000"])
+def test_a_model_whose_meta_json_would_be_refused_is_refused_first(
+    run, pt_model, photos, tmp_path, oddity
+):
+    """make-updatable wrote meta.json values its own reader refuses: every later command,
+    predict included, then failed on the new base."""
+    if oddity == "batch 5000":
+        pt_model = pytorch_style(tmp_path / "batch.onnx", batch=5000)
+    model = onnx.load(str(pt_model))
+    if oddity == "node name":
+        model.graph.node[0].name = "conv\n1"
+    elif oddity == "input name":
+        model.graph.input[0].name = model.graph.node[0].input[0] = "im\x07age"
+    elif oddity == "file name":
+        pt_model = tmp_path / "tiny\x1b.onnx"
+    onnx.save(model, str(pt_model))
+    one_line_error(run("make-updatable", pt_model), "cannot be a base")
+    assert run("predict", photos["red"][0]).code == 1  # still no base, not a damaged one
+    assert run("make-updatable", pytorch_style(tmp_path / "plain.onnx")).code == 0
 
 
 def test_refuses_several_inputs(run, tmp_path):
@@ -229,6 +306,62 @@ def test_refuses_several_inputs(run, tmp_path):
 
 def test_refuses_a_label_count_that_does_not_match(run, pt_model):
     one_line_error(run("make-updatable", pt_model, "--labels", "a,b,c"), "3 labels", "2 outputs")
+
+
+@pytest.mark.parametrize("labels", ["a\x1b[31m,b", "x" * 65 + ",b", "a, a"])
+def test_labels_given_are_checked_before_they_become_a_base(run, pt_model, photos, labels):
+    """A label that every later read of meta.json refuses must not be written there: it
+    left a models directory where no command, make-updatable --force included, worked."""
+    one_line_error(run("make-updatable", pt_model, "--labels", labels), "label")
+    assert run("make-updatable", pt_model).code == 0
+    assert run("predict", photos["red"][0]).code == 0
+
+
+# "café" as macOS writes folder names (e + a combining accent) and as a keyboard types it.
+CAFE_NFD, CAFE_NFC = "cafe\u0301", "caf\u00e9"
+
+
+@pytest.mark.parametrize("twin", [("healthy", "healthy "), (CAFE_NFD, CAFE_NFC)])
+def test_example_folders_that_name_one_label_twice_are_refused(
+    run, pt_model, photos, tmp_path, twin
+):
+    examples = tmp_path / "examples"
+    for name, kind in zip(twin, ("red", "green"), strict=True):
+        for photo in photos[kind]:
+            solid(examples / name / photo.name, (200, 40, 40) if kind == "red" else (40, 200, 40))
+    # It became a base labelled (healthy, healthy) that no command could load again.
+    one_line_error(run("make-updatable", pt_model, "--examples", examples), "same label")
+    assert run("make-updatable", pt_model).code == 0
+
+
+def test_a_label_typed_in_another_unicode_form_is_the_same_label(run, pt_model, photos, tmp_path):
+    """A café folder made on macOS and "café" typed in a terminal are one label: the
+    typed one was "not a label ... did you mean 'café'?", and a twin with --new-label."""
+    examples = tmp_path / "examples"
+    for name, kind in ((CAFE_NFD, "red"), ("other", "green")):
+        for photo in photos[kind]:
+            solid(examples / name / photo.name, (200, 40, 40) if kind == "red" else (40, 200, 40))
+    assert run("make-updatable", pt_model, "--examples", examples).code == 0
+    for extra in ((), ("--new-label",)):
+        result = run("retrain", "--label", CAFE_NFC, *extra, photos["red"][0])
+        assert result.code == 0, result
+    assert len(json.loads(run("status", "--json").stdout)["labels"]) == 2
+    assert run("retrain", "--label", "dessert", "--new-label", photos["green"][0]).code == 0
+    one_line_error(run("labels", "rename", "dessert", CAFE_NFC), "already a label")
+    twins = run("make-updatable", pt_model, "--force", "--labels", f"{CAFE_NFD},{CAFE_NFC}")
+    one_line_error(twins, "unique")
+
+
+def test_the_api_checks_the_labels_it_is_given(pt_model, models_dir):
+    import healthyluncher
+
+    for labels, words in ((["a", 2], "must be text"), ("healthy,fast_food", "list")):
+        with pytest.raises(healthyluncher.LuncherError, match=words):
+            healthyluncher.make_updatable(pt_model, labels=labels, force=True)  # type: ignore[arg-type]
+    assert healthyluncher.make_updatable(pt_model, force=True).meta.labels == (
+        "healthy",
+        "fast_food",
+    )
 
 
 def test_refuses_a_model_without_labels(run, tmp_path):
@@ -340,6 +473,31 @@ def test_usage_errors_exit_2(run):
     assert run("predict").code == 2
     assert run("retrain", "x.jpg").code == 2  # --label is required
     assert run("make-updatable", "m.onnx", "--trainable-layers", "0").code == 2
+
+
+def test_an_empty_photo_argument_is_refused_not_read_as_the_current_directory(
+    run, pt_model, photos, tmp_path, monkeypatch
+):
+    """`luncher forget "$PHOTO"` with PHOTO unset forgot every photo under the current
+    directory, and with them the undo history."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    monkeypatch.chdir(tmp_path)  # where the taught photos are
+    for command in (("forget",), ("predict",), ("retrain", "--label", "healthy")):
+        result = run(*command, "")
+        assert result.code == 2 and "an empty path" in result.stderr, result
+    import healthyluncher
+
+    with pytest.raises(healthyluncher.LuncherError, match="empty path"):
+        healthyluncher.open().forget("")
+    assert json.loads(run("status", "--json").stdout)["examples_per_label"] == {"fast_food": 3}
+
+
+def test_a_name_too_long_for_the_file_system_is_one_line(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    result = run("predict", "x" * 300, photos["red"][0])
+    one_line_error(result, "cannot read", "too long")  # was "unexpected OSError"
+    assert "fast_food" in result.stdout
 
 
 @pytest.mark.parametrize("command", ["make-updatable", "predict", "retrain", "reset", "status"])
@@ -515,7 +673,10 @@ def test_a_retrain_rewrites_the_small_graph_and_copies_the_frozen_weights(
             np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not an object", "names a stranger"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "not an object", "names a stranger", "empty object", "format a string"],
+)
 def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
     run, pt_model, photos, models_dir, damage
 ):
@@ -533,6 +694,8 @@ def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
             "truncated": "{ truncated",
             "not an object": "[1, 2]",
             "names a stranger": '{"format": 1, "base": "../../etc", "personal": null}',
+            "empty object": "{}",  # was "an unknown format; written by a newer luncher?"
+            "format a string": '{"format": "1", "base": null}',
         }[damage]
     )
     assert probabilities(run, *photos["red"], *photos["green"]) == personal
@@ -581,6 +744,27 @@ def test_a_damaged_personal_copy_points_to_undo(run, pt_model, photos, models_di
     assert probabilities(run, *photos["red"]) == base
 
 
+@pytest.mark.parametrize("copy", ["base", "personal"])
+def test_a_meta_value_the_checks_refuse_names_its_file_and_the_way_out(
+    run, pt_model, photos, models_dir, copy
+):
+    """Duplicate labels in meta.json were a bare "labels must be unique", from every command,
+    make-updatable --force included: nothing said which file, nor how to get out."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    store = ModelStore(models_dir)
+    folder = store.base_dir() if copy == "base" else store.personal_dir()
+    assert folder is not None
+    meta = json.loads((folder / Files.META).read_text())
+    meta["labels"] = ["a", "a"]
+    (folder / Files.META).write_text(json.dumps(meta))
+    way_out = "make-updatable" if copy == "base" else "undo"
+    one_line_error(run("status"), str(folder / Files.META), "must be unique", way_out)
+    result = run("make-updatable", pt_model, "--force") if copy == "base" else run("undo")
+    assert result.code == 0, result
+    assert run("predict", photos["red"][0]).code == 0
+
+
 def test_damaged_examples_are_a_clear_error(run, pt_model, photos, models_dir):
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
@@ -621,7 +805,7 @@ def test_views_follow_the_budget_and_photos_keep_the_views_they_got(
     assert all(after[str(p)]["healthy"] > 0.5 for p in photos["green"]), after
 
 
-@pytest.mark.parametrize("scores", ["kept", "damaged", "missing"])
+@pytest.mark.parametrize("scores", ["kept", "damaged", "missing", "0-d digests", "NaN", "text"])
 def test_before_of_a_retrain_is_what_the_last_retrain_said_after(
     run, pt_model, photos, models_dir, scores
 ):
@@ -635,6 +819,15 @@ def test_before_of_a_retrain_is_what_the_last_retrain_said_after(
         (personal / Files.SCORES).write_bytes(b"PK\x03\x04 torn")
     elif scores == "missing":
         (personal / Files.SCORES).unlink()
+    elif scores != "kept":  # arrays of the wrong kind: "0-d digests" was a TypeError
+        with np.load(personal / Files.SCORES) as data:
+            arrays = {name: data[name] for name in data.files}
+        if scores == "0-d digests":
+            arrays["digests"] = arrays["digests"][0]
+        else:
+            probs = arrays["probabilities"]
+            arrays["probabilities"] = probs * np.nan if scores == "NaN" else probs.astype(str)
+        np.savez(personal / Files.SCORES, **arrays)
     again = run("retrain", "--label", "fast_food", "--json", *photos["red"])
     assert again.code == 0, again
     after = {p["path"]: p["after"] for p in first.json_lines()[0]["photos"]}
@@ -644,6 +837,40 @@ def test_before_of_a_retrain_is_what_the_last_retrain_said_after(
     said = probabilities(run, *photos["red"])
     for photo in again.json_lines()[0]["photos"]:
         assert abs(photo["after"] - said[photo["path"]]["fast_food"]) < 1e-4
+
+
+@needs_ort
+@pytest.mark.parametrize("name", ["checkpoint", "training_model.onnx", "optimizer_model.onnx"])
+def test_damaged_training_artifacts_are_one_line_that_says_what_to_do(
+    run, pt_model, photos, models_dir, name
+):
+    """It was "unexpected RuntimeError: /onnxruntime_src/orttraining/...", C++ source text."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    before = probabilities(run, photos["red"][1])
+    base = ModelStore(models_dir).base_dir()
+    assert base is not None
+    (base / Files.ARTIFACTS / name).write_bytes(b"torn")
+    result = run("retrain", "--label", "fast_food", photos["red"][1])
+    one_line_error(result, "is damaged", "make-updatable")
+    assert "onnxruntime_src" not in result.stderr
+    assert probabilities(run, photos["red"][1]) == before
+    assert run("make-updatable", pt_model, "--keep-personalization").code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][1]).code == 0
+
+
+def test_a_damaged_frozen_part_says_what_to_do(run, pt_model, photos, models_dir):
+    """A retrain of a new photo runs the base's frozen.onnx: damaged, it was ONNX Runtime's
+    "INVALID_PROTOBUF" with no way out."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    base = ModelStore(models_dir).base_dir()
+    assert base is not None
+    (base / Files.FROZEN).write_bytes(b"torn")
+    result = run("retrain", "--label", "fast_food", photos["red"][1])
+    one_line_error(result, "base model", "damaged", "--keep-personalization")
+    assert run("make-updatable", pt_model, "--keep-personalization").code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][1]).code == 0
 
 
 def test_a_damaged_base_weights_file_is_one_line_that_says_what_to_do(

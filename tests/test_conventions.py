@@ -244,6 +244,15 @@ def test_a_photo_whose_file_is_gone_is_forgotten_by_digest_or_thumbnail(run, pt_
     assert result.code == 1 and "none of your examples has this digest" in result.stderr
 
 
+def test_removing_a_label_with_a_typo_says_it_is_not_a_label(run, pt_model, photos):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "dessert", "--new-label", photos["red"][0]).code == 0
+    typo = run("labels", "remove", "desert")  # was "there are no examples of 'desert'"
+    assert typo.code == 1 and "'desert' is not a label" in typo.stderr, typo
+    empty = run("labels", "remove", "healthy")
+    assert empty.code == 1 and "there are no examples of 'healthy'" in empty.stderr, empty
+
+
 def test_labels_are_listed_renamed_and_removed_and_undo_reverses(run, pt_model, photos):
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "pancake", "--new-label", *photos["red"]).code == 0

@@ -499,6 +499,26 @@ def test_a_replay_file_with_damaged_weights_is_refused_in_one_line(
     one_line_error(result, "weights are damaged")
 
 
+@pytest.mark.parametrize("damage", ["NaN inputs", "labels not one per input", "0-d labels"])
+def test_a_replay_file_whose_rows_do_not_pair_up_or_are_nan_is_refused(
+    run, pt_model, tmp_path, photos, damage
+):
+    """They were accepted, and then every retrain failed ("unexpected IndexError"), or,
+    with NaN inputs, trained a model that predicted null."""
+    inputs, labels = np.ones((4, 8), np.float32), np.array(["healthy", "fast_food"] * 2)
+    if damage == "NaN inputs":
+        inputs[1, 2] = np.nan
+    elif damage == "labels not one per input":
+        labels = labels[:3]
+    else:
+        labels = np.array("healthy")
+    replay = tmp_path / "mine.replay.npz"
+    np.savez(replay, inputs=inputs, labels=labels)
+    one_line_error(run("make-updatable", pt_model, "--replay", replay), "not a replay set")
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", photos["red"][0]).code == 0
+
+
 def test_a_damaged_replay_file_in_the_models_directory_stops_a_retrain_in_one_line(
     run, pt_model, tmp_path, models_dir, photos
 ):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import solid
+from tests.conftest import one_line_error, solid
 
 
 def test_export_never_overwrites_a_file_without_force(run, pt_model, photos, tmp_path):
@@ -21,6 +22,17 @@ def test_export_never_overwrites_a_file_without_force(run, pt_model, photos, tmp
     assert photo.read_bytes() == before
     assert run("export", photo, "--force").code == 0
     assert photo.read_bytes() != before
+
+
+def test_export_never_replaces_what_is_not_a_regular_file(run, pt_model, photos, tmp_path):
+    """`export --force /dev/stdout` (or a named pipe, or a device) was replaced by a regular
+    file: as root, /dev/stdout and /dev/full were gone."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    one_line_error(run("export", pipe, "--force"), "not a regular file")
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
 
 
 def test_the_same_photo_twice_is_one_example_and_the_backup_restores(

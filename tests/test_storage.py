@@ -140,6 +140,41 @@ def test_a_damaged_examples_index_is_refused_in_one_line(run, lun, photos, model
     assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["digest out of the folder", "digests not a list", "labels a table", "unknown label", "owner"],
+)
+def test_damaged_examples_arrays_are_refused_in_one_line(
+    run, lun, photos, models_dir, tmp_path, damage
+):
+    """The digests, labels and owners of examples.npz are checked as the index is: a
+    digest is a thumbnail's file name (a forget deletes it), a label picks a class."""
+    lun.retrain("healthy", photos["red"])
+    victim = models_dir.parent / "victim.jpg"
+    victim.write_bytes(b"not luncher's")
+    path = _copies(models_dir)[1][0] / Files.EXAMPLES
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    if damage == "digest out of the folder":  # thumbnails/../../victim.jpg
+        arrays["digests"] = arrays["digests"].astype("<U80")
+        arrays["digests"][:] = "../../victim"
+    elif damage == "digests not a list":
+        arrays["digests"] = np.array(arrays["digests"][0])
+    elif damage == "labels a table":
+        arrays["labels"] = arrays["labels"].reshape(-1, 1)
+    elif damage == "unknown label":
+        arrays["labels"][:] = "zzz"
+    else:
+        arrays["owner"] = arrays["owner"] + 0.5
+    np.savez(path, **arrays)
+    for command in (("labels", "remove", "healthy"), ("retrain", "--label", "healthy")):
+        args = (*command, photos["green"][0]) if command[0] == "retrain" else command
+        one_line_error(run(*args), str(path), "damaged", "undo")
+    assert victim.exists()
+    assert run("undo").code == 0
+    assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
+
+
 def test_undo_steps_share_the_bases_weights_file_and_the_current_copy_owns_one(
     lun, photos, models_dir
 ):

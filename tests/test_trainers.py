@@ -9,7 +9,7 @@ import pytest
 
 from healthyluncher import runtime
 from healthyluncher.training import TRAINER_ENV, trainer_name
-from tests.conftest import TRAINER, needs_ort
+from tests.conftest import TRAINER, needs_ort, one_line_error
 
 
 def test_the_expected_trainer_is_the_one_in_use():
@@ -70,3 +70,43 @@ def test_both_onnxruntime_wheels_installed_is_named_with_its_fix(monkeypatch):
     problem = runtime.install_problem()
     assert problem is not None
     assert "pip uninstall -y onnxruntime onnxruntime-training-cpu" in problem
+
+
+def _predicted(run, photo) -> dict[str, float | None]:
+    result = run("predict", "--json", photo)
+    assert result.code == 0, result
+    return result.json_lines()[0]["probabilities"]
+
+
+@pytest.mark.parametrize("cause", ["damaged start", "diverged"])
+def test_nan_weights_never_become_the_personalized_model(
+    run, pt_model, photos, models_dir, monkeypatch, cause
+):
+    """A NaN in the base's head_weights.npz (the numpy trainer's start) trained into a
+    model that predicted null for every photo, with exit code 0."""
+    import numpy as np
+
+    from healthyluncher import numpy_trainer
+    from healthyluncher.store import Files, ModelStore
+
+    monkeypatch.setenv(TRAINER_ENV, "numpy")
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    before = _predicted(run, photos["red"][1])
+    if cause == "damaged start":
+        path = ModelStore(models_dir).base_dir() / Files.HEAD_WEIGHTS  # type: ignore[operator]
+        with np.load(path) as data:
+            weights = {name: data[name] * np.nan for name in data.files}
+        np.savez(path, **weights)
+        words = "damaged"
+    else:
+        real = numpy_trainer.train_linear
+
+        def diverging(*args, **kwargs):
+            params, loss = real(*args, **kwargs)
+            return {name: value * np.inf for name, value in params.items()}, loss
+
+        monkeypatch.setattr(numpy_trainer, "train_linear", diverging)
+        words = "NaN or infinite"
+    one_line_error(run("retrain", "--label", "fast_food", photos["red"][1]), words)
+    assert _predicted(run, photos["red"][1]) == before
