@@ -370,7 +370,23 @@ def main() -> None:
 
     # Pillow warns about damaged metadata it recovers from; errors are reported per file.
     warnings.filterwarnings("ignore", module="PIL")
-    app(prog_name="luncher")
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="luncher")
+        return
+    # A usage error (exit 2) is one JSON object too. typer keeps click's classes private:
+    # its errors are known by what they have (a message and an exit code).
+    try:
+        code = app(prog_name="luncher", standalone_mode=False)
+    except Exception as exc:
+        if type(exc).__name__ == "Abort":  # Ctrl-C or end of input before a command ran
+            sys.stderr.write("Aborted!\n")
+            raise SystemExit(1) from None
+        if not hasattr(exc, "format_message") or not hasattr(exc, "show"):
+            raise
+        json_line({"error": exc.format_message()})
+        exc.show()
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

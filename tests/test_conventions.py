@@ -119,6 +119,23 @@ def test_json_errors_are_json_too(run, pt_model, tmp_path):
     assert "cannot read" in result.json_lines()[0]["error"]
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["predcit", "--json", "x.jpg"], "No such command 'predcit'"),
+        (["retrain", "--json", "--label", "healthy", "--epochs", "many", "x.jpg"], "--epochs"),
+        (["predict", "--json"], "Missing argument"),
+    ],
+)
+def test_json_usage_errors_are_json_too(args, fragment, models_dir):
+    """A usage error (exit 2) printed click's text alone, even with --json."""
+    result = luncher(*args)
+    assert result.returncode == 2
+    [line] = result.stdout.splitlines()
+    assert fragment in json.loads(line)["error"]
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_dash_reads_paths_from_stdin(pt_model, photos, models_dir):
     assert luncher("make-updatable", str(pt_model)).returncode == 0
     listing = "\n".join(str(p) for p in photos["red"] + photos["green"]) + "\n"
