@@ -362,6 +362,8 @@ def make_updatable(
 def _path(value: Any, name: str) -> Path:
     """A path argument as a Path, or the one-line error a wrong type gets."""
     if isinstance(value, (str, os.PathLike)):
+        if not os.fspath(value):  # Path("") is the current directory
+            raise LuncherError(f"{name} is an empty path (an unset variable?)")
         return Path(value)
     raise LuncherError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}")
 

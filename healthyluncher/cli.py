@@ -11,7 +11,7 @@ import typer
 
 # Importing them registers their commands: make-updatable, export and import; examples, labels.
 from healthyluncher import cli_setup, cli_teaching  # noqa: F401
-from healthyluncher.cli_app import JSON, app, luncher, with_stdin
+from healthyluncher.cli_app import JSON, app, given_path, luncher, with_stdin
 from healthyluncher.cli_output import (
     Column,
     RowPrinter,
@@ -29,19 +29,11 @@ from healthyluncher.cli_output import (
 )
 from healthyluncher.errors import LuncherError, UnknownLabelError
 
-
-def photo_path(text: str) -> Path:
-    # Path("") is the current directory: `luncher forget "$UNSET"` forgot every photo there.
-    if not text:
-        raise typer.BadParameter("an empty path (an unset variable?)")
-    return Path(text)
-
-
 PHOTOS = typer.Argument(
     help="Photos, or directories to search; - reads paths from standard input, one a line.",
     show_default=False,
     metavar="PHOTO_OR_DIR...",
-    parser=photo_path,
+    parser=given_path,
 )
 
 

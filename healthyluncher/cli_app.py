@@ -46,6 +46,14 @@ app = typer.Typer(
 )
 
 
+def given_path(text: str) -> Path:
+    """A path argument; Path("") is the current directory, so `luncher forget "$UNSET"`
+    forgot every photo there: an empty one is a usage error."""
+    if not text:
+        raise typer.BadParameter("an empty path (an unset variable?)")
+    return Path(text)
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -56,6 +64,7 @@ def main_options(
             help="Where models and your examples live. Default: $LUNCHER_MODELS_DIR, "
             "else your user data directory.",
             show_default=False,
+            parser=given_path,
         ),
     ] = None,
     debug: Annotated[

@@ -43,6 +43,8 @@ def trainer_name(*, cheap: bool = False) -> str:
     """What trains the head here: "onnxruntime" or "numpy". `cheap` looks at what is
     installed without importing ONNX Runtime (status needs no more)."""
     wanted = os.environ.get(TRAINER_ENV, "")
+    if wanted not in ("", "numpy", "onnxruntime"):  # a typo must not pick a trainer silently
+        raise LuncherError(f"{TRAINER_ENV}={wanted!r}: use numpy or onnxruntime, or unset it")
     if wanted == "numpy":
         return "numpy"
     if training_installed() if cheap else training_available():

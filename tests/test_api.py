@@ -101,6 +101,18 @@ def test_arguments_of_the_wrong_type_are_luncher_errors(lun, photos, pt_model):
     assert lun.predict(photos["red"][0])[0].label in lun.labels
 
 
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(run, tmp_path, monkeypatch):
+    """open("") and --models-dir "" (an unset variable) opened the current directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LuncherError, match="models_dir is an empty path"):
+        healthyluncher.open("")
+    with pytest.raises(LuncherError, match="path is an empty path"):
+        healthyluncher.open(tmp_path / "models").export_backup("")
+    result = run("--models-dir", "", "status")
+    assert result.code == 2 and "empty path" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_retrain_needs_new_label_for_an_unknown_label(lun, photos):
     with pytest.raises(LuncherError, match="new_label=True"):
         lun.retrain("dessert", photos["red"])

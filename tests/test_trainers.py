@@ -56,6 +56,17 @@ def test_the_numpy_trainer_can_be_forced(monkeypatch):
     assert trainer_name() == "numpy"
 
 
+def test_a_typo_in_the_trainer_variable_is_named_not_ignored(run, pt_model, photos, monkeypatch):
+    """LUNCHER_TRAINER=nump used to pick the default trainer without a word."""
+    assert run("make-updatable", pt_model).code == 0
+    monkeypatch.setenv(TRAINER_ENV, "nump")
+    result = run("retrain", "--label", "healthy", *photos["red"])
+    one_line_error(result, "LUNCHER_TRAINER='nump'", "numpy or onnxruntime")
+    assert run("status", "--json").code == 1
+    monkeypatch.setenv(TRAINER_ENV, "")
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+
+
 def test_both_onnxruntime_wheels_installed_is_named_with_its_fix(monkeypatch):
     from importlib import metadata
 
