@@ -200,6 +200,12 @@ def label_key(label: str) -> str:
     return unicodedata.normalize("NFC", label)
 
 
+def known_label(label: str, labels: tuple[str, ...]) -> str:
+    """The label of `labels` that `label` names (the same text in another Unicode form: a
+    typed "café" is the "café" of a macOS folder name), else `label` as given."""
+    return next((known for known in labels if label_key(known) == label_key(label)), label)
+
+
 def labels_of(values: Any) -> tuple[str, ...]:
     if not isinstance(values, list) or not values:
         raise LuncherError("labels must be a non-empty list")

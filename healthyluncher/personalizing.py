@@ -15,7 +15,7 @@ from healthyluncher.embedder import Embedder
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import memory_plan, merge_examples, select_examples
-from healthyluncher.meta import check_label, label_key
+from healthyluncher.meta import check_label, known_label
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.records import Examples, load_base, load_examples, load_personal
@@ -116,8 +116,7 @@ def retrain(
         personal = load_personal(store, txn.state)
         check_trainable(base.meta, base.path)
         old_labels = personal.meta.labels if personal else base.meta.labels
-        # "café" typed (NFC) is the "café" of a macOS folder name (NFD), never a twin label.
-        label = next((k for k in old_labels if label_key(k) == label_key(label)), label)
+        label = known_label(label, old_labels)  # never a twin label in another Unicode form
         if label not in old_labels and not new_label:
             raise UnknownLabelError(label, old_labels)
         labels = old_labels if label in old_labels else (*old_labels, label)
@@ -299,6 +298,7 @@ def forget(
         if label is None:
             digests = _named_digests(store, inputs, examples.digests)
         else:
+            label = known_label(label, personal.meta.labels)
             digests = {
                 d for d, x in zip(examples.digests, examples.labels, strict=True) if x == label
             }

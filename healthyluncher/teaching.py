@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.meta import PersonalMeta, check_label, label_key
+from healthyluncher.meta import PersonalMeta, check_label, known_label, label_key
 from healthyluncher.personal import publish_personal
 from healthyluncher.records import (
     Base,
@@ -58,6 +58,7 @@ def list_examples(store: ModelStore, label: str | None = None) -> list[TaughtExa
     if personal is None or examples is None:
         return []
     known = load_taught(personal)
+    label = None if label is None else known_label(label, personal.meta.labels)
     if label is not None and label not in personal.meta.labels:
         raise LuncherError(f"{label!r} is not a label ({', '.join(personal.meta.labels)})")
     found = []
@@ -92,6 +93,7 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
         base = load_base(store, txn.state)
         personal = load_personal(store, txn.state)
         labels = personal.meta.labels if personal else base.meta.labels
+        old = known_label(old, labels)
         if old not in labels:
             raise LuncherError(f"{old!r} is not a label ({', '.join(labels)})")
         if old in base.meta.labels:

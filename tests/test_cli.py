@@ -352,6 +352,22 @@ def test_a_label_typed_in_another_unicode_form_is_the_same_label(run, pt_model, 
     one_line_error(twins, "unique")
 
 
+def test_every_command_that_names_a_label_takes_it_in_either_unicode_form(run, pt_model, photos):
+    """`examples --label`, `labels rename` and `labels remove` compared labels exactly: a
+    label taught from a macOS folder name (NFD) was "not a label" when typed (NFC)."""
+    assert run("make-updatable", pt_model).code == 0
+    taught = run("retrain", "--label", CAFE_NFD, "--new-label", *photos["red"])
+    assert taught.code == 0, taught
+    listed = run("examples", "--label", CAFE_NFC, "--json")
+    assert listed.code == 0, listed
+    assert [row["label"] for row in listed.json_lines()] == [CAFE_NFD] * 3
+    assert run("labels", "rename", CAFE_NFC, "coffee").code == 0
+    assert run("labels", "rename", "coffee", CAFE_NFD).code == 0
+    removed = run("labels", "remove", CAFE_NFC)
+    assert removed.code == 0, removed
+    assert json.loads(run("status", "--json").stdout)["labels"] == ["healthy", "fast_food"]
+
+
 def test_the_api_checks_the_labels_it_is_given(pt_model, models_dir):
     import healthyluncher
 
