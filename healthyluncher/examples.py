@@ -118,6 +118,10 @@ def read_replay(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
         raise LuncherError(f"{path}: not a replay set ({exc})") from None
     if names.shape != (len(inputs),) or inputs.ndim < 2 or not np.isfinite(inputs).all():
         raise LuncherError(f"{path}: not a replay set (labels without inputs, or NaN inputs)")
+    # Far beyond any network's activations, and small enough that training stays finite:
+    # 1e38 trained into NaN, which the user was told to cure with a smaller learning rate.
+    if inputs.size and float(np.abs(inputs).max()) > 1e12:
+        raise LuncherError(f"{path}: not a replay set (inputs of 1e12 or more)")
     return inputs, [str(name) for name in names], weights
 
 

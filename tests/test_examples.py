@@ -499,15 +499,20 @@ def test_a_replay_file_with_damaged_weights_is_refused_in_one_line(
     one_line_error(result, "weights are damaged")
 
 
-@pytest.mark.parametrize("damage", ["NaN inputs", "labels not one per input", "0-d labels"])
+@pytest.mark.parametrize(
+    "damage", ["NaN inputs", "huge inputs", "labels not one per input", "0-d labels"]
+)
 def test_a_replay_file_whose_rows_do_not_pair_up_or_are_nan_is_refused(
     run, pt_model, tmp_path, photos, damage
 ):
     """They were accepted, and then every retrain failed ("unexpected IndexError"), or,
-    with NaN inputs, trained a model that predicted null."""
+    with NaN inputs, trained a model that predicted null; inputs of 1e38 trained into NaN,
+    and the error blamed the learning rate."""
     inputs, labels = np.ones((4, 8), np.float32), np.array(["healthy", "fast_food"] * 2)
     if damage == "NaN inputs":
         inputs[1, 2] = np.nan
+    elif damage == "huge inputs":
+        inputs[1, 2] = -1e38
     elif damage == "labels not one per input":
         labels = labels[:3]
     else:
