@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from healthyluncher.events import Progress, ProgressCallback
     from healthyluncher.personalizing import (
         ForgetResult,
-        RepairResult,
         ResetResult,
         RetrainResult,
         Status,
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
     from healthyluncher.photos import ImageFailure
     from healthyluncher.predictor import Prediction
     from healthyluncher.settings import Hyperparameters, Preprocessing
-    from healthyluncher.teaching import LabelInfo, RenameResult, TaughtExample
+    from healthyluncher.teaching import LabelInfo, RenameResult, RepairResult, TaughtExample
 
 # Loaded on first use: `luncher --help` and `import healthyluncher` stay fast.
 _EXPORTS = {
@@ -49,7 +48,7 @@ _EXPORTS = {
     "Progress": "healthyluncher.events",
     "ProgressCallback": "healthyluncher.events",
     "ForgetResult": "healthyluncher.personalizing",
-    "RepairResult": "healthyluncher.personalizing",
+    "RepairResult": "healthyluncher.teaching",
     "ResetResult": "healthyluncher.personalizing",
     "RetrainResult": "healthyluncher.personalizing",
     "Status": "healthyluncher.personalizing",

@@ -33,14 +33,13 @@ if TYPE_CHECKING:
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.personalizing import (
         ForgetResult,
-        RepairResult,
         ResetResult,
         RetrainResult,
         Status,
         UndoResult,
     )
     from healthyluncher.predictor import Prediction, Predictor
-    from healthyluncher.teaching import LabelInfo, RenameResult, TaughtExample
+    from healthyluncher.teaching import LabelInfo, RenameResult, RepairResult, TaughtExample
 
     # A photo: a file path, a PIL image, or a (H, W, 3) uint8 array.
     PhotoInput = str | os.PathLike[str] | Image.Image | np.ndarray
@@ -203,13 +202,14 @@ class Luncher:
 
             return reset(self._store, purge=purge)  # works on a damaged directory
 
-    def repair(self) -> RepairResult:
+    def repair(self, *, progress: ProgressCallback | None = None) -> RepairResult:
         """Rebuild a damaged state.json from the newest complete state in the models
-        directory, and remove what interrupted commands left behind."""
+        directory, and remove what interrupted commands left behind; if the saved views of
+        your photos are damaged, embed the photos again from their thumbnails."""
         with self._lock:
-            from healthyluncher.personalizing import repair
+            from healthyluncher.teaching import repair
 
-            return repair(self._store)
+            return repair(self._store, progress)
 
     def status(self) -> Status:
         """The base, your examples, the settings, the trainer and the disk used."""

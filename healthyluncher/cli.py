@@ -246,12 +246,21 @@ def _reset_has_something_to_lose(lun: Any, purge: bool) -> bool:
 def repair(ctx: typer.Context, as_json: JSON = False) -> None:
     """Rebuild a damaged state.json from the models directory; remove leftovers.
 
+    Damaged saved views of your photos are embedded again from their thumbnails.
+
     Example: luncher repair
     """
-    result = luncher(ctx).repair()
+    with progress_bars() as report:
+        result = luncher(ctx).repair(progress=report)
     if as_json:
         json_line(plain(result))
         return
+    if result.reembedded:
+        lost = f"; {result.lost} without a thumbnail are gone" if result.lost else ""
+        out.print(
+            f"The saved views of your photos were damaged: embedded {result.reembedded} "
+            f"photo(s) again from their thumbnails and retrained{lost}."
+        )
     if not result.repaired:
         out.print("state.json is intact; leftovers of interrupted commands were removed.")
         return

@@ -18,6 +18,11 @@ class DamagedError(LuncherError):
     """A file of the models directory that cannot be parsed (not one that cannot be read)."""
 
 
+class DamagedViewsError(DamagedError):
+    """The saved head inputs of the user's photos cannot be read; the undo steps share
+    them, so `repair` embeds the photos again from their thumbnails."""
+
+
 class UnknownLabelError(LuncherError):
     """A retrain names a label the model does not have (a typo, most often)."""
 

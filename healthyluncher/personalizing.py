@@ -59,14 +59,6 @@ class ResetResult:
 
 
 @dataclass(frozen=True)
-class RepairResult:
-    repaired: bool  # state.json was damaged and is now rebuilt
-    base: str | None  # the directories the state names
-    personal: str | None
-    undo_steps: int
-
-
-@dataclass(frozen=True)
 class Status:
     models_dir: Path
     base_name: str
@@ -220,16 +212,6 @@ def reset(store: ModelStore, *, purge: bool = False) -> ResetResult:
         removed_cache_files=counts[1],
         undoable=undoable,
     )
-
-
-def repair(store: ModelStore) -> RepairResult:
-    """Rewrite state.json if it is damaged (from the newest complete state the directories
-    hold: see `state.recover`) and remove what interrupted commands left behind."""
-    with store.transaction() as txn:
-        state = txn.state
-        txn.commit(state)  # written again, then every directory it does not name goes
-        repaired = txn.repaired
-    return RepairResult(repaired, state.base, state.personal, len(state.history))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher import segments
-from healthyluncher.errors import DamagedError, LuncherError
+from healthyluncher.errors import DamagedError, DamagedViewsError, LuncherError
 from healthyluncher.fileio import read_json
 from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
@@ -118,10 +118,15 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
 
 
 def load_examples(
-    personal: Personal | None, sample_shape: tuple[int, ...], *, shared: bool = True
+    personal: Personal | None,
+    sample_shape: tuple[int, ...],
+    *,
+    shared: bool = True,
+    views: bool = True,
 ) -> Examples:
     """A copy's examples. Their views are in the file itself, or (`shared`, a copy inside a
-    models directory) in the directory's segments, which the file indexes."""
+    models directory) in the directory's segments, which the file indexes. Without `views`,
+    the photos and labels alone (each view an empty row)."""
     if personal is None:
         return Examples.empty(sample_shape)
     path = personal.path / Files.EXAMPLES
@@ -134,7 +139,7 @@ def load_examples(
             else:
                 origin = data["origin"].astype(np.int64)
                 names = data["segments"]
-                inputs = segments.load_views(personal.path.parent / segments.FOLDER, origin, names)
+                inputs = _views(personal, origin, names) if views else np.zeros((len(origin), 0))
                 segment_names = tuple(str(name) for name in names)
             owner, digests, labels = data["owner"], data["digests"], data["labels"]
         # A digest names a thumbnail file (a forget deletes it), a label picks a class.
@@ -153,6 +158,15 @@ def load_examples(
         return Examples(inputs, owner, digests, labels, origin, segment_names)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise LuncherError(f"{path} is damaged ({exc}); {GO_BACK}") from None
+
+
+def _views(personal: Personal, origin: np.ndarray, names: np.ndarray) -> np.ndarray:
+    try:
+        return segments.load_views(personal.path.parent / segments.FOLDER, origin, names)
+    except DamagedViewsError as exc:  # undo steps share it: undo does not get past it
+        raise DamagedViewsError(
+            f"{exc}; run `luncher repair` to embed your photos again from their thumbnails"
+        ) from None
 
 
 def load_taught(personal: Personal | None) -> dict[str, tuple[str, str]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from healthyluncher.errors import DamagedViewsError
 from healthyluncher.fileio import atomic_write_bytes
 
 FOLDER = "examples"
@@ -80,10 +81,13 @@ def load_views(folder: Path, origin: np.ndarray, segments: np.ndarray) -> np.nda
         raise ValueError("the names of its segments are malformed")
     if origin.ndim != 2 or origin.shape[1] != 2 or origin.dtype.kind not in "iu":
         raise ValueError(f"its index has shape {origin.shape} and type {origin.dtype}")
-    arrays = [np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in names]
+    try:  # a segment is shared by the undo steps: its damage is not one copy's
+        arrays = [np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in names]
+    except (OSError, ValueError, EOFError) as exc:
+        raise DamagedViewsError(f"a segment in {folder} cannot be read ({exc})") from None
     shapes = {array.shape[1:] for array in arrays}
     if any(a.dtype != np.float32 or a.ndim < 2 for a in arrays) or len(shapes) > 1:
-        raise ValueError("a segment holds other data than head inputs")
+        raise DamagedViewsError(f"a segment in {folder} holds other data than head inputs")
     which, row = origin[:, 0].astype(np.int64), origin[:, 1].astype(np.int64)
     if len(origin) and (which.min() < 0 or which.max() >= len(arrays) or row.min() < 0):
         raise ValueError("its index names a segment it does not list")

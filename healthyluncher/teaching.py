@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.embedder import rebuild_examples
+from healthyluncher.errors import DamagedViewsError, LuncherError
+from healthyluncher.events import ProgressCallback
 from healthyluncher.meta import PersonalMeta, check_label, known_label, label_key
 from healthyluncher.personal import publish_personal
 from healthyluncher.records import (
@@ -133,3 +135,49 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
             restore=(load_weights(personal), restored),
         )
     return RenameResult(old, new, renamed.labels.count(new))
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    repaired: bool  # state.json was damaged and is now rebuilt
+    base: str | None  # the directories the state names
+    personal: str | None
+    undo_steps: int
+    # The saved views of your photos were damaged: these many photos were embedded again
+    # from their thumbnails and the head retrained (a new undo step); `lost`: no thumbnail.
+    reembedded: int = 0
+    lost: int = 0
+
+
+def repair(store: ModelStore, progress: ProgressCallback | None = None) -> RepairResult:
+    """Rewrite state.json if it is damaged (from the newest complete state the directories
+    hold: see `state.recover`) and remove what interrupted commands left behind. If the
+    saved views of your photos cannot be read (the undo steps share them), embed the photos
+    again from their thumbnails and retrain."""
+    with store.transaction() as txn:
+        state = txn.state
+        txn.commit(state)  # written again, then every directory it does not name goes
+        repaired = txn.repaired
+    reembedded = lost = 0
+    with store.transaction() as txn:
+        personal = load_personal(store, txn.state)
+        try:
+            load_examples(personal, ())
+        except DamagedViewsError:
+            assert personal is not None
+            base = load_base(store, txn.state)
+            old = load_examples(personal, (), views=False)
+            hp = personal.meta.hyperparameters
+            examples, lost = rebuild_examples(store, base, old.digests, old.labels, hp, progress)
+            if len(examples) == 0:
+                raise LuncherError(
+                    "none of your photos has a thumbnail to embed again; `luncher reset "
+                    "--purge` starts over"
+                ) from None
+            labels = tuple(
+                x for x in personal.meta.labels if x in base.meta.labels or x in examples.labels
+            )
+            publish_personal(txn, base, labels, examples, hp, progress=progress)
+            reembedded = len(examples.digests)
+        state = txn.state
+    return RepairResult(repaired, state.base, state.personal, len(state.history), reembedded, lost)

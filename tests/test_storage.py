@@ -135,9 +135,34 @@ def test_a_damaged_examples_index_is_refused_in_one_line(run, lun, photos, model
     if damage != "missing segment":
         np.savez(path, **arrays)
     result = run("retrain", "--label", "healthy", photos["green"][0])
-    one_line_error(result, str(path), "damaged", "undo")
+    if damage == "missing segment":  # the undo steps share it: repair embeds them again
+        one_line_error(result, "cannot be read", "luncher repair", "thumbnails")
+    else:
+        one_line_error(result, str(path), "damaged", "undo")
     assert run("undo").code == 0
     assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
+
+
+@pytest.mark.parametrize("damage", ["junk", "missing", "wrong dtype"])
+def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, models_dir, damage):
+    """A segment is shared by the undo steps, and its damage said "examples.npz is
+    damaged; run `luncher undo`", which only reached steps damaged the same way."""
+    lun.retrain("healthy", photos["red"])
+    (segment,) = (models_dir / segments.FOLDER).glob("*.npy")
+    if damage == "junk":
+        segment.write_bytes(b"not a numpy file")
+    elif damage == "missing":
+        segment.unlink()
+    else:
+        np.save(segment, np.zeros((3, 2), np.int64))
+    one_line_error(run("retrain", "--label", "healthy", photos["green"][0]), "luncher repair")
+    repaired = run("repair", "--json")
+    assert repaired.code == 0, repaired
+    assert repaired.json_lines()[0]["reembedded"] == 3
+    assert lun.status().examples_per_label == {"healthy": 3}
+    assert run("retrain", "--label", "fast_food", photos["green"][0]).code == 0
+    assert lun.status().examples_per_label == {"healthy": 3, "fast_food": 1}
+    assert run("repair", "--json").json_lines()[0]["reembedded"] == 0  # nothing to do now
 
 
 @pytest.mark.parametrize(
