@@ -572,3 +572,28 @@ def test_the_luncher_process_starts_numpy_with_one_blas_thread(lun, preset):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == f"[{preset or 1}]"
+
+
+# -- what a program that imports healthyluncher found (the API review) -----------------------
+
+
+def test_the_library_leaves_the_programs_logging_configuration_alone(pt_model, models_dir):
+    """ONNX Runtime's artifact generator calls logging.basicConfig when it is imported: the
+    program's root logger got a stderr handler, and its own basicConfig then did nothing."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import logging, sys\n"
+        "import healthyluncher\n"
+        "healthyluncher.make_updatable(sys.argv[1], models_dir=sys.argv[2])\n"
+        "print(logging.getLogger().handlers)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(pt_model), str(models_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout.strip(), done.stderr) == ("[]", "")
