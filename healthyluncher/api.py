@@ -70,13 +70,16 @@ def open(  # noqa: A001
 class Luncher:
     """One models directory: predict with it, personalize it, undo, export and import.
 
-    Safe to use from several threads (one operation at a time per `Luncher`); several
-    processes take turns on the models directory's lock.
+    Safe to use from several threads: changes run one at a time, and predictions go on
+    meanwhile with the model as it was; several processes take turns on the models
+    directory's lock.
     """
 
     def __init__(self, models_dir: Path, *, on_wait: Callable[[str], None] | None = None) -> None:
         self._store = ModelStore(models_dir, on_wait=on_wait)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # changes
+        # Readers need no lock (ModelStore): a prediction never waits for a change.
+        self._predictor_lock = threading.Lock()
         self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
 
     def __repr__(self) -> str:
@@ -127,7 +130,7 @@ class Luncher:
 
     def _predictor(self, *, base: bool) -> Predictor:
         """The session over the current model, loaded again only when the state changes."""
-        with self._lock:
+        with self._predictor_lock:
             state = self._ready()
             key = (base, state.base, None if base else state.personal)
             predictor = self._predictors.get(key)

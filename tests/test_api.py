@@ -597,3 +597,34 @@ def test_the_library_leaves_the_programs_logging_configuration_alone(pt_model, m
     )
     assert done.returncode == 0, done.stderr
     assert (done.stdout.strip(), done.stderr) == ("[]", "")
+
+
+def test_predict_goes_on_while_another_thread_retrains(lun, photos):
+    """A retrain in another process never held predict up, but one in another thread of the
+    same Luncher held every predict until it ended: a web server stopped answering while it
+    retrained in the background."""
+    expected = lun.predict(photos["green"][0])[0].probabilities
+    training, release = threading.Event(), threading.Event()
+
+    def progress(event: Progress) -> None:
+        if event.stage == "training":
+            training.set()
+            release.wait(30)
+
+    worker = threading.Thread(
+        target=lambda: lun.retrain("healthy", photos["red"][:1], progress=progress)
+    )
+    worker.start()
+    try:
+        assert training.wait(30)
+        answers: list[dict[str, float]] = []
+        client = threading.Thread(
+            target=lambda: answers.append(lun.predict(photos["green"][0])[0].probabilities)
+        )
+        client.start()
+        client.join(10)
+        assert answers == [expected], "predict waited for the retrain"
+    finally:
+        release.set()
+        worker.join()
+    assert lun.personalized
