@@ -628,3 +628,12 @@ def test_predict_goes_on_while_another_thread_retrains(lun, photos):
         release.set()
         worker.join()
     assert lun.personalized
+
+
+def test_a_result_for_an_in_memory_photo_has_a_short_repr(lun, photos):
+    """Its path's repr held the whole photo as PNG bytes: a logged or printed Prediction of a
+    phone photo was megabytes long."""
+    pixels = np.asarray(Image.open(photos["green"][0]).convert("RGB"))
+    prediction = lun.predict([pixels])[0]
+    assert len(repr(prediction)) < 300 and "'<image 0>'" in repr(prediction)
+    assert len(repr(lun.retrain("fast_food", [pixels]))) < 2000
