@@ -2,7 +2,7 @@
 
     import healthyluncher
     lun = healthyluncher.open()                 # the same models directory as `luncher`
-    pred = lun.predict(["lunch.jpg"])[0]        # paths, PIL images, (H, W, 3) uint8 arrays
+    pred = lun.predict(["lunch.jpg"])[0]        # paths, bytes, PIL images, uint8 arrays
     pred.label, pred.probability, pred.probabilities
     lun.retrain("healthy", ["p1.jpg", "p2.jpg"], progress=print)
     lun.undo(); lun.forget(["p1.jpg"]); lun.reset(); lun.status()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.photos import ImageFailure, PhotoSource, find_images
+from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, find_images
 from healthyluncher.runtime import one_blas_thread
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from healthyluncher.predictor import Prediction, Predictor
     from healthyluncher.teaching import LabelInfo, RenameResult, TaughtExample
 
-    # A photo: a file path, a PIL image, or a (H, W, 3) uint8 array.
-    PhotoInput = str | os.PathLike[str] | Image.Image | np.ndarray
+    # A photo: a file path, a photo file's bytes, a PIL image, or a (H, W, 3) uint8 array.
+    PhotoInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
 T = TypeVar("T")
@@ -106,7 +106,8 @@ class Luncher:
     ) -> list[Prediction]:
         """Label each photo, in the order given (directories are searched, sorted).
 
-        Photos are file paths, PIL images or (H, W, 3) uint8 arrays, mixed freely.
+        Photos are file paths, photo files' bytes (an upload), PIL images or (H, W, 3)
+        uint8 arrays, mixed freely.
         `base=True` ignores the personalization. A photo that cannot be read raises
         LuncherError naming it; `predict_each` reports it and goes on instead.
         """
@@ -372,7 +373,8 @@ def _path(value: Any, name: str) -> Path:
 
 
 def _sources(photos: Any) -> list[PhotoSource]:
-    """Paths as Paths, in-memory images as lossless in-memory photos."""
+    """Paths as Paths, bytes as the photo file they hold, in-memory images as lossless
+    in-memory photos."""
     if not _is_single(photos) and not isinstance(photos, Iterable):
         raise LuncherError(
             f"photos must be a path, an image or a list of them, not {type(photos).__name__}"
@@ -384,6 +386,8 @@ def _sources(photos: Any) -> list[PhotoSource]:
             raise LuncherError(f"photo {index} is an empty path")
         if isinstance(item, (str, os.PathLike)):
             sources.append(Path(item))
+        elif isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
+            sources.append(MemoryPhoto(f"<image {index}>", bytes(item)))
         else:
             from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
 
@@ -392,7 +396,9 @@ def _sources(photos: Any) -> list[PhotoSource]:
 
 
 def _is_single(photos: Any) -> bool:
-    if isinstance(photos, (str, os.PathLike)):
+    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return True
+    if hasattr(photos, "read"):  # a file object is one photo (refused), not a list of lines
         return True
     # A numpy array of pixels is one photo; a list of them is several.
     return hasattr(photos, "shape") or hasattr(photos, "getpixel")

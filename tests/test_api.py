@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -68,7 +69,7 @@ def test_api_predictions_equal_the_cli_json(lun, photos, run):
 def test_bad_inputs_are_luncher_errors(lun, tmp_path):
     with pytest.raises(LuncherError, match="uint8"):
         lun.predict([np.zeros((8, 8, 3), np.float32)])
-    with pytest.raises(LuncherError, match="expected a path, a PIL image"):
+    with pytest.raises(LuncherError, match="expected a path, a photo file's bytes, a PIL image"):
         lun.predict([{"not": "a photo"}])
     with pytest.raises(LuncherError, match="missing.jpg"):
         lun.predict([tmp_path / "missing.jpg"])
@@ -637,3 +638,19 @@ def test_a_result_for_an_in_memory_photo_has_a_short_repr(lun, photos):
     prediction = lun.predict([pixels])[0]
     assert len(repr(prediction)) < 300 and "'<image 0>'" in repr(prediction)
     assert len(repr(lun.retrain("fast_food", [pixels]))) < 2000
+
+
+def test_the_bytes_of_a_photo_file_are_a_photo(lun, photos):
+    """What a web server receives from an upload: bytes were refused ('not int', or 'not
+    bytes'), and a file object was read line by line as a list of photos."""
+    path = photos["green"][0]
+    from_bytes, from_file = lun.predict([path.read_bytes(), path])
+    assert str(from_bytes.path) == "<image 0>"
+    assert from_bytes.probabilities == from_file.probabilities
+    assert lun.predict(path.read_bytes())[0].probabilities == from_file.probabilities
+    assert lun.retrain("fast_food", [bytearray(path.read_bytes())]).photos[0].after > 0.5
+    assert lun.forget([path]).forgotten == 1  # the same content as the file
+    with pytest.raises(LuncherError, match="<image 0>: cannot decode image"):
+        lun.predict(b"not a photo")
+    with pytest.raises(LuncherError, match="not BytesIO"):
+        lun.predict(io.BytesIO(path.read_bytes()))  # type: ignore[arg-type]
