@@ -163,7 +163,8 @@ class Luncher:
         `epochs`, `learning_rate` and `views` (augmented views per photo) override the
         stored settings for this retrain; `save=True` keeps them as the settings of later
         retrains. `memory_strength` (default 40; 0 turns the memory of your examples off)
-        is part of the model, so it is always kept. `progress` receives `Progress` events.
+        is part of the model, so it is always kept. `progress` receives `Progress` events;
+        an exception it raises cancels the retrain (nothing is saved) and comes out as is.
         """
         from healthyluncher.personalizing import retrain
 

@@ -654,3 +654,31 @@ def test_the_bytes_of_a_photo_file_are_a_photo(lun, photos):
         lun.predict(b"not a photo")
     with pytest.raises(LuncherError, match="not BytesIO"):
         lun.predict(io.BytesIO(path.read_bytes()))  # type: ignore[arg-type]
+
+
+def test_an_exception_raised_by_progress_cancels_and_changes_nothing(lun, photos):
+    """How a program cancels (Core ML's MLUpdateTask.cancel() from a progress handler): the
+    exception comes out of the call unchanged, and nothing was saved."""
+
+    class Cancelled(Exception):
+        pass
+
+    lun.retrain("fast_food", photos["green"][:2])
+    before = lun.status()
+    for stage in ("embedding", "training"):
+
+        def cancel(event: Progress, stage: str = stage) -> None:
+            if event.stage == stage:
+                raise Cancelled
+
+        with pytest.raises(Cancelled):
+            lun.retrain("healthy", photos["red"], progress=cancel)
+    with pytest.raises(Cancelled):
+        lun.forget(photos["green"][:1], progress=cancel)  # the training stage's
+    after = lun.status()
+    assert (after.examples_per_label, after.retrains, after.undo_steps) == (
+        before.examples_per_label,
+        before.retrains,
+        before.undo_steps,
+    )
+    assert lun.retrain("healthy", photos["red"]).examples_per_label["healthy"] == 3
