@@ -75,8 +75,14 @@ class Luncher:
     directory's lock.
     """
 
-    def __init__(self, models_dir: Path, *, on_wait: Callable[[str], None] | None = None) -> None:
-        self._store = ModelStore(models_dir, on_wait=on_wait)
+    def __init__(
+        self,
+        models_dir: str | os.PathLike[str],
+        *,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        root = resolve_models_dir(_path(models_dir, "models_dir"))  # absolute, as open's
+        self._store = ModelStore(root, on_wait=on_wait)
         self._lock = threading.RLock()  # changes
         # Readers need no lock (ModelStore): a prediction never waits for a change.
         self._predictor_lock = threading.Lock()

@@ -682,3 +682,13 @@ def test_an_exception_raised_by_progress_cancels_and_changes_nothing(lun, photos
         before.undo_steps,
     )
     assert lun.retrain("healthy", photos["red"]).examples_per_label["healthy"] == 3
+
+
+def test_the_exported_luncher_class_takes_a_models_directory_as_open_does(lun, tmp_path):
+    """`Luncher("models")` failed with "unsupported operand type(s) for /: 'str' and 'str'",
+    and a relative Path moved with the program's working directory."""
+    assert healthyluncher.Luncher(str(lun.models_dir)).labels == lun.labels
+    relative = healthyluncher.Luncher(Path(os.path.relpath(lun.models_dir)))
+    assert relative.models_dir == lun.models_dir and relative.models_dir.is_absolute()
+    with pytest.raises(LuncherError, match="models_dir must be a path"):
+        healthyluncher.Luncher(None)  # type: ignore[arg-type]
