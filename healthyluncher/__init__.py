@@ -8,7 +8,8 @@
     lun.undo(); lun.forget(["p1.jpg"]); lun.reset(); lun.status()
     healthyluncher.make_updatable("model.onnx", labels=["healthy", "fast_food"])
 
-Every error a caller can act on is a `LuncherError`. Results are frozen dataclasses.
+Every error a caller can act on is a `LuncherError`; a retrain's unknown label is an
+`UnknownLabelError` (`label`, `known`). Results are frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.version import __version__
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ _EXPORTS = {
 
 __all__ = [
     "LuncherError",
+    "UnknownLabelError",
     "__version__",
     "Luncher",
     "make_updatable",

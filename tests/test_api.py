@@ -692,3 +692,13 @@ def test_the_exported_luncher_class_takes_a_models_directory_as_open_does(lun, t
     assert relative.models_dir == lun.models_dir and relative.models_dir.is_absolute()
     with pytest.raises(LuncherError, match="models_dir must be a path"):
         healthyluncher.Luncher(None)  # type: ignore[arg-type]
+
+
+def test_an_unknown_label_is_an_exported_error_naming_it(lun, photos):
+    """A program offering 'add "heathy" as a new label?' had to parse the message: the
+    error's class and its `label` and `known` were private."""
+    with pytest.raises(healthyluncher.UnknownLabelError) as refused:
+        lun.retrain("heathy", photos["red"])
+    assert (refused.value.label, refused.value.known) == ("heathy", lun.labels)
+    assert "UnknownLabelError" in healthyluncher.__all__
+    assert issubclass(healthyluncher.UnknownLabelError, LuncherError)
