@@ -114,6 +114,13 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(run, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_no_photos_at_all_is_named(lun):
+    """retrain with an empty list said "no image files found in " and stopped there."""
+    for call in (lambda: lun.retrain("healthy", []), lambda: lun.predict([])):
+        with pytest.raises(LuncherError, match=r"^no image files found in \(nothing\)$"):
+            call()
+
+
 def test_retrain_needs_new_label_for_an_unknown_label(lun, photos):
     with pytest.raises(LuncherError, match="new_label=True"):
         lun.retrain("dessert", photos["red"])
