@@ -709,3 +709,13 @@ def test_an_unknown_label_is_an_exported_error_naming_it(lun, photos):
     assert (refused.value.label, refused.value.known) == ("heathy", lun.labels)
     assert "UnknownLabelError" in healthyluncher.__all__
     assert issubclass(healthyluncher.UnknownLabelError, LuncherError)
+
+
+def test_a_long_running_luncher_predicts_with_what_another_process_saved(lun, photos, run):
+    """A web server's Luncher, while `luncher retrain` and `luncher undo` change its models
+    directory: each predict uses the model saved last."""
+    before = lun.predict(photos["green"][0])[0].probabilities
+    assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
+    assert lun.predict(photos["green"][0])[0].label == "healthy" and lun.personalized
+    assert run("undo").code == 0
+    assert lun.predict(photos["green"][0])[0].probabilities == before
