@@ -2,13 +2,14 @@
 
     import healthyluncher
     lun = healthyluncher.open()                 # the same models directory as `luncher`
-    pred = lun.predict(["lunch.jpg"])[0]        # paths, PIL images, (H, W, 3) uint8 arrays
+    pred = lun.predict(["lunch.jpg"])[0]        # paths, bytes, PIL images, uint8 arrays
     pred.label, pred.probability, pred.probabilities
     lun.retrain("healthy", ["p1.jpg", "p2.jpg"], progress=print)
     lun.undo(); lun.forget(["p1.jpg"]); lun.reset(); lun.status()
     healthyluncher.make_updatable("model.onnx", labels=["healthy", "fast_food"])
 
-Every error a caller can act on is a `LuncherError`. Results are frozen dataclasses.
+Every error a caller can act on is a `LuncherError`; a retrain's unknown label is an
+`UnknownLabelError` (`label`, `known`). Results are frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.version import __version__
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ _EXPORTS = {
 
 __all__ = [
     "LuncherError",
+    "UnknownLabelError",
     "__version__",
     "Luncher",
     "make_updatable",

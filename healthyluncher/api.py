@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.photos import ImageFailure, PhotoSource, find_images
+from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, find_images
 from healthyluncher.runtime import one_blas_thread
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from healthyluncher.predictor import Prediction, Predictor
     from healthyluncher.teaching import LabelInfo, RenameResult, RepairResult, TaughtExample
 
-    # A photo: a file path, a PIL image, or a (H, W, 3) uint8 array.
-    PhotoInput = str | os.PathLike[str] | Image.Image | np.ndarray
+    # A photo: a file path, a photo file's bytes, a PIL image, or a (H, W, 3) uint8 array.
+    PhotoInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
 T = TypeVar("T")
@@ -69,13 +69,22 @@ def open(  # noqa: A001
 class Luncher:
     """One models directory: predict with it, personalize it, undo, export and import.
 
-    Safe to use from several threads (one operation at a time per `Luncher`); several
-    processes take turns on the models directory's lock.
+    Safe to use from several threads: changes run one at a time, and predictions go on
+    meanwhile with the model as it was; several processes take turns on the models
+    directory's lock.
     """
 
-    def __init__(self, models_dir: Path, *, on_wait: Callable[[str], None] | None = None) -> None:
-        self._store = ModelStore(models_dir, on_wait=on_wait)
-        self._lock = threading.RLock()
+    def __init__(
+        self,
+        models_dir: str | os.PathLike[str],
+        *,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        root = resolve_models_dir(_path(models_dir, "models_dir"))  # absolute, as open's
+        self._store = ModelStore(root, on_wait=on_wait)
+        self._lock = threading.RLock()  # changes
+        # Readers need no lock (ModelStore): a prediction never waits for a change.
+        self._predictor_lock = threading.Lock()
         self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
 
     def __repr__(self) -> str:
@@ -102,7 +111,8 @@ class Luncher:
     ) -> list[Prediction]:
         """Label each photo, in the order given (directories are searched, sorted).
 
-        Photos are file paths, PIL images or (H, W, 3) uint8 arrays, mixed freely.
+        Photos are file paths, photo files' bytes (an upload), PIL images or (H, W, 3)
+        uint8 arrays, mixed freely.
         `base=True` ignores the personalization. A photo that cannot be read raises
         LuncherError naming it; `predict_each` reports it and goes on instead.
         """
@@ -126,7 +136,7 @@ class Luncher:
 
     def _predictor(self, *, base: bool) -> Predictor:
         """The session over the current model, loaded again only when the state changes."""
-        with self._lock:
+        with self._predictor_lock:
             state = self._ready()
             key = (base, state.base, None if base else state.personal)
             predictor = self._predictors.get(key)
@@ -158,7 +168,8 @@ class Luncher:
         `epochs`, `learning_rate` and `views` (augmented views per photo) override the
         stored settings for this retrain; `save=True` keeps them as the settings of later
         retrains. `memory_strength` (default 40; 0 turns the memory of your examples off)
-        is part of the model, so it is always kept. `progress` receives `Progress` events.
+        is part of the model, so it is always kept. `progress` receives `Progress` events;
+        an exception it raises cancels the retrain (nothing is saved) and comes out as is.
         """
         from healthyluncher.personalizing import retrain
 
@@ -369,7 +380,8 @@ def _path(value: Any, name: str) -> Path:
 
 
 def _sources(photos: Any) -> list[PhotoSource]:
-    """Paths as Paths, in-memory images as lossless in-memory photos."""
+    """Paths as Paths, bytes as the photo file they hold, in-memory images as lossless
+    in-memory photos."""
     if not _is_single(photos) and not isinstance(photos, Iterable):
         raise LuncherError(
             f"photos must be a path, an image or a list of them, not {type(photos).__name__}"
@@ -381,6 +393,8 @@ def _sources(photos: Any) -> list[PhotoSource]:
             raise LuncherError(f"photo {index} is an empty path")
         if isinstance(item, (str, os.PathLike)):
             sources.append(Path(item))
+        elif isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
+            sources.append(MemoryPhoto(f"<image {index}>", bytes(item)))
         else:
             from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
 
@@ -389,7 +403,9 @@ def _sources(photos: Any) -> list[PhotoSource]:
 
 
 def _is_single(photos: Any) -> bool:
-    if isinstance(photos, (str, os.PathLike)):
+    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return True
+    if hasattr(photos, "read"):  # a file object is one photo (refused), not a list of lines
         return True
     # A numpy array of pixels is one photo; a list of them is several.
     return hasattr(photos, "shape") or hasattr(photos, "getpixel")

@@ -75,8 +75,8 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
         image = Image.fromarray(np.ascontiguousarray(image))
     if not isinstance(image, Image.Image):
         raise LuncherError(
-            f"{name}: expected a path, a PIL image or a numpy uint8 array, "
-            f"not {type(image).__name__}"
+            f"{name}: expected a path, a photo file's bytes, a PIL image or a numpy uint8 "
+            f"array, not {type(image).__name__}"
         )
     buffer = io.BytesIO()
     try:

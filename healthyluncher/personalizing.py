@@ -102,7 +102,8 @@ def retrain(
     label = check_label(label)
     paths = find_images(inputs)
     if not paths:
-        raise LuncherError("no image files found in " + ", ".join(str(p) for p in inputs))
+        given = ", ".join(str(p) for p in inputs) or "(nothing)"
+        raise LuncherError(f"no image files found in {given}")
     with store.transaction() as txn:
         base = load_base(store, txn.state)
         personal = load_personal(store, txn.state)

@@ -8,7 +8,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -32,7 +32,7 @@ class MemoryPhoto:
     that it is hashed, cached and kept like a file's bytes."""
 
     name: str  # "<image 3>": its place in the caller's list
-    data: bytes
+    data: bytes = field(repr=False)  # a photo is megabytes: its repr is its name
 
     def __str__(self) -> str:
         return self.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,18 @@ def one_blas_thread() -> Iterator[None]:
         _blas = ThreadpoolController()
     with _blas.limit(limits=1, user_api="blas"):
         yield
+
+
+@contextmanager
+def root_logging_kept() -> Iterator[None]:
+    """The program's root logger as it was: ONNX Runtime's artifact generator calls
+    logging.basicConfig when imported, and logging.info (which does too) when it runs."""
+    handlers = list(logging.root.handlers)
+    try:
+        yield
+    finally:
+        for handler in set(logging.root.handlers) - set(handlers):
+            logging.root.removeHandler(handler)
 
 
 def _register_training_package() -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from healthyluncher.errors import LuncherError
 from healthyluncher.runtime import (
     MAX_IR_VERSION,
+    root_logging_kept,
     runtime,
     training,
     training_api,
@@ -44,12 +45,13 @@ def generate_artifacts(
     """
     from healthyluncher.decompose import for_training  # onnx: not on the retrain path
 
-    artifacts, api = training()
+    with root_logging_kept():
+        artifacts, api = training()
     directory.mkdir(parents=True, exist_ok=True)
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
     model = for_training(head)
     try:
-        with _native_stderr_silenced():
+        with _native_stderr_silenced(), root_logging_kept():
             artifacts.generate_artifacts(
                 model,
                 requires_grad=list(trainable),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -68,7 +69,7 @@ def test_api_predictions_equal_the_cli_json(lun, photos, run):
 def test_bad_inputs_are_luncher_errors(lun, tmp_path):
     with pytest.raises(LuncherError, match="uint8"):
         lun.predict([np.zeros((8, 8, 3), np.float32)])
-    with pytest.raises(LuncherError, match="expected a path, a PIL image"):
+    with pytest.raises(LuncherError, match="expected a path, a photo file's bytes, a PIL image"):
         lun.predict([{"not": "a photo"}])
     with pytest.raises(LuncherError, match="missing.jpg"):
         lun.predict([tmp_path / "missing.jpg"])
@@ -111,6 +112,13 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(run, tmp_pat
     result = run("--models-dir", "", "status")
     assert result.code == 2 and "empty path" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_photos_at_all_is_named(lun):
+    """retrain with an empty list said "no image files found in " and stopped there."""
+    for call in (lambda: lun.retrain("healthy", []), lambda: lun.predict([])):
+        with pytest.raises(LuncherError, match=r"^no image files found in \(nothing\)$"):
+            call()
 
 
 def test_retrain_needs_new_label_for_an_unknown_label(lun, photos):
@@ -572,3 +580,142 @@ def test_the_luncher_process_starts_numpy_with_one_blas_thread(lun, preset):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == f"[{preset or 1}]"
+
+
+# -- what a program that imports healthyluncher found (the API review) -----------------------
+
+
+def test_the_library_leaves_the_programs_logging_configuration_alone(pt_model, models_dir):
+    """ONNX Runtime's artifact generator calls logging.basicConfig when it is imported: the
+    program's root logger got a stderr handler, and its own basicConfig then did nothing."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import logging, sys\n"
+        "import healthyluncher\n"
+        "healthyluncher.make_updatable(sys.argv[1], models_dir=sys.argv[2])\n"
+        "print(logging.getLogger().handlers)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(pt_model), str(models_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout.strip(), done.stderr) == ("[]", "")
+
+
+def test_predict_goes_on_while_another_thread_retrains(lun, photos):
+    """A retrain in another process never held predict up, but one in another thread of the
+    same Luncher held every predict until it ended: a web server stopped answering while it
+    retrained in the background."""
+    expected = lun.predict(photos["green"][0])[0].probabilities
+    training, release = threading.Event(), threading.Event()
+
+    def progress(event: Progress) -> None:
+        if event.stage == "training":
+            training.set()
+            release.wait(30)
+
+    worker = threading.Thread(
+        target=lambda: lun.retrain("healthy", photos["red"][:1], progress=progress)
+    )
+    worker.start()
+    try:
+        assert training.wait(30)
+        answers: list[dict[str, float]] = []
+        client = threading.Thread(
+            target=lambda: answers.append(lun.predict(photos["green"][0])[0].probabilities)
+        )
+        client.start()
+        client.join(10)
+        assert answers == [expected], "predict waited for the retrain"
+    finally:
+        release.set()
+        worker.join()
+    assert lun.personalized
+
+
+def test_a_result_for_an_in_memory_photo_has_a_short_repr(lun, photos):
+    """Its path's repr held the whole photo as PNG bytes: a logged or printed Prediction of a
+    phone photo was megabytes long."""
+    pixels = np.asarray(Image.open(photos["green"][0]).convert("RGB"))
+    prediction = lun.predict([pixels])[0]
+    assert len(repr(prediction)) < 300 and "'<image 0>'" in repr(prediction)
+    assert len(repr(lun.retrain("fast_food", [pixels]))) < 2000
+
+
+def test_the_bytes_of_a_photo_file_are_a_photo(lun, photos):
+    """What a web server receives from an upload: bytes were refused ('not int', or 'not
+    bytes'), and a file object was read line by line as a list of photos."""
+    path = photos["green"][0]
+    from_bytes, from_file = lun.predict([path.read_bytes(), path])
+    assert str(from_bytes.path) == "<image 0>"
+    assert from_bytes.probabilities == from_file.probabilities
+    assert lun.predict(path.read_bytes())[0].probabilities == from_file.probabilities
+    assert lun.retrain("fast_food", [bytearray(path.read_bytes())]).photos[0].after > 0.5
+    assert lun.forget([path]).forgotten == 1  # the same content as the file
+    with pytest.raises(LuncherError, match="<image 0>: cannot decode image"):
+        lun.predict(b"not a photo")
+    with pytest.raises(LuncherError, match="not BytesIO"):
+        lun.predict(io.BytesIO(path.read_bytes()))  # type: ignore[arg-type]
+
+
+def test_an_exception_raised_by_progress_cancels_and_changes_nothing(lun, photos):
+    """How a program cancels (Core ML's MLUpdateTask.cancel() from a progress handler): the
+    exception comes out of the call unchanged, and nothing was saved."""
+
+    class Cancelled(Exception):
+        pass
+
+    lun.retrain("fast_food", photos["green"][:2])
+    before = lun.status()
+    for stage in ("embedding", "training"):
+
+        def cancel(event: Progress, stage: str = stage) -> None:
+            if event.stage == stage:
+                raise Cancelled
+
+        with pytest.raises(Cancelled):
+            lun.retrain("healthy", photos["red"], progress=cancel)
+    with pytest.raises(Cancelled):
+        lun.forget(photos["green"][:1], progress=cancel)  # the training stage's
+    after = lun.status()
+    assert (after.examples_per_label, after.retrains, after.undo_steps) == (
+        before.examples_per_label,
+        before.retrains,
+        before.undo_steps,
+    )
+    assert lun.retrain("healthy", photos["red"]).examples_per_label["healthy"] == 3
+
+
+def test_the_exported_luncher_class_takes_a_models_directory_as_open_does(lun, tmp_path):
+    """`Luncher("models")` failed with "unsupported operand type(s) for /: 'str' and 'str'",
+    and a relative Path moved with the program's working directory."""
+    assert healthyluncher.Luncher(str(lun.models_dir)).labels == lun.labels
+    relative = healthyluncher.Luncher(Path(os.path.relpath(lun.models_dir)))
+    assert relative.models_dir == lun.models_dir and relative.models_dir.is_absolute()
+    with pytest.raises(LuncherError, match="models_dir must be a path"):
+        healthyluncher.Luncher(None)  # type: ignore[arg-type]
+
+
+def test_an_unknown_label_is_an_exported_error_naming_it(lun, photos):
+    """A program offering 'add "heathy" as a new label?' had to parse the message: the
+    error's class and its `label` and `known` were private."""
+    with pytest.raises(healthyluncher.UnknownLabelError) as refused:
+        lun.retrain("heathy", photos["red"])
+    assert (refused.value.label, refused.value.known) == ("heathy", lun.labels)
+    assert "UnknownLabelError" in healthyluncher.__all__
+    assert issubclass(healthyluncher.UnknownLabelError, LuncherError)
+
+
+def test_a_long_running_luncher_predicts_with_what_another_process_saved(lun, photos, run):
+    """A web server's Luncher, while `luncher retrain` and `luncher undo` change its models
+    directory: each predict uses the model saved last."""
+    before = lun.predict(photos["green"][0])[0].probabilities
+    assert run("retrain", "--label", "healthy", *photos["green"]).code == 0
+    assert lun.predict(photos["green"][0])[0].label == "healthy" and lun.personalized
+    assert run("undo").code == 0
+    assert lun.predict(photos["green"][0])[0].probabilities == before
