@@ -248,6 +248,35 @@ def test_export_into_a_missing_directory(run, personalized, tmp_path):
     one_line_error(run("export", tmp_path / "nope" / "b.tar.gz"), "cannot write")
 
 
+@pytest.mark.parametrize("where", ["export examples", "export scratch", "import scratch"])
+def test_a_full_or_read_only_models_directory_is_one_line(
+    run, archive, tmp_path, models_dir, where
+):
+    """Both unpack or pack in a scratch directory of the models directory: a full disk
+    there (or a read-only one, for import) was 'unexpected OSError: [Errno 28]'."""
+    before = tree(models_dir)
+    mkdir = Path.mkdir
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def scratch_full(path: Path, *args: object, **kwargs: object) -> None:
+        if path.name.startswith(".scratch-"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        mkdir(path, *args, **kwargs)
+
+    command = ["import", archive] if where == "import scratch" else ["export", tmp_path / "b"]
+    with pytest.MonkeyPatch.context() as patch:
+        if where == "export examples":
+            patch.setattr(backup, "save_examples", full)
+        else:
+            patch.setattr(Path, "mkdir", scratch_full)
+        one_line_error(run(*command), f"cannot write to {models_dir}", "not changed")
+    assert tree(models_dir) == before
+    assert not (tmp_path / "b").exists()
+    assert run(*command).code == 0
+
+
 def test_export_and_import_have_help(run):
     for command in ("export", "import"):
         assert "Example: luncher" in run(command, "-h").stdout
