@@ -419,12 +419,16 @@ def test_a_hardlink_is_refused(run, archive, tmp_path, models_dir):
     refused(run, edited(archive, tmp_path / "h.tar.gz", edit), models_dir, "hard link")
 
 
-def test_a_device_is_refused(run, archive, tmp_path, models_dir):
+@pytest.mark.parametrize(
+    ("kind", "named"), [(tarfile.CHRTYPE, "a device"), (tarfile.FIFOTYPE, "a named pipe")]
+)
+def test_a_device_is_refused(run, archive, tmp_path, models_dir, kind, named):
+    """A named pipe is named as one (it was called 'a device', as tarfile's isdev says)."""
     device = tarfile.TarInfo("examples.npz")
-    device.type = tarfile.CHRTYPE
+    device.type = kind
     device.devmajor, device.devminor = 1, 3
     hostile = edited(archive, tmp_path / "h.tar.gz", lambda m: [m[0], (device, b""), *m[1:]])
-    refused(run, hostile, models_dir, "a device")
+    refused(run, hostile, models_dir, named)
 
 
 def test_an_unexpected_file_is_refused(run, archive, tmp_path, models_dir):
