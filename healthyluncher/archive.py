@@ -236,6 +236,8 @@ def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
         kind = "not a regular file"
         if member.isdir():
             kind = "a directory"
+        elif member.isfifo():  # isdev() holds for a FIFO too
+            kind = "a named pipe"
         elif member.isdev():
             kind = "a device"
         elif member.issparse():

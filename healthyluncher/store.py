@@ -196,10 +196,7 @@ class ModelStore:
                 weightsfile.own(self.root / state.personal)
             write_json(self.root / STATE_FILE, state.to_json())
         except OSError as exc:
-            raise LuncherError(
-                f"cannot write {self.root / STATE_FILE}: {exc.strerror or exc}; "
-                "the models directory was not changed"
-            ) from None
+            raise self._cannot_write(exc) from None
 
     def base_dir(self, state: State | None = None) -> Path | None:
         state = state or self.read_state()
@@ -257,11 +254,13 @@ class ModelStore:
         that a killed process leaves is removed by the next writer (`collect_garbage`)."""
         self.ensure_exists()
         path = self.root / f".scratch-{uuid.uuid4().hex[:12]}"
-        path.mkdir()
         try:
+            path.mkdir()
             # Held while in use: a writer's cleanup then leaves the directory alone.
             with exclusive_lock(path / SCRATCH_OWNER, timeout=0, busy="scratch in use"):
                 yield path
+        except OSError as exc:  # a full disk or a read-only directory, as in `staging`
+            raise self._cannot_write(exc) from None
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -284,14 +283,14 @@ class ModelStore:
             yield path
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
-            # A full disk or a read-only directory: nothing was switched, say so plainly.
-            raise LuncherError(
-                f"cannot write to {self.root}: {exc.strerror or exc}; "
-                "the models directory was not changed"
-            ) from None
+            raise self._cannot_write(exc) from None
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
+
+    def _cannot_write(self, exc: OSError) -> LuncherError:  # a full or read-only disk
+        reason = f"{exc.strerror or exc}; the models directory was not changed"
+        return LuncherError(f"cannot write to {self.root}: {reason}")
 
     def _publish_dir(self, staged: Path, kind: str) -> str:
         """Make a staged directory durable and give it its final name."""

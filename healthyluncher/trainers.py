@@ -31,6 +31,23 @@ MAX_DRAWS_PER_EPOCH = 2048
 
 # (epoch, epochs, loss) after each epoch.
 EpochCallback = Callable[[int, int, float], None]
+# How ONNX Runtime ends the text of a file it could not write: "... error:No space left on
+# device errno:28". That is the disk, not the model, and is raised as the OSError it is.
+_ERRNO = re.compile(r"errno:(\d+)")
+
+
+def _as_os_error(exc: Exception) -> Exception:
+    match = _ERRNO.search(str(exc))
+    if isinstance(exc, OSError) or match is None:
+        return exc
+    return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
+
+
+def _save(api: Any, state: Any, target: Path) -> None:
+    try:
+        api.CheckpointState.save_checkpoint(state, str(target), include_optimizer_state=False)
+    except RuntimeError as exc:
+        raise _as_os_error(exc) from None
 
 
 def generate_artifacts(
@@ -63,6 +80,8 @@ def generate_artifacts(
             _lower_ir_versions(directory)
             _run_one_step(api, directory, model)
     except Exception as exc:  # ORT raises RuntimeError and friends with C++ text
+        if isinstance(_as_os_error(exc), OSError):  # a full disk: the caller says so
+            raise _as_os_error(exc) from None
         raise LuncherError(_explain(str(exc), type(exc).__name__, head, trainable)) from None
 
 
@@ -216,8 +235,7 @@ class TrainedHead:
     _module: Any  # keeps the state's owner alive while the checkpoint is saved
 
     def save_checkpoint(self, target: Path) -> None:
-        api = training_api()
-        api.CheckpointState.save_checkpoint(self._state, str(target), include_optimizer_state=False)
+        _save(training_api(), self._state, target)
 
 
 def train(
@@ -312,7 +330,7 @@ def save_checkpoint_with(artifact_dir: Path, params: dict[str, np.ndarray], targ
     )
     for name, value in params.items():
         state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
-    api.CheckpointState.save_checkpoint(state, str(target), include_optimizer_state=False)
+    _save(api, state, target)
     del module
 
 

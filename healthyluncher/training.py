@@ -130,7 +130,13 @@ def fit_head(
     """Train a head (an onnx.ModelProto, from its own weights) that no base holds yet: the
     one `make-updatable --examples` builds. `workdir` receives ORT's artifacts."""
     if trainer_name() == "onnxruntime":
-        generate_artifacts(head, trainable, hp.optimizer, workdir)
+        try:
+            generate_artifacts(head, trainable, hp.optimizer, workdir)
+        except OSError as exc:  # a full disk where $TMPDIR is; no models directory yet
+            raise LuncherError(
+                f"cannot write training files to {workdir.parent}: {exc.strerror or exc}; "
+                "nothing was changed"
+            ) from None
         return ort_train(workdir, data, hp, on_epoch=on_epoch).params
     from healthyluncher.linearhead import linear_head_of
     from healthyluncher.numpy_trainer import train_linear

@@ -248,6 +248,35 @@ def test_export_into_a_missing_directory(run, personalized, tmp_path):
     one_line_error(run("export", tmp_path / "nope" / "b.tar.gz"), "cannot write")
 
 
+@pytest.mark.parametrize("where", ["export examples", "export scratch", "import scratch"])
+def test_a_full_or_read_only_models_directory_is_one_line(
+    run, archive, tmp_path, models_dir, where
+):
+    """Both unpack or pack in a scratch directory of the models directory: a full disk
+    there (or a read-only one, for import) was 'unexpected OSError: [Errno 28]'."""
+    before = tree(models_dir)
+    mkdir = Path.mkdir
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def scratch_full(path: Path, *args: object, **kwargs: object) -> None:
+        if path.name.startswith(".scratch-"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        mkdir(path, *args, **kwargs)
+
+    command = ["import", archive] if where == "import scratch" else ["export", tmp_path / "b"]
+    with pytest.MonkeyPatch.context() as patch:
+        if where == "export examples":
+            patch.setattr(backup, "save_examples", full)
+        else:
+            patch.setattr(Path, "mkdir", scratch_full)
+        one_line_error(run(*command), f"cannot write to {models_dir}", "not changed")
+    assert tree(models_dir) == before
+    assert not (tmp_path / "b").exists()
+    assert run(*command).code == 0
+
+
 def test_export_and_import_have_help(run):
     for command in ("export", "import"):
         assert "Example: luncher" in run(command, "-h").stdout
@@ -390,12 +419,16 @@ def test_a_hardlink_is_refused(run, archive, tmp_path, models_dir):
     refused(run, edited(archive, tmp_path / "h.tar.gz", edit), models_dir, "hard link")
 
 
-def test_a_device_is_refused(run, archive, tmp_path, models_dir):
+@pytest.mark.parametrize(
+    ("kind", "named"), [(tarfile.CHRTYPE, "a device"), (tarfile.FIFOTYPE, "a named pipe")]
+)
+def test_a_device_is_refused(run, archive, tmp_path, models_dir, kind, named):
+    """A named pipe is named as one (it was called 'a device', as tarfile's isdev says)."""
     device = tarfile.TarInfo("examples.npz")
-    device.type = tarfile.CHRTYPE
+    device.type = kind
     device.devmajor, device.devminor = 1, 3
     hostile = edited(archive, tmp_path / "h.tar.gz", lambda m: [m[0], (device, b""), *m[1:]])
-    refused(run, hostile, models_dir, "a device")
+    refused(run, hostile, models_dir, named)
 
 
 def test_an_unexpected_file_is_refused(run, archive, tmp_path, models_dir):

@@ -622,6 +622,39 @@ def test_a_full_disk_keeps_the_personalization(run, pt_model, photos, models_dir
     assert probabilities(run, *photos["red"]) == good
 
 
+@needs_ort
+@pytest.mark.parametrize("where", ["checkpoint", "artifacts"])
+def test_a_full_disk_under_onnx_runtime_is_the_disk(run, pt_model, photos, where):
+    """ONNX Runtime reports a file it cannot write in C++ text ending 'errno:28': a forget
+    was 'unexpected RuntimeError: /onnxruntime_src/...', and a new label's artifacts were
+    'ONNX Runtime training fails on the trainable part', as if the model could not train."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+
+    def status() -> dict[str, object]:
+        shown = run("status", "--json").json_lines()[0]
+        return {key: value for key, value in shown.items() if key != "disk_bytes"}
+
+    before = status()
+    artifacts, api = training()
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            "/onnxruntime_src/orttraining/training_api/checkpoint.cc:231 ToFile Failed to "
+            "save checkpoint to file: x/checkpoint. error:No space left on device errno:28"
+        )
+
+    with pytest.MonkeyPatch.context() as patch:
+        if where == "checkpoint":
+            patch.setattr(api.CheckpointState, "save_checkpoint", full)
+            result = run("forget", photos["red"][0])
+        else:
+            patch.setattr(artifacts, "generate_artifacts", full)
+            result = run("retrain", "--label", "dessert", "--new-label", *photos["green"])
+    one_line_error(result, "cannot write to", "No space left on device", "not changed")
+    assert status() == before  # the photos' cached inputs may stay until the next change
+
+
 def test_two_writers_never_overlap(pt_model, photos, models_dir):
     """A second luncher process waits for the lock instead of writing at the same time."""
     import subprocess

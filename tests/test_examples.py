@@ -52,6 +52,27 @@ def test_a_stock_export_gets_a_new_head_for_the_folders_labels(
     assert run("predict", "--json", *blue).json_lines() == before
 
 
+@needs_ort
+def test_a_full_temporary_directory_is_one_line(run, pt_model, examples, tmp_path):
+    """The new head's training files go to $TMPDIR: full, it was 'unexpected OSError'
+    (before, 'ONNX Runtime training fails on the trainable part', as if the model could not
+    train)."""
+    import errno
+
+    from healthyluncher.runtime import training
+
+    artifacts, _ = training()
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(artifacts, "generate_artifacts", full)
+        result = run("make-updatable", pt_model, "--examples", examples)
+    one_line_error(result, "cannot write training files", "No space left on device")
+    assert run("make-updatable", pt_model, "--examples", examples).code == 0
+
+
 def test_the_models_own_labels_fine_tune_its_head(run, pt_model, examples):
     result = run("make-updatable", pt_model, "--examples", examples)
     assert result.code == 0, result
