@@ -34,6 +34,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.examples import sane_inputs
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.records import Examples, Personal, load_examples, load_weights
 from healthyluncher.store import Files
@@ -405,7 +406,7 @@ def _check_examples(archive: Path, examples: Examples, meta: PersonalMeta) -> No
         or examples.owner.min(initial=0) < 0
         or examples.owner.max(initial=0) >= count
         or np.bincount(examples.owner, minlength=count).min() == 0  # a photo without views
-        or not np.all(np.isfinite(examples.inputs))
+        or not sane_inputs(examples.inputs)  # 1e30 blocked every later retrain
     ):
         problem = "inputs and owners do not fit together"
     if problem:

@@ -94,6 +94,16 @@ def training_set(
     return TrainingSet(inputs=examples.inputs, labels=y, weights=w, extra=extra)
 
 
+# Far beyond any network's activations, and small enough that training stays finite: head
+# inputs of 1e38 trained into NaN, and the user was told to try a smaller learning rate.
+HEAD_INPUT_LIMIT = 1e12
+
+
+def sane_inputs(inputs: np.ndarray) -> bool:
+    """Head inputs read from a file are finite and within HEAD_INPUT_LIMIT (NaN fails)."""
+    return bool(np.all(np.abs(inputs) <= HEAD_INPUT_LIMIT))
+
+
 def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The base's replay set: head inputs, class indices and training weights."""
     path = base.path / Files.REPLAY
@@ -116,12 +126,9 @@ def read_replay(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
             weights = replay_weights(data, len(inputs), path)
     except (OSError, KeyError, ValueError, TypeError) as exc:  # TypeError: a 0-d array
         raise LuncherError(f"{path}: not a replay set ({exc})") from None
-    if names.shape != (len(inputs),) or inputs.ndim < 2 or not np.isfinite(inputs).all():
-        raise LuncherError(f"{path}: not a replay set (labels without inputs, or NaN inputs)")
-    # Far beyond any network's activations, and small enough that training stays finite:
-    # 1e38 trained into NaN, which the user was told to cure with a smaller learning rate.
-    if inputs.size and float(np.abs(inputs).max()) > 1e12:
-        raise LuncherError(f"{path}: not a replay set (inputs of 1e12 or more)")
+    if names.shape != (len(inputs),) or inputs.ndim < 2 or not sane_inputs(inputs):
+        raise LuncherError(f"{path}: not a replay set (labels without inputs, or inputs NaN "
+                           f"or over {HEAD_INPUT_LIMIT:g})")  # fmt: skip
     return inputs, [str(name) for name in names], weights
 
 

@@ -540,6 +540,22 @@ def test_a_compressed_array_bomb_inside_the_npz_is_refused(run, archive, tmp_pat
     refused(run, hostile, models_dir, "examples.npz holds a compressed array")
 
 
+def test_head_inputs_too_large_to_train_on_are_refused(run, archive, tmp_path, models_dir):
+    """Finite but huge (1e30) views were imported, and then every retrain ended in NaN
+    with advice to lower the learning rate."""
+    with tarfile.open(archive, "r:gz") as tar:
+        source = tar.extractfile("examples.npz")
+        assert source is not None
+        with np.load(io.BytesIO(source.read())) as data:
+            arrays = {name: data[name] for name in data.files}
+    arrays["inputs"] = (arrays["inputs"] * np.float32(1e30)).astype(np.float32)
+    assert np.isfinite(arrays["inputs"]).all()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_examples(buffer.getvalue()))
+    refused(run, hostile, models_dir, "examples.npz is damaged")
+
+
 def test_an_archive_of_an_index_into_segments_is_refused(run, archive, tmp_path, models_dir):
     """A backup's examples.npz must hold its views: an index that names segments of the
     models directory (which another machine does not have, and which an archive must not
