@@ -104,17 +104,32 @@ def sane_inputs(inputs: np.ndarray) -> bool:
     return bool(np.all(np.abs(inputs) <= HEAD_INPUT_LIMIT))
 
 
-def load_replay(base: Base) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The base's replay set: head inputs, class indices and training weights."""
+Replay = tuple[np.ndarray, np.ndarray, np.ndarray]
+_replay: dict[tuple[Any, ...], Replay] = {}  # the last one read, by its file's identity
+
+
+def load_replay(base: Base) -> Replay | None:
+    """The base's replay set: head inputs, class indices and training weights (read-only
+    arrays; a retrain needs them twice, and a base's files never change in place)."""
     path = base.path / Files.REPLAY
-    if not path.is_file():
+    try:
+        info = path.stat()
+    except FileNotFoundError:
         return None
+    key = (str(path), info.st_ino, info.st_size, info.st_mtime_ns, base.meta.labels)
+    if key in _replay:
+        return _replay[key]
     inputs, names, weights = read_replay(path)
     index = {label: i for i, label in enumerate(base.meta.labels)}
     unknown = sorted(set(names) - set(index))
     if unknown:
         raise LuncherError(f"{path}: replay labels {unknown} are not model labels")
-    return inputs, np.array([index[name] for name in names], np.int64), weights
+    replay = (inputs, np.array([index[name] for name in names], np.int64), weights)
+    for array in replay:
+        array.flags.writeable = False
+    _replay.clear()
+    _replay[key] = replay
+    return replay
 
 
 def read_replay(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:

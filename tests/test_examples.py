@@ -564,3 +564,25 @@ def test_a_damaged_replay_file_in_the_models_directory_stops_a_retrain_in_one_li
     assert result.code != 0
     one_line_error(result, "weights are damaged")
     assert run("predict", "--json", *photos["green"]).json_lines() == before
+
+
+def test_the_replay_set_is_read_once_until_its_file_changes(tmp_path):
+    """A retrain needs the replay set twice (the training set, the memory's balls): it is
+    read once, read-only, and read again when the file is another one."""
+    from healthyluncher.examples import load_replay
+    from healthyluncher.records import Base
+    from healthyluncher.store import Files
+
+    meta = type("Meta", (), {"labels": ("healthy", "fast_food")})()
+    base = Base(tmp_path, meta)  # type: ignore[arg-type]
+    labels = np.array(["healthy", "fast_food"])
+    np.savez(tmp_path / Files.REPLAY, inputs=np.ones((2, 4), np.float32), labels=labels)
+    first = load_replay(base)
+    assert first is not None and load_replay(base) is first
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0, 0] = 5.0
+    np.savez(
+        tmp_path / Files.REPLAY, inputs=np.full((3, 4), 2, np.float32), labels=[*labels, "healthy"]
+    )
+    again = load_replay(base)
+    assert again is not None and again[0].shape == (3, 4) and float(again[0][0, 0]) == 2.0
