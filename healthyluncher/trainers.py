@@ -80,8 +80,9 @@ def generate_artifacts(
             _lower_ir_versions(directory)
             _run_one_step(api, directory, model)
     except Exception as exc:  # ORT raises RuntimeError and friends with C++ text
-        if isinstance(_as_os_error(exc), OSError):  # a full disk: the caller says so
-            raise _as_os_error(exc) from None
+        error = _as_os_error(exc)
+        if isinstance(error, OSError):  # a full disk: the caller says so
+            raise error from None
         raise LuncherError(_explain(str(exc), type(exc).__name__, head, trainable)) from None
 
 
