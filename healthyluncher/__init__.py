@@ -6,6 +6,8 @@
     pred.label, pred.probability, pred.probabilities
     lun.retrain("healthy", ["p1.jpg", "p2.jpg"], progress=print)
     lun.undo(); lun.forget(["p1.jpg"]); lun.reset(); lun.status()
+    task = healthyluncher.UpdateTask(lun.retrain, "healthy", ["p3.jpg"]).start()
+    task.cancel(); task.result()                # Core ML's MLUpdateTask: in a thread
     healthyluncher.make_updatable("model.onnx", labels=["healthy", "fast_food"])
 
 Every error a caller can act on is a `LuncherError`; a retrain's unknown label is an
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from healthyluncher.photos import ImageFailure
     from healthyluncher.predictor import Prediction
     from healthyluncher.settings import Hyperparameters, Preprocessing
+    from healthyluncher.tasks import Cancelled, TaskState, UpdateTask
     from healthyluncher.teaching import LabelInfo, RenameResult, RepairResult, TaughtExample
 
 # Loaded on first use: `luncher --help` and `import healthyluncher` stay fast.
@@ -62,6 +65,9 @@ _EXPORTS = {
     "LabelInfo": "healthyluncher.teaching",
     "RenameResult": "healthyluncher.teaching",
     "TaughtExample": "healthyluncher.teaching",
+    "Cancelled": "healthyluncher.tasks",
+    "TaskState": "healthyluncher.tasks",
+    "UpdateTask": "healthyluncher.tasks",
 }
 
 __all__ = [
@@ -90,6 +96,9 @@ __all__ = [
     "LabelInfo",
     "RenameResult",
     "TaughtExample",
+    "Cancelled",
+    "TaskState",
+    "UpdateTask",
 ]
 
 

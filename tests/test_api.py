@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import textwrap
 import threading
 from pathlib import Path
 
@@ -198,8 +200,11 @@ def test_help_documents_the_api():
 
 def test_the_readme_api_example_runs_as_written(tmp_path, monkeypatch, pt_model, photos):
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    start = readme.index("```python\n", readme.index("## Python API")) + len("```python\n")
-    code = readme[start : readme.index("```", start)]
+    section = readme[readme.index("## Python API") :]
+    section = section[: section.index("\n## ")]
+    blocks = re.findall(r"^( *)```python\n(.*?)^ *```", section, re.S | re.M)
+    assert len(blocks) >= 2  # the tour, then UpdateTask; each runs after the one before
+    code = "\n".join(textwrap.dedent(body) for _, body in blocks)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LUNCHER_BUNDLED_MODEL", str(pt_model))  # what open() sets up
     Image.open(photos["red"][0]).save(tmp_path / "lunch.jpg")
