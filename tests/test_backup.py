@@ -94,15 +94,26 @@ def with_manifest(content: list[Member], change: Callable[[dict[str, object]], N
 
 def with_examples(data: bytes) -> Callable[[list[Member]], list[Member]]:
     """An edit that puts `data` in place of examples.npz, with a manifest that agrees."""
+    return with_file("examples.npz", data)
+
+
+def with_file(
+    name: str | Callable[[str], bool], data: bytes
+) -> Callable[[list[Member]], list[Member]]:
+    """An edit that puts `data` in place of the file `name` (or the first whose name the
+    callable accepts), with a manifest that agrees."""
 
     def edit(content: list[Member]) -> list[Member]:
+        names = [info.name for info, _ in content[1:]]
+        target = name if isinstance(name, str) else next(n for n in names if name(n))
+
         def change(manifest: dict[str, object]) -> None:
             files = manifest["files"]
             assert isinstance(files, dict)
-            files["examples.npz"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            files[target] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
         rest = [
-            regular("examples.npz", data) if info.name == "examples.npz" else (info, body)
+            regular(target, data) if info.name == target else (info, body)
             for info, body in content[1:]
         ]
         return [with_manifest(content, change), *rest]
@@ -591,3 +602,50 @@ def test_export_never_imports_onnx(personalized, models_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def _jpeg(size: tuple[int, int] = (16, 12)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 30)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _declaring(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header declares another size (a decompression bomb)."""
+    data = bytearray(_jpeg())
+    at = data.index(b"\xff\xc0") + 5  # SOF0: length (2), precision (1), height, width
+    data[at : at + 4] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("thumbnail", "says"),
+    [
+        (b"\xff\xd8\xff" + b"not the rest of a JPEG" * 8, "cannot decode image"),
+        (_jpeg()[:-40], "cannot decode image"),  # truncated
+        (_declaring(20_000, 20_000), "too large"),
+    ],
+    ids=["garbage", "truncated", "too large"],
+)
+def test_a_thumbnail_that_does_not_decode_is_refused(
+    run, archive, tmp_path, models_dir, photos, thumbnail, says
+):
+    """A same-base import checked a thumbnail's first three bytes only: one that does not
+    decode was installed, and `repair` could not embed that photo again when it needed to."""
+    is_thumbnail = lambda name: name.startswith("thumbnails/")  # noqa: E731
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_file(is_thumbnail, thumbnail))
+    refused(run, hostile, models_dir, "thumbnails/", says, "nothing was imported")
+    assert run("import", "--rebuild", hostile).code == 1
+    # The same archive with a thumbnail that decodes is imported.
+    fine = edited(archive, tmp_path / "fine.tar.gz", with_file(is_thumbnail, _jpeg()))
+    assert run("import", fine).code == 0
+
+
+def test_a_thumbnail_larger_than_a_photo_is_refused_while_unpacking(
+    run, archive, models_dir, monkeypatch
+):
+    """Any member could unpack to 2 GiB; a thumbnail stops at the size of a photo."""
+    monkeypatch.setattr(archive_format, "MAX_THUMBNAIL_BYTES", 100)
+    refused(run, archive, models_dir, "thumbnails/", "more than the 0.0 MiB allowed")
