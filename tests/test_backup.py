@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +15,17 @@ import numpy as np
 import pytest
 
 from healthyluncher import archive as archive_format
-from healthyluncher import backup
+from healthyluncher import backup, exporting
 from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
-from tests.conftest import TRAINER, needs_ort, one_line_error
+from tests.conftest import (
+    TRAINER,
+    assert_unwritable,
+    needs_ort,
+    one_line_error,
+    read_only,
+    unprivileged,
+)
 from tests.models import keras_style, pytorch_style
 
 Member = tuple[tarfile.TarInfo, bytes]
@@ -260,13 +268,15 @@ def test_export_into_a_missing_directory(run, personalized, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["export examples", "export scratch", "import scratch"])
-def test_a_full_or_read_only_models_directory_is_one_line(
+def test_a_full_or_read_only_scratch_directory_is_one_line(
     run, archive, tmp_path, models_dir, where
 ):
-    """Both unpack or pack in a scratch directory of the models directory: a full disk
-    there (or a read-only one, for import) was 'unexpected OSError: [Errno 28]'."""
+    """Import unpacks in a scratch directory of the models directory, export packs in one
+    beside the archive: a full disk there (or a read-only one) was 'unexpected OSError:
+    [Errno 28]'."""
     before = tree(models_dir)
     mkdir = Path.mkdir
+    target = tmp_path / "b"
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -276,15 +286,21 @@ def test_a_full_or_read_only_models_directory_is_one_line(
             raise OSError(errno.EROFS, "Read-only file system")
         mkdir(path, *args, **kwargs)
 
-    command = ["import", archive] if where == "import scratch" else ["export", tmp_path / "b"]
+    command = ["import", archive] if where == "import scratch" else ["export", target]
+    says = [f"cannot write to {models_dir}", "not changed"]
     with pytest.MonkeyPatch.context() as patch:
         if where == "export examples":
-            patch.setattr(backup, "save_examples", full)
+            patch.setattr(exporting, "save_examples", full)
+            says = [f"cannot write {target}", "No space left"]
+        elif where == "export scratch":
+            patch.setattr(tempfile, "mkdtemp", full)
+            says = [f"cannot write {target}", "No space left"]
         else:
             patch.setattr(Path, "mkdir", scratch_full)
-        one_line_error(run(*command), f"cannot write to {models_dir}", "not changed")
+        one_line_error(run(*command), *says)
     assert tree(models_dir) == before
-    assert not (tmp_path / "b").exists()
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".b")] == []
+    assert not target.exists()
     assert run(*command).code == 0
 
 
@@ -649,3 +665,51 @@ def test_a_thumbnail_larger_than_a_photo_is_refused_while_unpacking(
     """Any member could unpack to 2 GiB; a thumbnail stops at the size of a photo."""
     monkeypatch.setattr(archive_format, "MAX_THUMBNAIL_BYTES", 100)
     refused(run, archive, models_dir, "thumbnails/", "more than the 0.0 MiB allowed")
+
+
+@pytest.mark.parametrize("lock_file", [True, False], ids=["lock file", "no lock file"])
+def test_export_reads_a_read_only_models_directory(
+    run, personalized, models_dir, tmp_path, photos, lock_file
+):
+    """export opened the writers' lock file for writing and packed in a scratch directory
+    of the models directory, so it failed on a copy mounted read-only or a folder the user
+    cannot write. It writes nothing there now; predict, status and the lists never did."""
+    if not lock_file:  # a copy made without hidden files: no lock to take, none made
+        (models_dir / ".lock").unlink()
+    expected = predict_json(run, *photos["red"], *photos["green"])
+    before = tree(models_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    with read_only(models_dir):
+        assert_unwritable(models_dir)
+        done = unprivileged("export", out / "b.tar.gz")
+        assert done.returncode == 0 and done.stdout.startswith("Wrote "), done
+        for command in (["predict", photos["red"][0]], ["status"], ["examples"], ["labels"]):
+            done = unprivileged(*command)
+            assert done.returncode == 0 and done.stderr == "", done
+        done = unprivileged("retrain", "--label", "healthy", photos["red"][0])
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done
+        assert "Traceback" not in done.stderr
+    assert tree(models_dir) == before
+    assert [path.name for path in out.iterdir()] == ["b.tar.gz"]  # no scratch left behind
+    assert run("reset", "--purge").code == 0
+    assert run("import", out / "b.tar.gz").code == 0
+    assert predict_json(run, *photos["red"], *photos["green"]) == expected
+
+
+def test_export_and_writers_keep_each_other_out_but_exports_share(
+    run, personalized, models_dir, tmp_path, photos, monkeypatch
+):
+    """export reads under a shared lock: it waits for a writer, a writer waits for it, and
+    two exports read at once."""
+    from healthyluncher import store as store_module
+
+    monkeypatch.setattr(store_module, "LOCK_TIMEOUT", 0.2)
+    store = ModelStore(models_dir)
+    with store.lock():
+        one_line_error(run("export", tmp_path / "a.tar.gz"), "another luncher process")
+    with store.read_lock():
+        assert run("export", tmp_path / "b.tar.gz").code == 0
+        busy = run("retrain", "--label", "healthy", photos["red"][0])
+        one_line_error(busy, "another luncher process is changing")
+    assert not (tmp_path / "a.tar.gz").exists() and (tmp_path / "b.tar.gz").is_file()

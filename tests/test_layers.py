@@ -84,7 +84,7 @@ def test_low_layers_never_import_high_ones():
         {"training"},
         {"heads", "quantize", "examples", "embedder", "modelsetup", "precision"},
         {"personal", "predictor", "headfit"},
-        {"personalizing", "bases", "archive", "teaching"},
+        {"personalizing", "bases", "archive", "teaching", "exporting"},
         {"backup"},
         {"api"},
         {"cli_output", "cli_app", "cli_setup", "cli_teaching", "cli", "__main__"},
