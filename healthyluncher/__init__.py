@@ -24,9 +24,10 @@ from healthyluncher.version import __version__
 
 if TYPE_CHECKING:
     from healthyluncher.api import Luncher, make_updatable, open
-    from healthyluncher.backup import ExportResult, ImportResult
+    from healthyluncher.backup import ImportResult
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.events import Progress, ProgressCallback
+    from healthyluncher.exporting import ExportResult
     from healthyluncher.personalizing import (
         ForgetResult,
         ResetResult,
@@ -46,7 +47,7 @@ _EXPORTS = {
     "Luncher": "healthyluncher.api",
     "make_updatable": "healthyluncher.api",
     "open": "healthyluncher.api",
-    "ExportResult": "healthyluncher.backup",
+    "ExportResult": "healthyluncher.exporting",
     "ImportResult": "healthyluncher.backup",
     "UpdatableResult": "healthyluncher.bases",
     "Progress": "healthyluncher.events",

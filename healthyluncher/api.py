@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from healthyluncher.backup import ExportResult, ImportResult
+    from healthyluncher.backup import ImportResult
     from healthyluncher.bases import UpdatableResult
+    from healthyluncher.exporting import ExportResult
     from healthyluncher.personalizing import (
         ForgetResult,
         ResetResult,
@@ -258,7 +259,7 @@ class Luncher:
     def export_backup(self, path: str | os.PathLike[str], *, force: bool = False) -> ExportResult:
         """Write your personalization, examples and thumbnails to one .tar.gz; an existing
         file is replaced only with `force`."""
-        from healthyluncher.backup import export_backup
+        from healthyluncher.exporting import export_backup
 
         return self._run(export_backup, _path(path, "path"), force=force)
 

@@ -38,6 +38,7 @@ from healthyluncher.examples import sane_inputs
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.records import Examples, Personal, load_examples, load_weights
 from healthyluncher.store import Files
+from healthyluncher.thumbnails import MAX_THUMBNAIL_BYTES, thumbnail_problem
 
 BACKUP_KIND = "healthyluncher-backup"
 BACKUP_FORMAT = 1
@@ -59,7 +60,6 @@ MAX_MANIFEST_BYTES = 16 * 2**20
 HEADER_ALLOWANCE = 2**20
 OVERSIZED_HEADER = "it holds an oversized tar header"
 CHUNK = 2**20
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 T = TypeVar("T")
 
@@ -141,9 +141,8 @@ def read_backup(archive: Path, scratch: Path) -> Backup:
     for digest in dict.fromkeys(examples.digests):
         path = scratch / Files.THUMBNAILS / f"{digest}.jpg"
         if path.is_file():
-            with path.open("rb") as handle:
-                if handle.read(len(JPEG_MAGIC)) != JPEG_MAGIC:
-                    raise refuse(archive, f"thumbnails/{digest}.jpg is not a JPEG")
+            if problem := thumbnail_problem(path, f"thumbnails/{digest}.jpg"):
+                raise refuse(archive, problem)
             thumbnails[digest] = path
     return Backup(archive, scratch, base, meta, weights, examples, thumbnails)
 
@@ -195,6 +194,7 @@ def _unpack_members(
         if (name == MANIFEST) != (manifest is None):
             raise refuse(archive, "not a luncher backup (manifest.json is not its first file)")
         limit = MAX_MANIFEST_BYTES if name == MANIFEST else MAX_MEMBER_BYTES
+        limit = MAX_THUMBNAIL_BYTES if name.startswith(f"{Files.THUMBNAILS}/") else limit
         if member.size > limit:
             raise refuse(
                 archive,

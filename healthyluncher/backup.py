@@ -1,4 +1,4 @@
-"""export and import: the personalization saved to one archive, and restored through the store.
+"""import: a backup archive restored through the store (export writes one: exporting.py).
 
 The archive's format and its checks live in archive.py. Import verifies the whole archive in
 a scratch directory first; only then is the models directory touched, through one
@@ -8,54 +8,17 @@ transaction, like every other change.
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
-import io
-import json
-import os
-import tarfile
-import tempfile
-import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from healthyluncher.archive import (
-    BACKUP_FORMAT,
-    BACKUP_KIND,
-    CHUNK,
-    MANIFEST,
-    Backup,
-    read_backup,
-    refuse,
-)
+from healthyluncher.archive import Backup, read_backup, refuse
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.fileio import atomic_write_bytes, fsync_dir
+from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.personal import publish_personal, render_personal
-from healthyluncher.records import (
-    GO_BACK,
-    Base,
-    load_base,
-    load_examples,
-    load_personal,
-    load_weights,
-    save_examples,
-)
+from healthyluncher.records import Base, load_base, load_personal
 from healthyluncher.store import Files, ModelStore, Transaction
-from healthyluncher.version import __version__
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    path: Path
-    size: int  # bytes of the archive
-    labels: tuple[str, ...]
-    examples_per_label: dict[str, int]
-    thumbnails: int
-    without_thumbnail: int  # photos that restore on this base but cannot be re-embedded
 
 
 @dataclass(frozen=True)
@@ -69,95 +32,6 @@ class ImportResult:
     not_carried: int = 0  # photos without a usable thumbnail (rebuild only)
     # The examples per label the import replaced (`undo` brings them back).
     replaced: dict[str, int] = field(default_factory=dict)
-
-
-# -- export ------------------------------------------------------------------------------
-
-
-# gzip level of backups (see export_backup).
-GZIP_LEVEL = 1
-
-
-def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> ExportResult:
-    """Write the personalization, its examples and thumbnails to one .tar.gz, atomically.
-    An existing file is replaced only with `force` (`export photo.jpg` must not eat it)."""
-    if target.is_dir():
-        raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
-    if target.exists() and not force:
-        raise LuncherError(f"{target} already exists; use --force to replace it")
-    if target.exists() and not target.is_file():  # /dev/stdout, a pipe: never replaced
-        raise LuncherError(
-            f"{target} is not a regular file; give a file name such as backup.tar.gz"
-        )
-    if store.current_state().personal is None:
-        raise _nothing_to_export()
-    # No writer may change the files while they are hashed and packed.
-    with store.lock(), store.scratch() as scratch:
-        state = store.current_state()
-        base = load_base(store, state)
-        personal = load_personal(store, state)
-        if personal is None:
-            raise _nothing_to_export()
-        if set(load_weights(personal)) != set(base.meta.trainable_params):  # else unimportable
-            raise LuncherError(f"{personal.path / Files.WEIGHTS} is damaged; {GO_BACK}")
-        examples = load_examples(personal, ())
-        # The archive's examples.npz holds the views itself (the models directory's
-        # shared segments stay behind).
-        save_examples(examples, scratch / Files.EXAMPLES, shared=False)
-        files = [
-            (Files.META, personal.path / Files.META),
-            (Files.WEIGHTS, personal.path / Files.WEIGHTS),
-            (Files.EXAMPLES, scratch / Files.EXAMPLES),
-        ]
-        digests = list(dict.fromkeys(examples.digests))
-        thumbnails = [
-            (f"{Files.THUMBNAILS}/{digest}.jpg", store.thumbnail(digest))
-            for digest in digests
-            if store.thumbnail(digest).is_file()
-        ]
-        files += thumbnails
-        manifest = {
-            "kind": BACKUP_KIND,
-            "format": BACKUP_FORMAT,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "luncher_version": __version__,
-            "base": _describe_base(base),
-            "labels": list(personal.meta.labels),
-            "hyperparameters": personal.meta.hyperparameters.to_json(),
-            "examples_per_label": examples.per_label(),
-            "files": {name: file_entry(path) for name, path in files},
-        }
-        size = write_archive(target, manifest, files)
-    return ExportResult(
-        path=target,
-        size=size,
-        labels=personal.meta.labels,
-        examples_per_label=examples.per_label(),
-        thumbnails=len(thumbnails),
-        without_thumbnail=len(digests) - len(thumbnails),
-    )
-
-
-def _nothing_to_export() -> LuncherError:
-    return LuncherError(
-        "there is nothing to export: the model is not personalized (teach it with "
-        "'luncher retrain' first)"
-    )
-
-
-def _describe_base(base: Base) -> dict[str, Any]:
-    """What makes the head inputs and weights fit: the model file and how it was cut."""
-    return {
-        "name": base.meta.name,
-        "sha256": base.meta.sha256,
-        "labels": list(base.meta.labels),
-        "split_tensor": base.meta.split_tensor,
-        "trainable_params": list(base.meta.trainable_params),
-        "preprocessing": base.meta.preprocessing.to_json(),
-    }
-
-
-# -- import ------------------------------------------------------------------------------
 
 
 def import_backup(
@@ -338,62 +212,3 @@ def _remove_thumbnails(store: ModelStore, installed: list[Path]) -> None:
         path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         (store.root / Files.THUMBNAILS).rmdir()  # only if empty
-
-
-# -- writing the archive ---------------------------------------------------------------
-
-
-def file_entry(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"sha256": digest.hexdigest(), "size": size}
-
-
-def write_archive(target: Path, manifest: dict[str, Any], files: list[tuple[str, Path]]) -> int:
-    """Temporary file beside the target, flush, fsync, then os.replace."""
-    mtime = int(time.time())
-
-    def info(name: str, size: int) -> tarfile.TarInfo:
-        entry = tarfile.TarInfo(name)
-        entry.size, entry.mode, entry.mtime = size, 0o644, mtime
-        return entry
-
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise LuncherError(f"cannot write {target}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # No file name or time in the gzip header: the temporary name means nothing.
-            # Level 1: the thumbnails are JPEGs and the examples float32, neither of which
-            # compresses much; on 28 MB of both, level 9 took 4.65 s for 22.3 MB and level
-            # 1 0.73 s for 22.8 MB.
-            with gzip.GzipFile(
-                filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL
-            ) as packed:
-                with tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    header = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-                    tar.addfile(info(MANIFEST, len(header)), io.BytesIO(header))
-                    for name, path in files:
-                        with path.open("rb") as source:
-                            size = manifest["files"][name]["size"]
-                            tar.addfile(info(name, size), source)
-            raw.flush()
-            os.fsync(raw.fileno())
-            size = raw.tell()
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise LuncherError(f"cannot write {target}: {exc.strerror or exc}") from None
-        raise
-    fsync_dir(target.parent)
-    return size
-
-
-# -- reading and verifying ---------------------------------------------------------------

@@ -18,6 +18,7 @@ from healthyluncher.records import Base, Examples
 from healthyluncher.runtime import inference_session, run_in_batches
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore
+from healthyluncher.thumbnails import JPEG_MAX_SIDE
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 # enough that the first call starts while later photos still decode and that memory stays
 # flat (128 at once peaked above 1 GB on the shipped base).
 FROZEN_BATCH = 8
-# The longest side a JPEG thumbnail can have (libjpeg's limit).
-JPEG_MAX_SIDE = 65500
 # Bump when augmented_views changes, so cached views are not mixed with new ones.
 AUGMENT_VERSION = 2
 

@@ -4,6 +4,7 @@ and the advisory lock that keeps writers apart."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -95,6 +96,11 @@ def fsync_tree(root: Path) -> None:
 WAIT_NOTICE = 0.5
 
 
+# Why a reader cannot open or create the lock file for writing: the directory (or the file)
+# is read-only to it.
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 @contextlib.contextmanager
 def exclusive_lock(
     path: Path, *, timeout: float, busy: str, on_wait: Callable[[], None] | None = None
@@ -106,28 +112,70 @@ def exclusive_lock(
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(str(path))
-        try:
-            lock.acquire(timeout=timeout)
-        except Timeout:
-            raise LuncherError(busy) from None
-        try:
+        with _file_lock(path, timeout, busy):
             yield
-        finally:
-            lock.release()
         return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
+    with _flocked(fd, fcntl.LOCK_EX, path, timeout, busy, on_wait):
+        yield
+
+
+@contextlib.contextmanager
+def shared_lock(
+    path: Path, *, timeout: float, busy: str, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """A shared lock on the file `path`, which keeps `exclusive_lock` out but not other
+    readers: opened for reading, so it is taken where the reader cannot write (a read-only
+    mount, another user's folder). Where the file is missing and cannot be made, no writer
+    of this directory has made it either, and the block runs without a lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: filelock's locks are exclusive
+        try:
+            with open(path, "a"):  # filelock needs to write it
+                lockable = True
+        except OSError:
+            lockable = False
+        with _file_lock(path, timeout, busy) if lockable else contextlib.nullcontext():
+            yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY:
+                raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
+            yield
+            return
+    except OSError as exc:
+        raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
+    with _flocked(fd, fcntl.LOCK_SH, path, timeout, busy, on_wait):
+        yield
+
+
+@contextlib.contextmanager
+def _flocked(
+    fd: int,
+    kind: int,
+    path: Path,
+    timeout: float,
+    busy: str,
+    on_wait: Callable[[], None] | None,
+) -> Iterator[None]:
+    """flock(fd, kind) while the block runs; closes `fd` (which releases it) on leaving."""
+    import fcntl
+
     try:
         started = time.monotonic()
         told = False
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, kind | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 waited = time.monotonic() - started
@@ -142,3 +190,18 @@ def exclusive_lock(
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float, busy: str) -> Iterator[None]:  # pragma: no cover
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise LuncherError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()

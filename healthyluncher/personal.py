@@ -42,7 +42,7 @@ from healthyluncher.runtime import HeadRunner, softmax
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, Transaction
 from healthyluncher.template import load as load_template
-from healthyluncher.training import checkpoint_writer, fit, prepare_head, trainer_name
+from healthyluncher.training import checkpoint_writer, fit, prepare_head, trainer_for
 
 # Example photos a new copy scores at most besides those just taught (scoring all of them
 # grew with every photo ever taught: 5,000 photos, 0.5 s of a 1.4 s retrain). The scores
@@ -91,7 +91,7 @@ def publish_personal(
             if extra > 0:
                 artifact_dir = staged / Files.ARTIFACTS
                 previous_copy = load_personal(txn.store, txn.state)
-                if not _reuse_grown_head(previous_copy, len(labels), hp, staged):
+                if not _reuse_grown_head(base, previous_copy, len(labels), hp, staged):
                     _grown_head(base, extra, hp, staged / Files.HEAD, artifact_dir)
             if restore is None:
 
@@ -105,7 +105,7 @@ def publish_personal(
                 save_checkpoint = trained.save_checkpoint
             else:
                 params, final_loss = restore[0], restore[1].final_loss
-                save_checkpoint = checkpoint_writer(artifact_dir, params)
+                save_checkpoint = checkpoint_writer(base.path, base.meta, artifact_dir, params)
             if save_checkpoint is not None:  # ONNX Runtime's state, where it trains
                 save_checkpoint(staged / Files.CHECKPOINT)
             previous = load_personal(txn.store, txn.state)
@@ -229,7 +229,7 @@ def _remembers(hp: Hyperparameters, examples: Examples) -> bool:
 
 
 def _reuse_grown_head(
-    previous: Personal | None, classes: int, hp: Hyperparameters, staged: Path
+    base: Base, previous: Personal | None, classes: int, hp: Hyperparameters, staged: Path
 ) -> bool:
     """Copy the grown head and its training artifacts of the current copy into `staged`
     when they fit (the same base, class count and optimizer): generating them again costs
@@ -240,7 +240,7 @@ def _reuse_grown_head(
     if previous.meta.hyperparameters.optimizer != hp.optimizer:
         return False
     head, artifacts = previous.path / Files.HEAD, previous.path / Files.ARTIFACTS
-    needs_artifacts = trainer_name() == "onnxruntime"
+    needs_artifacts = trainer_for(base.meta, base.path) == "onnxruntime"
     if not head.is_file() or (needs_artifacts and not artifacts.is_dir()):
         return False
     try:
@@ -264,7 +264,7 @@ def _grown_head(
     head = onnx.load(str(base.path / Files.HEAD))
     heads.grow_classes(head, heads.class_axes(head, len(base.meta.labels)), extra)
     onnx.save(head, str(head_path))
-    prepare_head(base.meta, head, artifact_dir, hp)
+    prepare_head(base.meta, head, artifact_dir, hp, base.path)
 
 
 def personal_graphs(

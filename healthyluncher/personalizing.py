@@ -23,7 +23,7 @@ from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
-from healthyluncher.training import check_trainable, trainer_name
+from healthyluncher.training import check_trainable, trainer_for
 from healthyluncher.version import __version__
 
 
@@ -347,7 +347,7 @@ def _status(store: ModelStore, state: State) -> Status:
         memory_summarized=plan[1],
         int8=base.meta.int8,
         disk_bytes=_disk_bytes(store.root),
-        trainer=trainer_name(cheap=True),
+        trainer=trainer_for(base.meta, base.path, cheap=True),
         warning=install_problem(),
         version=__version__,
     )

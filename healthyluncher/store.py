@@ -5,7 +5,7 @@ undo step, which becomes a link to the same bytes of its base's: see weightsfile
 
     MODELS_DIR/
       state.json          which base and personal directories are current
-      .lock               held by any process that writes
+      .lock               held by any process that writes (and shared by export)
       base-<id>/          the pristine base: model.onnx, frozen.onnx, head.onnx,
                           artifacts/, meta.json, replay.npz (optional)
       personal-<id>/      the personalized copy: model.onnx, weights.npz, checkpoint,
@@ -27,12 +27,19 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from healthyluncher import fileio, segments, weightsfile
 from healthyluncher.errors import CommittedInterrupt, DamagedError, LuncherError
-from healthyluncher.fileio import exclusive_lock, fsync_dir, fsync_tree, read_json, write_json
-from healthyluncher.state import DIRECTORY, STATE_FORMAT, State, Step, recover
+from healthyluncher.fileio import (
+    exclusive_lock,
+    fsync_dir,
+    fsync_tree,
+    read_json,
+    shared_lock,
+    write_json,
+)
+from healthyluncher.state import State, recover
 
 ENV_VAR = "LUNCHER_MODELS_DIR"
 STATE_FILE = "state.json"
@@ -116,19 +123,29 @@ class ModelStore:
     def lock(self) -> Iterator[None]:
         """One writer at a time: an advisory lock on the models directory's lock file."""
         self.ensure_exists()
+        with exclusive_lock(self.root / LOCK_FILE, **self._lock_words()):
+            yield
+
+    @contextlib.contextmanager
+    def read_lock(self) -> Iterator[None]:
+        """No writer while a reader reads many files (export), and no write by the reader:
+        a shared lock on the lock file opened for reading, so a read-only models directory
+        (a copy mounted read-only, another user's folder) can be read too."""
+        with shared_lock(self.root / LOCK_FILE, **self._lock_words()):
+            yield
+
+    def _lock_words(self) -> dict[str, Any]:
+        """How long to wait for another process's lock, and what to say meanwhile."""
+        changing = f"another luncher process is changing {self.root}"
 
         def waiting() -> None:
             if self.on_wait is not None:
                 self.on_wait(
-                    f"another luncher process is changing {self.root}; this one "
-                    f"goes on when it is done (at most {LOCK_TIMEOUT:.0f} s)"
+                    f"{changing}; this one goes on when it is done (at most {LOCK_TIMEOUT:.0f} s)"
                 )
 
-        busy = f"another luncher process is changing {self.root}; try again when it is done"
-        with exclusive_lock(
-            self.root / LOCK_FILE, timeout=LOCK_TIMEOUT, busy=busy, on_wait=waiting
-        ):
-            yield
+        busy = f"{changing}; try again when it is done"
+        return {"timeout": LOCK_TIMEOUT, "busy": busy, "on_wait": waiting}
 
     # -- state -------------------------------------------------------------------------
 
@@ -142,25 +159,7 @@ class ModelStore:
             return State()
         except DamagedError as exc:
             raise DamagedError(f"{exc}; {repair}") from None
-        if not isinstance(data, dict):
-            raise DamagedError(f"{path} is damaged (not a JSON object); {repair}")
-        version = data.get("format")
-        if type(version) is int and version > STATE_FORMAT:
-            raise LuncherError(f"{path} has an unknown format; was it written by a newer luncher?")
-        if version != STATE_FORMAT:  # no format at all, or a string: damaged, not newer
-            raise DamagedError(f"{path} is damaged (its format is {version!r:.20}); {repair}")
-        base, personal = data.get("base"), data.get("personal")
-        history: list[Step] = []
-        for entry in data.get("history") or []:
-            if isinstance(entry, str):  # written before base switches could be undone
-                history.append(Step(base, entry or None))
-            elif isinstance(entry, dict):
-                history.append(Step(entry.get("base"), entry.get("personal")))
-        state = State(base=base, personal=personal, history=history)
-        for name in state.names():
-            if not isinstance(name, str) or not DIRECTORY.fullmatch(name):
-                raise DamagedError(f"{path} is damaged (it names {name!r}); {repair}")
-        return state
+        return State.from_json(data, path, repair)
 
     def current_state(self) -> State:
         """state.json, or the state `luncher repair` would write when it is damaged: a

@@ -54,6 +54,31 @@ def trainer_name(*, cheap: bool = False) -> str:
     return "numpy"
 
 
+def trainer_for(meta: BaseMeta, base_dir: Path, *, cheap: bool = False) -> str:
+    """What trains this base's head here: the environment's trainer, except for a base made
+    where the numpy trainer trained (no ONNX Runtime training files), whose head the numpy
+    trainer trains wherever it runs. Writing the missing files would change the pristine
+    base (a new base directory, its weights copied) or cost every retrain 0.2 to 0.5 s to
+    generate them again, for weights the numpy trainer matches within 3e-7. A base whose
+    head is more than one linear layer has no such choice: without them it is damaged."""
+    name = trainer_name(cheap=cheap)
+    if name == "numpy" or (base_dir / Files.ARTIFACTS).is_dir():
+        return name
+    # Cheap: a base from an earlier version without meta's linear head is taken at its word.
+    linear = meta.trainable_layers == 1 if cheap else linear_head(meta, base_dir) is not None
+    if not linear:
+        return name  # its training files are missing: `train` says it is damaged
+    if os.environ.get(TRAINER_ENV) == "onnxruntime":
+        if cheap:  # status names the trainer insisted on; a retrain says why it cannot
+            return name
+        raise LuncherError(
+            f"{TRAINER_ENV}=onnxruntime, but this base has no ONNX Runtime training files "
+            "(it was made with the numpy trainer); unset it, or run `luncher make-updatable "
+            "MODEL.onnx --keep-personalization` here to make them"
+        )
+    return "numpy"
+
+
 @dataclass(frozen=True)
 class Trained:
     params: dict[str, np.ndarray]
@@ -64,17 +89,24 @@ class Trained:
 
 def check_trainable(meta: BaseMeta, base_dir: Path) -> None:
     """Refuse a base that the trainer here cannot retrain (it can still predict)."""
-    if trainer_name() == "numpy" and linear_head(meta, base_dir) is None:
+    if trainer_for(meta, base_dir) == "numpy" and linear_head(meta, base_dir) is None:
         raise LuncherError(
             f"this base trains its last {meta.trainable_layers} layer(s); retraining it "
             f"{NEEDS_ORT}. It still predicts here"
         )
 
 
-def prepare_head(meta: BaseMeta, head: object, directory: Path, hp: Hyperparameters) -> None:
-    """What the trainer here needs of a new (or grown) head, written into `directory`:
-    ONNX Runtime's training artifacts; the numpy trainer needs nothing written."""
-    if trainer_name() == "onnxruntime":
+def prepare_head(
+    meta: BaseMeta,
+    head: object,
+    directory: Path,
+    hp: Hyperparameters,
+    base_dir: Path | None = None,
+) -> None:
+    """What the trainer here needs of a new head, or of the head of `base_dir` grown, written
+    into `directory`: ONNX Runtime's training artifacts; the numpy trainer needs nothing."""
+    trainer = trainer_name() if base_dir is None else trainer_for(meta, base_dir)
+    if trainer == "onnxruntime":
         generate_artifacts(head, meta.trainable_params, hp.optimizer, directory)
 
 
@@ -88,7 +120,7 @@ def fit(
     on_epoch: EpochCallback | None = None,
 ) -> Trained:
     """Train the head (grown to `classes`) from the base's weights."""
-    if trainer_name() == "onnxruntime":
+    if trainer_for(meta, base_dir) == "onnxruntime":
         trained = ort_train(
             artifact_dir, data, hp, batch_limit=meta.head_batch_limit, on_epoch=on_epoch
         )
@@ -155,10 +187,10 @@ def fit_head(
 
 
 def checkpoint_writer(
-    artifact_dir: Path, params: dict[str, np.ndarray]
+    base_dir: Path, meta: BaseMeta, artifact_dir: Path, params: dict[str, np.ndarray]
 ) -> Callable[[Path], None] | None:
-    """For restored weights: ONNX Runtime's checkpoint of them, where ORT trains."""
-    if trainer_name() != "onnxruntime":
+    """For restored weights: ONNX Runtime's checkpoint of them, where ORT trains the base."""
+    if trainer_for(meta, base_dir) != "onnxruntime":
         return None
     return lambda target: ort_checkpoint(artifact_dir, params, target)
 

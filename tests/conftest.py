@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,3 +101,55 @@ def one_line_error(result: Result, *fragments: str) -> str:
         assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.stdout + result.stderr
     return lines[0]
+
+
+@contextlib.contextmanager
+def read_only(root: Path) -> Iterator[None]:
+    """Every directory under `root` 0o555 and every file without write bits, as a copy
+    mounted read-only or a folder of another user looks; restored on leaving."""
+    paths = [root, *root.rglob("*")]
+    modes = {path: path.stat().st_mode & 0o7777 for path in paths}
+    try:
+        for path in paths:
+            path.chmod(0o555 if path.is_dir() else modes[path] & ~0o222)
+        yield
+    finally:
+        for path in reversed(paths):
+            path.chmod(modes[path])
+
+
+def _without_root_privileges() -> list[str]:
+    """What runs a command so that file permissions stop it. Root ignores them (the tests
+    may run as root), so as root the command runs without the capabilities that let it
+    (setpriv): a 0o555 directory then refuses it as the kernel refuses any user."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, without setpriv to give up overriding permissions")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def unprivileged(*args: object) -> subprocess.CompletedProcess[str]:
+    """The real command in a subprocess that cannot write where permissions forbid it."""
+    return subprocess.run(
+        [*_without_root_privileges(), sys.executable, "-m", "healthyluncher", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
+
+
+def assert_unwritable(folder: Path) -> None:
+    """`unprivileged` cannot create a file in `folder` (else a test proves nothing)."""
+    probe = folder / "probe"
+    done = subprocess.run(
+        [*_without_root_privileges(), sys.executable, "-c", f"open({str(probe)!r}, 'x')"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0 and "PermissionError" in done.stderr, done
+    assert not probe.exists()

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +15,17 @@ import numpy as np
 import pytest
 
 from healthyluncher import archive as archive_format
-from healthyluncher import backup
+from healthyluncher import backup, exporting
 from healthyluncher.runtime import training
 from healthyluncher.store import STATE_FILE, Files, ModelStore
-from tests.conftest import TRAINER, needs_ort, one_line_error
+from tests.conftest import (
+    TRAINER,
+    assert_unwritable,
+    needs_ort,
+    one_line_error,
+    read_only,
+    unprivileged,
+)
 from tests.models import keras_style, pytorch_style
 
 Member = tuple[tarfile.TarInfo, bytes]
@@ -94,15 +102,26 @@ def with_manifest(content: list[Member], change: Callable[[dict[str, object]], N
 
 def with_examples(data: bytes) -> Callable[[list[Member]], list[Member]]:
     """An edit that puts `data` in place of examples.npz, with a manifest that agrees."""
+    return with_file("examples.npz", data)
+
+
+def with_file(
+    name: str | Callable[[str], bool], data: bytes
+) -> Callable[[list[Member]], list[Member]]:
+    """An edit that puts `data` in place of the file `name` (or the first whose name the
+    callable accepts), with a manifest that agrees."""
 
     def edit(content: list[Member]) -> list[Member]:
+        names = [info.name for info, _ in content[1:]]
+        target = name if isinstance(name, str) else next(n for n in names if name(n))
+
         def change(manifest: dict[str, object]) -> None:
             files = manifest["files"]
             assert isinstance(files, dict)
-            files["examples.npz"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            files[target] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
         rest = [
-            regular("examples.npz", data) if info.name == "examples.npz" else (info, body)
+            regular(target, data) if info.name == target else (info, body)
             for info, body in content[1:]
         ]
         return [with_manifest(content, change), *rest]
@@ -249,13 +268,15 @@ def test_export_into_a_missing_directory(run, personalized, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["export examples", "export scratch", "import scratch"])
-def test_a_full_or_read_only_models_directory_is_one_line(
+def test_a_full_or_read_only_scratch_directory_is_one_line(
     run, archive, tmp_path, models_dir, where
 ):
-    """Both unpack or pack in a scratch directory of the models directory: a full disk
-    there (or a read-only one, for import) was 'unexpected OSError: [Errno 28]'."""
+    """Import unpacks in a scratch directory of the models directory, export packs in one
+    beside the archive: a full disk there (or a read-only one) was 'unexpected OSError:
+    [Errno 28]'."""
     before = tree(models_dir)
     mkdir = Path.mkdir
+    target = tmp_path / "b"
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -265,15 +286,21 @@ def test_a_full_or_read_only_models_directory_is_one_line(
             raise OSError(errno.EROFS, "Read-only file system")
         mkdir(path, *args, **kwargs)
 
-    command = ["import", archive] if where == "import scratch" else ["export", tmp_path / "b"]
+    command = ["import", archive] if where == "import scratch" else ["export", target]
+    says = [f"cannot write to {models_dir}", "not changed"]
     with pytest.MonkeyPatch.context() as patch:
         if where == "export examples":
-            patch.setattr(backup, "save_examples", full)
+            patch.setattr(exporting, "save_examples", full)
+            says = [f"cannot write {target}", "No space left"]
+        elif where == "export scratch":
+            patch.setattr(tempfile, "mkdtemp", full)
+            says = [f"cannot write {target}", "No space left"]
         else:
             patch.setattr(Path, "mkdir", scratch_full)
-        one_line_error(run(*command), f"cannot write to {models_dir}", "not changed")
+        one_line_error(run(*command), *says)
     assert tree(models_dir) == before
-    assert not (tmp_path / "b").exists()
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".b")] == []
+    assert not target.exists()
     assert run(*command).code == 0
 
 
@@ -591,3 +618,98 @@ def test_export_never_imports_onnx(personalized, models_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def _jpeg(size: tuple[int, int] = (16, 12)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 30)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _declaring(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header declares another size (a decompression bomb)."""
+    data = bytearray(_jpeg())
+    at = data.index(b"\xff\xc0") + 5  # SOF0: length (2), precision (1), height, width
+    data[at : at + 4] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("thumbnail", "says"),
+    [
+        (b"\xff\xd8\xff" + b"not the rest of a JPEG" * 8, "cannot decode image"),
+        (_jpeg()[:-40], "cannot decode image"),  # truncated
+        (_declaring(20_000, 20_000), "too large"),
+    ],
+    ids=["garbage", "truncated", "too large"],
+)
+def test_a_thumbnail_that_does_not_decode_is_refused(
+    run, archive, tmp_path, models_dir, photos, thumbnail, says
+):
+    """A same-base import checked a thumbnail's first three bytes only: one that does not
+    decode was installed, and `repair` could not embed that photo again when it needed to."""
+    is_thumbnail = lambda name: name.startswith("thumbnails/")  # noqa: E731
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_file(is_thumbnail, thumbnail))
+    refused(run, hostile, models_dir, "thumbnails/", says, "nothing was imported")
+    assert run("import", "--rebuild", hostile).code == 1
+    # The same archive with a thumbnail that decodes is imported.
+    fine = edited(archive, tmp_path / "fine.tar.gz", with_file(is_thumbnail, _jpeg()))
+    assert run("import", fine).code == 0
+
+
+def test_a_thumbnail_larger_than_a_photo_is_refused_while_unpacking(
+    run, archive, models_dir, monkeypatch
+):
+    """Any member could unpack to 2 GiB; a thumbnail stops at the size of a photo."""
+    monkeypatch.setattr(archive_format, "MAX_THUMBNAIL_BYTES", 100)
+    refused(run, archive, models_dir, "thumbnails/", "more than the 0.0 MiB allowed")
+
+
+@pytest.mark.parametrize("lock_file", [True, False], ids=["lock file", "no lock file"])
+def test_export_reads_a_read_only_models_directory(
+    run, personalized, models_dir, tmp_path, photos, lock_file
+):
+    """export opened the writers' lock file for writing and packed in a scratch directory
+    of the models directory, so it failed on a copy mounted read-only or a folder the user
+    cannot write. It writes nothing there now; predict, status and the lists never did."""
+    if not lock_file:  # a copy made without hidden files: no lock to take, none made
+        (models_dir / ".lock").unlink()
+    expected = predict_json(run, *photos["red"], *photos["green"])
+    before = tree(models_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    with read_only(models_dir):
+        assert_unwritable(models_dir)
+        done = unprivileged("export", out / "b.tar.gz")
+        assert done.returncode == 0 and done.stdout.startswith("Wrote "), done
+        for command in (["predict", photos["red"][0]], ["status"], ["examples"], ["labels"]):
+            done = unprivileged(*command)
+            assert done.returncode == 0 and done.stderr == "", done
+        done = unprivileged("retrain", "--label", "healthy", photos["red"][0])
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done
+        assert "Traceback" not in done.stderr
+    assert tree(models_dir) == before
+    assert [path.name for path in out.iterdir()] == ["b.tar.gz"]  # no scratch left behind
+    assert run("reset", "--purge").code == 0
+    assert run("import", out / "b.tar.gz").code == 0
+    assert predict_json(run, *photos["red"], *photos["green"]) == expected
+
+
+def test_export_and_writers_keep_each_other_out_but_exports_share(
+    run, personalized, models_dir, tmp_path, photos, monkeypatch
+):
+    """export reads under a shared lock: it waits for a writer, a writer waits for it, and
+    two exports read at once."""
+    from healthyluncher import store as store_module
+
+    monkeypatch.setattr(store_module, "LOCK_TIMEOUT", 0.2)
+    store = ModelStore(models_dir)
+    with store.lock():
+        one_line_error(run("export", tmp_path / "a.tar.gz"), "another luncher process")
+    with store.read_lock():
+        assert run("export", tmp_path / "b.tar.gz").code == 0
+        busy = run("retrain", "--label", "healthy", photos["red"][0])
+        one_line_error(busy, "another luncher process is changing")
+    assert not (tmp_path / "a.tar.gz").exists() and (tmp_path / "b.tar.gz").is_file()

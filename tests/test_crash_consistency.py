@@ -268,6 +268,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "healthyluncher.api",
             "healthyluncher.personalizing",
             "healthyluncher.backup",
+            "healthyluncher.exporting",
             "healthyluncher.bases",
             "healthyluncher.embedder",
             "healthyluncher.imaging",

@@ -123,3 +123,58 @@ def test_nan_weights_never_become_the_personalized_model(
         words = "NaN or infinite"
     one_line_error(run("retrain", "--label", "fast_food", photos["red"][1]), words)
     assert _predicted(run, photos["red"][1]) == before
+
+
+def _after(result) -> list[float]:
+    assert result.code == 0, result
+    return [photo["after"] for photo in json.loads(result.stdout)["photos"]]
+
+
+@needs_ort
+def test_a_base_made_by_the_numpy_trainer_retrains_where_onnx_runtime_trains(
+    run, pt_model, photos, models_dir
+):
+    """A base made under LUNCHER_TRAINER=numpy has no ONNX Runtime training files; in an
+    environment where ONNX Runtime trains, its retrain was refused as "damaged". Its last
+    layer is one linear layer, so the numpy trainer trains it, and status says so."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TRAINER_ENV, "numpy")
+        assert run("make-updatable", pt_model).code == 0
+        expected = _after(run("retrain", "--json", "--label", "healthy", *photos["red"]))
+        assert run("undo").code == 0
+    assert not any(models_dir.glob("base-*/artifacts"))
+    assert json.loads(run("status", "--json").stdout)["trainer"] == "numpy"
+    assert "trainer           numpy" in run("status").stdout
+    # The same weights as the numpy trainer's own retrain, not a damaged base.
+    assert _after(run("retrain", "--json", "--label", "healthy", *photos["red"])) == expected
+    # A label of your own grows the head; a rename keeps the weights; forget retrains.
+    assert run("retrain", "--label", "pancakes", "--new-label", *photos["green"]).code == 0
+    assert run("labels", "rename", "pancakes", "greens").code == 0
+    assert run("undo").code == 0
+    assert run("forget", photos["green"][0]).code == 0
+    assert run("predict", photos["green"][1]).code == 0
+    # Insisting on ONNX Runtime is refused in one line that says why and what to do.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TRAINER_ENV, "onnxruntime")
+        one_line_error(
+            run("retrain", "--label", "healthy", photos["red"][0]),
+            "no ONNX Runtime training files",
+            "make-updatable",
+        )
+
+
+@needs_ort
+def test_a_base_made_by_onnx_runtime_retrains_with_the_numpy_trainer_and_back(
+    run, pt_model, photos
+):
+    assert run("make-updatable", pt_model).code == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TRAINER_ENV, "numpy")
+        assert json.loads(run("status", "--json").stdout)["trainer"] == "numpy"
+        assert run("retrain", "--label", "pancakes", "--new-label", *photos["green"]).code == 0
+        assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    assert json.loads(run("status", "--json").stdout)["trainer"] == "onnxruntime"
+    # The copy the numpy trainer made has no ONNX Runtime files of its grown head.
+    assert run("retrain", "--label", "pancakes", photos["green"][0]).code == 0
+    assert run("undo").code == 0
+    assert run("forget", photos["red"][0]).code == 0
