@@ -118,6 +118,10 @@ def exclusive_lock(
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
+        if exc.errno in _READ_ONLY:  # a read-only mount, or a folder of another user's
+            raise LuncherError(
+                f"cannot change {path.parent}: {exc.strerror}; nothing was changed"
+            ) from None
         raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
     with _flocked(fd, fcntl.LOCK_EX, path, timeout, busy, on_wait):
         yield

@@ -689,6 +689,7 @@ def test_export_reads_a_read_only_models_directory(
             assert done.returncode == 0 and done.stderr == "", done
         done = unprivileged("retrain", "--label", "healthy", photos["red"][0])
         assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done
+        assert f"cannot change {models_dir}: Permission denied; nothing was changed" in done.stderr
         assert "Traceback" not in done.stderr
     assert tree(models_dir) == before
     assert [path.name for path in out.iterdir()] == ["b.tar.gz"]  # no scratch left behind
