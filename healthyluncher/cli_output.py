@@ -186,6 +186,7 @@ def progress_bars() -> Iterator[Any]:
         TextColumn("{task.description:<10}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
         console=err.real(),
         transient=True,
         disable=not err.is_terminal,
@@ -194,8 +195,9 @@ def progress_bars() -> Iterator[Any]:
 
     def report(event: Progress) -> None:
         if event.stage not in tasks:
-            tasks[event.stage] = bars.add_task(event.stage, total=event.total)
-        bars.update(tasks[event.stage], completed=event.done, total=event.total)
+            tasks[event.stage] = bars.add_task(event.stage, total=event.total, loss="")
+        loss = "" if event.loss is None else f"loss {event.loss:.3f}"
+        bars.update(tasks[event.stage], completed=event.done, total=event.total, loss=loss)
 
     with bars:
         yield report

@@ -193,7 +193,7 @@ def fit_new_head(
 
     def on_epoch(epoch: int, total: int, loss: float) -> None:
         if progress:
-            progress(Progress("training", epoch, total))
+            progress(Progress("training", epoch, total, loss))
 
     params = fit_head(head, trainable, data, fit_hp, workdir, on_epoch=on_epoch)
     accuracy = float("nan")

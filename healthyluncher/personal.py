@@ -97,7 +97,7 @@ def publish_personal(
 
                 def on_epoch(epoch: int, total: int, loss: float) -> None:
                     if progress:
-                        progress(Progress("training", epoch, total))
+                        progress(Progress("training", epoch, total, loss))
 
                 data = training_set(examples, load_replay(base), labels, hp)
                 trained = fit(base.path, base.meta, len(labels), artifact_dir, data, hp, on_epoch)

@@ -138,6 +138,10 @@ def test_retrain_reports_typed_progress_and_returns_frozen_results(lun, photos):
     assert all(isinstance(e, Progress) and 0 < e.done <= e.total for e in events)
     training = [e for e in events if e.stage == "training"]
     assert training[-1].done == training[-1].total == result.hyperparameters.epochs
+    # Each epoch's loss, as Core ML's epoch-end events carry it; the last is the final loss.
+    assert all(isinstance(e.loss, float) and e.loss > 0 for e in training)
+    assert training[-1].loss == result.final_loss
+    assert all(e.loss is None for e in events if e.stage == "embedding")
     with pytest.raises(AttributeError):
         result.label = "x"  # type: ignore[misc]
     assert all(p.after > p.before for p in result.photos)

@@ -44,7 +44,7 @@ def test_a_task_retrains_in_another_thread_and_returns_the_result(lun, photos):
     assert result.label == "healthy" and len(result.photos) == 2
     assert lun.personalized and lun.status().examples_per_label == {"healthy": 2}
     assert threads == {"healthyluncher-task"}  # never the caller's thread
-    assert events[-1] == Progress("training", 2, 2) == task.progress
+    assert events[-1] == Progress("training", 2, 2, result.final_loss) == task.progress
     assert ended == [task]
     assert task.cancel() is False  # too late: it has ended
     with pytest.raises(LuncherError, match="already been started"):
