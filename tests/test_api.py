@@ -219,8 +219,8 @@ def test_settings_are_validated_where_they_are_made(run, pt_model):
         Hyperparameters(epochs=10**9)
     with pytest.raises(LuncherError, match="std"):
         Preprocessing(std=(0.0, 1.0, 1.0))
-    result = run("make-updatable", pt_model, "--learning-rate", "-1")
-    assert result.code == 1 and "learning rate must be greater than 0" in result.stderr
+    result = run("make-updatable", pt_model, "--learning-rate", "-1")  # the CLI: a usage error
+    assert result.code == 2 and "not in the range 0<x<=10" in result.stderr
 
 
 def test_damaged_meta_values_are_refused_not_obeyed(run, pt_model, photos, models_dir):
@@ -473,8 +473,6 @@ def test_a_copy_scores_its_newest_photos_and_those_just_taught(lun, photos, monk
 def test_memory_strength_is_a_retrain_option_kept_with_the_model(lun, photos, run):
     """Issue 16: the memory's strength is the design's one knob. It was not an option;
     now a retrain sets it, and it stays with the copy (its model and its later "before")."""
-    from tests.conftest import one_line_error
-
     lun.retrain("healthy", photos["red"])
     assert lun.status().hyperparameters["memory_strength"] == 40.0
     lun.retrain("healthy", photos["green"][:1], memory_strength=0)
@@ -488,7 +486,9 @@ def test_memory_strength_is_a_retrain_option_kept_with_the_model(lun, photos, ru
     assert result.code == 0, result
     assert run("status", "--json").json_lines()[0]["hyperparameters"]["memory_strength"] == 80
     huge = run("retrain", "--label", "healthy", "--memory-strength", "1e9", photos["red"][0])
-    one_line_error(huge, "memory strength")
+    assert huge.code == 2 and "'--memory-strength'" in huge.stderr  # a usage error
+    with pytest.raises(LuncherError, match="memory strength"):
+        lun.retrain("healthy", photos["red"][:1], memory_strength=1e9)
     assert lun.status().hyperparameters["memory_strength"] == 80.0
 
 

@@ -136,6 +136,53 @@ def test_json_usage_errors_are_json_too(args, fragment, models_dir):
     assert fragment in result.stderr and "Traceback" not in result.stderr
 
 
+ABSURD = [
+    ("retrain", "--epochs", "99999999999999999999"),
+    ("retrain", "--epochs", "1001"),
+    ("retrain", "--views", "99999999999999999999"),
+    ("retrain", "--learning-rate", "1e400"),
+    ("retrain", "--learning-rate", "1e300"),
+    ("retrain", "--learning-rate", "nan"),
+    ("retrain", "--learning-rate", "0"),
+    ("retrain", "--memory-strength", "1e9"),
+    ("retrain", "--memory-strength", "nan"),
+    ("make-updatable", "--trainable-layers", "99999999999999999999"),
+    ("make-updatable", "--resize", "99999999999999999999"),
+    ("make-updatable", "--epochs", "99999999999999999999"),
+    ("make-updatable", "--learning-rate", "inf"),
+    ("make-updatable", "--batch-size", "99999999999999999999"),
+    ("make-updatable", "--mean", "1e400,0,0"),
+    ("make-updatable", "--std", "nan,1,1"),
+]
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize(("command", "option", "value"), ABSURD)
+def test_absurd_or_overflowing_numbers_are_usage_errors(
+    command, option, value, as_json, pt_model, photos, monkeypatch, capsys
+):
+    """`--epochs 99999999999999999999` exited 1 (the library's refusal) where `--epochs 1e9`
+    exited 2: a number option past the API's bounds, NaN or an overflow (1e400 is inf) is a
+    usage error now, before anything is read, in one line (JSON too with --json)."""
+    from healthyluncher.cli import main
+
+    target = photos["red"][0] if command == "retrain" else pt_model
+    args = [command, option, value, *(["--label", "healthy"] if command == "retrain" else [])]
+    args += ["--json"] if as_json else []
+    monkeypatch.setattr(sys, "argv", ["luncher", *args, str(target)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured
+    [error] = [line for line in captured.err.splitlines() if line.startswith("Error:")]
+    assert f"'{option}'" in error and "Traceback" not in captured.err
+    if as_json:
+        [line] = captured.out.splitlines()
+        assert json.loads(line)["error"] == error.removeprefix("Error: ")
+    else:
+        assert captured.out == ""
+
+
 def test_a_dash_reads_paths_from_stdin(pt_model, photos, models_dir):
     assert luncher("make-updatable", str(pt_model)).returncode == 0
     listing = "\n".join(str(p) for p in photos["red"] + photos["green"]) + "\n"
