@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, replace
@@ -17,7 +16,7 @@ from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.examples import read_replay
+from healthyluncher.examples import copy_replay
 from healthyluncher.fileio import write_json
 from healthyluncher.headfit import (
     HeadReport,
@@ -312,7 +311,7 @@ def _build(
             save_arrays(staged / Files.REPLAY, arrays)
             replay_count = len(names)
         elif options.replay is not None:
-            replay_count = _copy_replay(options.replay, staged / Files.REPLAY, labels, split_sample)
+            replay_count = copy_replay(options.replay, staged / Files.REPLAY, labels, split_sample)
         meta = BaseMeta(
             name=model_path.stem,
             source="bundled" if bundled else str(model_path.resolve()),
@@ -400,19 +399,3 @@ def _head_batch_limit(head_bytes: bytes, split_sample: np.ndarray) -> int | None
     except Exception:  # a Reshape baked to batch 1 by the exporter
         session.run(None, {name: split_sample[:1]})
         return 1
-
-
-def _copy_replay(
-    source: Path, target: Path, labels: tuple[str, ...], split_sample: np.ndarray
-) -> int:
-    inputs, replay_labels, _ = read_replay(source)
-    if inputs.shape[1:] != split_sample.shape[1:]:
-        raise LuncherError(
-            f"{source}: replay inputs have shape {inputs.shape[1:]}, the head takes "
-            f"{split_sample.shape[1:]}"
-        )
-    unknown = sorted(set(replay_labels) - set(labels))
-    if unknown:
-        raise LuncherError(f"{source}: replay labels {unknown} are not model labels")
-    shutil.copyfile(source, target)
-    return len(inputs)

@@ -11,16 +11,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from healthyluncher.cuts import (
-    Topology,
-    choices,
-    cut_problem,
-    fold_batch_norms,
-    merge_parallel_heads,
-    working_counts,
-)
+from healthyluncher.cuts import Topology, choices, cut_problem, working_counts
 from healthyluncher.errors import LuncherError
 from healthyluncher.meta import check_label
+from healthyluncher.rewrites import fold_batch_norms, merge_parallel_heads
 from healthyluncher.runtime import MAX_IR_VERSION, MAX_OPSET
 from healthyluncher.settings import Layout
 
