@@ -31,7 +31,7 @@ from healthyluncher.archive import (
     refuse,
 )
 from healthyluncher.embedder import rebuild_examples
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, fsync_dir
 from healthyluncher.personal import publish_personal, render_personal
@@ -84,7 +84,7 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
     if target.is_dir():
         raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
     if target.exists() and not force:
-        raise LuncherError(f"{target} already exists; use --force to replace it")
+        raise LuncherError(f"{target} already exists; use ", Param("force", True), " to replace it")
     if target.exists() and not target.is_file():  # /dev/stdout, a pipe: never replaced
         raise LuncherError(
             f"{target} is not a regular file; give a file name such as backup.tar.gz"
@@ -181,8 +181,9 @@ def import_backup(
             difference = _base_difference(backup, base)
             if difference and not rebuild:
                 raise LuncherError(
-                    f"{archive} {difference}; use --rebuild to embed its photos again with "
-                    "this base and retrain; nothing was imported"
+                    f"{archive} {difference}; use ",
+                    Param("rebuild", True),
+                    " to embed its photos again with this base and retrain; nothing was imported",
                 )
             if difference:
                 return _rebuild(txn, base, backup, progress)

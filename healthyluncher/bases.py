@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import copy_replay
 from healthyluncher.fileio import write_json
@@ -59,7 +59,7 @@ class UpdatableOptions:
     replay: Path | None = None  # an .npz of head inputs and labels from the base's training data
     force: bool = False
     # With a personalization present: carry it over to the new base (True), drop it
-    # (False), or refuse unless --force (None).
+    # (False), or refuse unless `force` (None).
     keep_personalization: bool | None = None
     # Quantize the frozen part to int8 (static, per-channel), calibrated on the photos in
     # `calibration`. Opt-in: see results/int8.md for what it gains and costs.
@@ -94,13 +94,18 @@ def make_updatable(
 ) -> UpdatableResult:
     if options.int8 and options.calibration is None:
         raise LuncherError(
-            "--int8 needs --calibration DIR: photos like the ones you will classify, "
-            "to measure the ranges of the int8 activations"
+            Param("int8", True),
+            " needs ",
+            Param("calibration", example="DIR"),
+            ", photos like the ones you will classify, to measure the ranges of the int8 "
+            "activations",
         )
     if options.calibration is not None and not options.int8:
-        raise LuncherError("--calibration is only used with --int8")
+        raise LuncherError(Param("calibration"), " is only used with ", Param("int8", True))
     if options.balance_subfolders and options.examples is None:
-        raise LuncherError("--balance-subfolders is only used with --examples")
+        raise LuncherError(
+            Param("balance_subfolders", True), " is only used with ", Param("examples")
+        )
     found = None
     beside = model_path.with_suffix(".replay.npz")
     if options.replay is None and options.examples is None and beside.is_file():
@@ -116,9 +121,11 @@ def make_updatable(
             existing_is_replaceable = load_base(store, state).meta.bundled and not state.personal
         if not existing_is_replaceable and not options.force:
             raise LuncherError(
-                "a base model is already set up in "
-                f"{store.root}; use --keep-personalization to move your examples to the new "
-                "base, or --force to replace it and remove the personalization"
+                f"a base model is already set up in {store.root}; use ",
+                Param("keep_personalization", True),
+                " to move your examples to the new base, or ",
+                Param("force", True),
+                " to replace it and remove the personalization",
             )
         if keep:
             result = _upgrade(txn, model_path, options)
@@ -141,8 +148,9 @@ def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> U
     examples, missing = rebuild_examples(store, new_base, old.digests, old.labels, hp)
     if len(examples) == 0:
         raise LuncherError(
-            "none of your examples have a thumbnail to embed with the new base; "
-            "use --force to replace the base without them"
+            "none of your examples have a thumbnail to embed with the new base; use ",
+            Param("force", True),
+            " to replace the base without them",
         )
     labels = built.meta.labels + tuple(
         dict.fromkeys(label for label in examples.labels if label not in built.meta.labels)
@@ -229,7 +237,7 @@ def _build(
             if options.trainable_layers > 1
             else "training this model's last layer (it is not one Gemm or MatMul + Add)"
         )
-        raise LuncherError(f"{what} {NEEDS_ORT}; use --trainable-layers 1 here")
+        raise LuncherError(f"{what} {NEEDS_ORT}; use ", Param("trainable_layers", 1), " here")
     trainable = set(cut.trainable_params)
     layer_infos = tuple(
         LayerInfo(

@@ -14,9 +14,11 @@ from typing import Protocol
 import onnx
 
 from healthyluncher.decompose import blocker
+from healthyluncher.errors import Message, Param
 
-# `--trainable-layers` values checked when a refusal lists the ones that work.
+# `trainable_layers` values checked when a refusal lists the ones that work.
 MAX_LISTED = 10
+TRAINABLE_LAYERS = Param("trainable_layers")
 # Ops whose outputs carry no gradient back to their inputs (shapes, comparisons): an op
 # past them is not on the way from a trained weight to the loss.
 NO_GRADIENT_FLOW = frozenset(
@@ -150,9 +152,9 @@ def working_counts(
     return [n for n in range(1, top + 1) if cut_problem(topology, layers, n, logits) is None]
 
 
-def choices(counts: Sequence[int], total: int, limit: int = MAX_LISTED) -> str:
-    """The end of a refusal: which --trainable-layers values work instead."""
+def choices(counts: Sequence[int], total: int, limit: int = MAX_LISTED) -> Message:
+    """The end of a refusal: which `trainable_layers` values work instead."""
     checked = f" (1 to {limit} checked)" if total > limit else ""
     if not counts:
-        return f"no --trainable-layers value works for this model{checked}"
-    return f"choose --trainable-layers from {', '.join(map(str, counts))}{checked}"
+        return "no ", TRAINABLE_LAYERS, f" value works for this model{checked}"
+    return "choose ", TRAINABLE_LAYERS, f" from {', '.join(map(str, counts))}{checked}"
