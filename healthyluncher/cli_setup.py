@@ -26,12 +26,9 @@ from healthyluncher.settings import (
     MAX_EPOCHS,
     MAX_LEARNING_RATE,
     MAX_SIDE,
+    MAX_TRAINABLE_LAYERS,
     Hyperparameters,
 )
-
-# More layers with weights than any classifier has: a larger --trainable-layers is a typo
-# (or an overflow), refused as a usage error before the model is read.
-MAX_TRAINABLE_LAYERS = 100_000
 
 
 @app.command("make-updatable")

@@ -152,6 +152,7 @@ MAX_LEARNING_RATE = 10.0
 MAX_BATCH = 65536
 MAX_MEMORY_STRENGTH = 1e4
 MAX_PIXEL_STATISTIC = 1e6  # a mean or std, in 0..255 pixel units
+MAX_TRAINABLE_LAYERS = 10_000  # more layers with weights than any classifier trains
 
 
 def _integer(name: str, value: Any, low: int, high: int) -> None:

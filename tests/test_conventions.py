@@ -147,6 +147,7 @@ ABSURD = [
     ("retrain", "--memory-strength", "1e9"),
     ("retrain", "--memory-strength", "nan"),
     ("make-updatable", "--trainable-layers", "99999999999999999999"),
+    ("make-updatable", "--trainable-layers", "10001"),
     ("make-updatable", "--resize", "99999999999999999999"),
     ("make-updatable", "--epochs", "99999999999999999999"),
     ("make-updatable", "--learning-rate", "inf"),
