@@ -1,7 +1,8 @@
-"""`python -m healthyluncher` and the `luncher` command.
+"""`python -m healthyluncher`, and the `luncher` command (through _healthyluncher_entry).
 
-The entry point imports the command inside a guard: Ctrl-C while its modules load (a
-fraction of a second) ends with one line and exit code 130, not a traceback.
+The command is imported and run inside a guard: Ctrl-C while its modules load (a
+fraction of a second) or while typer builds the command ends with one line and exit
+code 130, not a traceback.
 """
 
 import os
@@ -16,10 +17,11 @@ def run() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         from healthyluncher.cli import main
-    except KeyboardInterrupt:
+
+        main()
+    except KeyboardInterrupt:  # a command's own Ctrl-C is reported by cli_output.reporting
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None
-    main()
 
 
 if __name__ == "__main__":

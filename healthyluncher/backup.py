@@ -13,7 +13,7 @@ from pathlib import Path
 
 from healthyluncher.archive import Backup, read_backup, refuse
 from healthyluncher.embedder import rebuild_examples
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.personal import publish_personal, render_personal
@@ -55,8 +55,9 @@ def import_backup(
             difference = _base_difference(backup, base)
             if difference and not rebuild:
                 raise LuncherError(
-                    f"{archive} {difference}; use --rebuild to embed its photos again with "
-                    "this base and retrain; nothing was imported"
+                    f"{archive} {difference}; use ",
+                    Param("rebuild", True),
+                    " to embed its photos again with this base and retrain; nothing was imported",
                 )
             if difference:
                 return _rebuild(txn, base, backup, progress)

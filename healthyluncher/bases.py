@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, replace
@@ -15,9 +14,9 @@ from onnx import numpy_helper
 
 from healthyluncher import graph
 from healthyluncher.embedder import rebuild_examples
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback
-from healthyluncher.examples import read_replay
+from healthyluncher.examples import copy_replay
 from healthyluncher.fileio import write_json
 from healthyluncher.headfit import (
     HeadReport,
@@ -60,7 +59,7 @@ class UpdatableOptions:
     replay: Path | None = None  # an .npz of head inputs and labels from the base's training data
     force: bool = False
     # With a personalization present: carry it over to the new base (True), drop it
-    # (False), or refuse unless --force (None).
+    # (False), or refuse unless `force` (None).
     keep_personalization: bool | None = None
     # Quantize the frozen part to int8 (static, per-channel), calibrated on the photos in
     # `calibration`. Opt-in: see results/int8.md for what it gains and costs.
@@ -95,13 +94,18 @@ def make_updatable(
 ) -> UpdatableResult:
     if options.int8 and options.calibration is None:
         raise LuncherError(
-            "--int8 needs --calibration DIR: photos like the ones you will classify, "
-            "to measure the ranges of the int8 activations"
+            Param("int8", True),
+            " needs ",
+            Param("calibration", example="DIR"),
+            ", photos like the ones you will classify, to measure the ranges of the int8 "
+            "activations",
         )
     if options.calibration is not None and not options.int8:
-        raise LuncherError("--calibration is only used with --int8")
+        raise LuncherError(Param("calibration"), " is only used with ", Param("int8", True))
     if options.balance_subfolders and options.examples is None:
-        raise LuncherError("--balance-subfolders is only used with --examples")
+        raise LuncherError(
+            Param("balance_subfolders", True), " is only used with ", Param("examples")
+        )
     found = None
     beside = model_path.with_suffix(".replay.npz")
     if options.replay is None and options.examples is None and beside.is_file():
@@ -117,9 +121,11 @@ def make_updatable(
             existing_is_replaceable = load_base(store, state).meta.bundled and not state.personal
         if not existing_is_replaceable and not options.force:
             raise LuncherError(
-                "a base model is already set up in "
-                f"{store.root}; use --keep-personalization to move your examples to the new "
-                "base, or --force to replace it and remove the personalization"
+                f"a base model is already set up in {store.root}; use ",
+                Param("keep_personalization", True),
+                " to move your examples to the new base, or ",
+                Param("force", True),
+                " to replace it and remove the personalization",
             )
         if keep:
             result = _upgrade(txn, model_path, options)
@@ -142,8 +148,9 @@ def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> U
     examples, missing = rebuild_examples(store, new_base, old.digests, old.labels, hp)
     if len(examples) == 0:
         raise LuncherError(
-            "none of your examples have a thumbnail to embed with the new base; "
-            "use --force to replace the base without them"
+            "none of your examples have a thumbnail to embed with the new base; use ",
+            Param("force", True),
+            " to replace the base without them",
         )
     labels = built.meta.labels + tuple(
         dict.fromkeys(label for label in examples.labels if label not in built.meta.labels)
@@ -230,7 +237,7 @@ def _build(
             if options.trainable_layers > 1
             else "training this model's last layer (it is not one Gemm or MatMul + Add)"
         )
-        raise LuncherError(f"{what} {NEEDS_ORT}; use --trainable-layers 1 here")
+        raise LuncherError(f"{what} {NEEDS_ORT}; use ", Param("trainable_layers", 1), " here")
     trainable = set(cut.trainable_params)
     layer_infos = tuple(
         LayerInfo(
@@ -312,7 +319,7 @@ def _build(
             save_arrays(staged / Files.REPLAY, arrays)
             replay_count = len(names)
         elif options.replay is not None:
-            replay_count = _copy_replay(options.replay, staged / Files.REPLAY, labels, split_sample)
+            replay_count = copy_replay(options.replay, staged / Files.REPLAY, labels, split_sample)
         meta = BaseMeta(
             name=model_path.stem,
             source="bundled" if bundled else str(model_path.resolve()),
@@ -400,19 +407,3 @@ def _head_batch_limit(head_bytes: bytes, split_sample: np.ndarray) -> int | None
     except Exception:  # a Reshape baked to batch 1 by the exporter
         session.run(None, {name: split_sample[:1]})
         return 1
-
-
-def _copy_replay(
-    source: Path, target: Path, labels: tuple[str, ...], split_sample: np.ndarray
-) -> int:
-    inputs, replay_labels, _ = read_replay(source)
-    if inputs.shape[1:] != split_sample.shape[1:]:
-        raise LuncherError(
-            f"{source}: replay inputs have shape {inputs.shape[1:]}, the head takes "
-            f"{split_sample.shape[1:]}"
-        )
-    unknown = sorted(set(replay_labels) - set(labels))
-    if unknown:
-        raise LuncherError(f"{source}: replay labels {unknown} are not model labels")
-    shutil.copyfile(source, target)
-    return len(inputs)

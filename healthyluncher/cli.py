@@ -11,7 +11,7 @@ import typer
 
 # Importing them registers their commands: make-updatable, export and import; examples, labels.
 from healthyluncher import cli_setup, cli_teaching  # noqa: F401
-from healthyluncher.cli_app import JSON, app, given_path, luncher, with_stdin
+from healthyluncher.cli_app import JSON, app, bounded, given_path, luncher, with_stdin
 from healthyluncher.cli_output import (
     Column,
     RowPrinter,
@@ -28,6 +28,7 @@ from healthyluncher.cli_output import (
     views_setting,
 )
 from healthyluncher.errors import LuncherError, UnknownLabelError
+from healthyluncher.settings import MAX_EPOCHS, MAX_LEARNING_RATE, MAX_MEMORY_STRENGTH, MAX_VIEWS
 
 PHOTOS = typer.Argument(
     help="Photos, or directories to search; - reads paths from standard input, one a line.",
@@ -91,16 +92,25 @@ def retrain(
     label: Annotated[str, typer.Option(help="What these photos are.", show_default=False)],
     epochs: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(min=1, help="Passes over the examples (default: the model's setting)."),
+        typer.Option(
+            min=1,
+            max=MAX_EPOCHS,
+            help="Passes over the examples (default: the model's setting).",
+        ),
     ] = None,
     learning_rate: Annotated[
         Optional[float],  # noqa: UP045
-        typer.Option(help="Default: the model's setting."),
+        typer.Option(
+            parser=bounded(0.0, MAX_LEARNING_RATE, above=True),
+            metavar="<float>",
+            help=f"Default: the model's setting.  [0<x<={MAX_LEARNING_RATE:g}]",
+        ),
     ] = None,
     views: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
             min=1,
+            max=MAX_VIEWS,
             help="Augmented views per photo; 1 turns augmentation off. Default: up to 8 "
             "for a few photos, 1 from 16 photos on.",
         ),
@@ -108,9 +118,10 @@ def retrain(
     memory_strength: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(
-            min=0.0,
+            parser=bounded(0.0, MAX_MEMORY_STRENGTH),
+            metavar="<float>",
             help="How strongly photos like the ones you taught take their label (0: off; "
-            "default 40). Kept for later retrains.",
+            f"default 40). Kept for later retrains.  [0<=x<={MAX_MEMORY_STRENGTH:g}]",
         ),
     ] = None,
     new_label: Annotated[

@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -10,6 +11,7 @@ import typer
 import typer.core
 
 from healthyluncher.cli_output import debug_requested, err, quiet
+from healthyluncher.settings import MAX_PIXEL_STATISTIC
 from healthyluncher.version import __version__
 
 if TYPE_CHECKING:
@@ -161,13 +163,37 @@ def with_stdin(paths: list[Path]) -> list[Path]:
     return expanded
 
 
+def bounded(low: float, high: float, *, above: bool = False) -> Callable[[str], float]:
+    """The parser of a number option the API bounds: a value it would refuse (NaN, 1e400,
+    which is inf, or one past the bounds) is a usage error here, not an error of the
+    command. Whole-number options get typer's min and max instead."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is not a number.") from None
+        if not ((low < value) if above else (low <= value)) or not value <= high:  # NaN too
+            raise typer.BadParameter(
+                f"{value:g} is not in the range {low:g}{'<' if above else '<='}x<={high:g}."
+            )
+        return value
+
+    return number
+
+
 def floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    """Numbers separated by commas, each finite and within the API's bounds."""
     if text is None:
         return None
+    number = bounded(-MAX_PIXEL_STATISTIC, MAX_PIXEL_STATISTIC)
     try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"expected numbers separated by commas, got {text!r}") from None
+        return tuple(number(part) for part in text.split(","))
+    except typer.BadParameter as exc:
+        raise typer.BadParameter(
+            f"{exc.message[:-1]} (expected numbers separated by commas, got {text!r}).",
+            param_hint=f"'{option}'",
+        ) from None
 
 
 class Optimizer(str, Enum):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from healthyluncher.errors import CommittedInterrupt, LuncherError
+from healthyluncher.errors import CommittedInterrupt, LuncherError, Param
 
 if TYPE_CHECKING:
     from healthyluncher import Prediction
@@ -132,9 +132,10 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except LuncherError as exc:
+            message = in_options(exc, kwargs.get("ctx"))
             if json_mode[0]:
-                json_line({"error": str(exc)})
-            err.print(f"[red]error:[/red] {escape(str(exc))}")
+                json_line({"error": message})
+            err.print(f"[red]error:[/red] {escape(message)}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             if isinstance(exc, CommittedInterrupt):
@@ -162,6 +163,34 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def in_options(exc: LuncherError, ctx: Any) -> str:
+    """The error in the command line's words: each API parameter it names is the option
+    of that name (the command's, else a global one), as typed: `--trainable-layers 2`,
+    `--int8`, `--examples DIR`."""
+    options: dict[str, Any] = {}
+    while ctx is not None:  # the command's own options first, then its group's
+        for option in getattr(ctx.command, "params", ()):
+            if option.param_type_name == "option":
+                options.setdefault(option.name, option)
+        ctx = ctx.parent
+
+    def spell(param: Param) -> str:
+        option = options.get(param.name)
+        if option is None:
+            flag = "--" + param.name.replace("_", "-")
+        elif param.value is False and option.secondary_opts:  # --drop-personalization
+            flag = max(option.secondary_opts, key=len)
+        else:
+            flag = max(option.opts, key=len)
+        if isinstance(param.value, bool):
+            return flag
+        if param.value is not None:
+            return f"{flag} {param.value}"
+        return f"{flag} {param.example}" if param.example else flag
+
+    return exc.render(spell)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from healthyluncher.cli_app import JSON, Optimizer, Preset, app, floats, luncher
+from healthyluncher.cli_app import JSON, Optimizer, Preset, app, bounded, floats, luncher
 from healthyluncher.cli_output import (
     Column,
     escape,
@@ -21,7 +21,14 @@ from healthyluncher.cli_output import (
     reporting,
     spinner,
 )
-from healthyluncher.settings import Hyperparameters
+from healthyluncher.settings import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_LEARNING_RATE,
+    MAX_SIDE,
+    MAX_TRAINABLE_LAYERS,
+    Hyperparameters,
+)
 
 
 @app.command("make-updatable")
@@ -37,7 +44,10 @@ def make_updatable(
         typer.Option(help="Class names in output order, comma-separated (else from metadata)."),
     ] = None,
     trainable_layers: Annotated[
-        int, typer.Option(min=1, help="How many of the last layers with weights train.")
+        int,
+        typer.Option(
+            min=1, max=MAX_TRAINABLE_LAYERS, help="How many of the last layers with weights train."
+        ),
     ] = 1,
     examples: Annotated[
         Optional[Path],  # noqa: UP045
@@ -66,7 +76,7 @@ def make_updatable(
     ] = None,
     resize: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(min=1, help="Short side in pixels before the centre crop."),
+        typer.Option(min=1, max=MAX_SIDE, help="Short side in pixels before the centre crop."),
     ] = None,
     mean: Annotated[
         Optional[str],  # noqa: UP045
@@ -77,13 +87,20 @@ def make_updatable(
         typer.Option(help="Per-channel std in 0..255 pixel units, e.g. 58.4,57.1,57.4."),
     ] = None,
     epochs: Annotated[
-        int, typer.Option(min=1, help="Default epochs for retrain.")
+        int, typer.Option(min=1, max=MAX_EPOCHS, help="Default epochs for retrain.")
     ] = Hyperparameters.epochs,
     learning_rate: Annotated[
-        float, typer.Option(help="Default learning rate.")
+        float,
+        typer.Option(
+            parser=bounded(0.0, MAX_LEARNING_RATE, above=True),
+            metavar="<float>",
+            show_default=False,  # with the range, as typer shows an int option's
+            help=f"Default learning rate.  [default: {Hyperparameters.learning_rate:g}; "
+            f"0<x<={MAX_LEARNING_RATE:g}]",
+        ),
     ] = Hyperparameters.learning_rate,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Training batch size.")
+        int, typer.Option(min=1, max=MAX_BATCH, help="Training batch size.")
     ] = Hyperparameters.batch_size,
     optimizer: Annotated[Optimizer, typer.Option(help="Training optimizer.")] = Optimizer.adamw,
     replay: Annotated[
@@ -126,6 +143,7 @@ def make_updatable(
     """
     from healthyluncher import api
 
+    mean_values, std_values = floats(mean, "--mean"), floats(std, "--std")
     hyperparameters = Hyperparameters(
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, optimizer=optimizer.value
     )
@@ -137,8 +155,8 @@ def make_updatable(
             trainable_layers=trainable_layers,
             models_dir=(ctx.obj or {}).get("models_dir"),
             resize=resize,
-            mean=floats(mean, "--mean"),
-            std=floats(std, "--std"),
+            mean=mean_values,
+            std=std_values,
             hyperparameters=hyperparameters,
             replay=replay,
             force=force,

@@ -1,8 +1,43 @@
 """The project's own exception: an error the user can fix, with a message written for them."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, TypeAlias
+
+
+class Param(NamedTuple):
+    """A parameter of the public API that an error message names, as the caller wrote it or
+    should: `trainable_layers=2` to a Python caller. The command line names its option
+    instead (`--trainable-layers 2`): it spells the message with `LuncherError.render`."""
+
+    name: str  # the API's parameter: "trainable_layers"
+    value: object = None  # the value given or to give, or None: the parameter alone
+    example: str = ""  # what a value looks like ("DIR"), when the message asks for one
+
+    def __str__(self) -> str:
+        if self.value is not None:
+            return f"{self.name}={self.value!r}"
+        return f"{self.name}=..." if self.example else self.name
+
+
+# A message in parts: text, and the API parameters it names.
+Message: TypeAlias = tuple[str | Param, ...]
+
 
 class LuncherError(Exception):
-    """A problem the user can act on. The CLI prints it as one line and exits 1."""
+    """A problem the user can act on. The CLI prints it as one line and exits 1.
+
+    The message is text and the API parameters it names (`Param`): `str(error)` names them
+    as Python callers write them, `render` as another interface names them."""
+
+    def __init__(self, *parts: str | Param) -> None:
+        self.parts = parts
+        super().__init__("".join(map(str, parts)))
+
+    def render(self, spell: Callable[[Param], str]) -> str:
+        """The message with each parameter it names spelled by `spell`."""
+        return "".join(part if isinstance(part, str) else spell(part) for part in self.parts)
 
 
 class CommittedInterrupt(KeyboardInterrupt):

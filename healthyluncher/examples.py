@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,24 @@ def read_replay(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
         raise LuncherError(f"{path}: not a replay set (labels without inputs, or inputs NaN "
                            f"or over {HEAD_INPUT_LIMIT:g})")  # fmt: skip
     return inputs, [str(name) for name in names], weights
+
+
+def copy_replay(
+    source: Path, target: Path, labels: tuple[str, ...], split_sample: np.ndarray
+) -> int:
+    """Copy a replay set into a new base, checked against its labels and head input shape;
+    returns its number of examples."""
+    inputs, replay_labels, _ = read_replay(source)
+    if inputs.shape[1:] != split_sample.shape[1:]:
+        raise LuncherError(
+            f"{source}: replay inputs have shape {inputs.shape[1:]}, the head takes "
+            f"{split_sample.shape[1:]}"
+        )
+    unknown = sorted(set(replay_labels) - set(labels))
+    if unknown:
+        raise LuncherError(f"{source}: replay labels {unknown} are not model labels")
+    shutil.copyfile(source, target)
+    return len(inputs)
 
 
 def replay_weights(data: Any, rows: int, source: Path) -> np.ndarray:

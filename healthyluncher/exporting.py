@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from healthyluncher.archive import BACKUP_FORMAT, BACKUP_KIND, CHUNK, MANIFEST
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.fileio import fsync_dir
 from healthyluncher.records import (
     GO_BACK,
@@ -58,7 +58,7 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
     if target.is_dir():
         raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
     if target.exists() and not force:
-        raise LuncherError(f"{target} already exists; use --force to replace it")
+        raise LuncherError(f"{target} already exists; use ", Param("force", True), " to replace it")
     if target.exists() and not target.is_file():  # /dev/stdout, a pipe: never replaced
         raise LuncherError(
             f"{target} is not a regular file; give a file name such as backup.tar.gz"

@@ -11,16 +11,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from healthyluncher.cuts import (
-    Topology,
-    choices,
-    cut_problem,
-    fold_batch_norms,
-    merge_parallel_heads,
-    working_counts,
-)
-from healthyluncher.errors import LuncherError
+from healthyluncher.cuts import Topology, choices, cut_problem, working_counts
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.meta import check_label
+from healthyluncher.rewrites import fold_batch_norms, merge_parallel_heads
 from healthyluncher.runtime import MAX_IR_VERSION, MAX_OPSET
 from healthyluncher.settings import Layout
 
@@ -285,21 +279,19 @@ def _size(tensor: TensorProto) -> int:
 def split(model: onnx.ModelProto, analysis: Analysis, trainable_layers: int) -> Split:
     layers = analysis.layers
     if trainable_layers < 1:
-        raise LuncherError("--trainable-layers must be at least 1")
+        raise LuncherError(Param("trainable_layers"), " must be at least 1")
     topology = Topology.of(model, analysis.input.name)
 
     def refuse(problem: str) -> LuncherError:
         working = working_counts(topology, layers, analysis.logits_name)
-        return LuncherError(f"{problem}; {choices(working, len(layers))}")
+        given = Param("trainable_layers", trainable_layers)
+        return LuncherError(given, f" {problem}; ", *choices(working, len(layers)))
 
     if trainable_layers > len(layers):
-        raise refuse(
-            f"--trainable-layers {trainable_layers} is more than the {len(layers)} "
-            "layers with weights in this model"
-        )
+        raise refuse(f"is more than the {len(layers)} layers with weights in this model")
     problem = cut_problem(topology, layers, trainable_layers, analysis.logits_name)
     if problem is not None:
-        raise refuse(f"--trainable-layers {trainable_layers} {problem}")
+        raise refuse(problem)
     trainable = layers[-trainable_layers:]
     cut = trainable[0].data_input
     # The extractor needs the shapes of the tensors where it cuts.
@@ -394,14 +386,16 @@ def metadata_labels(metadata: dict[str, str]) -> list[str] | None:
             except (TypeError, ValueError):
                 raise LuncherError(
                     f"the model's {key!r} metadata maps class numbers to names, but not all "
-                    "of its keys are numbers; give the labels with --labels"
+                    "of its keys are numbers; give the labels with ",
+                    Param("labels", example="a,b,..."),
                 ) from None
         if isinstance(value, list) and value:
             try:
                 return [check_label(str(v)) for v in value]
             except LuncherError as exc:
                 raise LuncherError(
-                    f"the model's {key!r} metadata: {exc}; give the labels with --labels"
+                    f"the model's {key!r} metadata: {exc}; give the labels with ",
+                    Param("labels", example="a,b,..."),
                 ) from None
     return None
 

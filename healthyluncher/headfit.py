@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from healthyluncher import graph, heads
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.linearhead import linear_head_of
@@ -31,6 +31,8 @@ from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.trainers import TrainingSet
 from healthyluncher.training import fit_head
 
+# The parameter every refusal here names (make_updatable's examples, --examples).
+EXAMPLES = Param("examples")
 # One photo in five is held out to measure the new head (by content hash: repeatable).
 HOLD_OUT = 5
 # Training from a new final layer needs more steps than a personalization: at least this
@@ -90,23 +92,25 @@ class HeadReport:
 def read_examples(directory: Path, balance_subfolders: bool = False) -> LabelledPhotos:
     """The labels (subfolder names, sorted) and their photos."""
     if not directory.is_dir():
-        raise LuncherError(f"--examples {directory}: not a directory")
+        raise LuncherError(Param("examples", str(directory)), ": not a directory")
     folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     labels = tuple(check_label(folder.name) for folder in folders)
     if len({label_key(label) for label in labels}) != len(labels):  # "a", "a ", NFD "a"
-        raise LuncherError(f"--examples {directory}: two subfolders name the same label")
+        raise LuncherError(
+            Param("examples", str(directory)), ": two subfolders name the same label"
+        )
     photos: list[tuple[PhotoSource, int]] = []
     groups: list[str] = []
     for index, folder in enumerate(folders):
         found = find_images([folder])
         if not found:
-            raise LuncherError(f"--examples: {folder} holds no photos")
+            raise LuncherError(EXAMPLES, f": {folder} holds no photos")
         photos.extend((photo, index) for photo in found)
         groups.extend(_group(folder, photo) for photo in found)
     if len(labels) < 2:
         raise LuncherError(
-            f"--examples {directory} needs one subfolder per label, at least two "
-            "(e.g. healthy/ and fast_food/)"
+            Param("examples", str(directory)),
+            " needs one subfolder per label, at least two (e.g. healthy/ and fast_food/)",
         )
     return LabelledPhotos(labels, tuple(photos), tuple(groups), balance_subfolders)
 
@@ -168,7 +172,7 @@ def fit_new_head(
     if len(set(labels.tolist())) < len(examples.labels):
         missing = sorted(set(range(len(examples.labels))) - set(labels.tolist()))
         names = ", ".join(examples.labels[i] for i in missing)
-        raise LuncherError(f"--examples: no readable photo of {names}")
+        raise LuncherError(EXAMPLES, f": no readable photo of {names}")
     held = np.array([int(d[:8], 16) % HOLD_OUT == 0 for d in digests])
     if held.all() or not held.any() or len(labels) < 2 * HOLD_OUT:
         held = np.zeros(len(labels), bool)  # too few photos to hold any out
@@ -285,7 +289,7 @@ def _embed(
             progress(Progress("embedding", done, total))
     flush()
     if not outputs:
-        raise LuncherError("--examples: none of the photos could be read")
+        raise LuncherError(EXAMPLES, ": none of the photos could be read")
     group_array = np.array(groups, dtype=object)
     inputs = np.concatenate(outputs)
     return inputs, np.array(labels, np.int64), digests, group_array, skipped, sources
@@ -310,7 +314,7 @@ def input_scale(inputs: np.ndarray) -> float:
     flat = inputs.reshape(len(inputs), -1)
     mean_l1 = float(np.mean(np.abs(flat).sum(axis=1, dtype=np.float64)))
     if not math.isfinite(mean_l1):
-        raise LuncherError("--examples: the model's features are not finite numbers")
+        raise LuncherError(EXAMPLES, ": the model's features are not finite numbers")
     if mean_l1 <= MAX_INPUT_L1:
         return 1.0
     return float(2.0 ** math.floor(math.log2(MAX_INPUT_L1 / mean_l1)))

@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.settings import Hyperparameters, Preprocessing, is_finite_number
+from healthyluncher.settings import (
+    MAX_TRAINABLE_LAYERS,
+    Hyperparameters,
+    Preprocessing,
+    is_finite_number,
+)
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # Longest label kept: a name, not a sentence.
@@ -109,7 +114,9 @@ class BaseMeta:
             output_is_probability=_flag(data, "output_is_probability"),
             split_tensor=_text(data, "split_tensor"),
             has_frozen_part=_flag(data, "has_frozen_part"),
-            trainable_layers=_count(data["trainable_layers"], "trainable_layers", 1, 10_000),
+            trainable_layers=_count(
+                data["trainable_layers"], "trainable_layers", 1, MAX_TRAINABLE_LAYERS
+            ),
             trainable_params=tuple(_names(data["trainable_params"], "trainable_params")),
             layers=tuple(_layer(layer) for layer in layers),
             hyperparameters=Hyperparameters.from_json(data["hyperparameters"]),

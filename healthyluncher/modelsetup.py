@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher import graph
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.meta import check_label, label_key
 from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, is_finite_number
 
@@ -41,15 +41,18 @@ def model_labels(given: Sequence[str] | None, analysis: graph.Analysis) -> tuple
     labels = [check_label(v) for v in given] if given else graph.metadata_labels(analysis.metadata)
     if not labels:
         raise LuncherError(
-            f"the model does not name its {analysis.num_classes} classes; give them with "
-            "--labels a,b,..., or put a new head on it with --examples DIR (one subfolder "
-            "of photos per label)"
+            f"the model does not name its {analysis.num_classes} classes; give them with ",
+            Param("labels", example="a,b,..."),
+            ", or put a new head on it with ",
+            Param("examples", example="DIR"),
+            " (one subfolder of photos per label)",
         )
     if len(labels) != analysis.num_classes:
         raise LuncherError(
             f"{len(labels)} labels given ({', '.join(labels)}) but the model has "
-            f"{analysis.num_classes} outputs; to give it a new head with your labels, use "
-            "--examples DIR (one subfolder of photos per label)"
+            f"{analysis.num_classes} outputs; to give it a new head with your labels, use ",
+            Param("examples", example="DIR"),
+            " (one subfolder of photos per label)",
         )
     if len({label_key(x) for x in labels}) != len(labels) or any(not label for label in labels):
         raise LuncherError("labels must be unique and non-empty")
@@ -84,10 +87,10 @@ def model_inputs(
             "the model's 'preprocessing' metadata has a bad crop or resize"
         ) from None
     if preset is not None and preset not in PRESETS:
-        raise LuncherError(f"--preprocessing {preset!r} is not one of {', '.join(PRESETS)}")
+        raise LuncherError(Param("preprocessing", preset), f" is not one of {', '.join(PRESETS)}")
     if mean is not None or std is not None:
         if mean is None or std is None:
-            raise LuncherError("--mean and --std go together")
+            raise LuncherError(Param("mean"), " and ", Param("std"), " go together")
         source = "--mean/--std"
     elif preset is not None:
         mean, std = PRESETS[preset]
@@ -101,7 +104,9 @@ def model_inputs(
         source = "the default (ImageNet mean and std; --preprocessing says otherwise)"
     mean, std = _per_channel("mean", mean, image.channels), _per_channel("std", std, image.channels)
     if int(resize) < min(height, width):
-        raise LuncherError(f"--resize {resize} is smaller than the model's input {height}x{width}")
+        raise LuncherError(
+            Param("resize", resize), f" is smaller than the model's input {height}x{width}"
+        )
     prep = Preprocessing(
         height=int(height),
         width=int(width),

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from healthyluncher import graph
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.photos import find_images
 from healthyluncher.runtime import MAX_IR_VERSION, pad_batch, runtime
@@ -46,10 +46,10 @@ def calibration_photos(directory: Path) -> list[Path]:
     """Up to MAX_CALIBRATION_PHOTOS image files under `directory`, spread evenly over its
     sorted listing so that every subfolder (a class, a dish) has its share."""
     if not directory.is_dir():
-        raise LuncherError(f"--calibration {directory}: not a directory of photos")
+        raise LuncherError(Param("calibration", str(directory)), ": not a directory of photos")
     found = [p for p in find_images([directory]) if isinstance(p, Path)]
     if not found:
-        raise LuncherError(f"--calibration {directory}: no image files in it")
+        raise LuncherError(Param("calibration", str(directory)), ": no image files in it")
     if len(found) > MAX_CALIBRATION_PHOTOS:
         step = len(found) / MAX_CALIBRATION_PHOTOS
         found = [found[int(i * step)] for i in range(MAX_CALIBRATION_PHOTOS)]
@@ -68,19 +68,22 @@ def quantize_base(
     with everything after the split, whose weights keep their names and stay float32."""
     if cut.frozen is None:
         raise LuncherError(
-            "--int8 quantizes the frozen part, but every layer of this model trains; "
-            "choose a smaller --trainable-layers"
+            Param("int8", True),
+            " quantizes the frozen part, but every layer of this model trains; choose a smaller ",
+            Param("trainable_layers"),
         )
     opset = graph.default_opset(model)
     if opset < MIN_OPSET:
         raise LuncherError(
-            f"--int8 needs ONNX opset {MIN_OPSET} or later (per-channel int8 weights); "
-            f"this model uses opset {opset}"
+            Param("int8", True),
+            f" needs ONNX opset {MIN_OPSET} or later (per-channel int8 weights); this model "
+            f"uses opset {opset}",
         )
     reader = _CalibrationReader(photos, prep, analysis.input.name, analysis.input.batch)
     if reader.used == 0:
         raise LuncherError(
-            f"--calibration {directory}: none of its {len(photos)} image files could be read"
+            Param("calibration", str(directory)),
+            f": none of its {len(photos)} image files could be read",
         )
     with tempfile.TemporaryDirectory(prefix="luncher-int8-") as tmp:
         frozen = _quantize(cut.frozen, Path(tmp), reader)
@@ -148,8 +151,9 @@ def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -
             stems = stem_convolutions(model.graph)
             if not any(n.op_type in WEIGHTED_OPS for n in model.graph.node if n not in stems):
                 raise LuncherError(
-                    "--int8: nothing in the frozen part would be int8: its only layer with "
-                    "weights is the first convolution, which stays float32"
+                    Param("int8", True),
+                    ": nothing in the frozen part would be int8: its only layer with weights "
+                    "is the first convolution, which stays float32",
                 )
             for index, node in enumerate(stems):
                 node.name = node.name or f"luncher_stem_{index}"

@@ -54,15 +54,15 @@ class Hyperparameters:
         # Every value may come from a file (meta.json, a backup): checked here, once, so a
         # bad one is refused before it can hang or derail a retrain.
         _integer("epochs", self.epochs, 1, MAX_EPOCHS)
-        _number("learning rate", self.learning_rate, low=0.0, high=10.0, open_low=True)
-        _integer("batch size", self.batch_size, 1, 65536)
+        _number("learning rate", self.learning_rate, low=0.0, high=MAX_LEARNING_RATE, open_low=True)
+        _integer("batch size", self.batch_size, 1, MAX_BATCH)
         if self.optimizer not in ("adamw", "sgd"):
             raise LuncherError(f"optimizer must be adamw or sgd, not {self.optimizer!r}")
         _number("personal weight", self.personal_weight, low=0.0, high=1e6, open_low=True)
         _integer("views per photo", self.augment_views, 1, MAX_VIEWS)
         _integer("view budget", self.view_budget, 0, 64 * MAX_VIEWS)
         _number("memory threshold", self.memory_threshold, low=-1.0, high=1.0)
-        _number("memory strength", self.memory_strength, low=0.0, high=1e4)
+        _number("memory strength", self.memory_strength, low=0.0, high=MAX_MEMORY_STRENGTH)
         _integer("seed", self.seed, 0, 2**32 - 1)
 
     def views_for(self, photos: int) -> int:
@@ -118,7 +118,7 @@ class Preprocessing:
             if not isinstance(values, tuple) or len(values) < self.channels:
                 raise LuncherError(f"{name} needs {self.channels} values, got {values!r}")
             for value in values:
-                _number(name, value, low=-1e6, high=1e6)
+                _number(name, value, low=-MAX_PIXEL_STATISTIC, high=MAX_PIXEL_STATISTIC)
         if any(value == 0 for value in self.std):
             raise LuncherError("std values must not be zero")
 
@@ -143,10 +143,16 @@ class Preprocessing:
 
 
 # Limits on values read from files: past them a retrain would run for days or a photo
-# would take gigabytes, so they are refused rather than obeyed.
+# would take gigabytes, so they are refused rather than obeyed. The command's options
+# have the same bounds (a value past them is a usage error there).
 MAX_EPOCHS = 1000
 MAX_VIEWS = 64
 MAX_SIDE = 4096
+MAX_LEARNING_RATE = 10.0
+MAX_BATCH = 65536
+MAX_MEMORY_STRENGTH = 1e4
+MAX_PIXEL_STATISTIC = 1e6  # a mean or std, in 0..255 pixel units
+MAX_TRAINABLE_LAYERS = 10_000  # more layers with weights than any classifier trains
 
 
 def _integer(name: str, value: Any, low: int, high: int) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from healthyluncher import fileio, segments, weightsfile
-from healthyluncher.errors import CommittedInterrupt, DamagedError, LuncherError
+from healthyluncher.errors import CommittedInterrupt, DamagedError, LuncherError, Param
 from healthyluncher.fileio import (
     exclusive_lock,
     fsync_dir,
@@ -108,7 +108,8 @@ class ModelStore:
         if foreign:
             raise LuncherError(
                 f"{self.root} is not a models directory: it holds other files ({foreign[0]}, "
-                "...); choose an empty or new folder with --models-dir"
+                "...); choose an empty or new folder with ",
+                Param("models_dir"),
             )
 
     def ensure_exists(self) -> None:

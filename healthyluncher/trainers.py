@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Message
 from healthyluncher.runtime import (
     MAX_IR_VERSION,
     root_logging_kept,
@@ -83,7 +83,7 @@ def generate_artifacts(
         error = _as_os_error(exc)
         if isinstance(error, OSError):  # a full disk: the caller says so
             raise error from None
-        raise LuncherError(_explain(str(exc), type(exc).__name__, head, trainable)) from None
+        raise LuncherError(*_explain(str(exc), type(exc).__name__, head, trainable)) from None
 
 
 def _lower_ir_versions(directory: Path) -> None:
@@ -125,7 +125,7 @@ _STEP_FAILED = re.compile(r"while running (\w+?)(?:Grad)? node")
 _OLD_OPSET = re.compile(r"No Op registered for (\w+) with domain_version of (\d+)")
 
 
-def _explain(text: str, kind: str, head: Any, trainable: tuple[str, ...]) -> str:
+def _explain(text: str, kind: str, head: Any, trainable: tuple[str, ...]) -> Message:
     """One line for a failure of ONNX Runtime training, without its own text."""
     op = None
     if match := _NO_GRADIENT.search(text):
@@ -150,20 +150,20 @@ def _explain(text: str, kind: str, head: Any, trainable: tuple[str, ...]) -> str
         )
     else:
         problem = f"ONNX Runtime training fails on the trainable part ({kind})"
-    return f"{problem}; {_smaller_choices(head, trainable, op)}"
+    return problem, "; ", *_smaller_choices(head, trainable, op)
 
 
-def _smaller_choices(head: Any, trainable: tuple[str, ...], op: str | None) -> str:
-    """Which smaller --trainable-layers leave every `op` out of the trainable part."""
-    from healthyluncher.cuts import Topology, choices, cut_problem
+def _smaller_choices(head: Any, trainable: tuple[str, ...], op: str | None) -> Message:
+    """Which smaller `trainable_layers` leave every `op` out of the trainable part."""
+    from healthyluncher.cuts import TRAINABLE_LAYERS, Topology, choices, cut_problem
     from healthyluncher.graph import layers_of
 
     wanted = set(trainable)
     layers = [layer for layer in layers_of(head) if wanted & set(layer.trainable_names)]
     if len(layers) < 2:
-        return "the last layer alone already has it, so no --trainable-layers avoids it"
+        return "the last layer alone already has it, so no ", TRAINABLE_LAYERS, " avoids it"
     if op is None:
-        return "a smaller --trainable-layers may leave it out"
+        return "a smaller ", TRAINABLE_LAYERS, " may leave it out"
     weights = {t.name for t in head.graph.initializer}
     topology = Topology.of(head, next(i.name for i in head.graph.input if i.name not in weights))
     logits = head.graph.output[0].name
@@ -173,7 +173,9 @@ def _smaller_choices(head: Any, trainable: tuple[str, ...], op: str | None) -> s
             nodes, _ = topology.head(layers[-n].data_input, logits)
             if all(head.graph.node[i].op_type != op for i in nodes):
                 fine.append(n)
-    return choices(fine, len(layers)) if fine else "no smaller --trainable-layers leaves it out"
+    if not fine:
+        return "no smaller ", TRAINABLE_LAYERS, " leaves it out"
+    return choices(fine, len(layers))
 
 
 @contextlib.contextmanager

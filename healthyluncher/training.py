@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.meta import BaseMeta
 from healthyluncher.runtime import training_available, training_installed
 from healthyluncher.settings import Hyperparameters
@@ -145,7 +145,9 @@ def _finite(trained: Trained) -> Trained:
     if not all(np.isfinite(value).all() for value in trained.params.values()):
         raise LuncherError(
             "training ended with weights that are NaN or infinite, so nothing was changed; "
-            "a smaller --learning-rate may help"
+            "a smaller ",
+            Param("learning_rate"),
+            " may help",
         )
     return trained
 

@@ -228,8 +228,8 @@ def test_settings_are_validated_where_they_are_made(run, pt_model):
         Hyperparameters(epochs=10**9)
     with pytest.raises(LuncherError, match="std"):
         Preprocessing(std=(0.0, 1.0, 1.0))
-    result = run("make-updatable", pt_model, "--learning-rate", "-1")
-    assert result.code == 1 and "learning rate must be greater than 0" in result.stderr
+    result = run("make-updatable", pt_model, "--learning-rate", "-1")  # the CLI: a usage error
+    assert result.code == 2 and "not in the range 0<x<=10" in result.stderr
 
 
 def test_damaged_meta_values_are_refused_not_obeyed(run, pt_model, photos, models_dir):
@@ -482,8 +482,6 @@ def test_a_copy_scores_its_newest_photos_and_those_just_taught(lun, photos, monk
 def test_memory_strength_is_a_retrain_option_kept_with_the_model(lun, photos, run):
     """Issue 16: the memory's strength is the design's one knob. It was not an option;
     now a retrain sets it, and it stays with the copy (its model and its later "before")."""
-    from tests.conftest import one_line_error
-
     lun.retrain("healthy", photos["red"])
     assert lun.status().hyperparameters["memory_strength"] == 40.0
     lun.retrain("healthy", photos["green"][:1], memory_strength=0)
@@ -497,7 +495,9 @@ def test_memory_strength_is_a_retrain_option_kept_with_the_model(lun, photos, ru
     assert result.code == 0, result
     assert run("status", "--json").json_lines()[0]["hyperparameters"]["memory_strength"] == 80
     huge = run("retrain", "--label", "healthy", "--memory-strength", "1e9", photos["red"][0])
-    one_line_error(huge, "memory strength")
+    assert huge.code == 2 and "'--memory-strength'" in huge.stderr  # a usage error
+    with pytest.raises(LuncherError, match="memory strength"):
+        lun.retrain("healthy", photos["red"][:1], memory_strength=1e9)
     assert lun.status().hyperparameters["memory_strength"] == 80.0
 
 
@@ -728,3 +728,126 @@ def test_a_long_running_luncher_predicts_with_what_another_process_saved(lun, ph
     assert lun.predict(photos["green"][0])[0].label == "healthy" and lun.personalized
     assert run("undo").code == 0
     assert lun.predict(photos["green"][0])[0].probabilities == before
+
+
+# make_updatable's keyword arguments, the same as options, and what each side's refusal says.
+NAMED_PARAMETERS = {
+    "trainable_layers": (
+        {"trainable_layers": 4},
+        ["--trainable-layers", "4"],
+        ("trainable_layers=4 is more than the 3", "choose trainable_layers from 1, 2, 3"),
+        ("--trainable-layers 4 is more than the 3", "choose --trainable-layers from 1, 2, 3"),
+    ),
+    "int8 alone": (
+        {"int8": True},
+        ["--int8"],
+        ("int8=True needs calibration=..., photos",),
+        ("--int8 needs --calibration DIR, photos",),
+    ),
+    "calibration alone": (
+        {"calibration": "photos"},
+        ["--calibration", "photos"],
+        ("calibration is only used with int8=True",),
+        ("--calibration is only used with --int8",),
+    ),
+    "balance_subfolders alone": (
+        {"balance_subfolders": True},
+        ["--balance-subfolders"],
+        ("balance_subfolders=True is only used with examples",),
+        ("--balance-subfolders is only used with --examples",),
+    ),
+    "labels": (
+        {"labels": ["healthy"]},
+        ["--labels", "healthy"],
+        ("use examples=... (one subfolder of photos per label)",),
+        ("use --examples DIR (one subfolder of photos per label)",),
+    ),
+    "mean alone": (
+        {"mean": (1, 2, 3)},
+        ["--mean", "1,2,3"],
+        ("mean and std go together",),
+        ("--mean and --std go together",),
+    ),
+    "resize": (
+        {"resize": 10},
+        ["--resize", "10"],
+        ("resize=10 is smaller than the model's input",),
+        ("--resize 10 is smaller than the model's input",),
+    ),
+    "examples": (
+        {"examples": "missing"},
+        ["--examples", "missing"],
+        ("examples='missing': not a directory",),
+        ("--examples missing: not a directory",),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "options", "api_says", "cli_says"),
+    NAMED_PARAMETERS.values(),
+    ids=NAMED_PARAMETERS.keys(),
+)
+def test_make_updatable_refusals_name_its_parameters_and_the_cli_its_options(
+    kwargs, options, api_says, cli_says, run, pt_model
+):
+    """make_updatable's refusals named the command's options (`--trainable-layers 4`) to
+    Python callers. Now they name the API's parameters (`trainable_layers=4`), and the
+    command still names its options."""
+    with pytest.raises(LuncherError) as refused:
+        healthyluncher.make_updatable(pt_model, **kwargs)
+    assert all(said in str(refused.value) for said in api_says), str(refused.value)
+    assert "--" not in str(refused.value)
+    one_line_error(run("make-updatable", pt_model, *options), *cli_says)
+
+
+def test_refusals_after_a_base_name_the_api_parameters_too(lun, photos, pt_model, tmp_path, run):
+    """The same for a second base over a personalization, an unnamed model's classes and
+    an export over an existing file."""
+    from tests.models import pytorch_style
+
+    lun.retrain("fast_food", photos["green"][:1])
+    with pytest.raises(LuncherError) as replacing:
+        healthyluncher.make_updatable(pt_model)
+    assert "use keep_personalization=True to move" in str(replacing.value)
+    assert "or force=True to replace it" in str(replacing.value)
+    one_line_error(run("make-updatable", pt_model), "--keep-personalization to", "--force to")
+    unnamed = pytorch_style(tmp_path / "unnamed.onnx", labels=None)
+    with pytest.raises(LuncherError, match=r"give them with labels=\.\.\., or .* examples=\.\.\."):
+        healthyluncher.make_updatable(unnamed, force=True)
+    one_line_error(run("make-updatable", unnamed, "--force"), "--labels a,b,...", "--examples DIR")
+    taken = tmp_path / "taken.tar.gz"
+    taken.write_bytes(b"someone's file")
+    with pytest.raises(LuncherError, match=r"already exists; use force=True to replace it"):
+        lun.export_backup(taken)
+    one_line_error(run("export", taken), "already exists; use --force to replace it")
+
+
+def test_library_refusals_never_name_a_command_line_option():
+    """An error the library raises names an API parameter (errors.Param), which the command
+    line spells as its option; `--` appears only in a whole `luncher ...` command line."""
+    import ast
+    import re
+    from pathlib import Path
+
+    package = Path(healthyluncher.__file__).parent
+    found = []
+    for path in sorted(package.glob("*.py")):
+        if path.stem.startswith("cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if not name.endswith(("Error", "_Refused")):
+                continue
+            text = "".join(
+                part.value
+                for arg in node.args
+                for part in ast.walk(arg)
+                if isinstance(part, ast.Constant) and isinstance(part.value, str)
+            )
+            text = re.sub(r"[`']luncher [^`']*[`']", "", text)  # a command to run
+            if re.search(r"--[a-z]", text):
+                found.append(f"{path.name}:{node.lineno}: {text}")
+    assert found == []

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import healthyluncher
 from healthyluncher import archive as archive_format
 from healthyluncher import backup, exporting
 from healthyluncher.runtime import training
@@ -320,6 +321,8 @@ def test_a_backup_of_another_base_needs_rebuild(run, archive, tmp_path, photos, 
     assert not list((models_dir / Files.THUMBNAILS).glob("*.jpg"))
 
     refused(run, archive, models_dir, "another base model", "--rebuild")
+    with pytest.raises(healthyluncher.LuncherError, match=r"; use rebuild=True to embed"):
+        healthyluncher.open().import_backup(archive)
 
     result = run("import", archive, "--rebuild")
     assert result.code == 0, result

@@ -136,6 +136,54 @@ def test_json_usage_errors_are_json_too(args, fragment, models_dir):
     assert fragment in result.stderr and "Traceback" not in result.stderr
 
 
+ABSURD = [
+    ("retrain", "--epochs", "99999999999999999999"),
+    ("retrain", "--epochs", "1001"),
+    ("retrain", "--views", "99999999999999999999"),
+    ("retrain", "--learning-rate", "1e400"),
+    ("retrain", "--learning-rate", "1e300"),
+    ("retrain", "--learning-rate", "nan"),
+    ("retrain", "--learning-rate", "0"),
+    ("retrain", "--memory-strength", "1e9"),
+    ("retrain", "--memory-strength", "nan"),
+    ("make-updatable", "--trainable-layers", "99999999999999999999"),
+    ("make-updatable", "--trainable-layers", "10001"),
+    ("make-updatable", "--resize", "99999999999999999999"),
+    ("make-updatable", "--epochs", "99999999999999999999"),
+    ("make-updatable", "--learning-rate", "inf"),
+    ("make-updatable", "--batch-size", "99999999999999999999"),
+    ("make-updatable", "--mean", "1e400,0,0"),
+    ("make-updatable", "--std", "nan,1,1"),
+]
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize(("command", "option", "value"), ABSURD)
+def test_absurd_or_overflowing_numbers_are_usage_errors(
+    command, option, value, as_json, pt_model, photos, monkeypatch, capsys
+):
+    """`--epochs 99999999999999999999` exited 1 (the library's refusal) where `--epochs 1e9`
+    exited 2: a number option past the API's bounds, NaN or an overflow (1e400 is inf) is a
+    usage error now, before anything is read, in one line (JSON too with --json)."""
+    from healthyluncher.cli import main
+
+    target = photos["red"][0] if command == "retrain" else pt_model
+    args = [command, option, value, *(["--label", "healthy"] if command == "retrain" else [])]
+    args += ["--json"] if as_json else []
+    monkeypatch.setattr(sys, "argv", ["luncher", *args, str(target)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured
+    [error] = [line for line in captured.err.splitlines() if line.startswith("Error:")]
+    assert f"'{option}'" in error and "Traceback" not in captured.err
+    if as_json:
+        [line] = captured.out.splitlines()
+        assert json.loads(line)["error"] == error.removeprefix("Error: ")
+    else:
+        assert captured.out == ""
+
+
 def test_a_dash_reads_paths_from_stdin(pt_model, photos, models_dir):
     assert luncher("make-updatable", str(pt_model)).returncode == 0
     listing = "\n".join(str(p) for p in photos["red"] + photos["green"]) + "\n"
@@ -404,6 +452,98 @@ def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(monkeypatch,
         entry.run()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("how", ["luncher", "python -m healthyluncher"])
+def test_ctrl_c_while_typer_builds_the_command_is_one_line_not_a_traceback(how, capsys):
+    """Past the imports, typer builds the click command outside its own Ctrl-C handling:
+    an interrupt there printed a traceback too."""
+    from importlib.metadata import entry_points
+
+    import typer.main
+
+    import healthyluncher.__main__
+
+    [script] = entry_points(group="console_scripts", name="luncher")
+    run = script.load() if how == "luncher" else healthyluncher.__main__.run
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(typer.main, "get_command", interrupted)
+        patch.setattr(sys, "argv", ["luncher", "--version"])
+        with pytest.raises(SystemExit) as exit_info:
+            try:
+                run()
+            except KeyboardInterrupt:
+                pytest.fail("Ctrl-C escaped the entry point: Python printed a traceback")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
+
+
+# A console script as pip writes it (`from MODULE import FUNCTION; sys.exit(FUNCTION())`),
+# with a finder first on sys.meta_path that raises KeyboardInterrupt, as Ctrl-C would, when
+# the `stop`-th module is imported (the entry point's own module aside: pip's script finds
+# it before any code of the package can run); with `stop` 0 it counts the imports instead.
+INTERRUPTED_START = """
+import sys
+
+stop, entry, function = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+imports = 0
+
+
+class Interrupt:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        global imports
+        if name != entry:
+            imports += 1
+            if imports == stop:
+                raise KeyboardInterrupt
+        return None
+
+
+sys.meta_path.insert(0, Interrupt)
+sys.argv = ["luncher", *sys.argv[4:]]
+try:
+    run = getattr(__import__(entry, fromlist=[function]), function)
+    sys.exit(run())
+finally:
+    if not stop:
+        sys.stderr.write(f"imports: {imports}\\n")
+"""
+
+
+def test_ctrl_c_at_any_import_of_the_start_up_exits_130_without_a_traceback(tmp_path):
+    """Ctrl-C in the first ~12 ms of `luncher` printed a traceback: the console script
+    imported `healthyluncher.__main__`, and with it the package's __init__ (and typing),
+    before the entry point's guard. Each run here is interrupted at another import of the
+    start-up (the first ones, then spread to the last), deterministically."""
+    from importlib.metadata import entry_points
+
+    [script] = entry_points(group="console_scripts", name="luncher")
+
+    def start(stop: int) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", INTERRUPTED_START, str(stop), script.module]
+        return subprocess.run(
+            [*command, script.attr, "--version"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            check=False,
+        )
+
+    counted = start(0)
+    assert counted.returncode == 0 and __version__ in counted.stdout, counted.stderr
+    total = int(counted.stderr.rsplit("imports: ", 1)[1])
+    assert total > 50  # typer and the command's modules: the start-up was observed
+    stops = sorted({*range(1, 6), *range(6, total + 1, max(1, total // 10)), total})
+    for stop in stops:
+        result = start(stop)
+        assert result.returncode == 130, (stop, result.stderr)
+        assert result.stderr in ("interrupted\n", ""), (stop, result.stderr)
+        assert result.stdout == "", (stop, result.stdout)
 
 
 def test_ctrl_c_after_the_switch_says_the_change_was_saved(run, pt_model, photos, monkeypatch):

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from healthyluncher import cuts, decompose, graph
+from healthyluncher import decompose, graph, rewrites
 from healthyluncher.errors import LuncherError
 from healthyluncher.runtime import inference_session, training
 from healthyluncher.store import Files, ModelStore
@@ -625,7 +625,7 @@ def test_two_averaged_heads_become_one_last_layer_exactly(tmp_path, constant_nod
 def test_a_sum_of_heads_with_another_reader_is_left_alone(tmp_path):
     model = onnx.load(str(distilled_style(tmp_path / "d.onnx")))
     model.graph.output.append(helper.make_tensor_value_info("cls_logits", TensorProto.FLOAT, None))
-    assert not cuts.merge_parallel_heads(model, "logits")
+    assert not rewrites.merge_parallel_heads(model, "logits")
     assert "fc_dist" in {node.name for node in model.graph.node}
 
 
