@@ -89,10 +89,13 @@ def predict(
 def retrain(
     ctx: typer.Context,
     images: Annotated[list[Path], PHOTOS],
-    label: Annotated[str, typer.Option(help="What these photos are.", show_default=False)],
+    label: Annotated[
+        str, typer.Option(metavar="LABEL", help="What these photos are.", show_default=False)
+    ],
     epochs: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
+            metavar="N",
             min=1,
             max=MAX_EPOCHS,
             help="Passes over the examples (default: the model's setting).",
@@ -102,13 +105,14 @@ def retrain(
         Optional[float],  # noqa: UP045
         typer.Option(
             parser=bounded(0.0, MAX_LEARNING_RATE, above=True),
-            metavar="<float>",
+            metavar="LR",
             help=f"Default: the model's setting.  [0<x<={MAX_LEARNING_RATE:g}]",
         ),
     ] = None,
     views: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
+            metavar="N",
             min=1,
             max=MAX_VIEWS,
             help="Augmented views per photo; 1 turns augmentation off. Default: up to 8 "
@@ -119,7 +123,7 @@ def retrain(
         Optional[float],  # noqa: UP045
         typer.Option(
             parser=bounded(0.0, MAX_MEMORY_STRENGTH),
-            metavar="<float>",
+            metavar="S",
             help="How strongly photos like the ones you taught take their label (0: off; "
             f"default 40). Kept for later retrains.  [0<=x<={MAX_MEMORY_STRENGTH:g}]",
         ),

@@ -63,6 +63,7 @@ def main_options(
         Optional[Path],  # noqa: UP045 - typer needs Optional on Python 3.10
         typer.Option(
             "--models-dir",
+            metavar="DIR",
             help="Where models and your examples live. Default: $LUNCHER_MODELS_DIR, "
             "else your user data directory.",
             show_default=False,

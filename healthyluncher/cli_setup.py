@@ -41,17 +41,24 @@ def make_updatable(
     ],
     labels: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Class names in output order, comma-separated (else from metadata)."),
+        typer.Option(
+            metavar="A,B,...",
+            help="Class names in output order, comma-separated (else from metadata).",
+        ),
     ] = None,
     trainable_layers: Annotated[
         int,
         typer.Option(
-            min=1, max=MAX_TRAINABLE_LAYERS, help="How many of the last layers with weights train."
+            metavar="N",
+            min=1,
+            max=MAX_TRAINABLE_LAYERS,
+            help="How many of the last layers with weights train.",
         ),
     ] = 1,
     examples: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            metavar="DIR",
             help="A folder with one subfolder of photos per label: train the head on them "
             "(a new final layer when the labels are not the model's own).",
             show_default=False,
@@ -76,36 +83,45 @@ def make_updatable(
     ] = None,
     resize: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(min=1, max=MAX_SIDE, help="Short side in pixels before the centre crop."),
+        typer.Option(
+            metavar="PX", min=1, max=MAX_SIDE, help="Short side in pixels before the centre crop."
+        ),
     ] = None,
     mean: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Per-channel mean in 0..255 pixel units, e.g. 123.7,116.3,103.5."),
+        typer.Option(
+            metavar="R,G,B", help="Per-channel mean in 0..255 pixel units, e.g. 123.7,116.3,103.5."
+        ),
     ] = None,
     std: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Per-channel std in 0..255 pixel units, e.g. 58.4,57.1,57.4."),
+        typer.Option(
+            metavar="R,G,B", help="Per-channel std in 0..255 pixel units, e.g. 58.4,57.1,57.4."
+        ),
     ] = None,
     epochs: Annotated[
-        int, typer.Option(min=1, max=MAX_EPOCHS, help="Default epochs for retrain.")
+        int, typer.Option(metavar="N", min=1, max=MAX_EPOCHS, help="Default epochs for retrain.")
     ] = Hyperparameters.epochs,
     learning_rate: Annotated[
         float,
         typer.Option(
             parser=bounded(0.0, MAX_LEARNING_RATE, above=True),
-            metavar="<float>",
+            metavar="LR",
             show_default=False,  # with the range, as typer shows an int option's
             help=f"Default learning rate.  [default: {Hyperparameters.learning_rate:g}; "
             f"0<x<={MAX_LEARNING_RATE:g}]",
         ),
     ] = Hyperparameters.learning_rate,
     batch_size: Annotated[
-        int, typer.Option(min=1, max=MAX_BATCH, help="Training batch size.")
+        int, typer.Option(metavar="N", min=1, max=MAX_BATCH, help="Training batch size.")
     ] = Hyperparameters.batch_size,
     optimizer: Annotated[Optimizer, typer.Option(help="Training optimizer.")] = Optimizer.adamw,
     replay: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="An .npz of head inputs and labels from the base's training data."),
+        typer.Option(
+            metavar="FILE.npz",
+            help="An .npz of head inputs and labels from the base's training data.",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing base.")] = False,
     keep_personalization: Annotated[
@@ -126,6 +142,7 @@ def make_updatable(
     calibration: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            metavar="DIR",
             help="A directory of photos to calibrate --int8 on (at most 200 are used).",
             show_default=False,
         ),

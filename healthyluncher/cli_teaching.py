@@ -26,7 +26,9 @@ def examples(
     ctx: typer.Context,
     label: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Only the photos taught this label.", show_default=False),
+        typer.Option(
+            metavar="LABEL", help="Only the photos taught this label.", show_default=False
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:

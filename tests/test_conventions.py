@@ -563,3 +563,39 @@ def test_ctrl_c_after_the_switch_says_the_change_was_saved(run, pt_model, photos
     assert result.code == 130 and "after the change was saved" in result.stderr, result
     assert "not changed" not in result.stderr
     assert run("status", "--json").json_lines()[0]["predicting_with"] == "base"
+
+
+def test_every_option_that_takes_a_value_names_it_in_words():
+    """`--models-dir <given_path>` showed the name of a parser function, and the rest
+    `<str>`, `<int range>` or `<float>` by typer's version: help now names what to type
+    (`--epochs N`, `--label LABEL`, `--models-dir DIR`), as the README does."""
+    import typer.main
+
+    from healthyluncher.cli_app import app
+
+    def commands(group, path=()):  # type: ignore[no-untyped-def]
+        for name, command in getattr(group, "commands", {}).items():
+            yield (*path, name), command
+            yield from commands(command, (*path, name))
+
+    root = typer.main.get_command(app)
+    seen = 0
+    for path, command in [((), root), *commands(root)]:
+        for param in command.params:
+            if param.param_type_name != "option" or param.is_flag or param.hidden:
+                continue
+            if param.name in ("install_completion", "show_completion"):
+                continue
+            choices = getattr(param.type, "choices", None)
+            if choices:  # a choice lists its values
+                continue
+            seen += 1
+            assert param.metavar and re.fullmatch(r"[A-Z][A-Za-z0-9_,.]*", param.metavar), (
+                " ".join(path),
+                param.opts,
+                param.metavar,
+            )
+    assert seen >= 15
+    text = luncher("--help").stdout + luncher("retrain", "--help").stdout
+    assert "--models-dir DIR" in text and "--epochs N" in text
+    assert not re.search(r"<[a-z_ ]+>", text)
