@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from healthyluncher.arguments import check_options, describe, path_argument, photo_sources
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, find_images
+from healthyluncher.photos import ImageFailure, find_images
 from healthyluncher.runtime import one_blas_thread
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
@@ -63,7 +64,9 @@ def open(  # noqa: A001
     >>> lun.predict(["lunch.jpg"])[0].label
     'healthy'
     """
-    root = resolve_models_dir(None if models_dir is None else _path(models_dir, "models_dir"))
+    root = resolve_models_dir(
+        None if models_dir is None else path_argument(models_dir, "models_dir")
+    )
     return Luncher(root, on_wait=on_wait)
 
 
@@ -81,7 +84,7 @@ class Luncher:
         *,
         on_wait: Callable[[str], None] | None = None,
     ) -> None:
-        root = resolve_models_dir(_path(models_dir, "models_dir"))  # absolute, as open's
+        root = resolve_models_dir(path_argument(models_dir, "models_dir"))  # absolute, as open's
         self._store = ModelStore(root, on_wait=on_wait)
         self._lock = threading.RLock()  # changes
         # Readers need no lock (ModelStore): a prediction never waits for a change.
@@ -129,9 +132,10 @@ class Luncher:
     ) -> Iterator[Prediction | ImageFailure]:
         """Like `predict`, one result at a time as photos decode: a `Prediction`, or an
         `ImageFailure` for a photo that cannot be read."""
-        sources = find_images(_sources(photos))
+        check_options({"base": base})
+        sources = find_images(photo_sources(photos))
         if not sources:
-            raise LuncherError("no image files found in " + _describe(photos))
+            raise LuncherError("no image files found in " + describe(photos))
         predictor = self._predictor(base=base)
         return predictor.predict(sources)
 
@@ -178,7 +182,7 @@ class Luncher:
         return self._run(
             retrain,
             label,
-            _sources(photos),
+            photo_sources(photos),
             new_label=new_label,
             epochs=epochs,
             learning_rate=learning_rate,
@@ -198,7 +202,7 @@ class Luncher:
         them; the undo history is cleared so that they cannot come back."""
         from healthyluncher.personalizing import forget
 
-        return self._run(forget, _sources(photos), progress)
+        return self._run(forget, photo_sources(photos), progress=progress)
 
     def undo(self) -> UndoResult:
         """Go back to the personalized model as it was before the last change."""
@@ -209,6 +213,7 @@ class Luncher:
     def reset(self, *, purge: bool = False) -> ResetResult:
         """Predict with the base again; `undo` brings the personalization back. `purge`:
         remove it, every undo step and your photos' thumbnails and cache for good."""
+        check_options({"purge": purge})
         with self._lock:
             from healthyluncher.personalizing import reset
 
@@ -218,6 +223,7 @@ class Luncher:
         """Rebuild a damaged state.json from the newest complete state in the models
         directory, and remove what interrupted commands left behind; if the saved views of
         your photos are damaged, embed the photos again from their thumbnails."""
+        check_options({"progress": progress})
         with self._lock:
             from healthyluncher.teaching import repair
 
@@ -252,7 +258,7 @@ class Luncher:
         """Forget every example of `label` and retrain; a label you added goes with them."""
         from healthyluncher.personalizing import forget
 
-        return self._run(forget, [], progress, label=label)
+        return self._run(forget, [], progress=progress, label=label)
 
     # -- backups ---------------------------------------------------------------------------
 
@@ -261,7 +267,7 @@ class Luncher:
         file is replaced only with `force`."""
         from healthyluncher.exporting import export_backup
 
-        return self._run(export_backup, _path(path, "path"), force=force)
+        return self._run(export_backup, path_argument(path, "path"), force=force)
 
     def import_backup(
         self,
@@ -274,7 +280,7 @@ class Luncher:
         another base needs `rebuild=True`: its photos are embedded again and retrained."""
         from healthyluncher.backup import import_backup
 
-        source = _path(path, "path")
+        source = path_argument(path, "path")
         return self._run(import_backup, source, rebuild=rebuild, progress=progress)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -290,6 +296,7 @@ class Luncher:
         return ensure_base(self._store)
 
     def _run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        check_options(kwargs)
         with self._lock, one_blas_thread():
             self._ready()
             return operation(self._store, *args, **kwargs)
@@ -356,62 +363,16 @@ def make_updatable(
         mean=tuple(mean) if mean is not None else None,
         std=tuple(std) if std is not None else None,
         hyperparameters=hyperparameters or Hyperparameters(),
-        replay=None if replay is None else _path(replay, "replay"),
+        replay=None if replay is None else path_argument(replay, "replay"),
         force=force or keep_personalization is False,
         keep_personalization=keep_personalization,
         int8=int8,
-        calibration=None if calibration is None else _path(calibration, "calibration"),
-        examples=None if examples is None else _path(examples, "examples"),
+        calibration=None if calibration is None else path_argument(calibration, "calibration"),
+        examples=None if examples is None else path_argument(examples, "examples"),
         balance_subfolders=balance_subfolders,
         preprocessing=preprocessing,
         progress=progress,
     )
     lun = open(models_dir)
     with lun._lock, one_blas_thread():
-        return build(lun._store, _path(model, "model"), options)
-
-
-def _path(value: Any, name: str) -> Path:
-    """A path argument as a Path, or the one-line error a wrong type gets."""
-    if isinstance(value, (str, os.PathLike)):
-        if not os.fspath(value):  # Path("") is the current directory
-            raise LuncherError(f"{name} is an empty path (an unset variable?)")
-        return Path(value)
-    raise LuncherError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}")
-
-
-def _sources(photos: Any) -> list[PhotoSource]:
-    """Paths as Paths, bytes as the photo file they hold, in-memory images as lossless
-    in-memory photos."""
-    if not _is_single(photos) and not isinstance(photos, Iterable):
-        raise LuncherError(
-            f"photos must be a path, an image or a list of them, not {type(photos).__name__}"
-        )
-    items = [photos] if _is_single(photos) else list(photos)
-    sources: list[PhotoSource] = []
-    for index, item in enumerate(items):
-        if isinstance(item, str) and not item:  # Path("") would be the current directory
-            raise LuncherError(f"photo {index} is an empty path")
-        if isinstance(item, (str, os.PathLike)):
-            sources.append(Path(item))
-        elif isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
-            sources.append(MemoryPhoto(f"<image {index}>", bytes(item)))
-        else:
-            from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
-
-            sources.append(from_pixels(item, f"<image {index}>"))
-    return sources
-
-
-def _is_single(photos: Any) -> bool:
-    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview)):
-        return True
-    if hasattr(photos, "read"):  # a file object is one photo (refused), not a list of lines
-        return True
-    # A numpy array of pixels is one photo; a list of them is several.
-    return hasattr(photos, "shape") or hasattr(photos, "getpixel")
-
-
-def _describe(photos: Any) -> str:
-    items = [photos] if _is_single(photos) else list(photos)
-    return ", ".join(str(item) for item in items) or "(nothing)"
+        return build(lun._store, path_argument(model, "model"), options)

@@ -13,6 +13,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from healthyluncher import graph
+from healthyluncher.arguments import check_options
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback
@@ -42,7 +43,7 @@ from healthyluncher.records import (
     save_arrays,
 )
 from healthyluncher.runtime import inference_session
-from healthyluncher.settings import Hyperparameters
+from healthyluncher.settings import Hyperparameters, check_argument
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore, Transaction
 from healthyluncher.training import NEEDS_ORT, prepare_head, trainer_name
@@ -71,6 +72,14 @@ class UpdatableOptions:
     balance_subfolders: bool = False  # each subfolder of a label weighs the same (headfit)
     preprocessing: str | None = None  # a preset of modelsetup.PRESETS
     progress: ProgressCallback | None = None
+
+    def __post_init__(self) -> None:
+        check_argument("trainable_layers", self.trainable_layers, int)
+        check_argument("resize", self.resize, int, optional=True)
+        check_argument("hyperparameters", self.hyperparameters, Hyperparameters)
+        check_argument("keep_personalization", self.keep_personalization, bool, optional=True)
+        check_argument("preprocessing", self.preprocessing, str, optional=True)
+        check_options(vars(self))  # force, int8, balance_subfolders, progress
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,18 @@ MAX_PIXEL_STATISTIC = 1e6  # a mean or std, in 0..255 pixel units
 MAX_TRAINABLE_LAYERS = 10_000  # more layers with weights than any classifier trains
 
 
+def check_argument(name: str, value: Any, kind: type, *, optional: bool = False) -> None:
+    """A caller's argument of the wrong type, refused in one line (not a TypeError or an
+    AttributeError from deep inside, and not a string read as True)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        what = {bool: "True or False", str: "text", int: "a whole number"}
+        raise LuncherError(
+            f"{name} must be {what.get(kind, f'a {kind.__name__}')}, not {value!r:.40}"
+        )
+
+
 def _integer(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise LuncherError(f"{name} must be a whole number from {low} to {high}, not {value!r}")

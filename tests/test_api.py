@@ -851,3 +851,54 @@ def test_library_refusals_never_name_a_command_line_option():
             if re.search(r"--[a-z]", text):
                 found.append(f"{path.name}:{node.lineno}: {text}")
     assert found == []
+
+
+def test_flags_and_numbers_of_the_wrong_type_are_refused_not_guessed(
+    lun, photos, pt_model, tmp_path
+):
+    """make_updatable(trainable_layers="2") raised a bare TypeError and hyperparameters={}
+    an AttributeError; a string flag was read as True, so reset(purge="no") purged and
+    int8="no" asked for calibration photos. Each is now one LuncherError, nothing changed."""
+    lun.retrain("healthy", photos["red"][:1])
+    before = lun.status()
+    refusals = {
+        "trainable_layers must be a whole number, not '2'": lambda: healthyluncher.make_updatable(
+            pt_model,
+            trainable_layers="2",
+            force=True,  # type: ignore[arg-type]
+        ),
+        "hyperparameters must be a Hyperparameters": lambda: healthyluncher.make_updatable(
+            pt_model,
+            hyperparameters={"epochs": 3},
+            force=True,  # type: ignore[arg-type]
+        ),
+        "int8 must be True or False, not 'no'": lambda: healthyluncher.make_updatable(
+            pt_model,
+            int8="no",
+            force=True,  # type: ignore[arg-type]
+        ),
+        "force must be True or False, not 'yes'": lambda: healthyluncher.make_updatable(
+            pt_model,
+            force="yes",  # type: ignore[arg-type]
+        ),
+        "purge must be True or False, not 'no'": lambda: lun.reset(purge="no"),  # type: ignore[arg-type]
+        "save must be True or False": lambda: lun.retrain("healthy", photos["red"], save=1),  # type: ignore[arg-type]
+        "new_label must be True or False": lambda: lun.retrain(
+            "pie",
+            photos["red"],
+            new_label="yes",  # type: ignore[arg-type]
+        ),
+        "base must be True or False": lambda: lun.predict(photos["red"], base="no"),  # type: ignore[arg-type]
+        "force must be True or False": lambda: lun.export_backup(tmp_path / "b.tar.gz", force=0),  # type: ignore[arg-type]
+        "progress must be a function, not 5": lambda: lun.forget(photos["red"], progress=5),  # type: ignore[arg-type]
+    }
+    for words, operation in refusals.items():
+        with pytest.raises(LuncherError, match=re.escape(words)):
+            operation()
+    after = lun.status()
+    assert (after.examples_per_label, after.retrains, after.undo_steps) == (
+        before.examples_per_label,
+        before.retrains,
+        before.undo_steps,
+    )
+    assert not (tmp_path / "b.tar.gz").exists()

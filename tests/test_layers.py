@@ -79,7 +79,7 @@ def test_low_layers_never_import_high_ones():
         {"errors", "events", "version", "memory", "template"},
         {"settings", "photos", "state", "fileio"},
         {"segments", "weightsfile"},
-        {"meta", "store", "runtime", "imaging", "thumbnails"},
+        {"meta", "store", "runtime", "imaging", "thumbnails", "arguments"},
         {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"}
         | {"rewrites"},
         {"training"},
