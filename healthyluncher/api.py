@@ -85,6 +85,7 @@ class Luncher:
         on_wait: Callable[[str], None] | None = None,
     ) -> None:
         root = resolve_models_dir(path_argument(models_dir, "models_dir"))  # absolute, as open's
+        check_options({"on_wait": on_wait})
         self._store = ModelStore(root, on_wait=on_wait)
         self._lock = threading.RLock()  # changes
         # Readers need no lock (ModelStore): a prediction never waits for a change.

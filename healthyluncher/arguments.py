@@ -20,12 +20,13 @@ FLAGS = frozenset({"base", "new_label", "save", "purge", "force", "rebuild", "in
 
 
 def check_options(options: dict[str, Any]) -> None:
-    """Refuse a flag that is not a bool, and a progress callback that is not callable."""
+    """Refuse a flag that is not a bool, and a callback that is not callable."""
     for name in FLAGS & options.keys():
         check_argument(name, options[name], bool)
-    progress = options.get("progress")
-    if progress is not None and not callable(progress):
-        raise LuncherError(f"progress must be a function, not {progress!r:.40}")
+    for name in ("progress", "on_wait"):
+        function = options.get(name)
+        if function is not None and not callable(function):
+            raise LuncherError(f"{name} must be a function, not {function!r:.40}")
 
 
 def path_argument(value: Any, name: str) -> Path:

@@ -210,6 +210,8 @@ def label_key(label: str) -> str:
 def known_label(label: str, labels: tuple[str, ...]) -> str:
     """The label of `labels` that `label` names (the same text in another Unicode form: a
     typed "café" is the "café" of a macOS folder name), else `label` as given."""
+    if not isinstance(label, str):
+        raise LuncherError(f"a label must be text, not {label!r:.40}")
     return next((known for known in labels if label_key(known) == label_key(label)), label)
 
 

@@ -891,6 +891,9 @@ def test_flags_and_numbers_of_the_wrong_type_are_refused_not_guessed(
         "base must be True or False": lambda: lun.predict(photos["red"], base="no"),  # type: ignore[arg-type]
         "force must be True or False": lambda: lun.export_backup(tmp_path / "b.tar.gz", force=0),  # type: ignore[arg-type]
         "progress must be a function, not 5": lambda: lun.forget(photos["red"], progress=5),  # type: ignore[arg-type]
+        "on_wait must be a function": lambda: healthyluncher.open(lun.models_dir, on_wait=3),  # type: ignore[arg-type]
+        "a label must be text, not 3": lambda: lun.examples(label=3),  # type: ignore[arg-type]
+        "a label must be text, not 5": lambda: lun.remove_label(5),  # type: ignore[arg-type]
     }
     for words, operation in refusals.items():
         with pytest.raises(LuncherError, match=re.escape(words)):
