@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -242,7 +243,8 @@ def make_updatable(
     meta = result.meta
     prep = meta.preprocessing
     out.print(
-        f"Preprocessing from {escape(result.preprocessing_source)}: short side {prep.resize}, "
+        f"Preprocessing from {escape(_in_options(result.preprocessing_source))}: "
+        f"short side {prep.resize}, "
         f"crop {prep.height}x{prep.width}, mean {_numbers(prep.mean)}, std {_numbers(prep.std)}."
     )
     out.print(
@@ -367,3 +369,13 @@ def import_backup(
             "them back."
         )
     note(f"{result.undo_steps} undo step(s) available.")
+
+
+def _in_options(source: str) -> str:
+    """Where the preprocessing came from, in this command's options."""
+    preset = re.fullmatch(r"the (\w+) preset", source)
+    if preset:
+        return f"--preprocessing {preset[1]}"
+    if source == "the given mean and std":
+        return "--mean/--std"
+    return source.replace("mean and std)", "mean and std; --preprocessing says otherwise)")

@@ -31,8 +31,8 @@ class Inputs:
     """How photos become the model's input, and where that came from."""
 
     preprocessing: Preprocessing
-    # "--preprocessing inception", "--mean/--std", "the model's metadata" or "the default
-    # (ImageNet)": make-updatable says which.
+    # "the given mean and std", "the inception preset", "the model's metadata" or "the
+    # default (ImageNet mean and std)": make-updatable says which.
     source: str
 
 
@@ -67,7 +67,7 @@ def model_inputs(
     std: Sequence[float] | None = None,
     resize: int | None = None,
 ) -> Inputs:
-    """The preprocessing: --mean/--std, else --preprocessing, else the model's metadata,
+    """The preprocessing: `mean` and `std`, else a preset, else the model's metadata,
     else ImageNet's statistics (the most common convention)."""
     meta = graph.metadata_preprocessing(analysis.metadata)
     image = analysis.input
@@ -91,17 +91,17 @@ def model_inputs(
     if mean is not None or std is not None:
         if mean is None or std is None:
             raise LuncherError(Param("mean"), " and ", Param("std"), " go together")
-        source = "--mean/--std"
+        source = "the given mean and std"
     elif preset is not None:
         mean, std = PRESETS[preset]
-        source = f"--preprocessing {preset}"
+        source = f"the {preset} preset"
     elif "mean" in meta or "std" in meta:
         mean = meta.get("mean", IMAGENET_MEAN)
         std = meta.get("std", IMAGENET_STD)
         source = "the model's metadata"
     else:
         mean, std = PRESETS["imagenet"]
-        source = "the default (ImageNet mean and std; --preprocessing says otherwise)"
+        source = "the default (ImageNet mean and std)"
     mean, std = _per_channel("mean", mean, image.channels), _per_channel("std", std, image.channels)
     if int(resize) < min(height, width):
         raise LuncherError(

@@ -586,3 +586,21 @@ def test_the_replay_set_is_read_once_until_its_file_changes(tmp_path):
     )
     again = load_replay(base)
     assert again is not None and again[0].shape == (3, 4) and float(again[0][0, 0]) == 2.0
+
+
+def test_where_the_preprocessing_came_from_names_api_words_to_a_program(run, tmp_path):
+    """UpdatableResult.preprocessing_source said "--mean/--std" or "--preprocessing
+    inception" to a program that had passed mean= and std= or preprocessing=; the CLI
+    still says it with its options."""
+    model = keras_style(tmp_path / "keras.onnx")
+    folder = str(tmp_path / "api")
+    cases = {
+        "the inception preset": {"preprocessing": "inception"},
+        "the given mean and std": {"mean": [127.5] * 3, "std": [127.5] * 3},
+        "the default (ImageNet mean and std)": {},
+    }
+    for source, options in cases.items():
+        result = healthyluncher.make_updatable(model, models_dir=folder, force=True, **options)
+        assert result.preprocessing_source == source
+    cli = run("make-updatable", model, "--mean", "127.5", "--std", "127.5", "--force")
+    assert "Preprocessing from --mean/--std:" in cli.stdout
