@@ -861,26 +861,16 @@ def test_flags_and_numbers_of_the_wrong_type_are_refused_not_guessed(
     int8="no" asked for calibration photos. Each is now one LuncherError, nothing changed."""
     lun.retrain("healthy", photos["red"][:1])
     before = lun.status()
+    wrong_for_make_updatable = {
+        "trainable_layers must be a whole number, not '2'": {"trainable_layers": "2"},
+        "hyperparameters must be a Hyperparameters": {"hyperparameters": {"epochs": 3}},
+        "int8 must be True or False, not 'no'": {"int8": "no"},
+        "force must be True or False, not 'yes'": {"force": "yes"},
+    }
+    for words, options in wrong_for_make_updatable.items():
+        with pytest.raises(LuncherError, match=re.escape(words)):
+            healthyluncher.make_updatable(pt_model, **{"force": True, **options})
     refusals = {
-        "trainable_layers must be a whole number, not '2'": lambda: healthyluncher.make_updatable(
-            pt_model,
-            trainable_layers="2",
-            force=True,  # type: ignore[arg-type]
-        ),
-        "hyperparameters must be a Hyperparameters": lambda: healthyluncher.make_updatable(
-            pt_model,
-            hyperparameters={"epochs": 3},
-            force=True,  # type: ignore[arg-type]
-        ),
-        "int8 must be True or False, not 'no'": lambda: healthyluncher.make_updatable(
-            pt_model,
-            int8="no",
-            force=True,  # type: ignore[arg-type]
-        ),
-        "force must be True or False, not 'yes'": lambda: healthyluncher.make_updatable(
-            pt_model,
-            force="yes",  # type: ignore[arg-type]
-        ),
         "purge must be True or False, not 'no'": lambda: lun.reset(purge="no"),  # type: ignore[arg-type]
         "save must be True or False": lambda: lun.retrain("healthy", photos["red"], save=1),  # type: ignore[arg-type]
         "new_label must be True or False": lambda: lun.retrain(
