@@ -58,6 +58,8 @@ CHANNELS = {"F": 1280, "S7": 320}
 LOCAL = {f"dn4-{m}-k{k}": (m, k, False) for m in CHANNELS for k in (1, 2, 3)}
 LOCAL |= {f"dn4-{m}-k1-sym": (m, 1, True) for m in CHANNELS}
 SPACES = ("avg", *LOCAL)
+# ../shared/food from the main checkout; a worktree elsewhere reads the shared copy.
+FOOD_DIR = FOOD if FOOD.is_dir() else Path("/work/shared/food")
 OFFSETS = np.round(np.arange(-0.30, 0.60001, 0.0005), 4)
 
 
@@ -192,7 +194,7 @@ def costs(model: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--food", type=Path, default=FOOD)
+    parser.add_argument("--food", type=Path, default=FOOD_DIR)
     parser.add_argument("--tuning-base", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "memory-local.md")
     tmp = Path(tempfile.gettempdir())
