@@ -43,9 +43,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from eval_memory_embeddings import (  # type: ignore[import-not-found]  # noqa: E402
+    CHECK,
     FOOD,
     MAPS,
     MARGIN,
+    TUNING,
     cases,
     measure,
     prepare,
@@ -60,6 +62,7 @@ LOCAL |= {f"dn4-{m}-k1-sym": (m, 1, True) for m in CHANNELS}
 SPACES = ("avg", *LOCAL)
 # ../shared/food from the main checkout; a worktree elsewhere reads the shared copy.
 FOOD_DIR = FOOD if FOOD.is_dir() else Path("/work/shared/food")
+LEVELS = (0.0, 0.025, 0.05, 0.10)  # diagnostic (plan amendment): avg's false capture here
 OFFSETS = np.round(np.arange(-0.30, 0.60001, 0.0005), 4)
 
 
@@ -157,6 +160,26 @@ def scale_free(results: dict[str, Any]) -> None:
         s["matched_offset"] = where
         s["false_at_0"] = false0
         s["false_at_0_mean"] = float(np.mean(list(false0.values())))
+    # Diagnostic (the plan's amendment, after the first run): the same at other levels.
+    cov: dict[str, dict[float, dict[str, float]]] = {}
+    for name, s in spaces.items():
+        cov[name] = {}
+        for level in LEVELS:
+            j = int(np.argmin(np.abs(offsets - level)))
+            cov[name][level] = {d: float(np.interp(ref[d]["curve_false"][j],
+                                                   np.array(v["curve_false"]),
+                                                   np.array(v["curve_cover"])))
+                                for d, v in s["per_dish"].items()}  # fmt: skip
+    for name, s in spaces.items():
+        s["levels"] = {
+            str(level): {
+                "tuning": float(np.mean([c[d] for d in TUNING])),
+                "check": float(np.mean([c[d] for d in CHECK])),
+                "dishes_below_avg": sum(c[d] < cov["avg"][level][d] for d in c),
+                "per_dish": c,
+            }
+            for level, c in cov[name].items()
+        }
     avg = spaces["avg"]
     eligible = [n for n, s in spaces.items() if all(s["match_made"].values())]
     chosen = max(eligible, key=lambda n: (spaces[n]["C_matched"], -spaces[n]["bytes_f16"]))
@@ -276,6 +299,21 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
             f"{mc['sushi']:.2f}, {mc['pizza']:.2f}) | "
             f"{np.mean(list(s['matched_offset'].values())):+.4f} | {made}/5 |"
         )
+    lines += [
+        "",
+        "Diagnostic (the plan's amendment, added after the first run; not deciding): scale-free "
+        "coverage where each dish's false capture equals avg's at offset 0 / 0.025 / 0.05 / "
+        "0.10, tuning mean, check mean, and how many of the 5 dishes are below avg's.",
+        "",
+        "| space | "
+        + " | ".join(f"avg's level at {lv}: tuning / check / dishes < avg" for lv in LEVELS)
+        + " |",  # fmt: skip
+        "|---|" + "---:|" * len(LEVELS),
+    ]
+    for name, s in spaces.items():
+        cells = [f"{v['tuning']:.3f} / {v['check']:.3f} / {v['dishes_below_avg']}"
+                 for v in s["levels"].values()]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     rule, prim = results["rule"], results["rule_scale_free"]
     lines += [
         "",
