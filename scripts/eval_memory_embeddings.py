@@ -101,7 +101,10 @@ def pooled(sess: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def embed(sess: Any, paths: list[Path], prep: Any, small: int | None) -> dict[str, np.ndarray]:
+def embed(
+    sess: Any, paths: list[Path], prep: Any, small: int | None, fn: Any = pooled
+) -> dict[str, np.ndarray]:
+    """`fn(sess, batch)`: the arrays kept per photo (float16 ones stay float16)."""
     parts: list[dict[str, np.ndarray]] = []
     batch: list[np.ndarray] = []
     for item in imaging.load_many(paths, prep, small=small):
@@ -109,11 +112,12 @@ def embed(sess: Any, paths: list[Path], prep: Any, small: int | None) -> dict[st
             raise SystemExit(f"cannot read {item.path}: {item.error}")
         batch.append(item.array)
         if len(batch) == 16:
-            parts.append(pooled(sess, np.stack(batch)))
+            parts.append(fn(sess, np.stack(batch)))
             batch = []
     if batch:
-        parts.append(pooled(sess, np.stack(batch)))
-    return {k: np.concatenate([p[k] for p in parts]).astype(np.float32) for k in parts[0]}
+        parts.append(fn(sess, np.stack(batch)))
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return {k: v if v.dtype == np.float16 else v.astype(np.float32) for k, v in out.items()}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -129,17 +133,9 @@ def space(p: dict[str, np.ndarray], name: str) -> np.ndarray:
     return unit(np.concatenate([unit(p["avg"])] + [unit(p[f"avg{s}"]) for s in stages[name]], 1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--food", type=Path, default=FOOD)
-    parser.add_argument("--tuning-base", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "memory-embeddings.md")
-    tmp = Path(tempfile.gettempdir())
-    parser.add_argument("--cache", type=Path, default=tmp / "eval-memory-embeddings-cache")
-    parser.add_argument("--work", type=Path, default=tmp / "eval-memory-embeddings")
-    args = parser.parse_args()
-    started = time.perf_counter()
-
+def prepare(args: argparse.Namespace, fn: Any = pooled) -> dict[str, Any]:
+    """The photos embedded by `fn` (cached in args.cache), the replay rows found again, the
+    masks and each dish's q and held half (seed 0)."""
     model = args.tuning_base / BUNDLED_MODEL
     os.environ["LUNCHER_BUNDLED_MODEL"] = str(model)
     store = stores(args.work, 1, Hyperparameters())[0]
@@ -163,7 +159,7 @@ def main() -> None:
         with np.load(cached) as data:
             emb = {k: data[k] for k in data.files if k != "paths"}
     else:
-        emb = embed(sess, paths, prep, None)
+        emb = embed(sess, paths, prep, None, fn)
         np.savez(cached, paths=np.array([str(p) for p in paths]), **emb)
     print(f"{len(paths)} full-size photos in {time.perf_counter() - t:.0f} s", flush=True)
 
@@ -176,7 +172,7 @@ def main() -> None:
         raise SystemExit(f"replay rows do not match the photos' avg embeddings ({worst_full})")
     diff_full = float(np.abs(r_in[:half] - emb["avg"][match]).max())
     t = time.perf_counter()
-    thumbs = embed(sess, [paths[i] for i in match], prep, SMALL)
+    thumbs = embed(sess, [paths[i] for i in match], prep, SMALL, fn)
     print(f"{half} thumbnails in {time.perf_counter() - t:.0f} s", flush=True)
     diff_small = float(np.abs(r_in[half:] - thumbs["avg"]).max())
     worst_small = float(np.min(np.sum(unit(r_in[half:]) * unit(thumbs["avg"]), axis=1)))
@@ -202,47 +198,91 @@ def main() -> None:
         held_i = np.array([index[str(p)] for p in held if index[str(p)] not in replayed])
         q = np.sort(rng.choice(pool_i, size=min(Q_PER_DISH, len(pool_i)), replace=False))
         plan[dish] = (q, held_i)
+    return {
+        "emb": emb,
+        "thumbs": thumbs,
+        "match": match,
+        "replay_y": replay_y,
+        "lab": lab,
+        "base_held": base_held,
+        "base_rest": base_rest,
+        "plan": plan,
+        "dishes": {d: {"q": len(q), "held": len(h)} for d, (q, h) in plan.items()},
+        "replay": {
+            "rows": len(r_in),
+            "photos_per_dish": {d: replay_dishes.count(d) for d in sorted(set(replay_dishes))},
+            "max_abs_diff_full": diff_full,
+            "max_abs_diff_thumbnails": diff_small,
+        },
+    }
+
+
+def cases(setup: dict[str, Any]) -> Any:
+    """Per dish: (dish, q, held half, replay rows of the other label, held-out and all
+    non-replayed base photos of the other label outside both pairs: masks)."""
+    lab = setup["lab"]
+    for dish, (q, held_i) in setup["plan"].items():
+        c = int(lab[q[0]])
+        other = setup["replay_y"] != c
+        mh, mr = setup["base_held"] & (lab != c), setup["base_rest"] & (lab != c)
+        yield dish, q, held_i, other, mh, mr
+
+
+def measure(
+    q: np.ndarray,
+    held_i: np.ndarray,
+    r: np.ndarray,
+    to_held: np.ndarray,
+    to_mh: np.ndarray,
+    to_mr: np.ndarray,
+    offsets: np.ndarray,
+) -> dict[str, Any]:
+    """One dish's numbers from q's similarities (rows) to its held half, the held-out and
+    the non-replayed other-label photos, and its ball radii r."""
+    cover = np.array([np.mean(to_held[i][held_i != q[i]] > r[i]) for i in range(len(q))])
+    curve_c = np.array([[np.mean(to_held[i] > r[i] - o) for o in offsets]
+                        for i in range(len(q))]).mean(0)  # fmt: skip
+    curve_f = np.array([[np.mean(to_mr[i] > r[i] - o) for o in offsets]
+                        for i in range(len(q))]).mean(0)  # fmt: skip
+    return {
+        "coverage": cover.tolist(),
+        "margin_held": (to_mh > (r - MARGIN)[:, None]).mean(1).tolist(),
+        "margin_rest": (to_mr > (r - MARGIN)[:, None]).mean(1).tolist(),
+        "r": r.tolist(),
+        "curve_cover": curve_c.tolist(),
+        "curve_false": curve_f.tolist(),
+        "n_margin_held": int(to_mh.shape[1]),
+        "n_margin_rest": int(to_mr.shape[1]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--food", type=Path, default=FOOD)
+    parser.add_argument("--tuning-base", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "memory-embeddings.md")
+    tmp = Path(tempfile.gettempdir())
+    parser.add_argument("--cache", type=Path, default=tmp / "eval-memory-embeddings-cache")
+    parser.add_argument("--work", type=Path, default=tmp / "eval-memory-embeddings")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    setup = prepare(args)
+    emb, thumbs, match = setup["emb"], setup["thumbs"], setup["match"]
 
     offsets = np.round(np.arange(-0.10, 0.401, 0.0025), 4)
-    results: dict[str, Any] = {"spaces": {}, "dishes": {}}
-    for dish, (q, held_i) in plan.items():
-        results["dishes"][dish] = {"q": len(q), "held": len(held_i)}
+    results: dict[str, Any] = {"spaces": {}, "dishes": setup["dishes"]}
     for name in SPACES:
         x = space(emb, name)
         rx = np.concatenate([space({k: v[match] for k, v in emb.items()}, name),
                              space(thumbs, name)])  # fmt: skip
         per: dict[str, Any] = {}
-        for dish, (q, held_i) in plan.items():
-            c = int(lab[q[0]])
-            other = replay_y != c
+        for dish, q, held_i, other, mh, mr in cases(setup):
             r = (x[q] @ rx[other].T).max(axis=1)  # (Q,)
-            to_held = x[q] @ x[held_i].T
-            mh = base_held & (lab != c)
-            mr = base_rest & (lab != c)
-            to_mh, to_mr = x[q] @ x[mh].T, x[q] @ x[mr].T
-            cover = np.array([np.mean(to_held[i][held_i != q[i]] > r[i]) for i in range(len(q))])
-            curve_c = np.array([[np.mean(to_held[i] > r[i] - o) for o in offsets]
-                                for i in range(len(q))]).mean(0)  # fmt: skip
-            curve_f = np.array([[np.mean(to_mr[i] > r[i] - o) for o in offsets]
-                                for i in range(len(q))]).mean(0)  # fmt: skip
-            per[dish] = {
-                "coverage": cover.tolist(),
-                "margin_held": (to_mh > (r - MARGIN)[:, None]).mean(1).tolist(),
-                "margin_rest": (to_mr > (r - MARGIN)[:, None]).mean(1).tolist(),
-                "r": r.tolist(),
-                "curve_cover": curve_c.tolist(),
-                "curve_false": curve_f.tolist(),
-                "n_margin_held": int(mh.sum()),
-                "n_margin_rest": int(mr.sum()),
-            }
+            xq = x[q]
+            per[dish] = measure(q, held_i, r, xq @ x[held_i].T, xq @ x[mh].T, xq @ x[mr].T, offsets)
         results["spaces"][name] = {"dims": int(x.shape[1]), "per_dish": per}
     results["offsets"] = offsets.tolist()
-    results["replay"] = {
-        "rows": len(r_in),
-        "photos_per_dish": {d: replay_dishes.count(d) for d in sorted(set(replay_dishes))},
-        "max_abs_diff_full": diff_full,
-        "max_abs_diff_thumbnails": diff_small,
-    }
+    results["replay"] = setup["replay"]
     summarize(results)
     results["seconds"] = time.perf_counter() - started
     write(args, results)

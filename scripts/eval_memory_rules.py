@@ -41,10 +41,21 @@ input is close to one of the user's examples of that class. The rules differ in 
   the library's own pixels (imaging.load, imaging.augmented_views with the embedder's
   seed), and checked against the bank's head inputs; a case's memory rows are found
   among its draw's view rows by their head inputs.
+- `local-S` (or `local-S-T`, threshold T, 0.4 if not given): `radius` with a
+  local-descriptor similarity in place of the cosine, for the memory only: S one of
+  scripts/eval_memory_local.py's DN4 spaces
+  (`dn4-M-kK`, `dn4-M-k1-sym`, which may be written `dn4-M-sym`; e.g. `dn4-S7-sym`: the
+  mean over a photo's 49 positions of the best cosine to the example's 49 positions of
+  the 320-channel S7 map, averaged over both directions). The bank's maps are made as for
+  `embed-S` (the same pixels and checks); the similarities of every draw's view rows to
+  the replay rows and the scored photos are computed once per pair, and the library's
+  floors (the highest similarity to a replay row of another class, at least T) and
+  bonus (memory_bonus's arithmetic) are applied to them.
 
 `--rules` runs some of them (results/memory-rules-centred.md: radius and centred-T;
-any `kth-N`, `centred-T`, `imagenet-S[-T]` or `embed-S` may be named). `--pairs tuning` runs the
-tuning pair alone (to fix a choice before the report pair is looked at).
+any `kth-N`, `centred-T`, `imagenet-S[-T]`, `embed-S` or `local-S` may be named).
+`--pairs tuning` runs the tuning pair alone (to fix a choice before the report pair is
+looked at).
 
 Protocol: eval_heads.py's pairs, scenarios and draws (its `setup_pair`: the same photos,
 draws and augmented views).
@@ -86,12 +97,20 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import eval_heads as heads_eval  # type: ignore[import-not-found]  # noqa: E402
 import eval_memory_embeddings as embeddings  # type: ignore[import-not-found]  # noqa: E402
+import eval_memory_local as local_eval  # type: ignore[import-not-found]  # noqa: E402
 from eval_dishes import report_dishes  # type: ignore[import-not-found]  # noqa: E402
 from eval_personalization import ours  # type: ignore[import-not-found]  # noqa: E402
 
 from healthyluncher.examples import load_replay, memory_rows  # noqa: E402
 from healthyluncher.heads import head_with  # noqa: E402
-from healthyluncher.memory import EXACT_MATCH, _unit, build_memory, memory_bonus  # noqa: E402
+from healthyluncher.memory import (  # noqa: E402
+    EXACT_MATCH,
+    _best_per_class,
+    _mask,
+    _unit,
+    build_memory,
+    memory_bonus,
+)
 from healthyluncher.personal import personal_graphs  # noqa: E402
 from healthyluncher.records import load_examples, load_personal, load_weights  # noqa: E402
 from healthyluncher.runtime import HeadRunner  # noqa: E402
@@ -279,9 +298,10 @@ def embedded_bank(pair: Any, name: str) -> np.ndarray:
     return embeddings.space(EMBEDDED[pair.name], name)  # type: ignore[no-any-return]
 
 
-def pooled_bank(pair: Any) -> dict[str, np.ndarray]:
-    """The pooled maps of every bank row, from the library's pixels, checked against the
-    bank's head inputs (the `avg` pool is the head input)."""
+def pooled_bank(pair: Any, fn: Any = embeddings.pooled) -> dict[str, np.ndarray]:
+    """The pooled maps (or what `fn(session, batch)` keeps, with `avg`) of every bank row,
+    from the library's pixels, checked against the bank's head inputs (the `avg` pool is
+    the head input)."""
     from healthyluncher import imaging
     from healthyluncher.photos import digest_of, read_bytes
     from healthyluncher.records import BUNDLED_MODEL
@@ -294,11 +314,11 @@ def pooled_bank(pair: Any) -> dict[str, np.ndarray]:
 
     def put(at: np.ndarray, got: dict[str, np.ndarray]) -> None:
         for k, v in got.items():
-            out.setdefault(k, np.full((n, v.shape[1]), np.nan, np.float32))[at] = v
+            out.setdefault(k, np.full((n, *v.shape[1:]), np.nan, v.dtype))[at] = v
 
     paths = sorted(pair.index, key=pair.index.get)
     rows = np.array([pair.index[p] for p in paths])
-    put(rows, embeddings.embed(sess, [Path(p) for p in paths], prep, None))
+    put(rows, embeddings.embed(sess, [Path(p) for p in paths], prep, None, fn))
     # The replay set: its full-size rows are photos of the bank; its thumbnails again.
     half = len(pair.replay_rows) // 2
     cos = unit(pair.bank[:half]) @ unit(pair.bank[rows]).T
@@ -307,7 +327,7 @@ def pooled_bank(pair: Any) -> dict[str, np.ndarray]:
     put(np.arange(half), {k: v[match] for k, v in out.items()})
     photo_of = {r: p for p, r in pair.index.items()}
     small = [Path(photo_of[int(r)]) for r in match]
-    put(np.arange(half, 2 * half), embeddings.embed(sess, small, prep, embeddings.SMALL))
+    put(np.arange(half, 2 * half), embeddings.embed(sess, small, prep, embeddings.SMALL, fn))
     # The drawn photos' augmented views, as the embedder makes them.
     done: set[int] = set()
     for d in pair.draws:
@@ -321,7 +341,7 @@ def pooled_bank(pair: Any) -> dict[str, np.ndarray]:
             image = imaging.decode(data, prep, name=str(photo))
             seed = int(digest_of(data)[:8], 16)
             pixels = imaging.augmented_views(image, prep, views, seed)
-            put(np.arange(start, start + views), embeddings.pooled(sess, pixels))
+            put(np.arange(start, start + views), fn(sess, pixels))
     assert not np.isnan(out["avg"]).any(), "bank rows left without an embedding"
     worst = float(np.min(np.sum(unit(out["avg"]) * unit(pair.bank), axis=1)))
     diff = float(np.abs(out["avg"] - pair.bank.reshape(n, -1)).max())
@@ -342,9 +362,111 @@ def memory_bank_rows(pair: Any, case: dict[str, Any]) -> np.ndarray:
     return candidates[cos.argmax(axis=1)]  # type: ignore[no-any-return]
 
 
+def local_rule(rule: str) -> tuple[tuple[str, int, bool], float]:
+    """`local-S[-T]`: step A's (map, k, symmetric) of space S (`dn4-M-sym` =
+    `dn4-M-k1-sym`) and the threshold T."""
+    spaces = dict(local_eval.LOCAL)
+    spaces |= {n.replace("-k1-sym", "-sym"): v for n, v in local_eval.LOCAL.items() if v[2]}
+    name, threshold = rule.removeprefix("local-"), THRESHOLD
+    head, _, tail = name.rpartition("-")
+    if head in spaces and tail.replace(".", "", 1).isdigit():
+        name, threshold = head, float(tail)
+    if name not in spaces:
+        raise SystemExit(f"--rules {rule}: local-S[-T] with S one of {', '.join(spaces)}")
+    return spaces[name], threshold
+
+
+LOCAL_MAPS: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # (pair, map): its bank's
+LOCAL_SIMS: dict[tuple[str, tuple[str, int, bool]], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def local_similarity(pair: Any, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the view rows of every draw, sorted; s(x, q) for every bank row x and those rows
+    q, NaN where x is neither a replay row nor a photo any case scores)."""
+    space = local_rule(rule)[0]
+    if (pair.name, space) in LOCAL_SIMS:
+        return LOCAL_SIMS[pair.name, space]
+    m, k, sym = space
+    if (pair.name, m) not in LOCAL_MAPS:
+
+        def maps(sess: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
+            got = local_eval.local(sess, batch)
+            return {"avg": got["avg"], m: got[m]}
+
+        LOCAL_MAPS[pair.name, m] = pooled_bank(pair, maps)
+    desc = LOCAL_MAPS[pair.name, m][m]
+    t = time.perf_counter()
+    qs = np.unique(np.concatenate([d["view_rows"] for d in pair.draws]))
+    xs = np.unique(np.concatenate([pair.replay_rows, pair.base_rows, pair.far_rows,
+                                   *[d["held_rows"] for d in pair.draws]]))  # fmt: skip
+    sim = np.full((len(pair.bank), len(qs)), np.nan, np.float32)
+    for a in range(0, len(qs), 128):  # q blocks bound dn4's (q, 49, chunk, 49) products
+        got = local_eval.dn4(desc[qs[a : a + 128]], desc[xs])
+        s = got[f"xq{k}"]
+        if sym:
+            s = (s + got[f"qx{k}"]) / 2
+        sim[xs, a : a + len(s)] = s.T
+    print(f"[{pair.name}] {rule}: {len(xs)} photos x {len(qs)} views in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
+    LOCAL_SIMS[pair.name, space] = qs, sim
+    return qs, sim
+
+
+def local_bonus(
+    similarity: np.ndarray, classes: np.ndarray, floors: np.ndarray, n: int, strength: float
+) -> np.ndarray:
+    """memory_bonus's arithmetic on precomputed similarities (N, M) to the memory rows."""
+    mask = _mask(classes, n)
+    above = _best_per_class(similarity - floors[None, :], mask)
+    best = _best_per_class(similarity, mask)
+    exact = np.maximum(best - np.float32(EXACT_MATCH), 0) * np.float32(1 / (1 - EXACT_MATCH))
+    return (np.maximum(above, 0) + exact) * np.float32(strength)  # type: ignore[no-any-return]
+
+
+def run_local(
+    pair: Any, rule: str, strength: float, cases: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`local-S`: the retrained head's logits plus the library's memory rule on step A's
+    local-descriptor similarity (floors against the replay rows of another class)."""
+    qs, sim = local_similarity(pair, rule)
+    threshold = np.float32(local_rule(rule)[1])
+    runs = []
+    for case in cases:
+        d, classes = case["d"], case["classes"]
+        cols = np.searchsorted(qs, memory_bank_rows(pair, case))
+        to_replay = sim[pair.replay_rows][:, cols]  # (R, M)
+        to_replay[pair.replay_y[:, None] == classes[None, :]] = -1.0
+        floors = np.maximum(to_replay.max(axis=0), threshold)
+        CLAMPED.setdefault((pair.name, rule), []).append(float(np.mean(floors == threshold)))
+
+        def predict(
+            which: np.ndarray,
+            case: dict[str, Any] = case,
+            cols: np.ndarray = cols,
+            floors: np.ndarray = floors,
+        ) -> np.ndarray:
+            s = sim[which][:, cols]
+            assert not np.isnan(s).any(), "a scored photo without local similarities"
+            added = local_bonus(s, case["classes"], floors, case["n"], strength)
+            return (case["logits"][which] + added).argmax(axis=1)  # type: ignore[no-any-return]
+
+        m = heads_eval.measure(
+            pair, d, predict(d["held_rows"]), predict(pair.base_rows), predict(pair.far_rows),
+            case["label_id"],
+        )  # fmt: skip
+        runs.append({"dish": d["dish"], "k": 0 if d["new"] else d["k"], "draw": d["draw"],
+                     "seed": case["seed"], **m})  # fmt: skip
+    return runs
+
+
+CLAMPED: dict[tuple[str, str], list[float]] = {}  # share of a case's floors at the threshold
+
+
 def run_rule(
     pair: Any, rule: str, strength: float, cases: list[dict[str, Any]], imagenet: Path
 ) -> list[dict[str, Any]]:
+    if rule.startswith("local-"):
+        return run_local(pair, rule, strength, cases)
     replay = load_replay(pair.base)
     assert replay is not None
     bank = pair.bank
@@ -362,6 +484,9 @@ def run_rule(
         rows = case["rows"] if space is None else project(case["rows"], space, imagenet)
         if embedded is not None:
             rows = bank[memory_bank_rows(pair, case)]
+        if rule == "radius":  # how often the threshold is the floor (against local-S)
+            floors = build_memory(rows, case["classes"], THRESHOLD, replay).floors
+            CLAMPED.setdefault((pair.name, rule), []).append(float(np.mean(floors == THRESHOLD)))
 
         def predict(
             which: np.ndarray, case: dict[str, Any] = case, rows: np.ndarray = rows
@@ -457,6 +582,8 @@ def main() -> None:
                 run_rule(pair, rule, SHIPPED, cases, args.imagenet)
             )
             print(f"[{name}] {rule} strength {chosen}", flush=True)
+    for (pair_name, rule), shares in CLAMPED.items():
+        results[rule][f"{pair_name}_floors_at_threshold"] = float(np.mean(shares))
     results["seconds"] = time.perf_counter() - started
     write(args, results)
 
@@ -477,8 +604,9 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "# The memory's floor: from the photo's nearest conflicting base example, the user "
         "example's, or both",
         "",
-        f"Produced by `python scripts/eval_memory_rules.py --tuning-base {args.tuning_base} "
-        f"--report-base {args.report_base}"
+        f"Produced by `python scripts/eval_memory_rules.py --food {args.food} "
+        f"--tuning-base {args.tuning_base} --report-base {args.report_base}"
+        f" --work {args.work} --cache {args.cache}"
         + (f" --retrained --seeds {args.seeds}" if args.retrained else "")
         + (f" --rules {args.rules}" if args.rules != ",".join(RULES) else "")
         + (f" --pairs {args.pairs}" if args.pairs != "tuning,report" else "")
@@ -529,6 +657,13 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
                     lines.append(
                         f"| {pair} | {rule} | {strength:g} ({what}) | {scenario} | {cell(c)} |"
                     )
+    at = "_floors_at_threshold"
+    clamped = [f"{rule} {key.split('_')[0]} {v:.2f}" for rule in rules
+               for key, v in results[rule].items() if key.endswith(at)]  # fmt: skip
+    if clamped:
+        lines += ["", "Share of memory rows whose floor is the threshold (no replay row of "
+                  "another class above it; mean over cases and strengths): "
+                  + ", ".join(clamped) + "."]  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
