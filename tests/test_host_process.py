@@ -1,0 +1,135 @@
+"""What a program that imports healthyluncher keeps: the library changes no process-wide
+state while it works (warning filters, logging, stderr, ONNX Runtime's default logger,
+Pillow's settings and plugins, numpy's BLAS threads), so that the program's other threads
+run as they would without it. A fresh Python (`host`) checks what only a process that has
+never run the library can show."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+import healthyluncher
+from healthyluncher.errors import LuncherError
+from tests.conftest import solid
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=models_dir)
+    return healthyluncher.open(models_dir)
+
+
+def host(code: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """`code` run by a fresh Python as a program that imports healthyluncher; `args` are
+    its sys.argv[1:]."""
+    env = {key: value for key, value in os.environ.items() if key != "LUNCHER_DEBUG"}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=600,
+    )
+
+
+def while_decoding(patch: pytest.MonkeyPatch, during: Callable[[], Any]) -> list[Any]:
+    """Run `during` while the library reads a photo's metadata (between Pillow opening the
+    photo and handing its pixels on); returns what it returned, once per photo."""
+    seen: list[Any] = []
+    getexif = Image.Image.getexif
+
+    def spy(image: Image.Image) -> Image.Exif:
+        seen.append(during())
+        return getexif(image)
+
+    patch.setattr(Image.Image, "getexif", spy)
+    return seen
+
+
+# -- Pillow: warning filters, pixel limit, plugins ------------------------------------------
+
+
+def test_a_photo_decodes_under_the_programs_warning_filters(lun, tmp_path):
+    """Filters are process-wide: `catch_warnings` while a photo decoded put an 'ignore all'
+    filter in front of every thread's filters (and two decoding threads could leave each
+    other's behind)."""
+    photo = solid(tmp_path / "plate.jpg", (200, 40, 40))
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
+        warnings.filterwarnings("error", message="the program's own filter")
+        programs = list(warnings.filters)
+        seen = while_decoding(patch, lambda: list(warnings.filters))
+        lun.predict([photo, photo.read_bytes()])
+        assert seen and all(filters == programs for filters in seen)
+        assert warnings.filters == programs
+
+
+def test_a_program_thread_warns_as_usual_while_a_photo_decodes(lun, tmp_path):
+    photo = solid(tmp_path / "plate.png", (40, 200, 40))
+
+    def warn_in_another_thread() -> None:
+        thread = threading.Thread(target=warnings.warn, args=("the program's warning",))
+        thread.start()
+        thread.join()
+
+    with warnings.catch_warnings(record=True) as shown, pytest.MonkeyPatch.context() as patch:
+        warnings.simplefilter("always")
+        while_decoding(patch, warn_in_another_thread)
+        lun.predict([photo])
+    assert [str(w.message) for w in shown].count("the program's warning") == 1
+
+
+def test_pillows_pixel_limit_and_plugins_stay_the_programs(pt_model, tmp_path):
+    """Importing the library raised Image.MAX_IMAGE_PIXELS for the whole program, and the
+    first HEIC photo registered pillow-heif with Pillow (the program's Image.open then read
+    HEIC, and its registered extensions changed)."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    heic = tmp_path / "lunch.heic"
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(Image.new("RGB", (40, 30), (200, 40, 40))).save(buffer)
+    heic.write_bytes(buffer.getvalue())
+    jpeg = solid(tmp_path / "lunch.jpg", (40, 200, 40))
+    done = host(
+        """
+        import sys
+        from PIL import Image
+        Image.init()  # every plugin Pillow has itself, loaded as Image.open would
+        def pillow():
+            return (Image.MAX_IMAGE_PIXELS, sorted(Image.OPEN), sorted(Image.MIME.items()),
+                    sorted(Image.EXTENSION.items()), sorted(Image.SAVE))
+        before = pillow()
+        import healthyluncher
+        assert pillow() == before, "import"
+        healthyluncher.make_updatable(sys.argv[1], models_dir=sys.argv[2])
+        predictions = healthyluncher.open(sys.argv[2]).predict(sys.argv[3:])
+        assert len(predictions) == 2
+        assert pillow() == before, [p for p in zip(pillow(), before) if p[0] != p[1]]
+        """,
+        pt_model,
+        tmp_path / "models",
+        jpeg,
+        heic,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_lower_pixel_limit_set_by_the_program_is_obeyed(lun, tmp_path):
+    photo = solid(tmp_path / "plate.png", (200, 40, 40), size=(40, 30))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        with pytest.raises(LuncherError, match="too large"):
+            lun.predict([photo])
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
+        assert lun.predict([photo])[0].label
