@@ -75,16 +75,25 @@ def _register_training_package() -> None:
 
 
 def runtime() -> ModuleType:
-    """Import onnxruntime quietly (its INFO logging floods the terminal otherwise)."""
+    """Import onnxruntime. Its default logger, the program's, is left as the program set it
+    (session_options makes each session of ours quiet by its own options instead)."""
     _register_training_package()
     try:
         import onnxruntime
     except ImportError as exc:
         raise LuncherError(install_problem() or f"ONNX Runtime cannot be imported ({exc})") from exc
-    # Fatal only: errors come back as exceptions, which are reported in one line.
-    onnxruntime.set_default_logger_severity(4)
     module: ModuleType = onnxruntime
     return module
+
+
+def session_options(threads: int = 0) -> Any:
+    """SessionOptions for a session of ours, training ones too: `threads` intra-op threads
+    (0: every core), and its log fatal-only. Errors come back as exceptions, which are
+    reported in one line; ONNX Runtime's default logger is the program's and stays as it is."""
+    options = runtime().SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 4
+    return options
 
 
 # Both wheels install the onnxruntime/ directory; whichever came last wins, and the training
@@ -168,9 +177,7 @@ def training() -> tuple[Any, Any]:
 def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     """An InferenceSession on the CPU; `threads=0` lets ONNX Runtime use every core."""
     ort = runtime()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 4
+    options = session_options(threads)
     # Idle ORT threads spin by default, taking the cores the decoding threads need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(model) if isinstance(model, Path) else model

@@ -17,7 +17,7 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.runtime import (
     MAX_IR_VERSION,
     root_logging_kept,
-    runtime,
+    session_options,
     training,
     training_api,
 )
@@ -105,8 +105,7 @@ def _run_one_step(api: Any, directory: Path, model: Any) -> None:
     import onnx
 
     state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
-    options = runtime().SessionOptions()
-    options.intra_op_num_threads = 1
+    options = session_options(threads=1)
     module = api.Module(str(directory / "training_model.onnx"), state, session_options=options)
     weights = {t.name for t in model.graph.initializer}
     value = next(i for i in model.graph.input if i.name not in weights)
@@ -262,8 +261,7 @@ def train(
         # thread: the head is a few small layers on batches of 16, where ONNX Runtime's
         # thread pool costs more than it shares (20 photos x 10 epochs on the shipped head:
         # 18 ms of training instead of 37, and 3 ms to create the session instead of 8).
-        options = runtime().SessionOptions()
-        options.intra_op_num_threads = 1
+        options = session_options(threads=1)
         module = api.Module(
             str(artifact_dir / "training_model.onnx"), state, session_options=options
         )
@@ -327,7 +325,10 @@ def save_checkpoint_with(artifact_dir: Path, params: dict[str, np.ndarray], targ
     # As in `train`: parameters can only be assigned once a Module holds the state (before,
     # ORT 1.19 crashes with a segmentation fault), and the Module must outlive the save.
     module = api.Module(
-        str(artifact_dir / "training_model.onnx"), state, str(artifact_dir / "eval_model.onnx")
+        str(artifact_dir / "training_model.onnx"),
+        state,
+        str(artifact_dir / "eval_model.onnx"),
+        session_options=session_options(threads=1),
     )
     for name, value in params.items():
         state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)

@@ -133,3 +133,34 @@ def test_a_lower_pixel_limit_set_by_the_program_is_obeyed(lun, tmp_path):
             lun.predict([photo])
         patch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
         assert lun.predict([photo])[0].label
+
+
+# -- ONNX Runtime ---------------------------------------------------------------------------
+
+
+def test_onnx_runtimes_default_logger_stays_as_the_program_set_it(pt_model, tmp_path):
+    """The library set ONNX Runtime's default logger to fatal-only for the whole program;
+    its own sessions are quiet by their own options instead."""
+    photo = solid(tmp_path / "plate.jpg", (200, 40, 40))
+    done = host(
+        """
+        import os, sys
+        import onnxruntime
+        onnxruntime.set_default_logger_severity(0)  # the program wants everything
+        import healthyluncher
+        healthyluncher.make_updatable(sys.argv[1], models_dir=sys.argv[2])
+        lun = healthyluncher.open(sys.argv[2])
+        lun.predict([sys.argv[3]])
+        lun.retrain("healthy", [sys.argv[3]])
+        lun.retrain("soup", [sys.argv[3]], new_label=True)
+        sys.stderr.flush()
+        os.write(2, b"THE PROGRAM'S OWN SESSION\\n")
+        onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+        """,
+        pt_model,
+        tmp_path / "models",
+        photo,
+    )
+    assert done.returncode == 0, done.stderr
+    programs = done.stderr.split("THE PROGRAM'S OWN SESSION\n", 1)[1]
+    assert "[V:onnxruntime" in programs or "[I:onnxruntime" in programs
