@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, find_images
-from healthyluncher.runtime import one_blas_thread
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
@@ -289,7 +288,7 @@ class Luncher:
         return ensure_base(self._store)
 
     def _run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with self._lock, one_blas_thread():
+        with self._lock:
             self._ready()
             return operation(self._store, *args, **kwargs)
 
@@ -366,7 +365,7 @@ def make_updatable(
         progress=progress,
     )
     lun = open(models_dir)
-    with lun._lock, one_blas_thread():
+    with lun._lock:
         return build(lun._store, _path(model, "model"), options)
 
 

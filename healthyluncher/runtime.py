@@ -21,26 +21,6 @@ from healthyluncher.errors import LuncherError
 MAX_IR_VERSION = 10
 MAX_OPSET = 21
 
-_blas: Any = None  # threadpoolctl's view of the BLAS libraries loaded, made once
-
-
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS on one thread while an operation runs, as it was afterwards.
-
-    Its products here are small (memory rows against the replay set, a linear head over a
-    few thousand rows). With more threads they only contend with ONNX Runtime's own: on 2
-    cores a retrain of a directory of 5,000 examples spent up to a quarter more CPU time and up
-    to 30 ms more per product (bench-results/blas-threads.md). OpenBLAS 0.3.31 ignores a
-    limit set from a thread other than the main one: there this changes nothing."""
-    global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
-
-        _blas = ThreadpoolController()
-    with _blas.limit(limits=1, user_api="blas"):
-        yield
-
 
 @contextmanager
 def root_logging_kept() -> Iterator[None]:

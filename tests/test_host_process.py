@@ -164,3 +164,24 @@ def test_onnx_runtimes_default_logger_stays_as_the_program_set_it(pt_model, tmp_
     assert done.returncode == 0, done.stderr
     programs = done.stderr.split("THE PROGRAM'S OWN SESSION\n", 1)[1]
     assert "[V:onnxruntime" in programs or "[I:onnxruntime" in programs
+
+
+# -- numpy ----------------------------------------------------------------------------------
+
+
+def test_an_operation_leaves_numpys_blas_threads_as_the_program_set_them(lun, photos):
+    """OpenBLAS's thread count is one setting for the whole process: limiting it to one
+    while an operation ran (threadpoolctl) slowed the program's own numpy in its other
+    threads meanwhile. The `luncher` process starts numpy with one thread instead."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    seen: list[set[int]] = []
+    with threadpool_limits(limits=2, user_api="blas"):
+        if blas_threads() != {2}:
+            pytest.skip(f"this numpy's BLAS cannot run 2 threads here: {blas_threads()}")
+        lun.retrain("healthy", photos["red"][:2], progress=lambda _: seen.append(blas_threads()))
+        assert seen and all(threads == {2} for threads in seen)
+        assert blas_threads() == {2}
