@@ -14,18 +14,14 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.openers import (
+    file_brand,
+    open_photo,
+    pixel_limit,
+    unidentified_reason,
+)
 from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, digest_of, read_bytes
 from healthyluncher.settings import Preprocessing
-
-# Larger photos than any phone takes (a 200 MP sensor is 16384 x 12288) are refused
-# before decoding: a small file can declare a huge canvas (a decompression bomb).
-MAX_PIXELS = 210_000_000
-# Pillow's own guard, Image.MAX_IMAGE_PIXELS, is a setting of the whole program: Image.open
-# warns above it (89 MP by default) and refuses above twice that, so it would refuse the
-# 200 MP photo above. `decode` never changes it: it opens photos through Pillow's plugins
-# itself, without that guard, and checks MAX_PIXELS instead (or the program's setting, where
-# the program lowered it below Pillow's default).
-PILLOW_DEFAULT_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 # What Pillow raises for a damaged or hostile file, besides its own exception types.
 _DECODE_ERRORS = (
@@ -41,8 +37,6 @@ _DECODE_ERRORS = (
     # pillow-heif's "some other error" from libheif (a damaged HEIC can raise it on load).
     RuntimeError,
 )
-# What a plugin raises for a file that is not its format: Image.open then tries the next.
-_NOT_THIS_FORMAT = (SyntaxError, IndexError, TypeError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -82,79 +76,14 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     return MemoryPhoto(name, buffer.getvalue())
 
 
-# ISO BMFF major brands (bytes 8-12, after "ftyp") of HEIF files that pillow-heif reads:
-# HEVC stills and sequences (heic, heix, ...; every iPhone photo) and generic HEIF.
-_HEIF_BRANDS = frozenset(
-    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
-)
-_AVIF_BRANDS = frozenset({b"avif", b"avis"})
-
-
-def _brand(data: bytes) -> bytes | None:
-    """The major brand of an ISO BMFF file (HEIF, AVIF), None for any other format."""
-    return data[8:12] if data[4:8] == b"ftyp" else None
-
-
-def pixel_limit() -> int:
-    """The most pixels a photo may declare: MAX_PIXELS, or the program's
-    Image.MAX_IMAGE_PIXELS where it set that below Pillow's default."""
-    setting = Image.MAX_IMAGE_PIXELS
-    if setting is not None and setting < PILLOW_DEFAULT_PIXELS:
-        return min(MAX_PIXELS, setting)
-    return MAX_PIXELS
-
-
-def _open(data: bytes, brand: bytes | None, name: str) -> Image.Image:
-    """What Image.open does, without its size guard (see PILLOW_DEFAULT_PIXELS): the
-    registered plugins in turn, the common ones first. A HEIF photo is read by pillow-heif's
-    plugin class directly when the program has registered no HEIF plugin with Pillow, so
-    Pillow's registry stays as the program left it (its Image.open does not learn HEIF)."""
-    if brand in _HEIF_BRANDS and "HEIF" not in Image.OPEN:
-        return _heif(data, name)
-    prefix = data[:16]
-    tried: set[str] = set()
-    for load_plugins in (Image.preinit, Image.init):  # Pillow's own lazy set-up
-        load_plugins()
-        for format_id in [f for f in Image.ID if f not in tried]:
-            tried.add(format_id)
-            factory, accept = Image.OPEN[format_id]
-            # A string: the format is known, but the plugin that reads it is missing.
-            if accept is not None and (not (found := accept(prefix)) or isinstance(found, str)):
-                continue
-            try:
-                return factory(io.BytesIO(data), "")
-            except _NOT_THIS_FORMAT:
-                continue
-    raise UnidentifiedImageError(f"cannot identify image file {name!r}")
-
-
-def _heif(data: bytes, name: str) -> Image.Image:
-    """A HEIC/HEIF photo opened with pillow-heif (imported on the first one: 0.2 s that a
-    command which never meets one should not pay), not registered with Pillow."""
-    try:
-        from pillow_heif import HeifImageFile
-    except ImportError:
-        raise LuncherError(
-            f"{name}: a HEIC/HEIF photo, and pillow-heif is not installed (pip install pillow-heif)"
-        ) from None
-    # libheif applies the HEIF rotation and mirroring itself, and pillow-heif then resets
-    # the EXIF (and XMP) orientation to 1, so `_orientation` reads 1 and the photo is not
-    # turned twice. Its options are pillow-heif's globals, the program's too: left alone.
-    try:
-        image: Image.Image = HeifImageFile(io.BytesIO(data))  # type: ignore[no-untyped-call]
-    except _NOT_THIS_FORMAT:  # what it raises for a file libheif cannot read
-        raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
-    return image
-
-
 def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Image:
     """Decode to an upright RGB (or L) image, reduced while its short side stays >= resize."""
     if not data:
         raise LuncherError(f"{name}: empty file")
-    brand = _brand(data)
+    brand = file_brand(data)
     width = height = 0
     try:
-        image = _open(data, brand, name)
+        image = open_photo(data, brand, name)
         width, height = image.size
         if width < 1 or height < 1:
             raise LuncherError(f"{name}: image has no pixels")
@@ -184,21 +113,9 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         # Pillow's messages are short, but one line is a promise to the CLI's output.
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, UnidentifiedImageError):
-            reason = _unidentified_reason(brand)
+            reason = unidentified_reason(brand)
         raise LuncherError(f"{name}: cannot decode image: {reason}") from None
     return image
-
-
-def _unidentified_reason(brand: bytes | None) -> str:
-    if brand in _HEIF_BRANDS:
-        return "a damaged or unsupported HEIC/HEIF file"
-    if brand in _AVIF_BRANDS:
-        from PIL import features
-
-        if not features.check("avif"):
-            return "an AVIF photo, and this Pillow cannot read AVIF (pip install -U pillow)"
-        return "a damaged or unsupported AVIF file"
-    return "not an image file Pillow can read"
 
 
 _TRANSPOSE = {

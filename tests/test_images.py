@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from healthyluncher import imaging as images
+from healthyluncher import openers
 from healthyluncher import photos as photo_files
 from healthyluncher.cli import app
 from healthyluncher.errors import LuncherError
@@ -337,7 +338,7 @@ def test_bombs_are_refused_before_any_pixel_is_decoded():
 @pytest.mark.parametrize("size", [(10_000, 10_000), (16_384, 12_288)])
 def test_photos_up_to_max_pixels_are_not_called_too_large(size):
     """100 MP and 200 MP are real cameras: Pillow's own 89/179 MP guard must not refuse them."""
-    assert size[0] * size[1] <= images.MAX_PIXELS
+    assert size[0] * size[1] <= openers.MAX_PIXELS
     with pytest.raises(LuncherError) as caught:
         decode(png_declaring(*size), NCHW, name="big.png")  # declared, but no pixel data
     assert "too large" not in str(caught.value)
