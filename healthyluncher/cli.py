@@ -367,10 +367,15 @@ def _settings(hp: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    import logging
     import warnings
 
-    # Pillow warns about damaged metadata it recovers from; errors are reported per file.
+    # luncher's process is its own, so its output is settled here, not by the library:
+    # Pillow warns about damaged metadata it recovers from (errors are reported per file),
+    # and ONNX Runtime's Python tools log advice. With a handler on the root logger, the
+    # library also writes training files in this process rather than in a child Python.
     warnings.filterwarnings("ignore", module="PIL")
+    logging.getLogger().addHandler(logging.NullHandler())
     if "--json" not in sys.argv[1:]:
         app(prog_name="luncher")
         return

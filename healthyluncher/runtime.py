@@ -141,17 +141,19 @@ def training_api() -> Any:
     return api
 
 
-def training() -> tuple[Any, Any]:
-    """Return (artifacts, api) from onnxruntime.training without importing torch."""
-    runtime()
-    if "onnxruntime.training" not in sys.modules:
-        raise LuncherError(
-            "the ONNX Runtime training API is missing: install onnxruntime-training-cpu "
-            "and uninstall plain onnxruntime (both own the onnxruntime/ directory)"
-        )
-    from onnxruntime.training import api, artifacts
+def onnxblock() -> tuple[Any, Any, Any, Any]:
+    """onnxruntime.training.onnxblock (what generate_artifacts builds with) and its
+    _graph_utils, _training_graph_utils and model_accessor modules, without the artifact
+    generator's module (which configures the root logger when imported)."""
+    training_api()  # the same check, and the training package registered
+    from onnxruntime.training import onnxblock
+    from onnxruntime.training.onnxblock import (
+        _graph_utils,
+        _training_graph_utils,
+        model_accessor,
+    )
 
-    return artifacts, api
+    return onnxblock, _graph_utils, _training_graph_utils, model_accessor
 
 
 def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:

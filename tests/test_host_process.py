@@ -7,6 +7,7 @@ never run the library can show."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -185,3 +186,92 @@ def test_an_operation_leaves_numpys_blas_threads_as_the_program_set_them(lun, ph
         lun.retrain("healthy", photos["red"][:2], progress=lambda _: seen.append(blas_threads()))
         assert seen and all(threads == {2} for threads in seen)
         assert blas_threads() == {2}
+
+
+# -- stderr, logging and warning filters while the library works ----------------------------
+
+
+def test_a_program_thread_keeps_its_stderr_while_training_files_are_written(pt_model, tmp_path):
+    """ONNX Runtime's graph builders write INFO lines to fd 2 whatever the log level they
+    are not given: the library redirected fd 2 to /dev/null meanwhile, and what the
+    program's other threads wrote to stderr then was lost. (A program with a root logging
+    handler gets the files written in its own process: see test_artifacts.py.)"""
+    done = host(
+        """
+        import logging, os, sys, threading
+        import onnx
+        logging.basicConfig()  # the program's own handler: the files are written here
+        real_save, written = onnx.save, []
+
+        def save(*args, **kwargs):  # the library writes a training file meanwhile
+            line = f"the program's line {len(written)}\\n".encode()
+            thread = threading.Thread(target=os.write, args=(2, line))
+            thread.start()
+            thread.join()
+            written.append(line)
+            return real_save(*args, **kwargs)
+
+        onnx.save = save
+        import healthyluncher
+        healthyluncher.make_updatable(sys.argv[1], models_dir=sys.argv[2])
+        print(len(written))
+        """,
+        pt_model,
+        tmp_path / "models",
+    )
+    assert done.returncode == 0, done.stderr
+    count = int(done.stdout.split()[-1])
+    assert count >= 3  # training, eval and optimizer models at least
+    assert done.stderr.splitlines() == [f"the program's line {i}" for i in range(count)]
+
+
+def test_the_library_leaves_stderr_logging_and_warning_filters_alone(pt_model, tmp_path):
+    """Everything a program with no logging configured does with the library: its stderr is
+    never redirected (os.dup2), its root logger never gets a handler (logging.basicConfig
+    by ONNX Runtime's generator and quantizer), logging is never disabled (the quantizer's
+    advice was hidden with logging.disable), the warning filters are the same afterwards
+    (the quantizer imports sympy, which adds one), and nothing reaches stderr."""
+    photos = tmp_path / "photos"
+    for label, colour in (("a", (200, 40, 40)), ("b", (40, 200, 40))):
+        for i in range(3):
+            solid(photos / label / f"{i}.png", (colour[0], colour[1], 40 + 30 * i))
+    done = host(
+        """
+        import json, logging, os, sys, warnings
+        from pathlib import Path
+        import numpy, onnx  # what they do when imported is theirs (numpy adds filters)
+        calls = []
+        real_dup2, real_disable = os.dup2, logging.disable
+        os.dup2 = lambda fd, fd2, *a: calls.append(f"os.dup2(_, {fd2})") or real_dup2(fd, fd2, *a)
+        logging.disable = lambda level=50: calls.append("logging.disable") or real_disable(level)
+        logging.root.addHandler = lambda handler: calls.append(f"root.addHandler({handler})")
+        import healthyluncher
+        filters = list(warnings.filters)
+        model, work = sys.argv[1], Path(sys.argv[2])
+        healthyluncher.make_updatable(model, models_dir=work / "one")
+        lun = healthyluncher.open(work / "one")
+        lun.predict([work / "photos" / "a" / "0.png"])
+        lun.retrain("healthy", [work / "photos" / "a"])
+        lun.retrain("soup", [work / "photos" / "b"], new_label=True)
+        healthyluncher.make_updatable(
+            model, models_dir=work / "int8", int8=True, calibration=work / "photos"
+        )
+        healthyluncher.open(work / "int8").predict([work / "photos" / "b" / "0.png"])
+        print(json.dumps({
+            "calls": calls,
+            "handlers": repr(logging.root.handlers),
+            "disable": logging.root.manager.disable,
+            "new filters": [repr(f) for f in warnings.filters if f not in filters],
+        }))
+        """,
+        pt_model,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "calls": [],
+        "handlers": "[]",
+        "disable": 0,
+        "new filters": [],
+    }
+    assert done.stderr == ""

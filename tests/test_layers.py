@@ -77,10 +77,11 @@ def test_the_cli_uses_the_public_api_only():
 def test_low_layers_never_import_high_ones():
     layers = [
         {"errors", "events", "version", "memory", "template"},
-        {"settings", "photos", "state", "fileio"},
+        {"settings", "photos", "state", "fileio", "child", "openers"},
         {"segments", "weightsfile"},
         {"meta", "store", "runtime", "imaging"},
-        {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"},
+        {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"}
+        | {"artifacts"},
         {"training"},
         {"heads", "quantize", "examples", "embedder", "modelsetup", "precision"},
         {"personal", "predictor", "headfit"},

@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from PIL import Image
 
+from healthyluncher import child
 from healthyluncher.meta import BaseMeta
 from healthyluncher.store import STATE_FILE, Files, ModelStore
 from tests.conftest import needs_ort, one_line_error
@@ -262,6 +263,8 @@ def test_a_quantization_failure_keeps_the_previous_base(
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel\nsecond line")
 
     monkeypatch.setattr(onnxruntime.quantization, "quantize_static", fails)
+    # In this process (where no child Python can be started), for the failure above.
+    monkeypatch.setattr(child, "python", lambda: None)
     result = run("make-updatable", pt_model, "--force", "--int8", "--calibration", calibration)
     one_line_error(result, "cannot quantize the frozen part to int8", "no kernel")
     assert "second line" not in result.stderr
