@@ -11,7 +11,7 @@ import pytest
 
 import healthyluncher
 from healthyluncher import artifacts, child, decompose, graph
-from healthyluncher.runtime import runtime, training_api
+from healthyluncher.runtime import _TRAINING_LOCK, _training_package, runtime, training_api
 from healthyluncher.store import Files, ModelStore
 from tests.conftest import needs_ort, require_ort_training
 from tests.models import pytorch_style
@@ -58,7 +58,8 @@ def test_the_training_files_are_the_ones_generate_artifacts_writes(tmp_path, opt
     none, so they wrote INFO lines to the process's stderr whatever the program set)."""
     require_ort_training()
     runtime()
-    from onnxruntime.training import artifacts as onnxruntime_artifacts
+    with _TRAINING_LOCK, _training_package():  # without onnxruntime/training/__init__.py
+        from onnxruntime.training import artifacts as onnxruntime_artifacts
 
     head, trainable = head_of(pytorch_style(tmp_path / "tiny.onnx"), layers)
     theirs, ours = tmp_path / "theirs", tmp_path / "ours"

@@ -167,6 +167,38 @@ def test_onnx_runtimes_default_logger_stays_as_the_program_set_it(pt_model, tmp_
     assert "[V:onnxruntime" in programs or "[I:onnxruntime" in programs
 
 
+def test_the_programs_import_of_onnxruntime_training_is_as_without_the_library(pt_model, tmp_path):
+    """The library imports ONNX Runtime's training API without running
+    onnxruntime/training/__init__.py (which imports torch): it registered that package in
+    sys.modules uninitialized, and left it there, so the program's own import of it got an
+    empty module instead of what it gets without the library (here, torch's ImportError)."""
+    probe = """
+        import json, sys
+
+        def own_import():
+            try:
+                import onnxruntime.training as package
+            except ImportError as error:
+                return f"ImportError: {error.name}"
+            return sorted(name for name in vars(package) if not name.startswith("_"))
+
+        if len(sys.argv) > 1:
+            import healthyluncher
+            healthyluncher.make_updatable(sys.argv[1], models_dir=sys.argv[2])
+            lun = healthyluncher.open(sys.argv[2])
+            lun.retrain("healthy", [sys.argv[3]])
+            lun.retrain("soup", [sys.argv[3]], new_label=True)
+            assert "onnxruntime.training" not in sys.modules
+        print(json.dumps(own_import()))
+        """
+    alone = host(probe)
+    photo = solid(tmp_path / "plate.jpg", (200, 40, 40))
+    with_library = host(probe, pt_model, tmp_path / "models", photo)
+    assert alone.returncode == 0, alone.stderr
+    assert with_library.returncode == 0, with_library.stderr
+    assert json.loads(with_library.stdout) == json.loads(alone.stdout)
+
+
 # -- numpy ----------------------------------------------------------------------------------
 
 
