@@ -17,7 +17,7 @@ from healthyluncher import child, graph
 from healthyluncher.errors import LuncherError
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.photos import find_images
-from healthyluncher.runtime import MAX_IR_VERSION, pad_batch, runtime
+from healthyluncher.runtime import MAX_IR_VERSION, pad_batch, root_logging_kept, runtime
 from healthyluncher.settings import Preprocessing
 
 # MinMax calibration keeps each activation's extreme values: a couple of hundred photos
@@ -86,8 +86,9 @@ def quantize_base(
     with tempfile.TemporaryDirectory(prefix="luncher-int8-") as tmp:
         args["work"] = tmp
         data = cut.frozen.SerializeToString()
-        if child.python() is None:  # no Python to start: here, with what it logs and warns
-            used = quantize_job(args, data)
+        if child.python() is None:  # no Python to start: here, as narrowly as that can be
+            with root_logging_kept():
+                used = quantize_job(args, data)
         else:
             used = child.run("healthyluncher.quantize:quantize_job", args, data, what=QUANTIZER)
         frozen = onnx.load(str(Path(tmp) / "quantized.onnx"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +272,31 @@ def test_a_quantization_failure_keeps_the_previous_base(
     assert state_of(models_dir) == before_state
     assert probabilities(run, *photos["red"]) == before
     assert not [p for p in models_dir.iterdir() if p.name.startswith(".staging-")]
+
+
+def test_without_a_python_to_start_the_quantizer_leaves_no_root_handler(
+    run, pt_model, calibration, models_dir
+):
+    """Where no child can be started, the quantizer runs in this process, and its advice
+    (logging.warning, which gives a root logger without a handler one) leaves no handler."""
+    from healthyluncher.runtime import runtime
+
+    runtime()
+    import onnxruntime.quantization
+
+    quantize_static = onnxruntime.quantization.quantize_static
+
+    def advises(*args: object, **kwargs: object) -> None:
+        logging.warning("Please consider to run pre-processing before quantization.")
+        quantize_static(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnxruntime.quantization, "quantize_static", advises)
+        patch.setattr(child, "python", lambda: None)
+        patch.setattr(logging.root, "handlers", [])
+        result = run("make-updatable", pt_model, "--int8", "--calibration", calibration)
+        assert logging.root.handlers == []
+    assert result.code == 0, result
 
 
 # -- what stays float32 --------------------------------------------------------------------
