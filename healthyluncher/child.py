@@ -23,9 +23,12 @@ from typing import Any
 
 from healthyluncher.errors import LuncherError
 
-# How the child starts: the package's own directory first on its path (not the current
-# directory, where a program may keep files named like the modules it imports).
-_BOOT = "import sys; sys.path[0:1] = [sys.argv[1]]; from healthyluncher.child import main; main()"
+# How the child starts: the package's own directory first on its path, and not the current
+# directory (where a program may keep files named like the modules it imports).
+_BOOT = (
+    "import sys; sys.path[:] = [sys.argv[1], *filter(None, sys.path)]; "
+    "from healthyluncher.child import main; main()"
+)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 

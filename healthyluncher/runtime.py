@@ -25,8 +25,9 @@ MAX_OPSET = 21
 
 @contextmanager
 def root_logging_kept() -> Iterator[None]:
-    """The program's root logger as it was: ONNX Runtime's artifact generator calls
-    logging.basicConfig when imported, and logging.info (which does too) when it runs."""
+    """The program's root logger with the handlers it had: for ONNX Runtime's tools run in
+    the program's process where no child Python can be started (their logging.debug and
+    logging.warning call logging.basicConfig when the root logger has no handler)."""
     handlers = list(logging.root.handlers)
     try:
         yield

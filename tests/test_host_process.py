@@ -23,7 +23,7 @@ from PIL import Image
 
 import healthyluncher
 from healthyluncher.errors import LuncherError
-from tests.conftest import solid
+from tests.conftest import needs_ort, solid
 
 
 @pytest.fixture
@@ -223,6 +223,7 @@ def test_an_operation_leaves_numpys_blas_threads_as_the_program_set_them(lun, ph
 # -- stderr, logging and warning filters while the library works ----------------------------
 
 
+@needs_ort
 def test_a_program_thread_keeps_its_stderr_while_training_files_are_written(pt_model, tmp_path):
     """ONNX Runtime's graph builders write INFO lines to fd 2 whatever the log level they
     are not given: the library redirected fd 2 to /dev/null meanwhile, and what the
