@@ -16,6 +16,7 @@ from healthyluncher.store import Files, ModelStore
 from tests.conftest import needs_ort, require_ort_training
 from tests.models import pytorch_style
 from tests.test_cuts import _one_line_without_ort_text, _reduce_max
+from tests.test_host_process import host
 
 
 def canonical(model: onnx.ModelProto) -> bytes:
@@ -106,6 +107,31 @@ def test_without_a_root_handler_the_files_are_written_by_a_child_python(pt_model
     state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
     api.Module(str(directory / "training_model.onnx"), state)
     assert lun.labels == ("healthy", "fast_food")
+
+
+@needs_ort
+def test_luncher_writes_training_files_in_its_own_process(pt_model, models_dir):
+    """luncher's process is its own: a NullHandler on its root logger lets it write them
+    without starting a child Python (about 1 s per make-updatable)."""
+    done = host(
+        """
+        import subprocess, sys
+        started = []
+        real_run = subprocess.run
+        subprocess.run = lambda *args, **kwargs: started.append(args) or real_run(*args, **kwargs)
+        from healthyluncher.cli import main
+        sys.argv = ["luncher", "make-updatable", sys.argv[1]]
+        try:
+            main()
+        except SystemExit as done:
+            assert not done.code, done.code
+        print(len(started))
+        """,
+        pt_model,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0"
+    assert (models_dir / "state.json").is_file()
 
 
 @needs_ort
