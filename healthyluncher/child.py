@@ -23,12 +23,11 @@ from typing import Any
 
 from healthyluncher.errors import LuncherError
 
-# How the child starts: the package's own directory first on its path, and not the current
-# directory (where a program may keep files named like the modules it imports).
-_BOOT = (
-    "import sys; sys.path[:] = [sys.argv[1], *filter(None, sys.path)]; "
-    "from healthyluncher.child import main; main()"
-)
+# How the child starts: with the program's import path as it is now (a program may have
+# added to it), this package's directory first, and not the current directory (where a
+# program may keep files named like the modules it imports).
+_BOOT = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); import healthyluncher.child"
+_BOOT += "; healthyluncher.child.main()"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -64,8 +63,9 @@ def run(job: str, args: dict[str, Any], data: bytes = b"", *, what: str) -> Any:
         raise LuncherError(f"{what} needs a Python interpreter to run in, and there is none here")
     request = json.dumps({"job": job, "args": args}).encode() + b"\n"
     debug = bool(os.environ.get("LUNCHER_DEBUG"))
+    path = [_PACKAGE_ROOT, *(entry for entry in sys.path if entry)]
     done = subprocess.run(
-        [executable, "-c", _BOOT, _PACKAGE_ROOT],
+        [executable, "-c", _BOOT, json.dumps(path)],
         input=request + data,
         stdout=subprocess.PIPE,
         stderr=None if debug else subprocess.DEVNULL,  # ONNX Runtime's own lines

@@ -3,7 +3,10 @@ process when that changes nothing of the program's, else in a child Python."""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -173,3 +176,25 @@ def test_a_child_runs_only_jobs_of_the_package():
     with pytest.raises(child.JobError) as caught:
         child.run("os:getcwd", {}, what="a job")
     assert caught.value.kind == "ValueError" and "not a job of ours" in caught.value.message
+
+
+def test_a_child_imports_from_where_the_program_imports(tmp_path):
+    """A program may have added to its import path (a notebook's sys.path.append): the
+    child gets the program's path, the package's directory first, without the current
+    directory."""
+    commands: list[list[str]] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        patch.setattr(sys, "path", [*sys.path, ""])
+        real_run = subprocess.run
+        patch.setattr(
+            subprocess,
+            "run",
+            lambda command, **kwargs: commands.append(command) or real_run(command, **kwargs),
+        )
+        with pytest.raises(child.JobError):
+            child.run("os:getcwd", {}, what="a job")
+    (command,) = commands
+    path = json.loads(command[-1])
+    assert path[0] == str(Path(child.__file__).resolve().parent.parent)
+    assert str(tmp_path) in path and "" not in path
