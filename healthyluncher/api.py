@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, find_images
+from healthyluncher.runtime import quiet_default_logger as quiet_default_logger  # luncher's
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir

@@ -93,8 +93,25 @@ def runtime() -> ModuleType:
         import onnxruntime
     except ImportError as exc:
         raise LuncherError(install_problem() or f"ONNX Runtime cannot be imported ({exc})") from exc
+    if _quiet[0] and not _quiet[1]:
+        onnxruntime.set_default_logger_severity(4)
+        _quiet[1] = True
     module: ModuleType = onnxruntime
     return module
+
+
+# [asked for, done]: ONNX Runtime's default logger fatal-only (quiet_default_logger).
+_quiet = [False, False]
+
+
+def quiet_default_logger() -> None:
+    """For a program whose process is its own, luncher's (the library never calls this):
+    ONNX Runtime's default logger, one for the whole process, fatal-only from its import on.
+    ONNX Runtime logs a few things outside any session there (a thread-affinity failure in a
+    container, say)."""
+    _quiet[0] = True
+    if "onnxruntime" in sys.modules:
+        runtime()
 
 
 def _training_module(name: str) -> ModuleType:

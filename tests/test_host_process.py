@@ -199,6 +199,30 @@ def test_the_programs_import_of_onnxruntime_training_is_as_without_the_library(p
     assert json.loads(with_library.stdout) == json.loads(alone.stdout)
 
 
+def test_luncher_keeps_onnx_runtimes_default_logger_fatal_only_in_its_own_process(pt_model):
+    """luncher's process is its own: ONNX Runtime logs a few things outside any session
+    (a thread-affinity failure in a container), which its terminal never showed."""
+    done = host(
+        """
+        import sys
+        from healthyluncher.runtime import runtime
+        onnxruntime, severities = runtime(), []
+        real = onnxruntime.set_default_logger_severity
+        onnxruntime.set_default_logger_severity = lambda n: severities.append(n) or real(n)
+        from healthyluncher.cli import main
+        sys.argv = ["luncher", "make-updatable", sys.argv[1]]
+        try:
+            main()
+        except SystemExit as done:
+            assert not done.code, done.code
+        print(severities)
+        """,
+        pt_model,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[4]"
+
+
 # -- numpy ----------------------------------------------------------------------------------
 
 
