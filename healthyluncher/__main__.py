@@ -10,10 +10,11 @@ import sys
 
 
 def run() -> None:
-    # numpy's BLAS on one thread in luncher's own process, set before numpy loads (the
-    # library sets it per operation, runtime.one_blas_thread): its threads only contended
-    # with ONNX Runtime's, and starting them cost every command about 0.08 s of CPU time
-    # (bench-results/blas-threads.md). A value the user set stays.
+    # numpy's BLAS on one thread in luncher's own process, set before numpy loads: its
+    # threads only contended with ONNX Runtime's, and starting them cost every command
+    # about 0.08 s of CPU time (bench-results/blas-threads.md). A value the user set stays.
+    # The library leaves the setting to the program that imports it (one for the whole
+    # process, its other threads' numpy too).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         from healthyluncher.cli import main

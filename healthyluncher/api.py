@@ -21,7 +21,7 @@ from healthyluncher.arguments import check_options, describe, path_argument, pho
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.photos import ImageFailure, find_images
-from healthyluncher.runtime import one_blas_thread
+from healthyluncher.runtime import quiet_default_logger as quiet_default_logger  # luncher's
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
@@ -298,7 +298,7 @@ class Luncher:
 
     def _run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         check_options(kwargs)
-        with self._lock, one_blas_thread():
+        with self._lock:
             self._ready()
             return operation(self._store, *args, **kwargs)
 
@@ -375,5 +375,5 @@ def make_updatable(
         progress=progress,
     )
     lun = open(models_dir)
-    with lun._lock, one_blas_thread():
+    with lun._lock:
         return build(lun._store, path_argument(model, "model"), options)

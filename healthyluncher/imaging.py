@@ -5,11 +5,8 @@ from __future__ import annotations
 import io
 import math
 import struct
-import threading
-import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,18 +14,14 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.openers import (
+    file_brand,
+    open_photo,
+    pixel_limit,
+    unidentified_reason,
+)
 from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, digest_of, read_bytes
 from healthyluncher.settings import Preprocessing
-
-# Larger photos than any phone takes (a 200 MP sensor is 16384 x 12288) are refused
-# before decoding: a small file can declare a huge canvas (a decompression bomb).
-MAX_PIXELS = 210_000_000
-
-# Pillow's own guard warns above 89 MP and refuses above 179 MP, so it would refuse the
-# 200 MP photo above. Raised to our limit, it still refuses what `decode` does not check
-# itself (a GIF frame or TIFF tile twice as large).
-if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 # What Pillow raises for a damaged or hostile file, besides its own exception types.
 _DECODE_ERRORS = (
@@ -44,9 +37,6 @@ _DECODE_ERRORS = (
     # pillow-heif's "some other error" from libheif (a damaged HEIC can raise it on load).
     RuntimeError,
 )
-# Warning filters are process-wide, and `catch_warnings` restores whatever it saw on entry:
-# two decoding threads in it at once can leave each other's filters behind for good.
-_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -86,73 +76,27 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     return MemoryPhoto(name, buffer.getvalue())
 
 
-# ISO BMFF major brands (bytes 8-12, after "ftyp") of HEIF files that pillow-heif reads:
-# HEVC stills and sequences (heic, heix, ...; every iPhone photo) and generic HEIF.
-_HEIF_BRANDS = frozenset(
-    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
-)
-_AVIF_BRANDS = frozenset({b"avif", b"avis"})
-_HEIF_LOCK = threading.Lock()
-_heif_registered = False
-
-
-def _brand(data: bytes) -> bytes | None:
-    """The major brand of an ISO BMFF file (HEIF, AVIF), None for any other format."""
-    return data[8:12] if data[4:8] == b"ftyp" else None
-
-
-def _ensure_heif_opener(name: str) -> None:
-    """Teach Pillow HEIF, on the first HEIC/HEIF photo: importing pillow-heif takes 0.2 s,
-    which a command that never meets one should not pay."""
-    global _heif_registered
-    if _heif_registered:
-        return
-    with _HEIF_LOCK:
-        if _heif_registered:
-            return
-        try:
-            from pillow_heif import register_heif_opener
-        except ImportError:
-            raise LuncherError(
-                f"{name}: a HEIC/HEIF photo, and pillow-heif is not installed "
-                "(pip install pillow-heif)"
-            ) from None
-        Image.init()
-        # An application may have registered a HEIF plugin (and its options) already.
-        if "HEIF" not in Image.OPEN:
-            # Called without options: they are pillow-heif's globals, the application's too.
-            # libheif applies the HEIF rotation and mirroring itself, and pillow-heif then
-            # resets the EXIF (and XMP) orientation to 1, so `_orientation` reads 1 and the
-            # photo is not turned twice.
-            register_heif_opener()
-        _heif_registered = True
-
-
 def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Image:
     """Decode to an upright RGB (or L) image, reduced while its short side stays >= resize."""
     if not data:
         raise LuncherError(f"{name}: empty file")
-    brand = _brand(data)
-    if brand in _HEIF_BRANDS:
-        _ensure_heif_opener(name)
+    brand = file_brand(data)
     width = height = 0
     try:
-        with _pillow_warnings():
-            image: Image.Image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width < 1 or height < 1:
-                raise LuncherError(f"{name}: image has no pixels")
-            if width * height > MAX_PIXELS:
-                raise LuncherError(f"{name}: image is too large ({width}x{height} pixels)")
-            # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale while the short side
-            # stays at least `resize`. A 12 MP phone photo then decodes in a fraction of
-            # the time and memory.
-            scale = prep.resize / min(width, height)
-            if scale < 1:
-                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        image = open_photo(data, brand, name)
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise LuncherError(f"{name}: image has no pixels")
+        if width * height > pixel_limit():
+            raise LuncherError(f"{name}: image is too large ({width}x{height} pixels)")
+        # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale while the short side
+        # stays at least `resize`. A 12 MP phone photo then decodes in a fraction of
+        # the time and memory.
+        scale = prep.resize / min(width, height)
+        if scale < 1:
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
-        with _pillow_warnings():
-            orientation = _orientation(image)
+        orientation = _orientation(image)
         image = shrink(image, prep.resize)
         if orientation in _TRANSPOSE:
             image = image.transpose(_TRANSPOSE[orientation])
@@ -163,34 +107,15 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         raise LuncherError(f"{name}: image is too large to decode safely") from None
     except MemoryError:
         raise LuncherError(f"{name}: out of memory decoding a {width}x{height} image") from None
-    except _DECODE_ERRORS as exc:
+    except (*_DECODE_ERRORS, Warning) as exc:
+        # Pillow warns about damaged metadata it recovers from, through the program's
+        # warning filters: a program that turns warnings into errors gets this error.
         # Pillow's messages are short, but one line is a promise to the CLI's output.
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, UnidentifiedImageError):
-            reason = _unidentified_reason(brand)
+            reason = unidentified_reason(brand)
         raise LuncherError(f"{name}: cannot decode image: {reason}") from None
     return image
-
-
-def _unidentified_reason(brand: bytes | None) -> str:
-    if brand in _HEIF_BRANDS:
-        return "a damaged or unsupported HEIC/HEIF file"
-    if brand in _AVIF_BRANDS:
-        from PIL import features
-
-        if not features.check("avif"):
-            return "an AVIF photo, and this Pillow cannot read AVIF (pip install -U pillow)"
-        return "a damaged or unsupported AVIF file"
-    return "not an image file Pillow can read"
-
-
-@contextmanager
-def _pillow_warnings() -> Iterator[None]:
-    """Pillow's decompression-bomb warning raises; its complaints about metadata are silent."""
-    with _WARNINGS_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield
 
 
 _TRANSPOSE = {
@@ -212,7 +137,7 @@ def _orientation(image: Image.Image) -> int:
     """
     try:
         value = image.getexif().get(ExifTags.Base.Orientation, 1)
-    except _DECODE_ERRORS:
+    except (*_DECODE_ERRORS, Warning):  # Warning: the program's filters made it an error
         return 1
     return value if isinstance(value, int) else 1
 

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
-import logging
 import tempfile
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
-from healthyluncher import graph
+from healthyluncher import child, graph
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.photos import find_images
-from healthyluncher.runtime import MAX_IR_VERSION, pad_batch, runtime
+from healthyluncher.runtime import MAX_IR_VERSION, pad_batch, root_logging_kept, runtime
 from healthyluncher.settings import Preprocessing
 
 # MinMax calibration keeps each activation's extreme values: a couple of hundred photos
@@ -33,6 +31,7 @@ MIN_OPSET = 13
 # Ops whose weights the quantizer makes int8 (a frozen part without one gains nothing).
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 INT32_MAX = 2**31 - 1
+QUANTIZER = "ONNX Runtime's quantizer"
 
 
 @dataclass(frozen=True)
@@ -79,16 +78,44 @@ def quantize_base(
             f" needs ONNX opset {MIN_OPSET} or later (per-channel int8 weights); this model "
             f"uses opset {opset}",
         )
-    reader = _CalibrationReader(photos, prep, analysis.input.name, analysis.input.batch)
+    args = {
+        "photos": [str(photo) for photo in photos],
+        "prep": prep.to_json(),
+        "input": analysis.input.name,
+        "batch": analysis.input.batch,
+        "directory": str(directory),
+    }
+    with tempfile.TemporaryDirectory(prefix="luncher-int8-") as tmp:
+        args["work"] = tmp
+        data = cut.frozen.SerializeToString()
+        if child.python() is None:  # no Python to start: here, as narrowly as that can be
+            with root_logging_kept():
+                used = quantize_job(args, data)
+        else:
+            used = child.run("healthyluncher.quantize:quantize_job", args, data, what=QUANTIZER)
+        frozen = onnx.load(str(Path(tmp) / "quantized.onnx"))
+    joined = _join(model, frozen, cut.split_tensor, analysis.input.name)
+    return QuantizedBase(frozen=frozen, model=joined, calibration_photos=used)
+
+
+def quantize_job(args: dict[str, Any], data: bytes) -> int:
+    """Calibrate on the photos and quantize the frozen part (`data`), in a child Python
+    (child.run): ONNX Runtime's quantizer logs advice through the root logger
+    (logging.warning, which configures a root logger without a handler), its import adds a
+    warning filter (sympy's), and its sessions log through ONNX Runtime's default logger, all
+    of them the program's. Writes quantized.onnx into args["work"]; returns the number of
+    photos read."""
+    photos = [Path(photo) for photo in args["photos"]]
+    prep = Preprocessing.from_json(args["prep"])
+    reader = _CalibrationReader(photos, prep, args["input"], args["batch"])
     if reader.used == 0:
         raise LuncherError(
-            Param("calibration", str(directory)),
+            Param("calibration", args["directory"]),
             f": none of its {len(photos)} image files could be read",
         )
-    with tempfile.TemporaryDirectory(prefix="luncher-int8-") as tmp:
-        frozen = _quantize(cut.frozen, Path(tmp), reader)
-    joined = _join(model, frozen, cut.split_tensor, analysis.input.name)
-    return QuantizedBase(frozen=frozen, model=joined, calibration_photos=reader.used)
+    work = Path(args["work"])
+    onnx.save(_quantize(onnx.load_from_string(data), work, reader), str(work / "quantized.onnx"))
+    return reader.used
 
 
 class _CalibrationReader:
@@ -143,7 +170,9 @@ def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -
     # external data.
     onnx.save(frozen, str(source))
     try:
-        with _quantizer_logging_silenced():
+        # numpy warns about the biases the quantizer overflows (`_repair_biases` fixes
+        # them); its error state is this thread's alone.
+        with np.errstate(over="ignore", invalid="ignore"):
             # Shape inference and ORT's basic graph optimizations (batch norms folded into
             # convolutions), so that more of the graph quantizes.
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
@@ -245,21 +274,6 @@ def _repair_biases(quantized: onnx.ModelProto, prepared: onnx.ModelProto) -> Non
         }
         for name, array in new.items():
             tensors[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
-
-
-@contextlib.contextmanager
-def _quantizer_logging_silenced() -> Iterator[None]:
-    """The quantizer logs advice through the root logger and numpy warns about the biases
-    it overflows (`_repair_biases` fixes them), which would reach the terminal; what
-    matters to the user arrives as an exception."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            yield
-    finally:
-        logging.disable(previous)
 
 
 def _join(

@@ -6,6 +6,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,31 +22,12 @@ from healthyluncher.errors import LuncherError
 MAX_IR_VERSION = 10
 MAX_OPSET = 21
 
-_blas: Any = None  # threadpoolctl's view of the BLAS libraries loaded, made once
-
-
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS on one thread while an operation runs, as it was afterwards.
-
-    Its products here are small (memory rows against the replay set, a linear head over a
-    few thousand rows). With more threads they only contend with ONNX Runtime's own: on 2
-    cores a retrain of a directory of 5,000 examples spent up to a quarter more CPU time and up
-    to 30 ms more per product (bench-results/blas-threads.md). OpenBLAS 0.3.31 ignores a
-    limit set from a thread other than the main one: there this changes nothing."""
-    global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
-
-        _blas = ThreadpoolController()
-    with _blas.limit(limits=1, user_api="blas"):
-        yield
-
 
 @contextmanager
 def root_logging_kept() -> Iterator[None]:
-    """The program's root logger as it was: ONNX Runtime's artifact generator calls
-    logging.basicConfig when imported, and logging.info (which does too) when it runs."""
+    """The program's root logger with the handlers it had: for ONNX Runtime's tools run in
+    the program's process where no child Python can be started (their logging.debug and
+    logging.warning call logging.basicConfig when the root logger has no handler)."""
     handlers = list(logging.root.handlers)
     try:
         yield
@@ -54,37 +36,107 @@ def root_logging_kept() -> Iterator[None]:
             logging.root.removeHandler(handler)
 
 
-def _register_training_package() -> None:
-    """Put `onnxruntime.training` in sys.modules without running its __init__.
+# The submodules of onnxruntime.training imported here, by name (see _training_package).
+_TRAINING: dict[str, ModuleType] = {}
+_TRAINING_LOCK = threading.Lock()
+_MISSING = (
+    "the ONNX Runtime training API is missing: install onnxruntime-training-cpu "
+    "and uninstall plain onnxruntime (both own the onnxruntime/ directory)"
+)
+
+
+def _training_spec() -> importlib.machinery.ModuleSpec | None:
+    """onnxruntime.training's spec, found without importing anything."""
+    root = importlib.util.find_spec("onnxruntime")  # finds the package without importing it
+    if root is None or not root.submodule_search_locations:
+        return None
+    locations = list(root.submodule_search_locations)
+    return importlib.machinery.PathFinder.find_spec("onnxruntime.training", locations)
+
+
+@contextmanager
+def _training_package() -> Iterator[None]:
+    """`onnxruntime.training` in sys.modules without running its __init__, while the block
+    runs (with _TRAINING_LOCK held); afterwards sys.modules is as the program had it, plus
+    the submodules imported meanwhile.
 
     `onnxruntime/training/__init__.py` imports `.optim`, which imports torch
     (microsoft/onnxruntime#22070), and `import onnxruntime` itself, in the training build,
-    probes `onnxruntime.training.ortmodule`, which would run that __init__ (and import onnx)
-    on every start. The parts used here (artifacts, onnxblock, api) never touch torch.
+    probes `onnxruntime.training.ortmodule`, which would run that __init__ (and import onnx,
+    and configure the root logger) on every start. The parts used here (api, onnxblock)
+    never touch torch. Left registered, the program's own `import onnxruntime.training`
+    would get this uninitialized package instead of its own (or its ImportError).
     """
-    if "onnxruntime.training" in sys.modules:
+    spec = None if "onnxruntime.training" in sys.modules else _training_spec()
+    if spec is None:  # the program's own, or no training build
+        yield
         return
-    root = importlib.util.find_spec("onnxruntime")  # finds the package without importing it
-    if root is None or not root.submodule_search_locations:
-        return
-    spec = importlib.machinery.PathFinder.find_spec(
-        "onnxruntime.training", list(root.submodule_search_locations)
-    )
-    if spec is not None:
-        sys.modules["onnxruntime.training"] = importlib.util.module_from_spec(spec)
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["onnxruntime.training"] = package
+    try:
+        yield
+    finally:
+        if sys.modules.get("onnxruntime.training") is package:
+            del sys.modules["onnxruntime.training"]
+        parent = sys.modules.get("onnxruntime")
+        if parent is not None and getattr(parent, "training", None) is package:
+            delattr(parent, "training")
 
 
 def runtime() -> ModuleType:
-    """Import onnxruntime quietly (its INFO logging floods the terminal otherwise)."""
-    _register_training_package()
+    """Import onnxruntime. Its default logger, the program's, is left as the program set it
+    (session_options makes each session of ours quiet by its own options instead)."""
     try:
+        if "onnxruntime" not in sys.modules:
+            with _TRAINING_LOCK, _training_package():
+                import onnxruntime
         import onnxruntime
     except ImportError as exc:
         raise LuncherError(install_problem() or f"ONNX Runtime cannot be imported ({exc})") from exc
-    # Fatal only: errors come back as exceptions, which are reported in one line.
-    onnxruntime.set_default_logger_severity(4)
+    if _quiet[0] and not _quiet[1]:
+        onnxruntime.set_default_logger_severity(4)
+        _quiet[1] = True
     module: ModuleType = onnxruntime
     return module
+
+
+# [asked for, done]: ONNX Runtime's default logger fatal-only (quiet_default_logger).
+_quiet = [False, False]
+
+
+def quiet_default_logger() -> None:
+    """For a program whose process is its own, luncher's (the library never calls this):
+    ONNX Runtime's default logger, one for the whole process, fatal-only from its import on.
+    ONNX Runtime logs a few things outside any session there (a thread-affinity failure in a
+    container, say)."""
+    _quiet[0] = True
+    if "onnxruntime" in sys.modules:
+        runtime()
+
+
+def _training_module(name: str) -> ModuleType:
+    """A submodule of onnxruntime.training, imported once (see _training_package)."""
+    module = _TRAINING.get(name)
+    if module is not None:
+        return module
+    runtime()
+    with _TRAINING_LOCK:
+        if name not in _TRAINING:
+            if "onnxruntime.training" not in sys.modules and _training_spec() is None:
+                raise LuncherError(_MISSING)
+            with _training_package():
+                _TRAINING[name] = importlib.import_module(name)
+        return _TRAINING[name]
+
+
+def session_options(threads: int = 0) -> Any:
+    """SessionOptions for a session of ours, training ones too: `threads` intra-op threads
+    (0: every core), and its log fatal-only. Errors come back as exceptions, which are
+    reported in one line; ONNX Runtime's default logger is the program's and stays as it is."""
+    options = runtime().SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 4
+    return options
 
 
 # Both wheels install the onnxruntime/ directory; whichever came last wins, and the training
@@ -117,23 +169,15 @@ def install_problem() -> str | None:
 def training_installed() -> bool:
     """Whether the training build is installed, without importing ONNX Runtime (for
     `status`: `training_available` says whether it also works)."""
-    root = importlib.util.find_spec("onnxruntime")  # finds the package without importing it
-    if root is None or not root.submodule_search_locations:
-        return False
-    locations = list(root.submodule_search_locations)
-    found = importlib.machinery.PathFinder.find_spec("onnxruntime.training", locations)
-    return found is not None and install_problem() is None
+    return _training_spec() is not None and install_problem() is None
 
 
 def training_available() -> bool:
     """Whether ONNX Runtime's training API works here (onnxruntime-training-cpu, which
     exists for CPython 3.10 to 3.12 only)."""
-    runtime()
-    if "onnxruntime.training" not in sys.modules:
-        return False
     try:
-        from onnxruntime.training import api  # noqa: F401
-    except ImportError:
+        training_api()
+    except (ImportError, LuncherError):
         return False
     return True
 
@@ -141,36 +185,24 @@ def training_available() -> bool:
 def training_api() -> Any:
     """onnxruntime.training.api alone (Module, Optimizer, CheckpointState): what a retrain
     needs, without the artifact generator's imports."""
-    runtime()
-    if "onnxruntime.training" not in sys.modules:
-        raise LuncherError(
-            "the ONNX Runtime training API is missing: install onnxruntime-training-cpu "
-            "and uninstall plain onnxruntime (both own the onnxruntime/ directory)"
-        )
-    from onnxruntime.training import api
-
-    return api
+    return _training_module("onnxruntime.training.api")
 
 
-def training() -> tuple[Any, Any]:
-    """Return (artifacts, api) from onnxruntime.training without importing torch."""
-    runtime()
-    if "onnxruntime.training" not in sys.modules:
-        raise LuncherError(
-            "the ONNX Runtime training API is missing: install onnxruntime-training-cpu "
-            "and uninstall plain onnxruntime (both own the onnxruntime/ directory)"
-        )
-    from onnxruntime.training import api, artifacts
-
-    return artifacts, api
+def onnxblock() -> tuple[Any, Any, Any, Any]:
+    """onnxruntime.training.onnxblock (what generate_artifacts builds with) and its
+    _graph_utils, _training_graph_utils and model_accessor modules, without the artifact
+    generator's module (which configures the root logger when imported)."""
+    names = ("", "._graph_utils", "._training_graph_utils", ".model_accessor")
+    blocks, graph_utils, training_graph, accessor = (
+        _training_module(f"onnxruntime.training.onnxblock{name}") for name in names
+    )
+    return blocks, graph_utils, training_graph, accessor
 
 
 def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     """An InferenceSession on the CPU; `threads=0` lets ONNX Runtime use every core."""
     ort = runtime()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 4
+    options = session_options(threads)
     # Idle ORT threads spin by default, taking the cores the decoding threads need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(model) if isinstance(model, Path) else model

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import re
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from healthyluncher import child
+from healthyluncher.child import JobError
 from healthyluncher.errors import LuncherError, Message
-from healthyluncher.runtime import (
-    MAX_IR_VERSION,
-    root_logging_kept,
-    runtime,
-    training,
-    training_api,
-)
+from healthyluncher.runtime import root_logging_kept, session_options, training_api
 from healthyluncher.settings import Hyperparameters
 
 # Draws per epoch at most. A retrain's personal examples and replayed base examples number a
@@ -62,23 +57,19 @@ def generate_artifacts(
     """
     from healthyluncher.decompose import for_training  # onnx: not on the retrain path
 
-    with root_logging_kept():
-        artifacts, api = training()
     directory.mkdir(parents=True, exist_ok=True)
-    optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer]
     model = for_training(head)
     try:
-        with _native_stderr_silenced(), root_logging_kept():
-            artifacts.generate_artifacts(
-                model,
-                requires_grad=list(trainable),
-                frozen_params=[],
-                loss=artifacts.LossType.CrossEntropyLoss,
-                optimizer=optim,
-                artifact_directory=str(directory),
-            )
-            _lower_ir_versions(directory)
-            _run_one_step(api, directory, model)
+        _write(model, trainable, optimizer, directory)
+    except LuncherError:
+        raise
+    except JobError as exc:  # raised in the child: known by its type's name and text
+        if exc.errno is not None:
+            raise OSError(exc.errno, os.strerror(exc.errno)) from None
+        error = _as_os_error(RuntimeError(exc.message))
+        if isinstance(error, OSError):
+            raise error from None
+        raise LuncherError(*_explain(exc.message, exc.kind, head, trainable)) from None
     except Exception as exc:  # ORT raises RuntimeError and friends with C++ text
         error = _as_os_error(exc)
         if isinstance(error, OSError):  # a full disk: the caller says so
@@ -86,36 +77,25 @@ def generate_artifacts(
         raise LuncherError(*_explain(str(exc), type(exc).__name__, head, trainable)) from None
 
 
-def _lower_ir_versions(directory: Path) -> None:
-    """onnx >= 1.18 writes the optimizer model with an IR version ORT 1.19 refuses."""
-    import onnx
+def _write(model: Any, trainable: tuple[str, ...], optimizer: str, directory: Path) -> None:
+    """artifacts.write, where it changes nothing of the program's: in this process when the
+    root logger has a handler (onnxblock logs with logging.debug, which configures a root
+    logger that has none); otherwise in a child Python (about 1 s more), or, where none can
+    be started, here with the handler that logging.basicConfig adds removed again."""
+    from healthyluncher import artifacts
 
-    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
-        path = directory / name
-        model = onnx.load(str(path))
-        if model.ir_version > MAX_IR_VERSION:
-            model.ir_version = MAX_IR_VERSION
-            onnx.save(model, str(path))
-
-
-def _run_one_step(api: Any, directory: Path, model: Any) -> None:
-    """Create the training session and take one step (forward and backward) on zeros,
-    without the optimizer: ONNX Runtime writes gradients it has no CPU kernel for (Resize,
-    ConvTranspose), which only the session finds."""
-    import onnx
-
-    state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
-    options = runtime().SessionOptions()
-    options.intra_op_num_threads = 1
-    module = api.Module(str(directory / "training_model.onnx"), state, session_options=options)
-    weights = {t.name for t in model.graph.initializer}
-    value = next(i for i in model.graph.input if i.name not in weights)
-    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value.type.tensor_type.shape.dim]
-    if 0 in dims[1:]:
-        return  # a symbolic size: the session alone is checked
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-    module.train()
-    module(np.zeros([1, *dims[1:]], dtype), np.zeros(1, np.int64))
+    if logging.root.handlers:
+        artifacts.write(model, trainable, optimizer, directory)
+    elif child.python() is not None:
+        child.run(
+            "healthyluncher.artifacts:child_job",
+            {"trainable": list(trainable), "optimizer": optimizer, "directory": str(directory)},
+            model.SerializeToString(),
+            what="ONNX Runtime's generator of training files",
+        )
+    else:
+        with root_logging_kept():
+            artifacts.write(model, trainable, optimizer, directory)
 
 
 # ONNX Runtime's messages, and what they mean (measured with 1.19.2).
@@ -176,20 +156,6 @@ def _smaller_choices(head: Any, trainable: tuple[str, ...], op: str | None) -> M
     if not fine:
         return "no smaller ", TRAINABLE_LAYERS, " leaves it out"
     return choices(fine, len(layers))
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Hide the INFO lines ORT's gradient builder writes to fd 2 whatever the log level."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 @dataclass(frozen=True)
@@ -264,8 +230,7 @@ def train(
         # thread: the head is a few small layers on batches of 16, where ONNX Runtime's
         # thread pool costs more than it shares (20 photos x 10 epochs on the shipped head:
         # 18 ms of training instead of 37, and 3 ms to create the session instead of 8).
-        options = runtime().SessionOptions()
-        options.intra_op_num_threads = 1
+        options = session_options(threads=1)
         module = api.Module(
             str(artifact_dir / "training_model.onnx"), state, session_options=options
         )
@@ -329,7 +294,10 @@ def save_checkpoint_with(artifact_dir: Path, params: dict[str, np.ndarray], targ
     # As in `train`: parameters can only be assigned once a Module holds the state (before,
     # ORT 1.19 crashes with a segmentation fault), and the Module must outlive the save.
     module = api.Module(
-        str(artifact_dir / "training_model.onnx"), state, str(artifact_dir / "eval_model.onnx")
+        str(artifact_dir / "training_model.onnx"),
+        state,
+        str(artifact_dir / "eval_model.onnx"),
+        session_options=session_options(threads=1),
     )
     for name, value in params.items():
         state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)

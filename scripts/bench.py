@@ -217,9 +217,11 @@ from pathlib import Path
 
 import onnx
 
-from healthyluncher.runtime import training
+from healthyluncher.runtime import _TRAINING_LOCK, _training_package, runtime
 
-artifacts, _ = training()
+runtime()
+with _TRAINING_LOCK, _training_package():  # without onnxruntime/training/__init__ (torch)
+    from onnxruntime.training import artifacts
 model_path, directory = sys.argv[1], Path(sys.argv[2])
 model = onnx.load(model_path)
 weights = {t.name for t in model.graph.initializer}
@@ -258,7 +260,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from healthyluncher.runtime import training
+from healthyluncher.runtime import training_api
 
 
 '''
@@ -271,7 +273,7 @@ def main():
     lr, label = float(sys.argv[5]), int(sys.argv[6])
     paths = [p for p in open(sys.argv[7]).read().splitlines() if p]
     info = json.loads((directory / "info.json").read_text())
-    _, api = training()
+    api = training_api()
     state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
     module = api.Module(
         str(directory / "training_model.onnx"), state, str(directory / "eval_model.onnx")

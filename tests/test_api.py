@@ -501,64 +501,6 @@ def test_memory_strength_is_a_retrain_option_kept_with_the_model(lun, photos, ru
     assert lun.status().hyperparameters["memory_strength"] == 80.0
 
 
-def test_numpy_runs_its_blas_on_one_thread_while_an_operation_runs(lun, photos):
-    """Its threads only contended with ONNX Runtime's (bench-results/blas-threads.md); the
-    caller's setting is back once the operation returns."""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    def blas_threads() -> set[int]:
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
-
-    seen: list[set[int]] = []
-    with threadpool_limits(limits=2, user_api="blas"):
-        if blas_threads() != {2}:
-            pytest.skip(f"this numpy's BLAS cannot run 2 threads here: {blas_threads()}")
-        lun.retrain("healthy", photos["red"][:2], progress=lambda _: seen.append(blas_threads()))
-        assert seen and all(threads == {1} for threads in seen)
-        assert blas_threads() == {2}
-        lun.status()
-        assert blas_threads() == {2}
-
-
-def test_operations_overlapping_in_two_threads_give_the_blas_setting_back(
-    lun, photos, pt_model, tmp_path
-):
-    """However operations in two threads overlap, the caller's setting is back once both
-    have returned. (With OpenBLAS 0.3.31 a limit set from a thread other than the main one
-    is not seen at all, there or in the main thread: an operation in a worker thread runs
-    with the caller's setting and changes nothing.)"""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    healthyluncher.make_updatable(pt_model, models_dir=tmp_path / "other")
-    second = healthyluncher.open(tmp_path / "other")
-    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
-
-    def first_progress(_: Progress) -> None:
-        first_in.set()
-        assert second_in.wait(60)
-
-    def second_progress(_: Progress) -> None:
-        second_in.set()
-        assert first_out.wait(60)
-
-    def run_second() -> None:
-        assert first_in.wait(60)
-        second.retrain("healthy", photos["red"][:1], progress=second_progress)
-
-    with threadpool_limits(limits=2, user_api="blas"):
-        threads = {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
-        if threads != {2}:
-            pytest.skip(f"this numpy's BLAS cannot run 2 threads here: {threads}")
-        worker = threading.Thread(target=run_second)
-        worker.start()
-        lun.retrain("healthy", photos["red"][:1], progress=first_progress)
-        first_out.set()
-        worker.join(120)
-        assert not worker.is_alive()
-        after = {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
-        assert after == {2}
-
-
 @pytest.mark.parametrize("preset", [None, "2"])
 def test_the_luncher_process_starts_numpy_with_one_blas_thread(lun, preset):
     """Set before numpy loads, so its threads are never started (about 0.08 s of CPU time

@@ -17,7 +17,7 @@ import pytest
 import healthyluncher
 from healthyluncher import archive as archive_format
 from healthyluncher import backup, exporting
-from healthyluncher.runtime import training
+from healthyluncher.runtime import training_api
 from healthyluncher.store import STATE_FILE, Files, ModelStore
 from tests.conftest import (
     TRAINER,
@@ -181,7 +181,7 @@ def test_export_reset_import_predicts_byte_identically(run, factory, tmp_path, p
 
 def check_checkpoint(folder: Path | None) -> None:
     assert folder is not None and (folder / Files.ARTIFACTS).is_dir()  # the grown head's
-    _, api = training()
+    api = training_api()
     state = api.CheckpointState.load_checkpoint(str(folder / Files.CHECKPOINT))
     artifacts = folder / Files.ARTIFACTS
     module = api.Module(

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from healthyluncher.runtime import training
+from healthyluncher.runtime import training_api
 from healthyluncher.store import STATE_FILE, Files, ModelStore
 from tests.conftest import needs_ort, one_line_error, solid
 from tests.models import keras_style, pytorch_style
@@ -35,7 +35,7 @@ def test_make_updatable_writes_artifacts_that_load(run, pt_model, models_dir):
     assert meta["labels"] == ["healthy", "fast_food"]
     assert meta["trainable_params"] == ["conv2.weight", "conv2.bias", "fc.weight", "fc.bias"]
     assert [layer["trainable"] for layer in meta["layers"]] == [False, True, True]
-    _, api = training()
+    api = training_api()
     artifacts = base / Files.ARTIFACTS
     state = api.CheckpointState.load_checkpoint(str(artifacts / "checkpoint"))
     module = api.Module(
@@ -636,7 +636,8 @@ def test_a_full_disk_under_onnx_runtime_is_the_disk(run, pt_model, photos, where
         return {key: value for key, value in shown.items() if key != "disk_bytes"}
 
     before = status()
-    artifacts, api = training()
+    api = training_api()
+    from healthyluncher import artifacts
 
     def full(*args: object, **kwargs: object) -> None:
         raise RuntimeError(
@@ -649,7 +650,7 @@ def test_a_full_disk_under_onnx_runtime_is_the_disk(run, pt_model, photos, where
             patch.setattr(api.CheckpointState, "save_checkpoint", full)
             result = run("forget", photos["red"][0])
         else:
-            patch.setattr(artifacts, "generate_artifacts", full)
+            patch.setattr(artifacts, "write", full)
             result = run("retrain", "--label", "dessert", "--new-label", *photos["green"])
     one_line_error(result, "cannot write to", "No space left on device", "not changed")
     assert status() == before  # the photos' cached inputs may stay until the next change

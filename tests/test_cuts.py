@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from healthyluncher import decompose, graph, rewrites
 from healthyluncher.errors import LuncherError
-from healthyluncher.runtime import inference_session, training
+from healthyluncher.runtime import inference_session, training_api
 from healthyluncher.store import Files, ModelStore
 from tests.conftest import needs_ort, require_ort_training, solid
 from tests.models import SIZE, distilled_style
@@ -444,7 +444,7 @@ def _check_training(
 
     directory = tmp_path / "artifacts"
     generate_artifacts(head, trainable, "adamw", directory)
-    _, api = training()
+    api = training_api()
     state = api.CheckpointState.load_checkpoint(str(directory / "checkpoint"))
     module = api.Module(str(directory / "training_model.onnx"), state)
     optimizer = api.Optimizer(str(directory / "optimizer_model.onnx"), module)

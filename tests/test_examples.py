@@ -59,15 +59,13 @@ def test_a_full_temporary_directory_is_one_line(run, pt_model, examples, tmp_pat
     train)."""
     import errno
 
-    from healthyluncher.runtime import training
-
-    artifacts, _ = training()
+    from healthyluncher import artifacts
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(artifacts, "generate_artifacts", full)
+        patch.setattr(artifacts, "write", full)
         result = run("make-updatable", pt_model, "--examples", examples)
     one_line_error(result, "cannot write training files", "No space left on device")
     assert run("make-updatable", pt_model, "--examples", examples).code == 0

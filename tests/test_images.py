@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from healthyluncher import imaging as images
+from healthyluncher import openers
 from healthyluncher import photos as photo_files
 from healthyluncher.cli import app
 from healthyluncher.errors import LuncherError
@@ -233,13 +234,25 @@ def test_exif_orientation_is_applied_before_cropping(
     assert (edges[opposite[red_where]] < normalized(BLUE)[0] + 0.3).all()
 
 
-def test_a_damaged_exif_block_is_read_as_stored_and_silently(tmp_path, recwarn):
+def test_a_damaged_exif_block_is_read_as_stored_and_pillow_warns_the_program(tmp_path):
+    """Pillow's warning about the damage goes through the program's own warning filters
+    (the library sets none: they are the whole process's), shown, hidden or an error as the
+    program chose. The CLI, whose process it is, hides Pillow's warnings."""
     exif = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\xff\xff"
     path = save(halves((60, 40), RED, BLUE), tmp_path / "odd.jpg", exif=exif)
-    width, height = decode(path.read_bytes(), NCHW).size
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        width, height = decode(path.read_bytes(), NCHW).size
+        assert load(path, NCHW).array.shape == (3, 8, 8)
     assert width > height  # as stored: the broken orientation entry is ignored
-    assert load(path, NCHW).array.shape == (3, 8, 8)
-    assert not [w for w in recwarn if "PIL" in w.filename]
+    assert [w for w in shown if "PIL" in w.filename]
+    with warnings.catch_warnings():
+        # A program that makes warnings errors: its own Image.open refuses this photo, and
+        # so does the library, in one line (not with Pillow's UserWarning).
+        warnings.simplefilter("error")
+        with pytest.raises(LuncherError) as caught:
+            load(path, NCHW)
+        assert "Corrupt EXIF" in assert_one_line_error(caught.value, path)
 
 
 # -- broken and odd files -----------------------------------------------------------------
@@ -325,7 +338,7 @@ def test_bombs_are_refused_before_any_pixel_is_decoded():
 @pytest.mark.parametrize("size", [(10_000, 10_000), (16_384, 12_288)])
 def test_photos_up_to_max_pixels_are_not_called_too_large(size):
     """100 MP and 200 MP are real cameras: Pillow's own 89/179 MP guard must not refuse them."""
-    assert size[0] * size[1] <= images.MAX_PIXELS
+    assert size[0] * size[1] <= openers.MAX_PIXELS
     with pytest.raises(LuncherError) as caught:
         decode(png_declaring(*size), NCHW, name="big.png")  # declared, but no pixel data
     assert "too large" not in str(caught.value)

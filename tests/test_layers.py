@@ -77,11 +77,11 @@ def test_the_cli_uses_the_public_api_only():
 def test_low_layers_never_import_high_ones():
     layers = [
         {"errors", "events", "version", "memory", "template"},
-        {"settings", "photos", "state", "fileio"},
+        {"settings", "photos", "state", "fileio", "child", "openers"},
         {"segments", "weightsfile"},
         {"meta", "store", "runtime", "imaging", "thumbnails", "arguments"},
         {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"}
-        | {"rewrites"},
+        | {"rewrites", "artifacts"},
         {"training"},
         {"heads", "quantize", "examples", "embedder", "modelsetup", "precision"},
         {"personal", "predictor", "headfit"},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from PIL import Image
 
+import healthyluncher
+from healthyluncher import LuncherError, child
 from healthyluncher.meta import BaseMeta
 from healthyluncher.store import STATE_FILE, Files, ModelStore
 from tests.conftest import needs_ort, one_line_error
@@ -205,8 +209,12 @@ def test_refuses_calibration_without_readable_photos(run, pt_model, tmp_path, mo
     (folder / "lunch.jpg").write_bytes(b"not a jpeg at all")
     (folder / "notes.txt").write_text("no photos here")
     result = run("make-updatable", pt_model, "--int8", "--calibration", folder)
-    one_line_error(result, str(folder), "none of its 1 image files could be read")
+    # The quantizer runs in a child Python: its refusal still names the command's option,
+    # and the API's parameter to a program.
+    one_line_error(result, f"--calibration {folder}: none of its 1 image files could be read")
     assert state_of(models_dir) is None
+    with pytest.raises(LuncherError, match=re.escape(f"calibration='{folder}': none of its")):
+        healthyluncher.make_updatable(pt_model, int8=True, calibration=folder, force=True)
 
 
 def test_refuses_calibration_that_is_empty_or_not_a_directory(run, pt_model, tmp_path, photos):
@@ -262,12 +270,39 @@ def test_a_quantization_failure_keeps_the_previous_base(
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : no kernel\nsecond line")
 
     monkeypatch.setattr(onnxruntime.quantization, "quantize_static", fails)
+    # In this process (where no child Python can be started), for the failure above.
+    monkeypatch.setattr(child, "python", lambda: None)
     result = run("make-updatable", pt_model, "--force", "--int8", "--calibration", calibration)
     one_line_error(result, "cannot quantize the frozen part to int8", "no kernel")
     assert "second line" not in result.stderr
     assert state_of(models_dir) == before_state
     assert probabilities(run, *photos["red"]) == before
     assert not [p for p in models_dir.iterdir() if p.name.startswith(".staging-")]
+
+
+def test_without_a_python_to_start_the_quantizer_leaves_no_root_handler(
+    run, pt_model, calibration, models_dir
+):
+    """Where no child can be started, the quantizer runs in this process, and its advice
+    (logging.warning, which gives a root logger without a handler one) leaves no handler."""
+    from healthyluncher.runtime import runtime
+
+    runtime()
+    import onnxruntime.quantization
+
+    quantize_static = onnxruntime.quantization.quantize_static
+
+    def advises(*args: object, **kwargs: object) -> None:
+        logging.warning("Please consider to run pre-processing before quantization.")
+        quantize_static(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnxruntime.quantization, "quantize_static", advises)
+        patch.setattr(child, "python", lambda: None)
+        patch.setattr(logging.root, "handlers", [])
+        result = run("make-updatable", pt_model, "--int8", "--calibration", calibration)
+        assert logging.root.handlers == []
+    assert result.code == 0, result
 
 
 # -- what stays float32 --------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Opening a photo with Pillow as Image.open does, without changing Pillow's settings or its
+registry of plugins: both belong to the whole program that imports the library."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+from PIL import Image, UnidentifiedImageError
+
+from healthyluncher.errors import LuncherError
+
+# Larger photos than any phone takes (a 200 MP sensor is 16384 x 12288) are refused
+# before decoding: a small file can declare a huge canvas (a decompression bomb).
+MAX_PIXELS = 210_000_000
+# Pillow's own guard, Image.MAX_IMAGE_PIXELS, is a setting of the whole program: Image.open
+# warns above it (89 MP by default) and refuses above twice that, so it would refuse the
+# 200 MP photo above. `decode` never changes it: it opens photos through Pillow's plugins
+# itself, without that guard, and checks MAX_PIXELS instead (or the program's setting, where
+# the program lowered it below Pillow's default).
+PILLOW_DEFAULT_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+# What a plugin raises for a file that is not its format: Image.open then tries the next.
+_NOT_THIS_FORMAT = (SyntaxError, IndexError, TypeError, struct.error)
+
+# ISO BMFF major brands (bytes 8-12, after "ftyp") of HEIF files that pillow-heif reads:
+# HEVC stills and sequences (heic, heix, ...; every iPhone photo) and generic HEIF.
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+
+def file_brand(data: bytes) -> bytes | None:
+    """The major brand of an ISO BMFF file (HEIF, AVIF), None for any other format."""
+    return data[8:12] if data[4:8] == b"ftyp" else None
+
+
+def pixel_limit() -> int:
+    """The most pixels a photo may declare: MAX_PIXELS, or the program's
+    Image.MAX_IMAGE_PIXELS where it set that below Pillow's default."""
+    setting = Image.MAX_IMAGE_PIXELS
+    if setting is not None and setting < PILLOW_DEFAULT_PIXELS:
+        return min(MAX_PIXELS, setting)
+    return MAX_PIXELS
+
+
+def open_photo(data: bytes, brand: bytes | None, name: str) -> Image.Image:
+    """What Image.open does, without its size guard (see PILLOW_DEFAULT_PIXELS): the
+    registered plugins in turn, the common ones first. A HEIF photo is read by pillow-heif's
+    plugin class directly when the program has registered no HEIF plugin with Pillow, so
+    Pillow's registry stays as the program left it (its Image.open does not learn HEIF)."""
+    if brand in _HEIF_BRANDS and "HEIF" not in Image.OPEN:
+        return _heif(data, name)
+    prefix = data[:16]
+    tried: set[str] = set()
+    for load_plugins in (Image.preinit, Image.init):  # Pillow's own lazy set-up
+        load_plugins()
+        for format_id in [f for f in Image.ID if f not in tried]:
+            tried.add(format_id)
+            factory, accept = Image.OPEN[format_id]
+            # A string: the format is known, but the plugin that reads it is missing.
+            if accept is not None and (not (found := accept(prefix)) or isinstance(found, str)):
+                continue
+            try:
+                return factory(io.BytesIO(data), "")
+            except _NOT_THIS_FORMAT:
+                continue
+    raise UnidentifiedImageError(f"cannot identify image file {name!r}")
+
+
+def _heif(data: bytes, name: str) -> Image.Image:
+    """A HEIC/HEIF photo opened with pillow-heif (imported on the first one: 0.2 s that a
+    command which never meets one should not pay), not registered with Pillow."""
+    try:
+        from pillow_heif import HeifImageFile
+    except ImportError:
+        raise LuncherError(
+            f"{name}: a HEIC/HEIF photo, and pillow-heif is not installed (pip install pillow-heif)"
+        ) from None
+    # libheif applies the HEIF rotation and mirroring itself, and pillow-heif then resets
+    # the EXIF (and XMP) orientation to 1, so `_orientation` reads 1 and the photo is not
+    # turned twice. Its options are pillow-heif's globals, the program's too: left alone.
+    try:
+        image: Image.Image = HeifImageFile(io.BytesIO(data))  # type: ignore[no-untyped-call]
+    except _NOT_THIS_FORMAT:  # what it raises for a file libheif cannot read
+        raise UnidentifiedImageError(f"cannot identify image file {name!r}") from None
+    return image
+
+
+def unidentified_reason(brand: bytes | None) -> str:
+    if brand in _HEIF_BRANDS:
+        return "a damaged or unsupported HEIC/HEIF file"
+    if brand in _AVIF_BRANDS:
+        from PIL import features
+
+        if not features.check("avif"):
+            return "an AVIF photo, and this Pillow cannot read AVIF (pip install -U pillow)"
+        return "a damaged or unsupported AVIF file"
+    return "not an image file Pillow can read"
