@@ -385,16 +385,14 @@ def main() -> None:
     import logging
     import warnings
 
-    from healthyluncher.api import quiet_default_logger
-
     # luncher's process is its own, so its output is settled here, not by the library:
     # Pillow warns about damaged metadata it recovers from (errors are reported per file),
     # ONNX Runtime's Python tools log advice, and ONNX Runtime itself logs a few things
-    # outside any session. With a handler on the root logger, the library also writes
-    # training files in this process rather than in a child Python.
+    # outside any session (`reporting` quiets it as a command starts: `luncher --help`
+    # imports neither it nor numpy). With a handler on the root logger, the library also
+    # writes training files in this process rather than in a child Python.
     warnings.filterwarnings("ignore", module="PIL")
     logging.getLogger().addHandler(logging.NullHandler())
-    quiet_default_logger()
     if "--json" not in sys.argv[1:]:
         app(prog_name="luncher")
         return

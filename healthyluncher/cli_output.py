@@ -130,6 +130,9 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         json_mode[0] = bool(kwargs.get("as_json"))
         try:
+            from healthyluncher.api import quiet_default_logger  # every command's own import
+
+            quiet_default_logger()  # luncher's process is its own (see cli.main)
             command(*args, **kwargs)
         except LuncherError as exc:
             message = in_options(exc, kwargs.get("ctx"))

@@ -599,3 +599,23 @@ def test_every_option_that_takes_a_value_names_it_in_words():
     text = luncher("--help").stdout + luncher("retrain", "--help").stdout
     assert "--models-dir DIR" in text and "--epochs N" in text
     assert not re.search(r"<[a-z_ ]+>", text)
+
+
+def test_help_and_version_load_neither_numpy_nor_onnx_runtime():
+    """`luncher --help` imported the API (and numpy with it) to quiet ONNX Runtime's logger
+    before typer even parsed the line: 0.26 s against 0.14 in the bench."""
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['luncher', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_module('healthyluncher', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in ('numpy', 'onnxruntime', 'PIL') if m in sys.modules)\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    for args in (["--help"], ["--version"], ["retrain", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, check=False
+        )
+        assert "HEAVY []" in done.stderr, (args, done.stderr[-300:])
