@@ -99,7 +99,14 @@ def _child(command: str, models_dir: str, inputs: dict[str, str], crash_at: int)
     step count goes to models_dir/../steps when it runs to the end."""
     os.environ["LUNCHER_MODELS_DIR"] = models_dir
     os.environ["LUNCHER_BUNDLED_MODEL"] = ""
+    import logging
+
     import healthyluncher
+
+    # As `luncher` does: with a root handler, the library writes training files in this
+    # process, where the hooks below count (and kill at) their writes too, rather than in
+    # a child Python that they never see (and that costs a second a trial).
+    logging.getLogger().addHandler(logging.NullHandler())
 
     steps = _Steps(crash_at)
     lun = healthyluncher.open(models_dir)
