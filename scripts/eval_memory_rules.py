@@ -432,7 +432,7 @@ def run_local(
     threshold = np.float32(local_rule(rule)[1])
     runs = []
     for case in cases:
-        d, classes = case["d"], case["classes"]
+        classes = case["classes"]
         cols = np.searchsorted(qs, memory_bank_rows(pair, case))
         to_replay = sim[pair.replay_rows][:, cols]  # (R, M)
         to_replay[pair.replay_y[:, None] == classes[None, :]] = -1.0
@@ -450,13 +450,19 @@ def run_local(
             added = local_bonus(s, case["classes"], floors, case["n"], strength)
             return (case["logits"][which] + added).argmax(axis=1)  # type: ignore[no-any-return]
 
-        m = heads_eval.measure(
-            pair, d, predict(d["held_rows"]), predict(pair.base_rows), predict(pair.far_rows),
-            case["label_id"],
-        )  # fmt: skip
-        runs.append({"dish": d["dish"], "k": 0 if d["new"] else d["k"], "draw": d["draw"],
-                     "seed": case["seed"], **m})  # fmt: skip
+        runs.append(measured(pair, case, predict))
     return runs
+
+
+def measured(pair: Any, case: dict[str, Any], predict: Any) -> dict[str, Any]:
+    """One case's run: its dish, K, draw and seed, and heads_eval's measures of `predict`."""
+    d = case["d"]
+    m = heads_eval.measure(
+        pair, d, predict(d["held_rows"]), predict(pair.base_rows), predict(pair.far_rows),
+        case["label_id"],
+    )  # fmt: skip
+    return {"dish": d["dish"], "k": 0 if d["new"] else d["k"], "draw": d["draw"],
+            "seed": case["seed"], **m}  # fmt: skip
 
 
 CLAMPED: dict[tuple[str, str], list[float]] = {}  # share of a case's floors at the threshold
@@ -480,7 +486,6 @@ def run_rule(
         replay = (bank[pair.replay_rows], replay[1], replay[2])
     runs = []
     for case in cases:
-        d = case["d"]
         rows = case["rows"] if space is None else project(case["rows"], space, imagenet)
         if embedded is not None:
             rows = bank[memory_bank_rows(pair, case)]
@@ -495,12 +500,7 @@ def run_rule(
             added = bonus(rule, x, rows, classes, n, strength, replay)
             return (case["logits"][which] + added).argmax(axis=1)  # type: ignore[no-any-return]
 
-        m = heads_eval.measure(
-            pair, d, predict(d["held_rows"]), predict(pair.base_rows), predict(pair.far_rows),
-            case["label_id"],
-        )  # fmt: skip
-        runs.append({"dish": d["dish"], "k": 0 if d["new"] else d["k"], "draw": d["draw"],
-                     "seed": case["seed"], **m})  # fmt: skip
+        runs.append(measured(pair, case, predict))
     return runs
 
 
