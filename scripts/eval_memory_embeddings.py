@@ -256,15 +256,39 @@ def measure(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_a_arguments(doc: str, name: str) -> argparse.Namespace:
+    """The command line of a step-A script: results/NAME.md, its cache and work folders."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--food", type=Path, default=FOOD)
     parser.add_argument("--tuning-base", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "memory-embeddings.md")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / f"{name}.md")
     tmp = Path(tempfile.gettempdir())
-    parser.add_argument("--cache", type=Path, default=tmp / "eval-memory-embeddings-cache")
-    parser.add_argument("--work", type=Path, default=tmp / "eval-memory-embeddings")
-    args = parser.parse_args()
+    parser.add_argument("--cache", type=Path, default=tmp / f"eval-{name}-cache")
+    parser.add_argument("--work", type=Path, default=tmp / f"eval-{name}")
+    return parser.parse_args()
+
+
+def step_a_header(
+    title: str, script: str, plan: str, args: argparse.Namespace, results: dict[str, Any]
+) -> list[str]:
+    """A step-A report's title, command, replay match and dishes."""
+    return [
+        f"# {title}",
+        "",
+        f"Produced by `.venv/bin/python scripts/{script} --food {args.food} "
+        f"--tuning-base {args.tuning_base} --out {args.out}` in {results['seconds']:.0f} s. "
+        f"Plan: {plan} (committed before this ran); protocol in the script's docstring.",
+        "",
+        f"Replay set found again: {results['replay']}.",
+        "",
+        "Dishes: "
+        + ", ".join(f"{d} ({v['q']} q, {v['held']} held)" for d, v in results["dishes"].items())
+        + ".",  # fmt: skip
+    ]
+
+
+def main() -> None:
+    args = step_a_arguments(__doc__, "memory-embeddings")
     started = time.perf_counter()
     setup = prepare(args)
     emb, thumbs, match = setup["emb"], setup["thumbs"], setup["match"]
@@ -332,18 +356,13 @@ def summarize(results: dict[str, Any]) -> None:
 def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
     spaces = results["spaces"]
     lines = [
-        "# Another embedding for the memory only: step A (geometry proxy, tuning base)",
-        "",
-        f"Produced by `.venv/bin/python scripts/eval_memory_embeddings.py --food {args.food} "
-        f"--tuning-base {args.tuning_base} --out {args.out}` in {results['seconds']:.0f} s. Plan: "
-        "results/memory-embeddings-plan.md (committed before this ran); protocol in the "
-        "script's docstring.",
-        "",
-        f"Replay set found again: {results['replay']}.",
-        "",
-        "Dishes: "
-        + ", ".join(f"{d} ({v['q']} q, {v['held']} held)" for d, v in results["dishes"].items())
-        + ".",  # fmt: skip
+        *step_a_header(
+            "Another embedding for the memory only: step A (geometry proxy, tuning base)",
+            "eval_memory_embeddings.py",
+            "results/memory-embeddings-plan.md",
+            args,
+            results,
+        ),
         "",
         "| space | dims | coverage tuning (fruit, beignets) | coverage check (beet, sushi, "
         "pizza) | worst dish coverage | margin proxy held-out | worst dish margin | margin "

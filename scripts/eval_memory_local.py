@@ -32,7 +32,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -44,7 +43,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from eval_memory_embeddings import (  # type: ignore[import-not-found]  # noqa: E402
     CHECK,
-    FOOD,
     MAPS,
     MARGIN,
     TUNING,
@@ -52,6 +50,8 @@ from eval_memory_embeddings import (  # type: ignore[import-not-found]  # noqa: 
     measure,
     prepare,
     space,
+    step_a_arguments,
+    step_a_header,
     summarize,
 )
 
@@ -61,7 +61,6 @@ LOCAL = {f"dn4-{m}-k{k}": (m, k, False) for m in CHANNELS for k in (1, 2, 3)}
 LOCAL |= {f"dn4-{m}-k1-sym": (m, 1, True) for m in CHANNELS}
 SPACES = ("avg", *LOCAL)
 # ../shared/food from the main checkout; a worktree elsewhere reads the shared copy.
-FOOD_DIR = FOOD if FOOD.is_dir() else Path("/work/shared/food")
 LEVELS = (0.0, 0.025, 0.05, 0.10)  # diagnostic (plan amendment): avg's false capture here
 OFFSETS = np.round(np.arange(-0.30, 0.60001, 0.0005), 4)
 
@@ -216,14 +215,7 @@ def costs(model: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--food", type=Path, default=FOOD_DIR)
-    parser.add_argument("--tuning-base", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "memory-local.md")
-    tmp = Path(tempfile.gettempdir())
-    parser.add_argument("--cache", type=Path, default=tmp / "eval-memory-local-cache")
-    parser.add_argument("--work", type=Path, default=tmp / "eval-memory-local")
-    args = parser.parse_args()
+    args = step_a_arguments(__doc__, "memory-local")
     started = time.perf_counter()
 
     setup = prepare(args, local)
@@ -264,19 +256,14 @@ def main() -> None:
 def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
     spaces = results["spaces"]
     lines = [
-        "# Local-descriptor matching (DN4) for the memory only: step A (geometry proxy, "
-        "tuning base)",
-        "",
-        f"Produced by `nice .venv/bin/python scripts/eval_memory_local.py --food {args.food} "
-        f"--tuning-base {args.tuning_base} --out {args.out}` in {results['seconds']:.0f} s. "
-        "Plan: results/memory-local-plan.md (committed before this ran); protocol in the "
-        "script's docstring.",
-        "",
-        f"Replay set found again: {results['replay']}.",
-        "",
-        "Dishes: "
-        + ", ".join(f"{d} ({v['q']} q, {v['held']} held)" for d, v in results["dishes"].items())
-        + ".",  # fmt: skip
+        *step_a_header(
+            "Local-descriptor matching (DN4) for the memory only: step A (geometry proxy, "
+            "tuning base)",
+            "eval_memory_local.py",
+            "results/memory-local-plan.md",
+            args,
+            results,
+        ),
         "",
         f"avg reproduced against memory-embeddings-stepA.json ([old, new]): "
         f"{results.get('avg_reproduced')}.",
