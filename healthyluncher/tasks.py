@@ -64,7 +64,7 @@ class UpdateTask(Generic[T]):
             raise TypeError(f"{name} reports no progress, so it cannot run as an UpdateTask")
         self._operation, self._args, self._kwargs = operation, args, kwargs
         self._on_progress, self._completion = progress, completion
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a completion run by cancel() may call the task
         self._cancel = threading.Event()
         self._finished = threading.Event()
         self._state: TaskState = "ready"

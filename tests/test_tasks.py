@@ -115,3 +115,17 @@ def test_an_operation_without_progress_cannot_be_a_task(lun):
         UpdateTask(lun.status)
     with pytest.raises(TypeError, match="needs an operation"):
         UpdateTask("retrain")  # type: ignore[arg-type]
+
+
+def test_a_completion_may_use_its_task_when_cancel_runs_it(lun, photos):
+    """Cancelling a task that never started runs `completion` in the cancelling thread,
+    inside the task's lock: a completion that asked the task anything hung there."""
+    answers: list[bool] = []
+    task = UpdateTask(
+        lun.retrain, "healthy", photos["red"], completion=lambda t: answers.append(t.cancel())
+    )
+    caller = threading.Thread(target=task.cancel, daemon=True)
+    caller.start()
+    caller.join(timeout=10)
+    assert not caller.is_alive(), "cancel() hung in its own completion"
+    assert answers == [False] and task.state == "cancelled"
