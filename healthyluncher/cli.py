@@ -289,7 +289,9 @@ def repair(ctx: typer.Context, as_json: JSON = False) -> None:
 @app.command()
 @reporting
 def undo(ctx: typer.Context, as_json: JSON = False) -> None:
-    """Go back to before the last retrain, forget or import.
+    """Go back one change: a retrain, import, reset, rename or new base.
+
+    A forget cleared the history: undo never brings forgotten photos back.
 
     Example: luncher undo
     """
@@ -313,6 +315,8 @@ def forget(
     as_json: JSON = False,
 ) -> None:
     """Remove photos from your examples and retrain without them.
+
+    The undo history is cleared too, so `luncher undo` cannot bring them back.
 
     Example: luncher forget my-pancakes/burnt.jpg
     """

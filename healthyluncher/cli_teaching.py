@@ -131,6 +131,8 @@ def labels_remove(
 ) -> None:
     """Forget every example of LABEL and retrain; a label you added goes with them.
 
+    As with `luncher forget`, the undo history is cleared: undo cannot bring them back.
+
     Example: luncher labels remove dessert
     """
     with progress_bars() as report:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import DamagedViewsError, LuncherError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.meta import PersonalMeta, check_label, known_label, label_key
+from healthyluncher.meta import check_label, known_label, label_key
 from healthyluncher.personal import publish_personal
 from healthyluncher.records import (
     Base,
@@ -117,15 +117,8 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
         )
         new_labels = tuple(new if x == old else x for x in labels)
         meta = personal.meta
-        restored = PersonalMeta(
-            base_sha256=meta.base_sha256,
-            labels=new_labels,
-            hyperparameters=meta.hyperparameters,
-            trained_at=meta.trained_at,
-            retrains=meta.retrains,
-            examples_per_label=renamed.per_label(),
-            final_loss=meta.final_loss,
-        )
+        # Everything but the names as it was: when and with what settings it was trained.
+        restored = replace(meta, labels=new_labels, examples_per_label=renamed.per_label())
         publish_personal(
             txn,
             base,

@@ -1,0 +1,50 @@
+"""What the history commands mean: after each sequence of changes, `status`, `examples`,
+`labels` and predictions say what the models directory really holds (audit 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import healthyluncher
+from healthyluncher import LuncherError
+from tests.test_conventions import luncher
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=models_dir)
+    return healthyluncher.open(models_dir)
+
+
+def names(lun: healthyluncher.Luncher) -> dict[str, tuple[str | None, str | None]]:
+    return {item.digest: (item.name, item.taught) for item in lun.examples()}
+
+
+def test_undo_does_not_claim_to_undo_a_forget(lun, photos):
+    """`forget` clears the undo history (so a forgotten photo cannot come back): the help of
+    `undo` named it among what undo reverses, and undo after it said "nothing to undo"."""
+    lun.retrain("healthy", photos["red"])
+    lun.forget([photos["red"][0]])
+    with pytest.raises(LuncherError, match="nothing to undo"):
+        lun.undo()
+    summary = luncher("undo", "--help").stdout.splitlines()[2]  # what it goes back over
+    assert "forget" not in summary and "import" in summary, summary
+    assert "never brings forgotten photos back" in luncher("undo", "--help").stdout
+    for command in ("forget", ("labels", "remove")):
+        text = luncher(*([command] if isinstance(command, str) else command), "--help").stdout
+        assert "undo" in text, text  # they say that undo cannot bring the photos back
+
+
+def test_renaming_a_label_keeps_what_the_last_retrain_used(lun, photos):
+    """A rename published a copy whose meta lost `trained_with`: after `retrain --epochs 7`
+    and a rename, status said the last retrain used the saved 5 epochs."""
+    lun.retrain("dessert", photos["red"], new_label=True, epochs=7)
+    before = lun.status()
+    assert before.last_retrain_hyperparameters["epochs"] == 7
+    lun.rename_label("dessert", "sweets")
+    after = lun.status()
+    assert after.last_retrain_hyperparameters == before.last_retrain_hyperparameters
+    assert after.hyperparameters == before.hyperparameters
+    assert (after.last_retrain, after.retrains) == (before.last_retrain, before.retrains)
