@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -33,6 +32,7 @@ from healthyluncher.records import (
     Examples,
     Personal,
     load_personal,
+    load_scores,
     load_taught,
     load_weights,
     save_arrays,
@@ -235,7 +235,9 @@ def _reuse_grown_head(
     when they fit (the same base, class count and optimizer): generating them again costs
     a retrain with a label of your own 0.2 to 0.5 s. Their checkpoint holds the grown
     base's weights, the start of every retrain, not the copy's trained ones."""
-    if previous is None or len(previous.meta.labels) != classes:
+    if previous is None or previous.meta.base_sha256 != base.meta.sha256:
+        return False  # a copy of the old base, in an upgrade: its head is that base's
+    if len(previous.meta.labels) != classes:
         return False
     if previous.meta.hyperparameters.optimizer != hp.optimizer:
         return False
@@ -405,16 +407,3 @@ def current_probabilities(
         base, meta.labels, params, examples, hp, with_model=False, memory=memory
     )
     return HeadRunner(rendered.head, batch_limit=limit).probabilities(inputs)
-
-
-def load_scores(personal: Personal) -> dict[str, np.ndarray]:
-    """{digest: probabilities} saved with the copy; {} when missing or damaged (computed again)."""
-    try:
-        with np.load(personal.path / Files.SCORES, allow_pickle=False) as data:
-            digests, probs = data["digests"], data["probabilities"]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-        return {}
-    shape = (len(digests), len(personal.meta.labels)) if digests.ndim == 1 else None
-    if probs.shape != shape or probs.dtype.kind != "f" or not np.isfinite(probs).all():
-        return {}
-    return {str(d): p for d, p in zip(digests, probs, strict=True)}

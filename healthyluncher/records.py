@@ -231,3 +231,16 @@ def load_weights(personal: Personal) -> dict[str, np.ndarray]:
     if not all(w.dtype == np.float32 and np.isfinite(w).all() for w in weights.values()):
         raise LuncherError(f"{path} is damaged (weights not finite float32); {GO_BACK}")
     return weights
+
+
+def load_scores(personal: Personal) -> dict[str, np.ndarray]:
+    """{digest: probabilities} saved with the copy; {} when missing or damaged (computed again)."""
+    try:
+        with np.load(personal.path / Files.SCORES, allow_pickle=False) as data:
+            digests, probs = data["digests"], data["probabilities"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return {}
+    shape = (len(digests), len(personal.meta.labels)) if digests.ndim == 1 else None
+    if probs.shape != shape or probs.dtype.kind != "f" or not np.isfinite(probs).all():
+        return {}
+    return {str(d): p for d, p in zip(digests, probs, strict=True)}

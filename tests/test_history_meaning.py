@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import onnx
 import pytest
 
 import healthyluncher
 from healthyluncher import LuncherError
+from tests.models import keras_style
 from tests.test_conventions import luncher
 
 
@@ -48,3 +51,20 @@ def test_renaming_a_label_keeps_what_the_last_retrain_used(lun, photos):
     assert after.last_retrain_hyperparameters == before.last_retrain_hyperparameters
     assert after.hyperparameters == before.hyperparameters
     assert (after.last_retrain, after.retrains) == (before.last_retrain, before.retrains)
+
+
+def test_upgrading_a_personalization_with_a_label_of_its_own_to_another_head(lun, photos):
+    """The upgraded copy reused the grown head and training files of the copy of the OLD
+    base whenever the class counts matched: ONNX Runtime then trained the old base's head
+    (a head of another width failed with its own RuntimeError)."""
+    lun.retrain("dessert", photos["red"], new_label=True)
+    new = keras_style(lun.models_dir.parent / "keras.onnx")
+    result = healthyluncher.make_updatable(
+        new, models_dir=lun.models_dir, keep_personalization=True
+    )
+    assert result.carried_over == {"dessert": 3}
+    assert lun.labels == ("healthy", "fast_food", "dessert")
+    assert lun.predict(photos["red"][0])[0].label == "dessert"
+    state = json.loads((lun.models_dir / "state.json").read_text())
+    head = onnx.load(str(lun.models_dir / state["personal"] / "head.onnx"))
+    assert "dense/kernel" in {t.name for t in head.graph.initializer}  # the new base's
