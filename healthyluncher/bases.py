@@ -126,7 +126,8 @@ def make_updatable(
         state = txn.state
         keep = bool(options.keep_personalization) and state.personal is not None
         existing_is_replaceable = True
-        if state.base is not None and not keep and not options.force:  # even if damaged
+        # Asked to keep a personalization there is none of: nothing is lost (undo goes back).
+        if state.base is not None and not options.keep_personalization and not options.force:
             existing_is_replaceable = load_base(store, state).meta.bundled and not state.personal
         if not existing_is_replaceable and not options.force:
             raise LuncherError(

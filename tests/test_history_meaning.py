@@ -11,7 +11,7 @@ import pytest
 
 import healthyluncher
 from healthyluncher import LuncherError
-from tests.models import keras_style
+from tests.models import keras_style, pytorch_style
 from tests.test_conventions import luncher
 
 
@@ -68,3 +68,16 @@ def test_upgrading_a_personalization_with_a_label_of_its_own_to_another_head(lun
     state = json.loads((lun.models_dir / "state.json").read_text())
     head = onnx.load(str(lun.models_dir / state["personal"] / "head.onnx"))
     assert "dense/kernel" in {t.name for t in head.graph.initializer}  # the new base's
+
+
+def test_keep_personalization_with_nothing_to_keep_replaces_the_base(lun, photos, tmp_path):
+    """`make-updatable NEW --keep-personalization` without a personalization was refused
+    with a message that said to use --keep-personalization."""
+    new = pytorch_style(tmp_path / "second.onnx", seed=4)
+    result = healthyluncher.make_updatable(
+        new, models_dir=lun.models_dir, keep_personalization=True
+    )
+    assert result.meta.name == "second" and not result.dropped_personalization
+    assert lun.status().base_name == "second"
+    lun.undo()
+    assert lun.status().base_name == "tiny_pt"
