@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from healthyluncher.events import Progress, ProgressCallback
     from healthyluncher.exporting import ExportResult
     from healthyluncher.personalizing import (
-        ForgetResult,
         ResetResult,
         RetrainResult,
         Status,
@@ -40,7 +39,13 @@ if TYPE_CHECKING:
     from healthyluncher.predictor import Prediction
     from healthyluncher.settings import Hyperparameters, Preprocessing
     from healthyluncher.tasks import Cancelled, TaskState, UpdateTask
-    from healthyluncher.teaching import LabelInfo, RenameResult, RepairResult, TaughtExample
+    from healthyluncher.teaching import (
+        ForgetResult,
+        LabelInfo,
+        RenameResult,
+        RepairResult,
+        TaughtExample,
+    )
 
 # Loaded on first use: `luncher --help` and `import healthyluncher` stay fast.
 _EXPORTS = {
@@ -52,7 +57,7 @@ _EXPORTS = {
     "UpdatableResult": "healthyluncher.bases",
     "Progress": "healthyluncher.events",
     "ProgressCallback": "healthyluncher.events",
-    "ForgetResult": "healthyluncher.personalizing",
+    "ForgetResult": "healthyluncher.teaching",
     "RepairResult": "healthyluncher.teaching",
     "ResetResult": "healthyluncher.personalizing",
     "RetrainResult": "healthyluncher.personalizing",

@@ -34,14 +34,19 @@ if TYPE_CHECKING:
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.exporting import ExportResult
     from healthyluncher.personalizing import (
-        ForgetResult,
         ResetResult,
         RetrainResult,
         Status,
         UndoResult,
     )
     from healthyluncher.predictor import Prediction, Predictor
-    from healthyluncher.teaching import LabelInfo, RenameResult, RepairResult, TaughtExample
+    from healthyluncher.teaching import (
+        ForgetResult,
+        LabelInfo,
+        RenameResult,
+        RepairResult,
+        TaughtExample,
+    )
 
     # A photo: a file path, a photo file's bytes, a PIL image, or a (H, W, 3) uint8 array.
     PhotoInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
@@ -200,8 +205,9 @@ class Luncher:
         progress: ProgressCallback | None = None,
     ) -> ForgetResult:
         """Remove these photos (matched by content) from your examples and retrain without
-        them; the undo history is cleared so that they cannot come back."""
-        from healthyluncher.personalizing import forget
+        them; the undo history is cleared so that they cannot come back (a photo only an
+        undo step holds, one an import replaced, is forgotten by clearing it alone)."""
+        from healthyluncher.teaching import forget
 
         return self._run(forget, photo_sources(photos), progress=progress)
 
@@ -256,8 +262,9 @@ class Luncher:
         return self._run(rename_label, old, new)
 
     def remove_label(self, label: str, *, progress: ProgressCallback | None = None) -> ForgetResult:
-        """Forget every example of `label` and retrain; a label you added goes with them."""
-        from healthyluncher.personalizing import forget
+        """Forget every example of `label` and retrain; a label you added goes with them
+        (one without examples goes alone, and then `undo` brings it back)."""
+        from healthyluncher.teaching import forget
 
         return self._run(forget, [], progress=progress, label=label)
 

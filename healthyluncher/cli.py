@@ -11,7 +11,7 @@ import typer
 
 # Importing them registers their commands: make-updatable, export and import; examples, labels.
 from healthyluncher import cli_setup, cli_teaching  # noqa: F401
-from healthyluncher.cli_app import JSON, app, bounded, given_path, luncher, with_stdin
+from healthyluncher.cli_app import JSON, app, bounded, given_path, luncher, main, with_stdin
 from healthyluncher.cli_output import (
     Column,
     RowPrinter,
@@ -328,6 +328,11 @@ def forget(
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     if result.retrained:
         out.print(f"Forgot {result.forgotten} photo(s) and retrained on the rest ({counts}).")
+    elif counts:  # only undo steps held them: the model is unchanged
+        out.print(
+            f"Forgot {result.forgotten} photo(s) that only undo steps held (they are gone "
+            f"with the undo history); your examples are unchanged ({counts})."
+        )
     else:
         out.print(f"Forgot {result.forgotten} photo(s); no examples remain, so the base predicts.")
 
@@ -383,37 +388,6 @@ def _settings(hp: dict[str, Any]) -> str:
     return (
         f"{hp['epochs']} epochs, lr {hp['learning_rate']}, {hp['optimizer']}, {views_setting(hp)}"
     )
-
-
-def main() -> None:
-    import logging
-    import warnings
-
-    # luncher's process is its own, so its output is settled here, not by the library:
-    # Pillow warns about damaged metadata it recovers from (errors are reported per file),
-    # ONNX Runtime's Python tools log advice, and ONNX Runtime itself logs a few things
-    # outside any session (`reporting` quiets it as a command starts: `luncher --help`
-    # imports neither it nor numpy). With a handler on the root logger, the library also
-    # writes training files in this process rather than in a child Python.
-    warnings.filterwarnings("ignore", module="PIL")
-    logging.getLogger().addHandler(logging.NullHandler())
-    if "--json" not in sys.argv[1:]:
-        app(prog_name="luncher")
-        return
-    # A usage error (exit 2) is one JSON object too. typer keeps click's classes private:
-    # its errors are known by what they have (a message and an exit code).
-    try:
-        code = app(prog_name="luncher", standalone_mode=False)
-    except Exception as exc:
-        if type(exc).__name__ == "Abort":  # Ctrl-C or end of input before a command ran
-            sys.stderr.write("Aborted!\n")
-            raise SystemExit(1) from None
-        if not hasattr(exc, "format_message") or not hasattr(exc, "show"):
-            raise
-        json_line({"error": exc.format_message()})
-        exc.show()
-        raise SystemExit(getattr(exc, "exit_code", 2)) from None
-    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
+import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 import typer.core
 
-from healthyluncher.cli_output import debug_requested, err, quiet
+from healthyluncher.cli_output import debug_requested, err, json_line, quiet
 from healthyluncher.settings import MAX_PIXEL_STATISTIC
 from healthyluncher.version import __version__
 
@@ -209,3 +210,35 @@ class Preset(str, Enum):
     inception = "inception"
     unit = "unit"
     raw = "raw"
+
+
+def main() -> None:
+    """Run `luncher` (healthyluncher.cli, which imports this, has registered its commands)."""
+    import logging
+    import warnings
+
+    # luncher's process is its own, so its output is settled here, not by the library:
+    # Pillow warns about damaged metadata it recovers from (errors are reported per file),
+    # ONNX Runtime's Python tools log advice, and ONNX Runtime itself logs a few things
+    # outside any session (`reporting` quiets it as a command starts: `luncher --help`
+    # imports neither it nor numpy). With a handler on the root logger, the library also
+    # writes training files in this process rather than in a child Python.
+    warnings.filterwarnings("ignore", module="PIL")
+    logging.getLogger().addHandler(logging.NullHandler())
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="luncher")
+        return
+    # A usage error (exit 2) is one JSON object too. typer keeps click's classes private:
+    # its errors are known by what they have (a message and an exit code).
+    try:
+        code = app(prog_name="luncher", standalone_mode=False)
+    except Exception as exc:
+        if type(exc).__name__ == "Abort":  # Ctrl-C or end of input before a command ran
+            sys.stderr.write("Aborted!\n")
+            raise SystemExit(1) from None
+        if not hasattr(exc, "format_message") or not hasattr(exc, "show"):
+            raise
+        json_line({"error": exc.format_message()})
+        exc.show()
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

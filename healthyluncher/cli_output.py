@@ -132,7 +132,7 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
         try:
             from healthyluncher.api import quiet_default_logger  # every command's own import
 
-            quiet_default_logger()  # luncher's process is its own (see cli.main)
+            quiet_default_logger()  # luncher's process is its own (see cli_app.main)
             command(*args, **kwargs)
         except LuncherError as exc:
             message = in_options(exc, kwargs.get("ctx"))

@@ -141,6 +141,12 @@ def labels_remove(
         json_line(plain(result))
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    if not result.forgotten:  # a label of yours that no photo has
+        out.print(
+            f"Removed the label {escape(label)!r}, which no photo had, and retrained "
+            f"({escape(counts)}); `luncher undo` goes back."
+        )
+        return
     out.print(
         f"Forgot the {result.forgotten} example(s) of {escape(label)!r}"
         + (f"; retrained on the rest ({escape(counts)})." if result.retrained else ".")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +13,15 @@ import numpy as np
 from healthyluncher.embedder import Embedder
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
-from healthyluncher.examples import memory_plan, merge_examples, select_examples
+from healthyluncher.examples import memory_plan, merge_examples
 from healthyluncher.meta import check_label, known_label
 from healthyluncher.personal import current_probabilities, publish_personal
-from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
+from healthyluncher.photos import ImageFailure, PhotoSource, find_images
 from healthyluncher.records import Examples, load_base, load_examples, load_personal
 from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
-from healthyluncher.store import Files, ModelStore
+from healthyluncher.store import ModelStore
 from healthyluncher.training import check_trainable, trainer_for
 from healthyluncher.version import __version__
 
@@ -243,81 +242,6 @@ def undo(store: ModelStore) -> UndoResult:
     )
 
 
-@dataclass(frozen=True)
-class ForgetResult:
-    forgotten: int
-    examples_per_label: dict[str, int]
-    retrained: bool
-
-
-def forget(
-    store: ModelStore,
-    inputs: Sequence[PhotoSource],
-    progress: ProgressCallback | None = None,
-    *,
-    label: str | None = None,
-) -> ForgetResult:
-    """Remove these photos' examples and retrain without them. A photo is matched by its
-    content, so a copy works; a thumbnail from the models directory, or a digest (its
-    first 8 or more hex digits, as `luncher examples` shows), names one whose file is gone.
-    With `label`, every example of that label goes.
-
-    One transaction: the retrained copy is published and the history cleared in a single
-    switch of state.json, so `undo` can never bring a forgotten photo back; the photos'
-    thumbnails and cached head inputs are deleted only after that switch, so a failed
-    retrain leaves everything as it was.
-    """
-    for item in inputs:  # a URL or a typo is named before anything else is said
-        if not _names_a_digest(item):
-            find_images([item])
-    with store.transaction() as txn:
-        state = txn.state
-        base = load_base(store, state)
-        personal = load_personal(store, state)
-        if personal is None:
-            raise LuncherError("there are no examples to forget: the model is not personalized")
-        check_trainable(base.meta, base.path)
-        examples = load_examples(personal, ())
-        if label is None:
-            digests = _named_digests(store, inputs, examples.digests)
-        else:
-            label = known_label(label, personal.meta.labels)
-            digests = {
-                d for d, x in zip(examples.digests, examples.labels, strict=True) if x == label
-            }
-            if label not in personal.meta.labels:  # a typo is not a label without examples
-                raise LuncherError(f"{label!r} is not a label ({', '.join(personal.meta.labels)})")
-            if not digests:
-                raise LuncherError(f"there are no examples of {label!r}")
-        keep = [i for i, digest in enumerate(examples.digests) if digest not in digests]
-        forgotten = len(examples) - len(keep)
-        if forgotten == 0:
-            raise LuncherError("none of these photos are among your examples")
-        remaining = select_examples(examples, keep)
-        gone = digests & set(examples.digests)
-        cache = store.cache_dir(base.meta.embedding_key)
-
-        def remove_files() -> None:
-            store.remove_thumbnails(gone)
-            if cache.is_dir():
-                for path in cache.glob("*.npy"):
-                    if path.name.split(".")[0] in gone:
-                        path.unlink(missing_ok=True)
-
-        txn.after_commit(remove_files)
-        if len(remaining) == 0:
-            txn.commit(State(base=state.base, personal=None, history=[]))
-            return ForgetResult(forgotten, {}, retrained=False)
-        labels = tuple(
-            label
-            for label in personal.meta.labels
-            if label in base.meta.labels or label in remaining.labels
-        )
-        hp = personal.meta.hyperparameters
-        publish_personal(txn, base, labels, remaining, hp, keep_history=False, progress=progress)
-    return ForgetResult(forgotten, remaining.per_label(), retrained=True)
-
-
 def status(store: ModelStore) -> Status:
     return store.read_consistently(lambda state: _status(store, state))
 
@@ -351,39 +275,6 @@ def _status(store: ModelStore, state: State) -> Status:
         warning=install_problem(),
         version=__version__,
     )
-
-
-HEX = re.compile(r"[0-9a-f]{8,64}")
-
-
-def _named_digests(
-    store: ModelStore, inputs: Sequence[PhotoSource], known: Sequence[str]
-) -> set[str]:
-    """The digests these inputs name: photos by content, thumbnails by name, digests."""
-    thumbnails = (store.root / Files.THUMBNAILS).resolve()
-    found: set[str] = set()
-    for item in inputs:
-        if _names_a_digest(item):
-            assert isinstance(item, Path)
-            prefix = item.name.lower()
-            matches = [d for d in known if d.startswith(prefix)]
-            if len(matches) > 1:
-                raise LuncherError(f"{prefix} starts {len(matches)} digests; give more of it")
-            if not matches:
-                raise LuncherError(f"{prefix}: none of your examples has this digest")
-            found.add(matches[0])
-            continue
-        for path in find_images([item]):
-            if isinstance(path, Path) and path.resolve().parent == thumbnails:
-                found.add(path.stem)  # a thumbnail is named by its photo's digest
-            else:
-                found.add(digest_of(read_bytes(path)))
-    return found
-
-
-def _names_a_digest(item: PhotoSource) -> bool:
-    """A missing file named like a digest (or its first 8 or more hex digits)."""
-    return isinstance(item, Path) and not item.exists() and bool(HEX.fullmatch(item.name.lower()))
 
 
 def _display_name(path: PhotoSource) -> str:

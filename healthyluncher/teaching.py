@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import DamagedViewsError, LuncherError
 from healthyluncher.events import ProgressCallback
+from healthyluncher.examples import select_examples
 from healthyluncher.meta import check_label, known_label, label_key
 from healthyluncher.personal import publish_personal
+from healthyluncher.photos import PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.records import (
     Base,
     Examples,
@@ -21,7 +26,8 @@ from healthyluncher.records import (
     load_weights,
 )
 from healthyluncher.state import State
-from healthyluncher.store import ModelStore
+from healthyluncher.store import Files, ModelStore
+from healthyluncher.training import check_trainable
 
 
 @dataclass(frozen=True)
@@ -174,3 +180,135 @@ def repair(store: ModelStore, progress: ProgressCallback | None = None) -> Repai
             reembedded = len(examples.digests)
         state = txn.state
     return RepairResult(repaired, state.base, state.personal, len(state.history), reembedded, lost)
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    forgotten: int
+    examples_per_label: dict[str, int]
+    retrained: bool
+
+
+def forget(
+    store: ModelStore,
+    inputs: Sequence[PhotoSource],
+    progress: ProgressCallback | None = None,
+    *,
+    label: str | None = None,
+) -> ForgetResult:
+    """Remove these photos' examples and retrain without them. A photo is matched by its
+    content, so a copy works; a thumbnail from the models directory, or a digest (its
+    first 8 or more hex digits, as `luncher examples` shows), names one whose file is gone.
+    With `label`, every example of that label goes (a label you added without examples
+    goes alone: no photo is forgotten, so the history stays).
+
+    One transaction: the retrained copy is published and the history cleared in a single
+    switch of state.json, so `undo` can never bring a forgotten photo back; the photos'
+    thumbnails and cached head inputs are deleted only after that switch, so a failed
+    retrain leaves everything as it was. A photo only an undo step holds (an example that
+    an import or a new base replaced) is forgotten by clearing the history alone; after a
+    reset, clearing it would drop the personalization the reset kept, so the way is named.
+    """
+    for item in inputs:  # a URL or a typo is named before anything else is said
+        if not _names_a_digest(item):
+            find_images([item])
+    with store.transaction() as txn:
+        state = txn.state
+        base = load_base(store, state)
+        personal = load_personal(store, state)
+        held = _held_by_undo_steps(store, state) if label is None else set()
+        if personal is None:
+            if held and _named_digests(store, inputs, sorted(held)) & held:
+                raise LuncherError(
+                    "these photos are not among your examples (the model is not personalized) "
+                    "but an undo step holds them: `luncher undo` brings it back, and `luncher "
+                    "forget` then removes them; `luncher reset --purge` removes every undo step"
+                )
+            raise LuncherError("there are no examples to forget: the model is not personalized")
+        check_trainable(base.meta, base.path)
+        examples = load_examples(personal, ())
+        if label is None:
+            known = [*examples.digests, *sorted(held - set(examples.digests))]
+            digests = _named_digests(store, inputs, known)
+        else:
+            label = known_label(label, personal.meta.labels)
+            digests = {
+                d for d, x in zip(examples.digests, examples.labels, strict=True) if x == label
+            }
+            if label not in personal.meta.labels:  # a typo is not a label without examples
+                raise LuncherError(f"{label!r} is not a label ({', '.join(personal.meta.labels)})")
+            if not digests and label in base.meta.labels:
+                raise LuncherError(f"there are no examples of {label!r}")
+        keep = [i for i, digest in enumerate(examples.digests) if digest not in digests]
+        gone = digests & (set(examples.digests) | held)
+        forgotten = len(gone)
+        if label is None and forgotten == 0:
+            raise LuncherError("none of these photos are among your examples")
+        cache = store.cache_dir(base.meta.embedding_key)
+
+        def remove_files() -> None:
+            store.remove_thumbnails(gone)
+            if cache.is_dir():
+                for path in cache.glob("*.npy"):
+                    if path.name.split(".")[0] in gone:
+                        path.unlink(missing_ok=True)
+
+        txn.after_commit(remove_files)
+        if label is None and len(keep) == len(examples):  # only undo steps held them
+            txn.commit(State(base=state.base, personal=state.personal, history=[]))
+            return ForgetResult(forgotten, examples.per_label(), retrained=False)
+        remaining = select_examples(examples, keep)
+        if len(remaining) == 0:
+            txn.commit(State(base=state.base, personal=None, history=[]))
+            return ForgetResult(forgotten, {}, retrained=False)
+        labels = tuple(
+            label
+            for label in personal.meta.labels
+            if label in base.meta.labels or label in remaining.labels
+        )
+        hp = personal.meta.hyperparameters
+        publish_personal(txn, base, labels, remaining, hp, keep_history=not gone, progress=progress)
+    return ForgetResult(forgotten, remaining.per_label(), retrained=True)
+
+
+def _held_by_undo_steps(store: ModelStore, state: State) -> set[str]:
+    """The photos the undo steps' copies hold."""
+    held: set[str] = set()
+    for step in state.history:
+        with contextlib.suppress(LuncherError):  # a damaged step: a forget clears it anyway
+            copy = load_personal(store, State(step.base, step.personal))
+            held.update(load_examples(copy, (), views=False).digests)
+    return held
+
+
+HEX = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _named_digests(
+    store: ModelStore, inputs: Sequence[PhotoSource], known: Sequence[str]
+) -> set[str]:
+    """The digests these inputs name: photos by content, thumbnails by name, digests."""
+    thumbnails = (store.root / Files.THUMBNAILS).resolve()
+    found: set[str] = set()
+    for item in inputs:
+        if _names_a_digest(item):
+            assert isinstance(item, Path)
+            prefix = item.name.lower()
+            matches = [d for d in known if d.startswith(prefix)]
+            if len(matches) > 1:
+                raise LuncherError(f"{prefix} starts {len(matches)} digests; give more of it")
+            if not matches:
+                raise LuncherError(f"{prefix}: none of your examples has this digest")
+            found.add(matches[0])
+            continue
+        for path in find_images([item]):
+            if isinstance(path, Path) and path.resolve().parent == thumbnails:
+                found.add(path.stem)  # a thumbnail is named by its photo's digest
+            else:
+                found.add(digest_of(read_bytes(path)))
+    return found
+
+
+def _names_a_digest(item: PhotoSource) -> bool:
+    """A missing file named like a digest (or its first 8 or more hex digits)."""
+    return isinstance(item, Path) and not item.exists() and bool(HEX.fullmatch(item.name.lower()))

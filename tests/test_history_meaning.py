@@ -81,3 +81,57 @@ def test_keep_personalization_with_nothing_to_keep_replaces_the_base(lun, photos
     assert lun.status().base_name == "second"
     lun.undo()
     assert lun.status().base_name == "tiny_pt"
+
+
+def test_forget_reaches_a_photo_only_an_undo_step_holds(lun, photos, tmp_path):
+    """An import (or an upgrade that could not carry a photo) leaves the earlier examples
+    in an undo step: `forget` refused such a photo ("none of these photos are among your
+    examples") and `undo` brought it back. It now clears the undo history, as any forget."""
+    lun.retrain("healthy", photos["red"])
+    elsewhere = healthyluncher.open(tmp_path / "elsewhere")
+    healthyluncher.make_updatable(tmp_path / "tiny_pt.onnx", models_dir=elsewhere.models_dir)
+    elsewhere.retrain("fast_food", photos["green"])
+    elsewhere.export_backup(tmp_path / "green.tar.gz")
+    lun.import_backup(tmp_path / "green.tar.gz")
+    current = lun.status().examples_per_label
+    probabilities = [p.probabilities for p in lun.predict(photos["green"])]
+
+    result = lun.forget([photos["red"][0]])
+    assert (result.forgotten, result.retrained) == (1, False)
+    assert result.examples_per_label == current
+    assert lun.status().undo_steps == 0
+    with pytest.raises(LuncherError, match="nothing to undo"):
+        lun.undo()
+    assert [p.probabilities for p in lun.predict(photos["green"])] == probabilities
+    thumbnails = {p.stem for p in (lun.models_dir / "thumbnails").iterdir()}
+    assert thumbnails == {item.digest for item in lun.examples()}
+    out = luncher("forget", photos["red"][1])
+    assert out.returncode == 1 and "none of these photos" in out.stderr  # gone for good
+
+
+def test_forget_after_a_reset_says_how_to_reach_the_photo(lun, photos):
+    """After `reset`, the personalization is one undo away: forget said "the model is not
+    personalized", as if the photo were gone, and did nothing. It names the way now (and
+    forgetting would drop the whole personalization the reset promised to keep)."""
+    lun.retrain("healthy", photos["red"])
+    lun.reset()
+    with pytest.raises(LuncherError, match=r"undo step.*luncher undo.*reset --purge"):
+        lun.forget([photos["red"][0]])
+    assert lun.undo().examples_per_label == {"healthy": 3}  # nothing was lost
+
+
+def test_a_label_left_without_examples_can_be_removed(lun, photos):
+    """Teaching a label's photos as another label leaves the label without examples;
+    `labels remove` then refused it ("there are no examples of ..."), so the empty class
+    stayed in every prediction for good. Removing it forgets no photo: undo brings it back."""
+    lun.retrain("dessert", photos["red"], new_label=True)
+    lun.retrain("healthy", photos["red"])
+    assert [(i.label, i.examples) for i in lun.label_info()][-1] == ("dessert", 0)
+    result = lun.remove_label("dessert")
+    assert (result.forgotten, result.retrained) == (0, True)
+    assert lun.labels == ("healthy", "fast_food")
+    assert lun.status().examples_per_label == {"healthy": 3}
+    assert lun.undo().examples_per_label == {"healthy": 3}
+    assert lun.labels == ("healthy", "fast_food", "dessert")
+    with pytest.raises(LuncherError, match="no examples of 'fast_food'"):
+        lun.remove_label("fast_food")  # a label of the base stays
