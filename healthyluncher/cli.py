@@ -227,9 +227,20 @@ def reset(
     if as_json:
         json_line(plain(result))
         return
+    files = (
+        f"{result.removed_thumbnails} thumbnail(s) and {result.removed_cache_files} cached "
+        "embedding file(s)"
+    )
     if not result.removed_model:
-        files = result.removed_thumbnails + result.removed_cache_files
-        extra = f" Removed {files} file(s) of earlier examples." if files else ""
+        if result.removed_undo_steps:  # what `undo` would have brought back after a reset
+            out.print(
+                f"Predictions already came from the base model. Removed the "
+                f"{result.removed_undo_steps} undo step(s) (your earlier personalization), "
+                f"{files} for good."
+            )
+            return
+        leftovers = result.removed_thumbnails + result.removed_cache_files
+        extra = f" Removed {files} of earlier examples." if leftovers else ""
         out.print(f"Nothing to reset: predictions already come from the base model.{extra}")
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.removed_examples.items()))
@@ -242,8 +253,8 @@ def reset(
         return
     out.print(
         f"Removed the personalized model and your examples ({escape(counts) or 'none'}), "
-        f"{result.removed_thumbnails} thumbnail(s) and {result.removed_cache_files} cached "
-        "embedding file(s). Predictions now come from the base model."
+        f"{result.removed_undo_steps} undo step(s), {files}. Predictions now come from the "
+        "base model."
     )
 
 

@@ -55,6 +55,7 @@ class ResetResult:
     removed_thumbnails: int
     removed_cache_files: int
     undoable: bool = False  # `undo` brings the personalization back (not after a purge)
+    removed_undo_steps: int = 0  # by a purge (after a reset, the personalization is one)
 
 
 @dataclass(frozen=True)
@@ -191,10 +192,11 @@ def reset(store: ModelStore, *, purge: bool = False) -> ResetResult:
         except LuncherError:  # a damaged personal copy: remove it all the same
             removed, readable = {"(unreadable)": 0}, False
         had_personal = state.personal is not None
-        counts = [0, 0]
+        counts = [0, 0, 0]
         undoable = had_personal and readable and not purge
         if purge and (had_personal or state.history or store.has_user_files()):
             txn.commit(State(base=state.base, personal=None, history=[]))
+            counts[2] = len(state.history)
 
             def remove_files() -> None:
                 counts[0] = store.remove_thumbnails()
@@ -211,6 +213,7 @@ def reset(store: ModelStore, *, purge: bool = False) -> ResetResult:
         removed_thumbnails=counts[0],
         removed_cache_files=counts[1],
         undoable=undoable,
+        removed_undo_steps=counts[2],
     )
 
 

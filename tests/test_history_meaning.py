@@ -135,3 +135,22 @@ def test_a_label_left_without_examples_can_be_removed(lun, photos):
     assert lun.labels == ("healthy", "fast_food", "dessert")
     with pytest.raises(LuncherError, match="no examples of 'fast_food'"):
         lun.remove_label("fast_food")  # a label of the base stays
+
+
+def test_a_purge_after_a_reset_says_what_it_removed(lun, photos):
+    """`reset` says the personalization is one undo away and that `reset --purge` removes
+    it; the purge then said "Nothing to reset" and reported nothing removed."""
+    lun.retrain("healthy", photos["red"])
+    lun.reset()
+    assert lun.status().undo_steps == 2
+    result = luncher("reset", "--purge", "--json")
+    assert result.returncode == 0, result
+    report = json.loads(result.stdout)
+    assert report["removed_undo_steps"] == 2 and report["removed_thumbnails"] == 3
+    with pytest.raises(LuncherError, match="nothing to undo"):
+        lun.undo()
+
+    lun.retrain("healthy", photos["red"])
+    lun.reset()
+    text = luncher("reset", "--purge").stdout
+    assert "Nothing to reset" not in text and "2 undo step(s)" in text, text
