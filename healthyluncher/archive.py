@@ -4,7 +4,7 @@
 An archive is a gzip-compressed tar of regular files, `manifest.json` first::
 
     manifest.json              format, the base it was made with, labels, hyperparameters,
-                               and a sha256 and size for every other file
+                               photos' names and dates, a sha256 and size for every other file
     meta.json                  the personal meta.json
     weights.npz                the trained head weights
     examples.npz               the cached head inputs of your photos, with labels and digests
@@ -36,7 +36,7 @@ import numpy as np
 from healthyluncher.errors import LuncherError
 from healthyluncher.examples import sane_inputs
 from healthyluncher.meta import PersonalMeta
-from healthyluncher.records import Examples, Personal, load_examples, load_weights
+from healthyluncher.records import Examples, Personal, load_examples, load_weights, taught_entries
 from healthyluncher.store import Files
 from healthyluncher.thumbnails import MAX_THUMBNAIL_BYTES, thumbnail_problem
 
@@ -75,6 +75,7 @@ class Backup:
     weights: dict[str, np.ndarray]
     examples: Examples
     thumbnails: dict[str, Path]  # digest -> JPEG in `directory`, for the examples' photos
+    taught: dict[str, tuple[str, str]]  # digest -> (file name, when taught), as listed
 
 
 class _Refused(LuncherError):
@@ -144,7 +145,9 @@ def read_backup(archive: Path, scratch: Path) -> Backup:
             if problem := thumbnail_problem(path, f"thumbnails/{digest}.jpg"):
                 raise refuse(archive, problem)
             thumbnails[digest] = path
-    return Backup(archive, scratch, base, meta, weights, examples, thumbnails)
+    taught = taught_entries(manifest.get("taught"))  # an older archive has none
+    taught = {d: taught[d] for d in examples.digests if d in taught}
+    return Backup(archive, scratch, base, meta, weights, examples, thumbnails, taught)
 
 
 def _unpack(archive: Path, scratch: Path) -> tuple[dict[str, Any], dict[str, _Unpacked]]:

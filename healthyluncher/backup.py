@@ -126,6 +126,7 @@ def _restore(txn: Transaction, base: Base, backup: Backup) -> ImportResult:
             backup.examples,
             backup.meta.hyperparameters,
             restore=(backup.weights, backup.meta),
+            taught=backup.taught,
         )
     except BaseException:
         _remove_thumbnails(txn.store, installed)
@@ -166,7 +167,7 @@ def _rebuild(
             for label in dict.fromkeys((*backup.meta.labels, *examples.labels))
             if label in present and label not in base.meta.labels
         )
-        publish_personal(txn, base, labels, examples, hp, progress=progress)
+        publish_personal(txn, base, labels, examples, hp, progress=progress, taught=backup.taught)
     except BaseException:
         _remove_thumbnails(store, installed)
         raise

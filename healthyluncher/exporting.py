@@ -30,6 +30,7 @@ from healthyluncher.records import (
     load_base,
     load_examples,
     load_personal,
+    load_taught,
     load_weights,
     save_examples,
 )
@@ -119,6 +120,8 @@ def _export(store: ModelStore, state: State, target: Path, scratch: Path) -> Exp
         "labels": list(personal.meta.labels),
         "hyperparameters": personal.meta.hyperparameters.to_json(),
         "examples_per_label": examples.per_label(),
+        # Each photo's file name and when it was taught (`luncher examples`).
+        "taught": {d: list(v) for d, v in load_taught(personal).items()},
         "files": {name: file_entry(path) for name, path in files},
     }
     size = write_archive(target, manifest, files)

@@ -70,6 +70,7 @@ def publish_personal(
     names: dict[str, str] | None = None,
     progress: ProgressCallback | None = None,
     remember: Hyperparameters | None = None,
+    taught: dict[str, tuple[str, str]] | None = None,
 ) -> Fitted:
     """Train the head from the base's weights on the examples plus replay (or, with
     `restore`, take those exact weights and that meta), publish a new personalized copy in
@@ -77,6 +78,7 @@ def publish_personal(
     made, by retrain, forget, import and base upgrades alike.
 
     `remember`: the settings later retrains start from, when not `hp` (a one-off --epochs).
+    `taught`: photos' file names and dates to keep beside the current copy's (an import's).
 
     Labels beyond the base's grow the head: old classes keep their weights, the new ones
     start at zero, and training artifacts for the grown head are written with the copy.
@@ -130,12 +132,12 @@ def publish_personal(
             if restore is not None:
                 meta = replace(restore[1], examples_per_label=examples.per_label())
             write_json(staged / Files.META, meta.to_json())
-            taught = load_taught(previous)
+            listed = {**load_taught(previous), **(taught or {})}
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            taught.update({digest: (name, now) for digest, name in (names or {}).items()})
+            listed.update({digest: (name, now) for digest, name in (names or {}).items()})
             write_json(
                 staged / Files.TAUGHT,
-                {d: list(taught[d]) for d in examples.digests if d in taught},
+                {d: list(listed[d]) for d in examples.digests if d in listed},
                 compact=True,
             )
             # The summary, and the "before" of these photos' next retrain without the model

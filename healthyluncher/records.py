@@ -178,6 +178,11 @@ def load_taught(personal: Personal | None) -> dict[str, tuple[str, str]]:
         data = read_json(personal.path / Files.TAUGHT)
     except (FileNotFoundError, LuncherError):
         return {}
+    return taught_entries(data)
+
+
+def taught_entries(data: Any) -> dict[str, tuple[str, str]]:
+    """taught.json's entries (or an archive's), the malformed ones left out."""
     found: dict[str, tuple[str, str]] = {}
     if isinstance(data, dict):
         for digest, entry in data.items():

@@ -154,3 +154,26 @@ def test_a_purge_after_a_reset_says_what_it_removed(lun, photos):
     lun.reset()
     text = luncher("reset", "--purge").stdout
     assert "Nothing to reset" not in text and "2 undo step(s)" in text, text
+
+
+def test_import_keeps_the_file_names_and_dates_of_the_examples(lun, photos, tmp_path):
+    """`luncher examples` after an import listed every photo as "?" (no file name, no
+    date): the archive did not carry them."""
+    lun.retrain("healthy", photos["red"])
+    lun.retrain("fast_food", photos["green"])
+    taught = names(lun)
+    assert all(name and when for name, when in taught.values())
+    archive = tmp_path / "backup.tar.gz"
+    lun.export_backup(archive)
+
+    fresh = healthyluncher.open(tmp_path / "fresh")
+    healthyluncher.make_updatable(tmp_path / "tiny_pt.onnx", models_dir=fresh.models_dir)
+    fresh.import_backup(archive)
+    assert names(fresh) == taught
+
+    other = healthyluncher.open(tmp_path / "other")  # another base: embedded again
+    healthyluncher.make_updatable(
+        pytorch_style(tmp_path / "other.onnx", seed=3), models_dir=other.models_dir
+    )
+    other.import_backup(archive, rebuild=True)
+    assert names(other) == taught
