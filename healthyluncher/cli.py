@@ -188,7 +188,7 @@ def retrain(
         )
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
         note(
-            f"Trained {result.hyperparameters.epochs} epochs on your examples ({counts}); "
+            f"Trained {result.hyperparameters.epochs} epochs on your examples ({escape(counts)}); "
             f"{result.views} view(s) per new photo; {result.cached} photo(s) came from the "
             "cache."
         )
@@ -310,11 +310,15 @@ def undo(ctx: typer.Context, as_json: JSON = False) -> None:
     if as_json:
         json_line(plain(result))
         return
+    base = f" {escape(result.base_changed)}" if result.base_changed else ""
     if result.restored == "base":
-        out.print("Back to the base model (no personalization).")
+        out.print(f"Back to the base model{base} (no personalization).")
     else:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
-        out.print(f"Restored the personalized model trained {result.trained_at} ({counts}).")
+        base = f", on the base model{base} again" if base else ""
+        out.print(
+            f"Restored the personalized model trained {result.trained_at} ({escape(counts)}){base}."
+        )
     out.print(f"{result.remaining_undos} more undo step(s) available.")
 
 
@@ -338,11 +342,13 @@ def forget(
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     if result.retrained:
-        out.print(f"Forgot {result.forgotten} photo(s) and retrained on the rest ({counts}).")
+        out.print(
+            f"Forgot {result.forgotten} photo(s) and retrained on the rest ({escape(counts)})."
+        )
     elif counts:  # only undo steps held them: the model is unchanged
         out.print(
             f"Forgot {result.forgotten} photo(s) that only undo steps held (they are gone "
-            f"with the undo history); your examples are unchanged ({counts})."
+            f"with the undo history); your examples are unchanged ({escape(counts)})."
         )
     else:
         out.print(f"Forgot {result.forgotten} photo(s); no examples remain, so the base predicts.")

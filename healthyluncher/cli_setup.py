@@ -248,7 +248,7 @@ def make_updatable(
         f"crop {prep.height}x{prep.width}, mean {_numbers(prep.mean)}, std {_numbers(prep.std)}."
     )
     out.print(
-        f"Base ready in {escape(str(result.directory))}: labels {', '.join(meta.labels)}; "
+        f"Base ready in {escape(str(result.directory))}: labels {escape(', '.join(meta.labels))}; "
         f"input {meta.preprocessing.height}x{meta.preprocessing.width} "
         f"{meta.preprocessing.layout}; training from tensor {escape(meta.split_tensor)!r}."
     )
@@ -264,7 +264,8 @@ def make_updatable(
     if result.carried_over is not None:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.carried_over.items()))
         out.print(
-            f"Your personalization was carried over and retrained on the new base ({counts})."
+            f"Your personalization was carried over and retrained on the new base "
+            f"({escape(counts)})."
         )
         if result.not_carried:
             out.print(f"{result.not_carried} example(s) had no thumbnail and were left behind.")

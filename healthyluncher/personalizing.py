@@ -223,6 +223,7 @@ class UndoResult:
     trained_at: str | None
     examples_per_label: dict[str, int]
     remaining_undos: int
+    base_changed: str | None = None  # the name of the base undo went back to, if another
 
 
 def undo(store: ModelStore) -> UndoResult:
@@ -236,12 +237,15 @@ def undo(store: ModelStore) -> UndoResult:
             base=previous.base or state.base, personal=previous.personal, history=older
         )
         personal = load_personal(store, new_state)
+        switched = new_state.base != state.base  # a new base from make-updatable, undone
+        base_name = load_base(store, new_state).meta.name if switched else None
         txn.commit(new_state)
     return UndoResult(
         restored="personalized" if personal else "base",
         trained_at=personal.meta.trained_at if personal else None,
         examples_per_label=dict(personal.meta.examples_per_label) if personal else {},
         remaining_undos=len(older),
+        base_changed=base_name,
     )
 
 

@@ -68,6 +68,8 @@ def test_upgrading_a_personalization_with_a_label_of_its_own_to_another_head(lun
     state = json.loads((lun.models_dir / "state.json").read_text())
     head = onnx.load(str(lun.models_dir / state["personal"] / "head.onnx"))
     assert "dense/kernel" in {t.name for t in head.graph.initializer}  # the new base's
+    undone = luncher("undo")  # it says that the base changed back too
+    assert "(dessert: 3), on the base model tiny_pt again." in undone.stdout, undone
 
 
 def test_keep_personalization_with_nothing_to_keep_replaces_the_base(lun, photos, tmp_path):
@@ -79,8 +81,10 @@ def test_keep_personalization_with_nothing_to_keep_replaces_the_base(lun, photos
     )
     assert result.meta.name == "second" and not result.dropped_personalization
     assert lun.status().base_name == "second"
-    lun.undo()
+    assert lun.undo().base_changed == "tiny_pt"
     assert lun.status().base_name == "tiny_pt"
+    lun.retrain("healthy", photos["red"])
+    assert lun.undo().base_changed is None
 
 
 def test_forget_reaches_a_photo_only_an_undo_step_holds(lun, photos, tmp_path):
@@ -177,3 +181,24 @@ def test_import_keeps_the_file_names_and_dates_of_the_examples(lun, photos, tmp_
     )
     other.import_backup(archive, rebuild=True)
     assert names(other) == taught
+
+
+def test_labels_that_look_like_markup_are_printed_as_they_are(pt_model, photos, tmp_path):
+    """A label is the user's text: printed through rich unescaped, `[/]` in it made `undo`,
+    `forget` and `make-updatable --keep-personalization` end in "unexpected MarkupError"
+    after the change was saved, and `[bold]` vanished from the retrain summary."""
+    label = "[bold]x[/]"
+    made = luncher("make-updatable", str(pt_model), "--labels", f"{label},b")
+    assert made.returncode == 0 and f"labels {label}, b;" in made.stdout, made
+    taught = luncher("retrain", "--label", label, *map(str, photos["green"]))
+    assert taught.returncode == 0 and f"({label}: 3)" in taught.stdout, taught
+    lun = healthyluncher.open()
+    lun.retrain("pancakes", photos["red"], new_label=True)
+    undone = luncher("undo")
+    assert undone.returncode == 0 and f"({label}: 3)" in undone.stdout, undone
+    lun.retrain("pancakes", photos["red"], new_label=True)
+    forgot = luncher("forget", str(photos["red"][0]))
+    assert forgot.returncode == 0 and f"{label}: 3" in forgot.stdout, forgot
+    other = pytorch_style(tmp_path / "other.onnx", ["b", label], seed=2)
+    moved = luncher("make-updatable", str(other), "--keep-personalization")
+    assert moved.returncode == 0 and f"{label}: 3" in moved.stdout, moved
