@@ -11,7 +11,8 @@ import typer
 
 # Importing them registers their commands: make-updatable, export and import; examples, labels.
 from healthyluncher import cli_setup, cli_teaching  # noqa: F401
-from healthyluncher.cli_app import JSON, app, bounded, given_path, luncher, main, with_stdin
+from healthyluncher.cli_app import JSON, app, bounded, given_path, luncher, with_stdin
+from healthyluncher.cli_app import main as main  # the entry point, with every command here
 from healthyluncher.cli_output import (
     Column,
     RowPrinter,

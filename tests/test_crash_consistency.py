@@ -274,6 +274,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "tests.test_crash_consistency",
             "healthyluncher.api",
             "healthyluncher.personalizing",
+            "healthyluncher.teaching",
             "healthyluncher.backup",
             "healthyluncher.exporting",
             "healthyluncher.bases",
