@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from healthyluncher import graph
 from healthyluncher.arguments import check_options
 from healthyluncher.embedder import rebuild_examples
-from healthyluncher.errors import LuncherError, Param
+from healthyluncher.errors import MAKE_UPDATABLE, LuncherError, Param
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import copy_replay
 from healthyluncher.fileio import write_json
@@ -186,7 +186,7 @@ def ensure_base(store: ModelStore) -> State:
         return state
     shipped = bundled_model()
     if shipped is None:
-        raise LuncherError("there is no base model yet: run 'luncher make-updatable MODEL.onnx'")
+        raise LuncherError("there is no base model yet: run ", MAKE_UPDATABLE)
     with store.transaction() as txn:
         if txn.state.base is None:  # another process may have done it meanwhile
             replay = shipped.with_name(BUNDLED_REPLAY)

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from healthyluncher.errors import LuncherError, Param
+from healthyluncher.errors import Command, LuncherError, Param, Part
 
 # How the child starts: with the program's import path as it is now (a program may have
 # added to it), this package's directory first, and not the current directory (where a
@@ -84,17 +84,20 @@ def run(job: str, args: dict[str, Any], data: bytes = b"", *, what: str) -> Any:
     raise JobError(error["kind"], error["message"], error.get("errno"))
 
 
-def _parts(parts: Any, message: str) -> list[str | Param]:
+def _parts(parts: Any, message: str) -> list[Part]:
     """A LuncherError's message parts as the child sent them, or its text alone."""
     if not isinstance(parts, list):
         return [message]
-    rebuilt: list[str | Param] = []
+    rebuilt: list[Part] = []
     for part in parts:
         if isinstance(part, str):
             rebuilt.append(part)
         elif isinstance(part, dict) and isinstance(part.get("param"), list):
             name, value, example = (part["param"] + [None, None, ""])[:3]
             rebuilt.append(Param(str(name), value, str(example or "")))
+        elif isinstance(part, dict) and isinstance(part.get("command"), list):
+            cli, api = (part["command"] + ["", ""])[:2]
+            rebuilt.append(Command(str(cli), str(api)))
         else:
             return [message]
     return rebuilt
@@ -125,7 +128,10 @@ def main() -> None:
             raise ValueError(f"not a job of ours: {module}")
         reply = {"result": getattr(importlib.import_module(module), name)(request["args"], data)}
     except LuncherError as exc:  # its parameters travel as such: the CLI names its options
-        parts = [p if isinstance(p, str) else {"param": list(p)} for p in exc.parts]
+        parts = [
+            p if isinstance(p, str) else {"command" if isinstance(p, Command) else "param": list(p)}
+            for p in exc.parts
+        ]
         reply = {"error": {"luncher": True, "message": str(exc), "parts": parts}}
     except Exception as exc:
         errno = exc.errno if isinstance(exc, OSError) else None

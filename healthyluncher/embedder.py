@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from healthyluncher.errors import LuncherError, StorageError
+from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
@@ -175,8 +175,8 @@ class Embedder:
                 self._session = inference_session(self.base.path / Files.FROZEN)
             except LuncherError as exc:  # as predict says of a damaged base model
                 raise LuncherError(
-                    f"the base model in {self.base.path} is damaged ({exc}); make it again "
-                    "with `luncher make-updatable MODEL.onnx --keep-personalization`"
+                    f"the base model in {self.base.path} is damaged ({exc}); make it again with ",
+                    MAKE_UPDATABLE_KEEPING,
                 ) from None
 
     def _run_frozen(self, batch: np.ndarray) -> np.ndarray:

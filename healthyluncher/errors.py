@@ -21,23 +21,63 @@ class Param(NamedTuple):
         return f"{self.name}=..." if self.example else self.name
 
 
-# A message in parts: text, and the API parameters it names.
-Message: TypeAlias = tuple[str | Param, ...]
+class Command(NamedTuple):
+    """Something to run that an error message suggests: the command line's (`luncher
+    undo`) and the Python API's (`Luncher.undo()`). `str` gives the API's: a Python caller
+    reads the message; the command line spells it with `LuncherError.render`."""
+
+    cli: str  # "luncher reset --purge"
+    api: str  # "Luncher.reset(purge=True)"
+
+    def __str__(self) -> str:
+        return f"`{self.api}`"
+
+
+# The commands messages suggest, in both interfaces' words.
+UNDO = Command("luncher undo", "Luncher.undo()")
+REPAIR = Command("luncher repair", "Luncher.repair()")
+RESET_PURGE = Command("luncher reset --purge", "Luncher.reset(purge=True)")
+PREDICT_BASE = Command("luncher predict --base", "Luncher.predict(photos, base=True)")
+RETRAIN = Command("luncher retrain", "Luncher.retrain()")
+MAKE_UPDATABLE = Command(
+    "luncher make-updatable MODEL.onnx", "healthyluncher.make_updatable(model)"
+)
+MAKE_UPDATABLE_KEEPING = Command(
+    "luncher make-updatable MODEL.onnx --keep-personalization",
+    "healthyluncher.make_updatable(model, keep_personalization=True)",
+)
+MAKE_UPDATABLE_EXAMPLES = Command(
+    "luncher make-updatable MODEL.onnx --examples DIR",
+    "healthyluncher.make_updatable(model, examples=...)",
+)
+
+# A message in parts: text, and the API parameters and commands it names.
+Part: TypeAlias = str | Param | Command
+Message: TypeAlias = tuple[Part, ...]
 
 
 class LuncherError(Exception):
     """A problem the user can act on. The CLI prints it as one line and exits 1.
 
-    The message is text and the API parameters it names (`Param`): `str(error)` names them
-    as Python callers write them, `render` as another interface names them."""
+    The message is text, the API parameters it names (`Param`) and the commands it
+    suggests (`Command`): `str(error)` names them as Python callers write them, `render` as
+    another interface names them."""
 
-    def __init__(self, *parts: str | Param) -> None:
+    def __init__(self, *parts: Part) -> None:
         self.parts = parts
         super().__init__("".join(map(str, parts)))
 
     def render(self, spell: Callable[[Param], str]) -> str:
-        """The message with each parameter it names spelled by `spell`."""
-        return "".join(part if isinstance(part, str) else spell(part) for part in self.parts)
+        """The message with each parameter it names spelled by `spell`, and each command
+        it suggests as the command line's."""
+        return "".join(
+            part
+            if isinstance(part, str)
+            else f"`{part.cli}`"
+            if isinstance(part, Command)
+            else spell(part)
+            for part in self.parts
+        )
 
 
 class CommittedInterrupt(KeyboardInterrupt):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from healthyluncher.archive import BACKUP_FORMAT, BACKUP_KIND, CHUNK, MANIFEST
-from healthyluncher.errors import LuncherError, Param
+from healthyluncher.errors import RETRAIN, LuncherError, Param
 from healthyluncher.fileio import fsync_dir
 from healthyluncher.records import (
     GO_BACK,
@@ -91,7 +91,7 @@ def _export(store: ModelStore, state: State, target: Path, scratch: Path) -> Exp
     if personal is None:
         raise _nothing_to_export()
     if set(load_weights(personal)) != set(base.meta.trainable_params):  # else unimportable
-        raise LuncherError(f"{personal.path / Files.WEIGHTS} is damaged; {GO_BACK}")
+        raise LuncherError(f"{personal.path / Files.WEIGHTS} is damaged; ", *GO_BACK)
     examples = load_examples(personal, ())
     # The archive's examples.npz holds the views itself (the models directory's
     # shared segments stay behind).
@@ -137,8 +137,9 @@ def _export(store: ModelStore, state: State, target: Path, scratch: Path) -> Exp
 
 def _nothing_to_export() -> LuncherError:
     return LuncherError(
-        "there is nothing to export: the model is not personalized (teach it with "
-        "'luncher retrain' first)"
+        "there is nothing to export: the model is not personalized (teach it with ",
+        RETRAIN,
+        " first)",
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher import weightsfile
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import MAKE_UPDATABLE, LuncherError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.examples import (
     copy_memory,
@@ -375,10 +375,8 @@ def write_model(personal: PersonalModel, base: Base, directory: Path) -> None:
                 continue  # copied in the background while the head trained
             shutil.copyfile(source, target)
         except FileNotFoundError:
-            raise LuncherError(
-                f"the base model's weights file is missing ({source}); "
-                "run `luncher make-updatable` again"
-            ) from None
+            missing = f"the base model's weights file is missing ({source}); run "
+            raise LuncherError(missing, MAKE_UPDATABLE, " again") from None
     (directory / Files.MODEL).write_bytes(personal.model)
 
 

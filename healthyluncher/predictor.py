@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, PREDICT_BASE, LuncherError
 from healthyluncher.photos import ImageFailure, PhotoSource
-from healthyluncher.records import load_base, load_personal
+from healthyluncher.records import GO_BACK, load_base, load_personal
 from healthyluncher.runtime import inference_session, run_in_batches
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
@@ -63,11 +63,15 @@ class Predictor:
             if not self.model.personalized:
                 raise LuncherError(
                     f"the base model in {self.model.path.parent} is damaged ({exc}); make it "
-                    "again with `luncher make-updatable MODEL.onnx --keep-personalization`"
+                    "again with ",
+                    MAKE_UPDATABLE_KEEPING,
                 ) from None
             raise LuncherError(
-                f"the personalized model in {self.model.path.parent} is damaged ({exc}); "
-                "run `luncher undo` to go back one step (`luncher predict --base` still works)"
+                f"the personalized model in {self.model.path.parent} is damaged ({exc}); ",
+                *GO_BACK,
+                " (",
+                PREDICT_BASE,
+                " still works)",
             ) from None
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:

@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 
 from healthyluncher import segments
-from healthyluncher.errors import DamagedError, DamagedViewsError, LuncherError
+from healthyluncher.errors import (
+    MAKE_UPDATABLE,
+    REPAIR,
+    UNDO,
+    DamagedError,
+    DamagedViewsError,
+    LuncherError,
+    Message,
+)
 from healthyluncher.fileio import read_json
 from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
@@ -20,7 +28,7 @@ from healthyluncher.store import Files, ModelStore
 
 # Advice for a personalized copy that is damaged: the step before it is intact (`reset`
 # would drop every example, and `predict --base` works meanwhile).
-GO_BACK = "run `luncher undo` to go back one step"
+GO_BACK: Message = ("run ", UNDO, " to go back one step")
 
 BUNDLED_MODEL = "healthyluncher-base.onnx"
 BUNDLED_REPLAY = "healthyluncher-base.replay.npz"
@@ -87,18 +95,18 @@ def bundled_model() -> Path | None:
 def load_base(store: ModelStore, state: State) -> Base:
     path = store.base_dir(state)
     if path is None:
-        raise LuncherError("there is no base model yet: run 'luncher make-updatable MODEL.onnx'")
-    again = "run 'luncher make-updatable' again"
+        raise LuncherError("there is no base model yet: run ", MAKE_UPDATABLE)
+    again = ("run ", MAKE_UPDATABLE, " again")
     try:
         data = read_json(path / Files.META)
     except FileNotFoundError:
-        raise LuncherError(f"{path} is incomplete; {again}") from None
+        raise LuncherError(f"{path} is incomplete; ", *again) from None
     except DamagedError as exc:
-        raise LuncherError(f"{exc}; {again}") from None
+        raise LuncherError(f"{exc}; ", *again) from None
     try:  # a value the checks refuse is named with its file, like one that does not parse
         return Base(path, BaseMeta.from_json(data))
     except (LuncherError, KeyError, TypeError, ValueError) as exc:
-        raise LuncherError(f"{path / Files.META} is damaged ({exc}); {again}") from None
+        raise LuncherError(f"{path / Files.META} is damaged ({exc}); ", *again) from None
 
 
 def load_personal(store: ModelStore, state: State) -> Personal | None:
@@ -108,13 +116,13 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
     try:
         data = read_json(path / Files.META)
     except FileNotFoundError:
-        raise LuncherError(f"{path} is incomplete; {GO_BACK}") from None
+        raise LuncherError(f"{path} is incomplete; ", *GO_BACK) from None
     except DamagedError as exc:
-        raise LuncherError(f"{exc}; {GO_BACK}") from None
+        raise LuncherError(f"{exc}; ", *GO_BACK) from None
     try:
         return Personal(path, PersonalMeta.from_json(data))
     except (LuncherError, KeyError, TypeError, ValueError) as exc:
-        raise LuncherError(f"{path / Files.META} is damaged ({exc}); {GO_BACK}") from None
+        raise LuncherError(f"{path / Files.META} is damaged ({exc}); ", *GO_BACK) from None
 
 
 def load_examples(
@@ -157,7 +165,7 @@ def load_examples(
             raise ValueError("a view belongs to no photo")
         return Examples(inputs, owner, digests, labels, origin, segment_names)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); {GO_BACK}") from None
+        raise LuncherError(f"{path} is damaged ({exc}); ", *GO_BACK) from None
 
 
 def _views(personal: Personal, origin: np.ndarray, names: np.ndarray) -> np.ndarray:
@@ -165,7 +173,7 @@ def _views(personal: Personal, origin: np.ndarray, names: np.ndarray) -> np.ndar
         return segments.load_views(personal.path.parent / segments.FOLDER, origin, names)
     except DamagedViewsError as exc:  # undo steps share it: undo does not get past it
         raise DamagedViewsError(
-            f"{exc}; run `luncher repair` to embed your photos again from their thumbnails"
+            f"{exc}; run ", REPAIR, " to embed your photos again from their thumbnails"
         ) from None
 
 
@@ -231,10 +239,10 @@ def load_weights(personal: Personal) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             weights = {name: data[name] for name in data.files}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); {GO_BACK}") from None
+        raise LuncherError(f"{path} is damaged ({exc}); ", *GO_BACK) from None
     # A rename publishes these as they are, and an export writes them.
     if not all(w.dtype == np.float32 and np.isfinite(w).all() for w in weights.values()):
-        raise LuncherError(f"{path} is damaged (weights not finite float32); {GO_BACK}")
+        raise LuncherError(f"{path} is damaged (weights not finite float32); ", *GO_BACK)
     return weights
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healthyluncher.errors import DamagedError, LuncherError
+from healthyluncher.errors import DamagedError, LuncherError, Message
 from healthyluncher.fileio import read_json
 
 STATE_FORMAT = 1
@@ -54,16 +54,16 @@ class State:
         }
 
     @classmethod
-    def from_json(cls, data: Any, path: Path, repair: str) -> State:
+    def from_json(cls, data: Any, path: Path, repair: Message) -> State:
         """state.json's contents, every name checked; DamagedError (which says `repair`)
         when they are not a state."""
         if not isinstance(data, dict):
-            raise DamagedError(f"{path} is damaged (not a JSON object); {repair}")
+            raise DamagedError(f"{path} is damaged (not a JSON object); ", *repair)
         version = data.get("format")
         if type(version) is int and version > STATE_FORMAT:
             raise LuncherError(f"{path} has an unknown format; was it written by a newer luncher?")
         if version != STATE_FORMAT:  # no format at all, or a string: damaged, not newer
-            raise DamagedError(f"{path} is damaged (its format is {version!r:.20}); {repair}")
+            raise DamagedError(f"{path} is damaged (its format is {version!r:.20}); ", *repair)
         base, personal = data.get("base"), data.get("personal")
         history: list[Step] = []
         for entry in data.get("history") or []:
@@ -74,7 +74,7 @@ class State:
         state = cls(base=base, personal=personal, history=history)
         for name in state.names():
             if not isinstance(name, str) or not DIRECTORY.fullmatch(name):
-                raise DamagedError(f"{path} is damaged (it names {name!r}); {repair}")
+                raise DamagedError(f"{path} is damaged (it names {name!r}); ", *repair)
         return state
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from healthyluncher import fileio, segments, weightsfile
-from healthyluncher.errors import CommittedInterrupt, DamagedError, LuncherError, Param
+from healthyluncher.errors import REPAIR, CommittedInterrupt, DamagedError, LuncherError, Param
 from healthyluncher.fileio import (
     exclusive_lock,
     fsync_dir,
@@ -153,13 +153,13 @@ class ModelStore:
     def read_state(self) -> State:
         """state.json; DamagedError when it cannot be parsed (`recover_state` then)."""
         path = self.root / STATE_FILE
-        repair = "run `luncher repair` to rebuild it from the models directory"
+        repair = ("run ", REPAIR, " to rebuild it from the models directory")
         try:
             data = read_json(path)
         except FileNotFoundError:
             return State()
         except DamagedError as exc:
-            raise DamagedError(f"{exc}; {repair}") from None
+            raise DamagedError(f"{exc}; ", *repair) from None
         return State.from_json(data, path, repair)
 
     def current_state(self) -> State:

@@ -9,7 +9,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from healthyluncher.embedder import rebuild_examples
-from healthyluncher.errors import DamagedViewsError, LuncherError
+from healthyluncher.errors import (
+    MAKE_UPDATABLE_EXAMPLES,
+    RESET_PURGE,
+    DamagedViewsError,
+    LuncherError,
+)
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import select_examples
 from healthyluncher.meta import check_label, known_label, label_key
@@ -107,7 +112,9 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
         if old in base.meta.labels:
             raise LuncherError(
                 f"{old!r} is a class of the base model; only labels you added can be renamed "
-                "(make a base with your own labels with `luncher make-updatable --examples`)"
+                "(make a base with your own labels with ",
+                MAKE_UPDATABLE_EXAMPLES,
+                ")",
             )
         if any(label_key(new) == label_key(label) for label in labels):
             raise LuncherError(f"{new!r} is already a label")
@@ -170,8 +177,9 @@ def repair(store: ModelStore, progress: ProgressCallback | None = None) -> Repai
             examples, lost = rebuild_examples(store, base, old.digests, old.labels, hp, progress)
             if len(examples) == 0:
                 raise LuncherError(
-                    "none of your photos has a thumbnail to embed again; `luncher reset "
-                    "--purge` starts over"
+                    "none of your photos has a thumbnail to embed again; ",
+                    RESET_PURGE,
+                    " starts over",
                 ) from None
             labels = tuple(
                 x for x in personal.meta.labels if x in base.meta.labels or x in examples.labels

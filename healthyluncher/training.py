@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from healthyluncher.errors import LuncherError, Param
+from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, Param
 from healthyluncher.meta import BaseMeta
 from healthyluncher.runtime import training_available, training_installed
 from healthyluncher.settings import Hyperparameters
@@ -73,8 +73,9 @@ def trainer_for(meta: BaseMeta, base_dir: Path, *, cheap: bool = False) -> str:
             return name
         raise LuncherError(
             f"{TRAINER_ENV}=onnxruntime, but this base has no ONNX Runtime training files "
-            "(it was made with the numpy trainer); unset it, or run `luncher make-updatable "
-            "MODEL.onnx --keep-personalization` here to make them"
+            "(it was made with the numpy trainer); unset it, or run ",
+            MAKE_UPDATABLE_KEEPING,
+            " here to make them",
         )
     return "numpy"
 

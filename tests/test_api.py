@@ -789,10 +789,64 @@ def test_library_refusals_never_name_a_command_line_option():
                 for part in ast.walk(arg)
                 if isinstance(part, ast.Constant) and isinstance(part.value, str)
             )
-            text = re.sub(r"[`']luncher [^`']*[`']", "", text)  # a command to run
             if re.search(r"--[a-z]", text):
                 found.append(f"{path.name}:{node.lineno}: {text}")
     assert found == []
+
+
+def test_library_messages_suggest_commands_in_the_callers_words():
+    """Messages suggested whole commands (`luncher undo`, `luncher reset --purge`) to
+    Python callers. A suggestion is now an errors.Command, which a Python caller reads as
+    the API's call and the command line as its command: no string of the library spells a
+    `luncher` command line."""
+    import ast
+    import re
+    from pathlib import Path
+
+    package = Path(healthyluncher.__file__).parent
+    found = []
+    for path in sorted(package.glob("*.py")):
+        if path.stem.startswith("cli") or path.stem == "errors":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and re.search(r"[`']luncher [a-z]", node.value)
+            ):
+                found.append(f"{path.name}:{node.lineno}: {node.value}")
+    assert found == []
+
+
+def test_a_suggested_command_is_a_call_to_python_callers_and_a_command_line_to_the_cli(
+    lun, photos, run
+):
+    """A damaged personalized model said "run `luncher undo` ... (`luncher predict --base`
+    still works)" to a program too; it now reads `Luncher.undo()` there."""
+    from healthyluncher.store import Files, ModelStore
+
+    lun.retrain("fast_food", photos["red"][:1])
+    personal = ModelStore(lun.models_dir).personal_dir()
+    assert personal is not None
+    (personal / Files.MODEL).write_bytes(b"not an ONNX model")
+    with pytest.raises(LuncherError) as damaged:
+        healthyluncher.open(lun.models_dir).predict(photos["green"][:1])
+    message = str(damaged.value)
+    assert "run `Luncher.undo()` to go back one step" in message, message
+    assert "`Luncher.predict(photos, base=True)` still works" in message, message
+    assert "luncher " not in message.replace(str(lun.models_dir), "")
+    one_line_error(
+        run("predict", photos["green"][0]), "run `luncher undo`", "`luncher predict --base`"
+    )
 
 
 def test_flags_and_numbers_of_the_wrong_type_are_refused_not_guessed(

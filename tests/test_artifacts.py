@@ -198,3 +198,23 @@ def test_a_child_imports_from_where_the_program_imports(tmp_path):
     path = json.loads(command[-1])
     assert path[0] == str(Path(child.__file__).resolve().parent.parent)
     assert str(tmp_path) in path and "" not in path
+
+
+def test_a_childs_error_keeps_the_parameters_and_commands_it_names():
+    """The child sends a LuncherError's parts; a suggested command (errors.Command) came
+    back as text, in the API's words, to the command line too."""
+    from healthyluncher import errors
+
+    raising = (
+        "; import healthyluncher.errors as e"
+        "; e.job = lambda args, data: (_ for _ in ()).throw("
+        "e.LuncherError('use ', e.Param('int8', True), ' or run ', e.UNDO))"
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(child, "_BOOT", child._BOOT.replace("; healthyluncher.child.main()", ""))
+        patch.setattr(child, "_BOOT", child._BOOT + raising + "; healthyluncher.child.main()")
+        with pytest.raises(healthyluncher.LuncherError) as caught:
+            child.run("healthyluncher.errors:job", {}, what="a job")
+    assert caught.value.parts == ("use ", errors.Param("int8", True), " or run ", errors.UNDO)
+    assert str(caught.value) == "use int8=True or run `Luncher.undo()`"
+    assert caught.value.render(lambda p: "--int8") == "use --int8 or run `luncher undo`"
