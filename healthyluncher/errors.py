@@ -39,6 +39,7 @@ REPAIR = Command("luncher repair", "Luncher.repair()")
 RESET_PURGE = Command("luncher reset --purge", "Luncher.reset(purge=True)")
 PREDICT_BASE = Command("luncher predict --base", "Luncher.predict(photos, base=True)")
 RETRAIN = Command("luncher retrain", "Luncher.retrain()")
+FORGET = Command("luncher forget", "Luncher.forget()")
 MAKE_UPDATABLE = Command(
     "luncher make-updatable MODEL.onnx", "healthyluncher.make_updatable(model)"
 )

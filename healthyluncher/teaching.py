@@ -10,8 +10,10 @@ from pathlib import Path
 
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import (
+    FORGET,
     MAKE_UPDATABLE_EXAMPLES,
     RESET_PURGE,
+    UNDO,
     DamagedViewsError,
     LuncherError,
 )
@@ -229,8 +231,13 @@ def forget(
             if held and _named_digests(store, inputs, sorted(held)) & held:
                 raise LuncherError(
                     "these photos are not among your examples (the model is not personalized) "
-                    "but an undo step holds them: `luncher undo` brings it back, and `luncher "
-                    "forget` then removes them; `luncher reset --purge` removes every undo step"
+                    "but an undo step holds them: ",
+                    UNDO,
+                    " brings it back, and ",
+                    FORGET,
+                    " then removes them; ",
+                    RESET_PURGE,
+                    " removes every undo step",
                 )
             raise LuncherError("there are no examples to forget: the model is not personalized")
         check_trainable(base.meta, base.path)

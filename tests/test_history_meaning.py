@@ -11,6 +11,7 @@ import pytest
 
 import healthyluncher
 from healthyluncher import LuncherError
+from tests.conftest import Result, one_line_error
 from tests.models import keras_style, pytorch_style
 from tests.test_conventions import luncher
 
@@ -19,6 +20,12 @@ from tests.test_conventions import luncher
 def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
     healthyluncher.make_updatable(pt_model, models_dir=models_dir)
     return healthyluncher.open(models_dir)
+
+
+def cli(*args: object) -> Result:
+    """The real command in a subprocess, as the `run` fixture's Result."""
+    done = luncher(*map(str, args))
+    return Result(done.returncode, done.stdout, done.stderr)
 
 
 def names(lun: healthyluncher.Luncher) -> dict[str, tuple[str | None, str | None]]:
@@ -119,8 +126,9 @@ def test_forget_after_a_reset_says_how_to_reach_the_photo(lun, photos):
     forgetting would drop the whole personalization the reset promised to keep)."""
     lun.retrain("healthy", photos["red"])
     lun.reset()
-    with pytest.raises(LuncherError, match=r"undo step.*luncher undo.*reset --purge"):
+    with pytest.raises(LuncherError, match=r"undo step.*Luncher\.undo\(\).*purge=True"):
         lun.forget([photos["red"][0]])
+    one_line_error(cli("forget", photos["red"][0]), "`luncher undo`", "--purge`")
     assert lun.undo().examples_per_label == {"healthy": 3}  # nothing was lost
 
 
