@@ -13,6 +13,7 @@ import numpy as np
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes
+from healthyluncher.meta import known_label
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
 from healthyluncher.records import Base, Examples
 from healthyluncher.runtime import inference_session, run_in_batches
@@ -254,6 +255,8 @@ def rebuild_examples(
 ) -> tuple[Examples, int]:
     """Embed the kept thumbnails of these photos with `base`; returns the examples and how
     many photos could not be carried over (thumbnail missing or unreadable)."""
+    # A label of yours that the base has in another Unicode form is the base's (as retrain).
+    labels = [known_label(label, base.meta.labels) for label in labels]
     pairs = zip(digests, labels, strict=True)
     found = [(d, label) for d, label in pairs if store.thumbnail(d).is_file()]
     embedder = Embedder(store, base, hp.views_for(len(found)))

@@ -210,3 +210,20 @@ def test_labels_that_look_like_markup_are_printed_as_they_are(pt_model, photos, 
     other = pytorch_style(tmp_path / "other.onnx", ["b", label], seed=2)
     moved = luncher("make-updatable", str(other), "--keep-personalization")
     assert moved.returncode == 0 and f"{label}: 3" in moved.stdout, moved
+
+
+def test_an_upgrade_meets_a_label_of_yours_in_another_unicode_form(lun, photos, tmp_path):
+    """A label taught from a macOS folder name (an e and a combining accent) and a new
+    base's label typed as one composed é are one label, as retrain treats them; an
+    upgrade compared them as text and made the new base's label a twin of the user's."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "café")
+    composed = unicodedata.normalize("NFC", "café")
+    lun.retrain(decomposed, photos["red"], new_label=True)
+    new = pytorch_style(tmp_path / "with_cafe.onnx", labels=[composed, "fast_food"], seed=4)
+    result = healthyluncher.make_updatable(
+        new, models_dir=lun.models_dir, keep_personalization=True
+    )
+    assert result.carried_over == {composed: 3}
+    assert healthyluncher.open(lun.models_dir).labels == (composed, "fast_food")
