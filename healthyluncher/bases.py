@@ -364,7 +364,7 @@ def _build(
             full, cut.head, cut.trainable_params, cut.split_tensor, len(labels)
         )
         template.save(staged / Files.TEMPLATE)
-        write_json(staged / Files.META, meta.to_json())
+        write_json(staged / Files.META, meta.to_json(), durable=False)  # publish fsyncs it
         name = txn.publish(staged, "base")
     dropped = False
     if switch:

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,14 +48,16 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         fsync_dir(path.parent)
 
 
-def write_json(path: Path, data: Any, *, compact: bool = False) -> None:
+def write_json(path: Path, data: Any, *, compact: bool = False, durable: bool = True) -> None:
     """Write JSON atomically: indented, or `compact` (one line, C-speed encoding: a list of
-    thousands of photos indented costs tens of milliseconds per write)."""
+    thousands of photos indented costs tens of milliseconds per write). `durable=False`
+    leaves the fsyncs to the caller: a file in a staging directory, which publishing
+    fsyncs whole (`fsync_tree`) before anyone can read it."""
     if compact:
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     else:
         text = json.dumps(data, sort_keys=True, indent=2)
-    atomic_write_bytes(path, (text + "\n").encode())
+    atomic_write_bytes(path, (text + "\n").encode(), durable=durable)
 
 
 def sweep(folder: Path, used: set[str]) -> None:
@@ -84,12 +87,50 @@ def read_json(path: Path) -> Any:
         raise DamagedError(f"{path} is damaged ({exc})") from None
 
 
+# Threads that fsync a directory's files at once (see fsync_tree).
+FSYNC_THREADS = 8
+
+
 def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`; returns when all are durable.
+
+    The fsyncs run at once, on a few threads: a journaling filesystem commits concurrent
+    ones together, where one after another each waits for a commit of its own (ext4: the
+    12 of a retrain's copy took 35 ms in turn, 1 to 5 ms at once). Each fsync still has to
+    succeed; the first error is raised once all have ended."""
+    files: list[str] = []
+    folders: list[Path] = []
     for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(Path(dirpath))
+        files.extend(os.path.join(dirpath, name) for name in filenames)
+        folders.append(Path(dirpath))
+    errors: list[BaseException] = []
+
+    def sync(paths: list[str], dirs: list[Path]) -> None:
+        try:
+            for path in paths:
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+            for folder in dirs:
+                fsync_dir(folder)
+        except BaseException as exc:  # raised in the caller's thread below
+            errors.append(exc)
+
+    count = max(1, min(FSYNC_THREADS, len(files)))
+    threads = [
+        threading.Thread(
+            target=sync,
+            args=(files[i::count], folders[i::count]),
+            name="fsync",
+            daemon=True,
+        )
+        for i in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 # Seconds of waiting for a lock after which the waiting process says so.

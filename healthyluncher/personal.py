@@ -131,15 +131,13 @@ def publish_personal(
             )
             if restore is not None:
                 meta = replace(restore[1], examples_per_label=examples.per_label())
-            write_json(staged / Files.META, meta.to_json())
+            # Staged files are made durable all at once by txn.publish (fsync_tree).
+            write_json(staged / Files.META, meta.to_json(), durable=False)
             listed = {**load_taught(previous), **(taught or {})}
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             listed.update({digest: (name, now) for digest, name in (names or {}).items()})
-            write_json(
-                staged / Files.TAUGHT,
-                {d: list(listed[d]) for d in examples.digests if d in listed},
-                compact=True,
-            )
+            kept = {d: list(listed[d]) for d in examples.digests if d in listed}
+            write_json(staged / Files.TAUGHT, kept, compact=True, durable=False)
             # The summary, and the "before" of these photos' next retrain without the model
             # (an older photo taught again is scored by the model then).
             which = _scored(examples, set(names or ()))

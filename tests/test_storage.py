@@ -258,3 +258,73 @@ def test_a_models_directory_from_before_segments_keeps_working(lun, photos, mode
     assert lun.predict(photos["red"] + photos["green"]) == before
     views, _ = _views(store, folders[0])
     np.testing.assert_array_equal(views, expected[folders[0].name])
+
+
+def test_a_new_copy_is_durable_file_by_file_before_state_json_names_it(lun, photos, models_dir):
+    """The staged meta.json and taught.json are no longer fsynced one by one as they are
+    written: publishing fsyncs the staged directory whole. Every file and directory of the
+    new copy must still be fsynced, after its last write and before state.json names it."""
+    lun.retrain("healthy", photos["red"][:1])
+    synced: list[tuple[int, int]] = []
+    named_at: list[int] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        info = os.fstat(fd)
+        synced.append((info.st_dev, info.st_ino))
+
+    def replace(source: object, target: object) -> None:
+        real_replace(source, target)  # type: ignore[arg-type]
+        if Path(str(target)).name == "state.json":
+            named_at.append(len(synced))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        patch.setattr(os, "replace", replace)
+        lun.retrain("fast_food", photos["green"][:1])
+    _, (current, *_) = _copies(models_dir)
+    before_switch = set(synced[: named_at[-1]])
+    paths = [current, *current.rglob("*")]
+    missing = [p.name for p in paths if (p.stat().st_dev, p.stat().st_ino) not in before_switch]
+    assert missing == []
+    state = (models_dir / "state.json").stat()
+    assert (state.st_dev, state.st_ino) in before_switch  # its temporary file, then renamed
+    assert len(paths) >= 9
+
+
+def test_publishing_fsyncs_the_staged_files_at_once_and_reports_a_failure(tmp_path):
+    """One after another, each fsync waited for a journal commit of its own (35 ms for a
+    retrain's copy on ext4); at once, the filesystem commits them together. Each must still
+    succeed."""
+    import threading
+
+    from healthyluncher import fileio
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc to name a descriptor's file")
+    folder = tmp_path / "staged"
+    (folder / "inner").mkdir(parents=True)
+    for name in ("a", "b", "c", "inner/d"):
+        (folder / name).write_bytes(b"x")
+    together = threading.Barrier(2, timeout=10)  # fsyncs one at a time never get past it
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isfile(f"/proc/self/fd/{fd}"):
+            together.wait()
+        real_fsync(fd)
+
+    def failing(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/c"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        fileio.fsync_tree(folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", failing)
+        with pytest.raises(OSError, match="Input/output error"):
+            fileio.fsync_tree(folder)
+
