@@ -5,6 +5,8 @@ fraction of a second) or while typer builds the command ends with one line and e
 code 130, not a traceback.
 """
 
+import atexit
+import gc
 import os
 import sys
 
@@ -16,6 +18,12 @@ def run() -> None:
     # The library leaves the setting to the program that imports it (one for the whole
     # process, its other threads' numpy too).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # The process ends with the command, and Python's last garbage collections, which it
+    # runs while it exits over every object typer, numpy and ONNX Runtime made, only
+    # delay that end: about 25 ms of CPU time of every command. Frozen at exit (atexit runs
+    # before them), those objects are simply left to the operating system; everything
+    # else Python does on exit (atexit handlers, flushing stdout) still happens.
+    atexit.register(gc.freeze)
     try:
         from healthyluncher.cli import main
 
