@@ -11,7 +11,6 @@ so that a retrain gives the same weights, within float32 rounding, with or witho
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,9 +18,6 @@ from healthyluncher.errors import LuncherError
 from healthyluncher.linearhead import LinearHead
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.trainers import TrainingSet, epoch_order
-
-if TYPE_CHECKING:
-    pass
 
 # What onnxblock.optim.AdamW() (onnxruntime/training/onnxblock/optim/optim.py, 1.19.2) writes
 # into the AdamWOptimizer node when `generate_artifacts` is given OptimType.AdamW: the node's
@@ -64,9 +60,7 @@ def train_linear(
     """
     if len(data) == 0:
         raise LuncherError("nothing to train on")
-    params = {
-        name: np.array(value, dtype=np.float32) for name, value in spec._checked(start).items()
-    }
+    params = _Params(spec, spec._checked(start))
     labels = np.asarray(data.labels)
     if labels.min() < 0 or labels.max() >= spec.classes:
         raise LuncherError(f"labels must lie in 0..{spec.classes - 1} for this head")
@@ -75,7 +69,7 @@ def train_linear(
         raise LuncherError(
             f"the head takes {spec.features} features per example, not shape {inputs_shape}"
         )
-    step = _optimizer(hp, params)
+    step = _optimizer(hp, params.flat)
     batch = max(1, min(hp.batch_size, batch_limit or hp.batch_size))
     p = data.weights / data.weights.sum()
     data = data.joined()
@@ -94,82 +88,131 @@ def train_linear(
         for start_at in range(0, len(order), batch):
             idx = order[start_at : start_at + batch]
             x = whole[idx] if whole is not None else data.take(idx)
-            loss, grads = _loss_and_gradients(spec, params, x, labels[idx])
-            step(grads)
-            losses.append(loss)
+            losses.append(params.loss_and_gradients(x, labels[idx]))
+            step(params.gradients)
         loss_mean = float(np.mean(losses))
         if on_epoch is not None:
             on_epoch(epoch + 1, hp.epochs, loss_mean)
-    return {name: params[name] for name in start}, loss_mean
+    trained = params.arrays()
+    return {name: trained[name] for name in start}, loss_mean
 
 
-def _loss_and_gradients(
-    spec: LinearHead, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
-) -> tuple[float, dict[str, np.ndarray]]:
-    """ORT's SoftmaxCrossEntropyLoss (reduction "mean", no class weights, no ignore_index:
-    onnxblock.loss.CrossEntropyLoss's defaults) of one batch, and its gradients."""
-    xs = x.astype(_GRAD_DTYPE, copy=False)
-    weight = params[spec.weight].astype(_GRAD_DTYPE)
-    w = weight.T if spec.trans_b else weight  # (D, C)
-    logits = xs @ w
-    if spec.alpha != 1.0:
-        logits *= spec.alpha
-    if spec.bias is not None:
-        logits += spec.beta * params[spec.bias].astype(_GRAD_DTYPE).reshape(-1)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    rows = np.arange(len(y))
-    # ORT returns the loss as float32: round it the same way before it is averaged.
-    loss = float(np.float32(-log_prob[rows, y].mean()))
-    d_logits = np.exp(log_prob)
-    d_logits[rows, y] -= 1.0
-    d_logits /= len(y)
-    d_w = spec.alpha * (xs.T @ d_logits)  # (D, C)
-    grads = {spec.weight: (d_w.T if spec.trans_b else d_w).astype(np.float32)}
-    if spec.bias is not None:
-        d_b = spec.beta * d_logits.sum(axis=0)
-        grads[spec.bias] = d_b.reshape(params[spec.bias].shape).astype(np.float32)
-    return loss, grads
+class _Params:
+    """The head's parameters in one float32 vector (the weight, then the bias), and their
+    gradients in another of the same layout: the optimizer then updates both with one
+    elementwise operation each, which rounds every entry exactly as one per parameter
+    would (each entry's arithmetic is its own), in half the numpy calls."""
+
+    def __init__(self, spec: LinearHead, start: dict[str, np.ndarray]) -> None:
+        self.spec = spec
+        self.names = spec.param_names
+        self.shapes = [np.shape(start[name]) for name in self.names]
+        self.flat = np.concatenate(
+            [np.asarray(start[name], np.float32).reshape(-1) for name in self.names]
+        )
+        self.gradients = np.empty_like(self.flat)
+        self.sizes = [int(np.prod(shape)) for shape in self.shapes]
+        self._rows: dict[int, np.ndarray] = {}
+
+    def _parts(self, flat: np.ndarray) -> list[np.ndarray]:
+        parts, at = [], 0
+        for size, shape in zip(self.sizes, self.shapes, strict=True):
+            parts.append(flat[at : at + size].reshape(shape))
+            at += size
+        return parts
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The parameters, each an array of its own."""
+        return {n: part.copy() for n, part in zip(self.names, self._parts(self.flat), strict=True)}
+
+    def loss_and_gradients(self, x: np.ndarray, y: np.ndarray) -> float:
+        """ORT's SoftmaxCrossEntropyLoss (reduction "mean", no class weights, no
+        ignore_index: onnxblock.loss.CrossEntropyLoss's defaults) of one batch; its
+        gradients go to `self.gradients`. (Multiplying by an alpha or beta of 1.0, which
+        changes nothing, is skipped.)"""
+        spec = self.spec
+        xs = x.astype(_GRAD_DTYPE, copy=False)
+        parts = self._parts(self.flat.astype(_GRAD_DTYPE))
+        weight = parts[0]
+        logits = xs @ (weight.T if spec.trans_b else weight)  # (N, C)
+        if spec.alpha != 1.0:
+            logits *= spec.alpha
+        if spec.bias is not None:
+            bias = parts[1].reshape(-1)
+            logits += bias if spec.beta == 1.0 else spec.beta * bias
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        rows = self._rows.get(len(y))
+        if rows is None:
+            rows = self._rows[len(y)] = np.arange(len(y))
+        # ORT returns the loss as float32: round it the same way before it is averaged.
+        # (The mean as ndarray.mean takes it, without its Python wrapper.)
+        loss = float(np.float32(-(np.add.reduce(log_prob[rows, y]) / len(y))))
+        d_logits = np.exp(log_prob)
+        d_logits[rows, y] -= 1.0
+        d_logits /= len(y)
+        d_w = xs.T @ d_logits  # (D, C)
+        if spec.alpha != 1.0:
+            d_w = spec.alpha * d_w
+        grads = self._parts(self.gradients)
+        # Rounded to float32 on assignment; transposed on the float32 side, where it is
+        # cheaper than a transposing cast.
+        (grads[0].T if spec.trans_b else grads[0])[...] = d_w
+        if spec.bias is not None:
+            d_b = d_logits.sum(axis=0)
+            if spec.beta != 1.0:
+                d_b = spec.beta * d_b
+            np.copyto(grads[1], d_b.reshape(grads[1].shape))
+        return loss
 
 
-def _optimizer(
-    hp: Hyperparameters, params: dict[str, np.ndarray]
-) -> Callable[[dict[str, np.ndarray]], None]:
+def _optimizer(hp: Hyperparameters, params: np.ndarray) -> Callable[[np.ndarray], None]:
     """One optimizer step that updates `params` in place, in float32 as ORT's CPU kernels."""
     # Optimizer.set_learning_rate stores a C++ float.
     lr = np.float32(hp.learning_rate)
     if hp.optimizer == "sgd":
 
-        def sgd(grads: dict[str, np.ndarray]) -> None:
+        def sgd(grads: np.ndarray) -> None:
             # SGDOptimizerV2: w = w + (-lr * g).
-            for name, g in grads.items():
-                params[name] += -lr * g
+            np.add(params, -lr * grads, out=params)
 
         return sgd
     if hp.optimizer != "adamw":
         raise LuncherError(f"unknown optimizer {hp.optimizer!r}; expected adamw or sgd")
-    m1 = {name: np.zeros_like(value) for name, value in params.items()}
-    m2 = {name: np.zeros_like(value) for name, value in params.items()}
+    m1 = np.zeros_like(params)
+    m2 = np.zeros_like(params)
+    scratch = np.empty_like(params)
     one = np.float32(1.0)
+    keep1, keep2 = one - ADAMW_BETA1, one - ADAMW_BETA2
     steps = 0
 
-    def adamw(grads: dict[str, np.ndarray]) -> None:
+    def adamw(g: np.ndarray) -> None:
         # AdamWOptimizer with adam_mode=1 (Hugging Face's AdamW) and correct_bias=1. The
         # training API passes the step count plus one, so the first step is 1. Each
-        # expression keeps the kernel's float32 operation order.
+        # expression keeps the kernel's float32 operation order (in place, into scratch).
         nonlocal steps
         steps += 1
         # 1.f - static_cast<float>(std::pow(alpha_, step)): the power in double.
         correction1 = one - np.float32(float(ADAMW_BETA1) ** steps)
         correction2 = one - np.float32(float(ADAMW_BETA2) ** steps)
         lr_corrected = lr * (np.sqrt(correction2) / correction1)
-        for name, g in grads.items():
-            w = params[name]
-            m1[name] = ADAMW_BETA1 * m1[name] + (one - ADAMW_BETA1) * g
-            m2[name] = ADAMW_BETA2 * m2[name] + (one - ADAMW_BETA2) * g * g
-            w -= lr_corrected * m1[name] / (np.sqrt(m2[name]) + ADAMW_EPSILON)
-            # Decoupled weight decay after the update, with the uncorrected rate.
-            if ADAMW_WEIGHT_DECAY:
-                w -= (lr * ADAMW_WEIGHT_DECAY) * w
+        # m1 = beta1 * m1 + (1 - beta1) * g
+        np.multiply(m1, ADAMW_BETA1, out=m1)
+        np.multiply(keep1, g, out=scratch)
+        np.add(m1, scratch, out=m1)
+        # m2 = beta2 * m2 + (1 - beta2) * g * g
+        np.multiply(m2, ADAMW_BETA2, out=m2)
+        np.multiply(keep2, g, out=scratch)
+        np.multiply(scratch, g, out=scratch)
+        np.add(m2, scratch, out=m2)
+        # w -= lr_corrected * m1 / (sqrt(m2) + epsilon)
+        denominator = np.sqrt(m2)
+        np.add(denominator, ADAMW_EPSILON, out=denominator)
+        np.multiply(lr_corrected, m1, out=scratch)
+        np.divide(scratch, denominator, out=scratch)
+        np.subtract(params, scratch, out=params)
+        # Decoupled weight decay after the update, with the uncorrected rate.
+        if ADAMW_WEIGHT_DECAY:
+            np.subtract(params, (lr * ADAMW_WEIGHT_DECAY) * params, out=params)
 
     return adamw
