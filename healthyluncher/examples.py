@@ -179,7 +179,7 @@ def replay_weights(data: Any, rows: int, source: Path) -> np.ndarray:
 
 
 def memory_rows(
-    examples: Examples, labels: tuple[str, ...]
+    examples: Examples, labels: tuple[str, ...], centre: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The views to remember, their class indices and their indices in `examples.inputs`
     (-1 for a summary), at most MEMORY_ROWS.
@@ -187,8 +187,9 @@ def memory_rows(
     When every photo's own view fits, they all go in, then augmented views while they fit.
     Beyond that, the newest photos keep their own views (a photo taught today takes its
     label today) and the older ones are summarized: each run of photos taught one after
-    the other under one label becomes one or more rows, the mean of its photos' unit-length
-    views, so every photo still counts (`memory_plan` says how the rows are split)."""
+    the other under one label becomes one or more rows, so every photo still counts
+    (`memory_plan` says how the rows are split): seen from `centre` (the memory's, zero
+    when None), a row points the mean way of its photos' views."""
     first = _first_view_indices(examples)
     class_of = np.array([labels.index(label) for label in examples.labels], np.int64)
     photos = len(examples)
@@ -200,8 +201,11 @@ def memory_rows(
     newest, older = memory_plan(photos)
     # Fancy indexing copies once; the rows are normalized in that copy.
     flat = examples.inputs[first[:older]].reshape(older, -1).astype(np.float32, copy=False)
+    if centre is not None:
+        flat -= centre
     flat /= np.maximum(np.sqrt(np.einsum("nd,nd->n", flat, flat)), 1e-12)[:, None]
-    summaries = _run_means(flat, class_of[:older], MEMORY_ROWS - newest)
+    means = _run_means(flat, class_of[:older], MEMORY_ROWS - newest)
+    summaries = (means[0] if centre is None else means[0] + centre, means[1])
     rows = np.concatenate(
         [summaries[0].reshape(-1, *examples.inputs.shape[1:]), examples.inputs[first[older:]]]
     )
@@ -218,13 +222,24 @@ def copy_memory(
     known: dict[str, float] | None = None,
 ) -> Memory:
     """The memory a copy with these examples holds: its rows, and their floors against the
-    base's replay set; `known`: conflicts found before, by view_keys (a copy's cache)."""
-    rows, classes, views = memory_rows(examples, labels)
+    base's replay set, measured from the replay set's mean; `known`: conflicts found
+    before, by view_keys (a copy's cache)."""
+    replay = load_replay(base)
+    centre = replay_centre(replay)
+    rows, classes, views = memory_rows(examples, labels, centre)
     found = None
     if known:
         keys = view_keys(views, examples.origin, examples.segments)
         found = np.array([known.get(key, np.nan) if key else np.nan for key in keys], np.float32)
-    return build_memory(rows, classes, threshold, load_replay(base), views=views, known=found)
+    return build_memory(rows, classes, threshold, replay, views=views, known=found, centre=centre)
+
+
+def replay_centre(replay: Replay | None) -> np.ndarray | None:
+    """The mean head input of a replay set (each row once, as the eval measured it), or
+    None without one: the memory's centre."""
+    if replay is None or not len(replay[0]):
+        return None
+    return replay[0].reshape(len(replay[0]), -1).mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def view_keys(views: np.ndarray, origin: np.ndarray | None, segments: tuple[str, ...]) -> list[str]:
@@ -251,14 +266,20 @@ def load_floors(personal: Personal | None, base: Base) -> dict[str, float]:
         return {}
     try:
         with np.load(personal.path / Files.FLOORS, allow_pickle=False) as data:
-            keys, conflicts = data["keys"], data["conflicts"]
+            keys, conflicts, rule = data["keys"], data["conflicts"], data["rule"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return {}  # no "rule": saved before the memory measured from a centre
+    if rule.shape != () or rule.dtype.kind != "U" or str(rule) != FLOORS_RULE:
         return {}
     if keys.ndim != 1 or keys.dtype.kind != "U" or conflicts.shape != keys.shape:
         return {}
     if conflicts.dtype != np.float32 or not np.all(np.abs(conflicts) <= 1.001):  # NaN too
         return {}
     return dict(zip(keys.tolist(), conflicts.tolist(), strict=True))
+
+
+# How the saved conflicts were measured: similarities from the replay set's mean.
+FLOORS_RULE = "centred"
 
 
 def save_floors(
@@ -273,6 +294,7 @@ def save_floors(
         {
             "keys": np.array([keys[i] for i in keep], dtype=np.str_),
             "conflicts": memory.conflicts[keep].astype(np.float32),
+            "rule": np.array(FLOORS_RULE),
         },
     )
 

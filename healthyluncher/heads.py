@@ -17,6 +17,7 @@ from healthyluncher.memory import (
     EXACT_MATCH,
     MEMORY_PREFIX,
     MEMORY_TENSORS,
+    PERSONAL_CENTRE,
     PERSONAL_FLOOR,
     PERSONAL_MASK,
     PERSONAL_ROWS,
@@ -102,7 +103,8 @@ def add_memory(
     """Put a nearest-neighbour memory of the user's examples in front of the logits.
 
     For each class c: `above` is the most by which the cosine similarity between the
-    photo's head input and one of the user's examples of c exceeds that example's floor
+    photo's head input and one of the user's examples of c (both less the memory's centre,
+    the mean of the base's replay set) exceeds that example's floor
     (memory.build_memory: the threshold, or the example's own similarity to its nearest
     replayed base example of another class). Where it is positive, c's logit rises by
     `strength` per unit of it. So each example claims the photos nearer to it than the
@@ -124,7 +126,8 @@ def add_memory(
     ]
     nodes = [
         make("Flatten", [features], [f"{prefix}/flat"], axis=1),
-        make("LpNormalization", [f"{prefix}/flat"], [f"{prefix}/unit"], axis=1, p=2),
+        make("Sub", [f"{prefix}/flat", PERSONAL_CENTRE], [f"{prefix}/centred"]),
+        make("LpNormalization", [f"{prefix}/centred"], [f"{prefix}/unit"], axis=1, p=2),
         make("MatMul", [f"{prefix}/unit", PERSONAL_ROWS], [f"{prefix}/similarity"]),
         make("Sub", [f"{prefix}/similarity", PERSONAL_FLOOR], [f"{prefix}/relative"]),
     ]

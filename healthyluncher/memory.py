@@ -10,8 +10,9 @@ MEMORY_PREFIX = "luncher_memory"
 PERSONAL_ROWS = f"{MEMORY_PREFIX}/personal_rows"
 PERSONAL_MASK = f"{MEMORY_PREFIX}/personal_mask"
 PERSONAL_FLOOR = f"{MEMORY_PREFIX}/personal_floor"
+PERSONAL_CENTRE = f"{MEMORY_PREFIX}/centre"
 STRENGTH = f"{MEMORY_PREFIX}/strength"
-MEMORY_TENSORS = (PERSONAL_ROWS, PERSONAL_MASK, PERSONAL_FLOOR, STRENGTH)
+MEMORY_TENSORS = (PERSONAL_CENTRE, PERSONAL_ROWS, PERSONAL_MASK, PERSONAL_FLOOR, STRENGTH)
 # Cosine similarity from which a photo counts as one the user taught (the same photo gives
 # 1 up to float rounding; an augmented view of it, about 0.9): see heads.add_memory.
 EXACT_MATCH = 0.999
@@ -21,15 +22,17 @@ EXACT_MATCH = 0.999
 class Memory:
     """The user's examples as the memory holds them: (M, ...) head inputs and their (M,)
     class indices; each row's similarity to its nearest replayed base example of another
-    class (`conflicts`, -1 without one) and its floor (see `build_memory`); and the view of
-    the examples each row is (`views`, -1 for a row that summarizes several photos)."""
+    class (`conflicts`, -1 without one) and its floor (see `build_memory`); the view of
+    the examples each row is (`views`, -1 for a row that summarizes several photos); and
+    the `centre` (D,) every head input is measured from (see `build_memory`)."""
 
     rows: np.ndarray
     classes: np.ndarray
     conflicts: np.ndarray
     floors: np.ndarray
     views: np.ndarray
-    unit: np.ndarray  # (M, D) the rows at unit length, made once for every use
+    unit: np.ndarray  # (M, D) the rows minus the centre at unit length, made once
+    centre: np.ndarray  # (D,) float32
 
 
 def build_memory(
@@ -41,12 +44,17 @@ def build_memory(
     views: np.ndarray | None = None,
     known: np.ndarray | None = None,
     batch: int = 512,
+    centre: np.ndarray | None = None,
 ) -> Memory:
     """The memory of these rows. A row's floor is the threshold, or, if higher, the row's
     own similarity to its nearest replayed base example of another class: each example of
     the user's claims the photos closer to it than that base example is (a ball around
     it), so a dish the base knows under another label keeps it, and a photo far from every
     base example is not claimed by whichever example happens to be nearest.
+
+    Similarities are cosines of head inputs minus `centre` (zero when None), which
+    copy_memory makes the mean of the base's replay set (SimpleShot's centring): what
+    every photo shares no longer counts as likeness (results/memory-rules-centred.md).
 
     `known`: (M,) conflicts found before (a copy's cache of them), NaN where not: only
     those rows are compared with the replay set (M x 400 similarities for 2,048 rows
@@ -57,9 +65,11 @@ def build_memory(
         conflicts = known.astype(np.float32)  # a copy
     todo = np.flatnonzero(np.isnan(conflicts))
     conflicts[todo] = -1.0
-    unit = _unit(rows)
+    width = int(np.prod(rows.shape[1:], dtype=np.int64))
+    centre = np.zeros(width, np.float32) if centre is None else centre.astype(np.float32)
+    unit = _unit(rows, centre)
     if replay is not None and len(replay[0]) and len(todo):
-        others = _unit(replay[0])
+        others = _unit(replay[0], centre)
         for start in range(0, len(todo), batch):
             chosen = todo[start : start + batch]
             similarity = unit[chosen] @ others.T  # (b, R)
@@ -68,12 +78,13 @@ def build_memory(
     floors = np.maximum(conflicts, np.float32(threshold))
     if views is None:
         views = np.full(len(rows), -1, np.int64)
-    return Memory(rows, classes, conflicts, floors, views, unit)
+    return Memory(rows, classes, conflicts, floors, views, unit, centre)
 
 
 def personal_memory(memory: Memory, num_classes: int, strength: float) -> dict[str, np.ndarray]:
     """The varying memory tensors of heads.add_memory's graph for this memory."""
     return {
+        PERSONAL_CENTRE: memory.centre.astype(np.float32),
         PERSONAL_ROWS: memory.unit.T.copy(),
         PERSONAL_MASK: _mask(memory.classes, num_classes),
         PERSONAL_FLOOR: memory.floors.astype(np.float32),
@@ -91,7 +102,7 @@ def memory_bonus(
     unit = memory.unit
     mask = _mask(memory.classes, num_classes)
     floors = memory.floors.astype(np.float32)
-    flat = x.reshape(len(x), -1).astype(np.float32)
+    flat = x.reshape(len(x), -1).astype(np.float32) - memory.centre
     parts = [np.zeros((0, num_classes), np.float32)]
     for start in range(0, len(flat), batch):
         chunk = flat[start : start + batch]
@@ -105,9 +116,9 @@ def memory_bonus(
     return np.concatenate(parts)
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
-    """(M, D) unit-length float32 rows (a copy)."""
-    unit = rows.reshape(len(rows), -1).astype(np.float32)
+def _unit(rows: np.ndarray, centre: np.ndarray | float = 0.0) -> np.ndarray:
+    """(M, D) float32 rows minus `centre`, at unit length (a copy)."""
+    unit = rows.reshape(len(rows), -1).astype(np.float32) - centre
     unit /= np.maximum(np.sqrt(np.einsum("md,md->m", unit, unit)), 1e-12)[:, None]
     return unit
 

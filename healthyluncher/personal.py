@@ -203,7 +203,7 @@ def _numpy_probabilities(
     spec = spec.with_extra_classes(len(labels) - spec.classes)
     logits = spec.logits(params, inputs)
     if _remembers(hp, examples):
-        memory = memory or copy_memory(base, examples, labels, hp.memory_threshold)
+        memory = memory or copy_memory(base, examples, labels, hp.memory_floor)
         logits += memory_bonus(inputs, memory, len(labels), hp.memory_strength)
     return softmax(logits.astype(np.float64))
 
@@ -219,7 +219,7 @@ def _memory_of(
     `cached` (a copy of the same base) saved conflicts for are not compared again."""
     if not _remembers(hp, examples):
         return None
-    return copy_memory(base, examples, labels, hp.memory_threshold, load_floors(cached, base))
+    return copy_memory(base, examples, labels, hp.memory_floor, load_floors(cached, base))
 
 
 def _remembers(hp: Hyperparameters, examples: Examples) -> bool:
@@ -305,7 +305,7 @@ def personal_graphs(
     for target in targets:
         heads.write_back(target, params)
     if _remembers(hp, examples):
-        memory = memory or copy_memory(base, examples, labels, hp.memory_threshold)
+        memory = memory or copy_memory(base, examples, labels, hp.memory_floor)
         for target in targets:
             heads.add_memory(
                 target, base.meta.split_tensor, logits, memory, len(labels), hp.memory_strength
@@ -343,7 +343,7 @@ def render_personal(
 
             template = heads.rebuild_template(base)
     if template is not None and template.num_classes == len(labels):
-        memory = memory or copy_memory(base, examples, labels, hp.memory_threshold)
+        memory = memory or copy_memory(base, examples, labels, hp.memory_floor)
         tensors = dict(params)
         tensors.update(personal_memory(memory, len(labels), hp.memory_strength))
         model_bytes, head_bytes = template.render(tensors)

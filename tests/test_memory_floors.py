@@ -64,12 +64,12 @@ def test_a_retrain_compares_only_new_rows_with_the_replay_set(
     assert computed == [0, new_rows]
     # The cached floors are the ones a fresh computation gives.
     hp = personal.meta.hyperparameters
-    fresh = copy_memory(base, second, personal.meta.labels, hp.memory_threshold)
+    fresh = copy_memory(base, second, personal.meta.labels, hp.memory_floor)
     cached = copy_memory(
         base,
         second,
         personal.meta.labels,
-        hp.memory_threshold,
+        hp.memory_floor,
         examples_module.load_floors(personal, base),
     )
     assert (fresh.conflicts > -1).all()  # the replay set is there
@@ -78,7 +78,7 @@ def test_a_retrain_compares_only_new_rows_with_the_replay_set(
 
 @pytest.mark.parametrize(
     "damage",
-    ["garbage", "nan", "too large", "another dtype", "keys of another length"],
+    ["garbage", "nan", "too large", "another dtype", "keys of another length", "plain cosines"],
 )
 def test_a_damaged_floors_file_is_computed_again(
     run, base_with_replay, tmp_path, models_dir, damage
@@ -97,8 +97,10 @@ def test_a_damaged_floors_file_is_computed_again(
             conflicts = np.full_like(conflicts, 5.0)
         elif damage == "another dtype":
             conflicts = conflicts.astype(np.float64)
-        else:
+        elif damage == "keys of another length":
             keys = keys[:-1]
+        # "plain cosines": as saved before the memory measured from the replay set's mean
+        # (no "rule"): right in form, wrong in meaning.
         np.savez(path, keys=keys, conflicts=conflicts)
     assert examples_module.load_floors(personal, base) == {}
     result = run("retrain", "--label", "healthy", solid(tmp_path / "c.png", (90, 90, 220)))
@@ -106,7 +108,7 @@ def test_a_damaged_floors_file_is_computed_again(
     base, personal, examples = _current(models_dir)
     hp = personal.meta.hyperparameters
     saved = examples_module.load_floors(personal, base)
-    fresh = copy_memory(base, examples, personal.meta.labels, hp.memory_threshold)
+    fresh = copy_memory(base, examples, personal.meta.labels, hp.memory_floor)
     keys = examples_module.view_keys(fresh.views, examples.origin, examples.segments)
     assert saved and all(saved[k] == pytest.approx(c, abs=1e-6)
                          for k, c in zip(keys, fresh.conflicts, strict=True) if k)  # fmt: skip

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from healthyluncher import heads
 from healthyluncher.examples import training_set
 from healthyluncher.heads import head_with
-from healthyluncher.memory import build_memory
+from healthyluncher.memory import build_memory, memory_bonus
 from healthyluncher.records import Examples, load_examples, load_personal
 from healthyluncher.runtime import HeadRunner, inference_session
 from healthyluncher.settings import Hyperparameters
@@ -117,6 +117,40 @@ def test_memory_in_the_graph_matches_its_definition(head):
     np.testing.assert_allclose(got, plain + bonus, rtol=1e-5, atol=1e-5)
     # A photo almost identical to a remembered example takes its class.
     assert got[0].argmax() == 0 and got[1].argmax() == 0
+
+
+def test_the_memory_measures_likeness_from_the_replay_mean(head):
+    """Every head input shares a large common part (what all photos of food look alike
+    in). Measured plainly, a photo unrelated to the user's example but carrying that part
+    is 'near' it; measured from the replay set's mean, it is not, while a photo of the
+    user's dish still is. The graph, memory_bonus and the definition agree."""
+    path, _ = head
+    e = np.eye(DIM, dtype=np.float32)
+    common = 6 * e[7]
+    replay = (np.array([common + e[0], common - e[0], common + e[1], common - e[1]]),
+              np.array([0, 0, 1, 1]))  # fmt: skip
+    centre = replay[0].mean(axis=0)
+    personal = np.array([common + e[2] + 0.2 * e[0]])
+    memory = build_memory(personal, np.array([1]), 0.1, replay, centre=centre)
+    np.testing.assert_allclose(memory.centre, common)
+    model = onnx.load(str(path))
+    heads.add_memory(model, "x", "logits", memory, 2, strength=50)
+    session = inference_session(model.SerializeToString())
+    x = np.array([common + e[2] + 0.3 * e[0], common + e[3], common + e[4] - e[5]], np.float32)
+    got = session.run(None, {"x": x})[0]
+    plain = x @ onnx.numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]).T
+    unit = (x - centre) / np.linalg.norm(x - centre, axis=1, keepdims=True)
+    row = (personal - centre) / np.linalg.norm(personal - centre, axis=1, keepdims=True)
+    sims = (unit @ row.T)[:, 0]
+    bonus = np.zeros_like(got)
+    bonus[:, 1] = (np.maximum(sims - memory.floors[0], 0) + np.maximum(sims - 0.999, 0) * 1000) * 50
+    np.testing.assert_allclose(got, plain + bonus, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got - plain, memory_bonus(x, memory, 2, 50), rtol=1e-5, atol=1e-4)
+    assert got[0].argmax() == 1  # the user's dish
+    assert got[1].argmax() == 0 and got[2].argmax() == 0  # unrelated photos keep the head's
+    # Plain cosines would find every one of them alike (above 0.9).
+    plain_unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert (plain_unit @ (personal / np.linalg.norm(personal)).T > 0.9).all()
 
 
 def test_augmented_views_are_cached_not_recomputed(run, pt_model, photos, models_dir, monkeypatch):
@@ -256,6 +290,17 @@ def test_the_newest_photos_are_always_in_the_memory_and_old_ones_still_count(mon
     assert len(summaries) == 2 and sorted(classes[:-14].tolist()) == [0, 1]
     unit = inputs[: 2 * 26 : 2] / np.linalg.norm(inputs[: 2 * 26 : 2], axis=1, keepdims=True)
     np.testing.assert_allclose(summaries[0], unit[:25].mean(axis=0), rtol=1e-5)
+    # Seen from the memory's centre, a summary points the mean way of its photos, seen
+    # from there (a mean of plain unit rows, less the centre, would point elsewhere).
+    centre = 3 * np.ones(DIM, np.float32)
+    rows, _, _ = ex.memory_rows(examples, ("A", "B"), centre)
+    np.testing.assert_array_equal(rows[-14:], inputs[2 * 26 :: 2])
+    away = inputs[: 2 * 26 : 2] - centre
+    mean_way = (away / np.linalg.norm(away, axis=1, keepdims=True))[:25].mean(axis=0)
+    got = rows[0] - centre
+    np.testing.assert_allclose(
+        got / np.linalg.norm(got), mean_way / np.linalg.norm(mean_way), atol=1e-5
+    )
 
 
 def test_status_says_how_the_memory_is_built(run, pt_model, tmp_path, monkeypatch):
