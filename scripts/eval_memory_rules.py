@@ -13,7 +13,8 @@ input is close to one of the user's examples of that class. The rules differ in 
   similarity to the nearest replayed base example of another label, if higher. A photo
   moves only when it is nearer to the user's example than to anything the base knows
   under another label.
-- `radius` (heads.add_memory now: memory.build_memory): the threshold, or the user's
+- `radius` (heads.add_memory until centring was adopted; memory.build_memory without a
+  centre, threshold 0.4): the threshold, or the user's
   example's similarity to its nearest replayed base example of another label, if higher:
   each example claims a ball whose radius is set by its own nearest conflicting base
   example. The floor is per example and known at retrain time, so `predict` no longer
@@ -24,7 +25,10 @@ input is close to one of the user's examples of that class. The rules differ in 
   photo twice, full size and as a 64 px thumbnail); `kth-1` is `radius`.
 - `centred-T`: `radius` on head inputs centred on the mean of the base's replay set
   (SimpleShot's centring: the pooled features are all positive, so raw cosines crowd
-  together), with threshold T in place of 0.4 (centred cosines are lower).
+  together), with threshold T in place of 0.4 (centred cosines are lower). `centred-0.1`
+  is heads.add_memory now (memory.build_memory with copy_memory's centre and the
+  `memory_floor` setting 0.1), chosen on the tuning pair of
+  results/memory-rules-centred.md.
 - `imagenet-S` (or `imagenet-S-T`, threshold T, 0.4 if not given): `radius` in the
   output space of the stock ImageNet classifier instead of its 1280-d input: every head
   input f (the photo, the user's rows, the replay set, so the floors too) becomes z = W f
@@ -118,7 +122,7 @@ from healthyluncher.store import Files  # noqa: E402
 
 STRENGTHS = (10, 20, 40, 80, 160, 320, 640)
 RULES = ("photo", "radius", "both", "centred-0.2", "centred-0.4")
-THRESHOLD = 0.4  # the shipped memory_threshold
+THRESHOLD = 0.4  # the plain-cosine memory_threshold shipped before centring
 SHIPPED = 40.0  # Hyperparameters().memory_strength
 MAX_BASE_DROP, MAX_FAR_RISE = 0.5, 1.0
 
