@@ -145,3 +145,12 @@ def test_a_model_onnx_runtime_loads_but_cannot_run_is_refused(run, pt_model, fau
     why = ("cannot run the model", op) if TRAINER == "onnxruntime" else ("not one Gemm",)
     line = one_line_error(run("make-updatable", pt_model), *why)
     assert "ONNXRuntimeError" not in line
+
+
+@pytest.mark.parametrize("label", [None, 5, ""])
+def test_remove_label_checks_its_label_like_every_other_call(pt_model, label):
+    """remove_label(None) read as 'forget no photos': 'none of these photos are among
+    your examples', a message about photos the caller never passed."""
+    healthyluncher.make_updatable(pt_model)
+    with pytest.raises(LuncherError, match="label"):
+        healthyluncher.open().remove_label(label)
