@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from healthyluncher.arguments import check_options, describe, path_argument, photo_sources
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
+from healthyluncher.meta import check_label
 from healthyluncher.photos import ImageFailure, find_images
 from healthyluncher.runtime import quiet_default_logger as quiet_default_logger  # luncher's
 from healthyluncher.settings import Hyperparameters
@@ -266,7 +267,7 @@ class Luncher:
         (one without examples goes alone, and then `undo` brings it back)."""
         from healthyluncher.teaching import forget
 
-        return self._run(forget, [], progress=progress, label=label)
+        return self._run(forget, [], progress=progress, label=check_label(label))
 
     # -- backups ---------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from healthyluncher.headfit import (
 from healthyluncher.heads import build_template, write_back
 from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import BaseMeta, LayerInfo
-from healthyluncher.modelsetup import dummy_input, model_inputs, model_labels, refuse_non_finite
+from healthyluncher.modelsetup import check_run, model_inputs, model_labels
 from healthyluncher.personal import publish_personal
 from healthyluncher.precision import float32_head, scale_tensor
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
@@ -274,8 +274,7 @@ def _build(
             write_back(target, params)
     model_bytes = model.SerializeToString()
     # Fail now, with a clear message, on anything ONNX Runtime cannot run.
-    sample = dummy_input(analysis, prep)
-    refuse_non_finite(inference_session(model_bytes).run(None, {analysis.input.name: sample}))
+    sample = check_run(inference_session(model_bytes), analysis, prep)
     frozen = cut.frozen
     identity = hashlib.sha256(raw)
     if report is not None:

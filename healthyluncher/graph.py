@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ FROZEN_INPUTS = {"BatchNormalization": frozenset({3, 4})}
 # Float inputs that are no weights at all: Resize's region and scales.
 NOT_WEIGHTS = {"Resize": frozenset({1, 2}), "Upsample": frozenset({1})}
 PASS_THROUGH_OPS = frozenset({"Identity"})
+# What class scores may be: a float16 model's head trains in float32 (bases.float32_head).
+SCORE_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ def load_model(path: Path) -> onnx.ModelProto:
 def normalize_versions(model: onnx.ModelProto) -> None:
     """Lower the IR version that newer onnx releases write to what ORT 1.19 reads."""
     opset = default_opset(model)
+    if opset < 1:  # onnx's shape inference knows no op then, ONNX Runtime runs none
+        raise LuncherError("the model imports no ONNX operator set (opset) for its ops")
     if opset > MAX_OPSET:
         raise LuncherError(
             f"the model uses ONNX opset {opset}; ONNX Runtime 1.19 supports up to {MAX_OPSET}"
@@ -121,8 +126,13 @@ def analyze(model: onnx.ModelProto) -> Analysis:
     Conv into that Conv first, and logits that sum several linear layers into one, in place
     (both exact): the layers listed are then the ones that train, and the model written for
     the base is the rewritten one."""
-    fold_batch_norms(model)
     graph = model.graph
+    # Two weights of one name: ONNX Runtime keeps one (which trains?), onnx's tools break.
+    made = Counter([t.name for t in graph.initializer] + [o for n in graph.node for o in n.output])
+    twice = next((name for name, count in made.items() if name and count > 1), None)
+    if twice is not None:
+        raise LuncherError(f"the model has more than one weight or node output named {twice!r}")
+    fold_batch_norms(model)
     initializer_names = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializer_names]
     if not inputs:
@@ -136,6 +146,8 @@ def analyze(model: onnx.ModelProto) -> Analysis:
             f"the model has {len(graph.output)} outputs; expected one output of class scores"
         )
     output = graph.output[0]
+    if output.type.tensor_type.elem_type not in SCORE_TYPES:
+        raise LuncherError(f"the model's output {output.name!r} is {_kind(output)}, not scores")
     out_dims = _dims(output)
     if len(out_dims) != 2 or out_dims[1] is None:
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -165,10 +177,9 @@ def _image_input(value: onnx.ValueInfoProto) -> ImageInput:
     elem = value.type.tensor_type.elem_type
     dims = _dims(value)
     if elem != TensorProto.FLOAT or len(dims) != 4:
-        kind = TensorProto.DataType.Name(elem) if elem else "unknown"
         raise LuncherError(
             f"input {value.name!r} is not an image: expected float32 with 4 dimensions, "
-            f"got {kind.lower()} with shape {dims}"
+            f"got {_kind(value)} with shape {dims}"
         )
     if any(d is not None and d < 1 for d in dims):
         raise LuncherError(
@@ -185,6 +196,12 @@ def _image_input(value: onnx.ValueInfoProto) -> ImageInput:
             "expected 1 or 3 channels first (NCHW) or last (NHWC)"
         )
     return ImageInput(value.name, layout, int(channels), height, width, dims[0])
+
+
+def _kind(value: onnx.ValueInfoProto) -> str:
+    """A tensor's element type as ONNX names it, in lower case: "float", "int64"."""
+    elem = value.type.tensor_type.elem_type
+    return TensorProto.DataType.Name(elem).lower() if elem else "unknown"
 
 
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -398,16 +415,3 @@ def metadata_labels(metadata: dict[str, str]) -> list[str] | None:
                     Param("labels", example="a,b,..."),
                 ) from None
     return None
-
-
-def metadata_preprocessing(metadata: dict[str, str]) -> dict[str, Any]:
-    raw = metadata.get("preprocessing")
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise LuncherError("the model's 'preprocessing' metadata is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise LuncherError("the model's 'preprocessing' metadata must be a JSON object")
-    return value

@@ -62,18 +62,25 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
             )
         if image.size == 0:
             raise LuncherError(f"{name}: the array is empty")
+        _refuse_too_large(name, image.shape[1], image.shape[0])  # before copying it
         image = Image.fromarray(np.ascontiguousarray(image))
     if not isinstance(image, Image.Image):
         raise LuncherError(
             f"{name}: expected a path, a photo file's bytes, a PIL image or a numpy uint8 "
             f"array, not {type(image).__name__}"
         )
+    _refuse_too_large(name, *image.size)  # as a file declaring that size is, unencoded
     buffer = io.BytesIO()
     try:
         image.save(buffer, "PNG", compress_level=1)
     except (OSError, ValueError) as exc:
         raise LuncherError(f"{name}: cannot use this image ({exc})") from None
     return MemoryPhoto(name, buffer.getvalue())
+
+
+def _refuse_too_large(name: str, width: int, height: int) -> None:
+    if width * height > pixel_limit():
+        raise LuncherError(f"{name}: image is too large ({width}x{height} pixels)")
 
 
 def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Image:
@@ -87,8 +94,7 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         width, height = image.size
         if width < 1 or height < 1:
             raise LuncherError(f"{name}: image has no pixels")
-        if width * height > pixel_limit():
-            raise LuncherError(f"{name}: image is too large ({width}x{height} pixels)")
+        _refuse_too_large(name, width, height)
         # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale while the short side
         # stays at least `resize`. A 12 MP phone photo then decodes in a fraction of
         # the time and memory.

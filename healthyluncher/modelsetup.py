@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +72,7 @@ def model_inputs(
 ) -> Inputs:
     """The preprocessing: `mean` and `std`, else a preset, else the model's metadata,
     else ImageNet's statistics (the most common convention)."""
-    meta = graph.metadata_preprocessing(analysis.metadata)
+    meta = _metadata_preprocessing(analysis.metadata)
     image = analysis.input
     crop: Any = meta.get("crop", meta.get("size"))
     try:
@@ -82,7 +85,7 @@ def model_inputs(
         height = image.height or crop_h
         width = image.width or crop_w
         resize = resize or int(meta.get("resize") or round(min(height, width) * 256 / 224))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
         raise LuncherError(
             "the model's 'preprocessing' metadata has a bad crop or resize"
         ) from None
@@ -119,6 +122,19 @@ def model_inputs(
     return Inputs(prep, source)
 
 
+def _metadata_preprocessing(metadata: dict[str, str]) -> dict[str, Any]:
+    raw = metadata.get("preprocessing")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LuncherError("the model's 'preprocessing' metadata is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise LuncherError("the model's 'preprocessing' metadata must be a JSON object")
+    return value
+
+
 def _per_channel(name: str, values: Any, channels: int) -> tuple[float, ...]:
     if not isinstance(values, (list, tuple)) or len(values) not in (1, channels, 3):
         raise LuncherError(f"{name} needs {channels} values (or 1), got {values!r}")
@@ -128,20 +144,44 @@ def _per_channel(name: str, values: Any, channels: int) -> tuple[float, ...]:
     return floats * 3 if len(floats) == 1 else floats
 
 
-def dummy_input(analysis: graph.Analysis, prep: Preprocessing) -> np.ndarray:
+# The check run's input at most (a 4096x4096 photo is 192 MiB): a model exported for a
+# fixed batch of many photos would take more memory than the machine has.
+MAX_CHECK_INPUT_BYTES = 2**30
+
+
+def check_run(session: Any, analysis: graph.Analysis, prep: Preprocessing) -> np.ndarray:
+    """Run the model (an InferenceSession) once on a plain input, as every prediction
+    will, and refuse it unless it outputs finite scores for the classes it declares;
+    returns that input (one batch of zeros, as the model's input shape has it)."""
     batch = analysis.input.batch or 1
     if prep.layout == "NCHW":
         shape = (batch, prep.channels, prep.height, prep.width)
     else:
         shape = (batch, prep.height, prep.width, prep.channels)
-    return np.zeros(shape, np.float32)
-
-
-def refuse_non_finite(outputs: Sequence[Any]) -> None:
-    """The model's outputs for `dummy_input` must be numbers: NaN or infinite weights (or
-    weights whose products overflow float32) would predict nothing and train to NaN."""
-    if not all(np.isfinite(np.asarray(output, np.float64)).all() for output in outputs):
+    size = math.prod(shape) * 4
+    if size > MAX_CHECK_INPUT_BYTES:
+        raise LuncherError(
+            f"the model takes a fixed batch of {batch} photos of {prep.height}x{prep.width} "
+            f"({size / 2**30:.1f} GiB of input each run); export it with a dynamic batch size"
+        )
+    sample = np.zeros(shape, np.float32)
+    try:
+        scores = np.asarray(session.run(None, {analysis.input.name: sample})[0])
+    except Exception as exc:  # ORT raises untyped errors: a Reshape to an impossible shape
+        node = re.search(r"running (\w+) node", str(exc))
+        where = f" (its {node[1]} node fails)" if node else ""
+        raise LuncherError(f"ONNX Runtime cannot run the model on a plain photo{where}") from exc
+    if scores.dtype.kind != "f":
+        raise LuncherError(f"the model outputs {scores.dtype} values, not class scores")
+    if scores.shape != (batch, analysis.num_classes):
+        got = scores.shape[1] if scores.shape[:1] == (batch,) and scores.ndim == 2 else "other"
+        raise LuncherError(
+            f"the model declares {analysis.num_classes} class scores but outputs {got} "
+            f"(an array of shape {scores.shape} for {batch} photo(s))"
+        )
+    if not np.isfinite(scores.astype(np.float64)).all():
         raise LuncherError(
             "the model outputs NaN or infinity for a plain photo: its weights are NaN or "
             "infinite, or so large that float32 overflows"
         )
+    return sample

@@ -1,0 +1,156 @@
+"""Hostile models and in-memory photos: each is refused in one line of luncher's own words
+(never Python's OverflowError or MemoryError, or onnx's InferenceError), before anything is
+written, and a model that runs is held to the outputs it declares."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import healthyluncher
+from healthyluncher import LuncherError
+from tests.conftest import TRAINER, one_line_error
+from tests.models import pytorch_style
+
+
+def _with_preprocessing(path, text):
+    model = onnx.load(str(path))
+    helper.set_model_props(model, {"labels": '["healthy", "fast_food"]', "preprocessing": text})
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "preprocessing",
+    ['{"crop": Infinity}', '{"crop": [16, -Infinity]}', '{"resize": Infinity}'],
+)
+def test_an_infinite_crop_or_resize_in_the_metadata_is_refused(
+    run, pt_model, models_dir, preprocessing
+):
+    """Python's json reads Infinity, and int() of it raised OverflowError: the command
+    ended with 'unexpected OverflowError: cannot convert float infinity to integer'."""
+    _with_preprocessing(pt_model, preprocessing)
+    one_line_error(run("make-updatable", pt_model), "bad crop or resize")
+    assert not (models_dir / "state.json").exists()
+
+
+@pytest.mark.parametrize("opsets", [[], [("com.example", 1)]], ids=["none", "custom only"])
+def test_a_model_that_imports_no_onnx_opset_is_refused(run, pt_model, opsets):
+    """Without a default-domain opset onnx's shape inference raised its InferenceError
+    ('No opset import for domain  optype Conv'), shown as an unexpected error."""
+    model = onnx.load(str(pt_model))
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(domain, v) for domain, v in opsets)
+    onnx.save(model, str(pt_model))
+    one_line_error(run("make-updatable", pt_model), "imports no ONNX operator set")
+
+
+def test_two_initializers_with_one_name_are_refused(run, pt_model, models_dir):
+    """ONNX Runtime runs such a graph (one of the two wins), but which weights train was
+    then a guess: make-updatable failed late with 'unexpected ValueError: the graphs do not
+    hold every trainable weight once'."""
+    model = onnx.load(str(pt_model))
+    twin = numpy_helper.to_array(model.graph.initializer[-2]) * 2
+    model.graph.initializer.append(numpy_helper.from_array(twin, model.graph.initializer[-2].name))
+    onnx.save(model, str(pt_model))
+    one_line_error(run("make-updatable", pt_model), "'fc.weight'", "more than one")
+    assert not (models_dir / "state.json").exists()
+
+
+def test_a_fixed_batch_too_large_to_run_is_refused_not_allocated(run, tmp_path):
+    """The check run of make-updatable allocated the whole fixed batch: 2**31 photos of
+    16x16 raised 'unexpected MemoryError: Unable to allocate 6.00 TiB'."""
+    model = pytorch_style(tmp_path / "batch.onnx", batch=2**31)
+    one_line_error(run("make-updatable", model), "fixed batch of 2147483648 photos")
+
+
+@pytest.mark.parametrize("declared", [5, 1])
+def test_a_model_that_outputs_another_number_of_scores_than_it_declares_is_refused(
+    run, pt_model, photos, declared
+):
+    """A graph declaring 5 outputs that computes 2 became a base with 5 labels (the numpy
+    trainer's machines; ONNX Runtime's training failed with its InferenceError): predict
+    then paired 2 probabilities with the first 2 of 5 labels and never named the others."""
+    model = onnx.load(str(pt_model))
+    model.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", declared])
+    )
+    onnx.save(model, str(pt_model))
+    labels = ",".join("abcde"[:declared])
+    one_line_error(
+        run("make-updatable", pt_model, "--labels", labels),
+        f"declares {declared} class scores but outputs 2",
+    )
+
+
+def test_a_model_whose_scores_are_not_numbers_is_refused(run, pt_model):
+    model = onnx.load(str(pt_model))
+    model.graph.node.append(helper.make_node("Cast", ["logits"], ["ints"], to=TensorProto.INT32))
+    model.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("ints", TensorProto.INT32, ["N", 2])
+    )
+    onnx.save(model, str(pt_model))
+    one_line_error(run("make-updatable", pt_model), "int32")
+
+
+@pytest.mark.parametrize("kind", ["array", "PIL image"])
+def test_an_in_memory_photo_larger_than_any_file_may_be_is_refused_unread(pt_model, kind):
+    """A photo file declaring more than MAX_PIXELS is refused before decoding; a numpy
+    array or PIL image of that size was copied and PNG-encoded first (MemoryError)."""
+    pixels = np.broadcast_to(np.uint8(0), (100_000, 100_000, 3))  # no memory of its own
+    photo = pixels if kind == "array" else _huge_lazy_image()
+    healthyluncher.make_updatable(pt_model)
+    with pytest.raises(LuncherError, match=r"^<image 0>: image is too large \(100000x100000"):
+        healthyluncher.open().predict([photo])
+
+
+def _huge_lazy_image():
+    """A PIL image that claims 100000x100000 pixels and holds none (as a lazily opened
+    file does until it is loaded)."""
+    from PIL import Image
+
+    image = Image.new("L", (1, 1))
+    image._size = (100_000, 100_000)  # type: ignore[attr-defined]
+    return image
+
+
+def test_two_nodes_that_make_one_tensor_are_refused(run, pt_model):
+    """onnx's Extractor asserted on it: 'unexpected AssertionError: ' (no message at all)."""
+    model = onnx.load(str(pt_model))
+    model.graph.node.append(helper.make_node("Identity", ["r1"], ["c2"]))
+    onnx.save(model, str(pt_model))
+    one_line_error(run("make-updatable", pt_model), "'c2'", "more than one")
+
+
+@pytest.mark.parametrize("fault", ["reshape", "weight shape"])
+def test_a_model_onnx_runtime_loads_but_cannot_run_is_refused(run, pt_model, fault):
+    """ONNX Runtime's run-time error text ('[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION :
+    Non-zero status code returned while running Reshape node...') was the message."""
+    model = onnx.load(str(pt_model))
+    nodes = model.graph.node
+    if fault == "reshape":  # Flatten -> Reshape to (-1, 7): 8 features do not fit
+        at = next(i for i, node in enumerate(nodes) if node.op_type == "Flatten")
+        nodes.remove(nodes[at])
+        nodes.insert(at, helper.make_node("Reshape", ["pooled", "shape"], ["features"]))
+        model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 7]), "shape"))
+        op = "Reshape"
+    else:
+        weight = next(t for t in model.graph.initializer if t.name == "fc.weight")
+        weight.CopyFrom(numpy_helper.from_array(np.zeros((2, 0), np.float32), "fc.weight"))
+        op = "Gemm"
+    onnx.save(model, str(pt_model))
+    # The numpy trainer refuses first: the last layer is no Gemm it can train.
+    why = ("cannot run the model", op) if TRAINER == "onnxruntime" else ("not one Gemm",)
+    line = one_line_error(run("make-updatable", pt_model), *why)
+    assert "ONNXRuntimeError" not in line
+
+
+@pytest.mark.parametrize("label", [None, 5, ""])
+def test_remove_label_checks_its_label_like_every_other_call(pt_model, label):
+    """remove_label(None) read as 'forget no photos': 'none of these photos are among
+    your examples', a message about photos the caller never passed."""
+    healthyluncher.make_updatable(pt_model)
+    with pytest.raises(LuncherError, match="label"):
+        healthyluncher.open().remove_label(label)
