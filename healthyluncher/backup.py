@@ -11,12 +11,14 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from healthyluncher.archive import Backup, read_backup, refuse
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes
-from healthyluncher.personal import publish_personal, render_personal
+from healthyluncher.personal import example_scores, publish_personal, render_personal
 from healthyluncher.records import Base, load_base, load_personal
 from healthyluncher.store import Files, ModelStore, Transaction
 
@@ -107,7 +109,7 @@ def _restore(txn: Transaction, base: Base, backup: Backup) -> ImportResult:
     if problem:
         raise refuse(backup.archive, problem)
     try:
-        render_personal(
+        rendered = render_personal(
             base,
             labels,
             backup.weights,
@@ -115,8 +117,12 @@ def _restore(txn: Transaction, base: Base, backup: Backup) -> ImportResult:
             backup.meta.hyperparameters,
             with_model=False,
         )
+        hp = backup.meta.hyperparameters
+        scores = example_scores(base, labels, backup.weights, backup.examples, hp, rendered)
     except LuncherError as exc:
         raise refuse(backup.archive, f"its weights do not fit this base ({exc})") from None
+    if not np.isfinite(scores).all():  # finite weights can still overflow
+        raise refuse(backup.archive, "its weights give no scores for its own photos (overflow)")
     installed = _install_thumbnails(txn.store, backup.thumbnails)
     try:
         publish_personal(

@@ -138,7 +138,8 @@ class LinearHead:
             out *= self.alpha
         if self.bias is not None:
             out += self.beta * checked[self.bias].astype(np.float64).reshape(-1)
-        return out.astype(np.float32)
+        with np.errstate(over="ignore"):  # inf, as ONNX Runtime gives: callers check
+            return out.astype(np.float32)
 
     def _checked(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`params` as arrays, refused unless they are exactly this head's weight and bias."""

@@ -155,6 +155,20 @@ def publish_personal(
     return Fitted(name=name, final_loss=final_loss, scores=scores)
 
 
+def example_scores(
+    base: Base,
+    labels: tuple[str, ...],
+    params: dict[str, np.ndarray],
+    examples: Examples,
+    hp: Hyperparameters,
+    rendered: PersonalModel,
+) -> np.ndarray:
+    """What a copy with these weights says about its example photos: an import checks
+    that the weights it takes as they are give scores at all."""
+    which = np.arange(len(examples))
+    return _scores(base, labels, params, examples, hp, rendered, which, None)
+
+
 def _scored(examples: Examples, taught: set[str]) -> np.ndarray:
     """Indices of the photos a new copy scores: all up to MAX_SCORED, else the newest
     MAX_SCORED and those taught by this change."""

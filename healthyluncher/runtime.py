@@ -262,6 +262,9 @@ class HeadRunner:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+    """Probabilities; NaN where the logits overflowed (callers check), without numpy's
+    warnings (the library never prints)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / exp.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]

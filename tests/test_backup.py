@@ -717,3 +717,19 @@ def test_export_and_writers_keep_each_other_out_but_exports_share(
         busy = run("retrain", "--label", "healthy", photos["red"][0])
         one_line_error(busy, "another luncher process is changing")
     assert not (tmp_path / "a.tar.gz").exists() and (tmp_path / "b.tar.gz").is_file()
+
+
+def test_weights_too_large_to_score_with_are_refused(run, archive, tmp_path, models_dir):
+    """Finite but huge weights (3e38) were imported: `predict` then said 0.333 for every
+    label, until the next retrain or undo."""
+    with tarfile.open(archive, "r:gz") as tar:
+        source = tar.extractfile("weights.npz")
+        assert source is not None
+        with np.load(io.BytesIO(source.read())) as data:
+            arrays = {name: data[name] for name in data.files}
+    arrays = {name: np.full_like(value, np.float32(3e38)) for name, value in arrays.items()}
+    assert all(np.isfinite(value).all() for value in arrays.values())
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_file("weights.npz", buffer.getvalue()))
+    refused(run, hostile, models_dir, "weights")
