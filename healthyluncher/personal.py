@@ -163,8 +163,7 @@ def example_scores(
     hp: Hyperparameters,
     rendered: PersonalModel,
 ) -> np.ndarray:
-    """What a copy with these weights says about its example photos: an import checks
-    that the weights it takes as they are give scores at all."""
+    """What a copy with these weights says about its example photos (import's check)."""
     which = np.arange(len(examples))
     return _scores(base, labels, params, examples, hp, rendered, which, None)
 
