@@ -16,7 +16,6 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from healthyluncher.errors import LuncherError
 from healthyluncher.openers import (
     file_brand,
-    no_warnings,
     open_photo,
     pixel_limit,
     unidentified_reason,
@@ -78,14 +77,7 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
 
 
 def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Image:
-    """Decode to an upright RGB (or L) image, reduced while its short side stays >= resize.
-    No warning escapes (`no_warnings`): a damaged EXIF block is read as stored, and a
-    canvas too large is refused by the pixel limit below, in one line."""
-    with no_warnings():
-        return _decode(data, prep, name)
-
-
-def _decode(data: bytes, prep: Preprocessing, name: str) -> Image.Image:
+    """Decode to an upright RGB (or L) image, reduced while its short side stays >= resize."""
     if not data:
         raise LuncherError(f"{name}: empty file")
     brand = file_brand(data)
@@ -111,11 +103,13 @@ def _decode(data: bytes, prep: Preprocessing, name: str) -> Image.Image:
         image = _to_display_mode(image, prep.channels)
     except LuncherError:
         raise
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise LuncherError(f"{name}: image is too large to decode safely") from None
     except MemoryError:
         raise LuncherError(f"{name}: out of memory decoding a {width}x{height} image") from None
-    except _DECODE_ERRORS as exc:
+    except (*_DECODE_ERRORS, Warning) as exc:
+        # Pillow warns about damaged metadata it recovers from, through the program's
+        # warning filters: a program that turns warnings into errors gets this error.
         # Pillow's messages are short, but one line is a promise to the CLI's output.
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, UnidentifiedImageError):
@@ -143,7 +137,7 @@ def _orientation(image: Image.Image) -> int:
     """
     try:
         value = image.getexif().get(ExifTags.Base.Orientation, 1)
-    except _DECODE_ERRORS:
+    except (*_DECODE_ERRORS, Warning):  # Warning: the program's filters made it an error
         return 1
     return value if isinstance(value, int) else 1
 

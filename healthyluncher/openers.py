@@ -1,17 +1,10 @@
-"""Opening a photo with Pillow as Image.open does, without changing Pillow's settings, its
-registry of plugins or the warning filters: they belong to the whole program that imports
-the library."""
+"""Opening a photo with Pillow as Image.open does, without changing Pillow's settings or its
+registry of plugins: both belong to the whole program that imports the library."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import struct
-import sys
-import threading
-import warnings
-from collections.abc import Iterator
-from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -105,56 +98,3 @@ def unidentified_reason(brand: bytes | None) -> str:
             return "an AVIF photo, and this Pillow cannot read AVIF (pip install -U pillow)"
         return "a damaged or unsupported AVIF file"
     return "not an image file Pillow can read"
-
-
-class _DecodingThread:
-    """The message pattern of a warning filter that matches every warning of a thread inside
-    `no_warnings`, and none of any other thread's."""
-
-    def match(self, text: str) -> bool:
-        return getattr(_decoding, "depth", 0) > 0
-
-    def __repr__(self) -> str:
-        return "<any warning of a thread decoding a photo for healthyluncher>"
-
-
-_decoding = threading.local()
-# A filter as `warnings` keeps them, with a pattern that is not a compiled regex.
-_IGNORE_DECODING: Any = ("ignore", _DecodingThread(), Warning, None, 0)
-_filters_lock = threading.Lock()
-_decodes_running = 0
-
-
-@contextlib.contextmanager
-def no_warnings() -> Iterator[None]:
-    """No warning escapes while this thread decodes a photo: Pillow's (damaged metadata, a
-    canvas over the program's MAX_IMAGE_PIXELS) or numpy's (odd pixel values). The library
-    never prints, and the size limits and one-line errors of `decode` say what matters.
-
-    Filters are the whole process's (but with Python's context-aware warnings), and
-    `catch_warnings` in two threads at once leaves the wrong ones behind. So, while any
-    thread decodes, one filter stands first that ignores the warnings of decoding threads
-    only: the program's other threads warn through its own filters meanwhile. The list is
-    replaced, never changed in place (as `catch_warnings` does), and the filter is gone once
-    no thread decodes."""
-    if getattr(sys.flags, "context_aware_warnings", False):  # filters per thread and task
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-        return
-    global _decodes_running
-    depth = getattr(_decoding, "depth", 0)
-    _decoding.depth = depth + 1
-    with _filters_lock:
-        _decodes_running += 1
-        if warnings.filters[:1] != [_IGNORE_DECODING]:
-            others = [f for f in warnings.filters if f is not _IGNORE_DECODING]
-            warnings.filters = [_IGNORE_DECODING, *others]
-    try:
-        yield
-    finally:
-        _decoding.depth = depth
-        with _filters_lock:
-            _decodes_running -= 1
-            if _decodes_running == 0:
-                warnings.filters = [f for f in warnings.filters if f is not _IGNORE_DECODING]
