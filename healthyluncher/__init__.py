@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from healthyluncher.events import Progress, ProgressCallback
     from healthyluncher.exporting import ExportResult
     from healthyluncher.personalizing import (
+        DuplicatePhoto,
         ResetResult,
         RetrainResult,
         Status,
@@ -59,6 +60,7 @@ _EXPORTS = {
     "ProgressCallback": "healthyluncher.events",
     "ForgetResult": "healthyluncher.teaching",
     "RepairResult": "healthyluncher.teaching",
+    "DuplicatePhoto": "healthyluncher.personalizing",
     "ResetResult": "healthyluncher.personalizing",
     "RetrainResult": "healthyluncher.personalizing",
     "Status": "healthyluncher.personalizing",
@@ -90,6 +92,7 @@ __all__ = [
     "ProgressCallback",
     "ForgetResult",
     "RepairResult",
+    "DuplicatePhoto",
     "ResetResult",
     "RetrainResult",
     "Status",

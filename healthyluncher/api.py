@@ -182,6 +182,10 @@ class Luncher:
         retrains. `memory_strength` (default 40; 0 turns the memory of your examples off)
         is part of the model, so it is always kept. `progress` receives `Progress` events;
         an exception it raises cancels the retrain (nothing is saved) and comes out as is.
+
+        A photo given twice (by content), or already taught as `label`, is skipped and
+        listed in `duplicates`. When no photo is new and the settings are the last
+        retrain's, nothing is retrained or saved (no undo step): `changed` is False.
         """
         from healthyluncher.personalizing import retrain
 

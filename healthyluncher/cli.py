@@ -17,6 +17,7 @@ from healthyluncher.cli_output import (
     Column,
     RowPrinter,
     counting,
+    duplicates,
     err,
     escape,
     json_line,
@@ -164,8 +165,10 @@ def retrain(
             {
                 "label": result.label,
                 "new_label": result.new_label,
+                "changed": result.changed,
                 "photos": result.photos,
                 "skipped": result.failures,
+                "duplicates": result.duplicates,
                 "examples_per_label": result.examples_per_label,
                 "final_loss": result.final_loss,
                 "views_per_photo": result.views,
@@ -174,7 +177,11 @@ def retrain(
                 "hyperparameters": result.hyperparameters,
             }
         )
+    elif not result.changed:  # every photo a duplicate, with the last retrain's settings
+        out.print(f"Nothing changed (no new undo step): {duplicates(result.duplicates)}.")
     else:
+        if result.duplicates:
+            note(f"Skipped {duplicates(result.duplicates)}.")
         print_table(
             f"Probability of {result.label!r}",
             [Column("photo"), Column("before", right=True), Column("after", right=True)],

@@ -223,7 +223,7 @@ def main() -> None:
     # outside any session (`reporting` quiets it as a command starts: `luncher --help`
     # imports neither it nor numpy). With a handler on the root logger, the library also
     # writes training files in this process rather than in a child Python.
-    warnings.filterwarnings("ignore", module="PIL")
+    warnings.simplefilter("ignore")  # every error is one line of its own; no other text
     logging.getLogger().addHandler(logging.NullHandler())
     if "--json" not in sys.argv[1:]:
         app(prog_name="luncher")

@@ -334,3 +334,11 @@ def views_setting(hp: dict[str, Any]) -> str:
     if hp.get("view_budget", 0) > 0:
         return f"up to {views} views per photo, {hp['view_budget']} per retrain"
     return f"{views} views per photo"
+
+
+def duplicates(found: Sequence[Any], shown: int = 3) -> str:
+    """A retrain's duplicates, escaped, on one line: '2 duplicate photo(s): b.jpg (the
+    same photo as a.jpg), c.jpg (already taught as 'healthy')'; past `shown`, a count."""
+    named = ", ".join(f"{item.path} ({item.reason})" for item in found[:shown])
+    more = f", and {len(found) - shown} more (--json lists them)" if len(found) > shown else ""
+    return escape(f"{len(found)} duplicate photo(s): {named}{more}")

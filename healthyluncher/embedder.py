@@ -55,6 +55,7 @@ class Embedder:
         # second copy of their views (ModelStore.collect_garbage).
         self.known = known
         self._index = {digest: i for i, digest in enumerate(known.digests)} if known else {}
+        self._own_digests = False  # see `embed`
 
     def _cache_file(self, digest: str) -> Path:
         return self.cache / f"{digest}.v{AUGMENT_VERSION}x{self.views}.npy"
@@ -65,14 +66,18 @@ class Embedder:
         progress: ProgressCallback | None = None,
         *,
         digests: Sequence[str] | None = None,
+        own_digests: bool = False,
     ) -> tuple[list[tuple[PhotoSource, str, np.ndarray]], list[ImageFailure], int]:
         """[(path, digest, views)] in input order, failures, and how many photos ran
         through the frozen part (cache misses).
 
         Photos stream through a small window: decoding on two threads overlaps the frozen
         part's inference, and no more than a few batches are ever held in memory.
-        `digests` names the photos (for thumbnails, whose bytes are not the original's).
+        `digests` names the photos (for thumbnails, whose bytes are not the original's);
+        with `own_digests`, they are the photos' own (a retrain hashed them first), so a
+        cached photo is not read again and a decoded one keeps a thumbnail.
         """
+        self._own_digests = own_digests
         results: list[tuple[PhotoSource, str, np.ndarray]] = []
         failures: list[ImageFailure] = []
         pending: list[tuple[PhotoSource, str, np.ndarray]] = []  # decoded, awaiting the frozen part
@@ -146,8 +151,9 @@ class Embedder:
         """Cached head inputs, or decoded augmented views ready for the frozen part (None
         for a photo not in the cache when `decode` is false)."""
         try:
-            data = read_bytes(path)
-            own_photo = digest is None
+            own_photo = digest is None or self._own_digests
+            # A photo the caller hashed is read again only to be decoded.
+            data = b"" if digest and self._own_digests else read_bytes(path)
             digest = digest or digest_of(data)
             cached = self._read_known(digest)
             if cached is None:
@@ -156,6 +162,7 @@ class Embedder:
                 return _Prepared(path, digest, cached, cached=True)
             if not decode:
                 return None
+            data = data or read_bytes(path)
             from healthyluncher import imaging  # Pillow: only for a photo not in the cache
 
             prep = self.base.meta.preprocessing

@@ -76,6 +76,18 @@ def sweep(folder: Path, used: set[str]) -> None:
                     os.unlink(entry.path)
 
 
+def remove_empty_folders(parent: Path) -> None:
+    """Remove the empty folders in `parent`, then `parent` if that leaves it empty: rmdir
+    refuses a folder that holds anything, so nothing but empty folders can go."""
+    if not parent.is_dir():
+        return
+    with os.scandir(parent) as entries:
+        folders = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    for folder in [*folders, parent]:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())

@@ -203,7 +203,8 @@ def _to_display_mode(image: Image.Image, channels: int) -> Image.Image:
     elif image.mode in ("I", "F"):
         # 32-bit integer or float greyscale has no fixed white: stretch the image's own
         # finite range to 0..255. A flat image keeps its value; NaN counts as the darkest.
-        values = np.asarray(image, dtype=np.float32)
+        # In float64: the range of float32 values at its edges (3e38 - -3e38) overflows.
+        values = np.asarray(image, dtype=np.float64)
         finite = values[np.isfinite(values)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)

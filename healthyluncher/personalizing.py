@@ -14,9 +14,9 @@ from healthyluncher.embedder import Embedder
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import memory_plan, merge_examples
-from healthyluncher.meta import check_label, known_label
+from healthyluncher.meta import PersonalMeta, check_label, known_label
 from healthyluncher.personal import current_probabilities, publish_personal
-from healthyluncher.photos import ImageFailure, PhotoSource, find_images
+from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.records import Examples, load_base, load_examples, load_personal
 from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
@@ -35,9 +35,19 @@ class TrainedPhoto:
 
 
 @dataclass(frozen=True)
+class DuplicatePhoto:
+    """A photo a retrain skipped: a copy of one given before it, or one already taught with
+    this label (taught again, it would be the same example)."""
+
+    path: PhotoSource
+    digest: str
+    reason: str  # "the same photo as a.jpg" or "already taught as 'healthy'"
+
+
+@dataclass(frozen=True)
 class RetrainResult:
     label: str
-    photos: tuple[TrainedPhoto, ...]
+    photos: tuple[TrainedPhoto, ...]  # the new examples, with their probabilities
     failures: tuple[ImageFailure, ...]
     examples_per_label: dict[str, int]
     hyperparameters: Hyperparameters
@@ -46,6 +56,10 @@ class RetrainResult:
     cached: int  # photos whose head inputs came from the cache
     views: int = 1  # views per photo in this retrain
     new_label: bool = False  # the label was added to the model by this retrain
+    duplicates: tuple[DuplicatePhoto, ...] = ()
+    # False: no new photo and the same settings, so nothing was retrained or saved (no undo
+    # step); the other fields describe the model as it is.
+    changed: bool = True
 
 
 @dataclass(frozen=True)
@@ -121,31 +135,53 @@ def retrain(
             view_budget=0 if augment_views is not None else None,  # --views N: exactly N
             memory_strength=memory_strength,
         )
-        views = hp.views_for(len(paths))
         # Earlier photos keep the views they were embedded with: training weighs photos,
         # not views. A photo taught before is read from them, not embedded again.
         old_examples = load_examples(personal, ()) if personal else None
+        paths, digests, failures, duplicates = _new_photos(paths, old_examples, label)
+        views = hp.views_for(len(paths))
         embedder = Embedder(store, base, views, known=old_examples)
-        embedded, failures, misses = embedder.embed(paths, progress)
-        # The same photo twice (a.jpg a.jpg, or two copies) is one example.
-        firsts = {digest: i for i, (_, digest, _) in reversed(list(enumerate(embedded)))}
-        embedded = [item for i, item in enumerate(embedded) if firsts[item[1]] == i]
-        if not embedded:
+        embedded, unread, misses = embedder.embed(
+            paths, progress, digests=digests, own_digests=True
+        )
+        failures += unread
+        # What later retrains start from: one-off settings apply once; the memory's
+        # strength is part of the model (and of its later "before"), so it is always kept.
+        kept = hp if save else settings.replace(memory_strength=memory_strength)
+        if not embedded and (personal is None or not duplicates):
             raise LuncherError(
                 "none of the photos could be used: " + "; ".join(f.error for f in failures)
+            )
+        if not embedded and personal and _same_settings(personal.meta, hp, kept):
+            meta = personal.meta  # nothing to change: no retrain, no new undo step
+            return RetrainResult(
+                label,
+                photos=(),
+                failures=tuple(failures),
+                examples_per_label=dict(meta.examples_per_label),
+                hyperparameters=hp,
+                final_loss=meta.final_loss,
+                embedded=0,
+                cached=0,
+                views=views,
+                duplicates=duplicates,
+                changed=False,
             )
         if old_examples is None:
             old_examples = Examples.empty(embedded[0][2].shape[1:])
         del embedder  # it holds the old examples
-        probe = np.stack([views[0] for _, _, views in embedded])
         named = [(path, digest) for path, digest, _ in embedded]
-        before = current_probabilities(base, personal, old_examples, probe, named)
+        if embedded:
+            probe = np.stack([views[0] for _, _, views in embedded])
+            before = current_probabilities(base, personal, old_examples, probe, named)
+        else:  # settings changed alone: the examples are retrained as they are
+            before = np.zeros((0, len(old_labels)))
         examples = merge_examples(old_examples, [(d, v) for _, d, v in embedded], label)
         del embedded, old_examples  # the views live on in `examples` alone
         if label in old_labels:
             before_label = before[:, old_labels.index(label)]
         else:
-            before_label = np.zeros(len(probe))  # the label did not exist yet
+            before_label = np.zeros(len(named))  # the label did not exist yet
         names = {digest: _display_name(path) for path, digest in named}
         fitted = publish_personal(
             txn,
@@ -155,14 +191,11 @@ def retrain(
             hp,
             names=names,
             progress=progress,
-            # One-off settings apply once; the memory's strength is part of the model
-            # (and of its later "before"), so it is always kept.
-            remember=None if save else settings.replace(memory_strength=memory_strength),
+            remember=None if save else kept,
         )
-    after = np.stack([fitted.scores[digest] for _, digest in named])
-    after_label = after[:, labels.index(label)]
+    after_label = [float(fitted.scores[digest][labels.index(label)]) for _, digest in named]
     photos = tuple(
-        TrainedPhoto(path, digest, float(b), float(a))
+        TrainedPhoto(path, digest, float(b), a)
         for (path, digest), b, a in zip(named, before_label, after_label, strict=True)
     )
     return RetrainResult(
@@ -176,7 +209,41 @@ def retrain(
         cached=len(named) - misses,
         views=views,
         new_label=label not in old_labels,
+        duplicates=duplicates,
     )
+
+
+def _new_photos(
+    paths: Sequence[PhotoSource], known: Examples | None, label: str
+) -> tuple[list[PhotoSource], list[str], list[ImageFailure], tuple[DuplicatePhoto, ...]]:
+    """The photos to teach and their digests, those that cannot be read, and the duplicates:
+    a photo whose content came earlier in `paths`, or that `known` has with `label`."""
+    pairs = zip(known.digests, known.labels, strict=True) if known else ()
+    taught = {digest for digest, own in pairs if own == label}
+    first: dict[str, PhotoSource] = {}
+    failures: list[ImageFailure] = []
+    duplicates: list[DuplicatePhoto] = []
+    for path in paths:
+        try:
+            digest = digest_of(read_bytes(path))
+        except LuncherError as exc:  # read_bytes names the photo
+            failures.append(ImageFailure(path, str(exc)))
+            continue
+        if digest in first:
+            duplicates.append(DuplicatePhoto(path, digest, f"the same photo as {first[digest]}"))
+        elif digest in taught:
+            duplicates.append(DuplicatePhoto(path, digest, f"already taught as {label!r}"))
+        else:
+            first[digest] = path
+    return list(first.values()), list(first), failures, tuple(duplicates)
+
+
+def _same_settings(meta: PersonalMeta, used: Hyperparameters, kept: Hyperparameters) -> bool:
+    """A retrain without new photos would train the copy of `meta` again as it was trained:
+    with the same settings (views aside: they are for new photos), the same kept for later."""
+    was = meta.used
+    views = {"augment_views": was.augment_views, "view_budget": was.view_budget}
+    return used.replace(**views) == was and kept == meta.hyperparameters
 
 
 def reset(store: ModelStore, *, purge: bool = False) -> ResetResult:

@@ -303,8 +303,8 @@ class ModelStore:
     def collect_garbage(self, state: State) -> None:
         """Remove what state.json no longer names (call with the lock held): directories,
         then the thumbnails and cached head inputs of photos that no kept state has among
-        its examples (a cancelled retrain's, a forgotten photo's), and temporary files a
-        killed writer left. Writers write those files under the lock, so none is in use."""
+        its examples (a cancelled retrain's, a forgotten photo's), cache folders left empty,
+        and a killed writer's temporary files (all written under the lock: none in use)."""
         keep = state.names()
         for entry in self.root.iterdir():
             name = entry.name
@@ -348,6 +348,7 @@ class ModelStore:
         cache = self.root / "cache"
         for folder in cache.iterdir() if cache.is_dir() else ():
             fileio.sweep(folder, used - current)
+        fileio.remove_empty_folders(cache)  # made again by the next photo to cache
 
     # -- embedding cache ---------------------------------------------------------------
 

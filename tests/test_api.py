@@ -434,7 +434,7 @@ def test_a_cached_retrain_with_the_numpy_trainer_never_starts_onnx_runtime(lun, 
     code = (
         "import sys, healthyluncher\n"
         f"lun = healthyluncher.open({str(lun.models_dir)!r})\n"
-        f"result = lun.retrain('healthy', {[str(p) for p in photos['red']]!r})\n"
+        f"result = lun.retrain('fast_food', {[str(p) for p in photos['red']]!r})\n"
         "assert result.cached == 3 and result.embedded == 0, result\n"
         "print(sorted(m for m in ('onnxruntime', 'onnx', 'PIL.Image') if m in sys.modules))\n"
     )
@@ -891,3 +891,24 @@ def test_flags_and_numbers_of_the_wrong_type_are_refused_not_guessed(
         before.undo_steps,
     )
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_a_retrain_returns_its_duplicates_and_whether_it_changed_anything(lun, photos):
+    red = photos["red"]
+    state = lun.models_dir / STATE_FILE
+    first = lun.retrain("healthy", [red[0], red[0].read_bytes(), red[1]])
+    assert isinstance(first.duplicates[0], healthyluncher.DuplicatePhoto)
+    assert [(str(d.path), d.reason) for d in first.duplicates] == [
+        ("<image 1>", f"the same photo as {red[0]}")
+    ]
+    assert [p.path for p in first.photos] == [red[0], red[1]] and first.changed
+    written = state.read_bytes()
+    again = lun.retrain("healthy", red[:2])
+    assert not again.changed and again.photos == () and again.failures == ()
+    assert [d.reason for d in again.duplicates] == ["already taught as 'healthy'"] * 2
+    assert again.examples_per_label == {"healthy": 2} == first.examples_per_label
+    assert again.final_loss == first.final_loss
+    assert state.read_bytes() == written and lun.status().undo_steps == 1
+    third = lun.retrain("healthy", red)
+    assert third.changed and [p.path for p in third.photos] == [red[2]]
+    assert len(third.duplicates) == 2 and lun.status().undo_steps == 2

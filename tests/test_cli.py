@@ -130,7 +130,8 @@ def test_second_retrain_reuses_cached_inputs(run, pt_model, photos, monkeypatch)
         raise AssertionError("the frozen part ran again")
 
     monkeypatch.setattr(Embedder, "_run_frozen", no_backbone)
-    result = run("retrain", "--label", "healthy", "--json", *photos["red"])
+    # Taught again with another label (with the same one, nothing would change).
+    result = run("retrain", "--label", "fast_food", "--json", *photos["red"])
     assert result.code == 0, result
     assert (
         "3 photo(s) came from the cache"
@@ -993,3 +994,67 @@ def test_predict_sizes_columns_and_counts_photos_inside_a_folder(
     column = header.index("label")
     for row in rows:
         assert row[column - 2 : column] == "  " and row[column] != " ", (header, row)
+
+
+def test_duplicate_photos_are_skipped_and_said_in_one_line(run, pt_model, photos, tmp_path):
+    """The same photo twice in a folder, or one already taught with this label, silently
+    became one example (and the summary counted -1 photos from the cache)."""
+    assert run("make-updatable", pt_model).code == 0
+    folder = tmp_path / "lunches"
+    first = folder / "a.png"
+    copy = folder / "b-copy.png"
+    first.parent.mkdir()
+    first.write_bytes(photos["red"][0].read_bytes())
+    copy.write_bytes(photos["red"][0].read_bytes())
+    (folder / "c.png").write_bytes(photos["red"][1].read_bytes())
+    result = run("retrain", "--label", "healthy", folder)
+    assert result.code == 0, result
+    lines = result.stdout.splitlines()
+    said = [line for line in lines if str(copy) in line]  # not in the table
+    assert said == [f"Skipped 1 duplicate photo(s): {copy} (the same photo as {first})."]
+    assert "; 0 photo(s) came from the cache" in result.stdout  # it said -1
+    # Already taught with this label: skipped; the new photo is taught.
+    data = run("retrain", "--label", "healthy", "--json", first, photos["red"][2]).json_lines()[0]
+    assert data["duplicates"] == [
+        {"path": str(first), "digest": data["duplicates"][0]["digest"],
+         "reason": "already taught as 'healthy'"}
+    ]  # fmt: skip
+    assert [photo["path"] for photo in data["photos"]] == [str(photos["red"][2])]
+    assert data["changed"] is True and data["skipped"] == []
+    assert data["examples_per_label"] == {"healthy": 3}
+    assert data["embedded"] + data["cached"] == 1
+
+
+def test_a_retrain_that_changes_nothing_leaves_the_models_directory_alone(
+    run, pt_model, photos, models_dir
+):
+    """Teaching photos again with the label and settings they have added an undo step (and
+    wrote a new copy) for nothing; `undo` then undid nothing."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
+
+    def snapshot() -> dict[str, tuple[int, int]]:
+        return {
+            str(path.relative_to(models_dir)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in models_dir.rglob("*")
+        }
+
+    before = snapshot()
+    for args in ([], ["--views", "2"], ["--memory-strength", "40"]):  # views: for new photos
+        result = run("retrain", "--label", "fast_food", *args, *photos["green"])
+        assert result.code == 0, result
+        assert result.stdout.startswith("Nothing changed (no new undo step): 3 duplicate")
+        assert result.stdout.count("\n") == 1, result.stdout
+        assert snapshot() == before, args
+    data = run("retrain", "--label", "fast_food", "--json", photos["green"][0]).json_lines()[0]
+    assert data["changed"] is False and data["photos"] == [] and len(data["duplicates"]) == 1
+    assert snapshot() == before
+    status = run("status", "--json").json_lines()[0]
+    assert status["undo_steps"] == 2 and status["retrains"] == 2
+    undone = run("undo", "--json").json_lines()[0]  # the green photos' retrain, not nothing
+    assert undone["examples_per_label"] == {"healthy": 3}
+    # Other settings are a change, even with no new photo.
+    assert run("retrain", "--label", "healthy", "--epochs", "2", *photos["red"]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["undo_steps"] == 2 and status["last_retrain_hyperparameters"]["epochs"] == 2

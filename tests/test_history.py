@@ -27,8 +27,9 @@ def test_undo_walks_back_through_retrains(run, pt_model, photos):
 
 def test_history_is_bounded(run, pt_model, photos, models_dir):
     assert run("make-updatable", pt_model).code == 0
-    for _ in range(6):
-        assert run("retrain", "--label", "healthy", "--epochs", "1", photos["red"][0]).code == 0
+    for i in range(6):  # the photo moves each time: a change every time
+        label = ("healthy", "fast_food")[i % 2]
+        assert run("retrain", "--label", label, "--epochs", "1", photos["red"][0]).code == 0
     status = run("status", "--json").json_lines()[0]
     assert status["undo_steps"] == 3
     assert len([p for p in models_dir.iterdir() if p.name.startswith("personal-")]) == 4

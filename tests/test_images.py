@@ -255,6 +255,32 @@ def test_a_damaged_exif_block_is_read_as_stored_and_pillow_warns_the_program(tmp
         assert "Corrupt EXIF" in assert_one_line_error(caught.value, path)
 
 
+def test_a_float_photo_at_the_edges_of_float32_is_stretched_without_overflow(tmp_path):
+    """Its range (3e38 - -3e38) overflowed float32: every pixel became NaN, then black, and
+    numpy warned the program (luncher printed the warning)."""
+    extreme = tmp_path / "extreme.tiff"
+    Image.fromarray(np.array([[3e38] * 8 + [-3e38] * 8] * 8, np.float32)).save(extreme)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = decode(extreme.read_bytes(), NCHW)
+    grey = np.asarray(image.convert("L"))
+    assert (
+        grey[:, : grey.shape[1] // 2 - 1].min() == 255
+        and grey[:, grey.shape[1] // 2 + 1 :].max() == 0
+    )
+
+
+def test_luncher_prints_no_warning_for_a_photo_it_reads(run, tmp_path):
+    """`luncher` hid Pillow's warnings but not numpy's about a float TIFF's extreme values."""
+    from tests.test_conventions import luncher
+
+    assert run("make-updatable", pytorch_style(tmp_path / "tiny.onnx")).code == 0
+    extreme = tmp_path / "extreme.tiff"
+    Image.fromarray(np.array([[3e38, -3e38] * 20] * 30, np.float32)).save(extreme)
+    done = luncher("predict", str(extreme))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 # -- broken and odd files -----------------------------------------------------------------
 
 

@@ -169,7 +169,7 @@ def test_augmented_views_are_cached_not_recomputed(run, pt_model, photos, models
         raise AssertionError("views were computed again")
 
     monkeypatch.setattr(images, "augmented_views", no_views)
-    result = run("retrain", "--label", "healthy", "--views", "4", *photos["red"])
+    result = run("retrain", "--label", "fast_food", "--views", "4", *photos["red"])
     assert result.code == 0 and "3 photo(s) came from the cache" in result.stdout
     status = run("status", "--json").json_lines()[0]
     assert status["hyperparameters"]["augment_views"] == 4

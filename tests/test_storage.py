@@ -351,3 +351,45 @@ def test_an_undo_step_links_the_bases_weights_file_only_when_the_bytes_are_the_s
     weightsfile.share(step, base)
     assert os.path.samefile(step / Files.MODEL_DATA, base / Files.MODEL_DATA)
     assert list(step.iterdir()) == [step / Files.MODEL_DATA]  # no temporary file left
+
+
+def _empty_cache_folders(models_dir: Path) -> list[str]:
+    cache = models_dir / "cache"
+    folders = [cache, *cache.glob("*")] if cache.is_dir() else []
+    return [f.name for f in folders if f.is_dir() and not any(f.iterdir())]
+
+
+def test_no_empty_cache_folder_outlives_its_base(run, pt_model, photos, models_dir, tmp_path):
+    """Replacing a base (an upgrade, --force, a forget that drops the undo steps holding the
+    old one, reset --purge) left its empty `cache/<base>` folder behind for good."""
+    from tests.models import keras_style, pytorch_style
+
+    others = [keras_style(tmp_path / "k.onnx")]
+    others += [pytorch_style(tmp_path / f"p{seed}.onnx", seed=seed) for seed in (3, 4, 5)]
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    steps = [
+        ("make-updatable", others[0], "--keep-personalization"),
+        ("forget", photos["red"][0]),  # clears the undo steps: the first base goes
+        *(("make-updatable", model, "--force") for model in others[1:]),  # the oldest drops off
+        ("retrain", "--label", "healthy", photos["green"][0]),
+        ("reset", "--purge", "--yes"),
+    ]
+    for step in steps:
+        assert run(*step).code == 0, step
+        assert _empty_cache_folders(models_dir) == [], step
+    assert not (models_dir / "cache").exists()
+
+
+def test_only_empty_folders_are_removed_from_the_cache(tmp_path):
+    from healthyluncher.fileio import remove_empty_folders
+
+    cache = tmp_path / "cache"
+    (cache / "gone").mkdir(parents=True)
+    (cache / "kept").mkdir()
+    (cache / "kept" / "photo.v2x8.npy").write_bytes(b"views")
+    remove_empty_folders(cache)
+    assert [p.name for p in cache.iterdir()] == ["kept"]
+    (cache / "kept" / "photo.v2x8.npy").unlink()
+    remove_empty_folders(cache)
+    assert not cache.exists()
