@@ -242,12 +242,14 @@ def _build(
     float32_head(model, cut)  # a float16 model trains its head in float32
     linear = linear_head_of(cut.head, cut.trainable_params)
     if linear is None and trainer_name() == "numpy":
-        what = (
-            f"training {options.trainable_layers} layers"
-            if options.trainable_layers > 1
-            else "training this model's last layer (it is not one Gemm or MatMul + Add)"
-        )
-        raise LuncherError(f"{what} {NEEDS_ORT}; use ", Param("trainable_layers", 1), " here")
+        if options.trainable_layers > 1:
+            raise LuncherError(
+                f"training {options.trainable_layers} layers {NEEDS_ORT}; use ",
+                Param("trainable_layers", 1),
+                " here",
+            )
+        last = "training this model's last layer (it is not one Gemm or MatMul + Add)"
+        raise LuncherError(f"{last} {NEEDS_ORT}")
     trainable = set(cut.trainable_params)
     layer_infos = tuple(
         LayerInfo(

@@ -647,3 +647,52 @@ def test_a_distilled_model_gets_a_new_head_and_personalizes(run, tmp_path, photo
     assert all(p["after"] > p["before"] for p in trained["photos"]), trained
     assert run("reset").code == 0
     assert run("predict", "--json", *blue).json_lines() == before
+
+
+def _conv_classifier(path: Path) -> Path:
+    """conv0 -> relu -> a 1x1 Conv to the 2 classes -> GAP -> Flatten: SqueezeNet's way of
+    ending, whose last layer is no Gemm or MatMul."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        N("Conv", ["image", "conv0.weight", "conv0.bias"], ["c0"], name="conv0", pads=[1] * 4),
+        N("Relu", ["c0"], ["r0"], name="relu0"),
+        N("Conv", ["r0", "cls.weight", "cls.bias"], ["scores"], name="cls"),
+        N("GlobalAveragePool", ["scores"], ["pooled"], name="pool"),
+        N("Flatten", ["pooled"], ["logits"], name="flatten"),
+    ]
+    inits = [
+        _init("conv0.weight", rng.normal(0, 0.3, (8, 3, 3, 3))),
+        _init("conv0.bias", np.zeros(8)),
+        _init("cls.weight", rng.normal(0, 0.5, (2, 8, 1, 1))),
+        _init("cls.bias", np.zeros(2)),
+    ]
+    model = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "tiny",
+            [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+            inits,
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    helper.set_model_props(model, {"labels": json.dumps(LABELS)})
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_last_layer_the_numpy_trainer_cannot_train_suggests_no_setting_in_use(
+    run, tmp_path, monkeypatch
+):
+    """Without ONNX Runtime training, a model whose last layer is a 1x1 Conv was told to
+    'use --trainable-layers 1 here', which it already did."""
+    from healthyluncher.training import TRAINER_ENV
+
+    monkeypatch.setenv(TRAINER_ENV, "numpy")
+    result = run("make-updatable", _conv_classifier(tmp_path / "squeeze.onnx"))
+    assert result.code == 1 and result.stdout == ""
+    line = result.stderr.strip()
+    assert "\n" not in line and "last layer" in line and "training package" in line, line
+    assert "--trainable-layers" not in line
