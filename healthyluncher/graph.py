@@ -97,6 +97,8 @@ def normalize_versions(model: onnx.ModelProto) -> None:
         raise LuncherError(
             f"the model uses ONNX opset {opset}; ONNX Runtime 1.19 supports up to {MAX_OPSET}"
         )
+    if (ir := model.ir_version) < 3:
+        raise LuncherError(f"the model is ONNX IR version {ir}; ONNX Runtime reads 3 and later")
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
 

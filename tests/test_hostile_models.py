@@ -154,3 +154,12 @@ def test_remove_label_checks_its_label_like_every_other_call(pt_model, label):
     healthyluncher.make_updatable(pt_model)
     with pytest.raises(LuncherError, match="label"):
         healthyluncher.open().remove_label(label)
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_a_model_of_an_ir_version_onnx_runtime_cannot_read_is_refused(run, pt_model, version):
+    """IR versions 1 and 2 failed as 'ONNX Runtime training fails ... (ValidationError)'."""
+    model = onnx.load(str(pt_model))
+    model.ir_version = version
+    onnx.save(model, str(pt_model))
+    one_line_error(run("make-updatable", pt_model), f"IR version {version}")
