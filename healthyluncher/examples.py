@@ -239,7 +239,9 @@ def replay_centre(replay: Replay | None) -> np.ndarray | None:
     None without one: the memory's centre."""
     if replay is None or not len(replay[0]):
         return None
-    return replay[0].reshape(len(replay[0]), -1).mean(axis=0, dtype=np.float64).astype(np.float32)
+    rows = replay[0].reshape(len(replay[0]), -1)
+    centre: np.ndarray = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return centre
 
 
 def view_keys(views: np.ndarray, origin: np.ndarray | None, segments: tuple[str, ...]) -> list[str]:
