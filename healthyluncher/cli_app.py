@@ -33,8 +33,8 @@ class LuncherGroup(typer.core.TyperGroup):
         return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
 
-ORDER = ("predict", "retrain", "undo", "forget", "examples", "labels", "status", "reset")
-ORDER += ("export", "import", "make-updatable", "repair")
+ORDER = ["predict", "retrain", "undo", "forget", "examples", "labels", "status", "reset"]
+ORDER += ["export", "import", "make-updatable", "repair"]
 
 
 def _usage_metavar(self: typer.core.TyperArgument, ctx: Any, *, usage: bool = False) -> str:
