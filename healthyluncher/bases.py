@@ -186,7 +186,7 @@ def ensure_base(store: ModelStore) -> State:
         return state
     shipped = bundled_model()
     if shipped is None:
-        raise LuncherError("there is no base model yet: run ", MAKE_UPDATABLE)
+        raise LuncherError(f"there is no base model in {store.root} yet: run ", MAKE_UPDATABLE)
     with store.transaction() as txn:
         if txn.state.base is None:  # another process may have done it meanwhile
             replay = shipped.with_name(BUNDLED_REPLAY)

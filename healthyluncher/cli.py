@@ -27,10 +27,11 @@ from healthyluncher.cli_output import (
     print_table,
     progress_bars,
     reporting,
-    views_setting,
+    training_settings,
 )
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.settings import MAX_EPOCHS, MAX_LEARNING_RATE, MAX_MEMORY_STRENGTH, MAX_VIEWS
+from healthyluncher.settings import Hyperparameters as HP
 
 PHOTOS = typer.Argument(
     help="Photos, or directories to search; - reads paths from standard input, one a line.",
@@ -108,7 +109,7 @@ def retrain(
         typer.Option(
             parser=bounded(0.0, MAX_LEARNING_RATE, above=True),
             metavar="LR",
-            help=f"Default: the model's setting.  [0<x<={MAX_LEARNING_RATE:g}]",
+            help=f"Step size (default: the model's setting).  [0<x<={MAX_LEARNING_RATE:g}]",
         ),
     ] = None,
     views: Annotated[
@@ -117,8 +118,9 @@ def retrain(
             metavar="N",
             min=1,
             max=MAX_VIEWS,
-            help="Augmented views per photo; 1 turns augmentation off. Default: up to 8 "
-            "for a few photos, 1 from 16 photos on.",
+            help="Augmented views per photo; 1 turns augmentation off. Default: "
+            f"{HP.view_budget} per retrain shared by the new photos (up to "
+            f"{HP.augment_views} each), 1 from {HP.view_budget // 2 + 1} photos on.",
         ),
     ] = None,
     memory_strength: Annotated[
@@ -228,7 +230,7 @@ def reset(
             if purge
             else "Predict with the base model again (`luncher undo` brings this back)?"
         )
-        if not typer.confirm(question, default=not purge):
+        if not typer.confirm(question, default=not purge, err=True):
             err.print("Nothing was changed.")
             raise typer.Exit(1)
     result = lun.reset(purge=purge)
@@ -400,19 +402,13 @@ def status(
         used = result.last_retrain_hyperparameters
         out.print(
             f"[bold]last retrain[/bold]      {result.last_retrain} ({result.retrains} in all; "
-            f"{_settings(used)})"
+            f"{training_settings(used)})"
         )
         if used != result.hyperparameters:  # it ran with one-off options
-            out.print(f"[bold]next retrain[/bold]      {_settings(result.hyperparameters)}")
+            out.print(f"[bold]next retrain[/bold]      {training_settings(result.hyperparameters)}")
     out.print(f"[bold]trainer[/bold]           {result.trainer}; healthyluncher {result.version}")
     if result.warning:
         err.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
-
-
-def _settings(hp: dict[str, Any]) -> str:
-    return (
-        f"{hp['epochs']} epochs, lr {hp['learning_rate']}, {hp['optimizer']}, {views_setting(hp)}"
-    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 import typer.core
 
-from healthyluncher.cli_output import debug_requested, err, json_line, quiet
+from healthyluncher.cli_output import debug_requested, err, json_line, quiet, stop_on_signals
 from healthyluncher.settings import MAX_PIXEL_STATISTIC
 from healthyluncher.version import __version__
 
@@ -26,6 +26,15 @@ class LuncherGroup(typer.core.TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_global_options(list(args)))
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        """In the order they are used (typer lists them as the modules registered them)."""
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+
+
+ORDER = ["predict", "retrain", "undo", "forget", "examples", "labels", "status", "reset"]
+ORDER += ["export", "import", "make-updatable", "repair"]
 
 
 def _usage_metavar(self: typer.core.TyperArgument, ctx: Any, *, usage: bool = False) -> str:
@@ -55,6 +64,14 @@ def given_path(text: str) -> Path:
     if not text:
         raise typer.BadParameter("an empty path (an unset variable?)")
     return Path(text)
+
+
+def file_path(text: str) -> Path:
+    """A backup's path. `-`, a stream for photos and for tar, is refused rather than
+    written or read as a file named '-' in the current directory."""
+    if text == "-":
+        raise typer.BadParameter("give a file name: a backup cannot be a stream (./- is a file)")
+    return given_path(text)
 
 
 @app.callback()
@@ -225,6 +242,7 @@ def main() -> None:
     # writes training files in this process rather than in a child Python.
     warnings.simplefilter("ignore")  # every error is one line of its own; no other text
     logging.getLogger().addHandler(logging.NullHandler())
+    stop_on_signals()
     if "--json" not in sys.argv[1:]:
         app(prog_name="luncher")
         return

@@ -8,7 +8,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +65,23 @@ def escape(text: str) -> str:
     return rich_escape(printable(text))
 
 
+def cells(text: str) -> int:
+    """The columns `text` takes at a terminal: two for a wide (CJK) character, none for a
+    combining mark; padding by `len` pushed a row with either out of line."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def pad(text: str, width: int, *, right: bool = False) -> str:
+    """`text` padded with spaces to `width` terminal columns (on the left if `right`)."""
+    fill = " " * (width - cells(text))
+    return fill + text if right else text + fill
+
+
 @dataclass(frozen=True)
 class Column:
     header: str
@@ -76,13 +95,14 @@ def print_table(title: str, columns: list[Column], rows: list[list[tuple[str, st
     rows = [[(printable(cell), style) for cell, style in row] for row in rows]
     if not sys.stdout.isatty():
         widths = [
-            max([len(c.header)] + [len(row[i][0]) for row in rows]) for i, c in enumerate(columns)
+            max([cells(c.header)] + [cells(row[i][0]) for row in rows])
+            for i, c in enumerate(columns)
         ]
 
-        def line(cells: list[str]) -> str:
+        def line(texts: list[str]) -> str:
             parts = [
-                cell.rjust(width) if column.right else cell.ljust(width)
-                for cell, width, column in zip(cells, widths, columns, strict=True)
+                pad(text, width, right=column.right)
+                for text, width, column in zip(texts, widths, columns, strict=True)
             ]
             return "  ".join(parts).rstrip()
 
@@ -122,6 +142,27 @@ json_mode = [False]  # set by a command's --json: errors are JSON on stdout too
 READ_ONLY = frozenset({"predict", "status", "export_backup", "examples", "labels_list"})
 
 
+stopped_by = [signal.SIGINT]  # the signal that stopped the command (Ctrl-C unless told)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (`kill`, `timeout`, a service manager) and SIGHUP (the terminal closed) stop
+    a command as Ctrl-C does, so it cleans up and says so: they ended the process where it
+    stood. The first one stops it; later ones do not cut that cleanup short."""
+
+    def stop(signum: int, frame: object) -> None:
+        for name in STOPPING:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        stopped_by[0] = signal.Signals(signum)
+        raise KeyboardInterrupt
+
+    for name in STOPPING:
+        signal.signal(getattr(signal, name), stop)
+
+
+STOPPING = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
 def reporting(command: Callable[..., None]) -> Callable[..., None]:
     """Turn errors into one red line on stderr and exit 1 (a traceback only with --debug);
     with --json, the error is also one JSON object on stdout: {"error": message}."""
@@ -141,13 +182,15 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
             err.print(f"[red]error:[/red] {escape(message)}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
+            word = "interrupted" if stopped_by[0] == signal.SIGINT else "terminated"
             if isinstance(exc, CommittedInterrupt):
-                err.print("[yellow]interrupted[/yellow] after the change was saved")
-            elif command.__name__ in READ_ONLY:
-                err.print("[yellow]interrupted[/yellow]")
-            else:
-                err.print("[yellow]interrupted[/yellow]: the models directory was not changed")
-            raise typer.Exit(130) from None
+                word += " after the change was saved"
+            elif command.__name__ not in READ_ONLY:
+                word += ": the models directory was not changed"
+            if json_mode[0]:
+                json_line({"error": word})
+            err.print(f"[yellow]{word}[/yellow]")
+            raise typer.Exit(128 + stopped_by[0]) from None
         except BrokenPipeError:
             # The reader went away (`luncher predict --json photos/ | head`): stop quietly,
             # and keep Python from complaining while it flushes stdout on exit.
@@ -159,10 +202,10 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
         except Exception as exc:
             if debug_requested[0] or os.environ.get("LUNCHER_DEBUG"):
                 raise
-            err.print(
-                f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc))} "
-                "(run with --debug for the traceback)"
-            )
+            message = f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            if json_mode[0]:
+                json_line({"error": message})
+            err.print(f"[red]error:[/red] {escape(message)}")
             raise typer.Exit(1) from None
 
     return wrapper
@@ -237,8 +280,14 @@ def progress_bars() -> Iterator[Any]:
 
 def json_line(data: dict[str, Any]) -> None:
     """One JSON object on a line; non-ASCII stays readable, NaN becomes null."""
-    sys.stdout.write(json.dumps(plain(data), ensure_ascii=False, allow_nan=False) + "\n")
+    text = json.dumps(plain(data), ensure_ascii=False, allow_nan=False)
+    # A file name that is not UTF-8 holds lone surrogates (\udce9 for the byte 0xe9): as
+    # escapes, the line stays UTF-8 and Python's json.loads and os.fsencode give the bytes.
+    sys.stdout.write(SURROGATE.sub(lambda c: f"\\u{ord(c[0]):04x}", text) + "\n")
     sys.stdout.flush()
+
+
+SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def plain(value: Any) -> Any:
@@ -283,7 +332,7 @@ class RowPrinter:
     def __init__(self, title: str, labels: Sequence[str] | None, paths: Sequence[object]) -> None:
         self.title = title
         self.labels = list(labels) if labels is not None else None
-        self.width = min(60, max([5, *(len(printable(str(p))) for p in paths)]))
+        self.width = min(60, max([5, *(cells(printable(str(p))) for p in paths)]))
         self.started = False
 
     def print(self, row: Prediction) -> None:
@@ -291,24 +340,27 @@ class RowPrinter:
         if not self.started:
             self.started = True
             note(self.title)
-            label_width = max(5, *(len(x) for x in labels))
+            label_width = max(5, *(cells(x) for x in labels))
             self.label_width = label_width
-            header = ["photo".ljust(self.width), "label".ljust(label_width), "probability"]
-            header += [x.rjust(max(6, len(x))) for x in labels]
+            header = [pad("photo", self.width), pad("label", label_width), "probability"]
+            header += [pad(x, max(6, cells(x)), right=True) for x in labels]
             sys.stdout.write("  ".join(header).rstrip() + "\n")
-        cells = [
-            printable(str(row.path)).ljust(self.width),
-            row.label.ljust(self.label_width),
+        texts = [
+            pad(printable(str(row.path)), self.width),
+            pad(row.label, self.label_width),
             f"{row.probability:.1%}".rjust(11),
         ]
-        cells += [f"{row.probabilities.get(x, 0.0):.1%}".rjust(max(6, len(x))) for x in labels]
+        texts += [
+            pad(f"{row.probabilities.get(x, 0.0):.1%}", max(6, cells(x)), right=True)
+            for x in labels
+        ]
         if sys.stdout.isatty():  # the label in bold, the other classes dim
-            cells = [escape(c) for c in cells]
-            cells[1] = f"[bold]{cells[1]}[/bold]"
-            cells[3:] = [f"[dim]{c}[/dim]" for c in cells[3:]]
-            out.print("  ".join(cells).rstrip())
+            texts = [escape(c) for c in texts]
+            texts[1] = f"[bold]{texts[1]}[/bold]"
+            texts[3:] = [f"[dim]{c}[/dim]" for c in texts[3:]]
+            out.print("  ".join(texts).rstrip())
             return
-        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+        sys.stdout.write("  ".join(texts).rstrip() + "\n")
         sys.stdout.flush()
 
 
@@ -325,6 +377,13 @@ def note(text: str) -> None:
 
 # rich's markup tags ([bold], [/bold], [red]...), dropped when the output is not a terminal.
 MARKUP = re.compile(r"(?<!\\)\[/?[a-z][a-z ]*\]")
+
+
+def training_settings(hp: dict[str, Any]) -> str:
+    """Hyperparameters as `status` shows them: epochs, learning rate, optimizer, views."""
+    return (
+        f"{hp['epochs']} epochs, lr {hp['learning_rate']}, {hp['optimizer']}, {views_setting(hp)}"
+    )
 
 
 def views_setting(hp: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from healthyluncher.cli_app import JSON, Optimizer, Preset, app, bounded, floats, luncher
+from healthyluncher.cli_app import JSON, Optimizer, Preset, app, bounded, file_path, floats, luncher
 from healthyluncher.cli_output import (
     Column,
     escape,
@@ -280,7 +280,7 @@ def _ask_to_keep(ctx: typer.Context) -> bool | None:
     if not sys.stdin.isatty() or not luncher(ctx).personalized:
         return None
     return typer.confirm(
-        "Keep your personalization on the new base (retrain it there)?", default=True
+        "Keep your personalization on the new base (retrain it there)?", default=True, err=True
     )
 
 
@@ -291,7 +291,10 @@ def export_backup(
     backup: Annotated[
         Path,
         typer.Argument(
-            help="The archive to write (.tar.gz).", show_default=False, metavar="BACKUP.tar.gz"
+            help="The archive to write (.tar.gz).",
+            show_default=False,
+            metavar="BACKUP.tar.gz",
+            parser=file_path,
         ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
@@ -329,6 +332,7 @@ def import_backup(
             help="An archive written by 'luncher export'.",
             show_default=False,
             metavar="BACKUP.tar.gz",
+            parser=file_path,
         ),
     ],
     rebuild: Annotated[

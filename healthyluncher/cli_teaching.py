@@ -65,7 +65,6 @@ def examples(
 
 labels_app = typer.Typer(
     name="labels",
-    help="List the labels with their examples; rename or remove one.",
     invoke_without_command=True,
     no_args_is_help=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -76,9 +75,11 @@ app.add_typer(labels_app)
 @labels_app.callback()
 @reporting
 def labels_list(ctx: typer.Context, as_json: JSON = False) -> None:
-    """List the labels with how many of your photos have each.
+    """List the labels with their examples; rename or remove one.
 
-    Example: luncher labels
+    Without a command: every label, with how many of your photos have it.
+
+    Example: luncher labels rename pancake pancakes
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -59,10 +59,13 @@ def open_photo(data: bytes, brand: bytes | None, name: str) -> Image.Image:
         for format_id in [f for f in Image.ID if f not in tried]:
             tried.add(format_id)
             factory, accept = Image.OPEN[format_id]
-            # A string: the format is known, but the plugin that reads it is missing.
-            if accept is not None and (not (found := accept(prefix)) or isinstance(found, str)):
-                continue
+            # As in Image.open, a check that fails on a short prefix (DIB's on 1 to 3 bytes:
+            # struct.error) means not this format. A string: the format is known, but the
+            # plugin that reads it is missing.
             try:
+                found = accept(prefix) if accept is not None else True
+                if not found or isinstance(found, str):
+                    continue
                 return factory(io.BytesIO(data), "")
             except _NOT_THIS_FORMAT:
                 continue

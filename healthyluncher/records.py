@@ -95,7 +95,7 @@ def bundled_model() -> Path | None:
 def load_base(store: ModelStore, state: State) -> Base:
     path = store.base_dir(state)
     if path is None:
-        raise LuncherError("there is no base model yet: run ", MAKE_UPDATABLE)
+        raise LuncherError(f"there is no base model in {store.root} yet: run ", MAKE_UPDATABLE)
     again = ("run ", MAKE_UPDATABLE, " again")
     try:
         data = read_json(path / Files.META)

@@ -1,0 +1,246 @@
+"""The command as shell scripts and people at a terminal use it: signals, streams, encodings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import one_line_error, solid
+from tests.test_conventions import luncher
+
+# Runs `luncher ARGS...` with MODULE.NAME replaced by a function that touches READY and
+# sleeps: the command is then stopped at a known point, with its work half done.
+PAUSED = """
+import importlib, sys, time
+from pathlib import Path
+
+module, name, ready = sys.argv[1:4]
+
+def paused(*args, **kwargs):
+    Path(ready).touch()
+    time.sleep(60)
+
+setattr(importlib.import_module(module), name, paused)
+sys.argv = ["luncher", *sys.argv[4:]]
+from healthyluncher.__main__ import run
+
+run()
+"""
+
+
+def _stopped(where: str, ready: Path, how: signal.Signals, *args: str) -> tuple[int, str, str]:
+    module, name = where.rsplit(".", 1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED, module, name, str(ready), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready.exists(), proc.communicate()
+    proc.send_signal(how)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def _hidden(models_dir: Path) -> list[str]:
+    return sorted(p.name for p in models_dir.iterdir() if p.name.startswith(".s"))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
+@pytest.mark.parametrize(
+    ("command", "where"),
+    [
+        (("retrain", "--label", "healthy"), "healthyluncher.personal.fit"),
+        (("import", "--json"), "healthyluncher.backup._restore"),
+    ],
+    ids=["retrain", "import"],
+)
+def test_sigterm_stops_a_command_as_ctrl_c_does(
+    command, where, run, pt_model, photos, models_dir, tmp_path
+):
+    """`timeout 60 luncher retrain ...` or a `kill`: SIGTERM ended the process where it
+    stood, silently (exit -15), leaving a `.staging-*` directory, or for an import a
+    `.scratch-*` full of the user's thumbnails, behind. It now unwinds as Ctrl-C does:
+    one line, exit 143 (128 + 15), nothing left behind."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    archive = tmp_path / "b.tar.gz"
+    assert run("export", archive).code == 0
+    state = (models_dir / "state.json").read_bytes()
+    target = [str(archive)] if command[0] == "import" else [str(p) for p in photos["green"]]
+    code, out, err = _stopped(where, tmp_path / "ready", signal.SIGTERM, *command, *target)
+    assert code == 128 + signal.SIGTERM, (code, out, err)
+    assert err == "terminated: the models directory was not changed\n"
+    if "--json" in command:
+        assert json.loads(out) == {"error": "terminated: the models directory was not changed"}
+    assert _hidden(models_dir) == [] and (models_dir / "state.json").read_bytes() == state
+
+
+def test_an_unexpected_error_is_json_too_with_json(run, pt_model, photos, monkeypatch):
+    """With --json, a bug's one-line error reached stderr only: a script reading stdout got
+    nothing at all, where the README promises one `{"error": ...}` object."""
+    assert run("make-updatable", pt_model).code == 0
+    import healthyluncher.predictor as predicting
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(predicting.Predictor, "predict", boom)
+    result = run("predict", "--json", photos["red"][0])
+    line = one_line_error(result, "disk on fire")
+    assert result.json_lines() == [{"error": line.removeprefix("error: ")}]
+
+
+def test_json_is_valid_utf8_for_a_file_name_that_is_not(pt_model, tmp_path, models_dir):
+    """A file name that is not UTF-8 (`caf\\xe9.png` from an old Latin-1 camera card) was
+    written into the JSON as the raw byte: the line was not UTF-8, and `json.loads` of the
+    output failed. It is now a \\udcXX escape, which Python turns back into the bytes."""
+    if sys.platform == "darwin" or os.name == "nt":
+        pytest.skip("file names are always Unicode here")
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    folder = tmp_path / "card"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")
+    solid(folder / name, (200, 30, 40))
+    proc = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", "--json", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [row] = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]
+    assert os.fsencode(row["path"]) == os.fsencode(str(folder / name))
+
+
+def test_plain_columns_line_up_with_wide_characters(run, pt_model, tmp_path, monkeypatch):
+    """Piped, columns were padded by character count: a name in CJK (two columns a
+    character on every terminal and editor) pushed its row's label out of line."""
+    assert run("make-updatable", pt_model).code == 0
+    monkeypatch.chdir(tmp_path)
+    solid(tmp_path / "弁当の写真.png", (200, 30, 40))
+    solid(tmp_path / "lunch-photo-1.png", (30, 200, 40))
+    result = run("predict", "弁当の写真.png", "lunch-photo-1.png")
+    assert result.code == 0, result
+    header, *lines = result.stdout.splitlines()[1:]
+
+    def label_column(line: str) -> int:
+        photo, label = re.split("  +", line)[:2]
+        before = line[: line.index(label, len(photo))]
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in before)
+
+    assert [label_column(line) for line in lines] == [header.index("label")] * 2, lines
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_a_file_of_a_few_bytes_is_not_an_image_not_a_struct_error(run, pt_model, tmp_path, size):
+    """A file of 1 to 3 bytes named .png was refused with Python's own words from inside a
+    Pillow plugin: 'unpack_from requires a buffer of at least 4 bytes ...'."""
+    assert run("make-updatable", pt_model).code == 0
+    tiny = tmp_path / "tiny.png"
+    tiny.write_bytes(b"abc"[:size])
+    line = one_line_error(run("predict", tiny), "tiny.png")
+    assert line.endswith("not an image file Pillow can read"), line
+
+
+def test_no_base_model_names_the_models_directory_it_looked_in(run, photos, tmp_path):
+    """`luncher --models-dir ~/luncher-modles status` said 'there is no base model yet'
+    without saying where it looked, so the typo went unnoticed."""
+    elsewhere = tmp_path / "luncher-modles"
+    for command in (("status",), ("predict", str(photos["red"][0]))):
+        one_line_error(run("--models-dir", elsewhere, *command), str(elsewhere), "make-updatable")
+
+
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_a_dash_for_a_backup_is_refused_not_taken_as_a_file_named_dash(
+    command, run, pt_model, tmp_path, monkeypatch
+):
+    """`luncher export - | ssh ...` wrote a file named '-' in the current directory (and
+    `import -` read one): everywhere else in luncher, and in tar, `-` is a stream."""
+    assert run("make-updatable", pt_model).code == 0
+    monkeypatch.chdir(tmp_path)
+    result = run(command, "-")
+    assert result.code == 2 and "a file name" in result.stderr, result
+    assert not (tmp_path / "-").exists()
+
+
+def test_questions_go_to_the_terminal_not_into_the_json(run, pt_model, photos):
+    """`luncher reset --json | jq` at a terminal: the question was printed on stdout, into
+    jq (a parse error), and the person never saw it."""
+    import pty
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "healthyluncher", "reset", "--json"],
+            stdin=secondary,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        os.write(primary, b"y\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert proc.returncode == 0, err
+    assert "Predict with the base model again" in err.decode()
+    assert json.loads(out)["removed_model"] is True
+
+
+def test_help_lists_the_commands_in_the_order_they_are_used():
+    """`luncher --help` listed make-updatable, export, import and examples before predict
+    and retrain: the order the modules happened to be imported in."""
+    result = luncher("--help")
+    listed = [
+        line.split()[0]
+        for line in result.stdout.split("Commands:")[1].splitlines()
+        if line.startswith("  ")
+    ]
+    assert listed[:3] == ["predict", "retrain", "undo"]
+    assert listed[-1] == "repair" and len(listed) == len(set(listed)) == 12
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        *[(c,) for c in ("make-updatable", "export", "import", "predict", "retrain")],
+        *[(c,) for c in ("reset", "repair", "undo", "forget", "status", "examples", "labels")],
+        ("labels", "rename"),
+        ("labels", "remove"),
+    ],
+    ids=" ".join,
+)
+def test_every_command_and_subcommand_has_help_with_an_example_that_parses(command):
+    """`luncher labels --help` had no example, where the README promises one for every
+    command. Each example must also parse as written (`--help` appended shows it does)."""
+    result = luncher(*command, "--help")
+    assert result.returncode == 0
+    [example] = [line for line in result.stdout.splitlines() if "Example: luncher" in line]
+    words = example.split("Example: luncher ")[1].split()
+    assert words[: len(command)] == list(command), example
+    assert luncher(*words, "--help").returncode == 0
+
+
+def test_the_help_of_views_says_what_a_retrain_does():
+    """`retrain --help` said the default was '1 from 16 photos on': 16 photos get 2 views
+    each (32 a retrain), and 1 comes from 32 photos on, as the README says."""
+    from healthyluncher.settings import Hyperparameters
+
+    text = " ".join(luncher("retrain", "--help").stdout.split())
+    hp = Hyperparameters()
+    assert f"{hp.view_budget} per retrain" in text and f"up to {hp.augment_views} each" in text
+    first_single = next(n for n in range(1, 1000) if hp.views_for(n) == 1)
+    assert f"1 from {first_single} photos on" in text
