@@ -23,7 +23,7 @@ from healthyluncher.events import ProgressCallback
 from healthyluncher.meta import check_label
 from healthyluncher.photos import ImageFailure, find_images
 from healthyluncher.runtime import quiet_default_logger as quiet_default_logger  # luncher's
-from healthyluncher.settings import Hyperparameters
+from healthyluncher.settings import Hyperparameters, plain_number
 from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
 
@@ -79,9 +79,9 @@ def open(  # noqa: A001
 class Luncher:
     """One models directory: predict with it, personalize it, undo, export and import.
 
-    Safe to use from several threads: changes run one at a time, and predictions go on
-    meanwhile with the model as it was; several processes take turns on the models
-    directory's lock.
+    Safe to use from several threads: changes run one at a time, and predictions and reads
+    (`status`, `examples`, `label_info`) go on meanwhile with the model as it was; several
+    processes take turns on the models directory's lock.
     """
 
     def __init__(
@@ -245,20 +245,20 @@ class Luncher:
         """The base, your examples, the settings, the trainer and the disk used."""
         from healthyluncher.personalizing import status
 
-        return self._run(status)
+        return self._read(status)
 
     def examples(self, label: str | None = None) -> list[TaughtExample]:
         """The photos you taught (of one label, if given), with their digests, file
         names, dates and thumbnails."""
         from healthyluncher.teaching import list_examples
 
-        return self._run(list_examples, label)
+        return self._read(list_examples, label)
 
     def label_info(self) -> list[LabelInfo]:
         """Every label, with how many of your photos have it and whether the base has it."""
         from healthyluncher.teaching import list_labels
 
-        return self._run(list_labels)
+        return self._read(list_labels)
 
     def rename_label(self, old: str, new: str) -> RenameResult:
         """Rename a label you added (`undo` reverses it)."""
@@ -307,6 +307,12 @@ class Luncher:
         from healthyluncher.bases import ensure_base
 
         return ensure_base(self._store)
+
+    def _read(self, operation: Callable[..., T], *args: Any) -> T:
+        """A read: without the lock of changes, so it never waits for one that another
+        thread is making (it sees the state before or after it, as `predict` does)."""
+        self._ready()
+        return operation(self._store, *args)
 
     def _run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         check_options(kwargs)
@@ -371,10 +377,10 @@ def make_updatable(
         raise LuncherError(f"labels must be a list of names, not the string {labels!r:.80}")
     options = UpdatableOptions(
         labels=tuple(labels) if labels is not None else None,
-        trainable_layers=trainable_layers,
-        resize=resize,
-        mean=tuple(mean) if mean is not None else None,
-        std=tuple(std) if std is not None else None,
+        trainable_layers=plain_number(trainable_layers),
+        resize=plain_number(resize),
+        mean=tuple(map(plain_number, mean)) if mean is not None else None,
+        std=tuple(map(plain_number, std)) if std is not None else None,
         hyperparameters=hyperparameters or Hyperparameters(),
         replay=None if replay is None else path_argument(replay, "replay"),
         force=force or keep_personalization is False,

@@ -1,0 +1,88 @@
+"""The public API as an app developer drives it: threads, numbers from numpy, generators,
+tasks and errors that travel; each test failed before the fix it names."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import healthyluncher
+from healthyluncher import LuncherError, Progress
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=models_dir)
+    return healthyluncher.open(models_dir)
+
+
+def test_reads_go_on_while_another_thread_retrains(lun, photos):
+    """`status`, `examples` and `label_info` read the store without its lock, as `predict`
+    does, but each waited for the Luncher's own lock: an app showing its examples froze
+    for as long as an `UpdateTask` retrained in the background."""
+    lun.retrain("healthy", photos["red"][:1])
+    training, release = threading.Event(), threading.Event()
+
+    def progress(event: Progress) -> None:
+        if event.stage == "training":
+            training.set()
+            release.wait(30)
+
+    task = healthyluncher.UpdateTask(lun.retrain, "fast_food", photos["green"], progress=progress)
+    task.start()
+    try:
+        assert training.wait(30)
+        answers: list[object] = []
+        client = threading.Thread(
+            target=lambda: answers.extend(
+                [lun.status().examples_per_label, len(lun.examples()), len(lun.label_info())]
+            )
+        )
+        client.start()
+        client.join(10)
+        assert answers == [{"healthy": 1}, 1, 2], "a read waited for the retrain"
+    finally:
+        release.set()
+        task.result(60)
+    assert lun.status().examples_per_label == {"healthy": 1, "fast_food": 3}
+
+
+def test_numbers_from_numpy_are_numbers(lun, photos, pt_model, models_dir):
+    """`epochs=np.int64(2)` was refused as "epochs must be a whole number from 1 to 1000,
+    not np.int64(2)", and `learning_rate=np.float32(0.01)` as "not a finite number": a
+    program that computes its settings with numpy could not pass them."""
+    result = lun.retrain(
+        "healthy",
+        photos["red"][:1],
+        epochs=np.int64(2),
+        learning_rate=np.float32(0.01),
+        views=np.int32(2),
+        memory_strength=np.float64(30),
+        save=True,
+    )
+    hp = result.hyperparameters
+    assert (hp.epochs, hp.learning_rate, hp.augment_views, hp.memory_strength) == (
+        2,
+        pytest.approx(0.01),
+        2,
+        30,
+    )
+    assert type(hp.epochs) is int and type(hp.learning_rate) is float  # kept as JSON
+    assert lun.status().hyperparameters["epochs"] == 2
+    made = healthyluncher.make_updatable(
+        pt_model,
+        models_dir=models_dir,
+        force=True,
+        trainable_layers=np.int64(1),
+        resize=np.int64(20),
+        mean=np.array([120, 110, 100], np.float32),
+        std=np.full(3, 50, np.float32),
+        hyperparameters=healthyluncher.Hyperparameters(epochs=np.int8(3)),
+    )
+    assert made.meta.preprocessing.resize == 20 and made.meta.preprocessing.mean == (120, 110, 100)
+    assert lun.status().hyperparameters["epochs"] == 3
+    with pytest.raises(LuncherError, match=r"^epochs must be a whole number from 1 to 1000, not 0"):
+        lun.retrain("healthy", photos["red"][:1], epochs=np.int64(0))
