@@ -3,6 +3,7 @@ tasks and errors that travel; each test failed before the fix it names."""
 
 from __future__ import annotations
 
+import pickle
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 import healthyluncher
 from healthyluncher import LuncherError, Progress
+from healthyluncher.errors import Command, StorageError
 
 
 @pytest.fixture
@@ -86,3 +88,43 @@ def test_numbers_from_numpy_are_numbers(lun, photos, pt_model, models_dir):
     assert lun.status().hyperparameters["epochs"] == 3
     with pytest.raises(LuncherError, match=r"^epochs must be a whole number from 1 to 1000, not 0"):
         lun.retrain("healthy", photos["red"][:1], epochs=np.int64(0))
+
+
+def test_waiting_for_a_task_that_was_never_started_says_so(lun, photos):
+    """`UpdateTask(lun.retrain, ...)` without `.start()` (Core ML's `resume()`): `result()`
+    and `wait()` waited forever, and the program hung without a word."""
+    task = healthyluncher.UpdateTask(lun.retrain, "healthy", photos["red"][:1])
+    outcome: list[object] = []
+
+    def wait_for_it() -> None:
+        for call in (task.result, task.wait):
+            try:
+                outcome.append(call())
+            except LuncherError as error:
+                outcome.append(str(error))
+
+    waiter = threading.Thread(target=wait_for_it, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert outcome == ["this task has not been started: call start() first"] * 2
+    assert task.start().result(60).examples_per_label == {"healthy": 1}
+    assert task.wait() is True
+
+
+def test_errors_survive_pickling_as_multiprocessing_sends_them(lun, photos):
+    """A worker process's UnknownLabelError could not come back to its parent: unpickling
+    it failed with "missing 1 required positional argument: 'known'" (a
+    ProcessPoolExecutor raised that instead), and a LuncherError lost the parameters and
+    commands its message names."""
+    with pytest.raises(healthyluncher.UnknownLabelError) as refused:
+        lun.retrain("heathy", photos["red"][:1])
+    copy = pickle.loads(pickle.dumps(refused.value))
+    assert type(copy) is healthyluncher.UnknownLabelError
+    assert (copy.label, copy.known, str(copy)) == ("heathy", lun.labels, str(refused.value))
+    with pytest.raises(LuncherError) as undo:
+        lun.undo()
+    error = LuncherError("cannot do this; run ", Command("luncher undo", "Luncher.undo()"))
+    for original in (undo.value, error, StorageError("the disk is full")):
+        copy = pickle.loads(pickle.dumps(original))
+        assert type(copy) is type(original) and copy.parts == original.parts
+        assert copy.render(str) == original.render(str) and str(copy) == str(original)
