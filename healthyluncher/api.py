@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from healthyluncher.arguments import check_options, describe, path_argument, photo_sources
+from healthyluncher.arguments import check_options, image_stream, path_argument, photo_sources
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.meta import check_label
-from healthyluncher.photos import ImageFailure, find_images
+from healthyluncher.photos import ImageFailure
 from healthyluncher.runtime import quiet_default_logger as quiet_default_logger  # luncher's
 from healthyluncher.settings import Hyperparameters, plain_number
 from healthyluncher.state import State
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     )
 
     # A photo: a file path, a photo file's bytes, a PIL image, or a (H, W, 3) uint8 array.
-    PhotoInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
+    PhotoInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
 
 
 T = TypeVar("T")
@@ -118,7 +118,7 @@ class Luncher:
     # -- predicting ------------------------------------------------------------------------
 
     def predict(
-        self, photos: PhotoInput | Sequence[PhotoInput], *, base: bool = False
+        self, photos: PhotoInput | Iterable[PhotoInput], *, base: bool = False
     ) -> list[Prediction]:
         """Label each photo, in the order given (directories are searched, sorted).
 
@@ -135,16 +135,13 @@ class Luncher:
         return results
 
     def predict_each(
-        self, photos: PhotoInput | Sequence[PhotoInput], *, base: bool = False
+        self, photos: PhotoInput | Iterable[PhotoInput], *, base: bool = False
     ) -> Iterator[Prediction | ImageFailure]:
         """Like `predict`, one result at a time as photos decode: a `Prediction`, or an
         `ImageFailure` for a photo that cannot be read."""
         check_options({"base": base})
-        sources = find_images(photo_sources(photos))
-        if not sources:
-            raise LuncherError("no image files found in " + describe(photos))
-        predictor = self._predictor(base=base)
-        return predictor.predict(sources)
+        sources = image_stream(photos)
+        return self._predictor(base=base).predict(sources)
 
     def _predictor(self, *, base: bool) -> Predictor:
         """The session over the current model, loaded again only when the state changes."""
@@ -164,7 +161,7 @@ class Luncher:
     def retrain(
         self,
         label: str,
-        photos: PhotoInput | Sequence[PhotoInput],
+        photos: PhotoInput | Iterable[PhotoInput],
         *,
         new_label: bool = False,
         epochs: int | None = None,
@@ -205,7 +202,7 @@ class Luncher:
 
     def forget(
         self,
-        photos: PhotoInput | Sequence[PhotoInput],
+        photos: PhotoInput | Iterable[PhotoInput],
         *,
         progress: ProgressCallback | None = None,
     ) -> ForgetResult:

@@ -3,12 +3,17 @@ tasks and errors that travel; each test failed before the fix it names."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import pickle
+import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import healthyluncher
 from healthyluncher import LuncherError, Progress
@@ -128,3 +133,46 @@ def test_errors_survive_pickling_as_multiprocessing_sends_them(lun, photos):
         copy = pickle.loads(pickle.dumps(original))
         assert type(copy) is type(original) and copy.parts == original.parts
         assert copy.render(str) == original.render(str) and str(copy) == str(original)
+
+
+def test_predict_each_reads_a_generator_as_it_goes(lun, photos, tmp_path):
+    """`predict_each(frames())` read the whole generator and encoded every frame before the
+    first result: a camera's endless generator never got one, and memory grew with every
+    frame. Now it reads a window of frames ahead of the results, whatever their number."""
+    pixels = np.asarray(Image.open(photos["green"][0]).convert("RGB"))
+    produced = 0
+
+    def frames(count: int) -> Iterator[np.ndarray]:
+        nonlocal produced
+        for _ in range(count):
+            produced += 1
+            yield pixels
+
+    results = lun.predict_each(frames(200))
+    first = next(results)
+    assert isinstance(first, healthyluncher.Prediction) and str(first.path) == "<image 0>"
+    assert produced < 40, f"{produced} frames read for the first result"
+    assert sum(1 for _ in results) == 199 and produced == 200
+    # A list is read the same; what comes out is the same as ever.
+    expected = lun.predict(photos["red"] + [pixels])
+    assert lun.predict(iter(photos["red"] + [pixels])) == expected
+    assert lun.predict(p for p in photos["red"] + [pixels]) == expected
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for nothing, named in (([], "(nothing)"), (iter([empty, empty]), f"{empty}, {empty}")):
+        with pytest.raises(LuncherError, match=rf"^no image files found in {re.escape(named)}$"):
+            lun.predict_each(nothing)
+
+
+def test_photos_are_typed_as_any_iterable_of_photos():
+    """mypy refused `lun.predict(folder.glob("*.jpg"))`, which runs: photos were typed as a
+    Sequence, and the bytearray that runs too was not a photo."""
+    for method in ("predict", "predict_each", "retrain", "forget"):
+        annotation = (
+            inspect.signature(getattr(healthyluncher.Luncher, method))
+            .parameters["photos"]
+            .annotation
+        )
+        assert annotation == "PhotoInput | Iterable[PhotoInput]", method
+    source = inspect.getsource(importlib.import_module("healthyluncher.api"))
+    assert "bytes | bytearray |" in source
