@@ -103,6 +103,7 @@ class Luncher:
 
     @property
     def models_dir(self) -> Path:
+        """The models directory, as an absolute path."""
         return self._store.root
 
     @property

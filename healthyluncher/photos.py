@@ -44,6 +44,8 @@ PhotoSource = Path | MemoryPhoto
 
 @dataclass(frozen=True)
 class ImageFailure:
+    """A photo that could not be used, and why (`error`: one line naming it)."""
+
     path: PhotoSource
     error: str
 

@@ -25,6 +25,8 @@ PREDICT_BATCH = 16
 
 @dataclass(frozen=True)
 class Prediction:
+    """A photo's `label`, its `probability`, and the probability of every label."""
+
     path: PhotoSource  # the file, or the in-memory photo ("<image 3>")
     label: str
     probability: float

@@ -79,6 +79,7 @@ class Hyperparameters:
         return max(1, min(self.augment_views, self.view_budget // max(1, photos)))
 
     def to_json(self) -> dict[str, Any]:
+        """The settings as a JSON object (as meta.json and `Status.hyperparameters` hold them)."""
         return asdict(self)
 
     @classmethod
@@ -89,6 +90,7 @@ class Hyperparameters:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> Hyperparameters:
+        """A copy with these settings changed (None: kept), checked as a new one is."""
         values = self.to_json()
         values.update({k: v for k, v in changes.items() if v is not None})
         return Hyperparameters.from_json(values)
@@ -133,6 +135,7 @@ class Preprocessing:
             raise LuncherError("std values must not be zero")
 
     def to_json(self) -> dict[str, Any]:
+        """The preprocessing as a JSON object, as meta.json holds it."""
         data = asdict(self)
         data["mean"] = list(self.mean)
         data["std"] = list(self.std)

@@ -176,3 +176,22 @@ def test_photos_are_typed_as_any_iterable_of_photos():
         assert annotation == "PhotoInput | Iterable[PhotoInput]", method
     source = inspect.getsource(importlib.import_module("healthyluncher.api"))
     assert "bytes | bytearray |" in source
+
+
+def test_help_explains_every_exported_class_and_method():
+    """`help(healthyluncher.RetrainResult)` showed only the signature dataclasses generate,
+    and `Prediction`, `Status` and ten other results said nothing of what their fields
+    mean; nor did `Luncher.models_dir` or `Hyperparameters.replace`."""
+    undocumented = []
+    for name in healthyluncher.__all__:
+        item = getattr(healthyluncher, name)
+        if not inspect.isclass(item):
+            continue
+        doc = inspect.getdoc(item) or ""
+        if not doc or doc.startswith(f"{item.__name__}("):  # the generated signature
+            undocumented.append(name)
+        for member, value in vars(item).items():
+            if not member.startswith("_") and (callable(value) or isinstance(value, property)):
+                if not inspect.getdoc(value):
+                    undocumented.append(f"{name}.{member}")
+    assert undocumented == []
