@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from healthyluncher.arguments import check_options, describe, path_argument, photo_sources
+from healthyluncher.arguments import check_options, image_stream, path_argument, photo_sources
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.meta import check_label
-from healthyluncher.photos import ImageFailure, find_images
+from healthyluncher.photos import ImageFailure
 from healthyluncher.runtime import quiet_default_logger as quiet_default_logger  # luncher's
-from healthyluncher.settings import Hyperparameters
+from healthyluncher.settings import Hyperparameters, plain_number
 from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
 
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     )
 
     # A photo: a file path, a photo file's bytes, a PIL image, or a (H, W, 3) uint8 array.
-    PhotoInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
+    PhotoInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
 
 
 T = TypeVar("T")
@@ -79,9 +79,9 @@ def open(  # noqa: A001
 class Luncher:
     """One models directory: predict with it, personalize it, undo, export and import.
 
-    Safe to use from several threads: changes run one at a time, and predictions go on
-    meanwhile with the model as it was; several processes take turns on the models
-    directory's lock.
+    Safe to use from several threads: changes run one at a time, and predictions and reads
+    (`status`, `examples`, `label_info`) go on meanwhile with the model as it was; several
+    processes take turns on the models directory's lock.
     """
 
     def __init__(
@@ -103,6 +103,7 @@ class Luncher:
 
     @property
     def models_dir(self) -> Path:
+        """The models directory, as an absolute path."""
         return self._store.root
 
     @property
@@ -118,7 +119,7 @@ class Luncher:
     # -- predicting ------------------------------------------------------------------------
 
     def predict(
-        self, photos: PhotoInput | Sequence[PhotoInput], *, base: bool = False
+        self, photos: PhotoInput | Iterable[PhotoInput], *, base: bool = False
     ) -> list[Prediction]:
         """Label each photo, in the order given (directories are searched, sorted).
 
@@ -135,16 +136,13 @@ class Luncher:
         return results
 
     def predict_each(
-        self, photos: PhotoInput | Sequence[PhotoInput], *, base: bool = False
+        self, photos: PhotoInput | Iterable[PhotoInput], *, base: bool = False
     ) -> Iterator[Prediction | ImageFailure]:
         """Like `predict`, one result at a time as photos decode: a `Prediction`, or an
         `ImageFailure` for a photo that cannot be read."""
         check_options({"base": base})
-        sources = find_images(photo_sources(photos))
-        if not sources:
-            raise LuncherError("no image files found in " + describe(photos))
-        predictor = self._predictor(base=base)
-        return predictor.predict(sources)
+        sources = image_stream(photos)
+        return self._predictor(base=base).predict(sources)
 
     def _predictor(self, *, base: bool) -> Predictor:
         """The session over the current model, loaded again only when the state changes."""
@@ -164,7 +162,7 @@ class Luncher:
     def retrain(
         self,
         label: str,
-        photos: PhotoInput | Sequence[PhotoInput],
+        photos: PhotoInput | Iterable[PhotoInput],
         *,
         new_label: bool = False,
         epochs: int | None = None,
@@ -205,7 +203,7 @@ class Luncher:
 
     def forget(
         self,
-        photos: PhotoInput | Sequence[PhotoInput],
+        photos: PhotoInput | Iterable[PhotoInput],
         *,
         progress: ProgressCallback | None = None,
     ) -> ForgetResult:
@@ -245,20 +243,20 @@ class Luncher:
         """The base, your examples, the settings, the trainer and the disk used."""
         from healthyluncher.personalizing import status
 
-        return self._run(status)
+        return self._read(status)
 
     def examples(self, label: str | None = None) -> list[TaughtExample]:
         """The photos you taught (of one label, if given), with their digests, file
         names, dates and thumbnails."""
         from healthyluncher.teaching import list_examples
 
-        return self._run(list_examples, label)
+        return self._read(list_examples, label)
 
     def label_info(self) -> list[LabelInfo]:
         """Every label, with how many of your photos have it and whether the base has it."""
         from healthyluncher.teaching import list_labels
 
-        return self._run(list_labels)
+        return self._read(list_labels)
 
     def rename_label(self, old: str, new: str) -> RenameResult:
         """Rename a label you added (`undo` reverses it)."""
@@ -307,6 +305,12 @@ class Luncher:
         from healthyluncher.bases import ensure_base
 
         return ensure_base(self._store)
+
+    def _read(self, operation: Callable[..., T], *args: Any) -> T:
+        """A read: without the lock of changes, so it never waits for one that another
+        thread is making (it sees the state before or after it, as `predict` does)."""
+        self._ready()
+        return operation(self._store, *args)
 
     def _run(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         check_options(kwargs)
@@ -371,10 +375,10 @@ def make_updatable(
         raise LuncherError(f"labels must be a list of names, not the string {labels!r:.80}")
     options = UpdatableOptions(
         labels=tuple(labels) if labels is not None else None,
-        trainable_layers=trainable_layers,
-        resize=resize,
-        mean=tuple(mean) if mean is not None else None,
-        std=tuple(std) if std is not None else None,
+        trainable_layers=plain_number(trainable_layers),
+        resize=plain_number(resize),
+        mean=tuple(map(plain_number, mean)) if mean is not None else None,
+        std=tuple(map(plain_number, std)) if std is not None else None,
         hyperparameters=hyperparameters or Hyperparameters(),
         replay=None if replay is None else path_argument(replay, "replay"),
         force=force or keep_personalization is False,

@@ -3,13 +3,14 @@ one-line `LuncherError` a wrong one gets (a TypeError from deep inside before)."
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.photos import MemoryPhoto, PhotoSource
+from healthyluncher.photos import MemoryPhoto, PhotoSource, iter_images, refuse_urls
 from healthyluncher.settings import check_argument
 
 # Keyword arguments of the API that are True or False: a string such as "no" is refused,
@@ -41,24 +42,61 @@ def path_argument(value: Any, name: str) -> Path:
 def photo_sources(photos: Any) -> list[PhotoSource]:
     """Paths as Paths, bytes as the photo file they hold, in-memory images as lossless
     in-memory photos."""
-    if not is_single(photos) and not isinstance(photos, Iterable):
+    return [_source(item, index) for index, item in enumerate(_items(photos))]
+
+
+def image_stream(photos: Any) -> Iterator[PhotoSource]:
+    """The photos (directories searched) one at a time, each made a source when it is
+    reached: a program's generator is read as the results are taken, and its pixels are
+    encoded one photo at a time. LuncherError at once when there is none; a URL in a list
+    is refused before any photo is read, one in a generator when it is reached."""
+    items = _items(photos)
+    if not isinstance(items, Iterator):
+        refuse_urls(items)
+    looked: list[str] = []  # folders without photos, for the error when there is none
+
+    def stream() -> Iterator[PhotoSource]:
+        for index, item in enumerate(items):
+            source = _source(item, index)
+            empty = True
+            for found in iter_images([source]):
+                empty = False
+                yield found
+            if empty and len(looked) < _NAMED:
+                looked.append(str(source))
+
+    sources = stream()
+    first = next(sources, None)
+    if first is None:
+        raise LuncherError("no image files found in " + (", ".join(looked) or "(nothing)"))
+    return itertools.chain([first], sources)
+
+
+# Empty folders an error names at most (a generator may yield thousands).
+_NAMED = 20
+
+
+def _items(photos: Any) -> Iterable[Any]:
+    """One photo as a list of one; a list as itself; any other iterable as its iterator."""
+    if is_single(photos):
+        return [photos]
+    if not isinstance(photos, Iterable):
         raise LuncherError(
             f"photos must be a path, an image or a list of them, not {type(photos).__name__}"
         )
-    items = [photos] if is_single(photos) else list(photos)
-    sources: list[PhotoSource] = []
-    for index, item in enumerate(items):
-        if isinstance(item, str) and not item:  # Path("") would be the current directory
-            raise LuncherError(f"photo {index} is an empty path")
-        if isinstance(item, (str, os.PathLike)):
-            sources.append(Path(item))
-        elif isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
-            sources.append(MemoryPhoto(f"<image {index}>", bytes(item)))
-        else:
-            from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
+    return photos if isinstance(photos, Collection) else iter(photos)
 
-            sources.append(from_pixels(item, f"<image {index}>"))
-    return sources
+
+def _source(item: Any, index: int) -> PhotoSource:
+    if isinstance(item, str) and not item:  # Path("") would be the current directory
+        raise LuncherError(f"photo {index} is an empty path")
+    if isinstance(item, (str, os.PathLike)):
+        return Path(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
+        return MemoryPhoto(f"<image {index}>", bytes(item))
+    from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
+
+    return from_pixels(item, f"<image {index}>")
 
 
 def is_single(photos: Any) -> bool:
@@ -68,8 +106,3 @@ def is_single(photos: Any) -> bool:
         return True
     # A numpy array of pixels is one photo; a list of them is several.
     return hasattr(photos, "shape") or hasattr(photos, "getpixel")
-
-
-def describe(photos: Any) -> str:
-    items = [photos] if is_single(photos) else list(photos)
-    return ", ".join(str(item) for item in items) or "(nothing)"

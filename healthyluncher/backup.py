@@ -25,6 +25,8 @@ from healthyluncher.store import Files, ModelStore, Transaction
 
 @dataclass(frozen=True)
 class ImportResult:
+    """The personalization a backup restored (`undo` goes back to the one it replaced)."""
+
     rebuilt: bool  # embedded again with the current base and retrained (another base)
     labels: tuple[str, ...]
     new_labels: tuple[str, ...]  # labels the current base does not have

@@ -59,8 +59,7 @@ class UpdatableOptions:
     hyperparameters: Hyperparameters = Hyperparameters()
     replay: Path | None = None  # an .npz of head inputs and labels from the base's training data
     force: bool = False
-    # With a personalization present: carry it over to the new base (True), drop it
-    # (False), or refuse unless `force` (None).
+    # With a personalization: carry it over (True), drop it (False), or refuse unless `force`.
     keep_personalization: bool | None = None
     # Quantize the frozen part to int8 (static, per-channel), calibrated on the photos in
     # `calibration`. Opt-in: see results/int8.md for what it gains and costs.
@@ -84,6 +83,8 @@ class UpdatableOptions:
 
 @dataclass(frozen=True)
 class UpdatableResult:
+    """The new base (`meta`: its meta.json), and what became of the personalization."""
+
     meta: BaseMeta
     directory: Path
     dropped_personalization: bool
@@ -166,8 +167,7 @@ def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> U
         dict.fromkeys(label for label in examples.labels if label not in built.meta.labels)
     )
     fitted = publish_personal(txn, new_base, labels, examples, hp)
-    # Base and personalization switch together, in one write of state.json; undo goes back
-    # to the old pair.
+    # Base and personalization switch together, in one write of state.json (undo: the old).
     txn.commit(txn.state.with_base(built.directory.name, fitted.name))
     return UpdatableResult(
         meta=built.meta,

@@ -68,6 +68,10 @@ class LuncherError(Exception):
         self.parts = parts
         super().__init__("".join(map(str, parts)))
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Made again from its parts (pickled by multiprocessing, say), not from the text.
+        return type(self), self.parts, self.__dict__
+
     def render(self, spell: Callable[[Param], str]) -> str:
         """The message with each parameter it names spelled by `spell`, and each command
         it suggests as the command line's."""
@@ -105,8 +109,11 @@ class UnknownLabelError(LuncherError):
     def __init__(
         self, label: str, known: tuple[str, ...], how: str = "pass new_label=True"
     ) -> None:
-        self.label, self.known = label, known
+        self.label, self.known, self.how = label, known, how
         super().__init__(self.message(how))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.label, self.known, self.how), self.__dict__
 
     def message(self, how: str) -> str:
         """The one-line refusal, with `how` a new label is asked for (API or CLI)."""

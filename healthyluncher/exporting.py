@@ -41,6 +41,8 @@ from healthyluncher.version import __version__
 
 @dataclass(frozen=True)
 class ExportResult:
+    """The backup written: where, how large, and the examples and thumbnails it holds."""
+
     path: Path
     size: int  # bytes of the archive
     labels: tuple[str, ...]

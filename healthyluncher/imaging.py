@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import struct
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -290,21 +292,21 @@ def load_many(
         except MemoryError:
             return ImageFailure(path=path, error=f"{path}: out of memory while decoding")
 
-    paths = list(paths)
-    if workers <= 1 or len(paths) <= 1:
-        yield from map(safe_load, paths)
+    # Read as the results are taken: a program's generator of photos streams.
+    rest = iter(paths)
+    head = list(itertools.islice(rest, 2))
+    if workers <= 1 or len(head) <= 1:
+        yield from map(safe_load, itertools.chain(head, rest))
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        # Keep only a small window of decoded photos in flight: memory stays flat however
-        # many photos there are.
+        # Keep only a small window of photos in flight: memory stays flat however many
+        # photos there are.
         window = workers * 4
-        pending = [pool.submit(safe_load, p) for p in paths[:window]]
-        next_index = len(pending)
+        first = itertools.islice(itertools.chain(head, rest), window)
+        pending = deque(pool.submit(safe_load, p) for p in first)
         while pending:
-            result = pending.pop(0).result()
-            if next_index < len(paths):
-                pending.append(pool.submit(safe_load, paths[next_index]))
-                next_index += 1
+            result = pending.popleft().result()
+            pending.extend(pool.submit(safe_load, p) for p in itertools.islice(rest, 1))
             yield result
 
 

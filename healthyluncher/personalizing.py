@@ -28,6 +28,9 @@ from healthyluncher.version import __version__
 
 @dataclass(frozen=True)
 class TrainedPhoto:
+    """A photo a retrain taught: its `digest` (sha256 of its bytes) names it later, and
+    `before` and `after` are the label's probability before and after the retrain."""
+
     path: PhotoSource
     digest: str
     before: float  # probability of the label before this retrain
@@ -46,6 +49,9 @@ class DuplicatePhoto:
 
 @dataclass(frozen=True)
 class RetrainResult:
+    """What a retrain taught (`photos`), skipped (`failures`, `duplicates`) and left: your
+    examples per label, the settings it used, its last epoch's mean loss."""
+
     label: str
     photos: tuple[TrainedPhoto, ...]  # the new examples, with their probabilities
     failures: tuple[ImageFailure, ...]
@@ -64,6 +70,8 @@ class RetrainResult:
 
 @dataclass(frozen=True)
 class ResetResult:
+    """What a reset set aside (`undoable`) or, with `purge`, removed for good."""
+
     removed_examples: dict[str, int]
     removed_model: bool
     removed_thumbnails: int
@@ -74,6 +82,9 @@ class ResetResult:
 
 @dataclass(frozen=True)
 class Status:
+    """The models directory at a glance: the base, your examples, the settings the next
+    retrain uses (`hyperparameters`), the trainer, the undo steps and the disk used."""
+
     models_dir: Path
     base_name: str
     base_sha256: str
@@ -286,6 +297,8 @@ def reset(store: ModelStore, *, purge: bool = False) -> ResetResult:
 
 @dataclass(frozen=True)
 class UndoResult:
+    """Where undo went back to: a personalized copy (trained at `trained_at`) or the base."""
+
     restored: str  # "personalized" or "base"
     trained_at: str | None
     examples_per_label: dict[str, int]

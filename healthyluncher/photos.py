@@ -7,7 +7,7 @@ import importlib.util
 import os
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -44,6 +44,8 @@ PhotoSource = Path | MemoryPhoto
 
 @dataclass(frozen=True)
 class ImageFailure:
+    """A photo that could not be used, and why (`error`: one line naming it)."""
+
     path: PhotoSource
     error: str
 
@@ -138,19 +140,30 @@ def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
     find the thumbnails in ~/.local/share/healthyluncher, nor a photo app's caches.
     A URL is refused before anything is read (LuncherError).
     """
+    refuse_urls(inputs)
+    return list(iter_images(inputs))
+
+
+def refuse_urls(inputs: Iterable[object]) -> None:
+    """LuncherError for the first URL among these paths (other items are let be)."""
     for item in inputs:
-        error = url_error(item)
-        if error is not None:
-            raise error
+        if isinstance(item, (str, os.PathLike)):
+            error = url_error(item if isinstance(item, (str, Path)) else Path(item))
+            if error is not None:
+                raise error
+
+
+def iter_images(inputs: Iterable[PhotoSource]) -> Iterator[PhotoSource]:
+    """`find_images` one input at a time, as a program's generator yields them: each URL
+    is refused when it is reached."""
     suffixes = image_suffixes()
-    found: list[PhotoSource] = []
     for item in inputs:
+        refuse_urls([item])
         if isinstance(item, Path) and _is_dir(item):
-            found.extend(sorted(_walk(item, suffixes)))
+            yield from sorted(_walk(item, suffixes))
         else:
             # A missing file is reported with the others' results, not as a fatal error.
-            found.append(item)
-    return found
+            yield item
 
 
 def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +25,8 @@ PREDICT_BATCH = 16
 
 @dataclass(frozen=True)
 class Prediction:
+    """A photo's `label`, its `probability`, and the probability of every label."""
+
     path: PhotoSource  # the file, or the in-memory photo ("<image 3>")
     label: str
     probability: float
@@ -86,9 +88,10 @@ class Predictor:
         return scores
 
     def predict(
-        self, paths: Sequence[PhotoSource], on_done: Callable[[], None] | None = None
+        self, paths: Iterable[PhotoSource], on_done: Callable[[], None] | None = None
     ) -> Iterator[Prediction | ImageFailure]:
-        """Results in input order; decoding overlaps inference."""
+        """Results in input order, `paths` read as they are taken; decoding overlaps
+        inference."""
         from healthyluncher.imaging import load_many  # Pillow: only when photos decode
 
         pending: list[LoadedImage] = []

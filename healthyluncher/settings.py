@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -56,6 +57,7 @@ class Hyperparameters:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         # Every value may come from a file (meta.json, a backup): checked here, once, so a
         # bad one is refused before it can hang or derail a retrain.
         _integer("epochs", self.epochs, 1, MAX_EPOCHS)
@@ -77,6 +79,7 @@ class Hyperparameters:
         return max(1, min(self.augment_views, self.view_budget // max(1, photos)))
 
     def to_json(self) -> dict[str, Any]:
+        """The settings as a JSON object (as meta.json and `Status.hyperparameters` hold them)."""
         return asdict(self)
 
     @classmethod
@@ -87,6 +90,7 @@ class Hyperparameters:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> Hyperparameters:
+        """A copy with these settings changed (None: kept), checked as a new one is."""
         values = self.to_json()
         values.update({k: v for k, v in changes.items() if v is not None})
         return Hyperparameters.from_json(values)
@@ -109,6 +113,7 @@ class Preprocessing:
     channels: int = 3
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         for name in ("height", "width"):
             _integer(f"input {name}", getattr(self, name), 1, MAX_SIDE)
         _integer("resize", self.resize, min(self.height, self.width), MAX_SIDE)
@@ -119,6 +124,8 @@ class Preprocessing:
             values = getattr(self, name)
             if isinstance(values, list):
                 values = tuple(values)
+            if isinstance(values, tuple):
+                values = tuple(map(plain_number, values))
                 object.__setattr__(self, name, values)  # frozen: normalized once, here
             if not isinstance(values, tuple) or len(values) < self.channels:
                 raise LuncherError(f"{name} needs {self.channels} values, got {values!r}")
@@ -128,6 +135,7 @@ class Preprocessing:
             raise LuncherError("std values must not be zero")
 
     def to_json(self) -> dict[str, Any]:
+        """The preprocessing as a JSON object, as meta.json holds it."""
         data = asdict(self)
         data["mean"] = list(self.mean)
         data["std"] = list(self.std)
@@ -170,6 +178,21 @@ def check_argument(name: str, value: Any, kind: type, *, optional: bool = False)
         raise LuncherError(
             f"{name} must be {what.get(kind, f'a {kind.__name__}')}, not {value!r:.40}"
         )
+
+
+def plain_number(value: Any) -> Any:
+    """A number of another type (numpy's `np.int64(3)`, `np.float32(0.01)`) as the int or
+    float it is, so that it is checked, compared and written to JSON as one; anything else
+    (a bool, text, None) as it is, for the checks to refuse."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _plain_numbers(settings: Hyperparameters | Preprocessing) -> None:
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        object.__setattr__(settings, item.name, plain_number(value))  # frozen: once, here
 
 
 def _integer(name: str, value: Any, low: int, high: int) -> None:

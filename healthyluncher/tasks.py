@@ -115,14 +115,17 @@ class UpdateTask(Generic[T]):
             return True
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the task ends (at most `timeout` seconds); whether it has."""
+        """Wait until the task ends (at most `timeout` seconds); whether it has. A task
+        that was never started would never end: LuncherError."""
+        if self._state == "ready":
+            raise LuncherError("this task has not been started: call start() first")
         return self._finished.wait(timeout)
 
     def result(self, timeout: float | None = None) -> T:
         """The operation's result, once the task ends. Raises `Cancelled` when it was
         cancelled, the operation's own error when it failed, and `TimeoutError` when it
         has not ended within `timeout` seconds."""
-        if not self._finished.wait(timeout):
+        if not self.wait(timeout):
             raise TimeoutError(f"the task has not ended within {timeout} s")
         if self._state == "cancelled":
             raise Cancelled("the task was cancelled; nothing was saved")

@@ -50,6 +50,8 @@ class TaughtExample:
 
 @dataclass(frozen=True)
 class LabelInfo:
+    """A label predictions choose from, with how many of your photos have it."""
+
     label: str
     examples: int  # your photos with this label
     from_base: bool  # a class of the base (else one you added)
@@ -57,6 +59,8 @@ class LabelInfo:
 
 @dataclass(frozen=True)
 class RenameResult:
+    """A label you added, renamed: `examples` of your photos now have the `new` name."""
+
     old: str
     new: str
     examples: int
@@ -147,6 +151,8 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
 
 @dataclass(frozen=True)
 class RepairResult:
+    """What `repair` found and rebuilt; `repaired` False: state.json was sound."""
+
     repaired: bool  # state.json was damaged and is now rebuilt
     base: str | None  # the directories the state names
     personal: str | None
@@ -194,6 +200,8 @@ def repair(store: ModelStore, progress: ProgressCallback | None = None) -> Repai
 
 @dataclass(frozen=True)
 class ForgetResult:
+    """How many examples were forgotten, those left, and whether the head was retrained."""
+
     forgotten: int
     examples_per_label: dict[str, int]
     retrained: bool

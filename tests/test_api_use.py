@@ -1,0 +1,197 @@
+"""The public API as an app developer drives it: threads, numbers from numpy, generators,
+tasks and errors that travel; each test failed before the fix it names."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pickle
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import healthyluncher
+from healthyluncher import LuncherError, Progress
+from healthyluncher.errors import Command, StorageError
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=models_dir)
+    return healthyluncher.open(models_dir)
+
+
+def test_reads_go_on_while_another_thread_retrains(lun, photos):
+    """`status`, `examples` and `label_info` read the store without its lock, as `predict`
+    does, but each waited for the Luncher's own lock: an app showing its examples froze
+    for as long as an `UpdateTask` retrained in the background."""
+    lun.retrain("healthy", photos["red"][:1])
+    training, release = threading.Event(), threading.Event()
+
+    def progress(event: Progress) -> None:
+        if event.stage == "training":
+            training.set()
+            release.wait(30)
+
+    task = healthyluncher.UpdateTask(lun.retrain, "fast_food", photos["green"], progress=progress)
+    task.start()
+    try:
+        assert training.wait(30)
+        answers: list[object] = []
+        client = threading.Thread(
+            target=lambda: answers.extend(
+                [lun.status().examples_per_label, len(lun.examples()), len(lun.label_info())]
+            )
+        )
+        client.start()
+        client.join(10)
+        assert answers == [{"healthy": 1}, 1, 2], "a read waited for the retrain"
+    finally:
+        release.set()
+        task.result(60)
+    assert lun.status().examples_per_label == {"healthy": 1, "fast_food": 3}
+
+
+def test_numbers_from_numpy_are_numbers(lun, photos, pt_model, models_dir):
+    """`epochs=np.int64(2)` was refused as "epochs must be a whole number from 1 to 1000,
+    not np.int64(2)", and `learning_rate=np.float32(0.01)` as "not a finite number": a
+    program that computes its settings with numpy could not pass them."""
+    result = lun.retrain(
+        "healthy",
+        photos["red"][:1],
+        epochs=np.int64(2),
+        learning_rate=np.float32(0.01),
+        views=np.int32(2),
+        memory_strength=np.float64(30),
+        save=True,
+    )
+    hp = result.hyperparameters
+    assert (hp.epochs, hp.learning_rate, hp.augment_views, hp.memory_strength) == (
+        2,
+        pytest.approx(0.01),
+        2,
+        30,
+    )
+    assert type(hp.epochs) is int and type(hp.learning_rate) is float  # kept as JSON
+    assert lun.status().hyperparameters["epochs"] == 2
+    made = healthyluncher.make_updatable(
+        pt_model,
+        models_dir=models_dir,
+        force=True,
+        trainable_layers=np.int64(1),
+        resize=np.int64(20),
+        mean=np.array([120, 110, 100], np.float32),
+        std=np.full(3, 50, np.float32),
+        hyperparameters=healthyluncher.Hyperparameters(epochs=np.int8(3)),
+    )
+    assert made.meta.preprocessing.resize == 20 and made.meta.preprocessing.mean == (120, 110, 100)
+    assert lun.status().hyperparameters["epochs"] == 3
+    with pytest.raises(LuncherError, match=r"^epochs must be a whole number from 1 to 1000, not 0"):
+        lun.retrain("healthy", photos["red"][:1], epochs=np.int64(0))
+
+
+def test_waiting_for_a_task_that_was_never_started_says_so(lun, photos):
+    """`UpdateTask(lun.retrain, ...)` without `.start()` (Core ML's `resume()`): `result()`
+    and `wait()` waited forever, and the program hung without a word."""
+    task = healthyluncher.UpdateTask(lun.retrain, "healthy", photos["red"][:1])
+    outcome: list[object] = []
+
+    def wait_for_it() -> None:
+        for call in (task.result, task.wait):
+            try:
+                outcome.append(call())
+            except LuncherError as error:
+                outcome.append(str(error))
+
+    waiter = threading.Thread(target=wait_for_it, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert outcome == ["this task has not been started: call start() first"] * 2
+    assert task.start().result(60).examples_per_label == {"healthy": 1}
+    assert task.wait() is True
+
+
+def test_errors_survive_pickling_as_multiprocessing_sends_them(lun, photos):
+    """A worker process's UnknownLabelError could not come back to its parent: unpickling
+    it failed with "missing 1 required positional argument: 'known'" (a
+    ProcessPoolExecutor raised that instead), and a LuncherError lost the parameters and
+    commands its message names."""
+    with pytest.raises(healthyluncher.UnknownLabelError) as refused:
+        lun.retrain("heathy", photos["red"][:1])
+    copy = pickle.loads(pickle.dumps(refused.value))
+    assert type(copy) is healthyluncher.UnknownLabelError
+    assert (copy.label, copy.known, str(copy)) == ("heathy", lun.labels, str(refused.value))
+    with pytest.raises(LuncherError) as undo:
+        lun.undo()
+    error = LuncherError("cannot do this; run ", Command("luncher undo", "Luncher.undo()"))
+    for original in (undo.value, error, StorageError("the disk is full")):
+        copy = pickle.loads(pickle.dumps(original))
+        assert type(copy) is type(original) and copy.parts == original.parts
+        assert copy.render(str) == original.render(str) and str(copy) == str(original)
+
+
+def test_predict_each_reads_a_generator_as_it_goes(lun, photos, tmp_path):
+    """`predict_each(frames())` read the whole generator and encoded every frame before the
+    first result: a camera's endless generator never got one, and memory grew with every
+    frame. Now it reads a window of frames ahead of the results, whatever their number."""
+    pixels = np.asarray(Image.open(photos["green"][0]).convert("RGB"))
+    produced = 0
+
+    def frames(count: int) -> Iterator[np.ndarray]:
+        nonlocal produced
+        for _ in range(count):
+            produced += 1
+            yield pixels
+
+    results = lun.predict_each(frames(200))
+    first = next(results)
+    assert isinstance(first, healthyluncher.Prediction) and str(first.path) == "<image 0>"
+    assert produced < 40, f"{produced} frames read for the first result"
+    assert sum(1 for _ in results) == 199 and produced == 200
+    # A list is read the same; what comes out is the same as ever.
+    expected = lun.predict(photos["red"] + [pixels])
+    assert lun.predict(iter(photos["red"] + [pixels])) == expected
+    assert lun.predict(p for p in photos["red"] + [pixels]) == expected
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for nothing, named in (([], "(nothing)"), (iter([empty, empty]), f"{empty}, {empty}")):
+        with pytest.raises(LuncherError, match=rf"^no image files found in {re.escape(named)}$"):
+            lun.predict_each(nothing)
+
+
+def test_photos_are_typed_as_any_iterable_of_photos():
+    """mypy refused `lun.predict(folder.glob("*.jpg"))`, which runs: photos were typed as a
+    Sequence, and the bytearray that runs too was not a photo."""
+    for method in ("predict", "predict_each", "retrain", "forget"):
+        annotation = (
+            inspect.signature(getattr(healthyluncher.Luncher, method))
+            .parameters["photos"]
+            .annotation
+        )
+        assert annotation == "PhotoInput | Iterable[PhotoInput]", method
+    source = inspect.getsource(importlib.import_module("healthyluncher.api"))
+    assert "bytes | bytearray |" in source
+
+
+def test_help_explains_every_exported_class_and_method():
+    """`help(healthyluncher.RetrainResult)` showed only the signature dataclasses generate,
+    and `Prediction`, `Status` and ten other results said nothing of what their fields
+    mean; nor did `Luncher.models_dir` or `Hyperparameters.replace`."""
+    undocumented = []
+    for name in healthyluncher.__all__:
+        item = getattr(healthyluncher, name)
+        if not inspect.isclass(item):
+            continue
+        doc = inspect.getdoc(item) or ""
+        if not doc or doc.startswith(f"{item.__name__}("):  # the generated signature
+            undocumented.append(name)
+        for member, value in vars(item).items():
+            if not member.startswith("_") and (callable(value) or isinstance(value, property)):
+                if not inspect.getdoc(value):
+                    undocumented.append(f"{name}.{member}")
+    assert undocumented == []
