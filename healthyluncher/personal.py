@@ -141,7 +141,7 @@ def publish_personal(
             # The summary, and the "before" of these photos' next retrain without the model
             # (an older photo taught again is scored by the model then).
             which = _scored(examples, set(names or ()))
-            probs = _scores(base, labels, params, examples, hp, rendered, which, memory)
+            probs = example_scores(base, labels, params, examples, hp, rendered, which, memory)
             digests = [examples.digests[i] for i in which]
             save_arrays(
                 staged / Files.SCORES,
@@ -155,19 +155,6 @@ def publish_personal(
     return Fitted(name=name, final_loss=final_loss, scores=scores)
 
 
-def example_scores(
-    base: Base,
-    labels: tuple[str, ...],
-    params: dict[str, np.ndarray],
-    examples: Examples,
-    hp: Hyperparameters,
-    rendered: PersonalModel,
-) -> np.ndarray:
-    """What a copy with these weights says about its example photos (import's check)."""
-    which = np.arange(len(examples))
-    return _scores(base, labels, params, examples, hp, rendered, which, None)
-
-
 def _scored(examples: Examples, taught: set[str]) -> np.ndarray:
     """Indices of the photos a new copy scores: all up to MAX_SCORED, else the newest
     MAX_SCORED and those taught by this change."""
@@ -176,18 +163,19 @@ def _scored(examples: Examples, taught: set[str]) -> np.ndarray:
     return np.array(sorted(chosen), np.int64)
 
 
-def _scores(
+def example_scores(
     base: Base,
     labels: tuple[str, ...],
     params: dict[str, np.ndarray],
     examples: Examples,
     hp: Hyperparameters,
     rendered: PersonalModel,
-    which: np.ndarray,
-    memory: Memory | None,
+    which: np.ndarray | None = None,
+    memory: Memory | None = None,
 ) -> np.ndarray:
-    """What the new copy says about the example photos at `which` (their first views)."""
-    inputs = first_views(examples)[which]
+    """What the new copy says about the example photos at `which` (their first views; all
+    of them when None: an import checks that the weights it takes give scores at all)."""
+    inputs = first_views(examples) if which is None else first_views(examples)[which]
     probs = _numpy_probabilities(base, labels, params, examples, hp, inputs, memory)
     if probs is None:
         runner = HeadRunner(rendered.head, batch_limit=base.meta.head_batch_limit)

@@ -53,6 +53,11 @@ def _classifier(
         _init("fc.bias", np.zeros(2)),
         *inits,
     ]
+    return _save(path, nodes, inits, opset)
+
+
+def _save(path: Path, nodes: list, inits: list[TensorProto], opset: int = 17) -> Path:
+    """The tiny classifier of these nodes: image (N, 3, SIZE, SIZE) to logits (N, 2)."""
     model = helper.make_model(
         helper.make_graph(
             nodes,
@@ -666,21 +671,7 @@ def _conv_classifier(path: Path) -> Path:
         _init("cls.weight", rng.normal(0, 0.5, (2, 8, 1, 1))),
         _init("cls.bias", np.zeros(2)),
     ]
-    model = helper.make_model(
-        helper.make_graph(
-            nodes,
-            "tiny",
-            [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
-            inits,
-        ),
-        opset_imports=[helper.make_opsetid("", 17)],
-    )
-    helper.set_model_props(model, {"labels": json.dumps(LABELS)})
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return _save(path, nodes, inits)
 
 
 def test_a_last_layer_the_numpy_trainer_cannot_train_suggests_no_setting_in_use(
