@@ -9,6 +9,7 @@
     task = healthyluncher.UpdateTask(lun.retrain, "healthy", ["p3.jpg"]).start()
     task.cancel(); task.result()                # Core ML's MLUpdateTask: in a thread
     healthyluncher.make_updatable("model.onnx", labels=["healthy", "fast_food"])
+    healthyluncher.to_json(pred)                # as `luncher predict --json` prints it
 
 Every error a caller can act on is a `LuncherError`; a retrain's unknown label is an
 `UnknownLabelError` (`label`, `known`). Results are frozen dataclasses.
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.events import Progress, ProgressCallback
     from healthyluncher.exporting import ExportResult
+    from healthyluncher.jsonform import to_json
     from healthyluncher.personalizing import (
         DuplicatePhoto,
         ResetResult,
@@ -53,6 +55,7 @@ _EXPORTS = {
     "Luncher": "healthyluncher.api",
     "make_updatable": "healthyluncher.api",
     "open": "healthyluncher.api",
+    "to_json": "healthyluncher.jsonform",
     "ExportResult": "healthyluncher.exporting",
     "ImportResult": "healthyluncher.backup",
     "UpdatableResult": "healthyluncher.bases",
@@ -85,6 +88,7 @@ __all__ = [
     "Luncher",
     "make_updatable",
     "open",
+    "to_json",
     "ExportResult",
     "ImportResult",
     "UpdatableResult",

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import stat
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnx import numpy_helper
 
-from healthyluncher import graph
+from healthyluncher import graph, jsonform
 from healthyluncher.arguments import check_options
 from healthyluncher.embedder import rebuild_examples
-from healthyluncher.errors import MAKE_UPDATABLE, LuncherError, Param
+from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import copy_replay
-from healthyluncher.fileio import write_json
+from healthyluncher.fileio import read_model_file, write_json
 from healthyluncher.headfit import (
     HeadReport,
     fit_new_head,
@@ -40,6 +40,7 @@ from healthyluncher.records import (
     load_base,
     load_examples,
     load_personal,
+    make_updatable_command,
     save_arrays,
 )
 from healthyluncher.runtime import inference_session
@@ -93,6 +94,21 @@ class UpdatableResult:
     preprocessing_source: str = ""  # where the preprocessing came from (modelsetup.Inputs)
     examples: HeadReport | None = None  # what --examples trained
     replay_found: Path | None = None  # MODEL.replay.npz, found beside the model and used
+
+    def to_json(self) -> dict[str, Any]:
+        """As `luncher make-updatable --json` prints it (JSON values)."""
+        form: dict[str, Any] = jsonform.to_json(
+            {
+                "directory": self.directory,
+                "base": self.meta,
+                "preprocessing_source": self.preprocessing_source,
+                "examples": self.examples,
+                "dropped_personalization": self.dropped_personalization,
+                "carried_over": self.carried_over,
+                "not_carried": self.not_carried,
+            }
+        )
+        return form
 
 
 def make_updatable(
@@ -186,7 +202,9 @@ def ensure_base(store: ModelStore) -> State:
         return state
     shipped = bundled_model()
     if shipped is None:
-        raise LuncherError(f"there is no base model in {store.root} yet: run ", MAKE_UPDATABLE)
+        raise LuncherError(
+            f"there is no base model in {store.root} yet: run ", make_updatable_command(store.root)
+        )
     with store.transaction() as txn:
         if txn.state.base is None:  # another process may have done it meanwhile
             replay = shipped.with_name(BUNDLED_REPLAY)
@@ -206,7 +224,7 @@ def _build(
     """Write a new base directory; with `switch`, make it current (without personalization)."""
     store, state = txn.store, txn.state
     photos = calibration_photos(options.calibration) if options.calibration else []
-    raw = _read(model_path)
+    raw = read_model_file(model_path)
     model = graph.load_model(model_path)
     graph.normalize_versions(model)
     analysis = graph.analyze(model)
@@ -380,31 +398,6 @@ def _build(
         preprocessing_source=inputs.source,
         examples=report,
     )
-
-
-# Larger model files are refused: a phone-sized classifier is tens of MB, the largest common
-# ImageNet exports a few hundred.
-MAX_MODEL_BYTES = 4 * 2**30
-
-
-def _read(path: Path) -> bytes:
-    """The model file's bytes; a pipe, a device or a huge file is refused before reading
-    (a FIFO would block forever and /dev/zero fill the memory)."""
-    try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError
-        if not stat.S_ISREG(info.st_mode):
-            raise LuncherError(f"{path}: not a regular file, not an ONNX model")
-        if info.st_size > MAX_MODEL_BYTES:
-            raise LuncherError(f"{path}: {info.st_size / 2**30:.1f} GiB is too large a model")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise LuncherError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise LuncherError(f"{path}: is a directory, not an ONNX model") from None
-    except OSError as exc:
-        raise LuncherError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 def _head_batch_limit(head_bytes: bytes, split_sample: np.ndarray) -> int | None:

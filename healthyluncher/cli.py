@@ -23,7 +23,6 @@ from healthyluncher.cli_output import (
     json_line,
     note,
     out,
-    plain,
     print_table,
     progress_bars,
     reporting,
@@ -70,17 +69,10 @@ def predict(
             if isinstance(result, ImageFailure):
                 failed += 1
                 if as_json:
-                    json_line({"path": str(result.path), "error": result.error})
+                    json_line(result)
                 err.print(f"[red]error:[/red] {escape(result.error)}")
             elif as_json:
-                json_line(
-                    {
-                        "path": str(result.path),
-                        "label": result.label,
-                        "probability": result.probability,
-                        "probabilities": result.probabilities,
-                    }
-                )
+                json_line(result)
             else:
                 rows.print(result)
     if failed:
@@ -163,22 +155,7 @@ def retrain(
     for failure in result.failures:
         err.print(f"[yellow]skipped:[/yellow] {escape(failure.error)}")
     if as_json:
-        json_line(
-            {
-                "label": result.label,
-                "new_label": result.new_label,
-                "changed": result.changed,
-                "photos": result.photos,
-                "skipped": result.failures,
-                "duplicates": result.duplicates,
-                "examples_per_label": result.examples_per_label,
-                "final_loss": result.final_loss,
-                "views_per_photo": result.views,
-                "embedded": result.embedded,
-                "cached": result.cached,
-                "hyperparameters": result.hyperparameters,
-            }
-        )
+        json_line(result)
     elif not result.changed:  # every photo a duplicate, with the last retrain's settings
         out.print(f"Nothing changed (no new undo step): {duplicates(result.duplicates)}.")
     else:
@@ -235,7 +212,7 @@ def reset(
             raise typer.Exit(1)
     result = lun.reset(purge=purge)
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     files = (
         f"{result.removed_thumbnails} thumbnail(s) and {result.removed_cache_files} cached "
@@ -289,7 +266,7 @@ def repair(ctx: typer.Context, as_json: JSON = False) -> None:
     with progress_bars() as report:
         result = luncher(ctx).repair(progress=report)
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     if result.reembedded:
         lost = f"; {result.lost} without a thumbnail are gone" if result.lost else ""
@@ -318,7 +295,7 @@ def undo(ctx: typer.Context, as_json: JSON = False) -> None:
     """
     result = luncher(ctx).undo()
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     base = f" {escape(result.base_changed)}" if result.base_changed else ""
     if result.restored == "base":
@@ -348,7 +325,7 @@ def forget(
     with progress_bars() as report:
         result = luncher(ctx).forget(with_stdin(images), progress=report)
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     if result.retrained:
@@ -376,7 +353,7 @@ def status(
     """
     result = luncher(ctx).status()
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     out.print(f"[bold]models directory[/bold]  {escape(str(result.models_dir))}")
     out.print(

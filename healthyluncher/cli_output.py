@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import signal
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from healthyluncher import to_json
 from healthyluncher.errors import CommittedInterrupt, LuncherError, Param
 
 if TYPE_CHECKING:
@@ -278,9 +277,10 @@ def progress_bars() -> Iterator[Any]:
         yield report
 
 
-def json_line(data: dict[str, Any]) -> None:
-    """One JSON object on a line; non-ASCII stays readable, NaN becomes null."""
-    text = json.dumps(plain(data), ensure_ascii=False, allow_nan=False)
+def json_line(result: object) -> None:
+    """A result as one JSON object on a line (`healthyluncher.to_json`'s); non-ASCII stays
+    readable."""
+    text = json.dumps(to_json(result), ensure_ascii=False, allow_nan=False)
     # A file name that is not UTF-8 holds lone surrogates (\udce9 for the byte 0xe9): as
     # escapes, the line stays UTF-8 and Python's json.loads and os.fsencode give the bytes.
     sys.stdout.write(SURROGATE.sub(lambda c: f"\\u{ord(c[0]):04x}", text) + "\n")
@@ -288,24 +288,6 @@ def json_line(data: dict[str, Any]) -> None:
 
 
 SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def plain(value: Any) -> Any:
-    """A result as JSON values: dataclasses as objects, paths as strings, floats rounded to
-    6 digits, NaN and infinities as null."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if hasattr(value, "to_json"):
-        return plain(value.to_json())
-    return str(value)
 
 
 @contextmanager

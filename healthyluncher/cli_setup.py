@@ -16,7 +16,6 @@ from healthyluncher.cli_output import (
     json_line,
     note,
     out,
-    plain,
     print_table,
     progress_bars,
     reporting,
@@ -187,17 +186,7 @@ def make_updatable(
             progress=report,
         )
     if as_json:
-        json_line(
-            {
-                "directory": str(result.directory),
-                "base": result.meta.to_json(),
-                "preprocessing_source": result.preprocessing_source,
-                "examples": result.examples,
-                "dropped_personalization": result.dropped_personalization,
-                "carried_over": result.carried_over,
-                "not_carried": result.not_carried,
-            }
-        )
+        json_line(result)
         return
     layers = result.meta.layers
     shown = list(layers)
@@ -306,7 +295,7 @@ def export_backup(
     """
     result = luncher(ctx).export_backup(backup, force=force)
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     size = f"{result.size / 2**20:.1f} MiB" if result.size >= 2**20 else f"{result.size} bytes"
@@ -352,7 +341,7 @@ def import_backup(
     with progress_bars() as report:
         result = luncher(ctx).import_backup(backup, rebuild=rebuild, progress=report)
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     if result.rebuilt:

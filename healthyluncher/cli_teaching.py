@@ -13,7 +13,6 @@ from healthyluncher.cli_output import (
     json_line,
     note,
     out,
-    plain,
     print_table,
     progress_bars,
     reporting,
@@ -42,7 +41,7 @@ def examples(
     found = luncher(ctx).examples(label)
     if as_json:
         for item in found:
-            json_line(plain(item))
+            json_line(item)
         return
     if not found:
         note("No examples: the model is not personalized.")
@@ -85,7 +84,7 @@ def labels_list(ctx: typer.Context, as_json: JSON = False) -> None:
         return
     found = luncher(ctx).label_info()
     if as_json:
-        json_line({"labels": plain(found)})
+        json_line({"labels": found})
         return
     print_table(
         "Labels",
@@ -115,7 +114,7 @@ def labels_rename(
     """
     result = luncher(ctx).rename_label(old, new)
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     out.print(
         f"Renamed {escape(result.old)!r} to {escape(result.new)!r} ({result.examples} "
@@ -139,7 +138,7 @@ def labels_remove(
     with progress_bars() as report:
         result = luncher(ctx).remove_label(label, progress=report)
     if as_json:
-        json_line(plain(result))
+        json_line(result)
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
     if not result.forgotten:  # a label of yours that no photo has

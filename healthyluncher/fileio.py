@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -101,6 +102,31 @@ def read_json(path: Path) -> Any:
 
 # Threads that fsync a directory's files at once (see fsync_tree).
 FSYNC_THREADS = 8
+
+
+# Larger model files are refused: a phone-sized classifier is tens of MB, the largest common
+# ImageNet exports a few hundred.
+MAX_MODEL_BYTES = 4 * 2**30
+
+
+def read_model_file(path: Path) -> bytes:
+    """The model file's bytes; a pipe, a device or a huge file is refused before reading
+    (a FIFO would block forever and /dev/zero fill the memory)."""
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            raise LuncherError(f"{path}: not a regular file, not an ONNX model")
+        if info.st_size > MAX_MODEL_BYTES:
+            raise LuncherError(f"{path}: {info.st_size / 2**30:.1f} GiB is too large a model")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise LuncherError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise LuncherError(f"{path}: is a directory, not an ONNX model") from None
+    except OSError as exc:
+        raise LuncherError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 def fsync_tree(root: Path) -> None:

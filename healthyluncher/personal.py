@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher import weightsfile
-from healthyluncher.errors import MAKE_UPDATABLE, LuncherError
+from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.examples import (
     copy_memory,
@@ -35,6 +35,7 @@ from healthyluncher.records import (
     load_scores,
     load_taught,
     load_weights,
+    make_updatable_command,
     save_arrays,
     save_examples,
 )
@@ -375,7 +376,8 @@ def write_model(personal: PersonalModel, base: Base, directory: Path) -> None:
             shutil.copyfile(source, target)
         except FileNotFoundError:
             missing = f"the base model's weights file is missing ({source}); run "
-            raise LuncherError(missing, MAKE_UPDATABLE, " again") from None
+            again = make_updatable_command(base.path.parent)  # the models directory
+            raise LuncherError(missing, again, " again") from None
     (directory / Files.MODEL).write_bytes(personal.model)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from healthyluncher import jsonform
 from healthyluncher.embedder import Embedder
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
@@ -66,6 +67,26 @@ class RetrainResult:
     # False: no new photo and the same settings, so nothing was retrained or saved (no undo
     # step); the other fields describe the model as it is.
     changed: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        """As `luncher retrain --json` prints it (JSON values)."""
+        form: dict[str, Any] = jsonform.to_json(
+            {
+                "label": self.label,
+                "new_label": self.new_label,
+                "changed": self.changed,
+                "photos": self.photos,
+                "skipped": self.failures,
+                "duplicates": self.duplicates,
+                "examples_per_label": self.examples_per_label,
+                "final_loss": self.final_loss,
+                "views_per_photo": self.views,
+                "embedded": self.embedded,
+                "cached": self.cached,
+                "hyperparameters": self.hyperparameters,
+            }
+        )
+        return form
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ class MemoryPhoto:
     def __str__(self) -> str:
         return self.name
 
+    def to_json(self) -> str:
+        """Its name, as `--json` shows a photo: never its bytes."""
+        return self.name
+
 
 # A photo as the engine takes it: a file, or pixels from a program.
 PhotoSource = Path | MemoryPhoto

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +17,7 @@ from healthyluncher.errors import (
     MAKE_UPDATABLE,
     REPAIR,
     UNDO,
+    Command,
     DamagedError,
     DamagedViewsError,
     LuncherError,
@@ -24,7 +26,7 @@ from healthyluncher.errors import (
 from healthyluncher.fileio import read_json
 from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
-from healthyluncher.store import Files, ModelStore
+from healthyluncher.store import Files, ModelStore, resolve_models_dir
 
 # Advice for a personalized copy that is damaged: the step before it is intact (`reset`
 # would drop every example, and `predict --base` works meanwhile).
@@ -92,11 +94,24 @@ def bundled_model() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def make_updatable_command(root: Path) -> Command:
+    """The command that sets up a base in the models directory `root`: followed as written,
+    it must set up that one. The bare command opens the default one (or the directory of
+    $LUNCHER_MODELS_DIR, which is still set), so another one is named."""
+    if root == resolve_models_dir().resolve():
+        return MAKE_UPDATABLE
+    return Command(
+        f"luncher --models-dir {shlex.quote(str(root))} make-updatable MODEL.onnx",
+        f"healthyluncher.make_updatable(model, models_dir={str(root)!r})",
+    )
+
+
 def load_base(store: ModelStore, state: State) -> Base:
     path = store.base_dir(state)
+    command = make_updatable_command(store.root)
     if path is None:
-        raise LuncherError(f"there is no base model in {store.root} yet: run ", MAKE_UPDATABLE)
-    again = ("run ", MAKE_UPDATABLE, " again")
+        raise LuncherError(f"there is no base model in {store.root} yet: run ", command)
+    again = ("run ", command, " again")
     try:
         data = read_json(path / Files.META)
     except FileNotFoundError:

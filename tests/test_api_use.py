@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import pickle
 import re
 import threading
@@ -195,3 +196,91 @@ def test_help_explains_every_exported_class_and_method():
                 if not inspect.getdoc(value):
                     undocumented.append(f"{name}.{member}")
     assert undocumented == []
+
+
+def test_results_as_json_are_the_clis_json_lines(lun, photos, run, tmp_path):
+    """A program had no public way to the `--json` form: `json.dumps(asdict(prediction))`
+    failed on its Path, and for an in-memory photo `asdict` copied out all its bytes."""
+
+    def cli_json(method: str, *args: object) -> tuple[list[str], object]:
+        """`luncher ARGS`'s lines, and what the API's `method` gave the CLI for them."""
+        original, returned = getattr(healthyluncher.Luncher, method), []
+
+        def recording(self: healthyluncher.Luncher, *a: object, **k: object) -> object:
+            returned.append(original(self, *a, **k))
+            return returned[-1]
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(healthyluncher.Luncher, method, recording)
+            lines = run(*args).stdout.splitlines()
+        return lines, returned[0]
+
+    def as_printed(result: object) -> str:
+        return json.dumps(healthyluncher.to_json(result), ensure_ascii=False, allow_nan=False)
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a photo")
+    given = [*photos["red"], bad]
+    lines = run("predict", "--json", *given).stdout.splitlines()
+    assert lines == [as_printed(item) for item in lun.predict_each(given)]
+    lines, result = cli_json("retrain", "retrain", "--json", "--label", "healthy", *given)
+    assert lines == [as_printed(result)] and '"skipped": [{"path": ' in lines[0]
+    lines, result = cli_json("status", "status", "--json")
+    assert lines == [as_printed(result)] and f'"models_dir": "{lun.models_dir}"' in lines[0]
+    # An in-memory photo is its name, as `luncher predict --json` printed its path.
+    pixels = Image.open(photos["green"][0])
+    prediction = lun.predict([pixels])[0]
+    assert healthyluncher.to_json(prediction)["path"] == str(prediction.path) == "<image 0>"
+    taught = healthyluncher.to_json(lun.retrain("fast_food", [pixels]))
+    assert taught["photos"][0]["path"] == "<image 0>" and len(json.dumps(taught)) < 2000
+
+
+def test_every_public_result_goes_to_json(lun, photos, pt_model, models_dir, tmp_path):
+    """`json.dumps(healthyluncher.to_json(result))` works for every result the API returns."""
+    backup = tmp_path / "backup.tar.gz"
+    results: list[object] = [
+        healthyluncher.make_updatable(pt_model, models_dir=models_dir, force=True),
+        *lun.predict_each([photos["red"][0], tmp_path / "missing.jpg"]),
+        lun.retrain("sweets", photos["red"] + photos["red"][:1], new_label=True),
+        lun.status(),
+        *lun.examples(),
+        *lun.label_info(),
+        lun.rename_label("sweets", "dessert"),
+        lun.export_backup(backup),
+        lun.undo(),
+        lun.forget(photos["red"][:1]),
+        lun.import_backup(backup),
+        lun.reset(),
+        lun.repair(),
+        healthyluncher.Progress("training", 1, 2, float("nan")),
+    ]
+    public = {
+        name
+        for name in healthyluncher.__all__
+        if inspect.isclass(getattr(healthyluncher, name)) and name.endswith(("Result", "Photo"))
+    }
+    public |= {"Status", "Prediction", "ImageFailure", "TaughtExample", "LabelInfo"}
+    shown = {type(r).__name__ for r in results} | {"TrainedPhoto", "DuplicatePhoto"}
+    assert public <= shown, public - shown
+    for result in results:
+        text = json.dumps(healthyluncher.to_json(result), allow_nan=False)
+        assert json.loads(text), result
+    assert healthyluncher.to_json(results[-1])["loss"] is None  # NaN is null
+    retrained = healthyluncher.to_json(results[3])
+    assert retrained["duplicates"][0]["path"] == str(photos["red"][0])
+
+
+def test_the_call_that_sets_up_a_base_names_the_models_directory(pt_model, photos, tmp_path):
+    """`Luncher(models_dir=X)` on an empty X said to run `make_updatable(model)`, which,
+    followed as written, set up the default models directory and left X without a base."""
+    elsewhere = (tmp_path / "elsewhere").resolve()
+    with pytest.raises(LuncherError) as error:
+        healthyluncher.Luncher(elsewhere).predict(photos["red"][:1])
+    call = re.fullmatch(r"there is no base model in .* yet: run `(.*)`", str(error.value))
+    assert call, str(error.value)
+    assert call[1] == f"healthyluncher.make_updatable(model, models_dir={str(elsewhere)!r})"
+    eval(call[1], {"healthyluncher": healthyluncher, "model": pt_model})  # as written
+    assert healthyluncher.Luncher(elsewhere).predict(photos["red"][:1])[0].label
+    # The default one ($LUNCHER_MODELS_DIR here) is the bare call's.
+    with pytest.raises(LuncherError, match=r"run `healthyluncher\.make_updatable\(model\)`$"):
+        healthyluncher.open().predict(photos["red"][:1])

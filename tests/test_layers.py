@@ -76,7 +76,7 @@ def test_the_cli_uses_the_public_api_only():
 
 def test_low_layers_never_import_high_ones():
     layers = [
-        {"errors", "events", "version", "memory", "template"},
+        {"errors", "events", "version", "memory", "template", "jsonform"},
         {"settings", "photos", "state", "fileio", "child", "openers"},
         {"segments", "weightsfile"},
         {"meta", "store", "runtime", "imaging", "thumbnails", "arguments"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -160,6 +161,26 @@ def test_no_base_model_names_the_models_directory_it_looked_in(run, photos, tmp_
     elsewhere = tmp_path / "luncher-modles"
     for command in (("status",), ("predict", str(photos["red"][0]))):
         one_line_error(run("--models-dir", elsewhere, *command), str(elsewhere), "make-updatable")
+
+
+def test_the_command_that_sets_up_a_base_names_the_models_directory(
+    run, photos, pt_model, tmp_path
+):
+    """`luncher --models-dir X predict` on an empty X said to run `luncher make-updatable
+    MODEL.onnx`, which, followed as written, set up the default models directory instead."""
+    elsewhere = (tmp_path / "my models").resolve()
+    line = one_line_error(run("--models-dir", elsewhere, "predict", photos["red"][0]))
+    command = re.fullmatch(r"error: there is no base model in .* yet: run `(.*)`", line)
+    assert command, line
+    assert command[1] == f"luncher --models-dir '{elsewhere}' make-updatable MODEL.onnx"
+    _, *args = [pt_model if arg == "MODEL.onnx" else arg for arg in shlex.split(command[1])]
+    assert run(*args).code == 0  # as written
+    assert run("--models-dir", elsewhere, "predict", photos["red"][0]).code == 0
+    # Chosen by $LUNCHER_MODELS_DIR, which is still set: the bare command is right.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LUNCHER_MODELS_DIR", str(tmp_path / "other"))
+        line = one_line_error(run("predict", photos["red"][0]))
+    assert line.endswith("yet: run `luncher make-updatable MODEL.onnx`"), line
 
 
 @pytest.mark.parametrize("command", ["export", "import"])
