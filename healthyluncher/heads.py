@@ -111,9 +111,10 @@ def add_memory(
     base's nearest example of another label is: held-out photos of the user's dish flip,
     the base's own look-alikes (beignets next to pancakes) keep their label, and photos far
     from the user's dish stay out of reach. A photo the user taught (its head input, or one
-    within EXACT_MATCH of it) gains `strength` more, whatever the floor: a base example of
-    another label that looks almost the same never outvotes the user's word about this
-    very photo.
+    within EXACT_MATCH of it) gains `strength` more, whatever the floor, on top of what
+    lifts its label to the head's top logit: a base example of another label that looks
+    almost the same, or a head that puts the label far below, never outvotes the user's
+    word about this very photo.
     """
     prefix = MEMORY_PREFIX
     make = onnx.helper.make_node
@@ -178,7 +179,15 @@ def add_memory(
                 [f"{prefix}/above_exact"],
             ),
             make("Add", [f"{prefix}/above", f"{prefix}/above_exact"], [f"{prefix}/total"]),
-            make("Mul", [f"{prefix}/total", STRENGTH], [f"{prefix}/bonus"]),
+            make("Mul", [f"{prefix}/total", STRENGTH], [f"{prefix}/bonus_memory"]),
+            # ... and, however far the head puts its label below the top (a head of several
+            # layers can, by a hundred logits), up to that top first.
+            make("ReduceMax", [head_logits], [f"{prefix}/head_top"], axes=[1], keepdims=1)
+            if opset < 18
+            else make("ReduceMax", [head_logits, f"{prefix}/axis1"], [f"{prefix}/head_top"]),
+            make("Sub", [f"{prefix}/head_top", head_logits], [f"{prefix}/gap"]),
+            make("Mul", [f"{prefix}/above_exact", f"{prefix}/gap"], [f"{prefix}/exact_gap"]),
+            make("Add", [f"{prefix}/bonus_memory", f"{prefix}/exact_gap"], [f"{prefix}/bonus"]),
             make("Add", [head_logits, f"{prefix}/bonus"], [logits]),
         ]
     )

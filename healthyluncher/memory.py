@@ -93,12 +93,19 @@ def personal_memory(memory: Memory, num_classes: int, strength: float) -> dict[s
 
 
 def memory_bonus(
-    x: np.ndarray, memory: Memory, num_classes: int, strength: float, *, batch: int = 256
+    x: np.ndarray,
+    memory: Memory,
+    num_classes: int,
+    strength: float,
+    *,
+    logits: np.ndarray | None = None,
+    batch: int = 256,
 ) -> np.ndarray:
-    """What the memory that heads.add_memory puts in the graph adds to the logits of the
-    head inputs x (N, D), computed with numpy in float32 as ONNX Runtime runs that graph
-    (tests/test_personalization.py checks that they agree): (N, num_classes). The memory's
-    unit rows are made once, and x is scored `batch` rows at a time."""
+    """What the memory that heads.add_memory puts in the graph adds to the head's `logits`
+    (N, num_classes) for the head inputs x (N, D), computed with numpy in float32 as ONNX
+    Runtime runs that graph (tests/test_personalization.py checks that they agree). The
+    memory's unit rows are made once, and x is scored `batch` rows at a time. Without
+    `logits` (evaluations of the rule alone), a taught photo's lift to the top is left out."""
     unit = memory.unit
     mask = _mask(memory.classes, num_classes)
     floors = memory.floors.astype(np.float32)
@@ -112,7 +119,11 @@ def memory_bonus(
         above = _best_per_class(similarity - floors[None, :], mask)
         best = _best_per_class(similarity, mask)
         exact = np.maximum(best - np.float32(EXACT_MATCH), 0) * np.float32(1 / (1 - EXACT_MATCH))
-        parts.append((np.maximum(above, 0) + exact) * np.float32(strength))
+        bonus = (np.maximum(above, 0) + exact) * np.float32(strength)
+        if logits is not None:  # a taught photo's label first rises to the head's top
+            head = logits[start : start + batch].astype(np.float32)
+            bonus += exact * (head.max(axis=1, keepdims=True) - head)
+        parts.append(bonus)
     return np.concatenate(parts)
 
 

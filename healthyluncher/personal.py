@@ -206,7 +206,7 @@ def _numpy_probabilities(
     logits = spec.logits(params, inputs)
     if _remembers(hp, examples):
         memory = memory or copy_memory(base, examples, labels, hp.memory_floor)
-        logits += memory_bonus(inputs, memory, len(labels), hp.memory_strength)
+        logits += memory_bonus(inputs, memory, len(labels), hp.memory_strength, logits=logits)
     return softmax(logits.astype(np.float64))
 
 

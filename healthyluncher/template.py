@@ -26,9 +26,10 @@ import numpy as np
 
 # 2: the memory gives a taught photo its label (heads.add_memory's exact match); 3: each
 # remembered example has its own floor (memory.build_memory), and the replay set left the
-# graph; 4: the memory measures head inputs from a centre (memory.build_memory). An older
-# template is not read, and the copy is then built with onnx.
-MAGIC = b"luncher-template 4\n"
+# graph; 4: the memory measures head inputs from a centre (memory.build_memory); 5: a
+# taught photo's label first rises to the head's top logit. An older template is not read,
+# and the copy is then built with onnx.
+MAGIC = b"luncher-template 5\n"
 
 # ONNX TensorProto.DataType values a head's weights may use.
 DTYPES: dict[int, Any] = {

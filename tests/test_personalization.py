@@ -112,8 +112,11 @@ def test_memory_in_the_graph_matches_its_definition(head):
     rows = memory / np.linalg.norm(memory, axis=1, keepdims=True)
     sims = unit @ rows.T
     best = np.stack([sims[:, classes == c].max(1) for c in (0, 1)], axis=1)
-    # Above the threshold, and much more for a copy of a taught photo (EXACT_MATCH).
-    bonus = (np.maximum(best - 0.5, 0) + np.maximum(best - 0.999, 0) * 1000) * 10
+    # Above the threshold, and much more for a copy of a taught photo (EXACT_MATCH): its
+    # label first rises to the head's top logit.
+    exact = np.maximum(best - 0.999, 0) * 1000
+    bonus = (np.maximum(best - 0.5, 0) + exact) * 10
+    bonus += exact * (plain.max(axis=1, keepdims=True) - plain)
     np.testing.assert_allclose(got, plain + bonus, rtol=1e-5, atol=1e-5)
     # A photo almost identical to a remembered example takes its class.
     assert got[0].argmax() == 0 and got[1].argmax() == 0
@@ -145,12 +148,36 @@ def test_the_memory_measures_likeness_from_the_replay_mean(head):
     bonus = np.zeros_like(got)
     bonus[:, 1] = (np.maximum(sims - memory.floors[0], 0) + np.maximum(sims - 0.999, 0) * 1000) * 50
     np.testing.assert_allclose(got, plain + bonus, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(got - plain, memory_bonus(x, memory, 2, 50), rtol=1e-5, atol=1e-4)
+    ours = memory_bonus(x, memory, 2, 50, logits=plain)
+    np.testing.assert_allclose(got - plain, ours, rtol=1e-5, atol=1e-4)
     assert got[0].argmax() == 1  # the user's dish
     assert got[1].argmax() == 0 and got[2].argmax() == 0  # unrelated photos keep the head's
     # Plain cosines would find every one of them alike (above 0.9).
     plain_unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     assert (plain_unit @ (personal / np.linalg.norm(personal)).T > 0.9).all()
+
+
+def test_a_taught_photo_takes_its_label_however_far_the_head_puts_it(head):
+    """A head of several layers (efficientnet_b0 with 3 trainable layers, in the model zoo)
+    put a taught photo's label 105 logits below the top, and the memory's 40 for the photo
+    itself did not lift it: the photo the user had just taught kept the other label. Its
+    label now rises to the head's top first, then by the memory's strength."""
+    path, _ = head
+    model = onnx.load(str(path))
+    weight = next(t for t in model.graph.initializer if t.name != "b")
+    far = np.zeros((2, DIM), np.float32)
+    far[0, 0], far[1, 0] = 200.0, -200.0  # class 0 ahead by 400 logits per unit of x0
+    weight.CopyFrom(numpy_helper.from_array(far, weight.name))
+    e = np.eye(DIM, dtype=np.float32)
+    taught = (e[0] + 0.3 * e[1])[None]
+    memory = build_memory(taught, np.array([1]), 0.4, None)
+    heads.add_memory(model, "x", "logits", memory, 2, strength=40)
+    session = inference_session(model.SerializeToString())
+    got = session.run(None, {"x": taught})[0][0]
+    assert got[1] - got[0] == pytest.approx(40 + 40 * (1 - 0.4), abs=0.05)  # the top, then more
+    # A photo that only looks like it (cosine 0.95) gets the memory's bonus, not the lift.
+    near = (e[0] + 0.3 * e[1] + 0.1 * e[2])[None]
+    assert session.run(None, {"x": near})[0][0].argmax() == 0
 
 
 def test_augmented_views_are_cached_not_recomputed(run, pt_model, photos, models_dir, monkeypatch):
@@ -252,16 +279,26 @@ def test_numpy_scores_match_the_graph(with_replay, trans_b):
     replay = (rng.normal(size=(9, DIM)).astype(np.float32), rng.integers(0, 3, 9))
     remembered = build_memory(memory, classes, 0.2, replay if with_replay else None)
     heads.add_memory(model, "x", "logits", remembered, classes_n, strength=12)
-    # Photos next to remembered ones (the bonus is on), random ones, and a zero row.
+    # The remembered photos themselves (their label lifted to the top first), photos next to
+    # them (the bonus is on), random ones, and a zero row.
     x = np.concatenate(
-        [memory + rng.normal(0, 0.05, memory.shape), rng.normal(size=(20, DIM)), np.zeros((1, DIM))]
+        [
+            memory,
+            memory + rng.normal(0, 0.05, memory.shape),
+            rng.normal(size=(20, DIM)),
+            np.zeros((1, DIM)),
+        ]
     ).astype(np.float32)
     got = inference_session(model.SerializeToString()).run(None, {"x": x})[0]
 
     spec = LinearHead("Gemm", "W", "b", DIM, classes_n, trans_b=trans_b, alpha=0.7)
-    ours = spec.logits({"W": weight, "b": bias}, x) + memory_bonus(x, remembered, classes_n, 12)
-    assert (ours - spec.logits({"W": weight, "b": bias}, x)).max() > 1  # the memory acts
-    np.testing.assert_allclose(ours, got, rtol=1e-5, atol=1e-5)
+    plain = spec.logits({"W": weight, "b": bias}, x)
+    ours = plain + memory_bonus(x, remembered, classes_n, 12, logits=plain)
+    assert (ours - plain).max() > 1  # the memory acts
+    assert (ours[:7].argmax(axis=1) == classes).all()  # a remembered photo takes its label
+    # A remembered photo's cosine is 1 within float32 rounding, which EXACT_MATCH's ramp
+    # (x1000) and the lift to the top (x the gap) magnify to a few 1e-4 logits.
+    np.testing.assert_allclose(ours, got, rtol=1e-5, atol=2e-3)
 
 
 def test_the_newest_photos_are_always_in_the_memory_and_old_ones_still_count(monkeypatch):
