@@ -122,7 +122,8 @@ def memory_bonus(
         bonus = (np.maximum(above, 0) + exact) * np.float32(strength)
         if logits is not None:  # a taught photo's label first rises to the head's top
             head = logits[start : start + batch].astype(np.float32)
-            bonus += exact * (head.max(axis=1, keepdims=True) - head)
+            with np.errstate(invalid="ignore"):  # inf - inf: NaN, which callers check
+                bonus += exact * (head.max(axis=1, keepdims=True) - head)
         parts.append(bonus)
     return np.concatenate(parts)
 
