@@ -274,8 +274,8 @@ class Luncher:
     # -- backups ---------------------------------------------------------------------------
 
     def export_backup(self, path: str | os.PathLike[str], *, force: bool = False) -> ExportResult:
-        """Write your personalization, examples and thumbnails to one .tar.gz; an existing
-        file is replaced only with `force`."""
+        """Write your personalization, examples and thumbnails to one .tar.gz (the name
+        must end in .tar.gz or .tgz); an existing file is replaced only with `force`."""
         from healthyluncher.exporting import export_backup
 
         return self._run(export_backup, path_argument(path, "path"), force=force)

@@ -12,7 +12,7 @@ import typer
 import typer.core
 
 from healthyluncher.cli_output import debug_requested, err, json_line, quiet, stop_on_signals
-from healthyluncher.settings import MAX_PIXEL_STATISTIC
+from healthyluncher.settings import MAX_PIXEL_STATISTIC, backup_name_problem
 from healthyluncher.version import __version__
 
 if TYPE_CHECKING:
@@ -72,6 +72,15 @@ def file_path(text: str) -> Path:
     if text == "-":
         raise typer.BadParameter("give a file name: a backup cannot be a stream (./- is a file)")
     return given_path(text)
+
+
+def backup_target(text: str) -> Path:
+    """The archive export writes: a file name that says .tar.gz, which it holds."""
+    path = file_path(text)
+    problem = backup_name_problem(text)
+    if problem:
+        raise typer.BadParameter(problem)
+    return path
 
 
 @app.callback()

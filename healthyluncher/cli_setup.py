@@ -9,7 +9,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from healthyluncher.cli_app import JSON, Optimizer, Preset, app, bounded, file_path, floats, luncher
+from healthyluncher.cli_app import (
+    JSON,
+    Optimizer,
+    Preset,
+    app,
+    backup_target,
+    bounded,
+    file_path,
+    floats,
+    luncher,
+)
 from healthyluncher.cli_output import (
     Column,
     escape,
@@ -280,10 +290,10 @@ def export_backup(
     backup: Annotated[
         Path,
         typer.Argument(
-            help="The archive to write (.tar.gz).",
+            help="The archive to write: a name ending in .tar.gz or .tgz.",
             show_default=False,
             metavar="BACKUP.tar.gz",
-            parser=file_path,
+            parser=backup_target,
         ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,

@@ -34,6 +34,7 @@ from healthyluncher.records import (
     load_weights,
     save_examples,
 )
+from healthyluncher.settings import backup_name_problem
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
 from healthyluncher.version import __version__
@@ -60,6 +61,9 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
     An existing file is replaced only with `force` (`export photo.jpg` must not eat it)."""
     if target.is_dir():
         raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
+    problem = backup_name_problem(str(target))  # a .zip or .tar that holds a .tar.gz
+    if problem:
+        raise LuncherError(problem)
     if target.exists() and not force:
         raise LuncherError(f"{target} already exists; use ", Param("force", True), " to replace it")
     if target.exists() and not target.is_file():  # /dev/stdout, a pipe: never replaced

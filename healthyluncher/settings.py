@@ -1,4 +1,5 @@
-"""Hyperparameters and preprocessing: frozen dataclasses, validated when they are made."""
+"""Hyperparameters and preprocessing: frozen dataclasses, validated when they are made; and
+the bounds of values that the API and the command line both check."""
 
 from __future__ import annotations
 
@@ -166,6 +167,21 @@ MAX_BATCH = 65536
 MAX_MEMORY_STRENGTH = 1e4
 MAX_PIXEL_STATISTIC = 1e6  # a mean or std, in 0..255 pixel units
 MAX_TRAINABLE_LAYERS = 10_000  # more layers with weights than any classifier trains
+
+
+# A backup is a gzip-compressed tar (archive.py), the one format import reads: export writes
+# it only under a name that says so (`b.zip` holding a tar would fool unzip, and the user).
+BACKUP_SUFFIXES = (".tar.gz", ".tgz")
+
+
+def backup_name_problem(name: str) -> str:
+    """Why export will not write a backup under this file name ("" when it will)."""
+    if name.lower().endswith(BACKUP_SUFFIXES):
+        return ""
+    return (
+        f"{name}: a backup is a gzip-compressed tar; give a name ending in "
+        f"{' or '.join(BACKUP_SUFFIXES)}"
+    )
 
 
 def check_argument(name: str, value: Any, kind: type, *, optional: bool = False) -> None:

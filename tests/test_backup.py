@@ -278,7 +278,7 @@ def test_a_full_or_read_only_scratch_directory_is_one_line(
     [Errno 28]'."""
     before = tree(models_dir)
     mkdir = Path.mkdir
-    target = tmp_path / "b"
+    target = tmp_path / "b.tar.gz"
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

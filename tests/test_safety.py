@@ -17,11 +17,16 @@ def test_export_never_overwrites_a_file_without_force(run, pt_model, photos, tmp
     assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
     photo = solid(tmp_path / "lunch.jpg", (10, 200, 10))
     before = photo.read_bytes()
-    result = run("export", photo)
-    assert result.code == 1 and "already exists; use --force" in result.stderr
+    for force in ((), ("--force",)):  # a photo's name is not a backup's: never written
+        assert run("export", photo, *force).code == 2
     assert photo.read_bytes() == before
-    assert run("export", photo, "--force").code == 0
-    assert photo.read_bytes() != before
+    older = tmp_path / "older.tar.gz"
+    older.write_bytes(b"last week's backup")
+    result = run("export", older)
+    assert result.code == 1 and "already exists; use --force" in result.stderr
+    assert older.read_bytes() == b"last week's backup"
+    assert run("export", older, "--force").code == 0
+    assert older.read_bytes() != b"last week's backup"
 
 
 def test_export_never_replaces_what_is_not_a_regular_file(run, pt_model, photos, tmp_path):
@@ -29,7 +34,7 @@ def test_export_never_replaces_what_is_not_a_regular_file(run, pt_model, photos,
     file: as root, /dev/stdout and /dev/full were gone."""
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
-    pipe = tmp_path / "pipe"
+    pipe = tmp_path / "pipe.tar.gz"
     os.mkfifo(pipe)
     one_line_error(run("export", pipe, "--force"), "not a regular file")
     assert stat.S_ISFIFO(pipe.lstat().st_mode)

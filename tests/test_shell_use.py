@@ -9,12 +9,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import unicodedata
 from pathlib import Path
 
 import pytest
 
+import healthyluncher
 from tests.conftest import one_line_error, solid
 from tests.test_conventions import luncher
 
@@ -194,6 +196,34 @@ def test_a_dash_for_a_backup_is_refused_not_taken_as_a_file_named_dash(
     result = run(command, "-")
     assert result.code == 2 and "a file name" in result.stderr, result
     assert not (tmp_path / "-").exists()
+
+
+def test_export_refuses_a_name_that_says_another_format(run, pt_model, photos, tmp_path):
+    """`luncher export b.zip` wrote a gzip-compressed tar under the name of a zip (unzip
+    refuses it); `b.tar` one that tar without -z mistakes. A backup is what import reads, a
+    .tar.gz: any other name is now a usage error that names the endings it takes, and
+    nothing is written. The API refuses it the same way, in one line."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    folder = tmp_path / "out"
+    folder.mkdir()
+    lun = healthyluncher.open()
+    for name in ("b.zip", "b.tar", "b.tar.bz2", "lunch.jpg", "backup"):
+        result = run("export", folder / name)
+        assert result.code == 2, result
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert f"{name}: " in line and ".tar.gz or .tgz" in line, line
+        assert "Traceback" not in result.stderr
+        with pytest.raises(healthyluncher.LuncherError, match=r"ending in \.tar\.gz or \.tgz$"):
+            lun.export_backup(folder / name)
+    proc = luncher("export", "--json", str(folder / "b.zip"))
+    assert proc.returncode == 2 and ".tar.gz or .tgz" in json.loads(proc.stdout)["error"]
+    assert list(folder.iterdir()) == []
+    for name in ("b.tgz", "B.TAR.GZ"):  # what the name says: import reads it back
+        assert run("export", folder / name).code == 0
+        with tarfile.open(folder / name, "r:gz") as tar:
+            assert "manifest.json" in tar.getnames()
+        assert run("import", folder / name).code == 0
 
 
 def test_questions_go_to_the_terminal_not_into_the_json(run, pt_model, photos):
