@@ -11,8 +11,11 @@
     healthyluncher.make_updatable("model.onnx", labels=["healthy", "fast_food"])
     healthyluncher.to_json(pred)                # as `luncher predict --json` prints it
 
-Every error a caller can act on is a `LuncherError`; a retrain's unknown label is an
-`UnknownLabelError` (`label`, `known`). Results are frozen dataclasses.
+A photo (`PhotoInput`) is a path, a photo file's bytes, a PIL image or a (H, W, 3) uint8
+numpy array; a result names one handed over in memory by a `MemoryPhoto` ("<image 2>": its
+place in the list) where it names a file by its `Path`. Every error a caller can act on is
+a `LuncherError`; a retrain's unknown label is an `UnknownLabelError` (`label`, `known`).
+Results are frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.events import Progress, ProgressCallback
     from healthyluncher.exporting import ExportResult
+    from healthyluncher.imaging import PhotoInput
     from healthyluncher.jsonform import to_json
     from healthyluncher.personalizing import (
         DuplicatePhoto,
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
         TrainedPhoto,
         UndoResult,
     )
-    from healthyluncher.photos import ImageFailure
+    from healthyluncher.photos import ImageFailure, MemoryPhoto
     from healthyluncher.predictor import Prediction
     from healthyluncher.settings import Hyperparameters, Preprocessing
     from healthyluncher.tasks import Cancelled, TaskState, UpdateTask
@@ -70,6 +74,8 @@ _EXPORTS = {
     "TrainedPhoto": "healthyluncher.personalizing",
     "UndoResult": "healthyluncher.personalizing",
     "ImageFailure": "healthyluncher.photos",
+    "MemoryPhoto": "healthyluncher.photos",
+    "PhotoInput": "healthyluncher.imaging",
     "Prediction": "healthyluncher.predictor",
     "Hyperparameters": "healthyluncher.settings",
     "Preprocessing": "healthyluncher.settings",
@@ -103,6 +109,8 @@ __all__ = [
     "TrainedPhoto",
     "UndoResult",
     "ImageFailure",
+    "MemoryPhoto",
+    "PhotoInput",
     "Prediction",
     "Hyperparameters",
     "Preprocessing",

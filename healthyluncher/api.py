@@ -28,12 +28,10 @@ from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
 
 if TYPE_CHECKING:
-    import numpy as np
-    from PIL import Image
-
     from healthyluncher.backup import ImportResult
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.exporting import ExportResult
+    from healthyluncher.imaging import PhotoInput
     from healthyluncher.personalizing import (
         ResetResult,
         RetrainResult,
@@ -48,9 +46,6 @@ if TYPE_CHECKING:
         RepairResult,
         TaughtExample,
     )
-
-    # A photo: a file path, a photo file's bytes, a PIL image, or a (H, W, 3) uint8 array.
-    PhotoInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
 
 
 T = TypeVar("T")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import os
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -39,6 +40,13 @@ _DECODE_ERRORS = (
     # pillow-heif's "some other error" from libheif (a damaged HEIC can raise it on load).
     RuntimeError,
 )
+
+
+# A photo as the public API takes it: a file's path, a photo file's bytes (an upload), a PIL
+# image, or a (H, W, 3) uint8 array; `arguments.photo_sources` makes each a PhotoSource.
+# Defined here, where Pillow and numpy are imported anyway (the API names it for type
+# checkers only, so that `import healthyluncher` does not import them).
+PhotoInput: TypeAlias = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)

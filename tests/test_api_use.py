@@ -3,12 +3,13 @@ tasks and errors that travel; each test failed before the fix it names."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
+import os
 import pickle
 import re
 import threading
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,8 +176,26 @@ def test_photos_are_typed_as_any_iterable_of_photos():
             .annotation
         )
         assert annotation == "PhotoInput | Iterable[PhotoInput]", method
-    source = inspect.getsource(importlib.import_module("healthyluncher.api"))
-    assert "bytes | bytearray |" in source
+    assert bytearray in typing.get_args(healthyluncher.PhotoInput)
+
+
+def test_the_photo_types_of_the_signatures_are_exported(lun, photos):
+    """`Luncher.predict(photos: PhotoInput | Iterable[PhotoInput])`, and a prediction's
+    `path`, a `MemoryPhoto` for pixels: a typed program could name neither without
+    importing private modules (`PhotoInput` existed only for type checkers)."""
+    assert {"MemoryPhoto", "PhotoInput"} <= set(healthyluncher.__all__)
+    from healthyluncher import MemoryPhoto, PhotoInput
+
+    pixels = np.asarray(Image.open(photos["red"][0]).convert("RGB"))
+    given: list[PhotoInput] = [photos["red"][0], str(photos["red"][1]), pixels]
+    given += [photos["red"][2].read_bytes(), Image.open(photos["green"][0])]
+    predictions = lun.predict(given)
+    memory = [p.path for p in predictions if isinstance(p.path, MemoryPhoto)]
+    assert [str(path) for path in memory] == ["<image 2>", "<image 3>", "<image 4>"]
+    kinds = set(typing.get_args(PhotoInput))
+    assert {str, bytes, bytearray, Image.Image, np.ndarray, os.PathLike[str]} == kinds
+    assert "PhotoInput" in (inspect.getdoc(healthyluncher) or "")
+    assert "MemoryPhoto" in (inspect.getdoc(healthyluncher) or "")
 
 
 def test_help_explains_every_exported_class_and_method():
@@ -252,6 +271,7 @@ def test_every_public_result_goes_to_json(lun, photos, pt_model, models_dir, tmp
         lun.import_backup(backup),
         lun.reset(),
         lun.repair(),
+        lun.predict([Image.open(photos["green"][0])])[0].path,  # a MemoryPhoto: its name
         healthyluncher.Progress("training", 1, 2, float("nan")),
     ]
     public = {
