@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +80,13 @@ def _items(photos: Any) -> Iterable[Any]:
     """One photo as a list of one; a list as itself; any other iterable as its iterator."""
     if is_single(photos):
         return [photos]
+    accepted = "photos must be a path, an image or a list of them"
+    # A dict iterates as its keys: `{path: label}` would be read as its paths, the labels
+    # dropped without a word. Which half is meant is the caller's to say.
+    if isinstance(photos, Mapping):
+        raise LuncherError(f"{accepted}, not a dict: pass its keys or its values as a list")
     if not isinstance(photos, Iterable):
-        raise LuncherError(
-            f"photos must be a path, an image or a list of them, not {type(photos).__name__}"
-        )
+        raise LuncherError(f"{accepted}, not {type(photos).__name__}")
     return photos if isinstance(photos, Collection) else iter(photos)
 
 

@@ -198,6 +198,28 @@ def test_the_photo_types_of_the_signatures_are_exported(lun, photos):
     assert "MemoryPhoto" in (inspect.getdoc(healthyluncher) or "")
 
 
+def test_a_dict_of_photos_is_refused_not_read_as_its_keys(lun, photos):
+    """`lun.retrain("healthy", {path: "fast_food", ...})` (photos with the labels a program
+    meant) taught the keys as healthy, the labels silently dropped, and `predict` of a dict
+    predicted its keys: a dict is now refused in one line that says what photos may be."""
+    labelled = {photos["red"][0]: "fast_food", photos["green"][0]: "healthy"}
+    calls = {
+        "predict": lambda: lun.predict(labelled),
+        "predict_each": lambda: lun.predict_each(labelled),
+        "retrain": lambda: lun.retrain("healthy", labelled),
+        "forget": lambda: lun.forget(labelled),
+    }
+    for name, call in calls.items():
+        with pytest.raises(LuncherError) as error:
+            call()
+        assert str(error.value) == (
+            "photos must be a path, an image or a list of them, not a dict: "
+            "pass its keys or its values as a list"
+        ), name
+    assert lun.status().examples_per_label == {}
+    assert len(lun.predict(list(labelled))) == 2  # as it says
+
+
 def test_help_explains_every_exported_class_and_method():
     """`help(healthyluncher.RetrainResult)` showed only the signature dataclasses generate,
     and `Prediction`, `Status` and ten other results said nothing of what their fields
