@@ -15,7 +15,7 @@ from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.meta import known_label
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
-from healthyluncher.records import Base, Examples
+from healthyluncher.records import Base, Examples, make_updatable_command
 from healthyluncher.runtime import inference_session, run_in_batches
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore
@@ -184,7 +184,7 @@ class Embedder:
             except LuncherError as exc:  # as predict says of a damaged base model
                 raise LuncherError(
                     f"the base model in {self.base.path} is damaged ({exc}); make it again with ",
-                    MAKE_UPDATABLE_KEEPING,
+                    make_updatable_command(self.base.path.parent, MAKE_UPDATABLE_KEEPING),
                 ) from None
 
     def _run_frozen(self, batch: np.ndarray) -> np.ndarray:

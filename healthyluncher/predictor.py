@@ -11,7 +11,7 @@ import numpy as np
 
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, PREDICT_BASE, LuncherError
 from healthyluncher.photos import ImageFailure, PhotoSource
-from healthyluncher.records import GO_BACK, load_base, load_personal
+from healthyluncher.records import GO_BACK, load_base, load_personal, make_updatable_command
 from healthyluncher.runtime import inference_session, run_in_batches
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
@@ -66,7 +66,7 @@ class Predictor:
                 raise LuncherError(
                     f"the base model in {self.model.path.parent} is damaged ({exc}); make it "
                     "again with ",
-                    MAKE_UPDATABLE_KEEPING,
+                    make_updatable_command(base.path.parent, MAKE_UPDATABLE_KEEPING),
                 ) from None
             raise LuncherError(
                 f"the personalized model in {self.model.path.parent} is damaged ({exc}); ",

@@ -94,15 +94,17 @@ def bundled_model() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def make_updatable_command(root: Path) -> Command:
-    """The command that sets up a base in the models directory `root`: followed as written,
-    it must set up that one. The bare command opens the default one (or the directory of
-    $LUNCHER_MODELS_DIR, which is still set), so another one is named."""
+def make_updatable_command(root: Path, command: Command = MAKE_UPDATABLE) -> Command:
+    """`command`, a make-updatable that sets up a base (MAKE_UPDATABLE_KEEPING...), for the
+    models directory `root`: followed as written, it must set up that one. The bare command
+    opens the default one (or the directory of $LUNCHER_MODELS_DIR, which is still set), so
+    another one is named."""
     if root == resolve_models_dir().resolve():
-        return MAKE_UPDATABLE
+        return command
+    assert command.cli.startswith("luncher ") and command.api.endswith(")"), command
     return Command(
-        f"luncher --models-dir {shlex.quote(str(root))} make-updatable MODEL.onnx",
-        f"healthyluncher.make_updatable(model, models_dir={str(root)!r})",
+        f"luncher --models-dir {shlex.quote(str(root))} {command.cli.removeprefix('luncher ')}",
+        f"{command.api.removesuffix(')')}, models_dir={str(root)!r})",
     )
 
 

@@ -31,6 +31,7 @@ from healthyluncher.records import (
     load_personal,
     load_taught,
     load_weights,
+    make_updatable_command,
 )
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
@@ -119,7 +120,7 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
             raise LuncherError(
                 f"{old!r} is a class of the base model; only labels you added can be renamed "
                 "(make a base with your own labels with ",
-                MAKE_UPDATABLE_EXAMPLES,
+                make_updatable_command(store.root, MAKE_UPDATABLE_EXAMPLES),
                 ")",
             )
         if any(label_key(new) == label_key(label) for label in labels):

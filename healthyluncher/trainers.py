@@ -14,7 +14,8 @@ import numpy as np
 
 from healthyluncher import child
 from healthyluncher.child import JobError
-from healthyluncher.errors import LuncherError, Message
+from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, Message
+from healthyluncher.records import GO_BACK, make_updatable_command
 from healthyluncher.runtime import root_logging_kept, session_options, training_api
 from healthyluncher.settings import Hyperparameters
 
@@ -240,11 +241,12 @@ def train(
             state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
         optimizer = api.Optimizer(str(artifact_dir / "optimizer_model.onnx"), module)
     except Exception:  # ORT's RuntimeError with C++ text, for a file it cannot parse
-        base = artifact_dir.parent.name.startswith("base-")
-        fix = "make-updatable MODEL.onnx --keep-personalization" if base else "undo"
+        fix = GO_BACK  # a personalized copy's files (it has more labels than its base)
+        if artifact_dir.parent.name.startswith("base-"):
+            root = artifact_dir.parent.parent  # the models directory
+            fix = ("run ", make_updatable_command(root, MAKE_UPDATABLE_KEEPING))
         raise LuncherError(
-            f"{artifact_dir} is damaged (ONNX Runtime cannot load its training files); "
-            f"run `luncher {fix}`"
+            f"{artifact_dir} is damaged (ONNX Runtime cannot load its training files); ", *fix
         ) from None
     optimizer.set_learning_rate(hp.learning_rate)
     module.train()

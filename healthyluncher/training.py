@@ -20,6 +20,7 @@ import numpy as np
 
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, Param
 from healthyluncher.meta import BaseMeta
+from healthyluncher.records import make_updatable_command
 from healthyluncher.runtime import training_available, training_installed
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files
@@ -74,7 +75,7 @@ def trainer_for(meta: BaseMeta, base_dir: Path, *, cheap: bool = False) -> str:
         raise LuncherError(
             f"{TRAINER_ENV}=onnxruntime, but this base has no ONNX Runtime training files "
             "(it was made with the numpy trainer); unset it, or run ",
-            MAKE_UPDATABLE_KEEPING,
+            make_updatable_command(base_dir.parent, MAKE_UPDATABLE_KEEPING),
             " here to make them",
         )
     return "numpy"

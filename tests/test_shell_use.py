@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import healthyluncher
+from healthyluncher.store import Files, ModelStore
 from tests.conftest import one_line_error, solid
 from tests.test_conventions import luncher
 
@@ -183,6 +184,66 @@ def test_the_command_that_sets_up_a_base_names_the_models_directory(
         patch.setenv("LUNCHER_MODELS_DIR", str(tmp_path / "other"))
         line = one_line_error(run("predict", photos["red"][0]))
     assert line.endswith("yet: run `luncher make-updatable MODEL.onnx`"), line
+
+
+def _suggested(result: object, elsewhere: Path, **placeholders: Path) -> list[str]:
+    """The `luncher ...` command a one-line error suggests, as arguments with its
+    placeholders (MODEL.onnx, DIR) filled in; it must name the models directory."""
+    line = one_line_error(result)
+    [command] = re.findall(r"`(luncher [^`]*)`", line)
+    assert command.startswith(f"luncher --models-dir {shlex.quote(str(elsewhere))} "), line
+    fill = {name.replace("_", "."): str(path) for name, path in placeholders.items()}
+    return [fill.get(word, word) for word in shlex.split(command)[1:]]
+
+
+@pytest.mark.parametrize("damaged", ["frozen part", "base model"])
+def test_the_hint_to_make_a_damaged_base_again_names_the_models_directory(
+    damaged, run, pt_model, photos, tmp_path
+):
+    """With X's base damaged, `luncher --models-dir X retrain` (or `predict --base`) said
+    to run `luncher make-updatable MODEL.onnx --keep-personalization`: followed as written,
+    it set up the default models directory, and X stayed damaged."""
+    elsewhere = (tmp_path / "my models").resolve()
+    at = ("--models-dir", elsewhere)
+    assert run(*at, "make-updatable", pt_model).code == 0
+    assert run(*at, "retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    base = ModelStore(elsewhere).base_dir()
+    assert base is not None
+    if damaged == "frozen part":
+        (base / Files.FROZEN).write_bytes(b"torn")
+        command = ("retrain", "--label", "fast_food", str(photos["red"][1]))
+    else:
+        (base / Files.MODEL).write_bytes(b"torn")
+        command = ("predict", "--base", str(photos["red"][1]))
+    args = _suggested(run(*at, *command), elsewhere, MODEL_onnx=pt_model)
+    assert args[-1] == "--keep-personalization", args
+    assert run(*args).code == 0  # as written: X's base made again, its example kept
+    assert run(*at, "status", "--json").json_lines()[0]["examples_per_label"] == {"fast_food": 1}
+    assert run(*at, *command).code == 0
+
+
+def test_the_hint_to_make_a_base_with_your_labels_names_the_models_directory(
+    run, pt_model, photos, tmp_path, monkeypatch
+):
+    """`luncher --models-dir X labels rename healthy salad` (a label of the base) said to
+    make a base with `luncher make-updatable MODEL.onnx --examples DIR`: followed as
+    written, that base went to the default models directory, not to X."""
+    monkeypatch.setenv("LUNCHER_BUNDLED_MODEL", str(pt_model))  # X starts as the shipped base
+    elsewhere = (tmp_path / "my models").resolve()
+    lunches = tmp_path / "lunches"
+    for label, colour in (("salad", "green"), ("fast_food", "red")):
+        (lunches / label).mkdir(parents=True)
+        for photo in photos[colour]:
+            (lunches / label / photo.name).write_bytes(photo.read_bytes())
+    result = run("--models-dir", elsewhere, "labels", "rename", "healthy", "salad")
+    args = _suggested(result, elsewhere, MODEL_onnx=pt_model, DIR=lunches)
+    assert run(*args).code == 0  # as written
+    labels = run("--models-dir", elsewhere, "status", "--json").json_lines()[0]["labels"]
+    assert sorted(labels) == ["fast_food", "salad"]
+    # Chosen by $LUNCHER_MODELS_DIR, which is still set: the bare command is right.
+    monkeypatch.setenv("LUNCHER_MODELS_DIR", str(elsewhere))
+    line = one_line_error(run("labels", "rename", "fast_food", "burgers"))
+    assert "`luncher make-updatable MODEL.onnx --examples DIR`" in line, line
 
 
 @pytest.mark.parametrize("command", ["export", "import"])
