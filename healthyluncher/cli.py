@@ -208,7 +208,10 @@ def reset(
             else "Predict with the base model again (`luncher undo` brings this back)?"
         )
         if not typer.confirm(question, default=not purge, err=True):
-            err.print("Nothing was changed.")
+            declined = "Nothing was changed: you answered no."
+            if as_json:  # every exit with --json prints one object
+                json_line({"error": declined})
+            err.print(declined)
             raise typer.Exit(1)
     result = lun.reset(purge=purge)
     if as_json:

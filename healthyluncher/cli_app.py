@@ -260,7 +260,8 @@ def main() -> None:
     try:
         code = app(prog_name="luncher", standalone_mode=False)
     except Exception as exc:
-        if type(exc).__name__ == "Abort":  # Ctrl-C or end of input before a command ran
+        if type(exc).__name__ == "Abort":  # Ctrl-C or end of input at a question
+            json_line({"error": "Aborted!"})
             sys.stderr.write("Aborted!\n")
             raise SystemExit(1) from None
         if not hasattr(exc, "format_message") or not hasattr(exc, "show"):

@@ -287,29 +287,61 @@ def test_export_refuses_a_name_that_says_another_format(run, pt_model, photos, t
         assert run("import", folder / name).code == 0
 
 
-def test_questions_go_to_the_terminal_not_into_the_json(run, pt_model, photos):
-    """`luncher reset --json | jq` at a terminal: the question was printed on stdout, into
-    jq (a parse error), and the person never saw it."""
+def _answered_at_a_terminal(answer: bytes, *args: str) -> tuple[int, bytes, bytes]:
+    """`luncher ARGS` with a terminal for standard input, where a person types `answer`."""
     import pty
 
-    assert run("make-updatable", pt_model).code == 0
-    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
     primary, secondary = pty.openpty()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "healthyluncher", "reset", "--json"],
+            [sys.executable, "-m", "healthyluncher", *args],
             stdin=secondary,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        os.write(primary, b"y\n")
+        os.write(primary, answer)
         out, err = proc.communicate(timeout=60)
     finally:
         os.close(primary)
         os.close(secondary)
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err
+
+
+def test_questions_go_to_the_terminal_not_into_the_json(run, pt_model, photos):
+    """`luncher reset --json | jq` at a terminal: the question was printed on stdout, into
+    jq (a parse error), and the person never saw it."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    code, out, err = _answered_at_a_terminal(b"y\n", "reset", "--json")
+    assert code == 0, err
     assert "Predict with the base model again" in err.decode()
     assert json.loads(out)["removed_model"] is True
+
+
+@pytest.mark.parametrize(
+    ("answer", "purge", "says"),
+    [
+        (b"n\n", False, "Nothing was changed: you answered no."),
+        (b"n\n", True, "Nothing was changed: you answered no."),
+        (b"\x04", False, "Aborted!"),  # Ctrl-D: no answer at all
+    ],
+    ids=["no", "purge", "eof"],
+)
+def test_a_declined_reset_is_one_json_object_with_json(answer, purge, says, run, pt_model, photos):
+    """`luncher reset --json` answered no at a terminal exited 1 with nothing on stdout
+    (and Ctrl-D printed `Aborted!` alone): a script reading the JSON got no object, where
+    every other exit with --json prints one. It is now `{"error": ...}`, the line on
+    stderr, with exit code 1 as before: nothing was done that was asked for."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    command = ("reset", "--json", *["--purge"] * purge)
+    code, out, err = _answered_at_a_terminal(answer, *command)
+    assert code == 1, (code, out, err)
+    [line] = out.decode().splitlines()
+    assert json.loads(line) == {"error": says}
+    assert err.decode().rstrip().endswith(says), err
+    assert "Traceback" not in err.decode()
+    assert run("status", "--json").json_lines()[0]["predicting_with"] == "personalized"
 
 
 def test_help_lists_the_commands_in_the_order_they_are_used():
