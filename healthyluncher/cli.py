@@ -16,6 +16,7 @@ from healthyluncher.cli_app import main as main  # the entry point, with every c
 from healthyluncher.cli_output import (
     Column,
     RowPrinter,
+    command_line,
     counting,
     duplicates,
     err,
@@ -26,9 +27,10 @@ from healthyluncher.cli_output import (
     print_table,
     progress_bars,
     reporting,
+    suggest,
     training_settings,
 )
-from healthyluncher.errors import LuncherError, UnknownLabelError
+from healthyluncher.errors import RESET_PURGE, UNDO, LuncherError, UnknownLabelError
 from healthyluncher.settings import MAX_EPOCHS, MAX_LEARNING_RATE, MAX_MEMORY_STRENGTH, MAX_VIEWS
 from healthyluncher.settings import Hyperparameters as HP
 
@@ -205,7 +207,7 @@ def reset(
         question = (
             "Remove your personalization, its undo steps and your photos' thumbnails for good?"
             if purge
-            else "Predict with the base model again (`luncher undo` brings this back)?"
+            else f"Predict with the base model again (`{command_line(UNDO.cli)}` brings this back)?"
         )
         if not typer.confirm(question, default=not purge, err=True):
             declined = "Nothing was changed: you answered no."
@@ -237,8 +239,8 @@ def reset(
     if result.undoable:
         out.print(
             f"Predictions now come from the base model. Your personalization "
-            f"({escape(counts) or 'no examples'}) is one `luncher undo` away; "
-            "`luncher reset --purge` removes it and your photos' thumbnails for good."
+            f"({escape(counts) or 'no examples'}) is one {suggest(UNDO)} away; "
+            f"{suggest(RESET_PURGE)} removes it and your photos' thumbnails for good."
         )
         return
     out.print(

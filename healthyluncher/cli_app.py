@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 import typer.core
 
-from healthyluncher.cli_output import debug_requested, err, json_line, quiet, stop_on_signals
+from healthyluncher.cli_output import (
+    debug_requested,
+    err,
+    json_line,
+    models_dir_option,
+    quiet,
+    stop_on_signals,
+)
 from healthyluncher.settings import MAX_PIXEL_STATISTIC, backup_name_problem
 from healthyluncher.version import __version__
 
@@ -116,6 +123,7 @@ def main_options(
 ) -> None:
     debug_requested[0] = debug
     quiet[0] = quiet_option
+    models_dir_option[0] = models_dir
     ctx.obj = {"models_dir": models_dir}
 
 

@@ -6,18 +6,20 @@ import functools
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from healthyluncher import to_json
-from healthyluncher.errors import CommittedInterrupt, LuncherError, Param
+from healthyluncher.errors import Command, CommittedInterrupt, LuncherError, Param
 
 if TYPE_CHECKING:
     from healthyluncher import Prediction
@@ -135,6 +137,7 @@ def say(text: str) -> None:
 
 
 debug_requested = [False]  # set by --debug
+models_dir_option: list[Path | None] = [None]  # set by --models-dir
 quiet = [False]  # set by --quiet: results and errors only
 json_mode = [False]  # set by a command's --json: errors are JSON on stdout too
 # Commands that never change the models directory (after first use has set it up).
@@ -235,7 +238,26 @@ def in_options(exc: LuncherError, ctx: Any) -> str:
             return f"{flag} {param.value}"
         return f"{flag} {param.example}" if param.example else flag
 
-    return exc.render(spell)
+    return exc.render(spell, command_line)
+
+
+def command_line(command: str) -> str:
+    """A `luncher ...` command to suggest, as the user must type it to act on this models
+    directory: with `--models-dir DIR` when it was given so (the bare command opens the
+    default one). A directory from $LUNCHER_MODELS_DIR keeps the bare command, which the
+    variable still applies to."""
+    given = models_dir_option[0]
+    if given is None:
+        return command
+    from healthyluncher.api import open as open_models  # as the command opened it
+
+    named = shlex.quote(str(open_models(given).models_dir))
+    return command.replace("luncher ", f"luncher --models-dir {named} ", 1)
+
+
+def suggest(command: Command) -> str:
+    """`command` in backticks, as the user must type it (`command_line`), in rich markup."""
+    return escape(f"`{command_line(command.cli)}`")
 
 
 @contextmanager

@@ -30,7 +30,9 @@ from healthyluncher.cli_output import (
     progress_bars,
     reporting,
     spinner,
+    suggest,
 )
+from healthyluncher.errors import UNDO
 from healthyluncher.settings import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -259,7 +261,7 @@ def make_updatable(
     if meta.int8:
         out.print(f"The frozen part is int8, calibrated on {meta.calibration_photos} photo(s).")
     if result.dropped_personalization:
-        note("The previous base and your personalization are one `luncher undo` away.")
+        note(f"The previous base and your personalization are one {suggest(UNDO)} away.")
     if result.carried_over is not None:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.carried_over.items()))
         out.print(
@@ -369,7 +371,7 @@ def import_backup(
     if result.replaced:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.replaced.items()))
         out.print(
-            f"It replaced your previous examples ({escape(counts)}); `luncher undo` brings "
+            f"It replaced your previous examples ({escape(counts)}); {suggest(UNDO)} brings "
             "them back."
         )
     note(f"{result.undo_steps} undo step(s) available.")

@@ -16,7 +16,9 @@ from healthyluncher.cli_output import (
     print_table,
     progress_bars,
     reporting,
+    suggest,
 )
+from healthyluncher.errors import UNDO
 
 
 @app.command("examples")
@@ -118,7 +120,7 @@ def labels_rename(
         return
     out.print(
         f"Renamed {escape(result.old)!r} to {escape(result.new)!r} ({result.examples} "
-        "example(s)); `luncher undo` goes back."
+        f"example(s)); {suggest(UNDO)} goes back."
     )
 
 
@@ -144,7 +146,7 @@ def labels_remove(
     if not result.forgotten:  # a label of yours that no photo has
         out.print(
             f"Removed the label {escape(label)!r}, which no photo had, and retrained "
-            f"({escape(counts)}); `luncher undo` goes back."
+            f"({escape(counts)}); {suggest(UNDO)} goes back."
         )
         return
     out.print(

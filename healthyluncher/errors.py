@@ -72,13 +72,14 @@ class LuncherError(Exception):
         # Made again from its parts (pickled by multiprocessing, say), not from the text.
         return type(self), self.parts, self.__dict__
 
-    def render(self, spell: Callable[[Param], str]) -> str:
+    def render(self, spell: Callable[[Param], str], typed: Callable[[str], str] = str) -> str:
         """The message with each parameter it names spelled by `spell`, and each command
-        it suggests as the command line's."""
+        it suggests as the command line's, as `typed` says it is typed (with the options
+        that name the models directory, say)."""
         return "".join(
             part
             if isinstance(part, str)
-            else f"`{part.cli}`"
+            else f"`{typed(part.cli)}`"
             if isinstance(part, Command)
             else spell(part)
             for part in self.parts

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -96,16 +95,14 @@ def bundled_model() -> Path | None:
 
 def make_updatable_command(root: Path, command: Command = MAKE_UPDATABLE) -> Command:
     """`command`, a make-updatable that sets up a base (MAKE_UPDATABLE_KEEPING...), for the
-    models directory `root`: followed as written, it must set up that one. The bare command
-    opens the default one (or the directory of $LUNCHER_MODELS_DIR, which is still set), so
-    another one is named."""
+    models directory `root`: followed as written, it must set up that one. The bare call
+    opens the default one (or the directory of $LUNCHER_MODELS_DIR, which is still set),
+    so another one is named. (The command line names the directory given with
+    --models-dir in every command it suggests, this one included.)"""
     if root == resolve_models_dir().resolve():
         return command
-    assert command.cli.startswith("luncher ") and command.api.endswith(")"), command
-    return Command(
-        f"luncher --models-dir {shlex.quote(str(root))} {command.cli.removeprefix('luncher ')}",
-        f"{command.api.removesuffix(')')}, models_dir={str(root)!r})",
-    )
+    assert command.api.endswith(")"), command
+    return command._replace(api=f"{command.api.removesuffix(')')}, models_dir={str(root)!r})")
 
 
 def load_base(store: ModelStore, state: State) -> Base:

@@ -1,0 +1,144 @@
+"""The commands luncher suggests, followed as written: they act on the models directory the
+user named, and work there."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import healthyluncher
+from healthyluncher import segments
+from healthyluncher.store import Files, ModelStore
+from tests.conftest import one_line_error
+from tests.test_shell_use import _answered_at_a_terminal
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """X, a models directory named with --models-dir, while the default one (no
+    $LUNCHER_MODELS_DIR: the user data directory of a home of its own) must stay untouched."""
+    monkeypatch.delenv("LUNCHER_MODELS_DIR")
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    yield (tmp_path / "my models").resolve()
+    assert not home.exists(), sorted(home.rglob("*"))  # the default models directory
+
+
+def suggested(text: str, elsewhere: Path) -> dict[str, list[str]]:
+    """Every `luncher ...` command in `text`, by its subcommand, as the arguments a shell
+    gives it; each must name X right after `luncher`."""
+    found = {}
+    for command in re.findall(r"`(luncher [^`]*)`", text):
+        assert command.startswith(f"luncher --models-dir {shlex.quote(str(elsewhere))} "), text
+        words = shlex.split(command)[1:]
+        found[" ".join(words[2:])] = words
+    return found
+
+
+def personalized(run, models_dir: Path) -> dict[str, object]:
+    return run("--models-dir", models_dir, "status", "--json").json_lines()[0]
+
+
+def _taught(run, pt_model, photos, at: Path) -> None:
+    assert run("--models-dir", at, "make-updatable", pt_model).code == 0
+    assert run("--models-dir", at, "retrain", "--label", "fast_food", photos["red"][0]).code == 0
+
+
+def test_undo_suggested_for_a_damaged_model_acts_on_the_models_directory_given(
+    run, pt_model, photos, elsewhere
+):
+    """`luncher --models-dir X predict` with X's personalized model damaged said to run
+    `luncher undo` (and that `luncher predict --base` still works): followed as written,
+    they opened the default models directory, someone else's models, not X."""
+    _taught(run, pt_model, photos, elsewhere)
+    personal = ModelStore(elsewhere).personal_dir()
+    assert personal is not None
+    (personal / Files.MODEL).write_bytes(b"torn")
+    line = one_line_error(run("--models-dir", elsewhere, "predict", photos["red"][1]))
+    commands = suggested(line, elsewhere)
+    assert sorted(commands) == ["predict --base", "undo"], line
+    assert run(*commands["undo"]).code == 0  # as written
+    assert personalized(run, elsewhere)["predicting_with"] == "base"
+
+
+def test_repair_suggested_for_damaged_views_acts_on_the_models_directory_given(
+    run, pt_model, photos, elsewhere
+):
+    _taught(run, pt_model, photos, elsewhere)
+    for segment in (elsewhere / segments.FOLDER).glob("*.npy"):
+        segment.write_bytes(b"torn")
+    retrain = ("retrain", "--label", "fast_food", photos["red"][1])
+    line = one_line_error(run("--models-dir", elsewhere, *retrain))
+    result = run(*suggested(line, elsewhere)["repair"])  # as written
+    assert result.code == 0 and "embedded 1 photo(s) again" in result.stdout, result
+    assert run("--models-dir", elsewhere, *retrain).code == 0
+
+
+def test_reset_purge_suggested_by_forget_acts_on_the_models_directory_given(
+    run, pt_model, photos, elsewhere
+):
+    """After a reset, forgetting a photo that only an undo step holds says how: `luncher
+    undo`, then `luncher forget`, or `luncher reset --purge`; each named the default
+    models directory."""
+    _taught(run, pt_model, photos, elsewhere)
+    assert run("--models-dir", elsewhere, "reset").code == 0
+    result = run("--models-dir", elsewhere, "forget", photos["red"][0])
+    commands = suggested(one_line_error(result), elsewhere)
+    assert sorted(commands) == ["forget", "reset --purge", "undo"]
+    assert personalized(run, elsewhere)["undo_steps"] > 0
+    assert run(*commands["reset --purge"]).code == 0  # as written
+    assert personalized(run, elsewhere)["undo_steps"] == 0
+
+
+def test_the_notes_of_reset_name_the_models_directory_given(run, pt_model, photos, elsewhere):
+    """`luncher --models-dir X reset` printed that the personalization is 'one `luncher
+    undo` away': that undo, as written, undid nothing of X."""
+    _taught(run, pt_model, photos, elsewhere)
+    result = run("--models-dir", elsewhere, "reset")
+    assert result.code == 0, result
+    commands = suggested(result.stdout, elsewhere)
+    assert sorted(commands) == ["reset --purge", "undo"], result.stdout
+    assert personalized(run, elsewhere)["predicting_with"] == "base"
+    assert run(*commands["undo"]).code == 0  # as written
+    assert personalized(run, elsewhere)["predicting_with"] == "personalized"
+
+
+def test_a_models_directory_from_the_environment_keeps_the_bare_command(
+    run, pt_model, photos, elsewhere, monkeypatch
+):
+    """$LUNCHER_MODELS_DIR still applies when the user runs the suggestion."""
+    _taught(run, pt_model, photos, elsewhere)
+    monkeypatch.setenv("LUNCHER_MODELS_DIR", str(elsewhere))
+    result = run("reset")
+    assert "one `luncher undo` away; `luncher reset --purge` removes" in result.stdout, result
+    assert run("undo").code == 0
+    for segment in (elsewhere / segments.FOLDER).glob("*.npy"):
+        segment.write_bytes(b"torn")
+    result = run("retrain", "--label", "fast_food", photos["red"][1])
+    one_line_error(result, "run `luncher repair` to embed your photos again")
+
+
+def test_the_api_suggests_calls_not_command_lines(pt_model, photos, elsewhere):
+    healthyluncher.make_updatable(pt_model, models_dir=elsewhere)
+    lun = healthyluncher.open(elsewhere)
+    lun.retrain("fast_food", photos["red"][:1])
+    personal = ModelStore(elsewhere).personal_dir()
+    assert personal is not None
+    (personal / Files.MODEL).write_bytes(b"torn")
+    with pytest.raises(healthyluncher.LuncherError) as caught:
+        healthyluncher.open(elsewhere).predict(photos["red"][1:2])
+    assert "`Luncher.undo()`" in str(caught.value) and "luncher " not in str(caught.value)
+
+
+def test_the_question_of_reset_at_a_terminal_names_the_models_directory_given(
+    run, pt_model, photos, elsewhere
+):
+    _taught(run, pt_model, photos, elsewhere)
+    code, out, err = _answered_at_a_terminal(b"y\n", "--models-dir", str(elsewhere), "reset")
+    assert code == 0, err
+    assert f"(`luncher --models-dir {shlex.quote(str(elsewhere))} undo` brings" in err.decode()
