@@ -11,7 +11,7 @@ import typer
 
 # Importing them registers their commands: make-updatable, export and import; examples, labels.
 from healthyluncher import cli_setup, cli_teaching  # noqa: F401
-from healthyluncher.cli_app import JSON, app, bounded, given_path, luncher, with_stdin
+from healthyluncher.cli_app import JSON, app, ask, bounded, given_path, luncher, with_stdin
 from healthyluncher.cli_app import main as main  # the entry point, with every command here
 from healthyluncher.cli_output import (
     Column,
@@ -209,7 +209,7 @@ def reset(
             if purge
             else f"Predict with the base model again (`{command_line(UNDO.cli)}` brings this back)?"
         )
-        if not typer.confirm(question, default=not purge, err=True):
+        if not ask(question, default=not purge):
             declined = "Nothing was changed: you answered no."
             if as_json:  # every exit with --json prints one object
                 json_line({"error": declined})

@@ -199,6 +199,26 @@ def with_stdin(paths: list[Path]) -> list[Path]:
     return expanded
 
 
+def ask(question: str, *, default: bool) -> bool:
+    """A yes/no question to the person at the terminal, asked on stderr: stdout carries
+    results alone (click's confirm writes its prompt's last space to stdout, in front of
+    the JSON). Ctrl-C or the end of input (Ctrl-D) is typer.Abort, as with click."""
+    while True:
+        sys.stderr.write(f"{question} [{'Y/n' if default else 'y/N'}]: ")
+        sys.stderr.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
+        if not line:
+            sys.stderr.write("\n")  # the line the answer would have ended
+            raise typer.Abort()
+        answer = line.strip().lower()
+        if answer in ("y", "yes", "n", "no", ""):
+            return answer.startswith("y") if answer else default
+        sys.stderr.write("Error: invalid input\n")
+
+
 def bounded(low: float, high: float, *, above: bool = False) -> Callable[[str], float]:
     """The parser of a number option the API bounds: a value it would refuse (NaN, 1e400,
     which is inf, or one past the bounds) is a usage error here, not an error of the

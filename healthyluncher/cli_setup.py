@@ -14,6 +14,7 @@ from healthyluncher.cli_app import (
     Optimizer,
     Preset,
     app,
+    ask,
     backup_target,
     bounded,
     file_path,
@@ -280,9 +281,7 @@ def _ask_to_keep(ctx: typer.Context) -> bool | None:
     """Offer to keep an existing personalization, when a person is at the terminal."""
     if not sys.stdin.isatty() or not luncher(ctx).personalized:
         return None
-    return typer.confirm(
-        "Keep your personalization on the new base (retrain it there)?", default=True, err=True
-    )
+    return ask("Keep your personalization on the new base (retrain it there)?", default=True)
 
 
 @app.command("export")

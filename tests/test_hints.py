@@ -3,6 +3,7 @@ user named, and work there."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Iterator
@@ -142,3 +143,29 @@ def test_the_question_of_reset_at_a_terminal_names_the_models_directory_given(
     code, out, err = _answered_at_a_terminal(b"y\n", "--models-dir", str(elsewhere), "reset")
     assert code == 0, err
     assert f"(`luncher --models-dir {shlex.quote(str(elsewhere))} undo` brings" in err.decode()
+
+
+@pytest.mark.parametrize("answer", [b"y\n", b"n\n"])
+def test_stdout_is_exactly_the_json_object_after_a_question(answer, run, pt_model, photos):
+    """`luncher reset --json` at a terminal: click wrote the space after the question's
+    colon to stdout (`input(" ")`), so the JSON line began with ' '. Questions and prompts
+    go to stderr; stdout carries the object alone."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    code, out, err = _answered_at_a_terminal(answer, "reset", "--json")
+    assert code == (0 if answer == b"y\n" else 1), err
+    [line] = out.decode().splitlines(keepends=True)
+    assert line == json.dumps(json.loads(line), ensure_ascii=False) + "\n", out
+    assert err.decode().startswith("Predict with the base model again"), err
+
+
+def test_the_question_of_make_updatable_keeps_stdout_to_the_json(run, pt_model, photos):
+    """`luncher make-updatable NEW.onnx --json` with a personalization, at a terminal,
+    asks whether to keep it: that question's prompt put a space in front of the JSON."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    code, out, err = _answered_at_a_terminal(b"n\n", "make-updatable", str(pt_model), "--json")
+    assert code == 0, err
+    assert err.decode().startswith("Keep your personalization on the new base"), err
+    [line] = out.decode().splitlines(keepends=True)
+    assert line.startswith("{") and json.loads(line)["dropped_personalization"] is True, out
