@@ -47,9 +47,11 @@ MAKE_UPDATABLE_KEEPING = Command(
     "luncher make-updatable MODEL.onnx --keep-personalization",
     "healthyluncher.make_updatable(model, keep_personalization=True)",
 )
+# A base of your own labels in place of the current one (whatever it is: `force`), which
+# stays an undo away with its personalization.
 MAKE_UPDATABLE_EXAMPLES = Command(
-    "luncher make-updatable MODEL.onnx --examples DIR",
-    "healthyluncher.make_updatable(model, examples=...)",
+    "luncher make-updatable MODEL.onnx --examples DIR --force",
+    "healthyluncher.make_updatable(model, examples=..., force=True)",
 )
 
 # A message in parts: text, and the API parameters and commands it names.

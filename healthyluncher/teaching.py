@@ -121,7 +121,9 @@ def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
                 f"{old!r} is a class of the base model; only labels you added can be renamed "
                 "(make a base with your own labels with ",
                 make_updatable_command(store.root, MAKE_UPDATABLE_EXAMPLES),
-                ")",
+                "; ",
+                UNDO,
+                " brings this one back)",
             )
         if any(label_key(new) == label_key(label) for label in labels):
             raise LuncherError(f"{new!r} is already a label")

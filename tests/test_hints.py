@@ -169,3 +169,33 @@ def test_the_question_of_make_updatable_keeps_stdout_to_the_json(run, pt_model, 
     assert err.decode().startswith("Keep your personalization on the new base"), err
     [line] = out.decode().splitlines(keepends=True)
     assert line.startswith("{") and json.loads(line)["dropped_personalization"] is True, out
+
+
+@pytest.mark.parametrize("personal", [False, True], ids=["base alone", "personalized"])
+def test_the_hint_to_make_a_base_with_your_labels_works_as_written(
+    personal, run, pt_model, photos, tmp_path, elsewhere
+):
+    """`labels rename healthy salad` (a class of the base) says to make a base with your
+    own labels with `luncher make-updatable MODEL.onnx --examples DIR`. Followed as
+    written on a base that is not the shipped one, it was refused: 'a base model is already
+    set up ...; use --keep-personalization ... or --force'."""
+    at = ("--models-dir", elsewhere)
+    assert run(*at, "make-updatable", pt_model).code == 0
+    if personal:
+        assert run(*at, "retrain", "--label", "pancakes", "--new-label", photos["red"][0]).code == 0
+    lunches = tmp_path / "lunches"
+    for label, colour in (("salad", "green"), ("fast_food", "red")):
+        (lunches / label).mkdir(parents=True)
+        for photo in photos[colour]:
+            (lunches / label / photo.name).write_bytes(photo.read_bytes())
+    line = one_line_error(run(*at, "labels", "rename", "healthy", "salad"))
+    commands = suggested(line, elsewhere)
+    assert sorted(commands) == ["make-updatable MODEL.onnx --examples DIR --force", "undo"]
+    words = commands["make-updatable MODEL.onnx --examples DIR --force"]
+    fill = {"MODEL.onnx": str(pt_model), "DIR": str(lunches)}
+    result = run(*[fill.get(word, word) for word in words])  # as written
+    assert result.code == 0, result
+    assert sorted(personalized(run, elsewhere)["labels"]) == ["fast_food", "salad"]
+    assert run(*at, "undo").code == 0  # what it replaced is one undo away
+    labels = ["fast_food", "healthy", "pancakes"] if personal else ["fast_food", "healthy"]
+    assert sorted(personalized(run, elsewhere)["labels"]) == labels

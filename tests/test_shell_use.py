@@ -187,10 +187,10 @@ def test_the_command_that_sets_up_a_base_names_the_models_directory(
 
 
 def _suggested(result: object, elsewhere: Path, **placeholders: Path) -> list[str]:
-    """The `luncher ...` command a one-line error suggests, as arguments with its
+    """The `luncher ...` command a one-line error suggests first, as arguments with its
     placeholders (MODEL.onnx, DIR) filled in; it must name the models directory."""
     line = one_line_error(result)
-    [command] = re.findall(r"`(luncher [^`]*)`", line)
+    command, *_ = re.findall(r"`(luncher [^`]*)`", line)
     assert command.startswith(f"luncher --models-dir {shlex.quote(str(elsewhere))} "), line
     fill = {name.replace("_", "."): str(path) for name, path in placeholders.items()}
     return [fill.get(word, word) for word in shlex.split(command)[1:]]
@@ -243,7 +243,7 @@ def test_the_hint_to_make_a_base_with_your_labels_names_the_models_directory(
     # Chosen by $LUNCHER_MODELS_DIR, which is still set: the bare command is right.
     monkeypatch.setenv("LUNCHER_MODELS_DIR", str(elsewhere))
     line = one_line_error(run("labels", "rename", "fast_food", "burgers"))
-    assert "`luncher make-updatable MODEL.onnx --examples DIR`" in line, line
+    assert "`luncher make-updatable MODEL.onnx --examples DIR --force`" in line, line
 
 
 @pytest.mark.parametrize("command", ["export", "import"])
