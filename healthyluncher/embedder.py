@@ -183,7 +183,7 @@ class Embedder:
                 self._session = inference_session(self.base.path / Files.FROZEN)
             except LuncherError as exc:  # as predict says of a damaged base model
                 raise LuncherError(
-                    f"the base model in {self.base.path} is damaged ({exc}); make it again with ",
+                    f"the base model in {self.base.path} is damaged: {exc}; make it again with ",
                     make_updatable_command(self.base.path.parent, MAKE_UPDATABLE_KEEPING),
                 ) from None
 

@@ -64,12 +64,12 @@ class Predictor:
         except LuncherError as exc:
             if not self.model.personalized:
                 raise LuncherError(
-                    f"the base model in {self.model.path.parent} is damaged ({exc}); make it "
+                    f"the base model in {self.model.path.parent} is damaged: {exc}; make it "
                     "again with ",
                     make_updatable_command(base.path.parent, MAKE_UPDATABLE_KEEPING),
                 ) from None
             raise LuncherError(
-                f"the personalized model in {self.model.path.parent} is damaged ({exc}); ",
+                f"the personalized model in {self.model.path.parent} is damaged: {exc}; ",
                 *GO_BACK,
                 " (",
                 PREDICT_BASE,

@@ -17,7 +17,13 @@ from healthyluncher import child, graph
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.photos import find_images
-from healthyluncher.runtime import MAX_IR_VERSION, pad_batch, root_logging_kept, runtime
+from healthyluncher.runtime import (
+    MAX_IR_VERSION,
+    ort_text,
+    pad_batch,
+    root_logging_kept,
+    runtime,
+)
 from healthyluncher.settings import Preprocessing
 
 # MinMax calibration keeps each activation's extreme values: a couple of hundred photos
@@ -203,8 +209,7 @@ def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -
     except LuncherError:
         raise
     except Exception as exc:  # the quantizer raises anything from ValueError to ORT's Fail
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
+        reason = ort_text(exc) or type(exc).__name__
         raise LuncherError(f"cannot quantize the frozen part to int8: {reason}") from exc
     if quantized.ir_version > MAX_IR_VERSION:
         quantized.ir_version = MAX_IR_VERSION

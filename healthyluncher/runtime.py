@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -209,8 +210,51 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own untyped errors for unloadable models
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LuncherError(f"ONNX Runtime cannot load the model: {first_line}") from exc
+        name = model.name if isinstance(model, Path) else "the model"
+        raise LuncherError(model_problem(exc, name)) from exc
+
+
+# ONNX Runtime's exception text: "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model
+# from /x/model.onnx failed:Protobuf parsing failed.", often with the C++ source and
+# signature that raised it ("/onnxruntime_src/.../model.cc:165 onnxruntime::Model::Model(
+# onnx::ModelProto&&, ...) ModelProto does not have a graph.").
+_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : (\w+) : ")
+_SOURCE = re.compile(r"\S+\.(?:cc|h|cpp):\d+ (?:[^()]*\([^()]*\)(?: const)? )?")
+_PREAMBLE = re.compile(
+    r"Load model from .* failed:|Exception during initialization: |Failed to load model with "
+    r"error: "
+)
+
+
+def ort_text(exc: BaseException) -> str:
+    """ONNX Runtime's exception on one line without its status code and C++ sources: what
+    is left of its first line ("" when nothing is)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return _SOURCE.sub("", _PREAMBLE.sub("", _STATUS.sub("", line))).strip()
+
+
+def model_problem(exc: BaseException, name: str) -> str:
+    """What ONNX Runtime's exception says is wrong with the model `name` (a file's name,
+    or "the model") that it cannot load, in plain words on one line."""
+    text = " ".join(str(exc).split())
+    codes = _STATUS.findall(text)
+    if "INVALID_PROTOBUF" in codes or "does not have a graph" in text or "No graph" in text:
+        return f"{name} is not a valid ONNX file"
+    if "NO_SUCHFILE" in codes:
+        return f"{name} is missing"
+    if "External initializer" in text and "out of bounds" in text:
+        return f"the weights file of {name} is cut short"
+    if missing := re.search(r"No such file or directory \[(.+?)\]", text):
+        return f"the weights file of {name} is missing ({missing[1]})"
+    if op := re.search(r"(\S+?)(?:\(-?\d+\))? is not a registered function/op", text):
+        return f"{name} uses the op {op[1]}, which ONNX Runtime does not have"
+    if op := re.search(r"Could not find an implementation for (\w+)\((\d+)\)", text):
+        return f"ONNX Runtime has no kernel for the op {op[1]} (opset {op[2]}) of {name}"
+    detail = ort_text(exc)
+    if not detail or "::" in detail:  # a C++ signature it was not written for
+        detail = codes[-1].lower().replace("_", " ") if codes else type(exc).__name__
+    return f"ONNX Runtime cannot load {name}: {detail}"
 
 
 def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:

@@ -9,10 +9,13 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import healthyluncher
 from healthyluncher import segments
+from healthyluncher.runtime import inference_session
 from healthyluncher.store import Files, ModelStore
 from tests.conftest import one_line_error
 from tests.test_shell_use import _answered_at_a_terminal
@@ -199,3 +202,76 @@ def test_the_hint_to_make_a_base_with_your_labels_works_as_written(
     assert run(*at, "undo").code == 0  # what it replaced is one undo away
     labels = ["fast_food", "healthy", "pancakes"] if personal else ["fast_food", "healthy"]
     assert sorted(personalized(run, elsewhere)["labels"]) == labels
+
+
+WHICH = {"base": "the base model", "personal": "the personalized model"}
+# ONNX Runtime's own words: status codes, C++ sources and signatures.
+ORT_TEXT = ("ONNXRuntimeError", "INVALID_PROTOBUF", "RUNTIME_EXCEPTION", ".cc:", ".h:", "::")
+
+
+@pytest.mark.parametrize(
+    ("which", "damage", "command", "says"),
+    [
+        ("base", Files.MODEL, "predict --base", "model.onnx is not a valid ONNX file"),
+        ("base", Files.FROZEN, "retrain", "frozen.onnx is not a valid ONNX file"),
+        ("base", Files.MODEL_DATA, "predict --base", "the weights file of model.onnx is cut short"),
+        ("personal", Files.MODEL, "predict", "model.onnx is not a valid ONNX file"),
+        ("personal", Files.MODEL_DATA, "predict", "the weights file of model.onnx is cut short"),
+    ],
+)
+def test_a_damaged_model_file_is_one_plain_line_that_says_how_to_fix_it(
+    which, damage, command, says, run, pt_model, photos, models_dir
+):
+    """'the base model in X is damaged (ONNX Runtime cannot load the model:
+    [ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X/model.onnx
+    failed:Protobuf parsing failed.)': ONNX Runtime's text, not what is wrong."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    store = ModelStore(models_dir)
+    folder = store.base_dir() if which == "base" else store.personal_dir()
+    assert folder is not None
+    path = folder / damage
+    path.write_bytes(b"torn" if damage.endswith(".onnx") else path.read_bytes()[:10])
+    args = [*command.split(), *(["--label", "fast_food"] if command == "retrain" else [])]
+    damaged = f"{WHICH[which]} in {folder} is damaged: {says}; "
+    line = one_line_error(run(*args, photos["red"][1]), damaged)
+    assert not [text for text in ORT_TEXT if text in line], line
+    fix = "`luncher make-updatable MODEL.onnx --keep-personalization`"
+    assert line.endswith(fix if which == "base" else "(`luncher predict --base` still works)")
+
+
+def _graph(node: onnx.NodeProto, input_type: int = TensorProto.FLOAT, opset: int = 13) -> bytes:
+    x = helper.make_tensor_value_info("x", input_type, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("my.domain", 1)]
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=opsets)
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        (b"torn", "the model is not a valid ONNX file"),
+        (b"", "the model is not a valid ONNX file"),
+        (
+            _graph(helper.make_node("Foo", ["x"], ["y"], domain="my.domain")),
+            "the model uses the op my.domain:Foo, which ONNX Runtime does not have",
+        ),
+        (
+            _graph(helper.make_node("Softmax", ["x"], ["y"]), TensorProto.INT64),
+            "ONNX Runtime cannot load the model: This is an invalid model. Type Error: ",
+        ),
+        (
+            _graph(helper.make_node("Relu", ["x"], ["y"]), opset=99),
+            "ONNX Runtime cannot load the model: ONNX Runtime only *guarantees* support",
+        ),
+    ],
+    ids=["torn", "empty", "unknown op", "type error", "opset 99"],
+)
+def test_a_model_onnx_runtime_cannot_load_is_named_in_plain_words(model, says):
+    with pytest.raises(healthyluncher.LuncherError) as caught:
+        inference_session(model)
+    message = str(caught.value)
+    assert message.startswith(says) and "\n" not in message, message
+    assert not [text for text in ORT_TEXT if text in message], message

@@ -273,8 +273,8 @@ def test_a_quantization_failure_keeps_the_previous_base(
     # In this process (where no child Python can be started), for the failure above.
     monkeypatch.setattr(child, "python", lambda: None)
     result = run("make-updatable", pt_model, "--force", "--int8", "--calibration", calibration)
-    one_line_error(result, "cannot quantize the frozen part to int8", "no kernel")
-    assert "second line" not in result.stderr
+    one_line_error(result, "cannot quantize the frozen part to int8: no kernel")
+    assert "second line" not in result.stderr and "ONNXRuntimeError" not in result.stderr
     assert state_of(models_dir) == before_state
     assert probabilities(run, *photos["red"]) == before
     assert not [p for p in models_dir.iterdir() if p.name.startswith(".staging-")]
