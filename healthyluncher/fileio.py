@@ -89,9 +89,18 @@ def remove_empty_folders(parent: Path) -> None:
             os.rmdir(folder)
 
 
+def parse_json(text: str | bytes) -> Any:
+    """json.loads, with nesting too deep for the decoder's recursion (100,000 brackets in a
+    hostile file) a ValueError like any other malformed JSON, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+
+
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return parse_json(path.read_text())
     except FileNotFoundError:
         raise
     except OSError as exc:  # another user's 0600 file is unreadable, not damaged

@@ -736,3 +736,99 @@ def test_weights_too_large_to_score_with_are_refused(run, archive, tmp_path, mod
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's about the overflow stays in the library
         refused(run, hostile, models_dir, "weights")
+
+
+def _examples_of(archive: Path) -> dict[str, np.ndarray]:
+    with tarfile.open(archive, "r:gz") as tar:
+        source = tar.extractfile("examples.npz")
+        assert source is not None
+        with np.load(io.BytesIO(source.read())) as data:
+            return {name: data[name] for name in data.files}
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.int8], ids=["complex", "int8"])
+def test_head_inputs_that_are_not_floating_point_are_refused(
+    run, archive, tmp_path, models_dir, dtype
+):
+    """Complex head inputs were imported with their imaginary part dropped, and numpy's
+    ComplexWarning printed in the middle of the output; integers were imported as if
+    they were features."""
+    arrays = _examples_of(archive)
+    arrays["inputs"] = arrays["inputs"].astype(dtype)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_examples(buffer.getvalue()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        refused(run, hostile, models_dir, "examples.npz is damaged")
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "meta.json"])
+def test_json_nested_too_deeply_is_refused_in_one_line(run, archive, tmp_path, models_dir, which):
+    """100,000 nested brackets gave 'unexpected RecursionError' from the JSON decoder."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    if which == "manifest.json":
+        hostile = edited(archive, tmp_path / "h.tar.gz", lambda m: [regular(which, deep), *m[1:]])
+    else:
+        hostile = edited(archive, tmp_path / "h.tar.gz", with_file(which, deep))
+    refused(run, hostile, models_dir, which, "damaged", "nested too deeply")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("trainable_params", 5),
+        ("labels", 7),
+        ("labels", [["healthy"]]),
+        ("split_tensor", {"a": 1}),
+        ("preprocessing", "imagenet"),
+        ("name", ["x"]),
+    ],
+)
+def test_a_base_description_of_the_wrong_type_is_refused(
+    run, archive, tmp_path, models_dir, key, value
+):
+    """A manifest whose base had trainable_params 5 gave 'unexpected TypeError: 'int'
+    object is not iterable'."""
+
+    def edit(content: list[Member]) -> list[Member]:
+        return [with_manifest(content, lambda m: m["base"].update({key: value})), *content[1:]]
+
+    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+    refused(run, hostile, models_dir, "manifest.json", "base", key)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "pipe", "device"])
+def test_an_archive_that_is_not_a_regular_file_is_refused_without_waiting(
+    archive, tmp_path, models_dir, kind
+):
+    """A named pipe with no writer made `luncher import` wait forever (in open), and a pipe
+    (`import <(cat backup.tar.gz)`) was called 'cannot write to the models directory: File
+    or stream is not seekable'."""
+    import os
+    import subprocess
+    import sys
+
+    before = tree(models_dir)
+    if kind == "fifo":
+        path = tmp_path / "backup.fifo"
+        os.mkfifo(path)
+        command = [sys.executable, "-m", "healthyluncher", "import", str(path)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    elif kind == "pipe":
+        feed = subprocess.Popen(["cat", str(archive)], stdout=subprocess.PIPE)
+        assert feed.stdout is not None
+        number = feed.stdout.fileno()
+        command = [sys.executable, "-m", "healthyluncher", "import", f"/dev/fd/{number}"]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=30, check=False, pass_fds=[number]
+        )
+        feed.stdout.close()
+        feed.wait()
+    else:
+        command = [sys.executable, "-m", "healthyluncher", "import", "/dev/zero"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done
+    assert "not a regular file" in lines[0] and "nothing was imported" in lines[0], lines
+    assert tree(models_dir) == before
