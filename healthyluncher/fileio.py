@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -178,6 +179,32 @@ def fsync_tree(root: Path) -> None:
         thread.join()
     if errors:
         raise errors[0]
+
+
+# The file a working folder's owner holds locked while it uses the folder.
+FOLDER_OWNER = ".owner"
+
+
+@contextlib.contextmanager
+def owned_folder(path: Path, *, mode: int = 0o777) -> Iterator[Path]:
+    """A new working folder, held by this process (an advisory lock on its owner file)
+    while the block runs, and removed on leaving. One that a killed process leaves is
+    `abandoned`, for whoever cleans up to remove."""
+    try:
+        path.mkdir(mode=mode)
+        with exclusive_lock(path / FOLDER_OWNER, timeout=0, busy=f"{path} is in use"):
+            yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def abandoned(folder: Path) -> bool:
+    """A working folder that no process holds (its owner was killed)."""
+    try:
+        with exclusive_lock(folder / FOLDER_OWNER, timeout=0, busy="in use"):
+            return True
+    except LuncherError:
+        return False
 
 
 # Seconds of waiting for a lock after which the waiting process says so.

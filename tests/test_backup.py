@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import tarfile
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -284,7 +283,7 @@ def test_a_full_or_read_only_scratch_directory_is_one_line(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def scratch_full(path: Path, *args: object, **kwargs: object) -> None:
-        if path.name.startswith(".scratch-"):
+        if path.name.startswith((".scratch-", exporting.SCRATCH_PREFIX)):
             raise OSError(errno.EROFS, "Read-only file system")
         mkdir(path, *args, **kwargs)
 
@@ -295,13 +294,13 @@ def test_a_full_or_read_only_scratch_directory_is_one_line(
             patch.setattr(exporting, "save_examples", full)
             says = [f"cannot write {target}", "No space left"]
         elif where == "export scratch":
-            patch.setattr(tempfile, "mkdtemp", full)
-            says = [f"cannot write {target}", "No space left"]
+            patch.setattr(Path, "mkdir", scratch_full)
+            says = [f"cannot write {target}", "Read-only file system"]
         else:
             patch.setattr(Path, "mkdir", scratch_full)
         one_line_error(run(*command), *says)
     assert tree(models_dir) == before
-    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".b")] == []
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
     assert not target.exists()
     assert run(*command).code == 0
 
