@@ -253,8 +253,11 @@ class ModelStore:
         self.ensure_exists()
         path = self.root / f".scratch-{uuid.uuid4().hex[:12]}"
         try:
-            # Held while in use: a writer's cleanup then leaves the directory alone.
-            with fileio.owned_folder(path):
+            with contextlib.ExitStack() as held:
+                # Held while in use: a writer's cleanup then leaves the directory alone. It
+                # is made and taken under the writers' lock, so that no cleanup runs between.
+                with self.lock():
+                    held.enter_context(fileio.owned_folder(path))
                 yield path
         except OSError as exc:  # a full disk or a read-only directory, as in `staging`
             raise self._cannot_write(exc) from None

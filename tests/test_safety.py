@@ -312,3 +312,39 @@ def test_killed_exports_leave_nothing_that_accumulates_beside_the_archive(
     assert [path.name for path in out.iterdir()] == ["c.tar.gz"]
     assert run("export", out / "b.tar.gz").code == 0
     assert sorted(path.name for path in out.iterdir()) == ["b.tar.gz", "c.tar.gz"]
+
+
+def test_a_writer_cleaning_up_never_removes_an_import_scratch_as_it_is_made(
+    run, pt_model, photos, models_dir, tmp_path, monkeypatch
+):
+    """A writer's cleanup (any retrain, in another process) removes scratch directories
+    that no import holds. An import made its scratch directory and only then took hold of
+    it: a cleanup in between removed it, and the import failed ('cannot open the lock
+    file ...'). The directory is now made and held under the writers' lock."""
+    from healthyluncher.errors import LuncherError
+    from healthyluncher.fileio import exclusive_lock
+    from healthyluncher.store import ModelStore
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    archive = tmp_path / "b.tar.gz"
+    assert run("export", archive).code == 0
+    store = ModelStore(models_dir)
+    mkdir = Path.mkdir
+    cleanups = []
+
+    def mkdir_then_a_writer_cleans_up(path: Path, *args, **kwargs) -> None:
+        made = not path.exists()
+        mkdir(path, *args, **kwargs)
+        if made and path.name.startswith(".scratch-"):
+            try:  # another process's writer, at this very moment, if it gets the lock
+                with exclusive_lock(models_dir / ".lock", timeout=0, busy="busy"):
+                    store.collect_garbage(store.read_state())
+                    cleanups.append(path)
+            except LuncherError:
+                pass  # it waits for the lock: after the import, or before this mkdir
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_a_writer_cleans_up)
+    result = run("import", archive)
+    assert result.code == 0, result
+    assert cleanups == []
