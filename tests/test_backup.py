@@ -831,3 +831,34 @@ def test_an_archive_that_is_not_a_regular_file_is_refused_without_waiting(
     assert done.returncode == 1 and len(lines) == 1, done
     assert "not a regular file" in lines[0] and "nothing was imported" in lines[0], lines
     assert tree(models_dir) == before
+
+
+def test_two_labels_that_differ_only_in_unicode_form_are_refused(
+    run, archive, tmp_path, models_dir
+):
+    """A composed 'café' and 'cafe' with a combining accent are one label everywhere
+    (`retrain --label`, `labels rename`), but meta.json's check compared the text: an
+    archive with both was imported, and the second could be neither named nor removed."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+
+    def edit(content: list[Member]) -> list[Member]:
+        files = {info.name: data for info, data in content}
+        meta = json.loads(files["meta.json"])
+        meta["labels"] = [*meta["labels"][:-1], composed, decomposed]
+        meta["examples_per_label"] = {composed: 1, decomposed: 1}
+        arrays = _examples_of(archive)
+        arrays["labels"] = np.array(
+            [composed if i % 2 else decomposed for i in range(len(arrays["labels"]))]
+        )
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with np.load(io.BytesIO(files["weights.npz"])) as data:  # a row for the fourth
+            weights = {name: np.concatenate([data[name], data[name][-1:]]) for name in data}
+        grown = io.BytesIO()
+        np.savez(grown, **weights)
+        content = with_file("meta.json", json.dumps(meta).encode())(content)
+        content = with_file("weights.npz", grown.getvalue())(content)
+        return with_examples(buffer.getvalue())(content)
+
+    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+    refused(run, hostile, models_dir, "meta.json is damaged", "unique")
