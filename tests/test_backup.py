@@ -862,3 +862,30 @@ def test_two_labels_that_differ_only_in_unicode_form_are_refused(
 
     hostile = edited(archive, tmp_path / "h.tar.gz", edit)
     refused(run, hostile, models_dir, "meta.json is damaged", "unique")
+
+
+@pytest.mark.parametrize("hostile", ["fifo", "deep manifest", "base of the wrong type"])
+def test_the_api_refuses_hostile_archives_with_its_own_error(
+    archive, tmp_path, models_dir, hostile
+):
+    """`Luncher.import_backup` raised RecursionError and TypeError, and waited forever on a
+    named pipe, where the command line now says one line: the API raises LuncherError."""
+    import os
+
+    if hostile == "fifo":
+        path = tmp_path / "backup.fifo"
+        os.mkfifo(path)
+    elif hostile == "deep manifest":
+        deep = regular("manifest.json", b"[" * 100_000 + b"]" * 100_000)
+        path = edited(archive, tmp_path / "h.tar.gz", lambda m: [deep, *m[1:]])
+    else:
+
+        def edit(content: list[Member]) -> list[Member]:
+            change = lambda m: m["base"].update(trainable_params=5)  # noqa: E731
+            return [with_manifest(content, change), *content[1:]]
+
+        path = edited(archive, tmp_path / "h.tar.gz", edit)
+    before = tree(models_dir)
+    with pytest.raises(healthyluncher.LuncherError, match="nothing was imported"):
+        healthyluncher.open(str(models_dir)).import_backup(path)
+    assert tree(models_dir) == before
