@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import re
-import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ from healthyluncher.backupchecks import (
     refuse,
 )
 from healthyluncher.errors import LuncherError
-from healthyluncher.fileio import parse_json
+from healthyluncher.fileio import open_regular, parse_json
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.records import Examples, Personal, load_examples, load_weights, taught_entries
 from healthyluncher.store import Files
@@ -146,7 +144,7 @@ def read_backup(archive: Path, scratch: Path) -> Backup:
 
 def _unpack(archive: Path, scratch: Path) -> tuple[dict[str, Any], dict[str, _Unpacked]]:
     """Stream the archive's files into `scratch`, refusing anything but allowed regular files."""
-    with _open_regular(archive) as handle:
+    with open_regular(archive, "a backup") as handle:
         if handle.read(2) != b"\x1f\x8b":
             raise refuse(archive, "not a luncher backup (not a gzip-compressed tar archive)")
         handle.seek(0)
@@ -160,31 +158,6 @@ def _unpack(archive: Path, scratch: Path) -> tuple[dict[str, Any], dict[str, _Un
             raise
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
             raise _corrupt(archive, exc) from None
-
-
-def _open_regular(archive: Path) -> IO[bytes]:
-    """The archive opened for reading, if it is a regular file: a named pipe without a
-    writer would block the open forever (O_NONBLOCK: it does not), and a pipe or a device
-    cannot be read twice or has no end."""
-    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX
-    try:
-        fd = os.open(archive, os.O_RDONLY | nonblocking)
-    except FileNotFoundError:
-        raise LuncherError(f"{archive}: no such file") from None
-    except IsADirectoryError:
-        raise LuncherError(f"{archive}: is a directory, not a backup") from None
-    except OSError as exc:
-        raise LuncherError(f"{archive}: cannot read: {exc.strerror or exc}") from None
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISDIR(mode):  # where open() allows a directory (Windows does not)
-        os.close(fd)
-        raise LuncherError(f"{archive}: is a directory, not a backup")
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise refuse(archive, "not a regular file (a pipe or a device); give the backup file")
-    if nonblocking:
-        os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
 
 
 def _unpack_members(

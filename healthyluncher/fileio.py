@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from healthyluncher.errors import DamagedError, LuncherError
 
@@ -119,24 +119,40 @@ FSYNC_THREADS = 8
 MAX_MODEL_BYTES = 4 * 2**30
 
 
-def read_model_file(path: Path) -> bytes:
-    """The model file's bytes; a pipe, a device or a huge file is refused before reading
-    (a FIFO would block forever and /dev/zero fill the memory)."""
+def open_regular(path: Path, kind: str) -> IO[bytes]:
+    """`path` opened for reading if it is a regular file, else a LuncherError that calls
+    what it should be `kind` ("a backup"): a named pipe without a writer would block the
+    open forever (O_NONBLOCK: it does not), and a pipe or a device may never end."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError
-        if not stat.S_ISREG(info.st_mode):
-            raise LuncherError(f"{path}: not a regular file, not an ONNX model")
-        if info.st_size > MAX_MODEL_BYTES:
-            raise LuncherError(f"{path}: {info.st_size / 2**30:.1f} GiB is too large a model")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | nonblocking)
     except FileNotFoundError:
         raise LuncherError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise LuncherError(f"{path}: is a directory, not an ONNX model") from None
+        raise LuncherError(f"{path}: is a directory, not {kind}") from None
     except OSError as exc:
-        raise LuncherError(f"{path}: cannot read: {exc.strerror}") from None
+        raise LuncherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise LuncherError(f"{path}: {what}, not {kind}")
+    if nonblocking:
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_model_file(path: Path) -> bytes:
+    """The model file's bytes; a pipe, a device or a huge file is refused before reading
+    (a FIFO would block forever and /dev/zero fill the memory)."""
+    with open_regular(path, "an ONNX model") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_MODEL_BYTES:
+            raise LuncherError(f"{path}: {size / 2**30:.1f} GiB is too large a model")
+        try:
+            return handle.read()
+        except OSError as exc:
+            raise LuncherError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 def fsync_tree(root: Path) -> None:
