@@ -12,7 +12,8 @@ base) on a models directory set up from the shipped base, sends it SIGKILL after
 between the start-up and the end of that command (as timed on an uninterrupted run): a
 random one (`--trials`), or `--sweep N` evenly spaced ones per command. It checks the same
 things as the test suite: the old or the new state, exactly; no example without its
-thumbnail; `predict` works; after the next command, nothing left over. An export must
+thumbnail; `predict` works and gives the old or the new probabilities; after the next
+command, nothing left over. An export must
 leave either no archive or a complete one, and after the next export nothing beside it.
 
 `--concurrent N` starts two commands at once (two retrains, a retrain during an import,
@@ -114,6 +115,14 @@ def start(models_dir: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def predictions(models_dir: Path, probes: list[Path]) -> np.ndarray:
+    """What the models directory says about the probe photos, label by label."""
+    import healthyluncher
+
+    found = healthyluncher.open(str(models_dir)).predict(probes)
+    return np.array([[p.probabilities[x] for x in sorted(p.probabilities)] for p in found])
+
+
 class World:
     """The starting models directory, the inputs of every command, and their outcomes."""
 
@@ -134,7 +143,9 @@ class World:
             "backup": [str(self.backup)],
             "other_model": [str(pytorch_style(work / "other.onnx", seed=5))],
         }
+        self.probes = [self.red[0], self.green[1], self.soup[0]]
         self.before = _snapshot(self.start)
+        self.predicted = {self.before: predictions(self.start, self.probes)}
         # Each command once, to its end: the new state, and how long it takes.
         self.outcome: dict[str, tuple[tuple[Any, ...], float]] = {}
         for name in COMMANDS:
@@ -144,6 +155,7 @@ class World:
             done = luncher(clean, *self.argv(name, clean.parent / "export.tar.gz"), check=False)
             assert done.returncode == 0, (name, done.stderr)
             self.outcome[name] = (_snapshot(clean), time.perf_counter() - began)
+            self.predicted[self.outcome[name][0]] = predictions(clean, self.probes)
         # Starting Python and importing take a good part of each command, and a kill then
         # proves little: the kills fall between the start-up (measured with `status`,
         # which only imports and reads) and the end of the command.
@@ -202,6 +214,10 @@ def killed_trial(world: World, name: str, delay: float, models: Path) -> str:
         if name == "forget" and state == after:
             forgotten = {digest_of(probe.read_bytes())}
         _check_cleaned(models, forgotten)
+        now, expected = predictions(models, world.probes), world.predicted[state]
+        assert now.shape == expected.shape and np.allclose(now, expected, atol=1e-6), (
+            f"predictions {now.round(4).tolist()}, not {expected.round(4).tolist()}"
+        )
         return "old" if state == world.before else "new"
     except AssertionError as exc:
         return f"FAILED: {exc}"
