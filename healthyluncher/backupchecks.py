@@ -5,7 +5,9 @@ description of the base it was made with."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -67,11 +69,44 @@ def load_meta(archive: Path, path: Path) -> PersonalMeta:
         raise refuse(archive, f"meta.json is damaged ({type(exc).__name__}: {exc})") from None
 
 
+# An .npz of a backup holds a few arrays (examples.npz 4, weights.npz one per trained
+# tensor). zipfile reads a zip's whole directory into memory before anything can be
+# checked, and a directory that names one stored array over and over costs a few bytes an
+# entry, far less once gzipped: the directory is measured from its end record first.
+MAX_NPZ_ENTRIES = 1024
+_END = b"PK\x05\x06"  # the end of central directory record
+_END_SIZE = 22
+_ZIP64_LOCATOR = b"PK\x06\x07"
+
+
+def _directory_entries(path: Path) -> int:
+    """How many entries the zip file's directory holds, as its end record says, found as
+    zipfile finds it (at the end, else the last one within a comment's reach); more than
+    any limit for a zip64 directory (a backup's arrays never need one). ValueError when
+    there is no end record."""
+    with path.open("rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - _END_SIZE - 0xFFFF - 20))  # 20: a zip64 locator before
+        tail = handle.read()
+    at = len(tail) - _END_SIZE
+    if not (at >= 0 and tail[at : at + 4] == _END and tail[-2:] == b"\0\0"):
+        at = tail.rfind(_END)
+    if at < 0 or len(tail) - at < _END_SIZE:
+        raise ValueError("not a zip file")
+    if at >= 20 and tail[at - 20 : at - 16] == _ZIP64_LOCATOR:
+        return 1 << 62
+    entries, directory_bytes = struct.unpack("<HI", tail[at + 10 : at + 16])
+    # 46 bytes per entry at the least: a directory larger than its count says is refused too.
+    return max(int(entries), int(directory_bytes) // 46)
+
+
 def load_npz(archive: Path, path: Path, load: Callable[[], T]) -> T:
     """Check an .npz before numpy reads it: stored (not compressed) members only, each no
     larger than its header declares, so a small file cannot unpack to a huge array."""
     name = path.name
     try:
+        if _directory_entries(path) > MAX_NPZ_ENTRIES:
+            raise refuse(archive, f"{name} lists more entries than a backup's arrays")
         with zipfile.ZipFile(path) as bundle:
             for info in bundle.infolist():
                 if info.compress_type != zipfile.ZIP_STORED:

@@ -8,6 +8,7 @@ import io
 import json
 import tarfile
 import warnings
+import zipfile as zipfile_module
 from collections.abc import Callable
 from pathlib import Path
 
@@ -889,3 +890,34 @@ def test_the_api_refuses_hostile_archives_with_its_own_error(
     with pytest.raises(healthyluncher.LuncherError, match="nothing was imported|not a backup"):
         healthyluncher.open(str(models_dir)).import_backup(path)
     assert tree(models_dir) == before
+
+
+def _overlapping_entries(npz: bytes, extra: int) -> bytes:
+    """The .npz with `extra` more central-directory entries, each naming its first file
+    again: a few bytes each, and a few KiB once gzip has them."""
+    import struct
+
+    end = npz.rindex(b"PK\x05\x06")
+    (start,) = struct.unpack("<I", npz[end + 16 : end + 20])
+    directory = npz[start:end]
+    first = zipfile_module.ZipFile(io.BytesIO(npz)).infolist()[0]
+    one = directory[: 46 + len(first.filename.encode()) + len(first.extra) + len(first.comment)]
+    count = min(len(zipfile_module.ZipFile(io.BytesIO(npz)).infolist()) + extra, 0xFFFF)
+    directory += one * extra
+    record = struct.pack("<HHHHIIH", 0, 0, count, count, len(directory), start, 0)
+    return npz[:start] + directory + b"PK\x05\x06" + record
+
+
+def test_an_npz_whose_directory_repeats_an_entry_is_refused_before_it_is_read(
+    run, archive, tmp_path, models_dir
+):
+    """An examples.npz whose zip directory named its first array 200,000 times more came
+    from a 38 KB archive, cost 22 s and 200 MB (zipfile reads the directory whole, and each
+    entry was checked), and was imported; the 2 GiB a member may hold makes that hours and
+    tens of GB. The directory's size is now checked from its end record first."""
+    arrays = _examples_of(archive)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    hostile_npz = _overlapping_entries(buffer.getvalue(), 5000)
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_examples(hostile_npz))
+    refused(run, hostile, models_dir, "examples.npz", "more entries")
