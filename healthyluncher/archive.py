@@ -20,21 +20,27 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
-import math
 import re
 import tarfile
-import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import numpy as np
 
+from healthyluncher.backupchecks import (
+    DIGEST,
+    Refused,
+    check_base,
+    check_examples,
+    check_weights,
+    load_meta,
+    load_npz,
+    refuse,
+)
 from healthyluncher.errors import LuncherError
-from healthyluncher.examples import sane_inputs
+from healthyluncher.fileio import open_regular, parse_json
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.records import Examples, Personal, load_examples, load_weights, taught_entries
 from healthyluncher.store import Files
@@ -47,8 +53,6 @@ MANIFEST = "manifest.json"
 ALLOWED_NAME = re.compile(
     r"manifest\.json|meta\.json|weights\.npz|examples\.npz|thumbnails/[0-9a-f]{64}\.jpg"
 )
-DIGEST = re.compile(r"[0-9a-f]{64}")
-
 # Limits on what an archive may unpack to. A year of lunches is a few thousand photos; with
 # a conv feature map as head input, examples.npz of 1000 photos x 8 views is ~500 MiB.
 MAX_MEMBERS = 50_000
@@ -60,8 +64,6 @@ MAX_MANIFEST_BYTES = 16 * 2**20
 HEADER_ALLOWANCE = 2**20
 OVERSIZED_HEADER = "it holds an oversized tar header"
 CHUNK = 2**20
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,6 @@ class Backup:
     examples: Examples
     thumbnails: dict[str, Path]  # digest -> JPEG in `directory`, for the examples' photos
     taught: dict[str, tuple[str, str]]  # digest -> (file name, when taught), as listed
-
-
-class _Refused(LuncherError):
-    pass
-
-
-def refuse(archive: Path, reason: str) -> _Refused:
-    return _Refused(f"{archive}: {reason}; nothing was imported")
 
 
 class _BoundedReader:
@@ -125,19 +119,17 @@ def read_backup(archive: Path, scratch: Path) -> Backup:
     """Unpack and verify everything: names, types, sizes, checksums, and contents."""
     manifest, unpacked = _unpack(archive, scratch)
     _check_against_manifest(archive, manifest, unpacked)
-    base = manifest.get("base")
-    if not isinstance(base, dict) or not isinstance(base.get("sha256"), str):
-        raise refuse(archive, "manifest.json does not say which base the backup was made with")
-    meta = _load_meta(archive, scratch / Files.META)
+    base = check_base(archive, manifest.get("base"))
+    meta = load_meta(archive, scratch / Files.META)
     if meta.base_sha256 != base["sha256"]:
         raise refuse(archive, "meta.json and manifest.json name different base models")
     personal = Personal(scratch, meta)
-    weights = _load_npz(archive, scratch / Files.WEIGHTS, lambda: load_weights(personal))
-    examples = _load_npz(
+    weights = load_npz(archive, scratch / Files.WEIGHTS, lambda: load_weights(personal))
+    examples = load_npz(
         archive, scratch / Files.EXAMPLES, lambda: load_examples(personal, (), shared=False)
     )
-    _check_weights(archive, weights)
-    _check_examples(archive, examples, meta)
+    check_weights(archive, weights)
+    check_examples(archive, examples, meta)
     thumbnails = {}
     for digest in dict.fromkeys(examples.digests):
         path = scratch / Files.THUMBNAILS / f"{digest}.jpg"
@@ -152,15 +144,7 @@ def read_backup(archive: Path, scratch: Path) -> Backup:
 
 def _unpack(archive: Path, scratch: Path) -> tuple[dict[str, Any], dict[str, _Unpacked]]:
     """Stream the archive's files into `scratch`, refusing anything but allowed regular files."""
-    try:
-        handle = archive.open("rb")
-    except FileNotFoundError:
-        raise LuncherError(f"{archive}: no such file") from None
-    except IsADirectoryError:
-        raise LuncherError(f"{archive}: is a directory, not a backup") from None
-    except OSError as exc:
-        raise LuncherError(f"{archive}: cannot read: {exc.strerror or exc}") from None
-    with handle:
+    with open_regular(archive, "a backup") as handle:
         if handle.read(2) != b"\x1f\x8b":
             raise refuse(archive, "not a luncher backup (not a gzip-compressed tar archive)")
         handle.seek(0)
@@ -170,7 +154,7 @@ def _unpack(archive: Path, scratch: Path) -> tuple[dict[str, Any], dict[str, _Un
                 # "r|": a stream, read once front to back; nothing is extracted by tarfile.
                 with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                     return _unpack_members(archive, tar, reader, scratch)
-        except _Refused:
+        except Refused:
             raise
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
             raise _corrupt(archive, exc) from None
@@ -275,7 +259,7 @@ def _copy_limited(
                     raise refuse(archive, f"{name!r} unpacks to more than {_mib(limit)}")
                 digest.update(chunk)
                 sink.write(chunk)
-    except OSError as exc:  # reading errors arrive as _Refused: this is the scratch disk
+    except OSError as exc:  # reading errors arrive as Refused: this is the scratch disk
         raise LuncherError(
             f"cannot unpack {archive} into {target.parent}: {exc.strerror or exc}; "
             "nothing was imported"
@@ -290,14 +274,14 @@ def _read_chunk(archive: Path, source: IO[bytes]) -> bytes:
         raise _corrupt(archive, exc) from None
 
 
-def _corrupt(archive: Path, exc: BaseException) -> _Refused:
+def _corrupt(archive: Path, exc: BaseException) -> Refused:
     detail = str(exc).strip() or type(exc).__name__
     return refuse(archive, f"the archive is truncated or corrupt ({detail})")
 
 
 def _parse_manifest(archive: Path, data: bytes) -> dict[str, Any]:
     try:
-        manifest = json.loads(data)
+        manifest = parse_json(data)
     except ValueError as exc:
         raise refuse(archive, f"manifest.json is damaged ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != BACKUP_KIND:
@@ -346,74 +330,6 @@ def _check_against_manifest(
             )
         if found.sha256 != entry["sha256"]:
             raise refuse(archive, f"{name} does not match its checksum in manifest.json")
-
-
-def _load_meta(archive: Path, path: Path) -> PersonalMeta:
-    """The archive's meta.json, every value validated by PersonalMeta itself."""
-    try:
-        return PersonalMeta.from_json(json.loads(path.read_text()))
-    except LuncherError as exc:
-        raise refuse(archive, f"meta.json is damaged ({exc})") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise refuse(archive, f"meta.json is damaged ({type(exc).__name__}: {exc})") from None
-
-
-def _load_npz(archive: Path, path: Path, load: Callable[[], T]) -> T:
-    """Check an .npz before numpy reads it: stored (not compressed) members only, each no
-    larger than its header declares, so a small file cannot unpack to a huge array."""
-    name = path.name
-    try:
-        with zipfile.ZipFile(path) as bundle:
-            for info in bundle.infolist():
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise refuse(archive, f"{name} holds a compressed array")
-                with bundle.open(info) as entry:
-                    version = np.lib.format.read_magic(entry)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(entry)
-                    elif version == (2, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(entry)
-                    else:
-                        raise ValueError(f"unsupported .npy version {version}")
-                if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
-                    raise refuse(archive, f"{name} declares arrays larger than it holds")
-        return load()
-    except _Refused:
-        raise
-    except LuncherError:
-        raise refuse(archive, f"{name} is damaged") from None
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
-        raise refuse(archive, f"{name} is damaged ({type(exc).__name__}: {exc})") from None
-
-
-def _check_weights(archive: Path, weights: dict[str, np.ndarray]) -> None:
-    for name, value in weights.items():
-        if value.dtype != np.float32 or not np.all(np.isfinite(value)):
-            raise refuse(archive, f"weights.npz is damaged ({name!r} is not finite float32)")
-
-
-def _check_examples(archive: Path, examples: Examples, meta: PersonalMeta) -> None:
-    count = len(examples.digests)
-    problem = ""
-    if count == 0:
-        problem = "it holds no examples"
-    elif len(examples.labels) != count or len(set(examples.digests)) != count:
-        problem = "digests and labels do not pair up"
-    elif not all(DIGEST.fullmatch(d) for d in examples.digests):
-        problem = "a digest is not a sha256"
-    elif not set(examples.labels) <= set(meta.labels):
-        problem = "a label is missing from meta.json"
-    elif (
-        examples.inputs.ndim < 2
-        or examples.owner.shape != (len(examples.inputs),)
-        or examples.owner.min(initial=0) < 0
-        or examples.owner.max(initial=0) >= count
-        or np.bincount(examples.owner, minlength=count).min() == 0  # a photo without views
-        or not sane_inputs(examples.inputs)  # 1e30 blocked every later retrain
-    ):
-        problem = "inputs and owners do not fit together"
-    if problem:
-        raise refuse(archive, f"examples.npz is damaged ({problem})")
 
 
 def _mib(size: int) -> str:

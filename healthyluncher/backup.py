@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from healthyluncher.archive import Backup, read_backup, refuse
+from healthyluncher.archive import Backup, read_backup
+from healthyluncher.backupchecks import refuse
 from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback

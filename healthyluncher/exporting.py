@@ -12,9 +12,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +25,7 @@ from typing import Any
 
 from healthyluncher.archive import BACKUP_FORMAT, BACKUP_KIND, CHUNK, MANIFEST
 from healthyluncher.errors import RETRAIN, LuncherError, Param
-from healthyluncher.fileio import fsync_dir
+from healthyluncher.fileio import abandoned, fsync_dir, owned_folder
 from healthyluncher.records import (
     GO_BACK,
     Base,
@@ -79,16 +81,24 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
         return store.read_consistently(lambda state: _export(store, state, target, scratch))
 
 
+# The hidden working directory an export makes beside its archive (the archive is written
+# in it too, then moved into place).
+SCRATCH_PREFIX = ".luncher-export-"
+
+
 @contextlib.contextmanager
 def _scratch_beside(target: Path) -> Iterator[Path]:
+    """A private working directory beside the archive, after removing those that killed
+    exports left there (each holds a copy of the user's examples)."""
+    for leftover in target.parent.glob(f"{SCRATCH_PREFIX}*"):
+        if leftover.is_dir() and not leftover.is_symlink() and abandoned(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+    path = target.parent / f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}"
     try:
-        folder = tempfile.TemporaryDirectory(
-            prefix=f".{target.name}.", dir=target.parent, ignore_cleanup_errors=True
-        )
+        with owned_folder(path, mode=0o700):
+            yield path
     except OSError as exc:
         raise LuncherError(f"cannot write {target}: {exc.strerror or exc}") from None
-    with folder as path:
-        yield Path(path)
 
 
 def _export(store: ModelStore, state: State, target: Path, scratch: Path) -> ExportResult:
@@ -130,7 +140,7 @@ def _export(store: ModelStore, state: State, target: Path, scratch: Path) -> Exp
         "taught": {d: list(v) for d, v in load_taught(personal).items()},
         "files": {name: file_entry(path) for name, path in files},
     }
-    size = write_archive(target, manifest, files)
+    size = write_archive(target, manifest, files, scratch)
     return ExportResult(
         path=target,
         size=size,
@@ -174,8 +184,10 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": digest.hexdigest(), "size": size}
 
 
-def write_archive(target: Path, manifest: dict[str, Any], files: list[tuple[str, Path]]) -> int:
-    """Temporary file beside the target, flush, fsync, then os.replace."""
+def write_archive(
+    target: Path, manifest: dict[str, Any], files: list[tuple[str, Path]], scratch: Path
+) -> int:
+    """Temporary file in `scratch` (beside the target), flush, fsync, then os.replace."""
     mtime = int(time.time())
 
     def info(name: str, size: int) -> tarfile.TarInfo:
@@ -184,7 +196,7 @@ def write_archive(target: Path, manifest: dict[str, Any], files: list[tuple[str,
         return entry
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=scratch)
     except OSError as exc:
         raise LuncherError(f"cannot write {target}: {exc.strerror or exc}") from None
     try:

@@ -7,13 +7,14 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from healthyluncher.errors import DamagedError, LuncherError
 
@@ -89,9 +90,18 @@ def remove_empty_folders(parent: Path) -> None:
             os.rmdir(folder)
 
 
+def parse_json(text: str | bytes) -> Any:
+    """json.loads, with nesting too deep for the decoder's recursion (100,000 brackets in a
+    hostile file) a ValueError like any other malformed JSON, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+
+
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return parse_json(path.read_text())
     except FileNotFoundError:
         raise
     except OSError as exc:  # another user's 0600 file is unreadable, not damaged
@@ -109,24 +119,40 @@ FSYNC_THREADS = 8
 MAX_MODEL_BYTES = 4 * 2**30
 
 
-def read_model_file(path: Path) -> bytes:
-    """The model file's bytes; a pipe, a device or a huge file is refused before reading
-    (a FIFO would block forever and /dev/zero fill the memory)."""
+def open_regular(path: Path, kind: str) -> IO[bytes]:
+    """`path` opened for reading if it is a regular file, else a LuncherError that calls
+    what it should be `kind` ("a backup"): a named pipe without a writer would block the
+    open forever (O_NONBLOCK: it does not), and a pipe or a device may never end."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError
-        if not stat.S_ISREG(info.st_mode):
-            raise LuncherError(f"{path}: not a regular file, not an ONNX model")
-        if info.st_size > MAX_MODEL_BYTES:
-            raise LuncherError(f"{path}: {info.st_size / 2**30:.1f} GiB is too large a model")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | nonblocking)
     except FileNotFoundError:
         raise LuncherError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise LuncherError(f"{path}: is a directory, not an ONNX model") from None
+        raise LuncherError(f"{path}: is a directory, not {kind}") from None
     except OSError as exc:
-        raise LuncherError(f"{path}: cannot read: {exc.strerror}") from None
+        raise LuncherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise LuncherError(f"{path}: {what}, not {kind}")
+    if nonblocking:
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_model_file(path: Path) -> bytes:
+    """The model file's bytes; a pipe, a device or a huge file is refused before reading
+    (a FIFO would block forever and /dev/zero fill the memory)."""
+    with open_regular(path, "an ONNX model") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_MODEL_BYTES:
+            raise LuncherError(f"{path}: {size / 2**30:.1f} GiB is too large a model")
+        try:
+            return handle.read()
+        except OSError as exc:
+            raise LuncherError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 def fsync_tree(root: Path) -> None:
@@ -169,6 +195,32 @@ def fsync_tree(root: Path) -> None:
         thread.join()
     if errors:
         raise errors[0]
+
+
+# The file a working folder's owner holds locked while it uses the folder.
+FOLDER_OWNER = ".owner"
+
+
+@contextlib.contextmanager
+def owned_folder(path: Path, *, mode: int = 0o777) -> Iterator[Path]:
+    """A new working folder, held by this process (an advisory lock on its owner file)
+    while the block runs, and removed on leaving. One that a killed process leaves is
+    `abandoned`, for whoever cleans up to remove."""
+    try:
+        path.mkdir(mode=mode)
+        with exclusive_lock(path / FOLDER_OWNER, timeout=0, busy=f"{path} is in use"):
+            yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def abandoned(folder: Path) -> bool:
+    """A working folder that no process holds (its owner was killed)."""
+    try:
+        with exclusive_lock(folder / FOLDER_OWNER, timeout=0, busy="in use"):
+            return True
+    except LuncherError:
+        return False
 
 
 # Seconds of waiting for a lock after which the waiting process says so.

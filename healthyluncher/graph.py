@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from onnx import TensorProto, numpy_helper
 
 from healthyluncher.cuts import Topology, choices, cut_problem, working_counts
 from healthyluncher.errors import LuncherError, Param
+from healthyluncher.fileio import parse_json
 from healthyluncher.meta import check_label
 from healthyluncher.rewrites import fold_batch_norms, merge_parallel_heads
 from healthyluncher.runtime import MAX_IR_VERSION, MAX_OPSET
@@ -396,8 +396,8 @@ def metadata_labels(metadata: dict[str, str]) -> list[str] | None:
         if not raw:
             continue
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
+            value = parse_json(raw)
+        except ValueError:
             value = raw.split(",")
         if isinstance(value, dict):  # {"0": "cat", ...}
             try:

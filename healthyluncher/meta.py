@@ -219,7 +219,8 @@ def labels_of(values: Any) -> tuple[str, ...]:
     if not isinstance(values, list) or not values:
         raise LuncherError("labels must be a non-empty list")
     labels = tuple(check_label(v) for v in values)
-    if len(set(labels)) != len(labels):
+    # Unique as every command names them: "café" composed or not is one label.
+    if len({label_key(label) for label in labels}) != len(labels):
         raise LuncherError("labels must be unique")
     return labels
 

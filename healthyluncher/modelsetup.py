@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ import numpy as np
 
 from healthyluncher import graph
 from healthyluncher.errors import LuncherError, Param
+from healthyluncher.fileio import parse_json
 from healthyluncher.meta import check_label, label_key
 from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, is_finite_number
 
@@ -127,8 +127,8 @@ def _metadata_preprocessing(metadata: dict[str, str]) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
+        value = parse_json(raw)
+    except ValueError:
         raise LuncherError("the model's 'preprocessing' metadata is not valid JSON") from None
     if not isinstance(value, dict):
         raise LuncherError("the model's 'preprocessing' metadata must be a JSON object")

@@ -157,7 +157,10 @@ def load_examples(
             origin: np.ndarray | None = None
             segment_names: tuple[str, ...] = ()
             if "inputs" in data.files or not shared:
-                inputs = data["inputs"].astype(np.float32, copy=False)
+                inputs = data["inputs"]
+                if inputs.dtype.kind != "f":  # complex would lose a part, with a warning
+                    raise ValueError(f"its head inputs are {inputs.dtype}, not floating point")
+                inputs = inputs.astype(np.float32, copy=False)
             else:
                 origin = data["origin"].astype(np.int64)
                 names = data["segments"]

@@ -44,8 +44,6 @@ from healthyluncher.state import State, recover
 ENV_VAR = "LUNCHER_MODELS_DIR"
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
-# Held by the process that uses a `.scratch-*` directory.
-SCRATCH_OWNER = ".owner"
 # Seconds a writer waits for another luncher process to finish.
 LOCK_TIMEOUT = 120.0
 
@@ -255,23 +253,14 @@ class ModelStore:
         self.ensure_exists()
         path = self.root / f".scratch-{uuid.uuid4().hex[:12]}"
         try:
-            path.mkdir()
-            # Held while in use: a writer's cleanup then leaves the directory alone.
-            with exclusive_lock(path / SCRATCH_OWNER, timeout=0, busy="scratch in use"):
+            with contextlib.ExitStack() as held:
+                # Held while in use: a writer's cleanup then leaves the directory alone. It
+                # is made and taken under the writers' lock, so that no cleanup runs between.
+                with self.lock():
+                    held.enter_context(fileio.owned_folder(path))
                 yield path
         except OSError as exc:  # a full disk or a read-only directory, as in `staging`
             raise self._cannot_write(exc) from None
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-
-    @staticmethod
-    def _abandoned(scratch: Path) -> bool:
-        """A scratch directory no process holds (its owner was killed)."""
-        try:
-            with exclusive_lock(scratch / SCRATCH_OWNER, timeout=0, busy="in use"):
-                return True
-        except LuncherError:
-            return False
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -313,7 +302,7 @@ class ModelStore:
                 continue
             if not entry.is_dir() or name in keep:
                 continue
-            if name.startswith(".scratch-") and not self._abandoned(entry):
+            if name.startswith(".scratch-") and not fileio.abandoned(entry):
                 continue  # an import still reading its archive there
             if name.startswith(("base-", "personal-", ".staging-", ".scratch-")):
                 shutil.rmtree(entry, ignore_errors=True)

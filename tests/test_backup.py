@@ -7,8 +7,8 @@ import hashlib
 import io
 import json
 import tarfile
-import tempfile
 import warnings
+import zipfile as zipfile_module
 from collections.abc import Callable
 from pathlib import Path
 
@@ -284,7 +284,7 @@ def test_a_full_or_read_only_scratch_directory_is_one_line(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def scratch_full(path: Path, *args: object, **kwargs: object) -> None:
-        if path.name.startswith(".scratch-"):
+        if path.name.startswith((".scratch-", exporting.SCRATCH_PREFIX)):
             raise OSError(errno.EROFS, "Read-only file system")
         mkdir(path, *args, **kwargs)
 
@@ -295,13 +295,13 @@ def test_a_full_or_read_only_scratch_directory_is_one_line(
             patch.setattr(exporting, "save_examples", full)
             says = [f"cannot write {target}", "No space left"]
         elif where == "export scratch":
-            patch.setattr(tempfile, "mkdtemp", full)
-            says = [f"cannot write {target}", "No space left"]
+            patch.setattr(Path, "mkdir", scratch_full)
+            says = [f"cannot write {target}", "Read-only file system"]
         else:
             patch.setattr(Path, "mkdir", scratch_full)
         one_line_error(run(*command), *says)
     assert tree(models_dir) == before
-    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".b")] == []
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
     assert not target.exists()
     assert run(*command).code == 0
 
@@ -736,3 +736,188 @@ def test_weights_too_large_to_score_with_are_refused(run, archive, tmp_path, mod
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's about the overflow stays in the library
         refused(run, hostile, models_dir, "weights")
+
+
+def _examples_of(archive: Path) -> dict[str, np.ndarray]:
+    with tarfile.open(archive, "r:gz") as tar:
+        source = tar.extractfile("examples.npz")
+        assert source is not None
+        with np.load(io.BytesIO(source.read())) as data:
+            return {name: data[name] for name in data.files}
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.int8], ids=["complex", "int8"])
+def test_head_inputs_that_are_not_floating_point_are_refused(
+    run, archive, tmp_path, models_dir, dtype
+):
+    """Complex head inputs were imported with their imaginary part dropped, and numpy's
+    ComplexWarning printed in the middle of the output; integers were imported as if
+    they were features."""
+    arrays = _examples_of(archive)
+    arrays["inputs"] = arrays["inputs"].astype(dtype)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_examples(buffer.getvalue()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        refused(run, hostile, models_dir, "examples.npz is damaged")
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "meta.json"])
+def test_json_nested_too_deeply_is_refused_in_one_line(run, archive, tmp_path, models_dir, which):
+    """100,000 nested brackets gave 'unexpected RecursionError' from the JSON decoder."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    if which == "manifest.json":
+        hostile = edited(archive, tmp_path / "h.tar.gz", lambda m: [regular(which, deep), *m[1:]])
+    else:
+        hostile = edited(archive, tmp_path / "h.tar.gz", with_file(which, deep))
+    refused(run, hostile, models_dir, which, "damaged", "nested too deeply")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("trainable_params", 5),
+        ("labels", 7),
+        ("labels", [["healthy"]]),
+        ("split_tensor", {"a": 1}),
+        ("preprocessing", "imagenet"),
+        ("name", ["x"]),
+    ],
+)
+def test_a_base_description_of_the_wrong_type_is_refused(
+    run, archive, tmp_path, models_dir, key, value
+):
+    """A manifest whose base had trainable_params 5 gave 'unexpected TypeError: 'int'
+    object is not iterable'."""
+
+    def edit(content: list[Member]) -> list[Member]:
+        return [with_manifest(content, lambda m: m["base"].update({key: value})), *content[1:]]
+
+    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+    refused(run, hostile, models_dir, "manifest.json", "base", key)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "pipe", "device"])
+def test_an_archive_that_is_not_a_regular_file_is_refused_without_waiting(
+    archive, tmp_path, models_dir, kind
+):
+    """A named pipe with no writer made `luncher import` wait forever (in open), and a pipe
+    (`import <(cat backup.tar.gz)`) was called 'cannot write to the models directory: File
+    or stream is not seekable'."""
+    import os
+    import subprocess
+    import sys
+
+    before = tree(models_dir)
+    if kind == "fifo":
+        path = tmp_path / "backup.fifo"
+        os.mkfifo(path)
+        command = [sys.executable, "-m", "healthyluncher", "import", str(path)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    elif kind == "pipe":
+        feed = subprocess.Popen(["cat", str(archive)], stdout=subprocess.PIPE)
+        assert feed.stdout is not None
+        number = feed.stdout.fileno()
+        command = [sys.executable, "-m", "healthyluncher", "import", f"/dev/fd/{number}"]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=30, check=False, pass_fds=[number]
+        )
+        feed.stdout.close()
+        feed.wait()
+    else:
+        command = [sys.executable, "-m", "healthyluncher", "import", "/dev/zero"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done
+    assert "not a regular file, not a backup" in lines[0], lines
+    assert tree(models_dir) == before
+
+
+def test_two_labels_that_differ_only_in_unicode_form_are_refused(
+    run, archive, tmp_path, models_dir
+):
+    """A composed 'café' and 'cafe' with a combining accent are one label everywhere
+    (`retrain --label`, `labels rename`), but meta.json's check compared the text: an
+    archive with both was imported, and the second could be neither named nor removed."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+
+    def edit(content: list[Member]) -> list[Member]:
+        files = {info.name: data for info, data in content}
+        meta = json.loads(files["meta.json"])
+        meta["labels"] = [*meta["labels"][:-1], composed, decomposed]
+        meta["examples_per_label"] = {composed: 1, decomposed: 1}
+        arrays = _examples_of(archive)
+        arrays["labels"] = np.array(
+            [composed if i % 2 else decomposed for i in range(len(arrays["labels"]))]
+        )
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with np.load(io.BytesIO(files["weights.npz"])) as data:  # a row for the fourth
+            weights = {name: np.concatenate([data[name], data[name][-1:]]) for name in data}
+        grown = io.BytesIO()
+        np.savez(grown, **weights)
+        content = with_file("meta.json", json.dumps(meta).encode())(content)
+        content = with_file("weights.npz", grown.getvalue())(content)
+        return with_examples(buffer.getvalue())(content)
+
+    hostile = edited(archive, tmp_path / "h.tar.gz", edit)
+    refused(run, hostile, models_dir, "meta.json is damaged", "unique")
+
+
+@pytest.mark.parametrize("hostile", ["fifo", "deep manifest", "base of the wrong type"])
+def test_the_api_refuses_hostile_archives_with_its_own_error(
+    archive, tmp_path, models_dir, hostile
+):
+    """`Luncher.import_backup` raised RecursionError and TypeError, and waited forever on a
+    named pipe, where the command line now says one line: the API raises LuncherError."""
+    import os
+
+    if hostile == "fifo":
+        path = tmp_path / "backup.fifo"
+        os.mkfifo(path)
+    elif hostile == "deep manifest":
+        deep = regular("manifest.json", b"[" * 100_000 + b"]" * 100_000)
+        path = edited(archive, tmp_path / "h.tar.gz", lambda m: [deep, *m[1:]])
+    else:
+
+        def edit(content: list[Member]) -> list[Member]:
+            change = lambda m: m["base"].update(trainable_params=5)  # noqa: E731
+            return [with_manifest(content, change), *content[1:]]
+
+        path = edited(archive, tmp_path / "h.tar.gz", edit)
+    before = tree(models_dir)
+    with pytest.raises(healthyluncher.LuncherError, match="nothing was imported|not a backup"):
+        healthyluncher.open(str(models_dir)).import_backup(path)
+    assert tree(models_dir) == before
+
+
+def _overlapping_entries(npz: bytes, extra: int) -> bytes:
+    """The .npz with `extra` more central-directory entries, each naming its first file
+    again: a few bytes each, and a few KiB once gzip has them."""
+    import struct
+
+    end = npz.rindex(b"PK\x05\x06")
+    (start,) = struct.unpack("<I", npz[end + 16 : end + 20])
+    directory = npz[start:end]
+    first = zipfile_module.ZipFile(io.BytesIO(npz)).infolist()[0]
+    one = directory[: 46 + len(first.filename.encode()) + len(first.extra) + len(first.comment)]
+    count = min(len(zipfile_module.ZipFile(io.BytesIO(npz)).infolist()) + extra, 0xFFFF)
+    directory += one * extra
+    record = struct.pack("<HHHHIIH", 0, 0, count, count, len(directory), start, 0)
+    return npz[:start] + directory + b"PK\x05\x06" + record
+
+
+def test_an_npz_whose_directory_repeats_an_entry_is_refused_before_it_is_read(
+    run, archive, tmp_path, models_dir
+):
+    """An examples.npz whose zip directory named its first array 200,000 times more came
+    from a 38 KB archive, cost 22 s and 200 MB (zipfile reads the directory whole, and each
+    entry was checked), and was imported; the 2 GiB a member may hold makes that hours and
+    tens of GB. The directory's size is now checked from its end record first."""
+    arrays = _examples_of(archive)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    hostile_npz = _overlapping_entries(buffer.getvalue(), 5000)
+    hostile = edited(archive, tmp_path / "h.tar.gz", with_examples(hostile_npz))
+    refused(run, hostile, models_dir, "examples.npz", "more entries")

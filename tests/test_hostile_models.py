@@ -36,6 +36,17 @@ def test_an_infinite_crop_or_resize_in_the_metadata_is_refused(
     assert not (models_dir / "state.json").exists()
 
 
+@pytest.mark.parametrize("key", ["labels", "preprocessing"])
+def test_metadata_nested_too_deeply_is_refused_in_one_line(run, pt_model, models_dir, key):
+    """100,000 nested brackets in a model's metadata gave 'unexpected RecursionError'."""
+    model = onnx.load(str(pt_model))
+    props = {"labels": '["healthy", "fast_food"]', key: "[" * 100_000 + "]" * 100_000}
+    helper.set_model_props(model, props)
+    onnx.save(model, str(pt_model))
+    assert "unexpected" not in one_line_error(run("make-updatable", pt_model))
+    assert not (models_dir / "state.json").exists()
+
+
 @pytest.mark.parametrize("opsets", [[], [("com.example", 1)]], ids=["none", "custom only"])
 def test_a_model_that_imports_no_onnx_opset_is_refused(run, pt_model, opsets):
     """Without a default-domain opset onnx's shape inference raised its InferenceError

@@ -83,7 +83,7 @@ def test_low_layers_never_import_high_ones():
         {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"}
         | {"rewrites", "artifacts"},
         {"training"},
-        {"heads", "quantize", "examples", "embedder", "modelsetup", "precision"},
+        {"heads", "quantize", "examples", "embedder", "modelsetup", "precision", "backupchecks"},
         {"personal", "predictor", "headfit"},
         {"personalizing", "bases", "archive", "teaching", "exporting"},
         {"backup"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import onnx
 import pytest
@@ -269,3 +270,86 @@ def test_reset_in_a_script_reads_nothing_it_does_not_need(run, models_dir, monke
     result = run("reset")
     assert result.code == 0 and "Nothing to reset" in result.stdout, result
     assert not list(models_dir.glob("base-*"))
+
+
+def _export_killed_midway(models_dir: Path, target: Path) -> None:
+    """In a child process: export, dying (as with kill -9) while the archive is written."""
+    import tarfile
+
+    import healthyluncher
+
+    added = 0
+    real_addfile = tarfile.TarFile.addfile
+
+    def addfile(self, *args, **kwargs):
+        nonlocal added
+        added += 1
+        if added == 3:
+            os._exit(86)
+        return real_addfile(self, *args, **kwargs)
+
+    tarfile.TarFile.addfile = addfile  # type: ignore[method-assign]
+    healthyluncher.open(str(models_dir)).export_backup(target)
+    os._exit(0)
+
+
+def test_killed_exports_leave_nothing_that_accumulates_beside_the_archive(
+    run, pt_model, photos, models_dir, tmp_path
+):
+    """An export killed while it packed left a hidden scratch directory (with a copy of
+    the user's examples) and a temporary archive beside the target, and nothing ever
+    removed them: each killed export added two. The next export now removes those that
+    no live export holds."""
+    import multiprocessing
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    context = multiprocessing.get_context("spawn")
+    for _ in range(2):
+        child = context.Process(target=_export_killed_midway, args=(models_dir, out / "b.tar.gz"))
+        child.start()
+        child.join(timeout=120)
+        assert child.exitcode == 86
+    assert not (out / "b.tar.gz").exists()
+    assert run("export", out / "c.tar.gz").code == 0
+    assert [path.name for path in out.iterdir()] == ["c.tar.gz"]
+    assert run("export", out / "b.tar.gz").code == 0
+    assert sorted(path.name for path in out.iterdir()) == ["b.tar.gz", "c.tar.gz"]
+
+
+def test_a_writer_cleaning_up_never_removes_an_import_scratch_as_it_is_made(
+    run, pt_model, photos, models_dir, tmp_path, monkeypatch
+):
+    """A writer's cleanup (any retrain, in another process) removes scratch directories
+    that no import holds. An import made its scratch directory and only then took hold of
+    it: a cleanup in between removed it, and the import failed ('cannot open the lock
+    file ...'). The directory is now made and held under the writers' lock."""
+    from healthyluncher.errors import LuncherError
+    from healthyluncher.fileio import exclusive_lock
+    from healthyluncher.store import ModelStore
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    archive = tmp_path / "b.tar.gz"
+    assert run("export", archive).code == 0
+    store = ModelStore(models_dir)
+    mkdir = Path.mkdir
+    cleanups = []
+
+    def mkdir_then_a_writer_cleans_up(path: Path, *args, **kwargs) -> None:
+        made = not path.exists()
+        mkdir(path, *args, **kwargs)
+        if made and path.name.startswith(".scratch-"):
+            try:  # another process's writer, at this very moment, if it gets the lock
+                with exclusive_lock(models_dir / ".lock", timeout=0, busy="busy"):
+                    store.collect_garbage(store.read_state())
+                    cleanups.append(path)
+            except LuncherError:
+                pass  # it waits for the lock: after the import, or before this mkdir
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_a_writer_cleans_up)
+    result = run("import", archive)
+    assert result.code == 0, result
+    assert cleanups == []
