@@ -225,29 +225,11 @@ def train(
     api = training_api()
     if len(data) == 0:
         raise LuncherError("nothing to train on")
+    state, module = _load(api, artifact_dir, start)
     try:
-        state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
-        # No eval model: it is never run here, and loading it is one more session. One
-        # thread: the head is a few small layers on batches of 16, where ONNX Runtime's
-        # thread pool costs more than it shares (20 photos x 10 epochs on the shipped head:
-        # 18 ms of training instead of 37, and 3 ms to create the session instead of 8).
-        options = session_options(threads=1)
-        module = api.Module(
-            str(artifact_dir / "training_model.onnx"), state, session_options=options
-        )
-        # Parameters can only be assigned once a Module holds the state (before, ORT 1.19
-        # crashes with a segmentation fault).
-        for name, value in (start or {}).items():
-            state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
         optimizer = api.Optimizer(str(artifact_dir / "optimizer_model.onnx"), module)
     except Exception:  # ORT's RuntimeError with C++ text, for a file it cannot parse
-        fix = GO_BACK  # a personalized copy's files (it has more labels than its base)
-        if artifact_dir.parent.name.startswith("base-"):
-            root = artifact_dir.parent.parent  # the models directory
-            fix = ("run ", make_updatable_command(root, MAKE_UPDATABLE_KEEPING))
-        raise LuncherError(
-            f"{artifact_dir} is damaged (ONNX Runtime cannot load its training files); ", *fix
-        ) from None
+        raise _damaged(artifact_dir) from None
     optimizer.set_learning_rate(hp.learning_rate)
     module.train()
     batch = max(1, min(hp.batch_size, batch_limit or hp.batch_size))
@@ -292,19 +274,41 @@ def save_checkpoint_with(artifact_dir: Path, params: dict[str, np.ndarray], targ
     """Write a checkpoint of the head in `artifact_dir` holding `params` (restored weights,
     not trained ones), without training."""
     api = training_api()
-    state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
-    # As in `train`: parameters can only be assigned once a Module holds the state (before,
-    # ORT 1.19 crashes with a segmentation fault), and the Module must outlive the save.
-    module = api.Module(
-        str(artifact_dir / "training_model.onnx"),
-        state,
-        str(artifact_dir / "eval_model.onnx"),
-        session_options=session_options(threads=1),
-    )
-    for name, value in params.items():
-        state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+    state, module = _load(api, artifact_dir, params)
     _save(api, state, target)
-    del module
+    del module  # the Module must outlive the save
+
+
+def _load(api: Any, artifact_dir: Path, params: dict[str, np.ndarray] | None) -> tuple[Any, Any]:
+    """The head's checkpoint state and its training Module, holding `params` if given."""
+    try:
+        state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
+        # No eval model: it is never run here, and loading it is one more session. One
+        # thread: the head is a few small layers on batches of 16, where ONNX Runtime's
+        # thread pool costs more than it shares (20 photos x 10 epochs on the shipped head:
+        # 18 ms of training instead of 37, and 3 ms to create the session instead of 8).
+        module = api.Module(
+            str(artifact_dir / "training_model.onnx"),
+            state,
+            session_options=session_options(threads=1),
+        )
+        # Parameters can only be assigned once a Module holds the state (before, ORT 1.19
+        # crashes with a segmentation fault).
+        for name, value in (params or {}).items():
+            state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+    except Exception:  # ORT's RuntimeError with C++ text, for a file it cannot parse
+        raise _damaged(artifact_dir) from None
+    return state, module
+
+
+def _damaged(artifact_dir: Path) -> LuncherError:
+    fix = GO_BACK  # a personalized copy's files (it has more labels than its base)
+    if artifact_dir.parent.name.startswith("base-"):
+        root = artifact_dir.parent.parent  # the models directory
+        fix = ("run ", make_updatable_command(root, MAKE_UPDATABLE_KEEPING))
+    return LuncherError(
+        f"{artifact_dir} is damaged (ONNX Runtime cannot load its training files); ", *fix
+    )
 
 
 def _weighted(p: np.ndarray) -> bool:

@@ -921,3 +921,24 @@ def test_an_npz_whose_directory_repeats_an_entry_is_refused_before_it_is_read(
     hostile_npz = _overlapping_entries(buffer.getvalue(), 5000)
     hostile = edited(archive, tmp_path / "h.tar.gz", with_examples(hostile_npz))
     refused(run, hostile, models_dir, "examples.npz", "more entries")
+
+
+@needs_ort
+def test_an_import_onto_damaged_training_files_is_one_line(
+    run, pt_model, photos, tmp_path, models_dir
+):
+    """Restoring weights writes ONNX Runtime's checkpoint of them from the base's training
+    files; damaged, it was 'unexpected RuntimeError' with ORT's C++ text."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    path = tmp_path / "backup.tar.gz"
+    assert run("export", path).code == 0
+    (checkpoint,) = models_dir.glob(f"base-*/{Files.ARTIFACTS}/checkpoint")
+    checkpoint.write_bytes(b"not a checkpoint")
+    before = tree(models_dir)
+
+    result = run("import", path)
+
+    one_line_error(result, "is damaged (ONNX Runtime cannot load its training files)")
+    assert "make-updatable" in result.stderr
+    assert tree(models_dir) == before
