@@ -153,3 +153,27 @@ def assert_unwritable(folder: Path) -> None:
     )
     assert done.returncode != 0 and "PermissionError" in done.stderr, done
     assert not probe.exists()
+
+
+def answered_at_a_terminal(
+    answer: bytes, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, bytes, bytes]:
+    """`luncher ARGS` with a terminal for standard input, where a person types `answer`;
+    (exit code, stdout, stderr)."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "healthyluncher", *args],
+            stdin=secondary,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        os.write(primary, answer)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    return proc.returncode, out, err

@@ -13,6 +13,7 @@ import pytest
 
 from healthyluncher.cli_app import hoist_global_options
 from healthyluncher.version import __version__
+from tests.conftest import answered_at_a_terminal
 from tests.models import pytorch_style
 
 COMMANDS = (
@@ -374,24 +375,11 @@ def test_predict_shows_a_progress_bar_at_a_terminal_for_many_photos(monkeypatch)
 
 def _at_a_terminal(*args: str, answer: str) -> tuple[int, str]:
     """The real command with a pseudo-terminal as its standard input, answering `answer`
-    to its question; (exit code, what it printed)."""
-    import pty
-
-    primary, secondary = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "healthyluncher", *args],
-            stdin=secondary,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "COLUMNS": "200"},
-        )
-        os.write(primary, answer.encode() + b"\n")
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        os.close(primary)
-        os.close(secondary)
-    return proc.returncode, output.decode()
+    to its question; (exit code, what it printed on stdout and stderr)."""
+    code, out, err = answered_at_a_terminal(
+        answer.encode() + b"\n", *args, env={**os.environ, "COLUMNS": "200"}
+    )
+    return code, (out + err).decode()
 
 
 def test_reset_asks_at_a_terminal_and_can_be_undone(run, pt_model, photos):

@@ -17,8 +17,7 @@ import healthyluncher
 from healthyluncher import segments
 from healthyluncher.runtime import inference_session
 from healthyluncher.store import Files, ModelStore
-from tests.conftest import one_line_error
-from tests.test_shell_use import _answered_at_a_terminal
+from tests.conftest import answered_at_a_terminal, one_line_error
 
 
 @pytest.fixture
@@ -143,7 +142,7 @@ def test_the_question_of_reset_at_a_terminal_names_the_models_directory_given(
     run, pt_model, photos, elsewhere
 ):
     _taught(run, pt_model, photos, elsewhere)
-    code, out, err = _answered_at_a_terminal(b"y\n", "--models-dir", str(elsewhere), "reset")
+    code, out, err = answered_at_a_terminal(b"y\n", "--models-dir", str(elsewhere), "reset")
     assert code == 0, err
     assert f"(`luncher --models-dir {shlex.quote(str(elsewhere))} undo` brings" in err.decode()
 
@@ -155,7 +154,7 @@ def test_stdout_is_exactly_the_json_object_after_a_question(answer, run, pt_mode
     go to stderr; stdout carries the object alone."""
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
-    code, out, err = _answered_at_a_terminal(answer, "reset", "--json")
+    code, out, err = answered_at_a_terminal(answer, "reset", "--json")
     assert code == (0 if answer == b"y\n" else 1), err
     [line] = out.decode().splitlines(keepends=True)
     assert line == json.dumps(json.loads(line), ensure_ascii=False) + "\n", out
@@ -167,7 +166,7 @@ def test_the_question_of_make_updatable_keeps_stdout_to_the_json(run, pt_model, 
     asks whether to keep it: that question's prompt put a space in front of the JSON."""
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
-    code, out, err = _answered_at_a_terminal(b"n\n", "make-updatable", str(pt_model), "--json")
+    code, out, err = answered_at_a_terminal(b"n\n", "make-updatable", str(pt_model), "--json")
     assert code == 0, err
     assert err.decode().startswith("Keep your personalization on the new base"), err
     [line] = out.decode().splitlines(keepends=True)

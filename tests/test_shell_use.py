@@ -18,7 +18,7 @@ import pytest
 
 import healthyluncher
 from healthyluncher.store import Files, ModelStore
-from tests.conftest import one_line_error, solid
+from tests.conftest import answered_at_a_terminal, one_line_error, solid
 from tests.test_conventions import luncher
 
 # Runs `luncher ARGS...` with MODULE.NAME replaced by a function that touches READY and
@@ -287,32 +287,12 @@ def test_export_refuses_a_name_that_says_another_format(run, pt_model, photos, t
         assert run("import", folder / name).code == 0
 
 
-def _answered_at_a_terminal(answer: bytes, *args: str) -> tuple[int, bytes, bytes]:
-    """`luncher ARGS` with a terminal for standard input, where a person types `answer`."""
-    import pty
-
-    primary, secondary = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "healthyluncher", *args],
-            stdin=secondary,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        os.write(primary, answer)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        os.close(primary)
-        os.close(secondary)
-    return proc.returncode, out, err
-
-
 def test_questions_go_to_the_terminal_not_into_the_json(run, pt_model, photos):
     """`luncher reset --json | jq` at a terminal: the question was printed on stdout, into
     jq (a parse error), and the person never saw it."""
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
-    code, out, err = _answered_at_a_terminal(b"y\n", "reset", "--json")
+    code, out, err = answered_at_a_terminal(b"y\n", "reset", "--json")
     assert code == 0, err
     assert "Predict with the base model again" in err.decode()
     assert json.loads(out)["removed_model"] is True
@@ -335,7 +315,7 @@ def test_a_declined_reset_is_one_json_object_with_json(answer, purge, says, run,
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
     command = ("reset", "--json", *["--purge"] * purge)
-    code, out, err = _answered_at_a_terminal(answer, *command)
+    code, out, err = answered_at_a_terminal(answer, *command)
     assert code == 1, (code, out, err)
     [line] = out.decode().splitlines()
     assert json.loads(line) == {"error": says}
