@@ -206,8 +206,8 @@ def owned_folder(path: Path, *, mode: int = 0o777) -> Iterator[Path]:
     """A new working folder, held by this process (an advisory lock on its owner file)
     while the block runs, and removed on leaving. One that a killed process leaves is
     `abandoned`, for whoever cleans up to remove."""
+    path.mkdir(mode=mode)  # outside the `try`: a folder that exists is not ours to remove
     try:
-        path.mkdir(mode=mode)
         with exclusive_lock(path / FOLDER_OWNER, timeout=0, busy=f"{path} is in use"):
             yield path
     finally:

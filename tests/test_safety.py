@@ -353,3 +353,17 @@ def test_a_writer_cleaning_up_never_removes_an_import_scratch_as_it_is_made(
     result = run("import", archive)
     assert result.code == 0, result
     assert cleanups == []
+
+
+def test_a_working_folder_that_exists_already_is_left_to_its_owner(tmp_path):
+    """owned_folder made its folder inside the `try` whose `finally` removes it: a name that
+    existed (another owner's folder) was removed with everything in it."""
+    from healthyluncher.fileio import owned_folder
+
+    theirs = tmp_path / ".luncher-export-0123456789ab"
+    theirs.mkdir()
+    (theirs / "examples.npz").write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):
+        with owned_folder(theirs):
+            pass
+    assert (theirs / "examples.npz").read_bytes() == b"someone else's"
