@@ -17,7 +17,7 @@ import numpy as np
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.examples import sane_inputs
-from healthyluncher.fileio import parse_json
+from healthyluncher.fileio import numpy_problem, parse_json
 from healthyluncher.meta import PersonalMeta
 from healthyluncher.records import Examples
 
@@ -127,7 +127,7 @@ def load_npz(archive: Path, path: Path, load: Callable[[], T]) -> T:
     except LuncherError:
         raise refuse(archive, f"{name} is damaged") from None
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
-        raise refuse(archive, f"{name} is damaged ({type(exc).__name__}: {exc})") from None
+        raise refuse(archive, f"{name} is damaged ({numpy_problem(exc)})") from None
 
 
 def check_weights(archive: Path, weights: dict[str, np.ndarray]) -> None:

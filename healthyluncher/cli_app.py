@@ -252,6 +252,18 @@ def floats(text: str | None, option: str) -> tuple[float, ...] | None:
         ) from None
 
 
+def names(text: str | None, option: str) -> list[str] | None:
+    """Names separated by commas; an empty text (an unset shell variable, most often) is
+    refused, not read as "no names given"."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise typer.BadParameter(
+            "no names given (an unset variable?); e.g. healthy,fast_food", param_hint=f"'{option}'"
+        )
+    return [part.strip() for part in text.split(",")]
+
+
 class Optimizer(str, Enum):
     adamw = "adamw"
     sgd = "sgd"

@@ -20,6 +20,7 @@ from healthyluncher.cli_app import (
     file_path,
     floats,
     luncher,
+    names,
 )
 from healthyluncher.cli_output import (
     Column,
@@ -174,6 +175,7 @@ def make_updatable(
     from healthyluncher import api
 
     mean_values, std_values = floats(mean, "--mean"), floats(std, "--std")
+    label_names = names(labels, "--labels")
     hyperparameters = Hyperparameters(
         epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, optimizer=optimizer.value
     )
@@ -181,7 +183,7 @@ def make_updatable(
     with progress_bars() as report, spinner(f"Making {model.name} updatable", report is None):
         result = api.make_updatable(
             model,
-            labels=[x.strip() for x in labels.split(",")] if labels else None,
+            labels=label_names,
             trainable_layers=trainable_layers,
             models_dir=(ctx.obj or {}).get("models_dir"),
             resize=resize,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.fileio import numpy_problem
 from healthyluncher.memory import Memory, build_memory
 from healthyluncher.records import Base, Examples, Personal, save_arrays
 from healthyluncher.settings import Hyperparameters
@@ -141,7 +142,7 @@ def read_replay(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
             inputs, names = data["inputs"].astype(np.float32, copy=False), data["labels"]
             weights = replay_weights(data, len(inputs), path)
     except (OSError, KeyError, ValueError, TypeError) as exc:  # TypeError: a 0-d array
-        raise LuncherError(f"{path}: not a replay set ({exc})") from None
+        raise LuncherError(f"{path}: not a replay set ({numpy_problem(exc)})") from None
     if names.shape != (len(inputs),) or inputs.ndim < 2 or not sane_inputs(inputs):
         raise LuncherError(f"{path}: not a replay set (labels without inputs, or inputs NaN "
                            f"or over {HEAD_INPUT_LIMIT:g})")  # fmt: skip

@@ -110,6 +110,32 @@ def read_json(path: Path) -> Any:
         raise DamagedError(f"{path} is damaged ({exc})") from None
 
 
+# numpy's own words for a file it cannot read, in the user's: it would tell them to load
+# a damaged or hostile file "unsafely" (with pickle), or speak of memory maps and headers.
+_NUMPY_WORDS = (
+    (
+        ("pickled", "Failed to interpret", "reading array header", "not a zip file"),
+        "not a numpy file",
+    ),
+    (("Object arrays", "Python objects"), "it holds Python objects, not numbers"),
+    (
+        ("mmap length", "Failed to read all data", "not fully written", "No data left"),
+        "it is cut short",
+    ),
+)
+
+
+def numpy_problem(exc: BaseException) -> str:
+    """What is wrong with a file numpy could not load, said plainly."""
+    if isinstance(exc, KeyError) and exc.args:  # str() would quote it: "'x is not a file...'"
+        return str(exc.args[0]).replace("is not a file in the archive", "is missing")
+    text = str(exc)
+    for marks, words in _NUMPY_WORDS:
+        if any(mark in text for mark in marks):
+            return words
+    return text
+
+
 # Threads that fsync a directory's files at once (see fsync_tree).
 FSYNC_THREADS = 8
 

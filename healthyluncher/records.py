@@ -22,7 +22,7 @@ from healthyluncher.errors import (
     LuncherError,
     Message,
 )
-from healthyluncher.fileio import read_json
+from healthyluncher.fileio import numpy_problem, read_json
 from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore, resolve_models_dir
@@ -182,7 +182,7 @@ def load_examples(
             raise ValueError("a view belongs to no photo")
         return Examples(inputs, owner, digests, labels, origin, segment_names)
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); ", *GO_BACK) from None
+        raise LuncherError(f"{path} is damaged ({numpy_problem(exc)}); ", *GO_BACK) from None
 
 
 def _views(personal: Personal, origin: np.ndarray, names: np.ndarray) -> np.ndarray:
@@ -256,7 +256,7 @@ def load_weights(personal: Personal) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             weights = {name: data[name] for name in data.files}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); ", *GO_BACK) from None
+        raise LuncherError(f"{path} is damaged ({numpy_problem(exc)}); ", *GO_BACK) from None
     # A rename publishes these as they are, and an export writes them.
     if not all(w.dtype == np.float32 and np.isfinite(w).all() for w in weights.values()):
         raise LuncherError(f"{path} is damaged (weights not finite float32); ", *GO_BACK)

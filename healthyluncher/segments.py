@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from healthyluncher.errors import DamagedViewsError
-from healthyluncher.fileio import atomic_write_bytes
+from healthyluncher.fileio import atomic_write_bytes, numpy_problem
 
 FOLDER = "examples"
 NAME = re.compile(r"[0-9a-f]{32}\.npy")
@@ -84,7 +84,9 @@ def load_views(folder: Path, origin: np.ndarray, segments: np.ndarray) -> np.nda
     try:  # a segment is shared by the undo steps: its damage is not one copy's
         arrays = [np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in names]
     except (OSError, ValueError, EOFError) as exc:
-        raise DamagedViewsError(f"a segment in {folder} cannot be read ({exc})") from None
+        raise DamagedViewsError(
+            f"a segment in {folder} cannot be read ({numpy_problem(exc)})"
+        ) from None
     shapes = {array.shape[1:] for array in arrays}
     if any(a.dtype != np.float32 or a.ndim < 2 for a in arrays) or len(shapes) > 1:
         raise DamagedViewsError(f"a segment in {folder} holds other data than head inputs")

@@ -11,6 +11,7 @@ more than the last layer needs ONNX Runtime.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, Param
+from healthyluncher.fileio import numpy_problem
 from healthyluncher.meta import BaseMeta
 from healthyluncher.records import make_updatable_command
 from healthyluncher.runtime import training_available, training_installed
@@ -226,8 +228,11 @@ def start_params(base_dir: Path, meta: BaseMeta, spec: LinearHead) -> dict[str, 
         head = onnx.load(str(base_dir / Files.HEAD))
         found = {t.name: numpy_helper.to_array(t) for t in head.graph.initializer}
         params = {name: found[name].astype(np.float32) for name in spec.param_names}
-    except (OSError, KeyError, ValueError) as exc:
-        raise LuncherError(f"{path} is damaged ({exc}); make the base again") from None
-    if not all(np.isfinite(value).all() for value in params.values()):
-        raise LuncherError(f"{path} is damaged (weights not finite); make the base again")
-    return params
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        problem = numpy_problem(exc)
+    else:
+        if all(np.isfinite(value).all() for value in params.values()):
+            return params
+        problem = "weights not finite"
+    again = make_updatable_command(base_dir.parent, MAKE_UPDATABLE_KEEPING)
+    raise LuncherError(f"{path} is damaged ({problem}); make the base again with ", again)

@@ -116,6 +116,13 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(run, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_empty_labels_are_refused_not_read_as_none_given(run, pt_model, models_dir):
+    """make-updatable --labels "" (an unset variable) took the model's own labels."""
+    result = run("make-updatable", pt_model, "--labels", "")
+    assert result.code == 2 and "'--labels': no names given" in result.stderr, result
+    assert not models_dir.exists() or not any(models_dir.iterdir())
+
+
 def test_no_photos_at_all_is_named(lun):
     """retrain with an empty list said "no image files found in " and stopped there."""
     for call in (lambda: lun.retrain("healthy", []), lambda: lun.predict([])):

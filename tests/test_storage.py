@@ -155,7 +155,13 @@ def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, mod
         segment.unlink()
     else:
         np.save(segment, np.zeros((3, 2), np.int64))
-    one_line_error(run("retrain", "--label", "healthy", photos["green"][0]), "luncher repair")
+    line = one_line_error(
+        run("retrain", "--label", "healthy", photos["green"][0]), "luncher repair"
+    )
+    # numpy's own words told the user to load the file "unsafely" (with pickle)
+    assert "pickle" not in line and "unsafe" not in line and "mmap" not in line, line
+    if damage == "junk":
+        assert "not a numpy file" in line, line
     repaired = run("repair", "--json")
     assert repaired.code == 0, repaired
     assert repaired.json_lines()[0]["reembedded"] == 3

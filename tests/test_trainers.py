@@ -90,6 +90,27 @@ def _predicted(run, photo) -> dict[str, float | None]:
     return result.json_lines()[0]["probabilities"]
 
 
+@pytest.mark.parametrize("damage", [b"junk", b""])
+def test_damaged_start_weights_are_plain_words_and_name_the_command(
+    run, pt_model, photos, models_dir, monkeypatch, damage
+):
+    """A damaged head_weights.npz quoted numpy ("This file contains pickled (object) data.
+    If you trust the file you can load it unsafely...") and said "make the base again"
+    without saying how."""
+    from healthyluncher.store import Files, ModelStore
+
+    monkeypatch.setenv(TRAINER_ENV, "numpy")
+    assert run("make-updatable", pt_model).code == 0
+    path = ModelStore(models_dir).base_dir() / Files.HEAD_WEIGHTS  # type: ignore[operator]
+    path.write_bytes(damage)
+    line = one_line_error(
+        run("retrain", "--label", "fast_food", photos["red"][0]),
+        str(path),
+        "make-updatable MODEL.onnx --keep-personalization",
+    )
+    assert "pickle" not in line and "unsafe" not in line, line
+
+
 @pytest.mark.parametrize("cause", ["damaged start", "diverged"])
 def test_nan_weights_never_become_the_personalized_model(
     run, pt_model, photos, models_dir, monkeypatch, cause
