@@ -40,6 +40,13 @@ PHOTOS = typer.Argument(
     metavar="PHOTO_OR_DIR...",
     parser=given_path,
 )
+FORGOTTEN = typer.Argument(
+    help="Photos, or directories to search, or a photo's digest (8 or more hex digits) or "
+    "thumbnail, as `luncher examples` lists them; - reads them from standard input.",
+    show_default=False,
+    metavar="PHOTO_OR_DIGEST...",
+    parser=given_path,
+)
 
 
 @app.command()
@@ -318,7 +325,7 @@ def undo(ctx: typer.Context, as_json: JSON = False) -> None:
 @reporting
 def forget(
     ctx: typer.Context,
-    images: Annotated[list[Path], PHOTOS],
+    images: Annotated[list[Path], FORGOTTEN],
     as_json: JSON = False,
 ) -> None:
     """Remove photos from your examples and retrain without them.

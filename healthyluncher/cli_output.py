@@ -41,6 +41,16 @@ class _Console:
             self._console = Console(highlight=False, soft_wrap=True, **self._options)
         return self._console
 
+    def print(self, *objects: Any, **options: Any) -> None:
+        """A line of markup; where the stream is not a terminal, plain text with the tags
+        dropped, and rich (about 50 ms to import) is not loaded for it."""
+        stream = sys.stderr if self._options.get("stderr") else sys.stdout
+        if options or len(objects) != 1 or not isinstance(objects[0], str) or stream.isatty():
+            self.real().print(*objects, **options)
+        else:
+            stream.write(MARKUP.sub("", objects[0]).replace("\\[", "[") + "\n")
+            stream.flush()  # as rich's own print does
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real(), name)
 
@@ -59,11 +69,15 @@ def printable(text: str) -> str:
 
 
 def escape(text: str) -> str:
-    """rich's markup escape (imported when something is printed with markup), of the text
-    with its control characters shown as escapes (`printable`)."""
-    from rich.markup import escape as rich_escape
+    """rich's markup escape (`rich.markup.escape`, written out here: importing it loads most
+    of rich, about 40 ms, on every command, piped too), of the text with its control
+    characters shown as escapes (`printable`)."""
+    text = _MARKUP_LIKE.sub(lambda m: f"{m[1]}{m[1]}\\{m[2]}", printable(text))
+    return text + "\\" if text.endswith("\\") and not text.endswith("\\\\") else text
 
-    return rich_escape(printable(text))
+
+# What rich would read as a markup tag, with the backslashes before it.
+_MARKUP_LIKE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
 
 
 def cells(text: str) -> int:
@@ -369,14 +383,9 @@ class RowPrinter:
 
 
 def note(text: str) -> None:
-    """An informational line on stdout (rich markup), left out by --quiet. Piped, it is
-    plain text, and rich (about 50 ms to import) is not loaded for it."""
-    if quiet[0]:
-        return
-    if sys.stdout.isatty():
+    """An informational line on stdout (rich markup), left out by --quiet; piped, plain."""
+    if not quiet[0]:
         out.print(text)
-    else:
-        say(MARKUP.sub("", text).replace("\\[", "["))
 
 
 # rich's markup tags ([bold], [/bold], [red]...), dropped when the output is not a terminal.

@@ -633,3 +633,34 @@ def test_the_luncher_process_leaves_its_objects_to_the_exit_not_to_the_collector
     assert done.returncode == 0, done.stderr
     assert __version__ in done.stdout
     assert "AFTER 0" in done.stderr and "FROZEN True" in done.stderr, done.stderr
+
+
+def test_a_piped_retrain_imports_neither_rich_nor_onnx(run, pt_model, photos, models_dir):
+    """The README: "A cached retrain never imports onnx, Pillow's image code or rich", and
+    rich loads "only at a terminal". The summary's `escape` of the example counts imported
+    rich.markup (and most of rich with it, about 40 ms) on every retrain, piped or not, and
+    status, reset and undo printed their lines through a rich Console, piped too."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *map(str, photos["red"])).code == 0
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['luncher', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_module('healthyluncher', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert not stop.code, stop.code\n"
+        "loaded = sorted(m for m in ('rich', 'onnx') if m in sys.modules)\n"
+        "print('LOADED', loaded, file=sys.stderr)\n"
+    )
+    # The same photos, the other label: every photo from the cache, and a real retrain.
+    retrain = ["retrain", "--label", "fast_food", *map(str, photos["red"])]
+    said = {}
+    for args in (retrain, ["status"], ["reset", "--yes"], ["undo"]):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, check=False
+        )
+        assert "LOADED []" in done.stderr, (args, done.stderr[-500:])
+        said[args[0]] = done.stdout
+    assert "Trained" in said["retrain"] and "came from the cache" in said["retrain"]
+    assert "predicting with   the personalized model" in said["status"]
+    assert "[" not in said["status"] + said["reset"] + said["undo"]  # no markup left

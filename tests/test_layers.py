@@ -97,3 +97,25 @@ def test_low_layers_never_import_high_ones():
     for name, imported in edges.items():
         for other in imported:
             assert rank[other] <= rank[name], f"{name} (layer {rank[name]}) imports {other}"
+
+
+def test_the_readme_layer_table_names_every_module_and_no_layer_imports_a_higher_one():
+    """README's "How it works" table of layers left out 19 of the package's modules
+    (cli_teaching, tasks, teaching, headfit, state, fileio...), where it says the modules
+    import one way through those layers."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("| layer | modules | job |") :]
+    rows = table[: table.index("\n\n")].splitlines()[2:]
+    rank = {
+        module: len(rows) - i  # the table lists the highest layer first
+        for i, row in enumerate(rows)
+        for module in re.findall(r"`(\w+)`", row.split("|")[2])
+    }
+    edges = graph()
+    assert set(edges) - set(rank) == set(), "modules the README's table leaves out"
+    assert set(rank) - set(edges) == set(), "names in the README's table that are no module"
+    for name, imported in edges.items():
+        for other in imported:
+            assert rank[other] <= rank[name], f"{name} imports {other}, a higher layer"

@@ -368,3 +368,11 @@ def test_the_help_of_views_says_what_a_retrain_does():
     assert f"{hp.view_budget} per retrain" in text and f"up to {hp.augment_views} each" in text
     first_single = next(n for n in range(1, 1000) if hp.views_for(n) == 1)
     assert f"1 from {first_single} photos on" in text
+
+
+def test_the_help_of_forget_says_a_digest_or_thumbnail_will_do():
+    """The README's `luncher forget PHOTO_OR_DIGEST...` forgets a photo whose file is gone by
+    its digest or thumbnail; `forget --help` said only "Photos, or directories to search"."""
+    text = " ".join(luncher("forget", "--help").stdout.split())
+    assert "PHOTO_OR_DIGEST..." in text
+    assert "digest (8 or more hex digits) or thumbnail" in text
