@@ -183,10 +183,11 @@ def retrain(
             ],
         )
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+        some_new = result.cached < len(result.photos)  # else none got views
+        new = f"{result.views} view(s) per new photo; " if some_new else ""
         note(
             f"Trained {result.hyperparameters.epochs} epochs on your examples ({escape(counts)}); "
-            f"{result.views} view(s) per new photo; {result.cached} photo(s) came from the "
-            "cache."
+            f"{new}{result.cached} photo(s) came from the cache."
         )
     if result.failures:
         raise typer.Exit(1)
