@@ -359,8 +359,9 @@ def test_every_command_and_subcommand_has_help_with_an_example_that_parses(comma
 
 
 def test_the_help_of_views_says_what_a_retrain_does():
-    """`retrain --help` said the default was '1 from 16 photos on': 16 photos get 2 views
-    each (32 a retrain), and 1 comes from 32 photos on, as the README says."""
+    """`retrain --help` said the default was '1 from 16 photos on': with 32 views a retrain,
+    16 photos get 2 views each, and a photo is its own single view from 17 photos on, as the
+    README says."""
     from healthyluncher.settings import Hyperparameters
 
     text = " ".join(luncher("retrain", "--help").stdout.split())
