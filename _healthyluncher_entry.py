@@ -30,13 +30,14 @@ def run() -> None:
 
             caller = sys._getframe(1)  # pip's script: the top level of the main module
             in_main = caller.f_globals.get("__name__") == "__main__"
-            if in_main and caller.f_code.co_name == "<module>":
+            own = in_main and caller.f_code.co_name == "<module>"
+            if own:
                 import atexit  # built into the interpreter
 
                 atexit.register(_end)  # registered first: it runs after every other handler
             from healthyluncher.__main__ import run as luncher
 
-            luncher()
+            luncher(own_process=own)
         except KeyboardInterrupt:
             import sys
 
