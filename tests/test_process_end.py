@@ -92,9 +92,10 @@ def test_escape_is_richs_markup_escape():
         assert escape(text) == rich_escape(printable(text)), repr(text)
 
 
-def test_a_piped_retrain_never_imports_rich(run, pt_model, photos):
+def test_a_piped_retrain_never_imports_rich_nor_from_the_cache_pillow(run, pt_model, photos):
     """Piped, a retrain prints plain text: rich (about 15 ms) was imported for the markup
-    escape of its last line alone."""
+    escape of its last line alone. A retrain of cached photos decodes none, but imported
+    Pillow's package to ask whether it decodes AVIF."""
     assert run("make-updatable", pt_model).code == 0
     probe = (
         "import runpy, sys\n"
@@ -103,7 +104,7 @@ def test_a_piped_retrain_never_imports_rich(run, pt_model, photos):
         "    runpy.run_module('healthyluncher', run_name='__main__')\n"
         "except SystemExit as done:\n"
         "    assert not done.code, done.code\n"
-        "print('RICH', 'rich' in sys.modules, file=sys.stderr)\n"
+        "print('RICH', 'rich' in sys.modules, 'PIL', 'PIL' in sys.modules, file=sys.stderr)\n"
     )
     for label in ("healthy", "fast_food"):  # the photos' first retrain, then from the cache
         args = ["retrain", "--label", label, *map(str, photos["red"])]
@@ -113,6 +114,8 @@ def test_a_piped_retrain_never_imports_rich(run, pt_model, photos):
         assert done.returncode == 0, done.stderr[-500:]
         assert "Trained" in done.stdout, done.stdout
         assert "RICH False" in done.stderr, done.stderr[-300:]
+    assert "3 photo(s) came from the cache" in done.stdout, done.stdout
+    assert "PIL False" in done.stderr, done.stderr[-300:]
 
 
 def test_the_collector_is_off_while_luncher_starts_and_on_for_the_command(pt_model, run):
