@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import re
@@ -69,15 +70,13 @@ def printable(text: str) -> str:
 
 
 def escape(text: str) -> str:
-    """rich's markup escape (`rich.markup.escape`, written out here: importing it loads most
-    of rich, about 40 ms, on every command, piped too), of the text with its control
-    characters shown as escapes (`printable`)."""
+    """rich.markup.escape (written out: importing it loads most of rich, ~40 ms, piped too)
+    of the text with its control characters shown as escapes (`printable`)."""
     text = _MARKUP_LIKE.sub(lambda m: f"{m[1]}{m[1]}\\{m[2]}", printable(text))
     return text + "\\" if text.endswith("\\") and not text.endswith("\\\\") else text
 
 
-# What rich would read as a markup tag, with the backslashes before it.
-_MARKUP_LIKE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
+_MARKUP_LIKE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")  # a tag, as rich reads one
 
 
 def cells(text: str) -> int:
@@ -158,6 +157,7 @@ json_mode = [False]  # set by a command's --json: errors are JSON on stdout too
 READ_ONLY = frozenset({"predict", "status", "export_backup", "examples", "labels_list"})
 
 
+collector_paused = [False]  # the garbage collector, while luncher's own process starts
 stopped_by = [signal.SIGINT]  # the signal that stopped the command (Ctrl-C unless told)
 
 
@@ -190,6 +190,10 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
             from healthyluncher.api import quiet_default_logger  # every command's own import
 
             quiet_default_logger()  # luncher's process is its own (see cli_app.main)
+            if collector_paused[0]:  # by luncher's own process to start up (__main__.run)
+                collector_paused[0] = False
+                gc.freeze()  # what start-up loaded: the collector goes over the command's
+                gc.enable()
             command(*args, **kwargs)
         except LuncherError as exc:
             message = in_options(exc, kwargs.get("ctx"))

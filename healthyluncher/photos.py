@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
 import re
@@ -69,8 +70,18 @@ def image_suffixes() -> frozenset[str]:
 
 
 def _module_exists(name: str) -> bool:
+    """Whether `name` can be imported, without importing it or its package (find_spec
+    imports a submodule's package: Pillow's, for PIL._avif, in a retrain that decodes
+    nothing)."""
+    package, _, module = name.rpartition(".")
     try:
-        return importlib.util.find_spec(name) is not None
+        if not package:
+            return importlib.util.find_spec(name) is not None
+        parent = importlib.util.find_spec(package)  # a top-level package: found, not run
+        if parent is None or not parent.submodule_search_locations:
+            return False
+        where = list(parent.submodule_search_locations)
+        return importlib.machinery.PathFinder.find_spec(name, where) is not None
     except (ImportError, ValueError):
         return False
 
