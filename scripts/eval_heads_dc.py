@@ -62,7 +62,7 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ import eval_heads as eh  # type: ignore[import-not-found]  # noqa: E402
 from eval_dishes import report_dishes  # type: ignore[import-not-found]  # noqa: E402
 
 RIDGE_BONUS = eh.BONUS
-GAUSS_BONUS = (-2.0, -1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0)
+GAUSS_BONUS = (-1.0, -0.75, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0)
 
 
 # ----------------------------------------------------------------------------- features
@@ -194,10 +194,12 @@ def synthetic(space: DCSpace, d: dict[str, Any], seed: int, s: dict[str, Any]) -
     for row in d["rows"]:
         mu, near = calibrate(space, s, tk["t"][row])
         n = s["samples"]
-        x = mu + np.sqrt(alpha) * rng.standard_normal((n, len(mu)))
+        x = mu.astype(np.float32) + np.float32(np.sqrt(alpha)) * rng.standard_normal(
+            (n, len(mu)), dtype=np.float32
+        )
         for j in near:
-            f = ps.factors[j]
-            x += rng.standard_normal((n, len(f))) @ f / np.sqrt(len(near))
+            f = ps.factors[j].astype(np.float32)
+            x += rng.standard_normal((n, len(f)), dtype=np.float32) @ f / np.sqrt(len(near))
         out.append(x)
     return np.concatenate(out)
 
@@ -214,12 +216,15 @@ def ridge_dc_scores(space: DCSpace, d: dict[str, Any], seed: int, s: dict[str, A
     tk = space.tukey(s["tukey"])
     real = tk["za"][eh.user_rows(d, s)]
     syn = synthetic(space, d, seed, s)
-    if len(syn):
-        z = eh.unit(syn - tk["mean"])
-        real = np.concatenate([real, np.concatenate([z, np.ones((len(z), 1))], axis=1)])
-    gram = tk["gram"] + real.T @ real / len(real)
+    count = len(real) + len(syn)
+    gram = tk["gram"] + real.T @ real / count
     cross = tk["cross"].copy()
-    cross[:, classes] = real.sum(axis=0) / len(real)
+    cross[:, classes] = real.sum(axis=0) / count
+    if len(syn):
+        z = eh.unit(syn - tk["mean"].astype(np.float32))
+        z = np.concatenate([z, np.ones((len(z), 1), np.float32)], axis=1)
+        gram += (z.T @ z).astype(np.float64) / count
+        cross[:, classes] += z.sum(axis=0, dtype=np.float64) / count
     gram[np.diag_indices_from(gram)] += s["lam"] * tk["scale"]
     w = np.linalg.solve(gram, cross)
     return tk["za"][rows] @ w  # type: ignore[no-any-return]
@@ -312,7 +317,7 @@ DC_GRID: dict[str, tuple[Any, ...]] = {
     "clusters": (8, 32),
     "k": (2, 5),
     "alpha": (0.1, 0.5),
-    "samples": (50, 200),
+    "samples": (25, 100),
 }
 CONTROL_GRID: dict[str, tuple[Any, ...]] = {
     "views": ("budget",),
@@ -329,9 +334,9 @@ GAUSS_GRID: dict[str, tuple[Any, ...]] = {
 METHODS = (
     DCMethod("tukey-ridge", ridge_dc_scores, False, CONTROL_GRID, RIDGE_BONUS),
     DCMethod("tukey-hybrid", ridge_dc_scores, True, CONTROL_GRID, RIDGE_BONUS),
+    DCMethod("dc-gauss", gauss_scores, True, GAUSS_GRID, GAUSS_BONUS),
     DCMethod("dc-ridge", ridge_dc_scores, False, DC_GRID, RIDGE_BONUS),
     DCMethod("dc-hybrid", ridge_dc_scores, True, DC_GRID, RIDGE_BONUS),
-    DCMethod("dc-gauss", gauss_scores, True, GAUSS_GRID, GAUSS_BONUS),
 )
 
 
@@ -388,6 +393,12 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=0.5, help="selection rule, points")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "heads-dc.md")
     parser.add_argument("--methods", default=",".join(m.name for m in METHODS))
+    parser.add_argument(
+        "--gauss-bonus",
+        help="dc-gauss's knob values, comma-separated (default: "
+        + ",".join(map(str, GAUSS_BONUS))
+        + ")",
+    )
     args = parser.parse_args()
     args.skip_current = True
     started = time.perf_counter()
@@ -395,6 +406,9 @@ def main() -> None:
     pairs = eh.pairs_of(args)
     wanted = args.methods.split(",")
     methods = [m for m in METHODS if m.name in wanted]
+    if args.gauss_bonus:
+        values = tuple(float(v) for v in args.gauss_bonus.split(","))
+        methods = [replace(m, bonuses=values) if m.name == "dc-gauss" else m for m in methods]
     results: dict[str, Any] = {"pairs": {}, "methods": {}, "checks": {}}
     spaces = {}
     for pair in pairs:
@@ -462,6 +476,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += [f"--draws {args.draws}", f"--seeds {args.seeds}", f"--max-drop {args.max_drop}"]
     if args.methods != ",".join(m.name for m in METHODS):
         parts.append(f"--methods {args.methods}")
+    if args.gauss_bonus:
+        parts.append(f"--gauss-bonus={args.gauss_bonus}")
     return " ".join(parts)
 
 
