@@ -129,6 +129,7 @@ class DCSpace:
         self.min_value = float(bank.min())
         self._t: dict[float, dict[str, Any]] = {}
         self._pseudo: dict[tuple[float, int], Pseudo] = {}
+        self.rp: dict[tuple[float, int, int], dict[str, Any]] = {}
 
     def tukey(self, lam: float) -> dict[str, Any]:
         """Transformed bank, its replay mean, replay per-dimension variance, the unit
@@ -230,6 +231,68 @@ def ridge_dc_scores(space: DCSpace, d: dict[str, Any], seed: int, s: dict[str, A
     return tk["za"][rows] @ w  # type: ignore[no-any-return]
 
 
+def projection(space: DCSpace, lam: float, seed: int, dims: int) -> dict[str, Any]:
+    """RanPAC's fixed random ReLU projection (eval_heads.py's: the same generator per seed)
+    of the transformed, centred unit rows of Space.rows, with the replay rows' kernels."""
+    key = (lam, seed, dims)
+    if key not in space.rp:
+        pair = space.pair
+        z = space.tukey(lam)["za"][:, :-1]
+        proj = np.random.default_rng(1000 + seed).standard_normal((z.shape[1], dims))
+        proj = proj.astype(np.float32)
+        rows = space.base.rows
+        phi = np.maximum(z[rows].astype(np.float32) @ proj, 0) / np.float32(np.sqrt(dims))
+        rep = phi[space.base.row_at[pair.replay_rows]]
+        fixed = phi[space.base.row_at[space.base.fixed]]
+        space.rp[key] = {
+            "proj": proj,
+            "phi": phi,
+            "rep": rep,
+            "fixed": fixed,
+            "k_rr": rep @ rep.T + 1.0,
+            "k_fr": fixed @ rep.T + 1.0,
+        }
+    return space.rp[key]
+
+
+def ridge_rp_scores(space: DCSpace, d: dict[str, Any], seed: int, s: dict[str, Any],
+                    rows: np.ndarray) -> np.ndarray:  # fmt: skip
+    """eval_heads.py's ridge_scores with dims > 0 (dual form), on transformed features,
+    the user group's rows being its real views and its synthetic rows."""
+    pair = space.pair
+    classes = len(pair.labels)
+    tk = space.tukey(s["tukey"])
+    p = projection(space, s["tukey"], seed, s["dims"])
+    user = p["phi"][space.base.row_at[eh.user_rows(d, s)]]
+    syn = synthetic(space, d, seed, s)
+    if len(syn):
+        z = eh.unit(syn - tk["mean"].astype(np.float32)).astype(np.float32)
+        phi_syn = np.maximum(z @ p["proj"], 0) / np.float32(np.sqrt(s["dims"]))
+        user = np.concatenate([user, phi_syn])
+    rep = p["rep"]
+    k_ru = rep @ user.T + 1.0
+    k_tt = np.block([[p["k_rr"], k_ru], [k_ru.T, user @ user.T + 1.0]]).astype(np.float64)
+    y = np.concatenate([pair.replay_y, np.full(len(user), classes)])
+    w = np.ones(len(y))
+    for c in range(classes + 1):
+        w[y == c] = 1.0 / np.sum(y == c)
+    sw = np.sqrt(w)
+    targets = np.eye(classes + 1)[y] * sw[:, None]
+    scale = float(np.mean(np.diag(p["k_rr"])))
+    alpha = np.linalg.solve(sw[:, None] * k_tt * sw[None, :] + s["lam"] * scale * np.eye(len(y)),
+                            targets)  # fmt: skip
+    held = rows[: len(rows) - len(space.base.fixed)]
+    assert np.array_equal(rows[len(held) :], space.base.fixed)
+    h = p["phi"][space.base.row_at[held]]
+    k_test = np.concatenate(
+        [
+            np.concatenate([h @ rep.T + 1.0, h @ user.T + 1.0], axis=1),
+            np.concatenate([p["k_fr"], p["fixed"] @ user.T + 1.0], axis=1),
+        ]
+    ).astype(np.float64)
+    return k_test @ (sw[:, None] * alpha)  # type: ignore[no-any-return]
+
+
 def woodbury_terms(f: np.ndarray, alpha: float, v: np.ndarray) -> tuple[np.ndarray, float]:
     """Squared Mahalanobis distances of the rows of v under F^T F + alpha I, and its log
     determinant (through the small n x n matrix)."""
@@ -307,7 +370,7 @@ class DCMethod:
         return [dict(zip(keys, v, strict=True)) for v in itertools.product(*self.grid.values())]
 
     def seeded(self, setting: dict[str, Any]) -> bool:
-        return bool(setting.get("samples"))
+        return bool(setting.get("samples") or setting.get("dims"))
 
 
 DC_GRID: dict[str, tuple[Any, ...]] = {
@@ -331,12 +394,40 @@ GAUSS_GRID: dict[str, tuple[Any, ...]] = {
     "k": (2, 5),
     "alpha": (0.1, 0.5),
 }
+# With RanPAC's projection (eval_heads.py's ridge as results/heads.md chose it: dims=4096,
+# lam=0.001); a smaller calibration grid, added after the run above (see the results file).
+RP_GRID: dict[str, tuple[Any, ...]] = {
+    "views": ("budget",),
+    "dims": (4096,),
+    "lam": (0.001,),
+    "tukey": (0.5, 1.0),
+    "clusters": (8,),
+    "k": (2,),
+    "alpha": (0.1, 0.5),
+    "samples": (25,),
+}
+RP_CONTROL_GRID: dict[str, tuple[Any, ...]] = {
+    "views": ("budget",),
+    "dims": (4096,),
+    "lam": (0.001,),
+    "tukey": (0.5, 1.0),
+    "samples": (0,),
+}
 METHODS = (
     DCMethod("tukey-ridge", ridge_dc_scores, False, CONTROL_GRID, RIDGE_BONUS),
     DCMethod("tukey-hybrid", ridge_dc_scores, True, CONTROL_GRID, RIDGE_BONUS),
     DCMethod("dc-gauss", gauss_scores, True, GAUSS_GRID, GAUSS_BONUS),
     DCMethod("dc-ridge", ridge_dc_scores, False, DC_GRID, RIDGE_BONUS),
     DCMethod("dc-hybrid", ridge_dc_scores, True, DC_GRID, RIDGE_BONUS),
+    DCMethod("rp-tukey-ridge", ridge_rp_scores, False, RP_CONTROL_GRID, RIDGE_BONUS),
+    DCMethod("dc-ridge-rp", ridge_rp_scores, False, RP_GRID, RIDGE_BONUS),
+    DCMethod(
+        "dc-ridge-rp-full",
+        ridge_rp_scores,
+        False,
+        {**DC_GRID, "dims": (4096,), "lam": (0.001,)},
+        RIDGE_BONUS,
+    ),
 )
 
 
@@ -378,6 +469,20 @@ def check_control(space: DCSpace) -> float:
         rows = np.concatenate([d["held_rows"], space.pair.base_rows, space.pair.far_rows])
         ours = ridge_dc_scores(space, d, 0, s, rows)
         theirs = eh.ridge_scores(space.base, 0, 0, 0.1, 1.0, eh.user_rows(d, s), rows,
+                                 len(space.pair.labels))  # fmt: skip
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+    return worst
+
+
+def check_control_rp(space: DCSpace) -> float:
+    """tukey=1, samples=0 with the projection is eval_heads.py's ridge at dims=4096 (float32
+    features here): the largest score difference over a few draws."""
+    worst = 0.0
+    s = {"views": "budget", "lam": 0.001, "dims": 4096, "tukey": 1.0, "samples": 0}
+    for d in space.pair.draws[:: max(1, len(space.pair.draws) // 3)]:
+        rows = np.concatenate([d["held_rows"], space.pair.base_rows, space.pair.far_rows])
+        ours = ridge_rp_scores(space, d, 0, s, rows)
+        theirs = eh.ridge_scores(space.base, 0, 4096, 0.001, 1.0, eh.user_rows(d, s), rows,
                                  len(space.pair.labels))  # fmt: skip
         worst = max(worst, float(np.abs(ours - theirs).max()))
     return worst
@@ -425,6 +530,12 @@ def main() -> None:
         diff = check_control(spaces[pair.name])
         results["checks"][pair.name] = {"control_vs_eval_heads_ridge_max_abs": diff}
         print(f"[{pair.name}] tukey=1, samples=0 against eval_heads ridge: {diff:.2e}", flush=True)
+        if any(m.scores is ridge_rp_scores for m in methods):
+            rp = check_control_rp(spaces[pair.name])
+            results["checks"][pair.name]["rp_control_vs_eval_heads_ridge"] = rp
+            print(
+                f"[{pair.name}] rp control against eval_heads ridge dims=4096: {rp:.2e}", flush=True
+            )
     # Methods sharing a grid and scores run together.
     groups: dict[tuple[Any, ...], list[DCMethod]] = {}
     for m in methods:
@@ -499,7 +610,14 @@ def write(args: argparse.Namespace, results: dict[str, Any], methods: list[DCMet
             f"full-size photos; replay rows {p['replay_rows']}, smallest head input "
             f"{p['head_input_min']:.3g}; the control (tukey=1, samples=0) against "
             "eval_heads.py's ridge at dims=0: largest score difference "
-            f"{results['checks'][name]['control_vs_eval_heads_ridge_max_abs']:.1e}."
+            f"{results['checks'][name]['control_vs_eval_heads_ridge_max_abs']:.1e}"
+            + (
+                f"; with the projection (tukey=1, samples=0, dims=4096) against its ridge at "
+                f"dims=4096: {results['checks'][name]['rp_control_vs_eval_heads_ridge']:.1e} "
+                "(float32 projection here)."
+                if "rp_control_vs_eval_heads_ridge" in results["checks"][name]
+                else "."
+            )
         )
     lines += [
         "",
