@@ -43,6 +43,11 @@ each also as a 64 px thumbnail: the only base data a user's machine has):
   `tukey-ridge` / `tukey-hybrid` are the same with samples=0 (no calibration): the control
   that says what the synthetic features add. With tukey=1 they are eval_heads.py's
   ridge / hybrid-ridge at dims=0 (checked: the same scores to 1e-6).
+- **`rp-tukey-ridge`, `dc-ridge-rp`, `dc-ridge-rp-full`**: the same with RanPAC's fixed
+  random ReLU projection to `dims`=4096 (eval_heads.py's ridge as results/heads.md chose
+  it, lam=0.001; dual form): the control (samples=0), a 4-setting calibration grid and the
+  full one. They were added after the first run (see results/heads-dc.md). With tukey=1
+  the control is eval_heads.py's ridge at dims=4096 (checked: to 1.5e-6, float32 here).
 - **`dc-gauss`** (the cheaper variant, a hybrid): the user's group is a Gaussian with
   the calibrated mean (the mean of its photos' calibrated means) and the borrowed
   covariance (the mean of the pseudo-classes' covariances the photos chose, shrunk by
