@@ -29,6 +29,11 @@ input is close to one of the user's examples of that class. The rules differ in 
   is heads.add_memory now (memory.build_memory with copy_memory's centre and the
   `memory_floor` setting 0.1), chosen on the tuning pair of
   results/memory-rules-centred.md.
+- `centred-tukey-P-T`: `centred-T` on Tukey-transformed head inputs: every head input x
+  (the photo, the user's rows, the replay set, so the centre and the floors too) becomes
+  max(x, 0)^P (the pooled features are non-negative; results/heads-dc.md found x^0.5 to
+  help ridge heads at K>=5), the centre the mean of the transformed replay set, then the
+  same centred cosine, floors and bonus with threshold T (results/memory-rules-tukey.md).
 - `imagenet-S` (or `imagenet-S-T`, threshold T, 0.4 if not given): `radius` in the
   output space of the stock ImageNet classifier instead of its 1280-d input: every head
   input f (the photo, the user's rows, the replay set, so the floors too) becomes z = W f
@@ -57,7 +62,8 @@ input is close to one of the user's examples of that class. The rules differ in 
   bonus (memory_bonus's arithmetic) are applied to them.
 
 `--rules` runs some of them (results/memory-rules-centred.md: radius and centred-T;
-any `kth-N`, `centred-T`, `imagenet-S[-T]`, `embed-S` or `local-S` may be named).
+any `kth-N`, `centred-T`, `centred-tukey-P-T`, `imagenet-S[-T]`, `embed-S` or `local-S`
+may be named).
 `--pairs tuning` runs the tuning pair alone (to fix a choice before the report pair is
 looked at).
 
@@ -178,6 +184,24 @@ def project(x: np.ndarray, space: str, path: Path) -> np.ndarray:
     return p if space == "prob" else np.sqrt(p)
 
 
+def tukey_rule(rule: str) -> tuple[float, float]:
+    """`centred-tukey-P-T`: the power P and the threshold T."""
+    parts = rule.removeprefix("centred-tukey-").split("-")
+    try:
+        power, threshold = (float(v) for v in parts)
+    except ValueError:
+        raise SystemExit(f"--rules {rule}: centred-tukey-P-T, P a power, T a threshold") from None
+    if power <= 0:
+        raise SystemExit(f"--rules {rule}: the power must be positive")
+    return power, threshold
+
+
+def tukey(x: np.ndarray, power: float) -> np.ndarray:
+    """Head inputs (N, ...) as max(x, 0)^P, flattened (N, D)."""
+    flat = np.maximum(x.reshape(len(x), -1).astype(np.float32), 0)
+    return np.power(flat, np.float32(power))  # type: ignore[no-any-return]
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(len(x), -1).astype(np.float32)
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
@@ -213,6 +237,14 @@ def bonus(
             nth = np.sort(similarity, axis=1)[:, -int(rule.split("-")[1])]
             memory = dataclasses.replace(memory, floors=np.maximum(nth, np.float32(THRESHOLD)))
         return memory_bonus(x, memory, num_classes, strength)
+    if rule.startswith("centred-tukey-"):
+        power, threshold = tukey_rule(rule)
+        flat = tukey(replay[0], power)
+        mean = flat.mean(axis=0)
+        memory = build_memory(
+            tukey(rows, power) - mean, classes, threshold, (flat - mean, replay[1])
+        )
+        return memory_bonus(tukey(x, power) - mean, memory, num_classes, strength)
     if rule.startswith("centred-"):
         flat = replay[0].reshape(len(replay[0]), -1).astype(np.float32)
         mean = flat.mean(axis=0)
@@ -496,6 +528,14 @@ def run_rule(
         if rule == "radius":  # how often the threshold is the floor (against local-S)
             floors = build_memory(rows, case["classes"], THRESHOLD, replay).floors
             CLAMPED.setdefault((pair.name, rule), []).append(float(np.mean(floors == THRESHOLD)))
+        if rule.startswith("centred-"):  # the same, on centred (and transformed) inputs
+            power, threshold = tukey_rule(rule) if "tukey" in rule else (1.0, float(rule[8:]))
+            flat = tukey(replay[0], power)
+            mean = flat.mean(axis=0)
+            memory = build_memory(tukey(rows, power) - mean, case["classes"], threshold,
+                                  (flat - mean, replay[1]))  # fmt: skip
+            share = float(np.mean(memory.floors == np.float32(threshold)))
+            CLAMPED.setdefault((pair.name, rule), []).append(share)
 
         def predict(
             which: np.ndarray, case: dict[str, Any] = case, rows: np.ndarray = rows
