@@ -727,31 +727,35 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "",
     ]
     for method in METHODS:
-        m = methods[method.name]
-        fixed = {k: v for k, v in m["tuning"]["setting"].items() if k != method.knob}
-        lines += [
-            f"### {method.name} (knob: {method.knob}; fixed: {fmt_setting(fixed) or 'none'})",
-            "",
-            f"| {method.knob} | K=1 | K=5 | K=10 | new label | new-label precision "
-            "| base drop K=1 / 5 / 10 / new (pt) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for point in m["tuning_curve"]:
-            setting = point["setting"]
-            if any(setting[k] != v for k, v in fixed.items()):
-                continue
-            s = point["summary"]
-            names = [scenario_name(k, n) for k, n in SCENARIOS]
-            lines.append(
-                f"| {setting[method.knob]} | "
-                + " | ".join(f"{s[n]['recall']:.2f}" for n in names)
-                + f" | {s[names[3]]['precision']:.2f} | "
-                + " / ".join(f"{s[n]['base_drop']:+.2f}" for n in names)
-                + " |"
-            )
-        lines.append("")
+        lines += knob_table(method.name, method.knob, methods[method.name])
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def knob_table(name: str, knob: str, result: dict[str, Any]) -> list[str]:
+    """A method's tuning curve along its knob, its other settings at their chosen values."""
+    fixed = {k: v for k, v in result["tuning"]["setting"].items() if k != knob}
+    lines = [
+        f"### {name} (knob: {knob}; fixed: {fmt_setting(fixed) or 'none'})",
+        "",
+        f"| {knob} | K=1 | K=5 | K=10 | new label | new-label precision "
+        "| base drop K=1 / 5 / 10 / new (pt) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = [scenario_name(k, n) for k, n in SCENARIOS]
+    for point in result["tuning_curve"]:
+        setting = point["setting"]
+        if any(setting[k] != v for k, v in fixed.items()):
+            continue
+        s = point["summary"]
+        lines.append(
+            f"| {setting[knob]} | "
+            + " | ".join(f"{s[n]['recall']:.2f}" for n in names)
+            + f" | {s[names[3]]['precision']:.2f} | "
+            + " / ".join(f"{s[n]['base_drop']:+.2f}" for n in names)
+            + " |"
+        )
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

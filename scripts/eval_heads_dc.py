@@ -655,28 +655,7 @@ def write(args: argparse.Namespace, results: dict[str, Any], methods: list[DCMet
     lines += ["", "## Tuning pair: each method's knob at its chosen setting", ""]
     names = [eh.scenario_name(k, n) for k, n in eh.SCENARIOS]
     for m in done:
-        r = results["methods"][m.name]
-        fixed = {k: v for k, v in r["tuning"]["setting"].items() if k != m.knob}
-        lines += [
-            f"### {m.name} (knob: {m.knob}; fixed: {eh.fmt_setting(fixed)})",
-            "",
-            f"| {m.knob} | K=1 | K=5 | K=10 | new label | new-label precision "
-            "| base drop K=1 / 5 / 10 / new (pt) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for point in r["tuning_curve"]:
-            setting = point["setting"]
-            if any(setting[k] != v for k, v in fixed.items()):
-                continue
-            s = point["summary"]
-            lines.append(
-                f"| {setting[m.knob]} | "
-                + " | ".join(f"{s[n]['recall']:.2f}" for n in names)
-                + f" | {s[names[3]]['precision']:.2f} | "
-                + " / ".join(f"{s[n]['base_drop']:+.2f}" for n in names)
-                + " |"
-            )
-        lines.append("")
+        lines += eh.knob_table(m.name, m.knob, results["methods"][m.name])
     lines += ["## Tuning pair: every setting's best point under the rule", ""]
     lines += [
         "For each setting (knob aside): the highest mean recall over the four scenarios among "
