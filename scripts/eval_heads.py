@@ -62,7 +62,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -467,25 +467,38 @@ METHODS = (
 def run_method(space: Space, method: Method, setting: dict[str, Any], seeds: int,
                bonuses: tuple[float, ...]) -> dict[float, list[dict[str, Any]]]:  # fmt: skip
     """Runs for every value of the knob (the scores do not depend on it)."""
-    pair = space.pair
-    runs: dict[float, list[dict[str, Any]]] = {b: [] for b in bonuses}
+    return run_methods(space, [method], setting, seeds, {method.name: bonuses})[method.name]
+
+
+Runs = dict[float, list[dict[str, Any]]]  # {bonus: runs}
+
+
+def run_methods(space: Any, methods: Sequence[Any], setting: dict[str, Any], seeds: int,
+                bonuses: dict[str, tuple[float, ...]]) -> dict[str, Runs]:  # fmt: skip
+    """{method name: {bonus: runs}} for methods whose scores are the first one's (a ridge
+    head and its hybrid form, say): the scores are computed once per draw and seed. `space`
+    has the pair (a Space, or a script's own); each method has name, scores, combine and
+    seeded, as Method has."""
+    pair, first = space.pair, methods[0]
+    out: dict[str, Runs] = {m.name: {b: [] for b in bonuses[m.name]} for m in methods}
     for d in pair.draws:
         label_id = len(pair.labels) if d["new"] else pair.labels.index(d["label"])
         rows = np.concatenate([d["held_rows"], pair.base_rows, pair.far_rows])
         cut = np.cumsum([len(d["held_rows"]), len(pair.base_rows)])
-        for seed in range(seeds if method.seeded(setting) else 1):
-            scores = method.scores(space, d, seed, setting, rows)
-            for bonus in bonuses:
-                shifted = scores.copy()
-                shifted[:, -1] += bonus
-                if method.combine:
-                    pred = hybrid(shifted, pair, d, rows)
-                else:
-                    pred = group_to_label(shifted, pair, d)
-                held, base, far = np.split(pred, cut)
-                m = measure(pair, d, held, base, far, label_id)
-                runs[bonus].append({**key_of(d), "seed": seed, **m})
-    return runs
+        for seed in range(seeds if first.seeded(setting) else 1):
+            scores = first.scores(space, d, seed, setting, rows)
+            for method in methods:
+                for bonus in bonuses[method.name]:
+                    shifted = scores.copy()
+                    shifted[:, -1] += bonus
+                    if method.combine:
+                        pred = hybrid(shifted, pair, d, rows)
+                    else:
+                        pred = group_to_label(shifted, pair, d)
+                    held, base, far = np.split(pred, cut)
+                    m = measure(pair, d, held, base, far, label_id)
+                    out[method.name][bonus].append({**key_of(d), "seed": seed, **m})
+    return out
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -436,35 +436,6 @@ METHODS = (
 )
 
 
-def run_settings(space: DCSpace, methods: list[DCMethod], setting: dict[str, Any],
-                 seeds: int, bonuses: dict[str, tuple[float, ...]]) -> dict[str, Any]:  # fmt: skip
-    """eval_heads.py's run_method for methods that share their scores (ridge / hybrid):
-    {method name: {bonus: runs}}."""
-    pair = space.pair
-    first = methods[0]
-    out: dict[str, dict[float, list[dict[str, Any]]]] = {
-        m.name: {b: [] for b in bonuses[m.name]} for m in methods
-    }
-    for d in pair.draws:
-        label_id = len(pair.labels) if d["new"] else pair.labels.index(d["label"])
-        rows = np.concatenate([d["held_rows"], pair.base_rows, pair.far_rows])
-        cut = np.cumsum([len(d["held_rows"]), len(pair.base_rows)])
-        for seed in range(seeds if first.seeded(setting) else 1):
-            scores = first.scores(space, d, seed, setting, rows)
-            for m in methods:
-                for bonus in bonuses[m.name]:
-                    shifted = scores.copy()
-                    shifted[:, -1] += bonus
-                    if m.combine:
-                        pred = eh.hybrid(shifted, pair, d, rows)
-                    else:
-                        pred = eh.group_to_label(shifted, pair, d)
-                    held, base, far = np.split(pred, cut)
-                    measured = eh.measure(pair, d, held, base, far, label_id)
-                    out[m.name][bonus].append({**eh.key_of(d), "seed": seed, **measured})
-    return out
-
-
 def check_control(space: DCSpace) -> float:
     """tukey=1, samples=0 is eval_heads.py's ridge at dims=0: the largest score difference
     over the first draws."""
@@ -551,7 +522,7 @@ def main() -> None:
         bonuses = {m.name: m.bonuses for m in group}
         for setting in group[0].settings():
             tt = time.perf_counter()
-            by = run_settings(spaces["tuning"], group, setting, args.seeds, bonuses)
+            by = eh.run_methods(spaces["tuning"], group, setting, args.seeds, bonuses)
             for m in group:
                 for bonus, runs in by[m.name].items():
                     curves[m.name].append(
@@ -562,7 +533,7 @@ def main() -> None:
             best = eh.choose(curves[m.name], args.max_drop)
             fixed = {k: v for k, v in best["setting"].items() if k != "bonus"}
             bonus = best["setting"]["bonus"]
-            runs = run_settings(spaces["report"], [m], fixed, args.seeds, {m.name: (bonus,)})
+            runs = eh.run_methods(spaces["report"], [m], fixed, args.seeds, {m.name: (bonus,)})
             runs = runs[m.name][bonus]
             results["methods"][m.name] = {
                 "knob": m.knob,
