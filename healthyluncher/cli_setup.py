@@ -4,8 +4,9 @@
 
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -30,6 +31,7 @@ from healthyluncher.cli_output import (
     out,
     print_table,
     progress_bars,
+    quiet,
     reporting,
     spinner,
     suggest,
@@ -203,12 +205,17 @@ def make_updatable(
     if as_json:
         json_line(result)
         return
-    layers = result.meta.layers
+    if not quiet[0]:  # --quiet: the result lines only, not the layers
+        _print_layers(result.meta.layers, model.name, verbose)
+    _print_summary(result)
+
+
+def _print_layers(layers: Sequence[Any], name: str, verbose: bool) -> None:
     shown = list(layers)
     if not verbose:  # the layers around the cut: the last frozen ones and every trainable one
         first = next((i for i, layer in enumerate(layers) if layer.trainable), len(layers))
         shown = list(layers[max(0, first - 3) :])
-    title = f"Layers of {model.name}"
+    title = f"Layers of {name}"
     if len(shown) < len(layers):
         title += f" (the last {len(shown)} of {len(layers)}; --verbose lists all)"
     print_table(
@@ -224,6 +231,9 @@ def make_updatable(
             for layer in shown
         ],
     )
+
+
+def _print_summary(result: Any) -> None:
     head = result.examples
     if head is not None:
         counts = ", ".join(f"{k}: {v}" for k, v in head.photos.items())
@@ -240,13 +250,13 @@ def make_updatable(
             + (f" {head.skipped} photo(s) could not be read." if head.skipped else "")
         )
         if head.input_scale != 1.0:
-            out.print(
+            note(
                 f"The model's features are very large; they are scaled by "
                 f"{head.input_scale:.3g} before the head, so that training steps stay small."
             )
     meta = result.meta
     prep = meta.preprocessing
-    out.print(
+    note(
         f"Preprocessing from {escape(_in_options(result.preprocessing_source))}: "
         f"short side {prep.resize}, "
         f"crop {prep.height}x{prep.width}, mean {_numbers(prep.mean)}, std {_numbers(prep.std)}."
@@ -257,7 +267,7 @@ def make_updatable(
         f"{meta.preprocessing.layout}; training from tensor {escape(meta.split_tensor)!r}."
     )
     if result.replay_found is not None:
-        out.print(
+        note(
             f"Replay set: {meta.replay_examples} examples from {escape(str(result.replay_found))}"
             " (found beside the model), so personalizing it does not forget."
         )

@@ -201,6 +201,15 @@ def test_quiet_prints_results_and_errors_only(run, pt_model, photos):
     assert "before" in quiet.stdout  # the result itself stays
 
 
+def test_quiet_make_updatable_prints_its_result_not_its_layers(run, pt_model):
+    loud = run("make-updatable", pt_model)
+    quiet = run("--quiet", "make-updatable", pt_model, "--force")
+    assert loud.code == 0 and quiet.code == 0, (loud, quiet)
+    assert "Layers of" in loud.stdout and "Preprocessing from" in loud.stdout
+    (line,) = quiet.stdout.splitlines()  # each build has a folder of its own
+    assert line.startswith("Base ready in") and line.endswith("training from tensor 'features'.")
+
+
 def test_predict_prints_one_row_per_photo_as_it_goes(run, pt_model, photos):
     assert run("make-updatable", pt_model).code == 0
     lines = run("predict", *photos["red"], *photos["green"]).stdout.splitlines()
