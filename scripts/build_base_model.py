@@ -25,6 +25,9 @@ It is the user's own workflow on the stock backbone ("bring your own classifier"
    out (per dish), on the pancakes of ``personal/`` (which the base should call fast food)
    and on the 64 px dishes of ``lowres64/`` (none of them trained on). Results go to
    ``models/base-eval.json`` and ``models/MODEL_CARD.md``.
+
+``--check`` builds nothing: it runs step 5 again on the shipped files and compares every
+count with ``models/base-eval.json`` (do the model card's numbers reproduce here?).
 """
 
 from __future__ import annotations
@@ -321,6 +324,34 @@ def build(
     return result, steps
 
 
+def check(output: Path, food: Path) -> int:
+    """Step 5 again on the shipped files: do the model card's numbers reproduce here?"""
+    kept = json.loads((output / EVAL_FILE).read_text())
+    model = output / BUNDLED_MODEL
+    if hashlib.sha256(model.read_bytes()).hexdigest() != kept["model_sha256"]:
+        print(f"{model} is not the model {EVAL_FILE} describes")
+        return 1
+    trained_lowres = kept["evaluation"]["lowres64_held_out"] is not None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="luncher-check-") as scratch:
+        again = evaluate(model, food, Path(scratch), trained_lowres)
+    differences = [
+        f"{name}: {kept['evaluation']['per_dish'].get(name)} in the file, {row} now"
+        for name, row in again["per_dish"].items()
+        if kept["evaluation"]["per_dish"].get(name) != row
+    ]
+    if kept["evaluation"]["pancakes_called_fast_food"] != again["pancakes_called_fast_food"]:
+        differences.append(f"pancakes: {again['pancakes_called_fast_food']} now")
+    print("\n".join(differences) if differences else "every count is the same")
+    print(
+        json.dumps(
+            {k: again[k] for k in ("held_out_full_size", "lowres64_never_trained")}
+            | {"seconds": round(time.perf_counter() - started, 1)}
+        )
+    )
+    return 1 if differences else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build-python", type=Path, default=REPO / ".venv-build/bin/python")
@@ -364,7 +395,15 @@ def main() -> None:
         type=int,
         help="--trainable-layers N, then 1 layer again: personalizes as shipped, tuned features",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="build nothing: evaluate the model in --output again (step 5) and compare "
+        "every count with its base-eval.json; exit 1 on any difference",
+    )
     args = parser.parse_args()
+    if args.check:
+        sys.exit(check(args.output, args.food))
     if args.fine_tune_layers is not None and args.trainable_layers != 1:
         parser.error("--fine-tune-layers N already trains N layers; drop --trainable-layers")
     without = frozenset(d for d in args.leave_out.split(",") if d)
