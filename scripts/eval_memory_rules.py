@@ -60,10 +60,26 @@ input is close to one of the user's examples of that class. The rules differ in 
   the replay rows and the scored photos are computed once per pair, and the library's
   floors (the highest similarity to a replay row of another class, at least T) and
   bonus (memory_bonus's arithmetic) are applied to them.
+- `centred-flipq-T` and `centred-flip-T`: test-time flip averaging, then `centred-T`. A
+  flip-averaged head input is the mean of the head inputs of the pixels the model reads
+  and of the same tensor flipped along its width axis (ImageOps.mirror after
+  imaging.resize_and_crop, where augmented_views mirrors its views), run through the
+  library's embedder (Embedder._run_frozen) from the library's pixels, as `embed-S` makes
+  them (the unflipped half is checked against the bank). `flipq` (query only): the photo
+  being predicted (held-out, base and far photos) is flip-averaged, for the retrained
+  head's logits and the memory alike; the user's memory rows and the replay set (so the
+  centre and the floors) stay as they are. `flip` (everywhere): the memory rows (each a
+  view of a user's photo, flip-averaged from that view's pixels) and the replay set (its
+  full-size rows from their photos, its thumbnails from the same photos at 64 px) too,
+  so the centre and the floors are on flip-averaged inputs. The head itself is retrained
+  as shipped (its training views already include random mirrors); only what it reads
+  at prediction time changes. The base head's accuracy on flip-averaged base and far
+  photos is reported beside (base drop stays against the unflipped base head)
+  (results/memory-rules-flip.md).
 
 `--rules` runs some of them (results/memory-rules-centred.md: radius and centred-T;
-any `kth-N`, `centred-T`, `centred-tukey-P-T`, `imagenet-S[-T]`, `embed-S` or `local-S`
-may be named).
+any `kth-N`, `centred-T`, `centred-tukey-P-T`, `centred-flipq-T`, `centred-flip-T`,
+`imagenet-S[-T]`, `embed-S` or `local-S` may be named).
 `--pairs tuning` runs the tuning pair alone (to fix a choice before the report pair is
 looked at).
 
@@ -202,6 +218,23 @@ def tukey(x: np.ndarray, power: float) -> np.ndarray:
     return np.power(flat, np.float32(power))  # type: ignore[no-any-return]
 
 
+def flip_rule(rule: str) -> tuple[bool, float]:
+    """`centred-flipq-T` / `centred-flip-T`: whether everything is flip-averaged (not
+    only the query), and the threshold T."""
+    kind, _, tail = rule.removeprefix("centred-").partition("-")
+    try:
+        threshold = float(tail)
+    except ValueError:
+        threshold = float("nan")
+    if kind not in ("flip", "flipq") or not np.isfinite(threshold):
+        raise SystemExit(f"--rules {rule}: centred-flipq-T or centred-flip-T, T a threshold")
+    return kind == "flip", threshold
+
+
+def is_flip(rule: str) -> bool:
+    return rule.startswith(("centred-flip-", "centred-flipq-"))
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(len(x), -1).astype(np.float32)
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
@@ -268,10 +301,13 @@ def bonus(
     return out
 
 
-def base_cases(pair: Any) -> list[dict[str, Any]]:
-    """One case per relabelling draw: the base head's logits, the user's views as rows."""
+def base_cases(pair: Any, flip: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """One case per relabelling draw: the base head's logits (and on the flip-averaged
+    bank `flip`, if given), the user's views as rows."""
     assert pair.base is not None
-    logits = HeadRunner(head_with(pair.base.path / Files.HEAD, None)).logits(pair.bank)
+    runner = HeadRunner(head_with(pair.base.path / Files.HEAD, None))
+    logits = runner.logits(pair.bank)
+    flipped = None if flip is None else runner.logits(flip)
     cases = []
     for d in pair.draws:
         if d["new"]:
@@ -280,14 +316,15 @@ def base_cases(pair: Any) -> list[dict[str, Any]]:
         rows = pair.bank[d["view_rows"]]
         cases.append(
             {"d": d, "seed": 0, "label_id": label_id, "logits": logits, "rows": rows,
-             "classes": np.full(len(rows), label_id), "n": len(pair.labels)}
+             "classes": np.full(len(rows), label_id), "n": len(pair.labels),
+             "logits_flip": flipped}
         )  # fmt: skip
     return cases
 
 
-def retrained_cases(pair: Any, seeds: int) -> list[dict[str, Any]]:
+def retrained_cases(pair: Any, seeds: int, flip: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One case per draw and seed: the library's retrain, its head's logits without the
-    memory, and the copy's memory rows."""
+    memory (and on the flip-averaged bank `flip`, if given), and the copy's memory rows."""
     assert pair.base is not None
     wanted = np.unique(np.concatenate([pair.base_rows, pair.far_rows]))
     cases = []
@@ -305,12 +342,17 @@ def retrained_cases(pair: Any, seeds: int) -> list[dict[str, Any]]:
                                       plain, with_model=False)  # fmt: skip
             rows = np.unique(np.concatenate([wanted, d["held_rows"]]))
             logits = np.zeros((len(pair.bank), len(meta.labels)), np.float32)
-            logits[rows] = HeadRunner(head_with(head, None)).logits(pair.bank[rows])
+            runner = HeadRunner(head_with(head, None))
+            logits[rows] = runner.logits(pair.bank[rows])
+            flipped = None
+            if flip is not None:
+                flipped = np.zeros_like(logits)
+                flipped[rows] = runner.logits(flip[rows])
             memory, classes, _ = memory_rows(examples, meta.labels)
             cases.append(
                 {"d": d, "seed": seed, "label_id": meta.labels.index(d["label"]),
                  "logits": logits, "rows": memory, "classes": classes,
-                 "n": len(meta.labels)}
+                 "n": len(meta.labels), "logits_flip": flipped}
             )  # fmt: skip
     return cases
 
@@ -334,17 +376,18 @@ def embedded_bank(pair: Any, name: str) -> np.ndarray:
     return embeddings.space(EMBEDDED[pair.name], name)  # type: ignore[no-any-return]
 
 
-def pooled_bank(pair: Any, fn: Any = embeddings.pooled) -> dict[str, np.ndarray]:
-    """The pooled maps (or what `fn(session, batch)` keeps, with `avg`) of every bank row,
+def pooled_bank(pair: Any, fn: Any = embeddings.pooled, sess: Any = None) -> dict[str, np.ndarray]:
+    """The pooled maps (or what `fn(sess, batch)` keeps, with `avg`) of every bank row,
     from the library's pixels, checked against the bank's head inputs (the `avg` pool is
-    the head input)."""
+    the head input). `sess`: the base's ONNX model with the maps as outputs if None."""
     from healthyluncher import imaging
     from healthyluncher.photos import digest_of, read_bytes
     from healthyluncher.records import BUNDLED_MODEL
 
     t = time.perf_counter()
     prep = pair.base.meta.preprocessing
-    sess = embeddings.session(pair.base_dir / BUNDLED_MODEL)
+    if sess is None:
+        sess = embeddings.session(pair.base_dir / BUNDLED_MODEL)
     n = len(pair.bank)
     out: dict[str, np.ndarray] = {}
 
@@ -386,6 +429,53 @@ def pooled_bank(pair: Any, fn: Any = embeddings.pooled) -> dict[str, np.ndarray]
           flush=True)  # fmt: skip
     if worst < 0.9999:
         raise SystemExit(f"[{pair.name}] the pooled maps do not match the head inputs")
+    return out
+
+
+FLIPPED: dict[str, np.ndarray] = {}  # pair: its bank, flip-averaged
+
+
+def flipped_bank(pair: Any) -> np.ndarray:
+    """Every bank row flip-averaged: the mean of the head inputs of its pixels and of
+    them flipped along the width axis, through the library's embedder (its frozen part);
+    pooled_bank makes the pixels and checks the unflipped half against the bank."""
+    if pair.name not in FLIPPED:
+        from healthyluncher.embedder import Embedder
+
+        assert pair.base is not None
+        embedder = Embedder(pair.seeded[0], pair.base, 1)
+        width = -1 if pair.base.meta.preprocessing.layout == "NCHW" else -2
+
+        def both(sess: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
+            plain = sess._run_frozen(batch).reshape(len(batch), -1)
+            mirror = sess._run_frozen(np.ascontiguousarray(np.flip(batch, axis=width)))
+            return {"avg": plain, "flip": (plain + mirror.reshape(len(batch), -1)) / 2}
+
+        flip = pooled_bank(pair, both, embedder)["flip"].astype(np.float32)
+        cos = np.sum(unit(flip) * unit(pair.bank), axis=1)
+        print(f"[{pair.name}] flip-averaged bank: cosine to the unflipped rows mean "
+              f"{cos.mean():.4f}, lowest {cos.min():.4f}", flush=True)  # fmt: skip
+        FLIPPED[pair.name] = flip
+    return FLIPPED[pair.name]
+
+
+def flip_base(pair: Any, flip: np.ndarray) -> dict[str, dict[str, float]]:
+    """The base head's accuracy on the base's held-out photos and the far photos, as they
+    are and flip-averaged (and how often the unflipped calls agree with pair.base_pred)."""
+    assert pair.base is not None
+    runner = HeadRunner(head_with(pair.base.path / Files.HEAD, None))
+    out = {}
+    for what, rows, truth in (("base", pair.base_rows, pair.base_truth),
+                              ("far", pair.far_rows, pair.far_truth)):  # fmt: skip
+        plain = runner.logits(pair.bank[rows]).argmax(axis=1)
+        flipped = runner.logits(flip[rows]).argmax(axis=1)
+        out[what] = {
+            "accuracy": float(np.mean(plain == truth)),
+            "accuracy_flip": float(np.mean(flipped == truth)),
+            "changed": float(np.mean(plain != flipped)),
+            "agrees_with_base_pred": float(np.mean(plain == pair.base_pred[rows])),
+        }
+    print(f"[{pair.name}] base head, flip-averaged: {out}", flush=True)
     return out
 
 
@@ -520,16 +610,22 @@ def run_rule(
     if embedded is not None:
         bank = embedded_bank(pair, embedded)
         replay = (bank[pair.replay_rows], replay[1], replay[2])
+    inner, logits_key, everywhere = rule, "logits", False  # the rule `bonus` runs
+    if is_flip(rule):
+        everywhere, threshold = flip_rule(rule)
+        inner, logits_key, bank = f"centred-{threshold:g}", "logits_flip", flipped_bank(pair)
+        if everywhere:
+            replay = (bank[pair.replay_rows], replay[1], replay[2])
     runs = []
     for case in cases:
         rows = case["rows"] if space is None else project(case["rows"], space, imagenet)
-        if embedded is not None:
+        if embedded is not None or everywhere:
             rows = bank[memory_bank_rows(pair, case)]
         if rule == "radius":  # how often the threshold is the floor (against local-S)
             floors = build_memory(rows, case["classes"], THRESHOLD, replay).floors
             CLAMPED.setdefault((pair.name, rule), []).append(float(np.mean(floors == THRESHOLD)))
-        if rule.startswith("centred-"):  # the same, on centred (and transformed) inputs
-            power, threshold = tukey_rule(rule) if "tukey" in rule else (1.0, float(rule[8:]))
+        if inner.startswith("centred-"):  # the same, on centred (and transformed) inputs
+            power, threshold = tukey_rule(inner) if "tukey" in inner else (1.0, float(inner[8:]))
             flat = tukey(replay[0], power)
             mean = flat.mean(axis=0)
             memory = build_memory(tukey(rows, power) - mean, case["classes"], threshold,
@@ -541,8 +637,8 @@ def run_rule(
             which: np.ndarray, case: dict[str, Any] = case, rows: np.ndarray = rows
         ) -> np.ndarray:
             x, classes, n = bank[which], case["classes"], case["n"]
-            added = bonus(rule, x, rows, classes, n, strength, replay)
-            return (case["logits"][which] + added).argmax(axis=1)  # type: ignore[no-any-return]
+            added = bonus(inner, x, rows, classes, n, strength, replay)
+            return (case[logits_key][which] + added).argmax(axis=1)  # type: ignore[no-any-return]
 
         runs.append(measured(pair, case, predict))
     return runs
@@ -608,8 +704,13 @@ def main() -> None:
         if name not in args.pairs.split(","):
             continue
         heads_eval.setup_pair(pair, args, far)
+        flip = None
+        if any(is_flip(rule) for rule in args.rules.split(",")):
+            flip = flipped_bank(pair)
+            results.setdefault("flip_base", {})[name] = flip_base(pair, flip)
         t = time.perf_counter()
-        cases = retrained_cases(pair, args.seeds) if args.retrained else base_cases(pair)
+        cases = (retrained_cases(pair, args.seeds, flip) if args.retrained
+                 else base_cases(pair, flip))  # fmt: skip
         print(f"[{name}] {len(cases)} cases in {time.perf_counter() - t:.0f} s", flush=True)
         for rule in args.rules.split(","):
             if name == "tuning":
@@ -701,6 +802,11 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
                     lines.append(
                         f"| {pair} | {rule} | {strength:g} ({what}) | {scenario} | {cell(c)} |"
                     )
+    for pair, got in results.get("flip_base", {}).items():
+        lines += ["", f"Base head alone ({pair} pair's base), as shipped and flip-averaged: "
+                  + "; ".join(f"{what} photos accuracy {v['accuracy']:.4f} -> "
+                              f"{v['accuracy_flip']:.4f} ({v['changed']:.2%} of calls change)"
+                              for what, v in got.items()) + "."]  # fmt: skip
     at = "_floors_at_threshold"
     clamped = [f"{rule} {key.split('_')[0]} {v:.2f}" for rule in rules
                for key, v in results[rule].items() if key.endswith(at)]  # fmt: skip
