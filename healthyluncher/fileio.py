@@ -140,9 +140,9 @@ def numpy_problem(exc: BaseException) -> str:
 FSYNC_THREADS = 8
 
 
-# Larger model files are refused: a phone-sized classifier is tens of MB, the largest common
-# ImageNet exports a few hundred.
-MAX_MODEL_BYTES = 4 * 2**30
+# Larger model files are refused unread: protobuf parses no message over 2 GiB, so a larger
+# model keeps its weights in external data files (a phone-sized classifier is tens of MB).
+MAX_MODEL_BYTES = 2**31 - 1
 
 
 def open_regular(path: Path, kind: str) -> IO[bytes]:
@@ -174,7 +174,10 @@ def read_model_file(path: Path) -> bytes:
     with open_regular(path, "an ONNX model") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > MAX_MODEL_BYTES:
-            raise LuncherError(f"{path}: {size / 2**30:.1f} GiB is too large a model")
+            raise LuncherError(
+                f"{path}: {size / 2**30:.1f} GiB is too large: an ONNX file is at most 2 GiB "
+                "(a larger model keeps its weights in external data files)"
+            )
         try:
             return handle.read()
         except OSError as exc:
