@@ -99,8 +99,22 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("it is nested too deeply") from None
 
 
+# No JSON file luncher writes comes near this (taught.json of 10,000 photos: ~2 MB).
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: Path) -> Any:
+    """A JSON file of the models directory; one that is not a regular file (a link to
+    /dev/zero would fill the memory, a named pipe block forever) or is too large for one
+    luncher writes is damaged, unread."""
     try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise DamagedError(f"{path} is damaged (a directory)")
+        if not stat.S_ISREG(info.st_mode):
+            raise DamagedError(f"{path} is damaged (not a regular file)")
+        if info.st_size > MAX_JSON_BYTES:
+            raise DamagedError(f"{path} is damaged (larger than any file luncher writes)")
         return parse_json(path.read_text())
     except FileNotFoundError:
         raise

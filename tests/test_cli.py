@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -726,7 +727,16 @@ def test_a_retrain_rewrites_the_small_graph_and_copies_the_frozen_weights(
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncated", "not an object", "names a stranger", "empty object", "format a string"],
+    [
+        "truncated",
+        "not an object",
+        "names a stranger",
+        "empty object",
+        "format a string",
+        "a link to /dev/zero",
+        "a named pipe",
+        "a directory",
+    ],
 )
 def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
     run, pt_model, photos, models_dir, damage
@@ -740,15 +750,26 @@ def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
     assert run("retrain", "--label", "healthy", *photos["green"][:1]).code == 0
     personal = probabilities(run, *photos["red"], *photos["green"])
     state = models_dir / STATE_FILE
-    state.write_text(
-        {
-            "truncated": "{ truncated",
-            "not an object": "[1, 2]",
-            "names a stranger": '{"format": 1, "base": "../../etc", "personal": null}',
-            "empty object": "{}",  # was "an unknown format; written by a newer luncher?"
-            "format a string": '{"format": "1", "base": null}',
-        }[damage]
-    )
+    # Not a file: /dev/zero filled the memory ("unexpected MemoryError"), a named pipe
+    # blocked every command forever, a directory blocked every command.
+    if damage in ("a link to /dev/zero", "a named pipe", "a directory"):
+        state.unlink()
+        if damage == "a named pipe":
+            os.mkfifo(state)
+        elif damage == "a directory":
+            state.mkdir()
+        else:
+            state.symlink_to("/dev/zero")
+    else:
+        state.write_text(
+            {
+                "truncated": "{ truncated",
+                "not an object": "[1, 2]",
+                "names a stranger": '{"format": 1, "base": "../../etc", "personal": null}',
+                "empty object": "{}",  # was "an unknown format; written by a newer luncher?"
+                "format a string": '{"format": "1", "base": null}',
+            }[damage]
+        )
     assert probabilities(run, *photos["red"], *photos["green"]) == personal
     assert run("status", "--json").json_lines()[0]["examples_per_label"] == {
         "fast_food": 3,
