@@ -14,6 +14,7 @@ import numpy as np
 from healthyluncher import segments
 from healthyluncher.errors import (
     MAKE_UPDATABLE,
+    MAKE_UPDATABLE_KEEPING,
     REPAIR,
     UNDO,
     Command,
@@ -110,7 +111,9 @@ def load_base(store: ModelStore, state: State) -> Base:
     command = make_updatable_command(store.root)
     if path is None:
         raise LuncherError(f"there is no base model in {store.root} yet: run ", command)
-    again = ("run ", command, " again")
+    # A make-updatable of its own would stop at this damage too: --keep-personalization
+    # sets up a new base without reading this one's meta.json.
+    again = ("run ", make_updatable_command(store.root, MAKE_UPDATABLE_KEEPING))
     try:
         data = read_json(path / Files.META)
     except FileNotFoundError:

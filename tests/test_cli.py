@@ -945,6 +945,29 @@ def test_a_damaged_frozen_part_says_what_to_do(run, pt_model, photos, models_dir
     assert run("retrain", "--label", "fast_food", photos["red"][1]).code == 0
 
 
+@pytest.mark.parametrize("damage", ["torn", "missing"])
+def test_a_damaged_base_meta_json_names_a_command_that_works_as_written(
+    run, pt_model, photos, models_dir, damage
+):
+    """It named `luncher make-updatable MODEL.onnx` "again", which, run as written, stopped
+    at the same damaged meta.json: only --keep-personalization (or --force, which leaves
+    the personalization an undo away) gets past it."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    base = ModelStore(models_dir).base_dir()
+    assert base is not None
+    if damage == "torn":
+        (base / Files.META).write_text('{"labels": [')
+    else:
+        (base / Files.META).unlink()
+    line = one_line_error(run("predict", photos["red"][0]), "make-updatable MODEL.onnx")
+    command = line.split("`")[1].split()[1:]  # as written, with MODEL.onnx the model
+    assert run(*[str(pt_model) if word == "MODEL.onnx" else word for word in command]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["examples_per_label"] == {"fast_food": 1}
+    assert run("predict", photos["red"][0]).code == 0
+
+
 def test_a_damaged_base_weights_file_is_one_line_that_says_what_to_do(
     run, pt_model, photos, models_dir
 ):
