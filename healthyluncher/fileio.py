@@ -99,6 +99,17 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("it is nested too deeply") from None
 
 
+def not_regular(folder: Path) -> Path | None:
+    """The first file under `folder` that is a named pipe, a device or a link to one: its
+    reader would block forever or never reach its end."""
+    for top, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):  # gone, or a broken link: its reader says so
+                if not stat.S_ISREG(os.stat(os.path.join(top, name)).st_mode):
+                    return Path(top, name)
+    return None
+
+
 # No JSON file luncher writes comes near this (taught.json of 10,000 photos: ~2 MB).
 MAX_JSON_BYTES = 64 * 2**20
 
