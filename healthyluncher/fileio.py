@@ -99,8 +99,33 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("it is nested too deeply") from None
 
 
+def not_regular(folder: Path) -> Path | None:
+    """The first file under `folder` that is a named pipe, a device or a link to one: its
+    reader would block forever or never reach its end."""
+    for top, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):  # gone, or a broken link: its reader says so
+                if not stat.S_ISREG(os.stat(os.path.join(top, name)).st_mode):
+                    return Path(top, name)
+    return None
+
+
+# No JSON file luncher writes comes near this (taught.json of 10,000 photos: ~2 MB).
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: Path) -> Any:
+    """A JSON file of the models directory; one that is not a regular file (a link to
+    /dev/zero would fill the memory, a named pipe block forever) or is too large for one
+    luncher writes is damaged, unread."""
     try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise DamagedError(f"{path} is damaged (a directory)")
+        if not stat.S_ISREG(info.st_mode):
+            raise DamagedError(f"{path} is damaged (not a regular file)")
+        if info.st_size > MAX_JSON_BYTES:
+            raise DamagedError(f"{path} is damaged (larger than any file luncher writes)")
         return parse_json(path.read_text())
     except FileNotFoundError:
         raise
@@ -140,9 +165,9 @@ def numpy_problem(exc: BaseException) -> str:
 FSYNC_THREADS = 8
 
 
-# Larger model files are refused: a phone-sized classifier is tens of MB, the largest common
-# ImageNet exports a few hundred.
-MAX_MODEL_BYTES = 4 * 2**30
+# Larger model files are refused unread: protobuf parses no message over 2 GiB, so a larger
+# model keeps its weights in external data files (a phone-sized classifier is tens of MB).
+MAX_MODEL_BYTES = 2**31 - 1
 
 
 def open_regular(path: Path, kind: str) -> IO[bytes]:
@@ -174,7 +199,10 @@ def read_model_file(path: Path) -> bytes:
     with open_regular(path, "an ONNX model") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > MAX_MODEL_BYTES:
-            raise LuncherError(f"{path}: {size / 2**30:.1f} GiB is too large a model")
+            raise LuncherError(
+                f"{path}: {size / 2**30:.1f} GiB is too large: an ONNX file is at most 2 GiB "
+                "(a larger model keeps its weights in external data files)"
+            )
         try:
             return handle.read()
         except OSError as exc:

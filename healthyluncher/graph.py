@@ -82,7 +82,8 @@ def load_model(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError; onnx's on external data (missing...)
         why = f"not an ONNX model ({type(exc).__name__})"
-        raise LuncherError(f"{path}: {exc if 'TensorProto' in str(exc) else why}") from None
+        named = any(word in str(exc) for word in ("TensorProto", "External data"))
+        raise LuncherError(f"{path}: {exc if named else why}") from None
     if not model.graph.node:
         raise LuncherError(f"{path}: not an ONNX model (the graph has no nodes)")
     return model

@@ -14,6 +14,7 @@ import numpy as np
 from healthyluncher import segments
 from healthyluncher.errors import (
     MAKE_UPDATABLE,
+    MAKE_UPDATABLE_KEEPING,
     REPAIR,
     UNDO,
     Command,
@@ -22,7 +23,7 @@ from healthyluncher.errors import (
     LuncherError,
     Message,
 )
-from healthyluncher.fileio import numpy_problem, read_json
+from healthyluncher.fileio import not_regular, numpy_problem, read_json
 from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore, resolve_models_dir
@@ -110,13 +111,17 @@ def load_base(store: ModelStore, state: State) -> Base:
     command = make_updatable_command(store.root)
     if path is None:
         raise LuncherError(f"there is no base model in {store.root} yet: run ", command)
-    again = ("run ", command, " again")
+    # A make-updatable of its own would stop at this damage too: --keep-personalization
+    # sets up a new base without reading this one's meta.json.
+    again = ("run ", make_updatable_command(store.root, MAKE_UPDATABLE_KEEPING))
     try:
         data = read_json(path / Files.META)
     except FileNotFoundError:
         raise LuncherError(f"{path} is incomplete; ", *again) from None
     except DamagedError as exc:
         raise LuncherError(f"{exc}; ", *again) from None
+    if (odd := not_regular(path)) is not None:
+        raise LuncherError(f"{odd} is damaged (not a regular file); ", *again)
     try:  # a value the checks refuse is named with its file, like one that does not parse
         return Base(path, BaseMeta.from_json(data))
     except (LuncherError, KeyError, TypeError, ValueError) as exc:
@@ -133,6 +138,8 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
         raise LuncherError(f"{path} is incomplete; ", *GO_BACK) from None
     except DamagedError as exc:
         raise LuncherError(f"{exc}; ", *GO_BACK) from None
+    if (odd := not_regular(path)) is not None:
+        raise LuncherError(f"{odd} is damaged (not a regular file); ", *GO_BACK)
     try:
         return Personal(path, PersonalMeta.from_json(data))
     except (LuncherError, KeyError, TypeError, ValueError) as exc:

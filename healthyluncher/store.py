@@ -192,7 +192,10 @@ class ModelStore:
         try:
             if state.personal:  # the current copy's weights file, never a link
                 weightsfile.own(self.root / state.personal)
-            write_json(self.root / STATE_FILE, state.to_json())
+            path = self.root / STATE_FILE
+            if path.is_dir() and not path.is_symlink():  # damage: no rename replaces it
+                shutil.rmtree(path)
+            write_json(path, state.to_json())
         except OSError as exc:
             raise self._cannot_write(exc) from None
 

@@ -18,6 +18,7 @@ a few length-delimited fields to a serialized graph is the smallest valid change
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ def load(path: Path) -> Template | None:
     try:
         info = path.stat()
     except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):  # /dev/zero would fill the memory, a pipe block
         return None
     key = (str(path), info.st_size, info.st_mtime_ns)
     if key not in _last:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -726,7 +727,16 @@ def test_a_retrain_rewrites_the_small_graph_and_copies_the_frozen_weights(
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncated", "not an object", "names a stranger", "empty object", "format a string"],
+    [
+        "truncated",
+        "not an object",
+        "names a stranger",
+        "empty object",
+        "format a string",
+        "a link to /dev/zero",
+        "a named pipe",
+        "a directory",
+    ],
 )
 def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
     run, pt_model, photos, models_dir, damage
@@ -740,15 +750,26 @@ def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
     assert run("retrain", "--label", "healthy", *photos["green"][:1]).code == 0
     personal = probabilities(run, *photos["red"], *photos["green"])
     state = models_dir / STATE_FILE
-    state.write_text(
-        {
-            "truncated": "{ truncated",
-            "not an object": "[1, 2]",
-            "names a stranger": '{"format": 1, "base": "../../etc", "personal": null}',
-            "empty object": "{}",  # was "an unknown format; written by a newer luncher?"
-            "format a string": '{"format": "1", "base": null}',
-        }[damage]
-    )
+    # Not a file: /dev/zero filled the memory ("unexpected MemoryError"), a named pipe
+    # blocked every command forever, a directory blocked every command.
+    if damage in ("a link to /dev/zero", "a named pipe", "a directory"):
+        state.unlink()
+        if damage == "a named pipe":
+            os.mkfifo(state)
+        elif damage == "a directory":
+            state.mkdir()
+        else:
+            state.symlink_to("/dev/zero")
+    else:
+        state.write_text(
+            {
+                "truncated": "{ truncated",
+                "not an object": "[1, 2]",
+                "names a stranger": '{"format": 1, "base": "../../etc", "personal": null}',
+                "empty object": "{}",  # was "an unknown format; written by a newer luncher?"
+                "format a string": '{"format": "1", "base": null}',
+            }[damage]
+        )
     assert probabilities(run, *photos["red"], *photos["green"]) == personal
     assert run("status", "--json").json_lines()[0]["examples_per_label"] == {
         "fast_food": 3,
@@ -922,6 +943,29 @@ def test_a_damaged_frozen_part_says_what_to_do(run, pt_model, photos, models_dir
     one_line_error(result, "base model", "damaged", "--keep-personalization")
     assert run("make-updatable", pt_model, "--keep-personalization").code == 0
     assert run("retrain", "--label", "fast_food", photos["red"][1]).code == 0
+
+
+@pytest.mark.parametrize("damage", ["torn", "missing"])
+def test_a_damaged_base_meta_json_names_a_command_that_works_as_written(
+    run, pt_model, photos, models_dir, damage
+):
+    """It named `luncher make-updatable MODEL.onnx` "again", which, run as written, stopped
+    at the same damaged meta.json: only --keep-personalization (or --force, which leaves
+    the personalization an undo away) gets past it."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", photos["red"][0]).code == 0
+    base = ModelStore(models_dir).base_dir()
+    assert base is not None
+    if damage == "torn":
+        (base / Files.META).write_text('{"labels": [')
+    else:
+        (base / Files.META).unlink()
+    line = one_line_error(run("predict", photos["red"][0]), "make-updatable MODEL.onnx")
+    command = line.split("`")[1].split()[1:]  # as written, with MODEL.onnx the model
+    assert run(*[str(pt_model) if word == "MODEL.onnx" else word for word in command]).code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["examples_per_label"] == {"fast_food": 1}
+    assert run("predict", photos["red"][0]).code == 0
 
 
 def test_a_damaged_base_weights_file_is_one_line_that_says_what_to_do(

@@ -174,3 +174,38 @@ def test_a_model_of_an_ir_version_onnx_runtime_cannot_read_is_refused(run, pt_mo
     model.ir_version = version
     onnx.save(model, str(pt_model))
     one_line_error(run("make-updatable", pt_model), f"IR version {version}")
+
+
+def test_a_model_file_larger_than_protobuf_allows_is_refused_unread(run, tmp_path, monkeypatch):
+    """No ONNX file over 2 GiB parses (protobuf's limit: larger models keep their weights in
+    external data). A 3 GiB file was read twice, 6.3 GB of memory and 27 s, to end in
+    "not an ONNX model (DecodeError)"."""
+    huge = tmp_path / "huge.onnx"
+    with huge.open("wb") as handle:  # sparse: no disk used
+        handle.truncate(2**31)
+
+    def read(*args, **kwargs):
+        raise AssertionError("the file was read")
+
+    monkeypatch.setattr(onnx, "load", read)
+    monkeypatch.setattr(onnx, "load_model", read)
+    one_line_error(run("make-updatable", huge), "2.0 GiB", "at most 2 GiB", "external data")
+
+
+@pytest.mark.parametrize(("key", "value"), [("offset", "999999"), ("length", "10" * 8)])
+def test_external_weights_cut_short_are_named_not_called_not_onnx(
+    run, pt_model, tmp_path, key, value
+):
+    """onnx's ValueError for an offset or length past the weights file's end became "not an
+    ONNX model (ValueError)": the model is fine, its weights file is short."""
+    onnx.save(onnx.load(str(pt_model)), str(pt_model), save_as_external_data=True, size_threshold=0)
+    model = onnx.load(str(pt_model), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == key:
+                entry.value = value
+        if key == "length" and tensor.external_data:
+            tensor.external_data.add(key="length", value=value)
+    onnx.save(model, str(pt_model))
+    line = one_line_error(run("make-updatable", pt_model), "exceeds")
+    assert "not an ONNX model" not in line

@@ -143,7 +143,7 @@ def test_a_damaged_examples_index_is_refused_in_one_line(run, lun, photos, model
     assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
 
 
-@pytest.mark.parametrize("damage", ["junk", "missing", "wrong dtype"])
+@pytest.mark.parametrize("damage", ["junk", "missing", "wrong dtype", "a named pipe"])
 def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, models_dir, damage):
     """A segment is shared by the undo steps, and its damage said "examples.npz is
     damaged; run `luncher undo`", which only reached steps damaged the same way."""
@@ -153,6 +153,9 @@ def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, mod
         segment.write_bytes(b"not a numpy file")
     elif damage == "missing":
         segment.unlink()
+    elif damage == "a named pipe":  # retrain, export and repair blocked forever opening it
+        segment.unlink()
+        os.mkfifo(segment)
     else:
         np.save(segment, np.zeros((3, 2), np.int64))
     line = one_line_error(
@@ -169,6 +172,32 @@ def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, mod
     assert run("retrain", "--label", "fast_food", photos["green"][0]).code == 0
     assert lun.status().examples_per_label == {"healthy": 3, "fast_food": 1}
     assert run("repair", "--json").json_lines()[0]["reembedded"] == 0  # nothing to do now
+
+
+@pytest.mark.parametrize("where", ["personal model.onnx", "personal examples.npz", "base frozen"])
+def test_a_named_pipe_in_a_copy_is_one_line_that_leads_back(run, lun, photos, models_dir, where):
+    """A named pipe (or a device) in place of a file of the current copy or its base:
+    predict or retrain blocked forever opening it. Now one line, whose command works."""
+    lun.retrain("healthy", photos["red"][:1])
+    lun.retrain("fast_food", photos["green"][:1])
+    store = ModelStore(models_dir)
+    state = store.read_state()
+    folder = store.base_dir(state) if where.startswith("base") else store.personal_dir(state)
+    assert folder is not None
+    path = folder / {"base frozen": Files.FROZEN}.get(where, where.split()[-1])
+    path.unlink()
+    os.mkfifo(path)
+    command = "undo" if where.startswith("personal") else "make-updatable"
+    line = one_line_error(run("retrain", "--label", "healthy", photos["red"][1]), command)
+    assert "not a regular file" in line, line
+    if command == "undo":
+        assert run("undo").code == 0
+        assert lun.status().examples_per_label == {"healthy": 1}
+    else:
+        model = models_dir.parent / "tiny_pt.onnx"
+        assert run("make-updatable", model, "--keep-personalization").code == 0
+        assert lun.status().examples_per_label == {"healthy": 1, "fast_food": 1}
+    assert run("predict", photos["red"][1]).code == 0
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,24 @@ def test_without_a_usable_template_onnx_builds_the_same(tmp_path):
     work = tmp_path / "run"
     work.mkdir()
     np.testing.assert_allclose(outputs(fast.head, feats, work), outputs(slow.head, feats, work))
+
+
+@pytest.mark.parametrize("kind", ["a link to /dev/zero", "a named pipe"])
+def test_a_template_that_is_not_a_file_is_not_read(tmp_path, kind):
+    """personal.template is a cache, read whole: a link to /dev/zero filled the memory
+    ("unexpected MemoryError" from every retrain), a named pipe blocked it forever."""
+    base = updatable(tmp_path, pytorch_style, replay=True)
+    path = base.path / Files.TEMPLATE
+    path.unlink()
+    if kind == "a named pipe":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    assert template.load(path) is None
+    rng = np.random.default_rng(2)
+    params, examples = trained_params(base, rng), examples_for(base, rng, photos=2, views=1)
+    rendered = render_personal(base, base.meta.labels, params, examples, Hyperparameters())
+    assert isinstance(rendered, PersonalModel) and rendered.model is not None
 
 
 def test_a_retrain_with_a_template_does_not_import_onnx(tmp_path):
