@@ -7,6 +7,7 @@ import json
 import os
 import random
 import struct
+import subprocess
 import sys
 import threading
 import warnings
@@ -81,7 +82,7 @@ def png_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def assert_one_line_error(error: BaseException | str, path: Path) -> str:
+def assert_one_line_error(error: BaseException | str, path: Path | str) -> str:
     message = str(error)
     assert str(path) in message
     assert "\n" not in message and "Traceback" not in message
@@ -768,3 +769,58 @@ def test_a_huge_png_with_alpha_costs_its_decoded_size_not_four_times_it(tmp_path
     assert done.returncode == 0, done.stderr
     decoded_mb = 8000 * 6000 * 4 // 2**20
     assert int(done.stdout) < 2 * decoded_mb, (int(done.stdout), decoded_mb)
+
+
+# A PostScript file: Pillow's EPS plugin renders it by running Ghostscript on it.
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+    b"0 setgray 0 0 8 8 rectfill\nshowpage\n%%EOF\n"
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script as Ghostscript")
+def test_a_postscript_file_named_jpg_never_runs_ghostscript(tmp_path):
+    """Photos are untrusted files: one named lunch.jpg that is PostScript must not make
+    luncher run an interpreter (Ghostscript, through Pillow's EPS plugin) on it, and formats
+    outside the photo formats luncher reads are refused in one line, unrun."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "ghostscript-ran"
+    fake_gs = bin_dir / "gs"
+    fake_gs.write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    fake_gs.chmod(0o755)
+    photo = tmp_path / "lunch.jpg"
+    photo.write_bytes(EPS)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("LUNCHER_BUNDLED_MODEL")  # the shipped base: a real command, start to end
+    done = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", str(photo)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert not marker.exists(), "Ghostscript ran on a photo"
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert "lunch.jpg" in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PCX", "SGI", "TGA", "PPM", "ICO", "DDS", "QOI"])
+def test_only_the_photo_formats_luncher_names_are_decoded(fmt):
+    """README: JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC/HEIF and AVIF. Every other decoder
+    of Pillow's is more code reading an untrusted file, for no photo a camera takes."""
+    if fmt == "EPS":
+        data = EPS
+    else:
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), RED).save(buffer, format=fmt)
+        data = buffer.getvalue()
+    with pytest.raises(LuncherError) as caught:
+        decode(data, NCHW, name="odd.jpg")
+    line = assert_one_line_error(caught.value, "odd.jpg")
+    if fmt == "TGA":  # a format without a signature: no format, or another, claims it
+        assert "not a photo format luncher reads" in line or "not an image file" in line
+    else:
+        assert f"not a photo format luncher reads (Pillow reads it as {fmt})" in line
