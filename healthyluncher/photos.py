@@ -224,6 +224,8 @@ def read_bytes(path: PhotoSource) -> bytes:
             data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise LuncherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # os.stat's "embedded null byte"
+        raise LuncherError(f"{path}: cannot read: a file name cannot hold a NUL byte") from None
     if len(data) > MAX_FILE_BYTES:
         raise LuncherError(f"{path}: file is too large (over {MAX_FILE_BYTES / 2**20:.0f} MiB)")
     return data
