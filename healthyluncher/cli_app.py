@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -19,6 +20,7 @@ from healthyluncher.cli_output import (
     quiet,
     stop_on_signals,
 )
+from healthyluncher.errors import LuncherError
 from healthyluncher.settings import MAX_PIXEL_STATISTIC, backup_name_problem
 from healthyluncher.version import __version__
 
@@ -187,12 +189,15 @@ def luncher(ctx: typer.Context) -> "Luncher":
 
 
 def with_stdin(paths: list[Path]) -> list[Path]:
-    """`-` stands for newline-separated paths read from standard input."""
+    """`-` stands for newline-separated paths read from standard input, or NUL-separated
+    ones (`find -print0`: a name may hold a newline, never a NUL), taken as they are."""
     if Path("-") not in paths:
         return paths
-    import sys
-
-    read = [Path(line.strip()) for line in sys.stdin if line.strip()]
+    text = sys.stdin.read()
+    if "\0" in text:
+        read = [Path(name) for name in text.split("\0") if name]
+    else:
+        read = [Path(line.strip()) for line in text.split("\n") if line.strip()]
     expanded: list[Path] = []
     for path in paths:
         expanded.extend(read if path == Path("-") else [path])
@@ -291,7 +296,26 @@ def main() -> None:
     # writes training files in this process rather than in a child Python.
     warnings.simplefilter("ignore")  # every error is one line of its own; no other text
     logging.getLogger().addHandler(logging.NullHandler())
+    guard_streams()
     stop_on_signals()
+    code: object = 0
+    try:
+        try:
+            _run_app()
+        finally:  # what is still buffered fails here, not silently as the process ends
+            sys.stdout.flush()
+    except OutputLost as exc:  # `reporting` tells a command's own
+        _output_lost(exc)
+    except SystemExit as done:
+        code = done.code
+        raise
+    finally:  # a failure that click swallowed (in --help, --version) must not exit 0
+        lost = getattr(sys.stdout, "lost", None)
+        if lost is not None and code in (0, None):
+            _output_lost(lost)
+
+
+def _run_app() -> None:
     if "--json" not in sys.argv[1:]:
         app(prog_name="luncher")
         return
@@ -310,3 +334,73 @@ def main() -> None:
         exc.show()
         raise SystemExit(getattr(exc, "exit_code", 2)) from None
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def guard_streams() -> None:
+    """A stream the shell closed (`luncher ... >&-`, `<&-`) is None in Python. Standard
+    output closed: refused in one line before the command runs (its results, or the news
+    that it saved a change, would be lost); standard input closed reads as empty. Standard
+    output that fails (a full disk) is one line too: see Output."""
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - for the process
+    if sys.stdout is None:
+        if sys.stderr is not None:
+            sys.stderr.write(
+                "error: standard output is closed: nothing was done "
+                "(to discard the output, redirect it to /dev/null)\n"
+            )
+        raise SystemExit(1)
+    if not isinstance(sys.stdout, Output):
+        sys.stdout = Output(sys.stdout)
+
+
+class OutputLost(LuncherError):
+    """Standard output could not be written: a full disk (`luncher predict photos/ >
+    results.txt`), a quota, an I/O error."""
+
+
+class Output:
+    """sys.stdout, whose first failure to write (other than a reader gone: BrokenPipeError,
+    which `reporting` ends quietly) is OutputLost, one line on stderr; the rest of the
+    output (the --json error object among it) then goes to /dev/null, so that neither the
+    error report nor Python's last flush fails again with a traceback."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.lost: OutputLost | None = None
+
+    def write(self, text: str) -> int:
+        if self.lost is not None:
+            return len(text)
+        try:
+            return int(self._stream.write(text))
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def flush(self) -> None:
+        if self.lost is not None:
+            return
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _lost(self, exc: OSError) -> OSError | OutputLost:
+        if isinstance(exc, BrokenPipeError):
+            return exc
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        self.lost = OutputLost(f"cannot write to standard output: {exc.strerror or exc}")
+        return self.lost
+
+
+def _output_lost(exc: OutputLost) -> None:
+    sys.stderr.write(f"error: {exc}\n")
+    raise SystemExit(1) from None

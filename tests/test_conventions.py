@@ -193,6 +193,22 @@ def test_a_dash_reads_paths_from_stdin(pt_model, photos, models_dir):
     assert [json.loads(x)["path"] for x in result.stdout.splitlines()] == listing.split()
 
 
+def test_a_dash_reads_nul_separated_paths_as_find_print0_writes(pt_model, photos, tmp_path):
+    """`find photos/ -print0 | luncher predict -` said `unexpected ValueError: embedded
+    null byte`. NUL-separated paths are read as such: a file name cannot hold a NUL, and
+    it may hold a newline (`find -print0` is how a script passes those)."""
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    odd = tmp_path / "two\nlines.jpg"
+    odd.write_bytes(photos["green"][0].read_bytes())
+    paths = [str(p) for p in photos["red"]] + [str(odd)]
+    result = luncher("predict", "--json", "-", stdin="\0".join(paths) + "\0")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(x)["path"] for x in result.stdout.splitlines()] == paths
+    result = luncher("retrain", "--label", "fast_food", "-", stdin="\0".join(paths))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
+
+
 def test_quiet_prints_results_and_errors_only(run, pt_model, photos):
     assert run("make-updatable", pt_model).code == 0
     loud = run("retrain", "--label", "fast_food", photos["green"][0])

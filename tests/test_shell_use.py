@@ -377,3 +377,89 @@ def test_the_help_of_forget_says_a_digest_or_thumbnail_will_do():
     text = " ".join(luncher("forget", "--help").stdout.split())
     assert "PHOTO_OR_DIGEST..." in text
     assert "digest (8 or more hex digits) or thumbnail" in text
+
+
+def _with_closed(fd: int, *args: object) -> subprocess.CompletedProcess[str]:
+    """`luncher ARGS` as `luncher ARGS >&-` (fd 1) or `<&-` (fd 0) runs it: Python then
+    has None for sys.stdout or sys.stdin."""
+    stream = {0: "<&-", 1: ">&-"}[fd]
+    return subprocess.run(
+        ["sh", "-c", f'exec "$@" {stream}', "sh", sys.executable, "-m", "healthyluncher"]
+        + [str(a) for a in args],
+        stdin=subprocess.DEVNULL if fd != 0 else None,
+        stdout=subprocess.PIPE if fd != 1 else None,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX shell closes the stream")
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_a_closed_standard_output_is_one_line_before_anything_changes(
+    as_json, run, pt_model, photos, models_dir
+):
+    """`luncher retrain ... >&-` retrained and saved, then said `unexpected AttributeError:
+    'NoneType' object has no attribute 'isatty'` (with --json: a traceback) and exit 1, so a
+    script took the saved change for a failure. Now: one line, exit 1, nothing changed."""
+    assert run("make-updatable", pt_model).code == 0
+    state = (models_dir / "state.json").read_bytes()
+    json_flag = ["--json"] if as_json else []
+    for args in (
+        ["retrain", "--label", "healthy", photos["red"][0]],
+        ["predict", photos["red"][0]],
+        ["status"],
+    ):
+        done = _with_closed(1, *args, *json_flag)
+        assert done.returncode == 1, done
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+        assert "standard output is closed" in lines[0]
+    assert (models_dir / "state.json").read_bytes() == state
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX shell closes the stream")
+def test_a_closed_standard_input_reads_as_an_empty_one(run, pt_model, photos):
+    """`luncher predict - <&-` said `unexpected TypeError: 'NoneType' object is not
+    iterable`; `luncher reset <&-` asked sys.stdin (None) whether it is a terminal. A
+    closed standard input is now an empty one, as in a script."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", photos["red"][0]).code == 0
+    done = _with_closed(0, "predict", "-")
+    assert done.returncode == 2 or done.returncode == 1, done
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = _with_closed(0, "reset")
+    assert done.returncode == 0, done
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("predict", "P"),
+        ("predict", "--json", "P"),
+        ("status", "--json"),
+        ("--help",),
+        ("--version",),
+    ],
+    ids=["predict", "predict-json", "status-json", "help", "version"],
+)
+def test_output_to_a_full_disk_is_one_line(args, run, pt_model, photos, models_dir):
+    """`luncher predict photos/ > results.txt` on a full disk: `unexpected OSError` (with
+    --json, --help or --version: a traceback, the JSON error failing in its turn). Now one
+    line that says the output could not be written, exit 1."""
+    assert run("make-updatable", pt_model).code == 0
+    argv = [str(photos["red"][0]) if a == "P" else a for a in args]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "healthyluncher", *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["error: cannot write to standard output: No space left on device"], done
