@@ -58,6 +58,21 @@ def test_predict_takes_paths_pil_images_and_arrays_in_one_list(lun, photos):
     assert results[0].probability == max(results[0].probabilities.values())
 
 
+@pytest.mark.parametrize(
+    "mode", ["CMYK", "YCbCr", "LAB", "HSV", "I", "F", "PA", "La", "RGBa", "RGBX"]
+)
+def test_a_pil_image_in_any_mode_is_predicted_as_its_file_would_be(lun, photos, mode):
+    """A CMYK PIL image (a print-ready JPEG the program opened itself), or one in mode I, F,
+    LAB, PA, ...: `cannot use this image (cannot write mode CMYK as PNG)`, where the same
+    photo as a file is read. It is predicted now, as its RGB copy is, near enough."""
+    rgb = Image.open(photos["red"][0]).convert("RGB")
+    image = rgb.convert(mode)
+    copy = image.convert("LA" if mode == "La" else mode.replace("a", "A")).convert("RGB")
+    [ours, reference] = lun.predict([image, copy])
+    assert ours.label == reference.label
+    assert ours.probabilities == pytest.approx(reference.probabilities, abs=0.05)
+
+
 def test_api_predictions_equal_the_cli_json(lun, photos, run):
     paths = photos["red"] + photos["green"]
     cli = run("predict", "--json", *paths).json_lines()
