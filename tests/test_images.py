@@ -553,6 +553,33 @@ def test_find_images_searches_directories_and_keeps_files_as_given(tmp_path):
     assert find_images([tmp_path / "nothing"]) == []
 
 
+def test_a_folder_nested_deeper_than_pythons_recursion_limit_is_searched(tmp_path):
+    """os.walk recurses once per level before Python 3.12: a photos folder 1,500 levels
+    deep (well inside PATH_MAX) was `unexpected RecursionError`."""
+    album = tmp_path / "album"
+    depth = sys.getrecursionlimit() + 500
+    folder = Path(*(["a"] * depth))
+    album.mkdir()
+    for level in range(1, depth + 1):  # os.makedirs recurses too
+        (album / Path(*(["a"] * level))).mkdir()
+    (album / folder / "x.jpg").write_bytes(b"")
+    (album / "top.jpg").write_bytes(b"")
+    assert find_images([album]) == [album / folder / "x.jpg", album / "top.jpg"]
+
+
+def test_a_folder_search_follows_linked_folders_once_and_skips_hidden_ones(tmp_path):
+    album = tmp_path / "album"
+    (album / "dish").mkdir(parents=True)
+    (album / "dish" / "a.jpg").write_bytes(b"")
+    (album / ".cache").mkdir()
+    (album / ".cache" / "b.jpg").write_bytes(b"")
+    (album / "._c.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS AppleDouble file
+    (album / "dish" / "up").symlink_to(album, target_is_directory=True)  # a loop
+    (album / "linked").symlink_to(album / "dish", target_is_directory=True)
+    (album / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    assert find_images([album]) == [album / "dish" / "a.jpg"]
+
+
 # -- loading many -------------------------------------------------------------------------
 
 
