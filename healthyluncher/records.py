@@ -99,7 +99,11 @@ def make_updatable_command(root: Path, command: Command = MAKE_UPDATABLE) -> Com
     opens the default one (or the directory of $LUNCHER_MODELS_DIR, which is still set),
     so another one is named. (The command line names the directory given with
     --models-dir in every command it suggests, this one included.)"""
-    if root == resolve_models_dir().resolve():
+    try:
+        default = resolve_models_dir().resolve()
+    except LuncherError:  # no home directory: `root` was given, and is named
+        default = None
+    if root == default:
         return command
     assert command.api.endswith(")"), command
     return command._replace(api=f"{command.api.removesuffix(')')}, models_dir={str(root)!r})")

@@ -73,14 +73,21 @@ class Files:
 
 def resolve_models_dir(option: Path | None = None) -> Path:
     """--models-dir, then $LUNCHER_MODELS_DIR, then the per-user data directory."""
-    if option is not None:
-        return option.expanduser().resolve()
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser().resolve()
-    from platformdirs import user_data_path
+    try:
+        if option is not None:
+            return option.expanduser().resolve()
+        env = os.environ.get(ENV_VAR)
+        if env:
+            return Path(env).expanduser().resolve()
+        from platformdirs import user_data_path
 
-    return user_data_path("healthyluncher", appauthor=False) / "models"
+        return user_data_path("healthyluncher", appauthor=False) / "models"
+    except RuntimeError:  # no HOME and no account entry (a container's user), for `~`
+        raise LuncherError(
+            "cannot find your home directory for the models directory (HOME is not set): "
+            f"set HOME or {ENV_VAR}, or give ",
+            Param("models_dir", example="DIR"),
+        ) from None
 
 
 class ModelStore:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -560,11 +561,17 @@ def test_a_folder_nested_deeper_than_pythons_recursion_limit_is_searched(tmp_pat
     depth = sys.getrecursionlimit() + 500
     folder = Path(*(["a"] * depth))
     album.mkdir()
-    for level in range(1, depth + 1):  # os.makedirs recurses too
-        (album / Path(*(["a"] * level))).mkdir()
-    (album / folder / "x.jpg").write_bytes(b"")
-    (album / "top.jpg").write_bytes(b"")
-    assert find_images([album]) == [album / folder / "x.jpg", album / "top.jpg"]
+    try:
+        for level in range(1, depth + 1):  # os.makedirs recurses too
+            (album / Path(*(["a"] * level))).mkdir()
+        (album / folder / "x.jpg").write_bytes(b"")
+        (album / "top.jpg").write_bytes(b"")
+        assert find_images([album]) == [album / folder / "x.jpg", album / "top.jpg"]
+    finally:  # shutil.rmtree, pytest's clean-up, recurses too
+        (album / folder / "x.jpg").unlink(missing_ok=True)
+        for level in range(depth, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                (album / Path(*(["a"] * level))).rmdir()
 
 
 def test_a_folder_search_follows_linked_folders_once_and_skips_hidden_ones(tmp_path):

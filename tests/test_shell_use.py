@@ -463,3 +463,33 @@ def test_output_to_a_full_disk_is_one_line(args, run, pt_model, photos, models_d
     assert done.returncode == 1, done
     lines = done.stderr.strip().splitlines()
     assert lines == ["error: cannot write to standard output: No space left on device"], done
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX account without a home")
+@pytest.mark.parametrize("where", [None, "~/luncher"], ids=["default", "tilde"])
+def test_no_home_directory_is_one_line_naming_what_to_set(
+    where, run, monkeypatch, photos, tmp_path
+):
+    """A container's user (`docker run --user 1000`, systemd's DynamicUser) has no HOME and
+    no passwd entry: the default models directory, or `~` in LUNCHER_MODELS_DIR, was
+    `unexpected RuntimeError: Could not determine home directory.`"""
+    import pwd
+
+    import healthyluncher
+
+    def no_entry(uid: int) -> object:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for name in ("HOME", "XDG_DATA_HOME", "LUNCHER_MODELS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    if where is not None:
+        monkeypatch.setenv("LUNCHER_MODELS_DIR", where)
+    line = one_line_error(run("status"), "home directory", "--models-dir", "LUNCHER_MODELS_DIR")
+    assert "unexpected" not in line
+    with pytest.raises(healthyluncher.LuncherError, match="home directory"):
+        healthyluncher.open()
+    # A models directory given is used, and named in the advice to set up a base there.
+    result = run("--models-dir", tmp_path / "models", "predict", photos["red"][0])
+    line = one_line_error(result, "no base model", f"--models-dir {tmp_path / 'models'}")
+    assert "home directory" not in line
