@@ -16,7 +16,7 @@ from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.meta import known_label
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
 from healthyluncher.records import Base, Examples, make_updatable_command
-from healthyluncher.runtime import inference_session, run_in_batches
+from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore
 from healthyluncher.thumbnails import JPEG_MAX_SIDE
@@ -179,8 +179,12 @@ class Embedder:
 
     def _ensure_session(self) -> None:
         if self._session is None and self.base.meta.has_frozen_part:
+            meta = self.base.meta
             try:
                 self._session = inference_session(self.base.path / Files.FROZEN)
+                problem = input_mismatch(self._session, meta.input_name, meta.preprocessing)
+                if problem is not None:
+                    raise LuncherError(problem)
             except LuncherError as exc:  # as predict says of a damaged base model
                 raise LuncherError(
                     f"the base model in {self.base.path} is damaged: {exc}; make it again with ",

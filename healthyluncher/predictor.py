@@ -12,7 +12,7 @@ import numpy as np
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, PREDICT_BASE, LuncherError
 from healthyluncher.photos import ImageFailure, PhotoSource
 from healthyluncher.records import GO_BACK, load_base, load_personal, make_updatable_command
-from healthyluncher.runtime import inference_session, run_in_batches
+from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
 
@@ -75,6 +75,12 @@ class Predictor:
                 PREDICT_BASE,
                 " still works)",
             ) from None
+        problem = input_mismatch(self._session, self._input, self.prep)
+        if problem is not None:  # the base's meta.json: a personalized copy has the base's input
+            raise LuncherError(
+                f"the base model in {base.path} is damaged: {problem}; make it again with ",
+                make_updatable_command(base.path.parent, MAKE_UPDATABLE_KEEPING),
+            )
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, *input) float32 -> (N, classes) float64 probabilities."""

@@ -214,6 +214,24 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
         raise LuncherError(model_problem(exc, name)) from exc
 
 
+def input_mismatch(session: Any, name: str, prep: Any) -> str | None:
+    """Why the session cannot take the tensors `prep` (settings.Preprocessing, from a
+    meta.json anyone can edit) makes under the input `name`, or None when it can."""
+    shapes = {node.name: node.shape for node in session.get_inputs()}
+    if name not in shapes:
+        return f"meta.json names the input {name!r:.40}, which the model does not have"
+    sides = (prep.height, prep.width)
+    wanted = (prep.channels, *sides) if prep.layout == "NCHW" else (*sides, prep.channels)
+    shape = list(shapes[name] or [])
+    if len(shape) != 4:  # not an image batch luncher made: ONNX Runtime says what it wants
+        return None
+    if any(isinstance(a, int) and a != b for a, b in zip(shape[1:], wanted, strict=True)):
+        model = "x".join(str(side) if isinstance(side, int) else "?" for side in shape[1:])
+        ours = "x".join(map(str, wanted))
+        return f"meta.json's input ({prep.layout} {ours}) is not the model's ({model})"
+    return None
+
+
 # ONNX Runtime's exception text: "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model
 # from /x/model.onnx failed:Protobuf parsing failed.", often with the C++ source and
 # signature that raised it ("/onnxruntime_src/.../model.cc:165 onnxruntime::Model::Model(

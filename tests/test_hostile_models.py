@@ -174,3 +174,43 @@ def test_a_model_of_an_ir_version_onnx_runtime_cannot_read_is_refused(run, pt_mo
     model.ir_version = version
     onnx.save(model, str(pt_model))
     one_line_error(run("make-updatable", pt_model), f"IR version {version}")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"height": 17, "width": 17},
+        {"channels": 1},
+        {"layout": "NHWC"},
+        "no height",  # read as the default, 224
+        "input name",
+    ],
+    ids=["size", "channels", "layout", "no height", "input name"],
+)
+def test_a_base_meta_json_that_disagrees_with_its_model_is_damage_in_one_line(
+    run, pt_model, photos, models_dir, edit
+):
+    """meta.json is a file anyone can edit: an input size, layout or name its model does
+    not take reached ONNX Runtime, whose error ('unexpected InvalidArgument: ... Got
+    invalid dimensions for input: image for the following indices\\n index: 2 Got: 224
+    Expected: 16 ...') took several lines. It is a damaged base now, in one line."""
+    import json
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    [meta_path] = models_dir.glob("base-*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    if edit == "no height":
+        del meta["preprocessing"]["height"]
+    elif edit == "input name":
+        meta["input_name"] = "pixels"
+    else:
+        meta["preprocessing"].update(edit)
+    meta_path.write_text(json.dumps(meta))
+    for args in (
+        ["predict", photos["green"][0]],
+        ["predict", "--base", photos["green"][0]],
+        ["retrain", "--label", "healthy", photos["green"][1]],
+    ):
+        line = one_line_error(run(*args), "damaged", "make-updatable")
+        assert "ONNXRuntime" not in line and "unexpected" not in line
