@@ -133,7 +133,9 @@ def make_updatable(
             Param("balance_subfolders", True), " is only used with ", Param("examples")
         )
     found = None
-    beside = model_path.with_suffix(".replay.npz")
+    # Path(".") and Path("/") have no name to change the suffix of (ValueError): not a model
+    # file, which loading it says in one line.
+    beside = model_path.with_suffix(".replay.npz") if model_path.name else model_path
     if options.replay is None and options.examples is None and beside.is_file():
         # A base's replay set travels beside it (the shipped one does): without it, a
         # personalization of this base forgets what the base knew.

@@ -19,6 +19,7 @@ from healthyluncher.cli_app import (
     bounded,
     file_path,
     floats,
+    given_path,
     luncher,
     names,
 )
@@ -51,7 +52,12 @@ def make_updatable(
     ctx: typer.Context,
     model: Annotated[
         Path,
-        typer.Argument(help="An ONNX image classifier.", show_default=False, metavar="MODEL.onnx"),
+        typer.Argument(
+            help="An ONNX image classifier.",
+            show_default=False,
+            metavar="MODEL.onnx",
+            parser=given_path,
+        ),
     ],
     labels: Annotated[
         Optional[str],  # noqa: UP045
@@ -72,6 +78,7 @@ def make_updatable(
     examples: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            parser=given_path,
             metavar="DIR",
             help="A folder with one subfolder of photos per label: train the head on them "
             "(a new final layer when the labels are not the model's own).",
@@ -133,6 +140,7 @@ def make_updatable(
     replay: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            parser=given_path,
             metavar="FILE.npz",
             help="An .npz of head inputs and labels from the base's training data.",
         ),
@@ -156,6 +164,7 @@ def make_updatable(
     calibration: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            parser=given_path,
             metavar="DIR",
             help="A directory of photos to calibrate --int8 on (at most 200 are used).",
             show_default=False,

@@ -131,6 +131,32 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(run, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option", [None, "--examples", "--replay", "--calibration"])
+def test_make_updatable_refuses_an_empty_path_for_the_model_and_its_folders(
+    run, pt_model, photos, tmp_path, monkeypatch, models_dir, option
+):
+    """`luncher make-updatable "$MODEL"` (unset) was 'unexpected ValueError: PosixPath('.')
+    has an empty name', and `--examples "$DIR"` took the current directory for the folder of
+    labelled photos (its subfolders for labels)."""
+    monkeypatch.chdir(photos["red"][0].parent.parent)  # holds red/ and green/: two "labels"
+    args = ["make-updatable", "" if option is None else pt_model]
+    if option is not None:
+        args += [option, ""] + (["--int8"] if option == "--calibration" else [])
+    result = run(*args)
+    assert result.code == 2 and "an empty path" in result.stderr, result
+    assert not models_dir.exists()
+
+
+@pytest.mark.parametrize("model", [".", "/"])
+def test_make_updatable_refuses_a_folder_for_a_model_in_one_line(run, model):
+    """'unexpected ValueError: PosixPath('.') has an empty name'."""
+    line = one_line_error(run("make-updatable", model))
+    assert "unexpected" not in line
+    with pytest.raises(LuncherError) as caught:
+        healthyluncher.make_updatable(model)
+    assert "unexpected" not in str(caught.value)
+
+
 def test_empty_labels_are_refused_not_read_as_none_given(run, pt_model, models_dir):
     """make-updatable --labels "" (an unset variable) took the model's own labels."""
     result = run("make-updatable", pt_model, "--labels", "")
