@@ -244,7 +244,19 @@ class Embedder:
             value = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None  # missing or damaged: embed again
-        return value if len(value) == self.views else None
+        # Damaged otherwise (NaN, another type or width): embed again, never train on it.
+        fine = value.dtype == np.float32 and value.ndim >= 2 and len(value) == self.views
+        width = self._width()
+        if not fine or (width is not None and value.shape[1:] != width):
+            return None
+        return value if np.isfinite(value).all() else None
+
+    def _width(self) -> tuple[int, ...] | None:
+        """The shape of one head input, where the examples or a linear head tell it."""
+        if self.known is not None and len(self.known.inputs):
+            return tuple(self.known.inputs.shape[1:])
+        features = (self.base.meta.linear_head or {}).get("features")
+        return (features,) if type(features) is int else None
 
     def _write_cache(self, digest: str, views: np.ndarray) -> None:
         try:

@@ -101,4 +101,6 @@ def load_views(folder: Path, origin: np.ndarray, segments: np.ndarray) -> np.nda
     for i, array in enumerate(arrays):
         mine = np.flatnonzero(which == i)
         views[mine] = array[row[mine]]
+    if not np.isfinite(views).all():  # trained on, they make every weight NaN
+        raise DamagedViewsError(f"a segment in {folder} holds values that are not numbers")
     return views
