@@ -2,6 +2,8 @@
 
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
+import codecs
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -350,8 +352,28 @@ def guard_streams() -> None:
                 "(to discard the output, redirect it to /dev/null)\n"
             )
         raise SystemExit(1)
+    codecs.register_error(ESCAPES, _escaped)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # not a test's capture, nor Output yet
+            stream.reconfigure(errors=ESCAPES)
     if not isinstance(sys.stdout, Output):
         sys.stdout = Output(sys.stdout)
+
+
+# The error handler of standard output and error: what their encoding cannot hold (ASCII
+# in a C locale without UTF-8 mode, Windows' cp1252 in a redirected output) is written as
+# \uXXXX, escapes JSON reads back as the character itself, where 'unexpected
+# UnicodeEncodeError' stopped the command. (Lone surrogates are escaped before.)
+ESCAPES = "healthyluncher-escapes"
+
+
+def _escaped(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start : error.end]
+    units = text.encode("utf-16-be", "surrogatepass")  # astral characters: two escapes
+    escapes = "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
+    return escapes, error.end
 
 
 class OutputLost(LuncherError):

@@ -493,3 +493,43 @@ def test_no_home_directory_is_one_line_naming_what_to_set(
     result = run("--models-dir", tmp_path / "models", "predict", photos["red"][0])
     line = one_line_error(result, "no base model", f"--models-dir {tmp_path / 'models'}")
     assert "home directory" not in line
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "cp1252"])
+def test_output_in_a_legacy_encoding_escapes_what_it_cannot_encode(
+    encoding, run, pt_model, tmp_path
+):
+    """Windows writes redirected output in its ANSI code page (cp1252), and a C locale
+    without UTF-8 mode writes ASCII: a photo named 寿司.jpg or a label `café` was
+    'unexpected UnicodeEncodeError' (with --json too). What the encoding lacks is written
+    as a \\uXXXX escape now, which JSON reads back as the character itself."""
+    assert run("make-updatable", pt_model, "--labels", "café,fast_food").code == 0
+    photo = solid(tmp_path / "寿司 🍣.jpg", (200, 30, 40))
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    for args in (["predict", str(photo)], ["status"], ["labels"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "healthyluncher", *args],
+            capture_output=True,
+            env=env,
+            check=False,
+        )
+        assert done.returncode == 0, done
+        assert b"\\u5bff\\u53f8" in done.stdout or args[0] != "predict", done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", "--json", str(photo)],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done
+    [line] = done.stdout.decode(encoding).splitlines()
+    assert json.loads(line)["path"] == str(photo)
+    assert set(json.loads(line)["probabilities"]) == {"café", "fast_food"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", str(tmp_path / "寿司2.jpg")],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    assert missing.returncode == 1 and b"unexpected" not in missing.stderr, missing
+    assert missing.stderr.count(b"\n") == 1 and b"\\u5bff" in missing.stderr, missing
