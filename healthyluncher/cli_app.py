@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -192,7 +193,10 @@ def with_stdin(paths: list[Path]) -> list[Path]:
     ones (`find -print0`: a name may hold a newline, never a NUL), taken as they are."""
     if Path("-") not in paths:
         return paths
-    text = sys.stdin.read()
+    # The file system's bytes, decoded as it names files (a Latin-1 name from `find` was
+    # a UnicodeDecodeError where a UTF-8 locale makes standard input strict).
+    buffer = getattr(sys.stdin, "buffer", None)
+    text = os.fsdecode(buffer.read()) if buffer is not None else sys.stdin.read()
     if "\0" in text:
         read = [Path(name) for name in text.split("\0") if name]
     else:

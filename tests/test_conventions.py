@@ -209,6 +209,29 @@ def test_a_dash_reads_nul_separated_paths_as_find_print0_writes(pt_model, photos
     assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file names are bytes")
+def test_a_dash_reads_file_names_that_are_not_utf8(pt_model, photos, tmp_path):
+    """`find photos/ | luncher predict -` in a UTF-8 locale (standard input strict, as
+    en_US.UTF-8 makes it) was 'unexpected UnicodeDecodeError' at a name in Latin-1: the
+    names are read as the file system's bytes."""
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    name = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(name, "wb") as file:
+        file.write(photos["red"][0].read_bytes())
+    listing = b"\n".join([name, os.fsencode(photos["green"][0])]) + b"\n"
+    for separator in (b"\n", b"\0"):
+        done = subprocess.run(
+            [sys.executable, "-m", "healthyluncher", "predict", "--json", "-"],
+            input=listing.replace(b"\n", separator),
+            capture_output=True,
+            env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+            check=False,
+        )
+        assert done.returncode == 0, done
+        paths = [json.loads(line)["path"] for line in done.stdout.splitlines()]
+        assert [os.fsencode(path) for path in paths] == listing.split(b"\n")[:2]
+
+
 def test_quiet_prints_results_and_errors_only(run, pt_model, photos):
     assert run("make-updatable", pt_model).code == 0
     loud = run("retrain", "--label", "fast_food", photos["green"][0])
