@@ -140,9 +140,10 @@ def numpy_problem(exc: BaseException) -> str:
 FSYNC_THREADS = 8
 
 
-# Larger model files are refused: a phone-sized classifier is tens of MB, the largest common
-# ImageNet exports a few hundred.
-MAX_MODEL_BYTES = 4 * 2**30
+# Larger model files are refused unread: an ONNX file is one protobuf message, which
+# cannot pass 2 GiB (larger models keep their weights in external data files); a
+# phone-sized classifier is tens of MB, the largest common ImageNet exports a few hundred.
+MAX_MODEL_BYTES = 2 * 2**30
 
 
 def open_regular(path: Path, kind: str) -> IO[bytes]:
@@ -174,7 +175,10 @@ def read_model_file(path: Path) -> bytes:
     with open_regular(path, "an ONNX model") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > MAX_MODEL_BYTES:
-            raise LuncherError(f"{path}: {size / 2**30:.1f} GiB is too large a model")
+            raise LuncherError(
+                f"{path}: {size / 2**30:.1f} GiB is too large a model: one ONNX file holds at "
+                "most 2 GiB (larger weights go in external data)"
+            )
         try:
             return handle.read()
         except OSError as exc:

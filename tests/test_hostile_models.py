@@ -214,3 +214,15 @@ def test_a_base_meta_json_that_disagrees_with_its_model_is_damage_in_one_line(
     ):
         line = one_line_error(run(*args), "damaged", "make-updatable")
         assert "ONNXRuntime" not in line and "unexpected" not in line
+
+
+def test_a_model_file_past_what_protobuf_can_hold_is_refused_unread(run, tmp_path):
+    """An ONNX file is one protobuf message, which cannot pass 2 GiB (larger models keep
+    their weights in external data). A 3 GiB file (sparse: no disk, no time to make) was
+    read whole and parsed, 17 s and 6 GB of memory for 'not an ONNX model'."""
+    path = tmp_path / "huge.onnx"
+    with path.open("wb") as file:
+        file.write(b"\\x0a\\xff\\xff\\xff\\xff\\x0f")  # a field that claims to be huge
+        file.truncate(2**31 + 1)
+    line = one_line_error(run("make-updatable", path), "huge.onnx", "2 GiB")
+    assert "external data" in line
