@@ -226,3 +226,44 @@ def test_a_model_file_past_what_protobuf_can_hold_is_refused_unread(run, tmp_pat
         file.truncate(2**31 + 1)
     line = one_line_error(run("make-updatable", path), "huge.onnx", "2 GiB")
     assert "external data" in line
+
+
+def _external(pt_model, tmp_path, length: int | None, data_size: int):
+    """pt_model with its weights in `weights.data` (sparse, `data_size` bytes), the first
+    tensor's entry claiming `length` bytes (None: no length, so onnx reads to the end)."""
+    model = onnx.load(str(pt_model))
+    onnx.save(
+        model, str(pt_model), save_as_external_data=True, size_threshold=0, location="weights.data"
+    )
+    model = onnx.load(str(pt_model), load_external_data=False)
+    tensor = model.graph.initializer[0]
+    kept = [(e.key, e.value) for e in tensor.external_data if e.key != "length"]
+    del tensor.external_data[:]
+    for key, value in kept + ([] if length is None else [("length", str(length))]):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(pt_model))
+    with (tmp_path / "weights.data").open("r+b") as file:
+        file.truncate(data_size)
+    return tensor.name
+
+
+@pytest.mark.parametrize("length", [6 * 2**30, None], ids=["claims 6 GiB", "no length"])
+def test_external_data_is_read_as_its_shape_says_never_as_its_entry_claims(
+    run, pt_model, tmp_path, models_dir, length
+):
+    """A model of a few kilobytes whose weights entry claims 6 GiB of a sparse file beside
+    it (or claims no length, when onnx reads the file to its end) had 6 GB read into memory
+    and the process killed (SIGSEGV under a memory limit) after 20 s."""
+    assert pt_model.parent == tmp_path
+    name = _external(pt_model, tmp_path, length, data_size=7 * 2**30)
+    result = run("make-updatable", pt_model)
+    if length is None:  # read as the shape says: the rest of the file is not the weights'
+        assert result.code == 0, result
+    else:
+        one_line_error(result, name, "claims 6442450944 bytes")
+
+
+def test_external_data_cut_short_is_one_line(run, pt_model, tmp_path):
+    name = _external(pt_model, tmp_path, None, data_size=10)
+    one_line_error(run("make-updatable", pt_model), name, "cut short")

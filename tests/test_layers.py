@@ -80,7 +80,7 @@ def test_low_layers_never_import_high_ones():
         {"errors", "events", "version", "memory", "template", "jsonform"},
         {"settings", "photos", "state", "fileio", "child", "openers"},
         {"segments", "weightsfile"},
-        {"meta", "store", "runtime", "imaging", "thumbnails", "arguments"},
+        {"meta", "store", "runtime", "imaging", "thumbnails", "arguments", "external"},
         {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"}
         | {"rewrites", "artifacts"},
         {"training"},
