@@ -158,12 +158,17 @@ def hoist_global_options(argv: list[str]) -> list[str]:
         if command is None:
             return argv
     front, rest, moved = argv[:command], argv[command:], []
+    # Every command takes --json, the group none: `luncher --json status` was "No such
+    # option: --json (Possible options: --version)". It moves behind the command's own.
+    late = ["--json"] if "--json" in front else []
+    front = [arg for arg in front if arg != "--json"]
     kept: list[str] = []
     i = 0
     while i < len(rest):
         arg = rest[i]
         if arg == "--":
-            kept += rest[i:]
+            kept += late + rest[i:]
+            late = []
             break
         if arg in GLOBAL_FLAGS:
             moved.append(arg)
@@ -175,7 +180,7 @@ def hoist_global_options(argv: list[str]) -> list[str]:
         else:
             kept.append(arg)
         i += 1
-    return front + moved + kept
+    return front + moved + kept + late
 
 
 def luncher(ctx: typer.Context) -> "Luncher":

@@ -87,6 +87,28 @@ def test_global_options_may_follow_the_command(run, pt_model, photos, tmp_path):
     ]
 
 
+def test_json_before_the_command_is_the_commands(run, pt_model, photos):
+    """`luncher --json status` said "No such option: --json (Possible options:
+    --version)", as if no command took it; every command does."""
+    assert hoist_global_options(["--json", "labels", "rename", "a", "b"]) == [
+        "labels",
+        "rename",
+        "a",
+        "b",
+        "--json",
+    ]
+    assert hoist_global_options(["--json", "predict", "--", "-x.jpg"]) == [
+        "predict",
+        "--json",
+        "--",
+        "-x.jpg",
+    ]
+    assert run("make-updatable", pt_model).code == 0
+    result = run("--json", "predict", photos["red"][0])
+    assert result.code == 0 and len(result.json_lines()) == 1, result
+    assert run("--json", "-q", "status").json_lines()[0]["labels"] == ["healthy", "fast_food"]
+
+
 def test_every_command_speaks_json(run, pt_model, photos, tmp_path):
     made = run("make-updatable", pt_model, "--json")
     assert made.code == 0
