@@ -181,10 +181,16 @@ def iter_images(inputs: Iterable[PhotoSource]) -> Iterator[PhotoSource]:
             yield item
 
 
+# What a models directory holds (store.STATE_FILE, store.LOCK_FILE), also when it is not
+# hidden (LUNCHER_MODELS_DIR=~/luncher-models): a folder search never goes into one.
+MODELS_DIR_MARKERS = frozenset({"state.json", ".lock"})
+
+
 def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:
     """Image files under `root`, following symlinked folders (a folder of links to dish
     folders is a common way to lay out examples) but never the same folder twice: the
-    first in sorted order, so the same tree always gives the same paths. A loop, not
+    first in sorted order, so the same tree always gives the same paths, and never into a
+    models directory (MODELS_DIR_MARKERS) below `root`. A loop, not
     os.walk, which recurses once per level before Python 3.12 (RecursionError in a
     folder 1,000 levels deep)."""
     seen: set[tuple[int, int]] = set()
@@ -200,6 +206,8 @@ def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:
                 entries = sorted(listing, key=lambda entry: entry.name)
         except OSError:  # unreadable, gone, or a name too long: as os.walk, skipped
             continue
+        if folder != root and MODELS_DIR_MARKERS <= {entry.name for entry in entries}:
+            continue  # a models directory: its thumbnails are copies of taught photos
         folders: list[Path] = []
         for entry in entries:
             if entry.name.startswith("."):

@@ -746,6 +746,31 @@ def test_find_images_skips_hidden_files_and_directories(tmp_path: Path) -> None:
     assert find_images([tmp_path / ".hidden.jpg"]) == [tmp_path / ".hidden.jpg"]
 
 
+def test_a_folder_search_skips_a_models_directory_inside_it(run, pt_model, tmp_path, monkeypatch):
+    """A models directory that is not hidden (LUNCHER_MODELS_DIR=~/luncher-models) lies under
+    the folders a user searches: `luncher retrain --label healthy ~` taught the thumbnails
+    of the photos taught fast_food (other files, other digests) as healthy."""
+    home = tmp_path / "home"
+    models = home / "luncher-models"
+    monkeypatch.setenv("LUNCHER_MODELS_DIR", str(models))
+    red = [
+        save(Image.new("RGB", (20, 20), (200 + i, 0, 0)), home / "lunch" / f"r{i}.png")
+        for i in range(3)
+    ]
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *red).code == 0
+    assert len(list((models / "thumbnails").iterdir())) == 3
+    assert find_images([home]) == red
+    result = run("retrain", "--label", "healthy", "--json", home)
+    assert result.code == 0, result
+    assert result.json_lines()[0]["examples_per_label"] == {"healthy": 3}
+    # Named explicitly, a folder in it is still searched.
+    assert len(find_images([models / "thumbnails"])) == 3
+    from healthyluncher import store
+
+    assert {store.STATE_FILE, store.LOCK_FILE} == photo_files.MODELS_DIR_MARKERS
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
