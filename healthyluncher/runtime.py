@@ -93,6 +93,8 @@ def runtime() -> ModuleType:
                 import onnxruntime
         import onnxruntime
     except ImportError as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # Ctrl-C as its extension initialized
         raise LuncherError(install_problem() or f"ONNX Runtime cannot be imported ({exc})") from exc
     if _quiet[0] and not _quiet[1]:
         onnxruntime.set_default_logger_severity(4)

@@ -533,3 +533,26 @@ def test_output_in_a_legacy_encoding_escapes_what_it_cannot_encode(
     )
     assert missing.returncode == 1 and b"unexpected" not in missing.stderr, missing
     assert missing.stderr.count(b"\n") == 1 and b"\\u5bff" in missing.stderr, missing
+
+
+def test_ctrl_c_while_onnx_runtime_loads_is_an_interruption(run, pt_model, photos, monkeypatch):
+    """Ctrl-C (or `timeout`'s SIGTERM) while onnxruntime's extension initializes comes out
+    of the import as ImportError('initialization failed') caused by KeyboardInterrupt: it
+    said 'ONNX Runtime cannot be imported (initialization failed)', as if it were broken."""
+    import builtins
+
+    assert run("make-updatable", pt_model).code == 0
+    real_import = builtins.__import__
+
+    def interrupted(name: str, *args: object, **kwargs: object) -> object:
+        if name == "onnxruntime":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise ImportError("initialization failed") from exc
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    result = run("predict", photos["red"][0])
+    assert result.code == 130 and result.stderr == "interrupted\n", result
