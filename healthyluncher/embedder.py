@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 FROZEN_BATCH = 8
 # Bump when augmented_views changes, so cached views are not mixed with new ones.
 AUGMENT_VERSION = 2
+# A model whose frozen part computes NaN or infinity for a photo (a Sqrt or Log of what
+# turns negative): the photo is skipped, as an unreadable one is.
+NOT_NUMBERS = "the model computes values that are not numbers (NaN or infinite) for this photo"
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class Embedder:
             outputs = self._run_frozen(np.concatenate([pixels for _, _, pixels in pending]))
             for offset, (path, digest, _) in enumerate(pending):
                 views = outputs[offset * self.views : (offset + 1) * self.views]
+                if not np.isfinite(views).all():  # trained on, every weight would be NaN
+                    failures.append(ImageFailure(path, f"{path}: {NOT_NUMBERS}"))
+                    continue
                 self._write_cache(digest, views)
                 results.append((path, digest, views))
             fresh += len(pending)

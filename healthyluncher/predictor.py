@@ -117,7 +117,7 @@ class Predictor:
 
     def _flush(
         self, loaded: list[LoadedImage], on_done: Callable[[], None] | None
-    ) -> Iterator[Prediction]:
+    ) -> Iterator[Prediction | ImageFailure]:
         if not loaded:
             return
         probs = self.probabilities(np.stack([item.array for item in loaded]))
@@ -125,6 +125,12 @@ class Predictor:
             best = int(np.argmax(row))
             if on_done is not None:
                 on_done()
+            if not np.isfinite(row).all():  # argmax of NaN would name a label, at random
+                yield ImageFailure(
+                    item.path,
+                    f"{item.path}: the model's scores for this photo are not numbers (NaN)",
+                )
+                continue
             yield Prediction(
                 path=item.path,
                 label=self.model.labels[best],

@@ -267,3 +267,26 @@ def test_external_data_is_read_as_its_shape_says_never_as_its_entry_claims(
 def test_external_data_cut_short_is_one_line(run, pt_model, tmp_path):
     name = _external(pt_model, tmp_path, None, data_size=10)
     one_line_error(run("make-updatable", pt_model), name, "cut short")
+
+
+def test_a_model_that_computes_nan_for_a_photo_names_the_photo(run, pt_model, photos):
+    """A frozen part with a Sqrt where a Relu belongs passes make-updatable's check and
+    computes NaN for real photos: predict printed 'healthy  nan%' (argmax of NaN, exit 0),
+    and retrain trained to NaN weights and advised a smaller --learning-rate."""
+    model = onnx.load(str(pt_model))
+    for node in model.graph.node:
+        if node.name == "relu1":
+            node.op_type = "Sqrt"  # NaN where the first convolution is negative
+    onnx.save(model, str(pt_model))
+    assert run("make-updatable", pt_model).code == 0
+    photo = photos["red"][0]
+    result = run("predict", "--json", photo)
+    assert result.code == 1, result
+    assert result.json_lines() == [
+        {
+            "path": str(photo),
+            "error": f"{photo}: the model's scores for this photo are not numbers (NaN)",
+        }
+    ]
+    line = one_line_error(run("retrain", "--label", "healthy", photo), str(photo), "not numbers")
+    assert "learning-rate" not in line
