@@ -100,8 +100,14 @@ def parse_json(text: str | bytes) -> Any:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file of the models directory. One that is not a regular file is damaged: a
+    named pipe in place of state.json blocked every command, `status` included, forever."""
     try:
-        return parse_json(path.read_text())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            return parse_json(handle.read().decode("utf-8"))
     except FileNotFoundError:
         raise
     except OSError as exc:  # another user's 0600 file is unreadable, not damaged

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -391,3 +393,31 @@ def test_a_file_name_too_long_for_the_file_system_is_one_line(run, pt_model, pho
         line = one_line_error(run(*args), "k" * 300)
         assert "unexpected" not in line and "Errno" not in line, line
     assert not list(tmp_path.glob(".luncher-export-*"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize("which", ["state.json", "personal meta.json"])
+def test_a_named_pipe_in_place_of_a_json_file_is_damage_not_a_hang(
+    run, pt_model, photos, models_dir, which
+):
+    """A named pipe as state.json blocked `status`, `predict`, every command, forever (a
+    read of a pipe without a writer); a pipe as a copy's meta.json blocked predict."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    [personal] = models_dir.glob("personal-*")
+    path = models_dir / "state.json" if which == "state.json" else personal / "meta.json"
+    path.unlink()
+    os.mkfifo(path)
+    done = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", str(photos["red"][0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 1, done
+    if which == "state.json":
+        assert done.returncode == 0, done  # readers use the state the directories hold
+        assert run("repair").code == 0 and (models_dir / "state.json").is_file()
+    else:
+        assert done.returncode == 1 and "damaged" in done.stderr, done
