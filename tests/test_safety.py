@@ -246,18 +246,16 @@ def test_a_full_disk_says_so_and_changes_nothing(run, pt_model, photos, models_d
 def test_an_unreadable_state_json_is_not_called_damaged(run, pt_model, models_dir, monkeypatch):
     """state.json is created 0600: another user was told it is "damaged" and to run
     `reset`. It is unreadable, and the message says that."""
-    from pathlib import Path
-
     assert run("make-updatable", pt_model).code == 0
-    real = Path.read_text
+    real = os.open
 
-    def denied(self, *args, **kwargs):
-        if self.name == "state.json":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
+    def denied(path, *args, **kwargs):
+        if os.fspath(path).endswith("state.json") and not args[0] & os.O_WRONLY:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Path, "read_text", denied)
+        patch.setattr(os, "open", denied)
         result = run("status")
     assert result.code == 1
     assert "cannot read" in result.stderr and "Permission denied" in result.stderr
