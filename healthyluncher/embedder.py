@@ -12,7 +12,7 @@ import numpy as np
 
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
-from healthyluncher.fileio import atomic_write_bytes
+from healthyluncher.fileio import atomic_write_bytes, regular
 from healthyluncher.meta import known_label
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
 from healthyluncher.records import Base, Examples, make_updatable_command
@@ -247,7 +247,7 @@ class Embedder:
     def _read_cache(self, digest: str) -> np.ndarray | None:
         path = self._cache_file(digest)
         try:
-            value = np.load(path, allow_pickle=False)
+            value = np.load(regular(path), allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None  # missing or damaged: embed again
         # Damaged otherwise (NaN, another type or width): embed again, never train on it.

@@ -99,6 +99,15 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("it is nested too deeply") from None
 
 
+def regular(path: Path) -> Path:
+    """`path`, once it is known to be a regular file (FileNotFoundError, or OSError for a
+    named pipe or a device in the models directory: numpy and ONNX Runtime would wait on a
+    pipe forever, or read /dev/zero until memory runs out)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return path
+
+
 def read_json(path: Path) -> Any:
     """A JSON file of the models directory. One that is not a regular file is damaged: a
     named pipe in place of state.json blocked every command, `status` included, forever."""

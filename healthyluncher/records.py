@@ -22,7 +22,7 @@ from healthyluncher.errors import (
     LuncherError,
     Message,
 )
-from healthyluncher.fileio import numpy_problem, read_json
+from healthyluncher.fileio import numpy_problem, read_json, regular
 from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore, resolve_models_dir
@@ -157,7 +157,7 @@ def load_examples(
         return Examples.empty(sample_shape)
     path = personal.path / Files.EXAMPLES
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(regular(path), allow_pickle=False) as data:
             origin: np.ndarray | None = None
             segment_names: tuple[str, ...] = ()
             if "inputs" in data.files or not shared:
@@ -257,7 +257,7 @@ def save_examples(
 def load_weights(personal: Personal) -> dict[str, np.ndarray]:
     path = personal.path / Files.WEIGHTS
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(regular(path), allow_pickle=False) as data:
             weights = {name: data[name] for name in data.files}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise LuncherError(f"{path} is damaged ({numpy_problem(exc)}); ", *GO_BACK) from None
@@ -270,7 +270,7 @@ def load_weights(personal: Personal) -> dict[str, np.ndarray]:
 def load_scores(personal: Personal) -> dict[str, np.ndarray]:
     """{digest: probabilities} saved with the copy; {} when missing or damaged (computed again)."""
     try:
-        with np.load(personal.path / Files.SCORES, allow_pickle=False) as data:
+        with np.load(regular(personal.path / Files.SCORES), allow_pickle=False) as data:
             digests, probs = data["digests"], data["probabilities"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return {}

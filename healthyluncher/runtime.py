@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.fileio import regular
 
 # ONNX Runtime 1.19 (the last training build) loads models up to IR version 10 and opset 21;
 # newer onnx releases write IR 11 and up.
@@ -210,6 +211,8 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(model) if isinstance(model, Path) else model
     try:
+        if isinstance(model, Path):
+            regular(model)  # ONNX Runtime would wait on a named pipe forever
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own untyped errors for unloadable models
         name = model.name if isinstance(model, Path) else "the model"

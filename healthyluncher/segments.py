@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from healthyluncher.errors import DamagedViewsError
-from healthyluncher.fileio import atomic_write_bytes, numpy_problem
+from healthyluncher.fileio import atomic_write_bytes, numpy_problem, regular
 
 FOLDER = "examples"
 NAME = re.compile(r"[0-9a-f]{32}\.npy")
@@ -82,7 +82,9 @@ def load_views(folder: Path, origin: np.ndarray, segments: np.ndarray) -> np.nda
     if origin.ndim != 2 or origin.shape[1] != 2 or origin.dtype.kind not in "iu":
         raise ValueError(f"its index has shape {origin.shape} and type {origin.dtype}")
     try:  # a segment is shared by the undo steps: its damage is not one copy's
-        arrays = [np.load(folder / name, mmap_mode="r", allow_pickle=False) for name in names]
+        arrays = [
+            np.load(regular(folder / name), mmap_mode="r", allow_pickle=False) for name in names
+        ]
     except (OSError, ValueError, EOFError) as exc:
         raise DamagedViewsError(
             f"a segment in {folder} cannot be read ({numpy_problem(exc)})"

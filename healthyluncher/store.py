@@ -36,6 +36,7 @@ from healthyluncher.fileio import (
     fsync_dir,
     fsync_tree,
     read_json,
+    regular,
     shared_lock,
     write_json,
 )
@@ -332,7 +333,9 @@ class ModelStore:
             if not name.startswith("personal-"):
                 continue
             try:
-                with np.load(self.root / name / Files.EXAMPLES, allow_pickle=False) as data:
+                with np.load(
+                    regular(self.root / name / Files.EXAMPLES), allow_pickle=False
+                ) as data:
                     digests = set(data["digests"].tolist())  # str, at C speed
                     if "segments" in data.files:
                         used_segments.update(str(s) for s in data["segments"].tolist())

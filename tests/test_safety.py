@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -419,3 +420,43 @@ def test_a_named_pipe_in_place_of_a_json_file_is_damage_not_a_hang(
         assert run("repair").code == 0 and (models_dir / "state.json").is_file()
     else:
         assert done.returncode == 1 and "damaged" in done.stderr, done
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize(
+    "which", ["examples.npz", "segment", "model.onnx", "model.data", "replay.npz"]
+)
+def test_a_named_pipe_among_the_models_files_is_damage_not_a_hang(
+    run, pt_model, photos, models_dir, tmp_path, which
+):
+    """numpy and ONNX Runtime open what they are given and wait on a named pipe forever:
+    one in place of a copy's examples, a shared segment, the personalized model or its
+    weights file, or the base's replay set blocked predict, retrain or export (a retrain
+    after saving its change, comparing weights files for an undo step)."""
+    replay = tmp_path / "replay.npz"
+    np.savez(replay, inputs=np.ones((4, 8), np.float32), labels=np.array(["healthy"] * 4))
+    assert run("make-updatable", pt_model, "--replay", replay).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    [personal] = models_dir.glob("personal-*")
+    path = {
+        "examples.npz": personal / "examples.npz",
+        "segment": next((models_dir / "examples").glob("*.npy")),
+        "model.onnx": personal / "model.onnx",
+        "model.data": personal / "model.data",
+        "replay.npz": next(models_dir.glob("base-*/replay.npz")),
+    }[which]
+    path.unlink()
+    os.mkfifo(path)
+    for args in (
+        ["predict", photos["green"][0]],
+        ["retrain", "--label", "healthy", photos["green"][1]],
+        ["export", "--force", tmp_path / "b.tar.gz"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "healthyluncher", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 1, done
