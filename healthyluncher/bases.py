@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -133,8 +134,10 @@ def make_updatable(
             Param("balance_subfolders", True), " is only used with ", Param("examples")
         )
     found = None
-    beside = model_path.with_suffix(".replay.npz")
-    if options.replay is None and options.examples is None and beside.is_file():
+    # Path(".") and Path("/") have no name to change the suffix of (ValueError): not a model
+    # file, which loading it says in one line.
+    beside = model_path.with_suffix(".replay.npz") if model_path.name else model_path
+    if options.replay is None and options.examples is None and os.path.isfile(beside):
         # A base's replay set travels beside it (the shipped one does): without it, a
         # personalization of this base forgets what the base knew.
         options = replace(options, replay=beside)

@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -19,6 +20,7 @@ from healthyluncher.cli_output import (
     quiet,
     stop_on_signals,
 )
+from healthyluncher.cli_streams import OutputLost, guard_streams, output_lost
 from healthyluncher.settings import MAX_PIXEL_STATISTIC, backup_name_problem
 from healthyluncher.version import __version__
 
@@ -156,12 +158,17 @@ def hoist_global_options(argv: list[str]) -> list[str]:
         if command is None:
             return argv
     front, rest, moved = argv[:command], argv[command:], []
+    # Every command takes --json, the group none: `luncher --json status` was "No such
+    # option: --json (Possible options: --version)". It moves behind the command's own.
+    late = ["--json"] if "--json" in front else []
+    front = [arg for arg in front if arg != "--json"]
     kept: list[str] = []
     i = 0
     while i < len(rest):
         arg = rest[i]
         if arg == "--":
-            kept += rest[i:]
+            kept += late + rest[i:]
+            late = []
             break
         if arg in GLOBAL_FLAGS:
             moved.append(arg)
@@ -173,7 +180,7 @@ def hoist_global_options(argv: list[str]) -> list[str]:
         else:
             kept.append(arg)
         i += 1
-    return front + moved + kept
+    return front + moved + kept + late
 
 
 def luncher(ctx: typer.Context) -> "Luncher":
@@ -187,12 +194,18 @@ def luncher(ctx: typer.Context) -> "Luncher":
 
 
 def with_stdin(paths: list[Path]) -> list[Path]:
-    """`-` stands for newline-separated paths read from standard input."""
+    """`-` stands for newline-separated paths read from standard input, or NUL-separated
+    ones (`find -print0`: a name may hold a newline, never a NUL), taken as they are."""
     if Path("-") not in paths:
         return paths
-    import sys
-
-    read = [Path(line.strip()) for line in sys.stdin if line.strip()]
+    # The file system's bytes, decoded as it names files (a Latin-1 name from `find` was
+    # a UnicodeDecodeError where a UTF-8 locale makes standard input strict).
+    buffer = getattr(sys.stdin, "buffer", None)
+    text = os.fsdecode(buffer.read()) if buffer is not None else sys.stdin.read()
+    if "\0" in text:
+        read = [Path(name) for name in text.split("\0") if name]
+    else:
+        read = [Path(line.strip()) for line in text.split("\n") if line.strip()]
     expanded: list[Path] = []
     for path in paths:
         expanded.extend(read if path == Path("-") else [path])
@@ -291,7 +304,26 @@ def main() -> None:
     # writes training files in this process rather than in a child Python.
     warnings.simplefilter("ignore")  # every error is one line of its own; no other text
     logging.getLogger().addHandler(logging.NullHandler())
+    guard_streams()
     stop_on_signals()
+    code: object = 0
+    try:
+        try:
+            _run_app()
+        finally:  # what is still buffered fails here, not silently as the process ends
+            sys.stdout.flush()
+    except OutputLost as exc:  # `reporting` tells a command's own
+        output_lost(exc)
+    except SystemExit as done:
+        code = done.code
+        raise
+    finally:  # a failure that click swallowed (in --help, --version) must not exit 0
+        lost = getattr(sys.stdout, "lost", None)
+        if lost is not None and code in (0, None):
+            output_lost(lost)
+
+
+def _run_app() -> None:
     if "--json" not in sys.argv[1:]:
         app(prog_name="luncher")
         return

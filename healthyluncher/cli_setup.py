@@ -20,6 +20,7 @@ from healthyluncher.cli_app import (
     bounded,
     file_path,
     floats,
+    given_path,
     luncher,
     names,
 )
@@ -53,7 +54,12 @@ def make_updatable(
     ctx: typer.Context,
     model: Annotated[
         Path,
-        typer.Argument(help="An ONNX image classifier.", show_default=False, metavar="MODEL.onnx"),
+        typer.Argument(
+            help="An ONNX image classifier.",
+            show_default=False,
+            metavar="MODEL.onnx",
+            parser=given_path,
+        ),
     ],
     labels: Annotated[
         Optional[str],  # noqa: UP045
@@ -74,6 +80,7 @@ def make_updatable(
     examples: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            parser=given_path,
             metavar="DIR",
             help="A folder with one subfolder of photos per label: train the head on them "
             "(a new final layer when the labels are not the model's own).",
@@ -135,6 +142,7 @@ def make_updatable(
     replay: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            parser=given_path,
             metavar="FILE.npz",
             help="An .npz of head inputs and labels from the base's training data.",
         ),
@@ -158,6 +166,7 @@ def make_updatable(
     calibration: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            parser=given_path,
             metavar="DIR",
             help="A directory of photos to calibrate --int8 on (at most 200 are used).",
             show_default=False,

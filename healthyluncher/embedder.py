@@ -12,11 +12,11 @@ import numpy as np
 
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
-from healthyluncher.fileio import atomic_write_bytes
+from healthyluncher.fileio import atomic_write_bytes, regular
 from healthyluncher.meta import known_label
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
 from healthyluncher.records import Base, Examples, make_updatable_command
-from healthyluncher.runtime import inference_session, run_in_batches
+from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore
 from healthyluncher.thumbnails import JPEG_MAX_SIDE
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 FROZEN_BATCH = 8
 # Bump when augmented_views changes, so cached views are not mixed with new ones.
 AUGMENT_VERSION = 2
+# A model whose frozen part computes NaN or infinity for a photo (a Sqrt or Log of what
+# turns negative): the photo is skipped, as an unreadable one is.
+NOT_NUMBERS = "the model computes values that are not numbers (NaN or infinite) for this photo"
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class Embedder:
             outputs = self._run_frozen(np.concatenate([pixels for _, _, pixels in pending]))
             for offset, (path, digest, _) in enumerate(pending):
                 views = outputs[offset * self.views : (offset + 1) * self.views]
+                if not np.isfinite(views).all():  # trained on, every weight would be NaN
+                    failures.append(ImageFailure(path, f"{path}: {NOT_NUMBERS}"))
+                    continue
                 self._write_cache(digest, views)
                 results.append((path, digest, views))
             fresh += len(pending)
@@ -179,8 +185,12 @@ class Embedder:
 
     def _ensure_session(self) -> None:
         if self._session is None and self.base.meta.has_frozen_part:
+            meta = self.base.meta
             try:
                 self._session = inference_session(self.base.path / Files.FROZEN)
+                problem = input_mismatch(self._session, meta.input_name, meta.preprocessing)
+                if problem is not None:
+                    raise LuncherError(problem)
             except LuncherError as exc:  # as predict says of a damaged base model
                 raise LuncherError(
                     f"the base model in {self.base.path} is damaged: {exc}; make it again with ",
@@ -237,10 +247,22 @@ class Embedder:
     def _read_cache(self, digest: str) -> np.ndarray | None:
         path = self._cache_file(digest)
         try:
-            value = np.load(path, allow_pickle=False)
+            value = np.load(regular(path), allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None  # missing or damaged: embed again
-        return value if len(value) == self.views else None
+        # Damaged otherwise (NaN, another type or width): embed again, never train on it.
+        fine = value.dtype == np.float32 and value.ndim >= 2 and len(value) == self.views
+        width = self._width()
+        if not fine or (width is not None and value.shape[1:] != width):
+            return None
+        return value if np.isfinite(value).all() else None
+
+    def _width(self) -> tuple[int, ...] | None:
+        """The shape of one head input, where the examples or a linear head tell it."""
+        if self.known is not None and len(self.known.inputs):
+            return tuple(self.known.inputs.shape[1:])
+        features = (self.base.meta.linear_head or {}).get("features")
+        return (features,) if type(features) is int else None
 
     def _write_cache(self, digest: str, views: np.ndarray) -> None:
         try:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher.errors import LuncherError
-from healthyluncher.fileio import numpy_problem
+from healthyluncher.fileio import numpy_problem, regular
 from healthyluncher.memory import Memory, build_memory
 from healthyluncher.records import Base, Examples, Personal, save_arrays
 from healthyluncher.settings import Hyperparameters
@@ -138,7 +138,7 @@ def read_replay(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
     """A replay file's head inputs, label names and weights, every value checked: it comes
     from anywhere (--replay), and every retrain trains on it."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(regular(path), allow_pickle=False) as data:
             inputs, names = data["inputs"].astype(np.float32, copy=False), data["labels"]
             weights = replay_weights(data, len(inputs), path)
     except (OSError, KeyError, ValueError, TypeError) as exc:  # TypeError: a 0-d array
@@ -268,7 +268,7 @@ def load_floors(personal: Personal | None, base: Base) -> dict[str, float]:
     if personal is None or personal.meta.base_sha256 != base.meta.sha256:
         return {}
     try:
-        with np.load(personal.path / Files.FLOORS, allow_pickle=False) as data:
+        with np.load(regular(personal.path / Files.FLOORS), allow_pickle=False) as data:
             keys, conflicts, rule = data["keys"], data["conflicts"], data["rule"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return {}  # no "rule": saved before the memory measured from a centre

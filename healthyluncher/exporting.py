@@ -61,14 +61,16 @@ GZIP_LEVEL = 1
 def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> ExportResult:
     """Write the personalization, its examples and thumbnails to one .tar.gz, atomically.
     An existing file is replaced only with `force` (`export photo.jpg` must not eat it)."""
-    if target.is_dir():
+    # os.path's tests, not Path's: a name too long for the file system is False there
+    # (Path.is_dir raised OSError), and writing the archive then says why in one line.
+    if os.path.isdir(target):
         raise LuncherError(f"{target} is a directory; give a file name such as backup.tar.gz")
     problem = backup_name_problem(str(target))  # a .zip or .tar that holds a .tar.gz
     if problem:
         raise LuncherError(problem)
-    if target.exists() and not force:
+    if os.path.exists(target) and not force:
         raise LuncherError(f"{target} already exists; use ", Param("force", True), " to replace it")
-    if target.exists() and not target.is_file():  # /dev/stdout, a pipe: never replaced
+    if os.path.exists(target) and not os.path.isfile(target):  # /dev/stdout, a pipe: kept
         raise LuncherError(
             f"{target} is not a regular file; give a file name such as backup.tar.gz"
         )

@@ -110,23 +110,35 @@ def not_regular(folder: Path) -> Path | None:
     return None
 
 
+def regular(path: Path) -> Path:
+    """`path`, once it is known to be a regular file (FileNotFoundError, or OSError for a
+    named pipe or a device in the models directory: numpy and ONNX Runtime would wait on a
+    pipe forever, or read /dev/zero until memory runs out)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return path
+
+
 # No JSON file luncher writes comes near this (taught.json of 10,000 photos: ~2 MB).
 MAX_JSON_BYTES = 64 * 2**20
 
 
 def read_json(path: Path) -> Any:
     """A JSON file of the models directory; one that is not a regular file (a link to
-    /dev/zero would fill the memory, a named pipe block forever) or is too large for one
-    luncher writes is damaged, unread."""
+    /dev/zero would fill the memory, a named pipe block every command forever) or is too
+    large for one luncher writes is damaged, unread."""
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):  # before fdopen, which refuses a directory
+            os.close(fd)
             raise DamagedError(f"{path} is damaged (a directory)")
-        if not stat.S_ISREG(info.st_mode):
-            raise DamagedError(f"{path} is damaged (not a regular file)")
-        if info.st_size > MAX_JSON_BYTES:
-            raise DamagedError(f"{path} is damaged (larger than any file luncher writes)")
-        return parse_json(path.read_text())
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(info.st_mode):
+                raise DamagedError(f"{path} is damaged (not a regular file)")
+            if info.st_size > MAX_JSON_BYTES:
+                raise DamagedError(f"{path} is damaged (larger than any file luncher writes)")
+            return parse_json(handle.read().decode("utf-8"))
     except FileNotFoundError:
         raise
     except OSError as exc:  # another user's 0600 file is unreadable, not damaged

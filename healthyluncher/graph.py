@@ -13,6 +13,7 @@ from onnx import TensorProto, numpy_helper
 
 from healthyluncher.cuts import Topology, choices, cut_problem, working_counts
 from healthyluncher.errors import LuncherError, Param
+from healthyluncher.external import load_with_external_data
 from healthyluncher.fileio import parse_json
 from healthyluncher.meta import check_label
 from healthyluncher.rewrites import fold_batch_norms, merge_parallel_heads
@@ -78,12 +79,7 @@ class Split:
 def load_model(path: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise LuncherError(f"{path}: no such file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf's DecodeError; onnx's on external data (missing...)
-        why = f"not an ONNX model ({type(exc).__name__})"
-        named = any(word in str(exc) for word in ("TensorProto", "External data"))
-        raise LuncherError(f"{path}: {exc if named else why}") from None
+    model = load_with_external_data(path)  # each tensor's external data checked first
     if not model.graph.node:
         raise LuncherError(f"{path}: not an ONNX model (the graph has no nodes)")
     return model

@@ -11,6 +11,7 @@ become the base's replay set, so that personalizing the base later does not forg
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,7 @@ class HeadReport:
 
 def read_examples(directory: Path, balance_subfolders: bool = False) -> LabelledPhotos:
     """The labels (subfolder names, sorted) and their photos."""
-    if not directory.is_dir():
+    if not os.path.isdir(directory):  # False for a name too long, where Path.is_dir raises
         raise LuncherError(Param("examples", str(directory)), ": not a directory")
     folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     labels = tuple(check_label(folder.name) for folder in folders)

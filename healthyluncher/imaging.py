@@ -82,10 +82,21 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     _refuse_too_large(name, *image.size)  # as a file declaring that size is, unencoded
     buffer = io.BytesIO()
     try:
-        image.save(buffer, "PNG", compress_level=1)
+        if image.mode in _UNSTORED_MODES:  # modes no file format stores
+            image = image.convert(_UNSTORED_MODES[image.mode])
+        # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, YCbCr,
+        # LAB, I, F, PA, RGBX), read back as a file in that mode is.
+        if image.mode in _PNG_MODES:
+            image.save(buffer, "PNG", compress_level=1)
+        else:
+            image.save(buffer, "TIFF")
     except (OSError, ValueError) as exc:
         raise LuncherError(f"{name}: cannot use this image ({exc})") from None
     return MemoryPhoto(name, buffer.getvalue())
+
+
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L"})
+_UNSTORED_MODES = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA"}
 
 
 def _refuse_too_large(name: str, width: int, height: int) -> None:

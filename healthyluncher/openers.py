@@ -30,6 +30,12 @@ _HEIF_BRANDS = frozenset(
 )
 _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 
+# The formats luncher reads (README: JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC/HEIF, AVIF), by
+# Pillow's format id; MPO is a camera's multi-picture JPEG. A photo is an untrusted file:
+# Pillow's other decoders are more code to read it with, and one runs a program on it
+# (EPS: Ghostscript, a PostScript interpreter), so a file they recognize is refused unread.
+PHOTO_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "HEIF", "AVIF"})
+
 
 def file_brand(data: bytes) -> bytes | None:
     """The major brand of an ISO BMFF file (HEIF, AVIF), None for any other format."""
@@ -47,13 +53,15 @@ def pixel_limit() -> int:
 
 def open_photo(data: bytes, brand: bytes | None, name: str) -> Image.Image:
     """What Image.open does, without its size guard (see PILLOW_DEFAULT_PIXELS): the
-    registered plugins in turn, the common ones first. A HEIF photo is read by pillow-heif's
+    registered plugins of PHOTO_FORMATS in turn, the common ones first (a file that only
+    another format recognizes: a LuncherError naming it). A HEIF photo is read by pillow-heif's
     plugin class directly when the program has registered no HEIF plugin with Pillow, so
     Pillow's registry stays as the program left it (its Image.open does not learn HEIF)."""
     if brand in _HEIF_BRANDS and "HEIF" not in Image.OPEN:
         return _heif(data, name)
     prefix = data[:16]
     tried: set[str] = set()
+    other: str | None = None  # the first format outside PHOTO_FORMATS that claimed the file
     for load_plugins in (Image.preinit, Image.init):  # Pillow's own lazy set-up
         load_plugins()
         for format_id in [f for f in Image.ID if f not in tried]:
@@ -66,9 +74,14 @@ def open_photo(data: bytes, brand: bytes | None, name: str) -> Image.Image:
                 found = accept(prefix) if accept is not None else True
                 if not found or isinstance(found, str):
                     continue
+                if format_id not in PHOTO_FORMATS:
+                    other = other or (format_id if accept is not None else None)
+                    continue
                 return factory(io.BytesIO(data), "")
             except _NOT_THIS_FORMAT:
                 continue
+    if other is not None:
+        raise LuncherError(f"{name}: not a photo format luncher reads (Pillow reads it as {other})")
     raise UnidentifiedImageError(f"cannot identify image file {name!r}")
 
 

@@ -181,25 +181,43 @@ def iter_images(inputs: Iterable[PhotoSource]) -> Iterator[PhotoSource]:
             yield item
 
 
+# What a models directory holds (store.STATE_FILE, store.LOCK_FILE), also when it is not
+# hidden (LUNCHER_MODELS_DIR=~/luncher-models): a folder search never goes into one.
+MODELS_DIR_MARKERS = frozenset({"state.json", ".lock"})
+
+
 def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:
     """Image files under `root`, following symlinked folders (a folder of links to dish
-    folders is a common way to lay out examples) but never the same folder twice."""
+    folders is a common way to lay out examples) but never the same folder twice: the
+    first in sorted order, so the same tree always gives the same paths, and never into a
+    models directory (MODELS_DIR_MARKERS) below `root`. A loop, not
+    os.walk, which recurses once per level before Python 3.12 (RecursionError in a
+    folder 1,000 levels deep)."""
     seen: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    stack = [root]
+    while stack:
+        folder = stack.pop()
         try:
             info = os.stat(folder)
-        except OSError:
-            dirs[:] = []
+            if (info.st_dev, info.st_ino) in seen:  # a link back up the tree, or a twin
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:  # unreadable, gone, or a name too long: as os.walk, skipped
             continue
-        if (info.st_dev, info.st_ino) in seen:  # a link back up the tree
-            dirs[:] = []
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            path = Path(folder) / name
-            if not name.startswith(".") and path.suffix.lower() in suffixes and path.is_file():
+        if folder != root and MODELS_DIR_MARKERS <= {entry.name for entry in entries}:
+            continue  # a models directory: its thumbnails are copies of taught photos
+        folders: list[Path] = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            if _is_dir(path):
+                folders.append(path)
+            elif path.suffix.lower() in suffixes and path.is_file():
                 yield path
+        stack.extend(reversed(folders))
 
 
 def read_bytes(path: PhotoSource) -> bytes:
@@ -224,6 +242,8 @@ def read_bytes(path: PhotoSource) -> bytes:
             data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise LuncherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # os.stat's "embedded null byte"
+        raise LuncherError(f"{path}: cannot read: a file name cannot hold a NUL byte") from None
     if len(data) > MAX_FILE_BYTES:
         raise LuncherError(f"{path}: file is too large (over {MAX_FILE_BYTES / 2**20:.0f} MiB)")
     return data

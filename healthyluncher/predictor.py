@@ -12,7 +12,7 @@ import numpy as np
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, PREDICT_BASE, LuncherError
 from healthyluncher.photos import ImageFailure, PhotoSource
 from healthyluncher.records import GO_BACK, load_base, load_personal, make_updatable_command
-from healthyluncher.runtime import inference_session, run_in_batches
+from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
 
@@ -75,6 +75,12 @@ class Predictor:
                 PREDICT_BASE,
                 " still works)",
             ) from None
+        problem = input_mismatch(self._session, self._input, self.prep)
+        if problem is not None:  # the base's meta.json: a personalized copy has the base's input
+            raise LuncherError(
+                f"the base model in {base.path} is damaged: {problem}; make it again with ",
+                make_updatable_command(base.path.parent, MAKE_UPDATABLE_KEEPING),
+            )
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, *input) float32 -> (N, classes) float64 probabilities."""
@@ -111,7 +117,7 @@ class Predictor:
 
     def _flush(
         self, loaded: list[LoadedImage], on_done: Callable[[], None] | None
-    ) -> Iterator[Prediction]:
+    ) -> Iterator[Prediction | ImageFailure]:
         if not loaded:
             return
         probs = self.probabilities(np.stack([item.array for item in loaded]))
@@ -119,6 +125,12 @@ class Predictor:
             best = int(np.argmax(row))
             if on_done is not None:
                 on_done()
+            if not np.isfinite(row).all():  # argmax of NaN would name a label, at random
+                yield ImageFailure(
+                    item.path,
+                    f"{item.path}: the model's scores for this photo are not numbers (NaN)",
+                )
+                continue
             yield Prediction(
                 path=item.path,
                 label=self.model.labels[best],

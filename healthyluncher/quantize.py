@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class QuantizedBase:
 def calibration_photos(directory: Path) -> list[Path]:
     """Up to MAX_CALIBRATION_PHOTOS image files under `directory`, spread evenly over its
     sorted listing so that every subfolder (a class, a dish) has its share."""
-    if not directory.is_dir():
+    if not os.path.isdir(directory):  # False for a name too long, where Path.is_dir raises
         raise LuncherError(Param("calibration", str(directory)), ": not a directory of photos")
     found = [p for p in find_images([directory]) if isinstance(p, Path)]
     if not found:

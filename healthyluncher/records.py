@@ -23,7 +23,7 @@ from healthyluncher.errors import (
     LuncherError,
     Message,
 )
-from healthyluncher.fileio import not_regular, numpy_problem, read_json
+from healthyluncher.fileio import not_regular, numpy_problem, read_json, regular
 from healthyluncher.meta import SHA256, BaseMeta, PersonalMeta
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore, resolve_models_dir
@@ -100,7 +100,11 @@ def make_updatable_command(root: Path, command: Command = MAKE_UPDATABLE) -> Com
     opens the default one (or the directory of $LUNCHER_MODELS_DIR, which is still set),
     so another one is named. (The command line names the directory given with
     --models-dir in every command it suggests, this one included.)"""
-    if root == resolve_models_dir().resolve():
+    try:
+        default = resolve_models_dir().resolve()
+    except LuncherError:  # no home directory: `root` was given, and is named
+        default = None
+    if root == default:
         return command
     assert command.api.endswith(")"), command
     return command._replace(api=f"{command.api.removesuffix(')')}, models_dir={str(root)!r})")
@@ -160,7 +164,7 @@ def load_examples(
         return Examples.empty(sample_shape)
     path = personal.path / Files.EXAMPLES
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(regular(path), allow_pickle=False) as data:
             origin: np.ndarray | None = None
             segment_names: tuple[str, ...] = ()
             if "inputs" in data.files or not shared:
@@ -260,7 +264,7 @@ def save_examples(
 def load_weights(personal: Personal) -> dict[str, np.ndarray]:
     path = personal.path / Files.WEIGHTS
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(regular(path), allow_pickle=False) as data:
             weights = {name: data[name] for name in data.files}
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise LuncherError(f"{path} is damaged ({numpy_problem(exc)}); ", *GO_BACK) from None
@@ -273,7 +277,7 @@ def load_weights(personal: Personal) -> dict[str, np.ndarray]:
 def load_scores(personal: Personal) -> dict[str, np.ndarray]:
     """{digest: probabilities} saved with the copy; {} when missing or damaged (computed again)."""
     try:
-        with np.load(personal.path / Files.SCORES, allow_pickle=False) as data:
+        with np.load(regular(personal.path / Files.SCORES), allow_pickle=False) as data:
             digests, probs = data["digests"], data["probabilities"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return {}

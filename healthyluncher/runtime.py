@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.fileio import regular
 
 # ONNX Runtime 1.19 (the last training build) loads models up to IR version 10 and opset 21;
 # newer onnx releases write IR 11 and up.
@@ -93,6 +94,8 @@ def runtime() -> ModuleType:
                 import onnxruntime
         import onnxruntime
     except ImportError as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # Ctrl-C as its extension initialized
         raise LuncherError(install_problem() or f"ONNX Runtime cannot be imported ({exc})") from exc
     if _quiet[0] and not _quiet[1]:
         onnxruntime.set_default_logger_severity(4)
@@ -208,10 +211,30 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(model) if isinstance(model, Path) else model
     try:
+        if isinstance(model, Path):
+            regular(model)  # ONNX Runtime would wait on a named pipe forever
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own untyped errors for unloadable models
         name = model.name if isinstance(model, Path) else "the model"
         raise LuncherError(model_problem(exc, name)) from exc
+
+
+def input_mismatch(session: Any, name: str, prep: Any) -> str | None:
+    """Why the session cannot take the tensors `prep` (settings.Preprocessing, from a
+    meta.json anyone can edit) makes under the input `name`, or None when it can."""
+    shapes = {node.name: node.shape for node in session.get_inputs()}
+    if name not in shapes:
+        return f"meta.json names the input {name!r:.40}, which the model does not have"
+    sides = (prep.height, prep.width)
+    wanted = (prep.channels, *sides) if prep.layout == "NCHW" else (*sides, prep.channels)
+    shape = list(shapes[name] or [])
+    if len(shape) != 4:  # not an image batch luncher made: ONNX Runtime says what it wants
+        return None
+    if any(isinstance(a, int) and a != b for a, b in zip(shape[1:], wanted, strict=True)):
+        model = "x".join(str(side) if isinstance(side, int) else "?" for side in shape[1:])
+        ours = "x".join(map(str, wanted))
+        return f"meta.json's input ({prep.layout} {ours}) is not the model's ({model})"
+    return None
 
 
 # ONNX Runtime's exception text: "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model

@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import stat
 from pathlib import Path
 
 import numpy as np
 
 from healthyluncher.errors import DamagedViewsError
-from healthyluncher.fileio import atomic_write_bytes, numpy_problem
+from healthyluncher.fileio import atomic_write_bytes, numpy_problem, regular
 
 FOLDER = "examples"
 NAME = re.compile(r"[0-9a-f]{32}\.npy")
@@ -83,7 +82,9 @@ def load_views(folder: Path, origin: np.ndarray, segments: np.ndarray) -> np.nda
     if origin.ndim != 2 or origin.shape[1] != 2 or origin.dtype.kind not in "iu":
         raise ValueError(f"its index has shape {origin.shape} and type {origin.dtype}")
     try:  # a segment is shared by the undo steps: its damage is not one copy's
-        arrays = [_open(folder / name) for name in names]
+        arrays = [
+            np.load(regular(folder / name), mmap_mode="r", allow_pickle=False) for name in names
+        ]
     except (OSError, ValueError, EOFError) as exc:
         raise DamagedViewsError(
             f"a segment in {folder} cannot be read ({numpy_problem(exc)})"
@@ -102,13 +103,6 @@ def load_views(folder: Path, origin: np.ndarray, segments: np.ndarray) -> np.nda
     for i, array in enumerate(arrays):
         mine = np.flatnonzero(which == i)
         views[mine] = array[row[mine]]
+    if not np.isfinite(views).all():  # trained on, they make every weight NaN
+        raise DamagedViewsError(f"a segment in {folder} holds values that are not numbers")
     return views
-
-
-def _open(path: Path) -> np.ndarray:
-    """A segment, memory-mapped; a named pipe or a device in its place is refused unopened
-    (opening a pipe blocks until someone writes to it)."""
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise ValueError(f"{path.name} is not a regular file")
-    array: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
-    return array

@@ -64,18 +64,26 @@ class State:
             raise LuncherError(f"{path} has an unknown format; was it written by a newer luncher?")
         if version != STATE_FORMAT:  # no format at all, or a string: damaged, not newer
             raise DamagedError(f"{path} is damaged (its format is {version!r:.20}); ", *repair)
-        base, personal = data.get("base"), data.get("personal")
-        history: list[Step] = []
-        for entry in data.get("history") or []:
-            if isinstance(entry, str):  # written before base switches could be undone
-                history.append(Step(base, entry or None))
-            elif isinstance(entry, dict):
-                history.append(Step(entry.get("base"), entry.get("personal")))
-        state = cls(base=base, personal=personal, history=history)
-        for name in state.names():
+
+        def named(name: object) -> str | None:
+            """A directory name, or None (null, or "" as an old state.json wrote it)."""
+            if name is None or name == "":
+                return None
             if not isinstance(name, str) or not DIRECTORY.fullmatch(name):
-                raise DamagedError(f"{path} is damaged (it names {name!r}); ", *repair)
-        return state
+                raise DamagedError(f"{path} is damaged (it names {name!r:.60}); ", *repair)
+            return name
+
+        base, personal = named(data.get("base")), named(data.get("personal"))
+        entries = data.get("history") or []
+        if not isinstance(entries, list):
+            raise DamagedError(f"{path} is damaged (its history is not a list); ", *repair)
+        history: list[Step] = []
+        for entry in entries:
+            if isinstance(entry, str):  # written before base switches could be undone
+                history.append(Step(base, named(entry)))
+            elif isinstance(entry, dict):
+                history.append(Step(named(entry.get("base")), named(entry.get("personal"))))
+        return cls(base=base, personal=personal, history=history)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from healthyluncher.fileio import (
     fsync_dir,
     fsync_tree,
     read_json,
+    regular,
     shared_lock,
     write_json,
 )
@@ -73,14 +74,20 @@ class Files:
 
 def resolve_models_dir(option: Path | None = None) -> Path:
     """--models-dir, then $LUNCHER_MODELS_DIR, then the per-user data directory."""
-    if option is not None:
-        return option.expanduser().resolve()
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser().resolve()
-    from platformdirs import user_data_path
+    try:
+        if option is not None:
+            return option.expanduser().resolve()
+        env = os.environ.get(ENV_VAR)
+        if env:
+            return Path(env).expanduser().resolve()
+        from platformdirs import user_data_path
 
-    return user_data_path("healthyluncher", appauthor=False) / "models"
+        return user_data_path("healthyluncher", appauthor=False) / "models"
+    except RuntimeError:  # no HOME and no account entry (a container's user), for `~`
+        why = "cannot find your home directory for the models directory (HOME is not set)"
+        raise LuncherError(
+            f"{why}: set HOME or {ENV_VAR}, or give ", Param("models_dir", example="DIR")
+        ) from None
 
 
 class ModelStore:
@@ -328,7 +335,8 @@ class ModelStore:
             if not name.startswith("personal-"):
                 continue
             try:
-                with np.load(self.root / name / Files.EXAMPLES, allow_pickle=False) as data:
+                examples = regular(self.root / name / Files.EXAMPLES)
+                with np.load(examples, allow_pickle=False) as data:
                     digests = set(data["digests"].tolist())  # str, at C speed
                     if "segments" in data.files:
                         used_segments.update(str(s) for s in data["segments"].tolist())

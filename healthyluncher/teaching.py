@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -337,4 +338,6 @@ def _named_digests(
 
 def _names_a_digest(item: PhotoSource) -> bool:
     """A missing file named like a digest (or its first 8 or more hex digits)."""
-    return isinstance(item, Path) and not item.exists() and bool(HEX.fullmatch(item.name.lower()))
+    if not isinstance(item, Path) or os.path.exists(item):  # a name too long: False
+        return False
+    return bool(HEX.fullmatch(item.name.lower()))

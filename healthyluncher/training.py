@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, Param
-from healthyluncher.fileio import numpy_problem
+from healthyluncher.fileio import numpy_problem, regular
 from healthyluncher.meta import BaseMeta
 from healthyluncher.records import make_updatable_command
 from healthyluncher.runtime import training_available, training_installed
@@ -219,7 +219,7 @@ def start_params(base_dir: Path, meta: BaseMeta, spec: LinearHead) -> dict[str, 
     """The base's trained weights of the linear head (float32)."""
     path = base_dir / Files.HEAD_WEIGHTS
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(regular(path), allow_pickle=False) as data:
             params = {name: data[name].astype(np.float32) for name in spec.param_names}
     except FileNotFoundError:
         import onnx

@@ -18,7 +18,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from healthyluncher.fileio import fsync_dir
+from healthyluncher.fileio import fsync_dir, regular
 
 NAME = "model.data"
 
@@ -101,7 +101,10 @@ COMPARE_CHUNK = 1 << 16
 
 def same_bytes(first: Path, second: Path) -> bool:
     """Whether two files hold the same bytes (OSError if either cannot be read)."""
-    with open(first, "rb", buffering=0) as one, open(second, "rb", buffering=0) as other:
+    with (
+        open(regular(first), "rb", buffering=0) as one,
+        open(regular(second), "rb", buffering=0) as other,
+    ):
         if os.fstat(one.fileno()).st_size != os.fstat(other.fileno()).st_size:
             return False
         while True:

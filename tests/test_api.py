@@ -58,6 +58,21 @@ def test_predict_takes_paths_pil_images_and_arrays_in_one_list(lun, photos):
     assert results[0].probability == max(results[0].probabilities.values())
 
 
+@pytest.mark.parametrize(
+    "mode", ["CMYK", "YCbCr", "LAB", "HSV", "I", "F", "PA", "La", "RGBa", "RGBX"]
+)
+def test_a_pil_image_in_any_mode_is_predicted_as_its_file_would_be(lun, photos, mode):
+    """A CMYK PIL image (a print-ready JPEG the program opened itself), or one in mode I, F,
+    LAB, PA, ...: `cannot use this image (cannot write mode CMYK as PNG)`, where the same
+    photo as a file is read. It is predicted now, as its RGB copy is, near enough."""
+    rgb = Image.open(photos["red"][0]).convert("RGB")
+    image = rgb.convert(mode)
+    copy = image.convert("LA" if mode == "La" else mode.replace("a", "A")).convert("RGB")
+    [ours, reference] = lun.predict([image, copy])
+    assert ours.label == reference.label
+    assert ours.probabilities == pytest.approx(reference.probabilities, abs=0.05)
+
+
 def test_api_predictions_equal_the_cli_json(lun, photos, run):
     paths = photos["red"] + photos["green"]
     cli = run("predict", "--json", *paths).json_lines()
@@ -114,6 +129,32 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(run, tmp_pat
     result = run("--models-dir", "", "status")
     assert result.code == 2 and "empty path" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", [None, "--examples", "--replay", "--calibration"])
+def test_make_updatable_refuses_an_empty_path_for_the_model_and_its_folders(
+    run, pt_model, photos, tmp_path, monkeypatch, models_dir, option
+):
+    """`luncher make-updatable "$MODEL"` (unset) was 'unexpected ValueError: PosixPath('.')
+    has an empty name', and `--examples "$DIR"` took the current directory for the folder of
+    labelled photos (its subfolders for labels)."""
+    monkeypatch.chdir(photos["red"][0].parent.parent)  # holds red/ and green/: two "labels"
+    args = ["make-updatable", "" if option is None else pt_model]
+    if option is not None:
+        args += [option, ""] + (["--int8"] if option == "--calibration" else [])
+    result = run(*args)
+    assert result.code == 2 and "an empty path" in result.stderr, result
+    assert not models_dir.exists()
+
+
+@pytest.mark.parametrize("model", [".", "/"])
+def test_make_updatable_refuses_a_folder_for_a_model_in_one_line(run, model):
+    """'unexpected ValueError: PosixPath('.') has an empty name'."""
+    line = one_line_error(run("make-updatable", model))
+    assert "unexpected" not in line
+    with pytest.raises(LuncherError) as caught:
+        healthyluncher.make_updatable(model)
+    assert "unexpected" not in str(caught.value)
 
 
 def test_empty_labels_are_refused_not_read_as_none_given(run, pt_model, models_dir):

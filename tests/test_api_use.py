@@ -24,6 +24,7 @@ from PIL import Image
 import healthyluncher
 from healthyluncher import LuncherError, Progress
 from healthyluncher.errors import Command, StorageError
+from healthyluncher.photos import ImageFailure
 from tests.conftest import one_line_error
 
 
@@ -394,3 +395,15 @@ def test_an_export_that_fills_the_disk_leaves_nothing_behind(
         "fast_food": 3,
         "healthy": 3,
     }
+
+
+@pytest.mark.parametrize("name", ["lunch\0.jpg", "\0"])
+def test_a_path_with_a_nul_byte_is_a_luncher_error_not_a_value_error(lun, photos, name):
+    """A file name cannot hold a NUL byte: os.stat raised ValueError (embedded null byte)
+    out of predict, predict_each and retrain, past callers that catch LuncherError."""
+    with pytest.raises(LuncherError, match="NUL"):
+        lun.predict([name])
+    [failure] = list(lun.predict_each([photos["red"][0], name]))[1:]
+    assert isinstance(failure, ImageFailure) and "NUL" in failure.error
+    with pytest.raises(LuncherError, match="NUL"):
+        lun.retrain("healthy", [name])

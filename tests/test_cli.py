@@ -736,6 +736,9 @@ def test_a_retrain_rewrites_the_small_graph_and_copies_the_frozen_weights(
         "a link to /dev/zero",
         "a named pipe",
         "a directory",
+        "names a list",  # 'unexpected TypeError: unhashable type: list'
+        "history a number",  # 'unexpected TypeError: int object is not iterable'
+        "a step names an object",
     ],
 )
 def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
@@ -768,6 +771,9 @@ def test_a_damaged_state_json_never_blocks_and_repair_rebuilds_it(
                 "names a stranger": '{"format": 1, "base": "../../etc", "personal": null}',
                 "empty object": "{}",  # was "an unknown format; written by a newer luncher?"
                 "format a string": '{"format": "1", "base": null}',
+                "names a list": '{"format": 1, "base": ["base-0123456789ab"], "personal": null}',
+                "history a number": '{"format": 1, "base": null, "personal": null, "history": 3}',
+                "a step names an object": '{"format": 1, "base": null, "history": [{"base": {}}]}',
             }[damage]
         )
     assert probabilities(run, *photos["red"], *photos["green"]) == personal

@@ -87,6 +87,28 @@ def test_global_options_may_follow_the_command(run, pt_model, photos, tmp_path):
     ]
 
 
+def test_json_before_the_command_is_the_commands(run, pt_model, photos):
+    """`luncher --json status` said "No such option: --json (Possible options:
+    --version)", as if no command took it; every command does."""
+    assert hoist_global_options(["--json", "labels", "rename", "a", "b"]) == [
+        "labels",
+        "rename",
+        "a",
+        "b",
+        "--json",
+    ]
+    assert hoist_global_options(["--json", "predict", "--", "-x.jpg"]) == [
+        "predict",
+        "--json",
+        "--",
+        "-x.jpg",
+    ]
+    assert run("make-updatable", pt_model).code == 0
+    result = run("--json", "predict", photos["red"][0])
+    assert result.code == 0 and len(result.json_lines()) == 1, result
+    assert run("--json", "-q", "status").json_lines()[0]["labels"] == ["healthy", "fast_food"]
+
+
 def test_every_command_speaks_json(run, pt_model, photos, tmp_path):
     made = run("make-updatable", pt_model, "--json")
     assert made.code == 0
@@ -191,6 +213,45 @@ def test_a_dash_reads_paths_from_stdin(pt_model, photos, models_dir):
     result = luncher("predict", "--json", "-", stdin=listing)
     assert result.returncode == 0, result.stderr
     assert [json.loads(x)["path"] for x in result.stdout.splitlines()] == listing.split()
+
+
+def test_a_dash_reads_nul_separated_paths_as_find_print0_writes(pt_model, photos, tmp_path):
+    """`find photos/ -print0 | luncher predict -` said `unexpected ValueError: embedded
+    null byte`. NUL-separated paths are read as such: a file name cannot hold a NUL, and
+    it may hold a newline (`find -print0` is how a script passes those)."""
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    odd = tmp_path / "two\nlines.jpg"
+    odd.write_bytes(photos["green"][0].read_bytes())
+    paths = [str(p) for p in photos["red"]] + [str(odd)]
+    result = luncher("predict", "--json", "-", stdin="\0".join(paths) + "\0")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(x)["path"] for x in result.stdout.splitlines()] == paths
+    result = luncher("retrain", "--label", "fast_food", "-", stdin="\0".join(paths))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file names are bytes")
+def test_a_dash_reads_file_names_that_are_not_utf8(pt_model, photos, tmp_path):
+    """`find photos/ | luncher predict -` in a UTF-8 locale (standard input strict, as
+    en_US.UTF-8 makes it) was 'unexpected UnicodeDecodeError' at a name in Latin-1: the
+    names are read as the file system's bytes."""
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    name = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(name, "wb") as file:
+        file.write(photos["red"][0].read_bytes())
+    listing = b"\n".join([name, os.fsencode(photos["green"][0])]) + b"\n"
+    for separator in (b"\n", b"\0"):
+        done = subprocess.run(
+            [sys.executable, "-m", "healthyluncher", "predict", "--json", "-"],
+            input=listing.replace(b"\n", separator),
+            capture_output=True,
+            env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+            check=False,
+        )
+        assert done.returncode == 0, done
+        paths = [json.loads(line)["path"] for line in done.stdout.splitlines()]
+        assert [os.fsencode(path) for path in paths] == listing.split(b"\n")[:2]
 
 
 def test_quiet_prints_results_and_errors_only(run, pt_model, photos):

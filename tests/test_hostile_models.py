@@ -192,9 +192,12 @@ def test_a_model_file_larger_than_protobuf_allows_is_refused_unread(run, tmp_pat
     one_line_error(run("make-updatable", huge), "2.0 GiB", "at most 2 GiB", "external data")
 
 
-@pytest.mark.parametrize(("key", "value"), [("offset", "999999"), ("length", "10" * 8)])
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [("offset", "999999", "cut short"), ("length", "10" * 8, "its shape takes")],
+)
 def test_external_weights_cut_short_are_named_not_called_not_onnx(
-    run, pt_model, tmp_path, key, value
+    run, pt_model, tmp_path, key, value, said
 ):
     """onnx's ValueError for an offset or length past the weights file's end became "not an
     ONNX model (ValueError)": the model is fine, its weights file is short."""
@@ -207,5 +210,121 @@ def test_external_weights_cut_short_are_named_not_called_not_onnx(
         if key == "length" and tensor.external_data:
             tensor.external_data.add(key="length", value=value)
     onnx.save(model, str(pt_model))
-    line = one_line_error(run("make-updatable", pt_model), "exceeds")
+    line = one_line_error(run("make-updatable", pt_model), said)
     assert "not an ONNX model" not in line
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"height": 17, "width": 17},
+        {"channels": 1},
+        {"layout": "NHWC"},
+        "no height",  # read as the default, 224
+        "input name",
+    ],
+    ids=["size", "channels", "layout", "no height", "input name"],
+)
+def test_a_base_meta_json_that_disagrees_with_its_model_is_damage_in_one_line(
+    run, pt_model, photos, models_dir, edit
+):
+    """meta.json is a file anyone can edit: an input size, layout or name its model does
+    not take reached ONNX Runtime, whose error ('unexpected InvalidArgument: ... Got
+    invalid dimensions for input: image for the following indices\\n index: 2 Got: 224
+    Expected: 16 ...') took several lines. It is a damaged base now, in one line."""
+    import json
+
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    [meta_path] = models_dir.glob("base-*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    if edit == "no height":
+        del meta["preprocessing"]["height"]
+    elif edit == "input name":
+        meta["input_name"] = "pixels"
+    else:
+        meta["preprocessing"].update(edit)
+    meta_path.write_text(json.dumps(meta))
+    for args in (
+        ["predict", photos["green"][0]],
+        ["predict", "--base", photos["green"][0]],
+        ["retrain", "--label", "healthy", photos["green"][1]],
+    ):
+        line = one_line_error(run(*args), "damaged", "make-updatable")
+        assert "ONNXRuntime" not in line and "unexpected" not in line
+
+
+def test_a_model_file_past_what_protobuf_can_hold_is_refused_unread(run, tmp_path):
+    """An ONNX file is one protobuf message, which cannot pass 2 GiB (larger models keep
+    their weights in external data). A 3 GiB file (sparse: no disk, no time to make) was
+    read whole and parsed, 17 s and 6 GB of memory for 'not an ONNX model'."""
+    path = tmp_path / "huge.onnx"
+    with path.open("wb") as file:
+        file.write(b"\\x0a\\xff\\xff\\xff\\xff\\x0f")  # a field that claims to be huge
+        file.truncate(2**31 + 1)
+    line = one_line_error(run("make-updatable", path), "huge.onnx", "2 GiB")
+    assert "external data" in line
+
+
+def _external(pt_model, tmp_path, length: int | None, data_size: int):
+    """pt_model with its weights in `weights.data` (sparse, `data_size` bytes), the first
+    tensor's entry claiming `length` bytes (None: no length, so onnx reads to the end)."""
+    model = onnx.load(str(pt_model))
+    onnx.save(
+        model, str(pt_model), save_as_external_data=True, size_threshold=0, location="weights.data"
+    )
+    model = onnx.load(str(pt_model), load_external_data=False)
+    tensor = model.graph.initializer[0]
+    kept = [(e.key, e.value) for e in tensor.external_data if e.key != "length"]
+    del tensor.external_data[:]
+    for key, value in kept + ([] if length is None else [("length", str(length))]):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(pt_model))
+    with (tmp_path / "weights.data").open("r+b") as file:
+        file.truncate(data_size)
+    return tensor.name
+
+
+@pytest.mark.parametrize("length", [6 * 2**30, None], ids=["claims 6 GiB", "no length"])
+def test_external_data_is_read_as_its_shape_says_never_as_its_entry_claims(
+    run, pt_model, tmp_path, models_dir, length
+):
+    """A model of a few kilobytes whose weights entry claims 6 GiB of a sparse file beside
+    it (or claims no length, when onnx reads the file to its end) had 6 GB read into memory
+    and the process killed (SIGSEGV under a memory limit) after 20 s."""
+    assert pt_model.parent == tmp_path
+    name = _external(pt_model, tmp_path, length, data_size=7 * 2**30)
+    result = run("make-updatable", pt_model)
+    if length is None:  # read as the shape says: the rest of the file is not the weights'
+        assert result.code == 0, result
+    else:
+        one_line_error(result, name, "claims 6442450944 bytes")
+
+
+def test_external_data_cut_short_is_one_line(run, pt_model, tmp_path):
+    name = _external(pt_model, tmp_path, None, data_size=10)
+    one_line_error(run("make-updatable", pt_model), name, "cut short")
+
+
+def test_a_model_that_computes_nan_for_a_photo_names_the_photo(run, pt_model, photos):
+    """A frozen part with a Sqrt where a Relu belongs passes make-updatable's check and
+    computes NaN for real photos: predict printed 'healthy  nan%' (argmax of NaN, exit 0),
+    and retrain trained to NaN weights and advised a smaller --learning-rate."""
+    model = onnx.load(str(pt_model))
+    for node in model.graph.node:
+        if node.name == "relu1":
+            node.op_type = "Sqrt"  # NaN where the first convolution is negative
+    onnx.save(model, str(pt_model))
+    assert run("make-updatable", pt_model).code == 0
+    photo = photos["red"][0]
+    result = run("predict", "--json", photo)
+    assert result.code == 1, result
+    assert result.json_lines() == [
+        {
+            "path": str(photo),
+            "error": f"{photo}: the model's scores for this photo are not numbers (NaN)",
+        }
+    ]
+    line = one_line_error(run("retrain", "--label", "healthy", photo), str(photo), "not numbers")
+    assert "learning-rate" not in line

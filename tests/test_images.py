@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import random
 import struct
+import subprocess
 import sys
 import threading
 import warnings
@@ -81,7 +83,7 @@ def png_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def assert_one_line_error(error: BaseException | str, path: Path) -> str:
+def assert_one_line_error(error: BaseException | str, path: Path | str) -> str:
     message = str(error)
     assert str(path) in message
     assert "\n" not in message and "Traceback" not in message
@@ -552,6 +554,39 @@ def test_find_images_searches_directories_and_keeps_files_as_given(tmp_path):
     assert find_images([tmp_path / "nothing"]) == []
 
 
+def test_a_folder_nested_deeper_than_pythons_recursion_limit_is_searched(tmp_path):
+    """os.walk recurses once per level before Python 3.12: a photos folder 1,500 levels
+    deep (well inside PATH_MAX) was `unexpected RecursionError`."""
+    album = tmp_path / "album"
+    depth = sys.getrecursionlimit() + 500
+    folder = Path(*(["a"] * depth))
+    album.mkdir()
+    try:
+        for level in range(1, depth + 1):  # os.makedirs recurses too
+            (album / Path(*(["a"] * level))).mkdir()
+        (album / folder / "x.jpg").write_bytes(b"")
+        (album / "top.jpg").write_bytes(b"")
+        assert find_images([album]) == [album / folder / "x.jpg", album / "top.jpg"]
+    finally:  # shutil.rmtree, pytest's clean-up, recurses too
+        (album / folder / "x.jpg").unlink(missing_ok=True)
+        for level in range(depth, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                (album / Path(*(["a"] * level))).rmdir()
+
+
+def test_a_folder_search_follows_linked_folders_once_and_skips_hidden_ones(tmp_path):
+    album = tmp_path / "album"
+    (album / "dish").mkdir(parents=True)
+    (album / "dish" / "a.jpg").write_bytes(b"")
+    (album / ".cache").mkdir()
+    (album / ".cache" / "b.jpg").write_bytes(b"")
+    (album / "._c.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS AppleDouble file
+    (album / "dish" / "up").symlink_to(album, target_is_directory=True)  # a loop
+    (album / "linked").symlink_to(album / "dish", target_is_directory=True)
+    (album / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    assert find_images([album]) == [album / "dish" / "a.jpg"]
+
+
 # -- loading many -------------------------------------------------------------------------
 
 
@@ -711,6 +746,31 @@ def test_find_images_skips_hidden_files_and_directories(tmp_path: Path) -> None:
     assert find_images([tmp_path / ".hidden.jpg"]) == [tmp_path / ".hidden.jpg"]
 
 
+def test_a_folder_search_skips_a_models_directory_inside_it(run, pt_model, tmp_path, monkeypatch):
+    """A models directory that is not hidden (LUNCHER_MODELS_DIR=~/luncher-models) lies under
+    the folders a user searches: `luncher retrain --label healthy ~` taught the thumbnails
+    of the photos taught fast_food (other files, other digests) as healthy."""
+    home = tmp_path / "home"
+    models = home / "luncher-models"
+    monkeypatch.setenv("LUNCHER_MODELS_DIR", str(models))
+    red = [
+        save(Image.new("RGB", (20, 20), (200 + i, 0, 0)), home / "lunch" / f"r{i}.png")
+        for i in range(3)
+    ]
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *red).code == 0
+    assert len(list((models / "thumbnails").iterdir())) == 3
+    assert find_images([home]) == red
+    result = run("retrain", "--label", "healthy", "--json", home)
+    assert result.code == 0, result
+    assert result.json_lines()[0]["examples_per_label"] == {"healthy": 3}
+    # Named explicitly, a folder in it is still searched.
+    assert len(find_images([models / "thumbnails"])) == 3
+    from healthyluncher import store
+
+    assert {store.STATE_FILE, store.LOCK_FILE} == photo_files.MODELS_DIR_MARKERS
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -768,3 +828,58 @@ def test_a_huge_png_with_alpha_costs_its_decoded_size_not_four_times_it(tmp_path
     assert done.returncode == 0, done.stderr
     decoded_mb = 8000 * 6000 * 4 // 2**20
     assert int(done.stdout) < 2 * decoded_mb, (int(done.stdout), decoded_mb)
+
+
+# A PostScript file: Pillow's EPS plugin renders it by running Ghostscript on it.
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+    b"0 setgray 0 0 8 8 rectfill\nshowpage\n%%EOF\n"
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script as Ghostscript")
+def test_a_postscript_file_named_jpg_never_runs_ghostscript(tmp_path):
+    """Photos are untrusted files: one named lunch.jpg that is PostScript must not make
+    luncher run an interpreter (Ghostscript, through Pillow's EPS plugin) on it, and formats
+    outside the photo formats luncher reads are refused in one line, unrun."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "ghostscript-ran"
+    fake_gs = bin_dir / "gs"
+    fake_gs.write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    fake_gs.chmod(0o755)
+    photo = tmp_path / "lunch.jpg"
+    photo.write_bytes(EPS)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("LUNCHER_BUNDLED_MODEL")  # the shipped base: a real command, start to end
+    done = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", str(photo)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert not marker.exists(), "Ghostscript ran on a photo"
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert "lunch.jpg" in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PCX", "SGI", "TGA", "PPM", "ICO", "DDS", "QOI"])
+def test_only_the_photo_formats_luncher_names_are_decoded(fmt):
+    """README: JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC/HEIF and AVIF. Every other decoder
+    of Pillow's is more code reading an untrusted file, for no photo a camera takes."""
+    if fmt == "EPS":
+        data = EPS
+    else:
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), RED).save(buffer, format=fmt)
+        data = buffer.getvalue()
+    with pytest.raises(LuncherError) as caught:
+        decode(data, NCHW, name="odd.jpg")
+    line = assert_one_line_error(caught.value, "odd.jpg")
+    if fmt == "TGA":  # a format without a signature: no format, or another, claims it
+        assert "not a photo format luncher reads" in line or "not an image file" in line
+    else:
+        assert f"not a photo format luncher reads (Pillow reads it as {fmt})" in line

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -244,18 +247,16 @@ def test_a_full_disk_says_so_and_changes_nothing(run, pt_model, photos, models_d
 def test_an_unreadable_state_json_is_not_called_damaged(run, pt_model, models_dir, monkeypatch):
     """state.json is created 0600: another user was told it is "damaged" and to run
     `reset`. It is unreadable, and the message says that."""
-    from pathlib import Path
-
     assert run("make-updatable", pt_model).code == 0
-    real = Path.read_text
+    real = os.open
 
-    def denied(self, *args, **kwargs):
-        if self.name == "state.json":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
+    def denied(path, *args, **kwargs):
+        if os.fspath(path).endswith("state.json") and not args[0] & os.O_WRONLY:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Path, "read_text", denied)
+        patch.setattr(os, "open", denied)
         result = run("status")
     assert result.code == 1
     assert "cannot read" in result.stderr and "Permission denied" in result.stderr
@@ -367,3 +368,95 @@ def test_a_working_folder_that_exists_already_is_left_to_its_owner(tmp_path):
         with owned_folder(theirs):
             pass
     assert (theirs / "examples.npz").read_bytes() == b"someone else's"
+
+
+def test_a_file_name_too_long_for_the_file_system_is_one_line(run, pt_model, photos, tmp_path):
+    """Path.is_dir and Path.is_file raise ENAMETOOLONG where os.path's tests say False:
+    `luncher export <300 characters>.tar.gz`, `make-updatable <300>.onnx` (or its
+    --examples, --calibration) and `forget <300>` were 'unexpected OSError: [Errno 36] File
+    name too long'."""
+    long = tmp_path / ("k" * 300)
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    for args in (
+        ["export", f"{long}.tar.gz"],
+        ["import", f"{long}.tar.gz"],
+        ["predict", f"{long}.jpg"],
+        ["retrain", "--label", "healthy", f"{long}.jpg"],
+        ["make-updatable", "--force", f"{long}.onnx"],
+        ["make-updatable", "--force", pt_model, "--examples", long],
+        ["make-updatable", "--force", pt_model, "--int8", "--calibration", long],
+        ["forget", f"{long}.jpg"],
+        ["forget", long],
+    ):
+        line = one_line_error(run(*args), "k" * 300)
+        assert "unexpected" not in line and "Errno" not in line, line
+    assert not list(tmp_path.glob(".luncher-export-*"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize("which", ["state.json", "personal meta.json"])
+def test_a_named_pipe_in_place_of_a_json_file_is_damage_not_a_hang(
+    run, pt_model, photos, models_dir, which
+):
+    """A named pipe as state.json blocked `status`, `predict`, every command, forever (a
+    read of a pipe without a writer); a pipe as a copy's meta.json blocked predict."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    [personal] = models_dir.glob("personal-*")
+    path = models_dir / "state.json" if which == "state.json" else personal / "meta.json"
+    path.unlink()
+    os.mkfifo(path)
+    done = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", str(photos["red"][0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 1, done
+    if which == "state.json":
+        assert done.returncode == 0, done  # readers use the state the directories hold
+        assert run("repair").code == 0 and (models_dir / "state.json").is_file()
+    else:
+        assert done.returncode == 1 and "damaged" in done.stderr, done
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize(
+    "which", ["examples.npz", "segment", "model.onnx", "model.data", "replay.npz"]
+)
+def test_a_named_pipe_among_the_models_files_is_damage_not_a_hang(
+    run, pt_model, photos, models_dir, tmp_path, which
+):
+    """numpy and ONNX Runtime open what they are given and wait on a named pipe forever:
+    one in place of a copy's examples, a shared segment, the personalized model or its
+    weights file, or the base's replay set blocked predict, retrain or export (a retrain
+    after saving its change, comparing weights files for an undo step)."""
+    replay = tmp_path / "replay.npz"
+    np.savez(replay, inputs=np.ones((4, 8), np.float32), labels=np.array(["healthy"] * 4))
+    assert run("make-updatable", pt_model, "--replay", replay).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    [personal] = models_dir.glob("personal-*")
+    path = {
+        "examples.npz": personal / "examples.npz",
+        "segment": next((models_dir / "examples").glob("*.npy")),
+        "model.onnx": personal / "model.onnx",
+        "model.data": personal / "model.data",
+        "replay.npz": next(models_dir.glob("base-*/replay.npz")),
+    }[which]
+    path.unlink()
+    os.mkfifo(path)
+    for args in (
+        ["predict", photos["green"][0]],
+        ["retrain", "--label", "healthy", photos["green"][1]],
+        ["export", "--force", tmp_path / "b.tar.gz"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "healthyluncher", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 1, done

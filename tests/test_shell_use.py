@@ -377,3 +377,182 @@ def test_the_help_of_forget_says_a_digest_or_thumbnail_will_do():
     text = " ".join(luncher("forget", "--help").stdout.split())
     assert "PHOTO_OR_DIGEST..." in text
     assert "digest (8 or more hex digits) or thumbnail" in text
+
+
+def _with_closed(fd: int, *args: object) -> subprocess.CompletedProcess[str]:
+    """`luncher ARGS` as `luncher ARGS >&-` (fd 1) or `<&-` (fd 0) runs it: Python then
+    has None for sys.stdout or sys.stdin."""
+    stream = {0: "<&-", 1: ">&-"}[fd]
+    return subprocess.run(
+        ["sh", "-c", f'exec "$@" {stream}', "sh", sys.executable, "-m", "healthyluncher"]
+        + [str(a) for a in args],
+        stdin=subprocess.DEVNULL if fd != 0 else None,
+        stdout=subprocess.PIPE if fd != 1 else None,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX shell closes the stream")
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_a_closed_standard_output_is_one_line_before_anything_changes(
+    as_json, run, pt_model, photos, models_dir
+):
+    """`luncher retrain ... >&-` retrained and saved, then said `unexpected AttributeError:
+    'NoneType' object has no attribute 'isatty'` (with --json: a traceback) and exit 1, so a
+    script took the saved change for a failure. Now: one line, exit 1, nothing changed."""
+    assert run("make-updatable", pt_model).code == 0
+    state = (models_dir / "state.json").read_bytes()
+    json_flag = ["--json"] if as_json else []
+    for args in (
+        ["retrain", "--label", "healthy", photos["red"][0]],
+        ["predict", photos["red"][0]],
+        ["status"],
+    ):
+        done = _with_closed(1, *args, *json_flag)
+        assert done.returncode == 1, done
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+        assert "standard output is closed" in lines[0]
+    assert (models_dir / "state.json").read_bytes() == state
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX shell closes the stream")
+def test_a_closed_standard_input_reads_as_an_empty_one(run, pt_model, photos):
+    """`luncher predict - <&-` said `unexpected TypeError: 'NoneType' object is not
+    iterable`; `luncher reset <&-` asked sys.stdin (None) whether it is a terminal. A
+    closed standard input is now an empty one, as in a script."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", photos["red"][0]).code == 0
+    done = _with_closed(0, "predict", "-")
+    assert done.returncode == 2 or done.returncode == 1, done
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = _with_closed(0, "reset")
+    assert done.returncode == 0, done
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("predict", "P"),
+        ("predict", "--json", "P"),
+        ("status", "--json"),
+        ("--help",),
+        ("--version",),
+    ],
+    ids=["predict", "predict-json", "status-json", "help", "version"],
+)
+def test_output_to_a_full_disk_is_one_line(args, run, pt_model, photos, models_dir):
+    """`luncher predict photos/ > results.txt` on a full disk: `unexpected OSError` (with
+    --json, --help or --version: a traceback, the JSON error failing in its turn). Now one
+    line that says the output could not be written, exit 1."""
+    assert run("make-updatable", pt_model).code == 0
+    argv = [str(photos["red"][0]) if a == "P" else a for a in args]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "healthyluncher", *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["error: cannot write to standard output: No space left on device"], done
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX account without a home")
+@pytest.mark.parametrize("where", [None, "~/luncher"], ids=["default", "tilde"])
+def test_no_home_directory_is_one_line_naming_what_to_set(
+    where, run, monkeypatch, photos, tmp_path
+):
+    """A container's user (`docker run --user 1000`, systemd's DynamicUser) has no HOME and
+    no passwd entry: the default models directory, or `~` in LUNCHER_MODELS_DIR, was
+    `unexpected RuntimeError: Could not determine home directory.`"""
+    import pwd
+
+    import healthyluncher
+
+    def no_entry(uid: int) -> object:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for name in ("HOME", "XDG_DATA_HOME", "LUNCHER_MODELS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    if where is not None:
+        monkeypatch.setenv("LUNCHER_MODELS_DIR", where)
+    line = one_line_error(run("status"), "home directory", "--models-dir", "LUNCHER_MODELS_DIR")
+    assert "unexpected" not in line
+    with pytest.raises(healthyluncher.LuncherError, match="home directory"):
+        healthyluncher.open()
+    # A models directory given is used, and named in the advice to set up a base there.
+    result = run("--models-dir", tmp_path / "models", "predict", photos["red"][0])
+    line = one_line_error(result, "no base model", f"--models-dir {tmp_path / 'models'}")
+    assert "home directory" not in line
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "cp1252"])
+def test_output_in_a_legacy_encoding_escapes_what_it_cannot_encode(
+    encoding, run, pt_model, tmp_path
+):
+    """Windows writes redirected output in its ANSI code page (cp1252), and a C locale
+    without UTF-8 mode writes ASCII: a photo named 寿司.jpg or a label `café` was
+    'unexpected UnicodeEncodeError' (with --json too). What the encoding lacks is written
+    as a \\uXXXX escape now, which JSON reads back as the character itself."""
+    assert run("make-updatable", pt_model, "--labels", "café,fast_food").code == 0
+    photo = solid(tmp_path / "寿司 🍣.jpg", (200, 30, 40))
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    for args in (["predict", str(photo)], ["status"], ["labels"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "healthyluncher", *args],
+            capture_output=True,
+            env=env,
+            check=False,
+        )
+        assert done.returncode == 0, done
+        assert b"\\u5bff\\u53f8" in done.stdout or args[0] != "predict", done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", "--json", str(photo)],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done
+    [line] = done.stdout.decode(encoding).splitlines()
+    assert json.loads(line)["path"] == str(photo)
+    assert set(json.loads(line)["probabilities"]) == {"café", "fast_food"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", str(tmp_path / "寿司2.jpg")],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    assert missing.returncode == 1 and b"unexpected" not in missing.stderr, missing
+    assert missing.stderr.count(b"\n") == 1 and b"\\u5bff" in missing.stderr, missing
+
+
+def test_ctrl_c_while_onnx_runtime_loads_is_an_interruption(run, pt_model, photos, monkeypatch):
+    """Ctrl-C (or `timeout`'s SIGTERM) while onnxruntime's extension initializes comes out
+    of the import as ImportError('initialization failed') caused by KeyboardInterrupt: it
+    said 'ONNX Runtime cannot be imported (initialization failed)', as if it were broken."""
+    import builtins
+
+    assert run("make-updatable", pt_model).code == 0
+    real_import = builtins.__import__
+
+    def interrupted(name: str, *args: object, **kwargs: object) -> object:
+        if name == "onnxruntime":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise ImportError("initialization failed") from exc
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    result = run("predict", photos["red"][0])
+    assert result.code == 130 and result.stderr == "interrupted\n", result

@@ -143,10 +143,13 @@ def test_a_damaged_examples_index_is_refused_in_one_line(run, lun, photos, model
     assert run("retrain", "--label", "healthy", photos["green"][0]).code == 0
 
 
-@pytest.mark.parametrize("damage", ["junk", "missing", "wrong dtype", "a named pipe"])
+@pytest.mark.parametrize(
+    "damage", ["junk", "missing", "wrong dtype", "a named pipe", "NaN", "infinite"]
+)
 def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, models_dir, damage):
     """A segment is shared by the undo steps, and its damage said "examples.npz is
-    damaged; run `luncher undo`", which only reached steps damaged the same way."""
+    damaged; run `luncher undo`", which only reached steps damaged the same way. Values that
+    are not numbers trained to NaN weights, and the advice was a smaller --learning-rate."""
     lun.retrain("healthy", photos["red"])
     (segment,) = (models_dir / segments.FOLDER).glob("*.npy")
     if damage == "junk":
@@ -156,6 +159,10 @@ def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, mod
     elif damage == "a named pipe":  # retrain, export and repair blocked forever opening it
         segment.unlink()
         os.mkfifo(segment)
+    elif damage in ("NaN", "infinite"):
+        rows = np.load(segment)
+        rows[1, 0] = np.nan if damage == "NaN" else -np.inf
+        np.save(segment, rows)
     else:
         np.save(segment, np.zeros((3, 2), np.int64))
     line = one_line_error(
@@ -428,3 +435,41 @@ def test_only_empty_folders_are_removed_from_the_cache(tmp_path):
     (cache / "kept" / "photo.v2x8.npy").unlink()
     remove_empty_folders(cache)
     assert not cache.exists()
+
+
+@pytest.mark.parametrize("damage", ["intact", "NaN", "int64", "another width", "one dimension"])
+def test_a_damaged_cache_file_is_embedded_again_not_trained_on(lun, photos, models_dir, damage):
+    """The cache of head inputs was taken as it was whenever it held as many rows as views:
+    NaN trained to NaN weights ('a smaller --learning-rate may help'), another width or
+    type failed further on. It is only a speed-up: a damaged file means embed again."""
+    from healthyluncher.embedder import Embedder
+    from healthyluncher.photos import digest_of
+    from healthyluncher.records import load_base
+
+    first = lun.retrain("healthy", [photos["green"][0]])
+    (segment,) = (models_dir / segments.FOLDER).glob("*.npy")
+    width = np.load(segment).shape[1:]
+    store = ModelStore(models_dir)
+    digest = digest_of(photos["green"][0].read_bytes())
+    thumbnail = store.thumbnail(digest).read_bytes()
+    lun.undo()
+    # As a retrain that failed after embedding leaves it: the thumbnail and the cache file.
+    store.thumbnail(digest).write_bytes(thumbnail)
+    base = load_base(store, store.read_state())
+    path = Embedder(store, base, first.views)._cache_file(digest)
+    rows = np.ones((first.views, *width), np.float32)
+    damaged = {
+        "intact": rows,
+        "NaN": np.full_like(rows, np.nan),
+        "int64": rows.astype(np.int64),
+        "another width": np.ones((first.views, width[0] + 1), np.float32),
+        "one dimension": np.ones(first.views, np.float32),
+    }[damage]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, damaged)
+    again = lun.retrain("healthy", [photos["green"][0]])
+    if damage == "intact":  # the test writes the file a retrain reads
+        assert again.cached == 1 and again.embedded == 0
+        return
+    assert again.cached == 0 and again.embedded == 1
+    assert again.photos[0].after == pytest.approx(first.photos[0].after, abs=1e-5)

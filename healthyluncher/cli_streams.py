@@ -1,0 +1,103 @@
+"""The process's standard streams, settled before a command runs: closed ones, a full disk
+and encodings that cannot hold every character (see `guard_streams`)."""
+
+from __future__ import annotations
+
+import codecs
+import io
+import os
+import sys
+from typing import Any
+
+from healthyluncher.errors import LuncherError
+
+
+def guard_streams() -> None:
+    """A stream the shell closed (`luncher ... >&-`, `<&-`) is None in Python. Standard
+    output closed: refused in one line before the command runs (its results, or the news
+    that it saved a change, would be lost); standard input closed reads as empty. Standard
+    output that fails (a full disk) is one line too: see Output."""
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - for the process
+    if sys.stdout is None:
+        if sys.stderr is not None:
+            sys.stderr.write(
+                "error: standard output is closed: nothing was done "
+                "(to discard the output, redirect it to /dev/null)\n"
+            )
+        raise SystemExit(1)
+    codecs.register_error(ESCAPES, _escaped)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # not a test's capture, nor Output yet
+            stream.reconfigure(errors=ESCAPES)
+    if not isinstance(sys.stdout, Output):
+        sys.stdout = Output(sys.stdout)
+
+
+# The error handler of standard output and error: what their encoding cannot hold (ASCII
+# in a C locale without UTF-8 mode, Windows' cp1252 in a redirected output) is written as
+# \uXXXX, escapes JSON reads back as the character itself, where 'unexpected
+# UnicodeEncodeError' stopped the command. (Lone surrogates are escaped before.)
+ESCAPES = "healthyluncher-escapes"
+
+
+def _escaped(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start : error.end]
+    units = text.encode("utf-16-be", "surrogatepass")  # astral characters: two escapes
+    escapes = "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
+    return escapes, error.end
+
+
+class OutputLost(LuncherError):
+    """Standard output could not be written: a full disk (`luncher predict photos/ >
+    results.txt`), a quota, an I/O error."""
+
+
+class Output:
+    """sys.stdout, whose first failure to write (other than a reader gone: BrokenPipeError,
+    which `reporting` ends quietly) is OutputLost, one line on stderr; the rest of the
+    output (the --json error object among it) then goes to /dev/null, so that neither the
+    error report nor Python's last flush fails again with a traceback."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.lost: OutputLost | None = None
+
+    def write(self, text: str) -> int:
+        if self.lost is not None:
+            return len(text)
+        try:
+            return int(self._stream.write(text))
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def flush(self) -> None:
+        if self.lost is not None:
+            return
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _lost(self, exc: OSError) -> OSError | OutputLost:
+        if isinstance(exc, BrokenPipeError):
+            return exc
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        self.lost = OutputLost(f"cannot write to standard output: {exc.strerror or exc}")
+        return self.lost
+
+
+def output_lost(exc: OutputLost) -> None:
+    """Tell that standard output failed, in one line, and exit 1."""
+    sys.stderr.write(f"error: {exc}\n")
+    raise SystemExit(1) from None
