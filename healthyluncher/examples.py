@@ -25,7 +25,9 @@ MEMORY_ROWS = 2048
 def merge_examples(old: Examples, new: list[tuple[str, np.ndarray]], label: str) -> Examples:
     """Add photos (digest, views) under `label`; a photo seen before takes the new label."""
     replaced = {digest for digest, _ in new}
-    kept = select_examples(old, [i for i, d in enumerate(old.digests) if d not in replaced])
+    keep = [i for i, d in enumerate(old.digests) if d not in replaced]
+    # Nothing retaught (the usual retrain): no copy of every view (25 MB at 5,000 photos).
+    kept = old if len(keep) == len(old.digests) else select_examples(old, keep)
     if not new:
         return kept
     owner = [kept.owner] + [
