@@ -258,6 +258,14 @@ def _print_summary(result: Any) -> None:
             f"{what} your photos ({escape(counts)}), {head.epochs} epochs: {accuracy}."
             + (f" {head.skipped} photo(s) could not be read." if head.skipped else "")
         )
+        if head.contradictory:
+            named = ", ".join(head.contradictory[:3]) + (
+                ", ..." if len(head.contradictory) > 3 else ""
+            )
+            out.print(
+                f"{len(head.contradictory)} file(s) hold a photo that is also under another "
+                f"label; they were left out: {escape(named)}"
+            )
         if head.input_scale != 1.0:
             note(
                 f"The model's features are very large; they are scaled by "

@@ -88,6 +88,9 @@ class HeadReport:
     epochs: int
     # The factor the head inputs were multiplied by where the frozen part ends (1.0: none).
     input_scale: float = 1.0
+    # Photos found under two labels (the same content): left out of both. A photo found
+    # twice under one label trains once.
+    contradictory: tuple[str, ...] = ()
 
 
 def read_examples(directory: Path, balance_subfolders: bool = False) -> LabelledPhotos:
@@ -170,6 +173,11 @@ def fit_new_head(
     inputs, labels, digests, groups, skipped, sources = _embed(
         cut, analysis, prep, examples, progress
     )
+    keep, contradictory = _unambiguous(labels, digests, sources)
+    if not keep.all():
+        inputs, labels, groups = inputs[keep], labels[keep], groups[keep]
+        digests = [d for d, k in zip(digests, keep, strict=True) if k]
+        sources = [p for p, k in zip(sources, keep, strict=True) if k]
     if len(set(labels.tolist())) < len(examples.labels):
         missing = sorted(set(range(len(examples.labels))) - set(labels.tolist()))
         names = ", ".join(examples.labels[i] for i in missing)
@@ -228,8 +236,22 @@ def fit_new_head(
         held_out_accuracy=accuracy,
         epochs=epochs,
         input_scale=scale,
+        contradictory=contradictory,
     )
     return params, replay, report
+
+
+def _unambiguous(
+    labels: np.ndarray, digests: list[str], sources: list[PhotoSource]
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The rows to train on (a photo twice under one label once, under two not at all)."""
+    first: dict[str, int] = {}
+    seen: dict[str, set[int]] = {}
+    for i, (digest, label) in enumerate(zip(digests, labels.tolist(), strict=True)):
+        first.setdefault(digest, i)
+        seen.setdefault(digest, set()).add(label)
+    keep = np.array([first[d] == i and len(seen[d]) == 1 for i, d in enumerate(digests)], bool)
+    return keep, tuple(str(sources[i]) for i, d in enumerate(digests) if len(seen[d]) > 1)
 
 
 def example_weights(labels: np.ndarray, groups: np.ndarray, by_subfolder: bool) -> np.ndarray:

@@ -602,3 +602,24 @@ def test_where_the_preprocessing_came_from_names_api_words_to_a_program(run, tmp
         assert result.preprocessing_source == source
     cli = run("make-updatable", model, "--mean", "127.5", "--std", "127.5", "--force")
     assert "Preprocessing from --mean/--std:" in cli.stdout
+
+
+def test_a_photo_under_two_labels_is_left_out_and_named(run, stock, examples, models_dir):
+    """The same photo under healthy/ and fast_food/ (a copy, or a link to the label's
+    parent) trained both labels at once, silently; a photo twice under one label counted
+    twice."""
+    import shutil
+
+    shutil.copy(examples / "healthy" / "h0.jpg", examples / "fast_food" / "also-h0.jpg")
+    shutil.copy(examples / "healthy" / "h1.jpg", examples / "healthy" / "again-h1.jpg")
+    result = run("make-updatable", stock, "--examples", examples)
+    assert result.code == 0, result
+    assert "(fast_food: 10, healthy: 9)" in result.stdout  # each photo once, h0 in neither
+    line = next(x for x in result.stdout.splitlines() if "also under another label" in x)
+    assert line.startswith("2 file(s)") and "/h0.jpg" in line and "also-h0.jpg" in line
+    report = healthyluncher.make_updatable(
+        stock, examples=examples, models_dir=models_dir, force=True
+    ).examples
+    assert report is not None
+    assert sorted(Path(p).name for p in report.contradictory) == ["also-h0.jpg", "h0.jpg"]
+    assert report.photos == {"fast_food": 10, "healthy": 9}
