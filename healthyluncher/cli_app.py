@@ -313,6 +313,7 @@ def main() -> None:
         finally:  # what is still buffered fails here, not silently as the process ends
             sys.stdout.flush()
     except OutputLost as exc:  # `reporting` tells a command's own
+        code = 1  # told here: not again below
         output_lost(exc)
     except SystemExit as done:
         code = done.code

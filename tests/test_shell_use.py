@@ -465,6 +465,33 @@ def test_output_to_a_full_disk_is_one_line(args, run, pt_model, photos, models_d
     assert lines == ["error: cannot write to standard output: No space left on device"], done
 
 
+def test_output_lost_at_the_last_flush_is_told_once(monkeypatch, capsys):
+    """On Python 3.14, `luncher --version > /dev/full` failed at main's last flush (older
+    Pythons let click swallow it) and said 'cannot write to standard output' twice: the
+    SystemExit of the first telling passed the handler that records the exit code."""
+    import errno
+    import io
+
+    from healthyluncher import cli_app, cli_streams
+
+    class Full(io.StringIO):
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fileno(self) -> int:
+            raise io.UnsupportedOperation("no descriptor")
+
+    monkeypatch.setattr(sys, "stdout", cli_streams.Output(Full()))
+    monkeypatch.setattr(cli_app, "guard_streams", lambda: None)
+    monkeypatch.setattr(cli_app, "stop_on_signals", lambda: None)
+    monkeypatch.setattr(cli_app, "_run_app", lambda: print("luncher 0.1.0"))  # buffered
+    with pytest.raises(SystemExit) as done:
+        cli_app.main()
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    assert err == "error: cannot write to standard output: No space left on device\n"
+
+
 @pytest.mark.skipif(os.name == "nt", reason="a POSIX account without a home")
 @pytest.mark.parametrize("where", [None, "~/luncher"], ids=["default", "tilde"])
 def test_no_home_directory_is_one_line_naming_what_to_set(
