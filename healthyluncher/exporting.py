@@ -68,7 +68,7 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
     problem = backup_name_problem(str(target))  # a .zip or .tar that holds a .tar.gz
     if problem:
         raise LuncherError(problem)
-    if os.path.exists(target) and not force:
+    if os.path.lexists(target) and not force:  # a link to a file gone (unmounted) too
         raise LuncherError(f"{target} already exists; use ", Param("force", True), " to replace it")
     if os.path.exists(target) and not os.path.isfile(target):  # /dev/stdout, a pipe: kept
         raise LuncherError(

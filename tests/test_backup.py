@@ -269,6 +269,17 @@ def test_export_into_a_missing_directory(run, personalized, tmp_path):
     one_line_error(run("export", tmp_path / "nope" / "b.tar.gz"), "cannot write")
 
 
+def test_export_keeps_a_dangling_link_without_force(run, personalized, tmp_path):
+    """A link whose file is gone (a backup on an unmounted disk) was replaced unasked:
+    os.path.exists is False for it."""
+    link = tmp_path / "b.tar.gz"
+    link.symlink_to(tmp_path / "unmounted" / "b.tar.gz")
+    one_line_error(run("export", link), "already exists", "--force")
+    assert link.is_symlink()
+    assert run("export", link, "--force").code == 0
+    assert link.is_file() and not link.is_symlink()
+
+
 @pytest.mark.parametrize("where", ["export examples", "export scratch", "import scratch"])
 def test_a_full_or_read_only_scratch_directory_is_one_line(
     run, archive, tmp_path, models_dir, where
