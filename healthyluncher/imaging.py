@@ -84,8 +84,8 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     try:
         if image.mode in _UNSTORED_MODES:  # modes no file format stores
             image = image.convert(_UNSTORED_MODES[image.mode])
-        # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, YCbCr,
-        # LAB, I, F, PA, RGBX), read back as a file in that mode is.
+        # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, LAB, I,
+        # F, PA, RGBX), read back as a file in that mode is.
         if image.mode in _PNG_MODES:
             image.save(buffer, "PNG", compress_level=1)
         else:
@@ -96,7 +96,8 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
 
 
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L"})
-_UNSTORED_MODES = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA"}
+# YCbCr: Pillow 12's TIFF writer stores it so that its reader finds the file cut short.
+_UNSTORED_MODES = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA", "YCbCr": "RGB"}
 
 
 def _refuse_too_large(name: str, width: int, height: int) -> None:
