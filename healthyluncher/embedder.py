@@ -17,6 +17,7 @@ from healthyluncher.meta import known_label
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
 from healthyluncher.records import Base, Examples, make_updatable_command
 from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
+from healthyluncher.segments import usable
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore
 from healthyluncher.thumbnails import JPEG_MAX_SIDE
@@ -255,7 +256,7 @@ class Embedder:
         width = self._width()
         if not fine or (width is not None and value.shape[1:] != width):
             return None
-        return value if np.isfinite(value).all() else None
+        return value if usable(value) else None
 
     def _width(self) -> tuple[int, ...] | None:
         """The shape of one head input, where the examples or a linear head tell it."""

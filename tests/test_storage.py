@@ -144,7 +144,7 @@ def test_a_damaged_examples_index_is_refused_in_one_line(run, lun, photos, model
 
 
 @pytest.mark.parametrize(
-    "damage", ["junk", "missing", "wrong dtype", "a named pipe", "NaN", "infinite"]
+    "damage", ["junk", "missing", "wrong dtype", "a named pipe", "NaN", "infinite", "huge"]
 )
 def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, models_dir, damage):
     """A segment is shared by the undo steps, and its damage said "examples.npz is
@@ -159,9 +159,9 @@ def test_a_damaged_segment_is_repaired_from_the_thumbnails(run, lun, photos, mod
     elif damage == "a named pipe":  # retrain, export and repair blocked forever opening it
         segment.unlink()
         os.mkfifo(segment)
-    elif damage in ("NaN", "infinite"):
+    elif damage in ("NaN", "infinite", "huge"):  # huge: its square overflows, as inf trains
         rows = np.load(segment)
-        rows[1, 0] = np.nan if damage == "NaN" else -np.inf
+        rows[1, 0] = {"NaN": np.nan, "infinite": -np.inf, "huge": 1e30}[damage]
         np.save(segment, rows)
     else:
         np.save(segment, np.zeros((3, 2), np.int64))
