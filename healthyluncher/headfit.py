@@ -26,7 +26,7 @@ from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import check_label, label_key
-from healthyluncher.photos import PhotoSource, find_images
+from healthyluncher.photos import PhotoSource, every_image
 from healthyluncher.runtime import HeadRunner, inference_session, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.trainers import TrainingSet
@@ -36,8 +36,7 @@ from healthyluncher.training import fit_head
 EXAMPLES = Param("examples")
 # One photo in five is held out to measure the new head (by content hash: repeatable).
 HOLD_OUT = 5
-# Training from a new final layer needs more steps than a personalization: at least this
-# many optimizer steps, in 10 to 200 epochs.
+# A new final layer needs at least this many optimizer steps, in 10 to 200 epochs.
 MIN_STEPS = 400
 # Head inputs kept per label as the base's replay set (the shipped base keeps 200 each).
 REPLAY_PER_LABEL = 200
@@ -95,26 +94,27 @@ class HeadReport:
 
 def read_examples(directory: Path, balance_subfolders: bool = False) -> LabelledPhotos:
     """The labels (subfolder names, sorted) and their photos."""
+    given = Param("examples", str(directory))
     if not os.path.isdir(directory):  # False for a name too long, where Path.is_dir raises
-        raise LuncherError(Param("examples", str(directory)), ": not a directory")
-    folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise LuncherError(given, ": not a directory")
+    try:
+        folders = sorted(p for p in directory.iterdir() if p.is_dir() and p.name[:1] != ".")
+    except OSError as exc:  # not readable
+        raise LuncherError(given, f": {exc.strerror}") from None
     labels = tuple(check_label(folder.name) for folder in folders)
     if len({label_key(label) for label in labels}) != len(labels):  # "a", "a ", NFD "a"
-        raise LuncherError(
-            Param("examples", str(directory)), ": two subfolders name the same label"
-        )
+        raise LuncherError(given, ": two subfolders name the same label")
     photos: list[tuple[PhotoSource, int]] = []
     groups: list[str] = []
     for index, folder in enumerate(folders):
-        found = find_images([folder])
+        found = every_image(folder)
         if not found:
             raise LuncherError(EXAMPLES, f": {folder} holds no photos")
         photos.extend((photo, index) for photo in found)
         groups.extend(_group(folder, photo) for photo in found)
     if len(labels) < 2:
         raise LuncherError(
-            Param("examples", str(directory)),
-            " needs one subfolder per label, at least two (e.g. healthy/ and fast_food/)",
+            given, " needs one subfolder per label, at least two (e.g. healthy/ and fast_food/)"
         )
     return LabelledPhotos(labels, tuple(photos), tuple(groups), balance_subfolders)
 

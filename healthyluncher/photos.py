@@ -159,6 +159,16 @@ def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
     return list(iter_images(inputs))
 
 
+def every_image(folder: Path) -> list[PhotoSource]:
+    """`find_images([folder])` where every photo counts (a base's examples, calibration):
+    a folder under it that cannot be opened is a LuncherError, not left out."""
+    found = find_images([folder])
+    for item in found:
+        if isinstance(item, Path) and _is_dir(item):
+            read_bytes(item)  # its one line
+    return found
+
+
 def refuse_urls(inputs: Iterable[object]) -> None:
     """LuncherError for the first URL among these paths (other items are let be)."""
     for item in inputs:
@@ -204,7 +214,10 @@ def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:
             seen.add((info.st_dev, info.st_ino))
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
-        except OSError:  # unreadable, gone, or a name too long: as os.walk, skipped
+        except FileNotFoundError:  # gone since it was listed
+            continue
+        except OSError:  # unreadable: yielded, so that read_bytes names it with the photos
+            yield folder
             continue
         if folder != root and MODELS_DIR_MARKERS <= {entry.name for entry in entries}:
             continue  # a models directory: its thumbnails are copies of taught photos
@@ -213,10 +226,15 @@ def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:
             if entry.name.startswith("."):
                 continue
             path = folder / entry.name
-            if _is_dir(path):
-                folders.append(path)
-            elif path.suffix.lower() in suffixes and path.is_file():
-                yield path
+            photo = path.suffix.lower() in suffixes
+            try:  # the type the listing gives; a linked one's target's (a dangling: neither)
+                if entry.is_dir():
+                    folders.append(path)
+                elif photo and entry.is_file():
+                    yield path
+            except OSError:  # a folder listed but not searched: read_bytes says so
+                if photo:
+                    yield path
         stack.extend(reversed(folders))
 
 
@@ -231,6 +249,7 @@ def read_bytes(path: PhotoSource) -> bytes:
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
+            os.scandir(path).close()  # a folder a search could not open: OSError below
             raise LuncherError(f"{path}: is a directory, not a photo")
         # A pipe would block the read forever, and /dev/zero would fill the memory.
         if not stat.S_ISREG(info.st_mode):

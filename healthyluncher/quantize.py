@@ -17,7 +17,7 @@ import onnx
 from healthyluncher import child, graph
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.imaging import LoadedImage, load_many
-from healthyluncher.photos import find_images
+from healthyluncher.photos import every_image
 from healthyluncher.runtime import (
     MAX_IR_VERSION,
     ort_text,
@@ -53,7 +53,7 @@ def calibration_photos(directory: Path) -> list[Path]:
     sorted listing so that every subfolder (a class, a dish) has its share."""
     if not os.path.isdir(directory):  # False for a name too long, where Path.is_dir raises
         raise LuncherError(Param("calibration", str(directory)), ": not a directory of photos")
-    found = [p for p in find_images([directory]) if isinstance(p, Path)]
+    found = [p for p in every_image(directory) if isinstance(p, Path)]
     if not found:
         raise LuncherError(Param("calibration", str(directory)), ": no image files in it")
     if len(found) > MAX_CALIBRATION_PHOTOS:
