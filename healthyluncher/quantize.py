@@ -20,6 +20,7 @@ from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.photos import every_image
 from healthyluncher.runtime import (
     MAX_IR_VERSION,
+    inference_session,
     ort_text,
     pad_batch,
     root_logging_kept,
@@ -143,6 +144,7 @@ class _CalibrationReader:
         )
         self.used = 0
         self._ahead: np.ndarray | None = self._read_batch()
+        self.first = self._ahead  # (N, ...) float32: the batch a failure is checked on
 
     def _read_batch(self) -> np.ndarray | None:
         arrays = [item.array for item in itertools.islice(self._loaded, self._size)]
@@ -210,11 +212,27 @@ def _quantize(frozen: onnx.ModelProto, work: Path, reader: _CalibrationReader) -
     except LuncherError:
         raise
     except Exception as exc:  # the quantizer raises anything from ValueError to ORT's Fail
+        if not _finite(source, reader.first):  # NaN ranges fail an assert of the quantizer
+            raise LuncherError(
+                "cannot quantize the frozen part to int8: it computes values that are not "
+                "numbers (NaN or infinity) for the calibration photos"
+            ) from exc
         reason = ort_text(exc) or type(exc).__name__
         raise LuncherError(f"cannot quantize the frozen part to int8: {reason}") from exc
     if quantized.ir_version > MAX_IR_VERSION:
         quantized.ir_version = MAX_IR_VERSION
     return quantized
+
+
+def _finite(frozen: Path, batch: np.ndarray | None) -> bool:
+    """Whether the float frozen part's outputs for the calibration's first batch are
+    finite (True when that cannot be told: the quantizer's own error is named then)."""
+    try:
+        session = inference_session(frozen)
+        outputs = session.run(None, {session.get_inputs()[0].name: batch})
+    except Exception:  # ORT's untyped errors: not the NaN this tells
+        return True
+    return all(np.isfinite(np.asarray(out, np.float64)).all() for out in outputs)
 
 
 def stem_convolutions(part: onnx.GraphProto) -> list[onnx.NodeProto]:

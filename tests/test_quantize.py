@@ -406,3 +406,17 @@ def test_the_stem_is_every_convolution_the_input_reaches_without_another():
         [numpy_helper.from_array(np.zeros(3, np.float32), name) for name in ("mean", "w", "b")],
     )
     assert [node.name for node in stem_convolutions(graph)] == ["a", "c"]
+
+
+def test_a_model_computing_nan_is_named_not_the_quantizers_assert(run, pt_model, calibration):
+    """A frozen part that computes NaN for the calibration photos (a Sqrt where a Relu
+    belongs) failed with `cannot quantize the frozen part to int8: scale isse`, the text of
+    an assert inside ONNX Runtime's quantizer."""
+    model = onnx.load(str(pt_model))
+    for node in model.graph.node:
+        if node.name == "relu1":
+            node.op_type = "Sqrt"  # NaN where the first convolution is negative
+    onnx.save(model, str(pt_model))
+    result = run("make-updatable", pt_model, "--int8", "--calibration", calibration)
+    line = one_line_error(result, "cannot quantize", "not numbers (NaN or infinity)")
+    assert "isse" not in line
