@@ -3,6 +3,12 @@ behind, and who else can read the models directory."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +84,55 @@ def test_labels_remove_leaves_no_view_of_its_photos_on_disk(lun, photos, models_
     assert _files_holding(models_dir, needles) == []
     assert _files_holding(models_dir, [digest.encode() for digest in red]) == []
     assert {item.label for item in lun.examples()} == {"fast_food"}
+
+
+def _as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    """`command` run as another, unprivileged user of the machine (uid 65534)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    ids = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+    return subprocess.run(["setpriv", *ids, *command], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder every user can enter, as a home directory often is (pytest's own are not)."""
+    path = Path(tempfile.mkdtemp(prefix="luncher-privacy-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_another_user_cannot_read_the_photos_kept_in_the_models_directory(
+    photos, pt_model, open_folder, run
+):
+    """Under the usual umask 022 the models directory was made 0755: on a shared machine
+    any user could list it and read the thumbnails (your photos), their head inputs and
+    which photos you taught. A models directory luncher makes is now private (0700); the
+    backup was already written readable by you only."""
+    root = open_folder / "home" / "models"
+    umask = os.umask(0o022)
+    try:
+        assert run("--models-dir", root, "make-updatable", pt_model).code == 0
+        assert run("--models-dir", root, "retrain", "--label", "healthy", *photos["red"]).code == 0
+        backup = open_folder / "backup.tar.gz"
+        assert run("--models-dir", root, "export", backup).code == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(root.parent.stat().st_mode) == 0o755  # not ours to change
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    thumbnail = next((root / "thumbnails").iterdir())
+    for command in (["ls", str(root)], ["cat", str(thumbnail)], ["cat", str(backup)]):
+        done = _as_nobody(*command)
+        assert done.returncode != 0 and "Permission denied" in done.stderr, (command, done)
+    assert _as_nobody("ls", str(root.parent)).returncode == 0  # the test can tell
+
+
+def test_an_existing_models_directory_keeps_its_mode(pt_model, tmp_path, run):
+    """A folder you made yourself (and chose to share, say) is used as it is."""
+    root = tmp_path / "mine"
+    root.mkdir(mode=0o750)
+    root.chmod(0o750)
+    assert run("--models-dir", root, "make-updatable", pt_model).code == 0
+    assert stat.S_IMODE(root.stat().st_mode) == 0o750
