@@ -3,6 +3,9 @@ step's files, the lock file, and the shared folders (thumbnails, cache, examples
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,51 @@ def test_undo_to_a_step_whose_meta_is_missing_names_the_damage(two_retrains, run
     state = (models_dir / "state.json").read_bytes()
     one_line_error(run("undo"), "cannot undo", "incomplete", "was not changed")
     assert (models_dir / "state.json").read_bytes() == state
+
+
+def _luncher(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The real command in a subprocess, stopped (and the test failed) if it hangs."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "healthyluncher", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"luncher {' '.join(map(str, args))} hung")
+
+
+@pytest.mark.parametrize("kind", ["named pipe", "empty directory"])
+def test_a_lock_file_that_is_not_a_file_blocks_no_command(
+    kind, run, pt_model, photos, models_dir, tmp_path
+):
+    """A named pipe as `.lock` made `export` (a reader, which opens it for reading) wait
+    forever; an empty directory there failed every command that writes, `repair`
+    included ("cannot open the lock file: Is a directory"), with no way out named."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    lock = models_dir / ".lock"
+    lock.unlink()
+    if kind == "named pipe":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    done = _luncher("export", tmp_path / "backup.tar.gz", timeout=15)
+    assert done.returncode == 0, done
+    done = _luncher("retrain", "--label", "fast_food", *photos["green"])
+    assert done.returncode == 0, done
+    assert _luncher("repair").returncode == 0
+    counts = run("status", "--json").json_lines()[0]["examples_per_label"]
+    assert counts == {"healthy": 3, "fast_food": 3}
+
+
+def test_a_directory_with_files_as_the_lock_file_is_named(run, pt_model, photos, models_dir):
+    assert run("make-updatable", pt_model).code == 0
+    lock = models_dir / ".lock"
+    lock.unlink()
+    (lock / "something").mkdir(parents=True)
+    line = one_line_error(run("retrain", "--label", "healthy", *photos["red"]), str(lock))
+    assert "is damaged (a directory, not the lock file)" in line and "remove it" in line
+    assert (lock / "something").is_dir()  # not luncher's to delete
