@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, StorageError
+from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, REPAIR, LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, regular
 from healthyluncher.meta import known_label
@@ -233,6 +233,9 @@ class Embedder:
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, buffer.getvalue())
         except OSError as exc:  # the disk or the folder, not the photo
+            if target.parent.exists() and not target.parent.is_dir():
+                damage = f"{target.parent} is damaged (not a folder); run "
+                raise StorageError(damage, REPAIR) from None
             raise StorageError(
                 f"cannot write in {target.parent}: {exc.strerror or exc}; the models "
                 "directory was not changed"

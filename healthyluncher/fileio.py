@@ -67,9 +67,11 @@ def write_json(path: Path, data: Any, *, compact: bool = False, durable: bool = 
 def sweep(folder: Path, used: set[str]) -> None:
     """Remove the files of `folder` whose name up to the first dot is not in `used`
     (<digest>.jpg, <digest>.v2x8.npy, <hash>.npy), and the .<name>.<random>.tmp files a
-    killed atomic write left. scandir: the names decide, and only a file to remove costs
-    a stat (thousands of photos' files are listed on every change)."""
-    if not folder.is_dir():
+    killed atomic write left (scandir: only a file to remove costs a stat)."""
+    if not folder.is_dir():  # missing, or a file in its place (damage that fails every write)
+        if os.path.lexists(folder):
+            with contextlib.suppress(OSError):
+                os.unlink(folder)
         return
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -81,8 +83,7 @@ def sweep(folder: Path, used: set[str]) -> None:
 
 
 def remove_empty_folders(parent: Path) -> None:
-    """Remove the empty folders in `parent`, then `parent` if that leaves it empty: rmdir
-    refuses a folder that holds anything, so nothing but empty folders can go."""
+    """Remove the empty folders in `parent`, then `parent` if that leaves it empty."""
     if not parent.is_dir():
         return
     with os.scandir(parent) as entries:
@@ -121,8 +122,7 @@ def regular(path: Path) -> Path:
     return path
 
 
-# No JSON file luncher writes comes near this (taught.json of 10,000 photos: ~2 MB).
-MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_BYTES = 64 * 2**20  # none luncher writes comes near (taught.json, 10,000 photos: 2 MB)
 
 
 def read_json(path: Path) -> Any:

@@ -4,6 +4,7 @@ step's files, the lock file, and the shared folders (thumbnails, cache, examples
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from healthyluncher.store import ModelStore
-from tests.conftest import one_line_error
+from tests.conftest import one_line_error, solid
 from tests.test_cli import probabilities
 
 
@@ -111,3 +112,33 @@ def test_a_directory_with_files_as_the_lock_file_is_named(run, pt_model, photos,
     line = one_line_error(run("retrain", "--label", "healthy", *photos["red"]), str(lock))
     assert "is damaged (a directory, not the lock file)" in line and "remove it" in line
     assert (lock / "something").is_dir()  # not luncher's to delete
+
+
+@pytest.mark.parametrize("folder", ["thumbnails", "examples"])
+def test_a_file_in_place_of_a_shared_folder_is_repaired(
+    folder, two_retrains, run, photos, models_dir, solid_photo
+):
+    """A file where `thumbnails/` or `examples/` belongs: every retrain failed ("cannot
+    write in .../thumbnails: File exists", naming nothing to do; for examples/ it named
+    `luncher repair`), and `repair` said "state.json is intact" or failed the same way,
+    so no photo could ever be taught again. The retrain now names `luncher repair`, which
+    removes the file (the segments are then embedded again from the thumbnails)."""
+    path = models_dir / folder
+    shutil.rmtree(path)
+    path.write_bytes(b"not a folder")
+    line = one_line_error(run("retrain", "--label", "healthy", solid_photo), "`luncher repair`")
+    assert str(path) in line
+    result = run("repair")
+    assert result.code == 0, result
+    assert path.is_dir() or not path.exists()
+    result = run("retrain", "--label", "healthy", solid_photo)
+    assert result.code == 0, result
+    counts = run("status", "--json").json_lines()[0]["examples_per_label"]
+    assert counts == {"healthy": 4, "fast_food": 3}
+    labels = [row["label"] for row in run("predict", "--json", *photos["green"]).json_lines()]
+    assert labels == ["fast_food"] * 3
+
+
+@pytest.fixture
+def solid_photo(tmp_path: Path) -> Path:
+    return solid(tmp_path / "new" / "orange.png", (220, 120, 30))
