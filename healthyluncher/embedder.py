@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,8 @@ class Embedder:
         target = self.store.thumbnail(digest)
         if target.is_file():
             return
+        if target.is_dir() and not target.is_symlink():  # damage: no file could replace it
+            shutil.rmtree(target, ignore_errors=True)
         short = self.base.meta.preprocessing.resize
         small = resize_short_side(image, short) if min(image.size) > short else image
         width, height = small.size

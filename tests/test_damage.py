@@ -3,6 +3,7 @@ step's files, the lock file, and the shared folders (thumbnails, cache, examples
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -142,3 +143,16 @@ def test_a_file_in_place_of_a_shared_folder_is_repaired(
 @pytest.fixture
 def solid_photo(tmp_path: Path) -> Path:
     return solid(tmp_path / "new" / "orange.png", (220, 120, 30))
+
+
+def test_a_folder_in_place_of_a_photos_thumbnail_does_not_block_teaching_it(
+    two_retrains, run, models_dir, solid_photo
+):
+    """A directory at thumbnails/<digest>.jpg (damage) made every retrain of that photo fail
+    ("cannot write in .../thumbnails: Is a directory"), and `repair` left it there."""
+    digest = hashlib.sha256(solid_photo.read_bytes()).hexdigest()
+    (models_dir / "thumbnails" / f"{digest}.jpg" / "inside").mkdir(parents=True)
+    result = run("retrain", "--label", "healthy", solid_photo)
+    assert result.code == 0, result
+    thumbnail = models_dir / "thumbnails" / f"{digest}.jpg"
+    assert thumbnail.is_file() and thumbnail.read_bytes().startswith(b"\xff\xd8\xff")
