@@ -156,3 +156,31 @@ def test_a_folder_in_place_of_a_photos_thumbnail_does_not_block_teaching_it(
     assert result.code == 0, result
     thumbnail = models_dir / "thumbnails" / f"{digest}.jpg"
     assert thumbnail.is_file() and thumbnail.read_bytes().startswith(b"\xff\xd8\xff")
+
+
+def test_a_damaged_thumbnail_is_left_out_of_the_backup_that_must_import(
+    two_retrains, run, photos, models_dir, tmp_path, pt_model
+):
+    """A thumbnail damaged on disk (cut short) was packed as it was: `export` said the
+    backup was written, and `import` on the new machine refused the whole backup ("cannot
+    decode image: Truncated File Read; nothing was imported"), so the user found out they
+    had no usable backup only when they needed it. The photo is now exported without its
+    thumbnail (it restores on this base, as the output says) and the backup imports."""
+    before = probabilities(run, *photos["red"], *photos["green"])
+    damaged = sorted((models_dir / "thumbnails").iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    backup = tmp_path / "backup.tar.gz"
+    exported = run("export", "--json", backup)
+    assert exported.code == 0, exported
+    row = exported.json_lines()[0]
+    assert (row["thumbnails"], row["without_thumbnail"]) == (5, 1)
+    said = run("export", "--force", backup).stdout
+    assert "1 photo(s) have no thumbnail (or a damaged one, left out)" in said
+
+    elsewhere = tmp_path / "elsewhere"
+    assert run("--models-dir", elsewhere, "make-updatable", pt_model).code == 0
+    imported = run("--models-dir", elsewhere, "import", backup)
+    assert imported.code == 0, imported
+    after = run("--models-dir", elsewhere, "predict", "--json", *photos["red"], *photos["green"])
+    assert {str(r["path"]): r["probabilities"] for r in after.json_lines()} == before
+    assert len(list((elsewhere / "thumbnails").iterdir())) == 5
