@@ -18,7 +18,8 @@ from healthyluncher.examples import memory_plan, merge_examples
 from healthyluncher.meta import PersonalMeta, check_label, known_label
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
-from healthyluncher.records import Examples, load_base, load_examples, load_personal, restorable
+from healthyluncher.predictor import restorable
+from healthyluncher.records import Examples, load_base, load_examples, load_personal
 from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State

@@ -150,28 +150,6 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
         raise LuncherError(f"{path / Files.META} is damaged ({exc}); ", *GO_BACK) from None
 
 
-def restorable(store: ModelStore, state: State) -> Personal | None:
-    """An undo step's copy, once every file a later command reads from it is read: undo
-    has no redo, so a damaged step would take the place of a working model for good."""
-    from healthyluncher.runtime import inference_session
-
-    try:
-        personal = load_personal(store, state)
-        if personal is not None:
-            load_examples(personal, ())
-            load_weights(personal)
-            inference_session(personal.path / Files.MODEL, threads=1)
-    except DamagedViewsError:  # shared by every step: `repair`, as the error says
-        raise
-    except LuncherError as exc:
-        problem = str(exc.parts[0]).removesuffix("; ")  # without "run `luncher undo`"
-        raise LuncherError(
-            f"cannot undo: the undo step {state.personal} is damaged ({problem}); your "
-            "model was not changed"
-        ) from None
-    return personal
-
-
 def load_examples(
     personal: Personal | None,
     sample_shape: tuple[int, ...],
