@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from healthyluncher.runtime import inference_session, input_mismatch, run_in_bat
 from healthyluncher.segments import usable
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore
-from healthyluncher.thumbnails import JPEG_MAX_SIDE
+from healthyluncher.thumbnails import JPEG_MAX_SIDE, make_room
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -218,8 +217,7 @@ class Embedder:
         target = self.store.thumbnail(digest)
         if target.is_file():
             return
-        if target.is_dir() and not target.is_symlink():  # damage: no file could replace it
-            shutil.rmtree(target, ignore_errors=True)
+        make_room(target)
         short = self.base.meta.preprocessing.resize
         small = resize_short_side(image, short) if min(image.size) > short else image
         width, height = small.size

@@ -184,3 +184,20 @@ def test_a_damaged_thumbnail_is_left_out_of_the_backup_that_must_import(
     after = run("--models-dir", elsewhere, "predict", "--json", *photos["red"], *photos["green"])
     assert {str(r["path"]): r["probabilities"] for r in after.json_lines()} == before
     assert len(list((elsewhere / "thumbnails").iterdir())) == 5
+
+
+def test_a_folder_in_place_of_a_thumbnail_does_not_block_an_import(
+    run, pt_model, photos, models_dir, tmp_path
+):
+    """The same damage failed every import of a backup holding that photo ("cannot write to
+    ...: Is a directory; the models directory was not changed")."""
+    elsewhere = tmp_path / "elsewhere"
+    assert run("--models-dir", elsewhere, "make-updatable", pt_model).code == 0
+    assert run("--models-dir", elsewhere, "retrain", "--label", "healthy", *photos["red"]).code == 0
+    assert run("--models-dir", elsewhere, "export", tmp_path / "b.tar.gz").code == 0
+    assert run("make-updatable", pt_model).code == 0
+    digest = hashlib.sha256(photos["red"][0].read_bytes()).hexdigest()
+    (models_dir / "thumbnails" / f"{digest}.jpg" / "inside").mkdir(parents=True)
+    result = run("import", tmp_path / "b.tar.gz")
+    assert result.code == 0, result
+    assert (models_dir / "thumbnails" / f"{digest}.jpg").is_file()
