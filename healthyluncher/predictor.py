@@ -12,7 +12,6 @@ import numpy as np
 from healthyluncher.errors import (
     MAKE_UPDATABLE_KEEPING,
     PREDICT_BASE,
-    DamagedViewsError,
     LuncherError,
 )
 from healthyluncher.photos import ImageFailure, PhotoSource
@@ -54,16 +53,15 @@ class ActiveModel:
 
 
 def restorable(store: ModelStore, state: State) -> Personal | None:
-    """An undo step's copy, once every file a later command reads from it is read: undo
-    has no redo, so a damaged step would take the place of a working model for good."""
+    """An undo step's copy, once the files it holds alone are read: undo has no redo, so a
+    damaged step would take the place of a working model for good (its views in the shared
+    segments, which `repair` embeds again from the thumbnails, are not read here)."""
     try:
         personal = load_personal(store, state)
         if personal is not None:
-            load_examples(personal, ())
+            load_examples(personal, (), views=False)  # lost views: `repair` embeds them
             load_weights(personal)
             inference_session(personal.path / Files.MODEL, threads=1)
-    except DamagedViewsError:  # shared by every step: `repair`, as the error says
-        raise
     except LuncherError as exc:
         problem = str(exc.parts[0]).removesuffix("; ")  # without "run `luncher undo`"
         raise LuncherError(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from healthyluncher.records import load_examples, load_personal
 from healthyluncher.store import ModelStore
 from tests.conftest import one_line_error, solid
 from tests.test_cli import probabilities
@@ -201,3 +202,36 @@ def test_a_folder_in_place_of_a_thumbnail_does_not_block_an_import(
     result = run("import", tmp_path / "b.tar.gz")
     assert result.code == 0, result
     assert (models_dir / "thumbnails" / f"{digest}.jpg").is_file()
+
+
+def test_undo_to_a_step_whose_own_views_are_lost_can_still_be_repaired(
+    run, pt_model, photos, models_dir, tmp_path
+):
+    """A segment of examples/ that only the undo step uses (the examples an import
+    replaced), lost: undo goes there, and the views are embedded again from the thumbnails
+    by `luncher repair`, as the next retrain says. It must not refuse and name `luncher
+    repair`, which, with the current copy intact, has nothing to repair."""
+    elsewhere = tmp_path / "elsewhere"
+    assert run("--models-dir", elsewhere, "make-updatable", pt_model).code == 0
+    assert (
+        run("--models-dir", elsewhere, "retrain", "--label", "fast_food", *photos["green"]).code
+        == 0
+    )
+    assert run("--models-dir", elsewhere, "export", tmp_path / "b.tar.gz").code == 0
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    own = set((models_dir / "examples").iterdir())
+    assert run("import", tmp_path / "b.tar.gz").code == 0
+    store = ModelStore(models_dir)
+    current = load_examples(load_personal(store, store.read_state()), ())
+    assert own and not set(current.segments) & {p.name for p in own}
+    for path in own:
+        path.unlink()
+
+    result = run("undo")
+    assert result.code == 0, result
+    one_line_error(run("retrain", "--label", "healthy", *photos["green"]), "`luncher repair`")
+    repaired = run("repair", "--json")
+    assert repaired.code == 0 and repaired.json_lines()[0]["reembedded"] == 3, repaired
+    labels = [row["label"] for row in run("predict", "--json", *photos["red"]).json_lines()]
+    assert labels == ["healthy"] * 3
