@@ -22,6 +22,7 @@ from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.personal import example_scores, publish_personal, render_personal
 from healthyluncher.records import Base, load_base, load_personal
 from healthyluncher.store import Files, ModelStore, Transaction
+from healthyluncher.thumbnails import make_room
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ def _install_thumbnails(store: ModelStore, thumbnails: dict[str, Path]) -> list[
             target = store.thumbnail(digest)
             if target.is_file():
                 continue
+            make_room(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, source.read_bytes())
             installed.append(target)

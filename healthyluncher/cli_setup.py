@@ -346,8 +346,8 @@ def export_backup(
     )
     if result.without_thumbnail:
         out.print(
-            f"{result.without_thumbnail} photo(s) have no thumbnail: they restore on this base "
-            "but cannot be embedded again on another."
+            f"{result.without_thumbnail} photo(s) have no thumbnail (or a damaged one, left "
+            "out): they restore on this base but cannot be embedded again on another."
         )
 
 

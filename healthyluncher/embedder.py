@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, LuncherError, StorageError
+from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, REPAIR, LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, regular
 from healthyluncher.meta import known_label
@@ -20,7 +20,7 @@ from healthyluncher.runtime import inference_session, input_mismatch, run_in_bat
 from healthyluncher.segments import usable
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.store import Files, ModelStore
-from healthyluncher.thumbnails import JPEG_MAX_SIDE
+from healthyluncher.thumbnails import JPEG_MAX_SIDE, make_room
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -217,6 +217,7 @@ class Embedder:
         target = self.store.thumbnail(digest)
         if target.is_file():
             return
+        make_room(target)
         short = self.base.meta.preprocessing.resize
         small = resize_short_side(image, short) if min(image.size) > short else image
         width, height = small.size
@@ -233,6 +234,9 @@ class Embedder:
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, buffer.getvalue())
         except OSError as exc:  # the disk or the folder, not the photo
+            if target.parent.exists() and not target.parent.is_dir():
+                damage = f"{target.parent} is damaged (not a folder); run "
+                raise StorageError(damage, REPAIR) from None
             raise StorageError(
                 f"cannot write in {target.parent}: {exc.strerror or exc}; the models "
                 "directory was not changed"

@@ -70,6 +70,23 @@ def select_examples(examples: Examples, keep: list[int]) -> Examples:
     )
 
 
+def apart_from_forgotten(examples: Examples, kept: Examples, gone: set[str]) -> Examples:
+    """`kept` (photos selected from `examples`) with every view that shares a segment with
+    a view of a photo in `gone` marked as not stored yet: a forget writes them into a new
+    segment, and the old ones, which still hold the forgotten photos' views, go with the
+    undo steps (else the head inputs of a forgotten photo stayed on disk)."""
+    if examples.origin is None or kept.origin is None or not examples.segments:
+        return kept
+    leaving = np.array([digest in gone for digest in examples.digests], bool)
+    rows = examples.origin[leaving[examples.owner]] if len(examples.owner) else examples.origin
+    touched = np.zeros(len(examples.segments), bool)
+    touched[rows[rows[:, 0] >= 0, 0]] = True
+    origin = kept.origin.copy()
+    stored = origin[:, 0] >= 0
+    origin[stored & touched[np.where(stored, origin[:, 0], 0)]] = -1
+    return Examples(kept.inputs, kept.owner, kept.digests, kept.labels, origin, kept.segments)
+
+
 def training_set(
     examples: Examples,
     replay: tuple[np.ndarray, ...] | None,

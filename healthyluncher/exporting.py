@@ -123,11 +123,7 @@ def _export(store: ModelStore, state: State, target: Path, scratch: Path) -> Exp
         (Files.EXAMPLES, scratch / Files.EXAMPLES),
     ]
     digests = list(dict.fromkeys(examples.digests))
-    thumbnails = [
-        (f"{Files.THUMBNAILS}/{digest}.jpg", store.thumbnail(digest))
-        for digest in digests
-        if store.thumbnail(digest).is_file()
-    ]
+    thumbnails = _importable_thumbnails(store, digests)
     files += thumbnails
     manifest = {
         "kind": BACKUP_KIND,
@@ -151,6 +147,27 @@ def _export(store: ModelStore, state: State, target: Path, scratch: Path) -> Exp
         thumbnails=len(thumbnails),
         without_thumbnail=len(digests) - len(thumbnails),
     )
+
+
+def _importable_thumbnails(store: ModelStore, digests: list[str]) -> list[tuple[str, Path]]:
+    """(name in the archive, file) of the photos' thumbnails that an import takes. Import
+    refuses a whole backup for one thumbnail that does not decode, so one damaged on disk
+    (cut short, say) is left out: its photo restores on this base, like one without."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from healthyluncher.thumbnails import thumbnail_problem
+
+    def importable(digest: str) -> bool:
+        path = store.thumbnail(digest)
+        return path.is_file() and thumbnail_problem(path, path.name) is None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decodes
+        fine = list(pool.map(importable, digests))
+    return [
+        (f"{Files.THUMBNAILS}/{digest}.jpg", store.thumbnail(digest))
+        for digest, ok in zip(digests, fine, strict=True)
+        if ok
+    ]
 
 
 def _nothing_to_export() -> LuncherError:

@@ -18,6 +18,8 @@ from typing import IO, Any
 
 from healthyluncher.errors import DamagedError, LuncherError
 
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # POSIX
+
 
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem allows it
@@ -65,9 +67,11 @@ def write_json(path: Path, data: Any, *, compact: bool = False, durable: bool = 
 def sweep(folder: Path, used: set[str]) -> None:
     """Remove the files of `folder` whose name up to the first dot is not in `used`
     (<digest>.jpg, <digest>.v2x8.npy, <hash>.npy), and the .<name>.<random>.tmp files a
-    killed atomic write left. scandir: the names decide, and only a file to remove costs
-    a stat (thousands of photos' files are listed on every change)."""
-    if not folder.is_dir():
+    killed atomic write left (scandir: only a file to remove costs a stat)."""
+    if not folder.is_dir():  # missing, or a file in its place (damage that fails every write)
+        if os.path.lexists(folder):
+            with contextlib.suppress(OSError):
+                os.unlink(folder)
         return
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -79,8 +83,7 @@ def sweep(folder: Path, used: set[str]) -> None:
 
 
 def remove_empty_folders(parent: Path) -> None:
-    """Remove the empty folders in `parent`, then `parent` if that leaves it empty: rmdir
-    refuses a folder that holds anything, so nothing but empty folders can go."""
+    """Remove the empty folders in `parent`, then `parent` if that leaves it empty."""
     if not parent.is_dir():
         return
     with os.scandir(parent) as entries:
@@ -119,8 +122,7 @@ def regular(path: Path) -> Path:
     return path
 
 
-# No JSON file luncher writes comes near this (taught.json of 10,000 photos: ~2 MB).
-MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_BYTES = 64 * 2**20  # none luncher writes comes near (taught.json, 10,000 photos: 2 MB)
 
 
 def read_json(path: Path) -> Any:
@@ -128,7 +130,7 @@ def read_json(path: Path) -> Any:
     /dev/zero would fill the memory, a named pipe block every command forever) or is too
     large for one luncher writes is damaged, unread."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK)
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):  # before fdopen, which refuses a directory
             os.close(fd)
@@ -173,8 +175,7 @@ def numpy_problem(exc: BaseException) -> str:
     return text
 
 
-# Threads that fsync a directory's files at once (see fsync_tree).
-FSYNC_THREADS = 8
+FSYNC_THREADS = 8  # threads that fsync a directory's files at once (see fsync_tree)
 
 
 # Larger model files are refused unread: protobuf parses no message over 2 GiB, so a larger
@@ -186,9 +187,8 @@ def open_regular(path: Path, kind: str) -> IO[bytes]:
     """`path` opened for reading if it is a regular file, else a LuncherError that calls
     what it should be `kind` ("a backup"): a named pipe without a writer would block the
     open forever (O_NONBLOCK: it does not), and a pipe or a device may never end."""
-    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX
     try:
-        fd = os.open(path, os.O_RDONLY | nonblocking)
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK)
     except FileNotFoundError:
         raise LuncherError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -200,7 +200,7 @@ def open_regular(path: Path, kind: str) -> IO[bytes]:
         os.close(fd)
         what = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise LuncherError(f"{path}: {what}, not {kind}")
-    if nonblocking:
+    if _NONBLOCK:
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
@@ -312,14 +312,18 @@ def exclusive_lock(
         with _file_lock(path, timeout, busy):
             yield
         return
+    _no_folder_at(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NONBLOCK, 0o644)
     except OSError as exc:
         if exc.errno in _READ_ONLY:  # a read-only mount, or a folder of another user's
             raise LuncherError(
                 f"cannot change {path.parent}: {exc.strerror}; nothing was changed"
             ) from None
-        raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
+        what = f"cannot open the lock file {path}: {exc.strerror}"
+        if exc.errno == errno.EISDIR:
+            what = f"{path} is damaged (a directory, not the lock file): remove it"
+        raise LuncherError(what) from None
     with _flocked(fd, fcntl.LOCK_EX, path, timeout, busy, on_wait):
         yield
 
@@ -343,11 +347,12 @@ def shared_lock(
         with _file_lock(path, timeout, busy) if lockable else contextlib.nullcontext():
             yield
         return
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    _no_folder_at(path)
+    try:  # not blocking: a named pipe there would wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK)
     except FileNotFoundError:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NONBLOCK, 0o644)
         except OSError as exc:
             if exc.errno not in _READ_ONLY:
                 raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
@@ -357,6 +362,13 @@ def shared_lock(
         raise LuncherError(f"cannot open the lock file {path}: {exc.strerror}") from None
     with _flocked(fd, fcntl.LOCK_SH, path, timeout, busy, on_wait):
         yield
+
+
+def _no_folder_at(path: Path) -> None:
+    """An empty directory in place of the lock file (it failed every writer) is removed."""
+    if path.is_dir():  # rmdir removes nothing else (a link: ENOTDIR), so races are safe
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 @contextlib.contextmanager

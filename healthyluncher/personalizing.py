@@ -18,6 +18,7 @@ from healthyluncher.examples import memory_plan, merge_examples
 from healthyluncher.meta import PersonalMeta, check_label, known_label
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
+from healthyluncher.predictor import restorable
 from healthyluncher.records import Examples, load_base, load_examples, load_personal
 from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
@@ -337,7 +338,7 @@ def undo(store: ModelStore) -> UndoResult:
         new_state = State(
             base=previous.base or state.base, personal=previous.personal, history=older
         )
-        personal = load_personal(store, new_state)
+        personal = restorable(store, new_state)
         switched = new_state.base != state.base  # a new base from make-updatable, undone
         base_name = load_base(store, new_state).meta.name if switched else None
         txn.commit(new_state)

@@ -9,9 +9,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, PREDICT_BASE, LuncherError
+from healthyluncher.errors import (
+    MAKE_UPDATABLE_KEEPING,
+    PREDICT_BASE,
+    LuncherError,
+)
 from healthyluncher.photos import ImageFailure, PhotoSource
-from healthyluncher.records import GO_BACK, load_base, load_personal, make_updatable_command
+from healthyluncher.records import (
+    GO_BACK,
+    Personal,
+    load_base,
+    load_examples,
+    load_personal,
+    load_weights,
+    make_updatable_command,
+)
 from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore
@@ -38,6 +50,25 @@ class ActiveModel:
     path: Path
     labels: tuple[str, ...]
     personalized: bool
+
+
+def restorable(store: ModelStore, state: State) -> Personal | None:
+    """An undo step's copy, once the files it holds alone are read: undo has no redo, so a
+    damaged step would take the place of a working model for good (its views in the shared
+    segments, which `repair` embeds again from the thumbnails, are not read here)."""
+    try:
+        personal = load_personal(store, state)
+        if personal is not None:
+            load_examples(personal, (), views=False)  # lost views: `repair` embeds them
+            load_weights(personal)
+            inference_session(personal.path / Files.MODEL, threads=1)
+    except LuncherError as exc:
+        problem = str(exc.parts[0]).removesuffix("; ")  # without "run `luncher undo`"
+        raise LuncherError(
+            f"cannot undo: the undo step {state.personal} is damaged ({problem}); your "
+            "model was not changed"
+        ) from None
+    return personal
 
 
 class Predictor:

@@ -119,7 +119,8 @@ class ModelStore:
 
     def ensure_exists(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, exist_ok=True)  # private: it holds your photos
         except OSError as exc:
             raise LuncherError(
                 f"cannot create the models directory {self.root}: {exc.strerror}"
@@ -352,8 +353,7 @@ class ModelStore:
 
     # -- embedding cache ---------------------------------------------------------------
 
-    def has_user_files(self) -> bool:
-        """Thumbnails or cached head inputs of the user's photos are here."""
+    def has_user_files(self) -> bool:  # thumbnails or cached head inputs of your photos
         return (self.root / Files.THUMBNAILS).exists() or (self.root / "cache").exists()
 
     def thumbnail(self, digest: str) -> Path:

@@ -19,7 +19,7 @@ from healthyluncher.errors import (
     LuncherError,
 )
 from healthyluncher.events import ProgressCallback
-from healthyluncher.examples import select_examples
+from healthyluncher.examples import apart_from_forgotten, select_examples
 from healthyluncher.meta import check_label, known_label, label_key
 from healthyluncher.personal import publish_personal
 from healthyluncher.photos import PhotoSource, digest_of, find_images, read_bytes
@@ -284,7 +284,7 @@ def forget(
         if label is None and len(keep) == len(examples):  # only undo steps held them
             txn.commit(State(base=state.base, personal=state.personal, history=[]))
             return ForgetResult(forgotten, examples.per_label(), retrained=False)
-        remaining = select_examples(examples, keep)
+        remaining = apart_from_forgotten(examples, select_examples(examples, keep), gone)
         if len(remaining) == 0:
             txn.commit(State(base=state.base, personal=None, history=[]))
             return ForgetResult(forgotten, {}, retrained=False)

@@ -10,6 +10,7 @@ it stands for is needed.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from healthyluncher.errors import LuncherError
@@ -48,3 +49,10 @@ def thumbnail_problem(path: Path, name: str) -> str | None:
     if min(width, height) > MAX_SIDE or max(width, height) > JPEG_MAX_SIDE:
         return f"{name}: is {width}x{height} pixels, larger than any thumbnail luncher writes"
     return None
+
+
+def make_room(target: Path) -> None:
+    """Before a thumbnail is written at `target`: a directory there (damage, which no file
+    can replace) is removed. Called under the writers' lock, on a name of the thumbnails."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target, ignore_errors=True)

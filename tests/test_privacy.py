@@ -1,0 +1,138 @@
+"""No photo leaves the machine, and none stays in it once forgotten: what `forget` leaves
+behind, and who else can read the models directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import healthyluncher
+from healthyluncher.records import load_examples, load_personal
+from healthyluncher.store import ModelStore
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=str(models_dir))
+    return healthyluncher.open(str(models_dir))
+
+
+def _views_of(models_dir: Path, digest: str) -> np.ndarray:
+    """The head inputs (views) of one photo, as the current copy stores them."""
+    store = ModelStore(models_dir)
+    examples = load_examples(load_personal(store, store.read_state()), ())
+    return examples.inputs[examples.owner == examples.digests.index(digest)]
+
+
+def _files_holding(root: Path, needles: list[bytes]) -> list[str]:
+    """The files under `root` that hold any of `needles` byte for byte."""
+    return sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_file() and any(needle in path.read_bytes() for needle in needles)
+    )
+
+
+def test_forget_leaves_no_view_of_the_photo_on_disk(lun, photos, models_dir):
+    """The views of the photos a retrain taught are stored together in one shared segment
+    (examples/*.npy). `forget` removed the photo from the index alone, so its head inputs,
+    what the frozen network saw of the photo, stayed on disk in the segment the other
+    photos still used, after "forgotten" and even after every undo step was gone."""
+    lun.retrain("healthy", photos["red"])  # one segment holds the three photos' views
+    lun.retrain("fast_food", photos["green"])
+    forgotten = lun.examples()[0]
+    kept = [item.digest for item in lun.examples()[1:]]
+    views = _views_of(models_dir, forgotten.digest)
+    assert len(views) and all(len(row.tobytes()) >= 16 for row in views)
+    needles = [row.tobytes() for row in views]
+    assert _files_holding(models_dir, needles)  # else the search proves nothing
+
+    result = lun.forget([forgotten.digest])
+    assert result.forgotten == 1 and result.retrained
+
+    assert _files_holding(models_dir, needles) == []
+    assert _files_holding(models_dir, [forgotten.digest.encode()]) == []
+    assert sorted(item.digest for item in lun.examples()) == sorted(kept)
+    for digest in kept:  # the other photos' views are still there, unchanged in number
+        assert len(_views_of(models_dir, digest)) > 0
+    assert [p.label for p in lun.predict(photos["green"])] == ["fast_food"] * 3
+
+
+def test_labels_remove_leaves_no_view_of_its_photos_on_disk(lun, photos, models_dir, tmp_path):
+    """`labels remove` forgets every photo of the label: their views went on sharing a
+    segment with the photos kept (an import stores all of a backup's views in one), so
+    they stayed on disk."""
+    lun.retrain("healthy", photos["red"])
+    lun.retrain("fast_food", photos["green"])
+    lun.export_backup(tmp_path / "backup.tar.gz")
+    lun.reset(purge=True)
+    lun.import_backup(tmp_path / "backup.tar.gz")
+    red = [item.digest for item in lun.examples() if item.label == "healthy"]
+    needles = [row.tobytes() for digest in red for row in _views_of(models_dir, digest)]
+    assert len(red) == 3 and _files_holding(models_dir, needles)
+
+    lun.remove_label("healthy")
+
+    assert _files_holding(models_dir, needles) == []
+    assert _files_holding(models_dir, [digest.encode() for digest in red]) == []
+    assert {item.label for item in lun.examples()} == {"fast_food"}
+
+
+def _as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    """`command` run as another, unprivileged user of the machine (uid 65534)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    ids = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+    return subprocess.run(["setpriv", *ids, *command], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder every user can enter, as a home directory often is (pytest's own are not)."""
+    path = Path(tempfile.mkdtemp(prefix="luncher-privacy-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_another_user_cannot_read_the_photos_kept_in_the_models_directory(
+    photos, pt_model, open_folder, run
+):
+    """Under the usual umask 022 the models directory was made 0755: on a shared machine
+    any user could list it and read the thumbnails (your photos), their head inputs and
+    which photos you taught. A models directory luncher makes is now private (0700); the
+    backup was already written readable by you only."""
+    root = open_folder / "home" / "models"
+    umask = os.umask(0o022)
+    try:
+        assert run("--models-dir", root, "make-updatable", pt_model).code == 0
+        assert run("--models-dir", root, "retrain", "--label", "healthy", *photos["red"]).code == 0
+        backup = open_folder / "backup.tar.gz"
+        assert run("--models-dir", root, "export", backup).code == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(root.parent.stat().st_mode) == 0o755  # not ours to change
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    thumbnail = next((root / "thumbnails").iterdir())
+    for command in (["ls", str(root)], ["cat", str(thumbnail)], ["cat", str(backup)]):
+        done = _as_nobody(*command)
+        assert done.returncode != 0 and "Permission denied" in done.stderr, (command, done)
+    assert _as_nobody("ls", str(root.parent)).returncode == 0  # the test can tell
+
+
+def test_an_existing_models_directory_keeps_its_mode(pt_model, tmp_path, run):
+    """A folder you made yourself (and chose to share, say) is used as it is."""
+    root = tmp_path / "mine"
+    root.mkdir(mode=0o750)
+    root.chmod(0o750)
+    assert run("--models-dir", root, "make-updatable", pt_model).code == 0
+    assert stat.S_IMODE(root.stat().st_mode) == 0o750
