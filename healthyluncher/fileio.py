@@ -248,10 +248,7 @@ def fsync_tree(root: Path) -> None:
     count = max(1, min(FSYNC_THREADS, len(files)))
     threads = [
         threading.Thread(
-            target=sync,
-            args=(files[i::count], folders[i::count]),
-            name="fsync",
-            daemon=True,
+            target=sync, args=(files[i::count], folders[i::count]), name="fsync", daemon=True
         )
         for i in range(count)
     ]
@@ -359,6 +356,10 @@ def shared_lock(
         yield
 
 
+# The lock files each thread holds: a progress callback's change must not wait for its own.
+_held_by_thread = threading.local()
+
+
 @contextlib.contextmanager
 def _flocked(
     fd: int,
@@ -372,6 +373,12 @@ def _flocked(
     import fcntl
 
     try:
+        key, held = os.fstat(fd)[1:3], _held_by_thread.__dict__.setdefault("locks", {})
+        if key in held and fcntl.LOCK_EX in (kind, held[key][0]):  # it would wait for itself
+            raise LuncherError(
+                f"{path.parent} is being changed by a call that has not returned yet (this "
+                "one was made from its callback): make this call after that one returns"
+            )
         started = time.monotonic()
         told = False
         while True:
@@ -388,7 +395,12 @@ def _flocked(
                 time.sleep(0.05)
             except OSError as exc:  # e.g. a filesystem without locks
                 raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
-        yield
+        held[key] = (kind, held.get(key, (kind, 0))[1] + 1)  # shared ones may nest
+        try:
+            yield
+        finally:
+            depth = held.pop(key)[1] - 1
+            held.update({key: (kind, depth)} if depth else {})
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 

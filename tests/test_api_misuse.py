@@ -1,0 +1,62 @@
+"""What a program that imports healthyluncher gets when it uses the API in ways the CLI
+never does: calls from its own callbacks, arguments of unexpected kinds, results kept in
+sets. Each test failed before the fix it names."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import healthyluncher
+from healthyluncher import LuncherError, Progress, store
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=models_dir)
+    return healthyluncher.open(models_dir)
+
+
+@pytest.mark.parametrize("call", ["undo", "retrain", "reset", "export", "other_luncher"])
+def test_a_change_from_a_progress_callback_is_refused_at_once(
+    lun, photos, models_dir, tmp_path, monkeypatch, call
+):
+    """A progress callback that called `lun.undo()` (or retrained, reset or exported) waited
+    for the lock its own retrain held: 120 s, telling `on_wait` that "another luncher
+    process" was changing the directory, then failed with that false reason. It is refused
+    at once now, in one line, and the retrain it interrupted goes on."""
+    monkeypatch.setattr(store, "LOCK_TIMEOUT", 8.0)  # the old wait, shortened
+    lun.retrain("healthy", photos["red"][:1])
+    other = healthyluncher.open(models_dir)
+    calls = {
+        "undo": lun.undo,
+        "retrain": lambda: lun.retrain("fast_food", photos["green"][1:2]),
+        "reset": lun.reset,
+        "export": lambda: lun.export_backup(tmp_path / "b.tar.gz"),
+        "other_luncher": other.undo,  # the same directory, opened again
+    }
+    refused: list[tuple[str, float]] = []
+
+    def on_progress(event: Progress) -> None:
+        if refused:
+            return
+        started = time.monotonic()
+        try:
+            calls[call]()
+        except LuncherError as error:
+            refused.append((str(error), time.monotonic() - started))
+        else:
+            refused.append(("not refused", 0.0))
+
+    result = lun.retrain("fast_food", photos["green"][:1], progress=on_progress)
+    [(message, waited)] = refused
+    assert "has not returned yet" in message and "\n" not in message, message
+    assert "another luncher process" not in message
+    assert waited < 2, waited
+    assert result.changed
+    assert lun.status().examples_per_label == {"healthy": 1, "fast_food": 1}
+    assert not (tmp_path / "b.tar.gz").exists()
+    # The lock is free again once the call has returned.
+    assert lun.undo().examples_per_label == {"healthy": 1}
