@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -366,14 +367,12 @@ def make_updatable(
     from healthyluncher.bases import UpdatableOptions
     from healthyluncher.bases import make_updatable as build
 
-    if isinstance(labels, str):
-        raise LuncherError(f"labels must be a list of names, not the string {labels!r:.80}")
     options = UpdatableOptions(
-        labels=tuple(labels) if labels is not None else None,
+        labels=_in_order(labels, "labels", "names"),
         trainable_layers=plain_number(trainable_layers),
         resize=plain_number(resize),
-        mean=tuple(map(plain_number, mean)) if mean is not None else None,
-        std=tuple(map(plain_number, std)) if std is not None else None,
+        mean=_in_order(mean, "mean", "numbers"),
+        std=_in_order(std, "std", "numbers"),
         hyperparameters=hyperparameters or Hyperparameters(),
         replay=None if replay is None else path_argument(replay, "replay"),
         force=force or keep_personalization is False,
@@ -388,3 +387,17 @@ def make_updatable(
     lun = open(models_dir)
     with lun._lock:
         return build(lun._store, path_argument(model, "model"), options)
+
+
+def _in_order(values: Any, name: str, of: str) -> tuple[Any, ...] | None:
+    """A list argument as a tuple (numpy's numbers as Python's). A set is refused: its order
+    is not the caller's, and the labels would go to the model's outputs in a random one."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        raise LuncherError(f"{name} must be a list of {of}, not the string {values!r:.80}")
+    if isinstance(values, (bytes, AbstractSet, Mapping)) or not isinstance(values, Iterable):
+        kind = "a set, which has no order" if isinstance(values, AbstractSet) else None
+        kind = kind or ("a dict" if isinstance(values, Mapping) else type(values).__name__)
+        raise LuncherError(f"{name} must be a list of {of} in order, not {kind}")
+    return tuple(map(plain_number, values))

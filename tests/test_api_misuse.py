@@ -60,3 +60,39 @@ def test_a_change_from_a_progress_callback_is_refused_at_once(
     assert not (tmp_path / "b.tar.gz").exists()
     # The lock is free again once the call has returned.
     assert lun.undo().examples_per_label == {"healthy": 1}
+
+
+NAMES, NUMBERS = (
+    "labels must be a list of names in order",
+    "mean must be a list of numbers in order",
+)
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"labels": {"healthy", "fast_food"}}, f"{NAMES}, not a set"),
+        ({"labels": {"healthy": 0, "fast_food": 1}}, f"{NAMES}, not a dict"),
+        ({"labels": 2}, f"{NAMES}, not int"),
+        ({"mean": {120.0, 110.0, 100.0}, "std": [50, 50, 50]}, f"{NUMBERS}, not a set"),
+        ({"mean": 5, "std": 5}, f"{NUMBERS}, not int"),
+    ],
+)
+def test_make_updatable_refuses_labels_and_statistics_without_an_order(
+    pt_model, models_dir, given, named
+):
+    """`make_updatable(model, labels={"healthy", "fast_food"})` made a base whose labels were
+    in the set's order, which changes from one run of Python to the next (string hashes are
+    salted): the model's first output could be named fast_food, and every prediction
+    swapped, without a word. A dict gave its keys, a number or `mean=5` a TypeError from
+    inside. Each is refused in one line, and nothing is set up."""
+    with pytest.raises(LuncherError) as refused:
+        healthyluncher.make_updatable(pt_model, models_dir=models_dir, **given)
+    assert str(refused.value).startswith(named), refused.value
+    assert "\n" not in str(refused.value)
+    assert not list(models_dir.glob("base-*"))
+    # In order, as a list, a tuple, a generator or a numpy array, they are taken.
+    made = healthyluncher.make_updatable(
+        pt_model, models_dir=models_dir, labels=(name for name in ["fast_food", "healthy"])
+    )
+    assert made.meta.labels == ("fast_food", "healthy")
