@@ -96,3 +96,29 @@ def test_make_updatable_refuses_labels_and_statistics_without_an_order(
         pt_model, models_dir=models_dir, labels=(name for name in ["fast_food", "healthy"])
     )
     assert made.meta.labels == ("fast_food", "healthy")
+
+
+@pytest.mark.parametrize("shipped_base", [False, True])
+def test_a_deleted_state_file_loses_neither_the_base_nor_the_personalization(
+    lun, photos, models_dir, monkeypatch, shipped_base
+):
+    """With state.json deleted (by hand, a sync tool, a restore of the folders alone), the
+    next `lun.predict` took the directory for an empty one: it set up the shipped base and
+    deleted the user's own base and personalized copy with its undo history; without a
+    shipped model it said there was no base yet, to be made again with `force` (which
+    drops the personalization). The newest complete state is recovered instead, as for a
+    damaged state.json."""
+    if shipped_base:
+        monkeypatch.delenv("LUNCHER_BUNDLED_MODEL")
+    lun.retrain("healthy", photos["red"][:1])
+    lun.retrain("fast_food", photos["green"][:1])
+    base = lun.status().base_sha256
+    before = lun.predict(photos["green"][1:2])[0].probabilities
+    (models_dir / "state.json").unlink()
+    again = healthyluncher.open(models_dir)
+    assert again.predict(photos["green"][1:2])[0].probabilities == pytest.approx(before)
+    assert again.personalized and again.labels == ("healthy", "fast_food")
+    assert lun.status().examples_per_label == {"healthy": 1, "fast_food": 1}
+    assert lun.status().base_sha256 == base  # the user's base, not the shipped one
+    assert lun.undo().examples_per_label == {"healthy": 1}  # the history is there too
+    assert (models_dir / "state.json").is_file()
