@@ -29,6 +29,10 @@ from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import numpy as np
+
     from healthyluncher.backup import ImportResult
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.exporting import ExportResult
@@ -48,6 +52,9 @@ if TYPE_CHECKING:
         TaughtExample,
     )
 
+    # numpy's numbers are numbers here (`epochs=np.int64(5)`), as `plain_number` takes them.
+    Whole: TypeAlias = int | np.integer[Any]
+    Real: TypeAlias = float | np.floating[Any] | np.integer[Any]
 
 T = TypeVar("T")
 
@@ -161,10 +168,10 @@ class Luncher:
         photos: PhotoInput | Iterable[PhotoInput],
         *,
         new_label: bool = False,
-        epochs: int | None = None,
-        learning_rate: float | None = None,
-        views: int | None = None,
-        memory_strength: float | None = None,
+        epochs: Whole | None = None,
+        learning_rate: Real | None = None,
+        views: Whole | None = None,
+        memory_strength: Real | None = None,
         save: bool = False,
         progress: ProgressCallback | None = None,
     ) -> RetrainResult:
@@ -316,10 +323,10 @@ class Luncher:
 
     @staticmethod
     def _check_overrides(
-        epochs: int | None,
-        learning_rate: float | None,
-        views: int | None,
-        memory_strength: float | None = None,
+        epochs: Whole | None,
+        learning_rate: Real | None,
+        views: Whole | None,
+        memory_strength: Real | None = None,
     ) -> None:
         # Validated by Hyperparameters itself, before any photo is read.
         Hyperparameters().replace(
@@ -334,11 +341,11 @@ def make_updatable(
     model: str | os.PathLike[str],
     *,
     labels: Sequence[str] | None = None,
-    trainable_layers: int = 1,
+    trainable_layers: Whole = 1,
     models_dir: str | os.PathLike[str] | None = None,
-    resize: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    resize: Whole | None = None,
+    mean: Sequence[Real] | np.ndarray | None = None,
+    std: Sequence[Real] | np.ndarray | None = None,
     hyperparameters: Hyperparameters | None = None,
     replay: str | os.PathLike[str] | None = None,
     force: bool = False,

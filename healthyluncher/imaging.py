@@ -46,7 +46,9 @@ _DECODE_ERRORS = (
 # image, or a (H, W, 3) uint8 array; `arguments.photo_sources` makes each a PhotoSource.
 # Defined here, where Pillow and numpy are imported anyway (the API names it for type
 # checkers only, so that `import healthyluncher` does not import them).
-PhotoInput: TypeAlias = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
+PhotoInput: TypeAlias = (
+    str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray
+)
 
 
 @dataclass(frozen=True)

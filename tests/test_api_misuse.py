@@ -4,6 +4,7 @@ sets. Each test failed before the fix it names."""
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 
@@ -122,3 +123,46 @@ def test_a_deleted_state_file_loses_neither_the_base_nor_the_personalization(
     assert lun.status().base_sha256 == base  # the user's base, not the shipped one
     assert lun.undo().examples_per_label == {"healthy": 1}  # the history is there too
     assert (models_dir / "state.json").is_file()
+
+
+def test_a_strictly_typed_program_may_pass_what_the_readme_says_it_may(tmp_path, monkeypatch):
+    """`mypy --strict` refused `lun.retrain(..., epochs=np.int64(5))`, which the README
+    offers ("Numbers may be numpy's") and which runs, and `mean=np.array(...)`, and a list
+    holding a memoryview of a photo file, which runs too: the signatures said `int`,
+    `float`, `Sequence[float]` and no memoryview. A wrong type is still an error."""
+    mypy = pytest.importorskip("mypy.api")
+    program = tmp_path / "program.py"
+    program.write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            import healthyluncher
+
+            lun = healthyluncher.open("models")
+            lun.predict(["a.jpg", memoryview(b"...")])
+            lun.retrain(
+                "healthy",
+                ["a.jpg"],
+                epochs=np.int64(5),
+                learning_rate=np.float32(0.01),
+                views=np.int32(2),
+                memory_strength=np.float64(30),
+            )
+            healthyluncher.make_updatable(
+                "model.onnx",
+                trainable_layers=np.int64(1),
+                resize=np.int64(256),
+                mean=np.array([120.0, 110.0, 100.0]),
+                std=[np.float32(50), 50, 50.0],
+            )
+            lun.retrain("healthy", ["a.jpg"], epochs="5")  # the one error
+            """
+        )
+    )
+    package = Path(healthyluncher.__file__).parent.parent  # the one under test
+    monkeypatch.setenv("MYPYPATH", str(package))
+    (tmp_path / "mypy.ini").write_text("[mypy]\n")  # not the project's settings: a user's
+    options = ["--config-file", str(tmp_path / "mypy.ini"), "--cache-dir", str(tmp_path / "c")]
+    out, err, _ = mypy.run([*options, "--strict", str(program)])
+    errors = [line for line in out.splitlines() if line.startswith(f"{program}:")]
+    assert len(errors) == 1 and '"epochs"' in errors[0] and "str" in errors[0], out + err
