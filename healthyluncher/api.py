@@ -18,6 +18,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from healthyluncher import heldlocks
 from healthyluncher.arguments import check_options, image_stream, path_argument, photo_sources
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
@@ -100,6 +101,15 @@ class Luncher:
         # Readers need no lock (ModelStore): a prediction never waits for a change.
         self._predictor_lock = threading.Lock()
         self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
+        heldlocks.after_fork_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the locks of the parent's other threads, and sessions, anew."""
+        if self._lock.acquire(blocking=False):  # free, or the forking thread's own
+            self._lock.release()
+        else:
+            self._lock = threading.RLock()
+        self._predictor_lock, self._predictors = threading.Lock(), {}
 
     def __repr__(self) -> str:
         return f"Luncher({str(self.models_dir)!r})"

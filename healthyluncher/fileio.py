@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from healthyluncher import heldlocks
 from healthyluncher.errors import DamagedError, LuncherError
 
 
@@ -248,7 +249,10 @@ def fsync_tree(root: Path) -> None:
     count = max(1, min(FSYNC_THREADS, len(files)))
     threads = [
         threading.Thread(
-            target=sync, args=(files[i::count], folders[i::count]), name="fsync", daemon=True
+            target=sync,
+            args=(files[i::count], folders[i::count]),
+            name="fsync",
+            daemon=True,
         )
         for i in range(count)
     ]
@@ -356,10 +360,6 @@ def shared_lock(
         yield
 
 
-# The lock files each thread holds: a progress callback's change must not wait for its own.
-_held_by_thread = threading.local()
-
-
 @contextlib.contextmanager
 def _flocked(
     fd: int,
@@ -369,38 +369,29 @@ def _flocked(
     busy: str,
     on_wait: Callable[[], None] | None,
 ) -> Iterator[None]:
-    """flock(fd, kind) while the block runs; closes `fd` (which releases it) on leaving."""
+    """flock(fd, kind) while the block runs; closes `fd` (which releases it) on leaving.
+    A lock this thread holds already is refused at once (`heldlocks`)."""
     import fcntl
 
     try:
-        key, held = os.fstat(fd)[1:3], _held_by_thread.__dict__.setdefault("locks", {})
-        if key in held and fcntl.LOCK_EX in (kind, held[key][0]):  # it would wait for itself
-            raise LuncherError(
-                f"{path.parent} is being changed by a call that has not returned yet (this "
-                "one was made from its callback): make this call after that one returns"
-            )
-        started = time.monotonic()
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, kind | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - started
-                if waited >= timeout:
-                    raise LuncherError(busy) from None
-                if not told and waited > WAIT_NOTICE and on_wait is not None:
-                    told = True
-                    on_wait()
-                time.sleep(0.05)
-            except OSError as exc:  # e.g. a filesystem without locks
-                raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
-        held[key] = (kind, held.get(key, (kind, 0))[1] + 1)  # shared ones may nest
-        try:
+        with heldlocks.holding(fd, path, exclusive=kind == fcntl.LOCK_EX):
+            started = time.monotonic()
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, kind | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = time.monotonic() - started
+                    if waited >= timeout:
+                        raise LuncherError(busy) from None
+                    if not told and waited > WAIT_NOTICE and on_wait is not None:
+                        told = True
+                        on_wait()
+                    time.sleep(0.05)
+                except OSError as exc:  # e.g. a filesystem without locks
+                    raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
             yield
-        finally:
-            depth = held.pop(key)[1] - 1
-            held.update({key: (kind, depth)} if depth else {})
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 

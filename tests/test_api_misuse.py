@@ -4,9 +4,14 @@ sets. Each test failed before the fix it names."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import textwrap
+import threading
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,3 +171,65 @@ def test_a_strictly_typed_program_may_pass_what_the_readme_says_it_may(tmp_path,
     out, err, _ = mypy.run([*options, "--strict", str(program)])
     errors = [line for line in out.splitlines() if line.startswith(f"{program}:")]
     assert len(errors) == 1 and '"epochs"' in errors[0] and "str" in errors[0], out + err
+
+
+def _changing_meanwhile(lun: healthyluncher.Luncher, photos: dict[str, list[Path]]):
+    """A retrain in another thread (as an UpdateTask runs one), paused inside its
+    transaction until the returned event is set; and that thread."""
+    inside, release = threading.Event(), threading.Event()
+
+    def pause(event: Progress) -> None:
+        inside.set()
+        release.wait(60)
+
+    thread = threading.Thread(
+        target=lun.retrain, args=("healthy", photos["red"][:1]), kwargs={"progress": pause}
+    )
+    thread.start()
+    assert inside.wait(60)
+    return release, thread
+
+
+def _child_undoes(lun: healthyluncher.Luncher, done: Any) -> None:
+    try:
+        done.put(("undone", lun.undo().examples_per_label))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent
+        done.put(("failed", repr(error)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_during_a_change_keeps_neither_its_lock_nor_its_thread_locks(
+    lun, photos, monkeypatch
+):
+    """A program that started a multiprocessing worker (forked, Linux's default before
+    Python 3.14) while an UpdateTask retrained: the worker inherited the lock file's
+    descriptor, and an flock lasts while any copy is open, so every later change of the
+    program waited 120 s for "another luncher process" and failed, for as long as the
+    worker lived. A child that used the Luncher itself waited forever for the change lock
+    of a thread it does not have. Both work now: the child drops what its parent's other
+    threads held, and waits only while the parent really changes the directory."""
+    monkeypatch.setattr(store, "LOCK_TIMEOUT", 8.0)  # the old wait, shortened
+    fork = multiprocessing.get_context("fork")
+    release, thread = _changing_meanwhile(lun, photos)
+    idle = fork.Process(target=time.sleep, args=(60,))  # a pool's worker, say
+    done = fork.Queue()
+    child = fork.Process(target=_child_undoes, args=(lun, done))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+        idle.start()
+        child.start()
+    try:
+        time.sleep(0.5)
+        assert child.is_alive()  # it waits for the parent's retrain: processes take turns
+        release.set()
+        thread.join(60)
+        started = time.monotonic()
+        result = lun.retrain("fast_food", photos["green"][:1])  # while the worker lives
+        assert time.monotonic() - started < 5 and result.changed
+        assert done.get(timeout=30)[0] == "undone"
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        release.set()
+        idle.kill()
+        child.kill()
