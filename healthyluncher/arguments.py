@@ -24,7 +24,7 @@ def check_options(options: dict[str, Any]) -> None:
     """Refuse a flag that is not a bool, and a callback that is not callable."""
     for name in FLAGS & options.keys():
         check_argument(name, options[name], bool)
-    for name in ("progress", "on_wait"):
+    for name in ("progress", "on_wait", "completion"):
         function = options.get(name)
         if function is not None and not callable(function):
             raise LuncherError(f"{name} must be a function, not {function!r:.40}")

@@ -233,3 +233,17 @@ def test_a_process_forked_during_a_change_keeps_neither_its_lock_nor_its_thread_
         release.set()
         idle.kill()
         child.kill()
+
+
+@pytest.mark.parametrize("callback", ["progress", "completion"])
+def test_an_update_task_refuses_a_callback_that_is_no_function_before_it_starts(
+    lun, photos, callback
+):
+    """`UpdateTask(lun.retrain, ..., progress=5)` started the retrain, which then failed in
+    its thread with an internal "TypeError: 'int' object is not callable";
+    `completion=5` let the retrain finish and the TypeError went to threading.excepthook,
+    unseen by the caller. Both are refused where the task is made, as `lun.retrain`
+    refuses `progress=5`, and nothing runs."""
+    with pytest.raises(LuncherError, match=rf"^{callback} must be a function, not 5$"):
+        healthyluncher.UpdateTask(lun.retrain, "healthy", photos["red"][:1], **{callback: 5})
+    assert not lun.personalized
