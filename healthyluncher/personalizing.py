@@ -48,6 +48,7 @@ class DuplicatePhoto:
     reason: str  # "the same photo as a.jpg" or "already taught as 'healthy'"
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class RetrainResult:
     """What a retrain taught (`photos`), skipped (`failures`, `duplicates`) and left: your
@@ -89,6 +90,7 @@ class RetrainResult:
         return form
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class ResetResult:
     """What a reset set aside (`undoable`) or, with `purge`, removed for good."""
@@ -101,6 +103,7 @@ class ResetResult:
     removed_undo_steps: int = 0  # by a purge (after a reset, the personalization is one)
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class Status:
     """The models directory at a glance: the base, your examples, the settings the next
@@ -316,6 +319,7 @@ def reset(store: ModelStore, *, purge: bool = False) -> ResetResult:
     )
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class UndoResult:
     """Where undo went back to: a personalized copy (trained at `trained_at`) or the base."""

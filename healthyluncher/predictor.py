@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, PREDICT_BASE, LuncherError
+from healthyluncher.jsonform import frozen_result
 from healthyluncher.photos import ImageFailure, PhotoSource
 from healthyluncher.records import GO_BACK, load_base, load_personal, make_updatable_command
 from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 PREDICT_BATCH = 16
 
 
+@frozen_result
 @dataclass(frozen=True)
 class Prediction:
     """A photo's `label`, its `probability`, and the probability of every label."""

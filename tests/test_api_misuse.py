@@ -4,8 +4,11 @@ sets. Each test failed before the fix it names."""
 
 from __future__ import annotations
 
+import copy
+import json
 import multiprocessing
 import os
+import pickle
 import textwrap
 import threading
 import time
@@ -247,3 +250,35 @@ def test_an_update_task_refuses_a_callback_that_is_no_function_before_it_starts(
     with pytest.raises(LuncherError, match=rf"^{callback} must be a function, not 5$"):
         healthyluncher.UpdateTask(lun.retrain, "healthy", photos["red"][:1], **{callback: 5})
     assert not lun.personalized
+
+
+def test_results_are_frozen_all_through_and_hashable(lun, photos, tmp_path, pt_model, models_dir):
+    """Results are frozen dataclasses, which promise a hash: `set(predictions)`, or a
+    prediction as a cache key, raised "TypeError: unhashable type: 'dict'", and
+    `prediction.probabilities["healthy"] = 1.0` changed a "frozen" result in place. Their
+    dicts cannot change now, and they hash, pickle, copy and compare as before."""
+    predictions = lun.predict([photos["red"][0], photos["red"][0], photos["green"][0]])
+    assert len(set(predictions)) == 2
+    retrained = lun.retrain("healthy", photos["red"][:2])
+    results = [
+        *predictions,
+        retrained,
+        lun.status(),
+        lun.export_backup(tmp_path / "b.tar.gz"),
+        lun.undo(),
+        lun.import_backup(tmp_path / "b.tar.gz"),
+        lun.forget(photos["red"][:1]),
+        lun.reset(),
+        healthyluncher.make_updatable(pt_model, models_dir=models_dir, force=True),
+    ]
+    for result in results:
+        assert hash(result) == hash(copy.deepcopy(result))
+        assert pickle.loads(pickle.dumps(result)) == result
+        assert json.dumps(healthyluncher.to_json(result))
+    probabilities = predictions[0].probabilities
+    with pytest.raises(TypeError, match="cannot be changed"):
+        probabilities["healthy"] = 1.0
+    with pytest.raises(TypeError, match="cannot be changed"):
+        retrained.examples_per_label.update(fast_food=9)
+    assert probabilities == dict(probabilities) and isinstance(probabilities, dict)
+    assert sum(probabilities.values()) == pytest.approx(1)
