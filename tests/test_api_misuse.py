@@ -282,3 +282,14 @@ def test_results_are_frozen_all_through_and_hashable(lun, photos, tmp_path, pt_m
         retrained.examples_per_label.update(fast_food=9)
     assert probabilities == dict(probabilities) and isinstance(probabilities, dict)
     assert sum(probabilities.values()) == pytest.approx(1)
+
+
+def test_make_updatable_refuses_resize_zero_rather_than_reading_it_as_not_given(
+    pt_model, models_dir
+):
+    """`make_updatable(model, resize=0)` made a base with the default resize (18 for this
+    16-pixel model), as if no resize were given, where `--resize 0` and `resize=8` are
+    refused: a computed size that came out 0 went unnoticed."""
+    with pytest.raises(LuncherError, match=r"^resize=0 is smaller than the model's input 16x16"):
+        healthyluncher.make_updatable(pt_model, models_dir=models_dir, resize=0)
+    assert not list(models_dir.glob("base-*"))
