@@ -35,7 +35,7 @@ def path_argument(value: Any, name: str) -> Path:
     if isinstance(value, (str, os.PathLike)):
         if not os.fspath(value):  # Path("") is the current directory
             raise LuncherError(f"{name} is an empty path (an unset variable?)")
-        return Path(value)
+        return Path(os.fsdecode(value))  # also a PathLike of bytes (os.scandir(b"..."))
     raise LuncherError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}")
 
 
@@ -94,7 +94,7 @@ def _source(item: Any, index: int) -> PhotoSource:
     if isinstance(item, str) and not item:  # Path("") would be the current directory
         raise LuncherError(f"photo {index} is an empty path")
     if isinstance(item, (str, os.PathLike)):
-        return Path(item)
+        return Path(os.fsdecode(item))
     if isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
         return MemoryPhoto(f"<image {index}>", bytes(item))
     from healthyluncher.imaging import from_pixels  # Pillow: only for pixels

@@ -293,3 +293,17 @@ def test_make_updatable_refuses_resize_zero_rather_than_reading_it_as_not_given(
     with pytest.raises(LuncherError, match=r"^resize=0 is smaller than the model's input 16x16"):
         healthyluncher.make_updatable(pt_model, models_dir=models_dir, resize=0)
     assert not list(models_dir.glob("base-*"))
+
+
+def test_a_path_like_object_that_gives_bytes_is_a_path(lun, photos, models_dir):
+    """`lun.predict(os.scandir(b"photos"))` (os.DirEntry of a bytes path, os.PathLike like
+    any other) raised pathlib's "TypeError: argument should be a str object or an
+    os.PathLike object returning str", and `healthyluncher.open` of one did too. Such a
+    path is the file it names now."""
+    folder = os.fsencode(photos["red"][0].parent)
+    entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    predictions = lun.predict(entries)
+    assert [p.path for p in predictions] == sorted(photos["red"])
+    assert predictions == lun.predict(sorted(photos["red"]))
+    [models_entry] = [e for e in os.scandir(os.fsencode(models_dir.parent)) if e.name == b"models"]
+    assert healthyluncher.open(models_entry).models_dir == models_dir
