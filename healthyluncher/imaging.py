@@ -88,11 +88,15 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
             image = image.convert(_UNSTORED_MODES[image.mode])
         # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, LAB, I,
         # F, PA, RGBX), read back as a file in that mode is.
+        # A program's `info["icc_profile"]` that is no bytes made the writers raise
+        # TypeError: it is left out (decoding applies no profile).
+        icc = image.info.get("icc_profile")
+        odd: dict[str, Any] = {} if isinstance(icc, (bytes, type(None))) else {"icc_profile": None}
         if image.mode in _PNG_MODES:
-            image.save(buffer, "PNG", compress_level=1)
+            image.save(buffer, "PNG", compress_level=1, **odd)
         else:
-            image.save(buffer, "TIFF")
-    except (OSError, ValueError) as exc:
+            image.save(buffer, "TIFF", **odd)
+    except (OSError, ValueError, TypeError) as exc:  # odd `info` a writer cannot store
         raise LuncherError(f"{name}: cannot use this image ({exc})") from None
     return MemoryPhoto(name, buffer.getvalue())
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 import healthyluncher
 from healthyluncher import LuncherError, Progress, store
@@ -307,3 +308,16 @@ def test_a_path_like_object_that_gives_bytes_is_a_path(lun, photos, models_dir):
     assert predictions == lun.predict(sorted(photos["red"]))
     [models_entry] = [e for e in os.scandir(os.fsencode(models_dir.parent)) if e.name == b"models"]
     assert healthyluncher.open(models_entry).models_dir == models_dir
+
+
+@pytest.mark.parametrize("mode", ["RGB", "CMYK"])
+def test_a_pil_image_whose_info_holds_a_profile_that_is_no_bytes_is_predicted(lun, photos, mode):
+    """A PIL image a program made or edited with `info["icc_profile"] = "sRGB"` (text, where
+    Pillow's writers want bytes) raised Pillow's internal "TypeError: a bytes-like object
+    is required, not 'str'" from `lun.predict`. The profile is left out (decoding applies
+    none), and the photo is predicted as the same image without it."""
+    image = Image.open(photos["red"][0]).convert(mode)
+    odd = image.copy()
+    odd.info["icc_profile"] = "sRGB"
+    [ours, plain] = lun.predict([odd, image])
+    assert ours.probabilities == pytest.approx(plain.probabilities)
