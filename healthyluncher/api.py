@@ -11,6 +11,7 @@ retrain machinery, a cached retrain never loads Pillow, onnx or the predictor, a
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,12 +39,7 @@ if TYPE_CHECKING:
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.exporting import ExportResult
     from healthyluncher.imaging import PhotoInput
-    from healthyluncher.personalizing import (
-        ResetResult,
-        RetrainResult,
-        Status,
-        UndoResult,
-    )
+    from healthyluncher.personalizing import ResetResult, RetrainResult, Status, UndoResult
     from healthyluncher.predictor import Prediction, Predictor
     from healthyluncher.teaching import (
         ForgetResult,
@@ -113,6 +109,9 @@ class Luncher:
 
     def __repr__(self) -> str:
         return f"Luncher({str(self.models_dir)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # to a pool's worker, which opens it again
+        return (functools.partial(Luncher, on_wait=self._store.on_wait), (self.models_dir,))
 
     @property
     def models_dir(self) -> Path:

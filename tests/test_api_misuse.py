@@ -4,6 +4,7 @@ sets. Each test failed before the fix it names."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
 import multiprocessing
@@ -321,3 +322,17 @@ def test_a_pil_image_whose_info_holds_a_profile_that_is_no_bytes_is_predicted(lu
     odd.info["icc_profile"] = "sRGB"
     [ours, plain] = lun.predict([odd, image])
     assert ours.probabilities == pytest.approx(plain.probabilities)
+
+
+def test_a_luncher_goes_to_a_process_pool_as_its_directory(lun, photos, models_dir):
+    """`ProcessPoolExecutor().map(lun.predict, batches)` with a spawned or forkserver
+    worker (macOS's and Windows's default, Linux's from Python 3.14) pickles the bound
+    method, and so the Luncher: "TypeError: cannot pickle '_thread.RLock' object". A
+    Luncher pickles as the directory it opens (and its `on_wait`), opened again there."""
+    again = pickle.loads(pickle.dumps(lun))
+    assert again is not lun and again.models_dir == models_dir
+    assert again.predict(photos["red"][:1]) == lun.predict(photos["red"][:1])
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        predicted = pool.submit(lun.predict, photos["green"][:1]).result(timeout=120)
+    assert predicted == lun.predict(photos["green"][:1])
