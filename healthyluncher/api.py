@@ -389,7 +389,7 @@ def make_updatable(
         resize=plain_number(resize),
         mean=_in_order(mean, "mean", "numbers"),
         std=_in_order(std, "std", "numbers"),
-        hyperparameters=hyperparameters or Hyperparameters(),
+        hyperparameters=Hyperparameters() if hyperparameters is None else hyperparameters,
         replay=None if replay is None else path_argument(replay, "replay"),
         force=force or keep_personalization is False,
         keep_personalization=keep_personalization,

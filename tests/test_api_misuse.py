@@ -87,6 +87,8 @@ NAMES, NUMBERS = (
         ({"labels": 2}, f"{NAMES}, not int"),
         ({"mean": {120.0, 110.0, 100.0}, "std": [50, 50, 50]}, f"{NUMBERS}, not a set"),
         ({"mean": 5, "std": 5}, f"{NUMBERS}, not int"),
+        # An empty dict (settings a program meant to fill) was taken for "not given".
+        ({"hyperparameters": {}}, "hyperparameters must be a Hyperparameters, not {}"),
     ],
 )
 def test_make_updatable_refuses_labels_and_statistics_without_an_order(
