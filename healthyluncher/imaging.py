@@ -86,6 +86,8 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     try:
         if image.mode in _UNSTORED_MODES:  # modes no file format stores
             image = image.convert(_UNSTORED_MODES[image.mode])
+        elif image.mode in ("I;16L", "I;16N"):  # I;16's pixels; convert() clips them to 255
+            image = Image.fromarray(np.asarray(image).astype("<u2"))
         # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, LAB, I,
         # F, PA, RGBX), read back as a file in that mode is.
         # A program's `info["icc_profile"]` that is no bytes made the writers raise
@@ -101,7 +103,7 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     return MemoryPhoto(name, buffer.getvalue())
 
 
-_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L"})
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 # YCbCr: Pillow 12's TIFF writer stores it so that its reader finds the file cut short.
 _UNSTORED_MODES = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA", "YCbCr": "RGB"}
 

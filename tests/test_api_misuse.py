@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -338,3 +339,16 @@ def test_a_luncher_goes_to_a_process_pool_as_its_directory(lun, photos, models_d
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
         predicted = pool.submit(lun.predict, photos["green"][:1]).result(timeout=120)
     assert predicted == lun.predict(photos["green"][:1])
+
+
+@pytest.mark.parametrize("mode", ["I;16L", "I;16N"])
+def test_a_16_bit_pil_image_of_either_byte_order_name_is_predicted(lun, mode):
+    """A 16-bit greyscale PIL image in mode I;16L or I;16N (`Image.frombytes("I;16L", ...)`
+    of a camera's raw buffer) was refused: "cannot use this image (cannot write mode I;16L
+    as PNG)". Its pixels are I;16's, and it is predicted as that image is."""
+    pixels = (np.arange(40 * 30, dtype="<u2").reshape(30, 40) * 50).astype("<u2")
+    reference = Image.fromarray(pixels)
+    assert reference.mode == "I;16"
+    image = Image.frombytes(mode, (40, 30), pixels.tobytes())
+    [ours, theirs] = lun.predict([image, reference])
+    assert ours.probabilities == pytest.approx(theirs.probabilities)
