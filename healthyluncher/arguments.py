@@ -97,13 +97,15 @@ def _source(item: Any, index: int) -> PhotoSource:
         return Path(os.fsdecode(item))
     if isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
         return MemoryPhoto(f"<image {index}>", bytes(item))
+    if isinstance(item, MemoryPhoto):  # a result's photo, handed back: named by this list
+        return MemoryPhoto(f"<image {index}>", item.data)
     from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
 
     return from_pixels(item, f"<image {index}>")
 
 
 def is_single(photos: Any) -> bool:
-    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview)):
+    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview, MemoryPhoto)):
         return True
     if hasattr(photos, "read"):  # a file object is one photo (refused), not a list of lines
         return True

@@ -43,11 +43,12 @@ _DECODE_ERRORS = (
 
 
 # A photo as the public API takes it: a file's path, a photo file's bytes (an upload), a PIL
-# image, or a (H, W, 3) uint8 array; `arguments.photo_sources` makes each a PhotoSource.
-# Defined here, where Pillow and numpy are imported anyway (the API names it for type
-# checkers only, so that `import healthyluncher` does not import them).
+# image, a (H, W, 3) uint8 array, or a result's MemoryPhoto handed back;
+# `arguments.photo_sources` makes each a PhotoSource. Defined here, where Pillow and numpy
+# are imported anyway (the API names it for type checkers only, so that `import
+# healthyluncher` does not import them).
 PhotoInput: TypeAlias = (
-    str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray
+    str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray | MemoryPhoto
 )
 
 

@@ -352,3 +352,19 @@ def test_a_16_bit_pil_image_of_either_byte_order_name_is_predicted(lun, mode):
     image = Image.frombytes(mode, (40, 30), pixels.tobytes())
     [ours, theirs] = lun.predict([image, reference])
     assert ours.probabilities == pytest.approx(theirs.probabilities)
+
+
+def test_a_results_in_memory_photo_can_be_handed_back(lun, photos):
+    """A program that predicts camera frames (numpy arrays) and retrains the ones it got
+    wrong hands back `prediction.path`, a MemoryPhoto: `lun.retrain("healthy", [p.path for
+    p in wrong])` and `lun.forget(taught.path)` said "expected a path, a photo file's bytes,
+    a PIL image or a numpy uint8 array, not MemoryPhoto" (and "not a list" for one), where
+    a file's `Path` is taken back as given. A MemoryPhoto is its photo now."""
+    frames = [np.asarray(Image.open(path).convert("RGB")) for path in photos["green"]]
+    predictions = lun.predict(frames)
+    result = lun.retrain("healthy", [p.path for p in predictions])
+    assert [str(t.path) for t in result.photos] == ["<image 0>", "<image 1>", "<image 2>"]
+    assert [p.path for p in lun.predict(frames)] == [p.path for p in predictions]
+    assert lun.predict(predictions[0].path)[0].label == "healthy"
+    assert lun.forget(result.photos[1].path).forgotten == 1  # one, not a list of one
+    assert lun.status().examples_per_label == {"healthy": 2}
