@@ -94,8 +94,7 @@ class Luncher:
         check_options({"on_wait": on_wait})
         self._store = ModelStore(root, on_wait=on_wait)
         self._lock = threading.RLock()  # changes
-        # Readers need no lock (ModelStore): a prediction never waits for a change.
-        self._predictor_lock = threading.Lock()
+        self._predictor_lock = threading.Lock()  # readers never wait for a change (ModelStore)
         self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
         heldlocks.after_fork_in_child(self)
 
@@ -166,7 +165,9 @@ class Luncher:
                 from healthyluncher.predictor import Predictor
 
                 predictor = Predictor(self._store, use_base=base)
-                self._predictors = {key: predictor}
+                # One session per `base`: a server that asks for both does not reload them.
+                self._predictors = {k: p for k, p in self._predictors.items() if k[0] != base}
+                self._predictors[key] = predictor
             return predictor
 
     # -- personalizing ---------------------------------------------------------------------

@@ -368,3 +368,31 @@ def test_a_results_in_memory_photo_can_be_handed_back(lun, photos):
     assert lun.predict(predictions[0].path)[0].label == "healthy"
     assert lun.forget(result.photos[1].path).forgotten == 1  # one, not a list of one
     assert lun.status().examples_per_label == {"healthy": 2}
+
+
+def test_asking_for_the_base_and_the_personalization_in_turn_loads_each_once(
+    lun, photos, monkeypatch
+):
+    """A server that shows what the base says beside what the personalized model says
+    (`predict(base=True)`, then `predict()`) loaded an ONNX Runtime session on every call:
+    the Luncher kept one, and each call replaced the other's (44 ms a call instead of 16
+    with the shipped model). Each stays loaded until the state changes."""
+    from healthyluncher import predictor as predictor_module
+
+    lun.retrain("healthy", photos["green"][:1])
+    made: list[bool] = []
+    original = predictor_module.Predictor.__init__
+
+    def counted(self: Any, store: Any, *, use_base: bool = False) -> None:
+        made.append(use_base)
+        original(self, store, use_base=use_base)
+
+    monkeypatch.setattr(predictor_module.Predictor, "__init__", counted)
+    for _ in range(3):
+        personal = lun.predict(photos["green"][:1])[0]
+        base = lun.predict(photos["green"][:1], base=True)[0]
+    assert personal.probabilities != base.probabilities
+    assert sorted(made) == [False, True]
+    lun.undo()  # a new state: loaded again
+    lun.predict(photos["green"][:1])
+    assert len(made) == 3
