@@ -150,7 +150,7 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         # Pillow's messages are short, but one line is a promise to the CLI's output.
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, UnidentifiedImageError):
-            reason = unidentified_reason(brand)
+            reason = unidentified_reason(brand, data)
         raise LuncherError(f"{name}: cannot decode image: {reason}") from None
     return image
 

@@ -396,3 +396,19 @@ def test_asking_for_the_base_and_the_personalization_in_turn_loads_each_once(
     lun.undo()  # a new state: loaded again
     lun.predict(photos["green"][:1])
     assert len(made) == 3
+
+
+def test_bytes_that_name_a_file_are_told_apart_from_a_photos_content(lun, photos):
+    """`lun.predict(str(path).encode())` (a path as bytes, from os.fsencode or a byte-level
+    protocol) is refused, since bytes are a photo file's content, with "not an image file
+    Pillow can read", which does not say why a photo that opens everywhere else fails. The
+    error says that the bytes name a file, and how to pass its name."""
+    for name in (os.fsencode(photos["red"][0]), os.fsencode(photos["red"][0].parent)):
+        with pytest.raises(LuncherError) as refused:
+            lun.predict(name)
+        assert str(refused.value) == (
+            "<image 0>: cannot decode image: these bytes are a file's name, not its content: "
+            "give the name as a str or Path"
+        )
+    with pytest.raises(LuncherError, match="not an image file Pillow can read$"):
+        lun.predict(b"no such file, nor a photo")
