@@ -109,5 +109,8 @@ def is_single(photos: Any) -> bool:
         return True
     if hasattr(photos, "read"):  # a file object is one photo (refused), not a list of lines
         return True
-    # A numpy array of pixels is one photo; a list of them is several.
+    # A numpy array of pixels is one photo; a list of them is several, and so is an array
+    # of names or objects (`np.array(paths)`: an iterable of photos, not pixels).
+    if getattr(getattr(photos, "dtype", None), "kind", "") in ("U", "S", "O"):
+        return getattr(photos, "ndim", 0) == 0
     return hasattr(photos, "shape") or hasattr(photos, "getpixel")

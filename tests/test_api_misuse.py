@@ -412,3 +412,19 @@ def test_bytes_that_name_a_file_are_told_apart_from_a_photos_content(lun, photos
         )
     with pytest.raises(LuncherError, match="not an image file Pillow can read$"):
         lun.predict(b"no such file, nor a photo")
+
+
+def test_a_numpy_array_of_file_names_is_an_iterable_of_photos(lun, photos):
+    """`lun.predict(np.array(paths))` (a file list a program loaded with numpy) was read as
+    one photo's pixels: "a numpy photo must be uint8 with shape (H, W, 3)..., not <U..
+    (3,)", though any iterable of photos is documented to do. An array of names (or of
+    objects: arrays of pixels) is read as its items; a uint8 array stays one photo."""
+    paths = [*photos["red"][:2], photos["green"][0]]
+    expected = lun.predict(paths)
+    assert lun.predict(np.array([str(path) for path in paths])) == expected
+    assert lun.predict(np.array(paths, dtype=object)) == expected
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in paths[:2]]
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = pixels  # frames of any sizes, kept in an object array
+    assert [p.label for p in lun.predict(ragged)] == [p.label for p in expected[:2]]
+    assert [str(p.path) for p in lun.predict(pixels[0])] == ["<image 0>"]
