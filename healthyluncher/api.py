@@ -11,12 +11,15 @@ retrain machinery, a cached retrain never loads Pillow, onnx or the predictor, a
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from healthyluncher import heldlocks
 from healthyluncher.arguments import check_options, image_stream, path_argument, photo_sources
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import ProgressCallback
@@ -28,16 +31,15 @@ from healthyluncher.state import State
 from healthyluncher.store import ModelStore, resolve_models_dir
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import numpy as np
+
     from healthyluncher.backup import ImportResult
     from healthyluncher.bases import UpdatableResult
     from healthyluncher.exporting import ExportResult
     from healthyluncher.imaging import PhotoInput
-    from healthyluncher.personalizing import (
-        ResetResult,
-        RetrainResult,
-        Status,
-        UndoResult,
-    )
+    from healthyluncher.personalizing import ResetResult, RetrainResult, Status, UndoResult
     from healthyluncher.predictor import Prediction, Predictor
     from healthyluncher.teaching import (
         ForgetResult,
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
         TaughtExample,
     )
 
+    # numpy's numbers are numbers here (`epochs=np.int64(5)`), as `plain_number` takes them.
+    Whole: TypeAlias = int | np.integer[Any]
+    Real: TypeAlias = float | np.floating[Any] | np.integer[Any]
 
 T = TypeVar("T")
 
@@ -89,12 +94,23 @@ class Luncher:
         check_options({"on_wait": on_wait})
         self._store = ModelStore(root, on_wait=on_wait)
         self._lock = threading.RLock()  # changes
-        # Readers need no lock (ModelStore): a prediction never waits for a change.
-        self._predictor_lock = threading.Lock()
+        self._predictor_lock = threading.Lock()  # readers never wait for a change (ModelStore)
         self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
+        heldlocks.after_fork_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the locks of the parent's other threads, and sessions, anew."""
+        if self._lock.acquire(blocking=False):  # free, or the forking thread's own
+            self._lock.release()
+        else:
+            self._lock = threading.RLock()
+        self._predictor_lock, self._predictors = threading.Lock(), {}
 
     def __repr__(self) -> str:
         return f"Luncher({str(self.models_dir)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # to a pool's worker, which opens it again
+        return (functools.partial(Luncher, on_wait=self._store.on_wait), (self.models_dir,))
 
     @property
     def models_dir(self) -> Path:
@@ -149,7 +165,9 @@ class Luncher:
                 from healthyluncher.predictor import Predictor
 
                 predictor = Predictor(self._store, use_base=base)
-                self._predictors = {key: predictor}
+                # One session per `base`: a server that asks for both does not reload them.
+                self._predictors = {k: p for k, p in self._predictors.items() if k[0] != base}
+                self._predictors[key] = predictor
             return predictor
 
     # -- personalizing ---------------------------------------------------------------------
@@ -160,10 +178,10 @@ class Luncher:
         photos: PhotoInput | Iterable[PhotoInput],
         *,
         new_label: bool = False,
-        epochs: int | None = None,
-        learning_rate: float | None = None,
-        views: int | None = None,
-        memory_strength: float | None = None,
+        epochs: Whole | None = None,
+        learning_rate: Real | None = None,
+        views: Whole | None = None,
+        memory_strength: Real | None = None,
         save: bool = False,
         progress: ProgressCallback | None = None,
     ) -> RetrainResult:
@@ -315,10 +333,10 @@ class Luncher:
 
     @staticmethod
     def _check_overrides(
-        epochs: int | None,
-        learning_rate: float | None,
-        views: int | None,
-        memory_strength: float | None = None,
+        epochs: Whole | None,
+        learning_rate: Real | None,
+        views: Whole | None,
+        memory_strength: Real | None = None,
     ) -> None:
         # Validated by Hyperparameters itself, before any photo is read.
         Hyperparameters().replace(
@@ -333,11 +351,11 @@ def make_updatable(
     model: str | os.PathLike[str],
     *,
     labels: Sequence[str] | None = None,
-    trainable_layers: int = 1,
+    trainable_layers: Whole = 1,
     models_dir: str | os.PathLike[str] | None = None,
-    resize: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    resize: Whole | None = None,
+    mean: Sequence[Real] | np.ndarray | None = None,
+    std: Sequence[Real] | np.ndarray | None = None,
     hyperparameters: Hyperparameters | None = None,
     replay: str | os.PathLike[str] | None = None,
     force: bool = False,
@@ -366,15 +384,13 @@ def make_updatable(
     from healthyluncher.bases import UpdatableOptions
     from healthyluncher.bases import make_updatable as build
 
-    if isinstance(labels, str):
-        raise LuncherError(f"labels must be a list of names, not the string {labels!r:.80}")
     options = UpdatableOptions(
-        labels=tuple(labels) if labels is not None else None,
+        labels=_in_order(labels, "labels", "names"),
         trainable_layers=plain_number(trainable_layers),
         resize=plain_number(resize),
-        mean=tuple(map(plain_number, mean)) if mean is not None else None,
-        std=tuple(map(plain_number, std)) if std is not None else None,
-        hyperparameters=hyperparameters or Hyperparameters(),
+        mean=_in_order(mean, "mean", "numbers"),
+        std=_in_order(std, "std", "numbers"),
+        hyperparameters=Hyperparameters() if hyperparameters is None else hyperparameters,
         replay=None if replay is None else path_argument(replay, "replay"),
         force=force or keep_personalization is False,
         keep_personalization=keep_personalization,
@@ -388,3 +404,17 @@ def make_updatable(
     lun = open(models_dir)
     with lun._lock:
         return build(lun._store, path_argument(model, "model"), options)
+
+
+def _in_order(values: Any, name: str, of: str) -> tuple[Any, ...] | None:
+    """A list argument as a tuple (numpy's numbers as Python's). A set is refused: its order
+    is not the caller's, and the labels would go to the model's outputs in a random one."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        raise LuncherError(f"{name} must be a list of {of}, not the string {values!r:.80}")
+    if isinstance(values, (bytes, AbstractSet, Mapping)) or not isinstance(values, Iterable):
+        kind = "a set, which has no order" if isinstance(values, AbstractSet) else None
+        kind = kind or ("a dict" if isinstance(values, Mapping) else type(values).__name__)
+        raise LuncherError(f"{name} must be a list of {of} in order, not {kind}")
+    return tuple(map(plain_number, values))

@@ -24,7 +24,7 @@ def check_options(options: dict[str, Any]) -> None:
     """Refuse a flag that is not a bool, and a callback that is not callable."""
     for name in FLAGS & options.keys():
         check_argument(name, options[name], bool)
-    for name in ("progress", "on_wait"):
+    for name in ("progress", "on_wait", "completion"):
         function = options.get(name)
         if function is not None and not callable(function):
             raise LuncherError(f"{name} must be a function, not {function!r:.40}")
@@ -35,7 +35,7 @@ def path_argument(value: Any, name: str) -> Path:
     if isinstance(value, (str, os.PathLike)):
         if not os.fspath(value):  # Path("") is the current directory
             raise LuncherError(f"{name} is an empty path (an unset variable?)")
-        return Path(value)
+        return Path(os.fsdecode(value))  # also a PathLike of bytes (os.scandir(b"..."))
     raise LuncherError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}")
 
 
@@ -94,18 +94,23 @@ def _source(item: Any, index: int) -> PhotoSource:
     if isinstance(item, str) and not item:  # Path("") would be the current directory
         raise LuncherError(f"photo {index} is an empty path")
     if isinstance(item, (str, os.PathLike)):
-        return Path(item)
+        return Path(os.fsdecode(item))
     if isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
         return MemoryPhoto(f"<image {index}>", bytes(item))
+    if isinstance(item, MemoryPhoto):  # a result's photo, handed back: named by this list
+        return MemoryPhoto(f"<image {index}>", item.data)
     from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
 
     return from_pixels(item, f"<image {index}>")
 
 
 def is_single(photos: Any) -> bool:
-    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview)):
+    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview, MemoryPhoto)):
         return True
     if hasattr(photos, "read"):  # a file object is one photo (refused), not a list of lines
         return True
-    # A numpy array of pixels is one photo; a list of them is several.
+    # A numpy array of pixels is one photo; a list of them is several, and so is an array
+    # of names or objects (`np.array(paths)`: an iterable of photos, not pixels).
+    if getattr(getattr(photos, "dtype", None), "kind", "") in ("U", "S", "O"):
+        return getattr(photos, "ndim", 0) == 0
     return hasattr(photos, "shape") or hasattr(photos, "getpixel")

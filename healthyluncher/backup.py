@@ -19,12 +19,14 @@ from healthyluncher.embedder import rebuild_examples
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes
+from healthyluncher.jsonform import frozen_result
 from healthyluncher.personal import example_scores, publish_personal, render_personal
 from healthyluncher.records import Base, load_base, load_personal
 from healthyluncher.store import Files, ModelStore, Transaction
 from healthyluncher.thumbnails import make_room
 
 
+@frozen_result
 @dataclass(frozen=True)
 class ImportResult:
     """The personalization a backup restored (`undo` goes back to the one it replaced)."""

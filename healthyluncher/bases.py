@@ -83,6 +83,7 @@ class UpdatableOptions:
         check_options(vars(self))  # force, int8, balance_subfolders, progress
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class UpdatableResult:
     """The new base (`meta`: its meta.json), and what became of the personalization."""

@@ -26,6 +26,7 @@ from typing import Any
 from healthyluncher.archive import BACKUP_FORMAT, BACKUP_KIND, CHUNK, MANIFEST
 from healthyluncher.errors import RETRAIN, LuncherError, Param
 from healthyluncher.fileio import abandoned, fsync_dir, owned_folder
+from healthyluncher.jsonform import frozen_result
 from healthyluncher.records import (
     GO_BACK,
     Base,
@@ -42,6 +43,7 @@ from healthyluncher.store import Files, ModelStore
 from healthyluncher.version import __version__
 
 
+@frozen_result
 @dataclass(frozen=True)
 class ExportResult:
     """The backup written: where, how large, and the examples and thumbnails it holds."""

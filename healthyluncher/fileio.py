@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from healthyluncher import heldlocks
 from healthyluncher.errors import DamagedError, LuncherError
 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # POSIX
@@ -373,34 +374,31 @@ def _no_folder_at(path: Path) -> None:
 
 @contextlib.contextmanager
 def _flocked(
-    fd: int,
-    kind: int,
-    path: Path,
-    timeout: float,
-    busy: str,
-    on_wait: Callable[[], None] | None,
+    fd: int, kind: int, path: Path, timeout: float, busy: str, on_wait: Callable[[], None] | None
 ) -> Iterator[None]:
-    """flock(fd, kind) while the block runs; closes `fd` (which releases it) on leaving."""
+    """flock(fd, kind) while the block runs; closes `fd` (which releases it) on leaving.
+    A lock this thread holds already is refused at once (`heldlocks`)."""
     import fcntl
 
     try:
-        started = time.monotonic()
-        told = False
-        while True:
-            try:
-                fcntl.flock(fd, kind | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - started
-                if waited >= timeout:
-                    raise LuncherError(busy) from None
-                if not told and waited > WAIT_NOTICE and on_wait is not None:
-                    told = True
-                    on_wait()
-                time.sleep(0.05)
-            except OSError as exc:  # e.g. a filesystem without locks
-                raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
-        yield
+        with heldlocks.holding(fd, path, exclusive=kind == fcntl.LOCK_EX):
+            started = time.monotonic()
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, kind | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = time.monotonic() - started
+                    if waited >= timeout:
+                        raise LuncherError(busy) from None
+                    if not told and waited > WAIT_NOTICE and on_wait is not None:
+                        told = True
+                        on_wait()
+                    time.sleep(0.05)
+                except OSError as exc:  # e.g. a filesystem without locks
+                    raise LuncherError(f"cannot lock {path}: {exc.strerror}") from None
+            yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from healthyluncher import graph, heads
+from healthyluncher import graph, heads, jsonform
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.imaging import LoadedImage, load_many
@@ -75,6 +75,7 @@ class LabelledPhotos:
         return LabelledPhotos(tuple(labels), moved, self.groups, self.balance_subfolders)
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class HeadReport:
     """What `--examples` did, for the user."""
@@ -85,8 +86,7 @@ class HeadReport:
     held_out: int
     held_out_accuracy: float
     epochs: int
-    # The factor the head inputs were multiplied by where the frozen part ends (1.0: none).
-    input_scale: float = 1.0
+    input_scale: float = 1.0  # the factor the head inputs were multiplied by (1.0: none)
     # Photos found under two labels (the same content): left out of both. A photo found
     # twice under one label trains once.
     contradictory: tuple[str, ...] = ()

@@ -43,10 +43,13 @@ _DECODE_ERRORS = (
 
 
 # A photo as the public API takes it: a file's path, a photo file's bytes (an upload), a PIL
-# image, or a (H, W, 3) uint8 array; `arguments.photo_sources` makes each a PhotoSource.
-# Defined here, where Pillow and numpy are imported anyway (the API names it for type
-# checkers only, so that `import healthyluncher` does not import them).
-PhotoInput: TypeAlias = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
+# image, a (H, W, 3) uint8 array, or a result's MemoryPhoto handed back;
+# `arguments.photo_sources` makes each a PhotoSource. Defined here, where Pillow and numpy
+# are imported anyway (the API names it for type checkers only, so that `import
+# healthyluncher` does not import them).
+PhotoInput: TypeAlias = (
+    str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | np.ndarray | MemoryPhoto
+)
 
 
 @dataclass(frozen=True)
@@ -84,18 +87,24 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     try:
         if image.mode in _UNSTORED_MODES:  # modes no file format stores
             image = image.convert(_UNSTORED_MODES[image.mode])
+        elif image.mode in ("I;16L", "I;16N"):  # I;16's pixels; convert() clips them to 255
+            image = Image.fromarray(np.asarray(image).astype("<u2"))
         # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, LAB, I,
         # F, PA, RGBX), read back as a file in that mode is.
+        # A program's `info["icc_profile"]` that is no bytes made the writers raise
+        # TypeError: it is left out (decoding applies no profile).
+        icc = image.info.get("icc_profile")
+        odd: dict[str, Any] = {} if isinstance(icc, (bytes, type(None))) else {"icc_profile": None}
         if image.mode in _PNG_MODES:
-            image.save(buffer, "PNG", compress_level=1)
+            image.save(buffer, "PNG", compress_level=1, **odd)
         else:
-            image.save(buffer, "TIFF")
-    except (OSError, ValueError) as exc:
+            image.save(buffer, "TIFF", **odd)
+    except (OSError, ValueError, TypeError) as exc:  # odd `info` a writer cannot store
         raise LuncherError(f"{name}: cannot use this image ({exc})") from None
     return MemoryPhoto(name, buffer.getvalue())
 
 
-_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L"})
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 # YCbCr: Pillow 12's TIFF writer stores it so that its reader finds the file cut short.
 _UNSTORED_MODES = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA", "YCbCr": "RGB"}
 
@@ -141,7 +150,7 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         # Pillow's messages are short, but one line is a promise to the CLI's output.
         reason = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, UnidentifiedImageError):
-            reason = unidentified_reason(brand)
+            reason = unidentified_reason(brand, data)
         raise LuncherError(f"{name}: cannot decode image: {reason}") from None
     return image
 

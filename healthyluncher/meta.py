@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from healthyluncher.errors import LuncherError
+from healthyluncher.jsonform import frozen_result
 from healthyluncher.settings import (
     MAX_TRAINABLE_LAYERS,
     Hyperparameters,
@@ -28,6 +29,7 @@ class LayerInfo:
     trainable: bool
 
 
+@frozen_result
 @dataclass(frozen=True)
 class BaseMeta:
     """What the pristine base is and how it was cut for training."""

@@ -84,7 +84,8 @@ def model_inputs(
             crop_h = crop_w = 224
         height = image.height or crop_h
         width = image.width or crop_w
-        resize = resize or int(meta.get("resize") or round(min(height, width) * 256 / 224))
+        if resize is None:  # resize=0 is refused below, not taken for "not given"
+            resize = int(meta.get("resize") or round(min(height, width) * 256 / 224))
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
         raise LuncherError(
             "the model's 'preprocessing' metadata has a bad crop or resize"

@@ -4,6 +4,7 @@ registry of plugins: both belong to the whole program that imports the library."
 from __future__ import annotations
 
 import io
+import os
 import struct
 
 from PIL import Image, UnidentifiedImageError
@@ -104,7 +105,9 @@ def _heif(data: bytes, name: str) -> Image.Image:
     return image
 
 
-def unidentified_reason(brand: bytes | None) -> str:
+def unidentified_reason(brand: bytes | None, data: bytes = b"") -> str:
+    if _names_a_file(data):  # `lun.predict(str(path).encode())`: bytes are a file's content
+        return "these bytes are a file's name, not its content: give the name as a str or Path"
     if brand in _HEIF_BRANDS:
         return "a damaged or unsupported HEIC/HEIF file"
     if brand in _AVIF_BRANDS:
@@ -114,3 +117,12 @@ def unidentified_reason(brand: bytes | None) -> str:
             return "an AVIF photo, and this Pillow cannot read AVIF (pip install -U pillow)"
         return "a damaged or unsupported AVIF file"
     return "not an image file Pillow can read"
+
+
+def _names_a_file(data: bytes) -> bool:
+    if len(data) > 4096 or b"\0" in data:
+        return False
+    try:
+        return os.path.exists(os.fsdecode(data.strip()))
+    except (ValueError, OSError, UnicodeDecodeError):
+        return False

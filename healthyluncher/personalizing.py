@@ -49,6 +49,7 @@ class DuplicatePhoto:
     reason: str  # "the same photo as a.jpg" or "already taught as 'healthy'"
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class RetrainResult:
     """What a retrain taught (`photos`), skipped (`failures`, `duplicates`) and left: your
@@ -90,6 +91,7 @@ class RetrainResult:
         return form
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class ResetResult:
     """What a reset set aside (`undoable`) or, with `purge`, removed for good."""
@@ -102,6 +104,7 @@ class ResetResult:
     removed_undo_steps: int = 0  # by a purge (after a reset, the personalization is one)
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class Status:
     """The models directory at a glance: the base, your examples, the settings the next
@@ -317,6 +320,7 @@ def reset(store: ModelStore, *, purge: bool = False) -> ResetResult:
     )
 
 
+@jsonform.frozen_result
 @dataclass(frozen=True)
 class UndoResult:
     """Where undo went back to: a personalized copy (trained at `trained_at`) or the base."""

@@ -173,7 +173,7 @@ def refuse_urls(inputs: Iterable[object]) -> None:
     """LuncherError for the first URL among these paths (other items are let be)."""
     for item in inputs:
         if isinstance(item, (str, os.PathLike)):
-            error = url_error(item if isinstance(item, (str, Path)) else Path(item))
+            error = url_error(item if isinstance(item, (str, Path)) else Path(os.fsdecode(item)))
             if error is not None:
                 raise error
 

@@ -9,11 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from healthyluncher.errors import (
-    MAKE_UPDATABLE_KEEPING,
-    PREDICT_BASE,
-    LuncherError,
-)
+from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, PREDICT_BASE, LuncherError
+from healthyluncher.jsonform import frozen_result
 from healthyluncher.photos import ImageFailure, PhotoSource
 from healthyluncher.records import (
     GO_BACK,
@@ -35,6 +32,7 @@ if TYPE_CHECKING:
 PREDICT_BATCH = 16
 
 
+@frozen_result
 @dataclass(frozen=True)
 class Prediction:
     """A photo's `label`, its `probability`, and the probability of every label."""

@@ -162,7 +162,9 @@ class ModelStore:
         repair = ("run ", REPAIR, " to rebuild it from the models directory")
         try:
             data = read_json(path)
-        except FileNotFoundError:
+        except FileNotFoundError:  # a new directory; or one whose state.json was deleted,
+            if any(self.root.glob("base-*")):  # whose bases and copies are recovered
+                raise DamagedError(f"{path} is missing; ", *repair) from None
             return State()
         except DamagedError as exc:
             raise DamagedError(f"{exc}; ", *repair) from None
@@ -382,9 +384,7 @@ class ModelStore:
 
     def clear_cache(self) -> int:
         cache = self.root / "cache"
-        if not cache.exists():
-            return 0
-        count = sum(1 for p in cache.rglob("*") if p.is_file())
+        count = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.exists() else 0
         shutil.rmtree(cache, ignore_errors=True)
         return count
 

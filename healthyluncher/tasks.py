@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
+from healthyluncher.arguments import check_options
 from healthyluncher.errors import LuncherError
 from healthyluncher.events import Progress, ProgressCallback
 
@@ -62,6 +63,8 @@ class UpdateTask(Generic[T]):
         if "progress" not in parameters:
             name = getattr(operation, "__name__", repr(operation))
             raise TypeError(f"{name} reports no progress, so it cannot run as an UpdateTask")
+        # Here, not when the operation has started (or ended) in its thread.
+        check_options({"progress": progress, "completion": completion})
         self._operation, self._args, self._kwargs = operation, args, kwargs
         self._on_progress, self._completion = progress, completion
         self._lock = threading.RLock()  # a completion run by cancel() may call the task

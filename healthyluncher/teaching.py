@@ -20,6 +20,7 @@ from healthyluncher.errors import (
 )
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import apart_from_forgotten, select_examples
+from healthyluncher.jsonform import frozen_result
 from healthyluncher.meta import check_label, known_label, label_key
 from healthyluncher.personal import publish_personal
 from healthyluncher.photos import PhotoSource, digest_of, find_images, read_bytes
@@ -202,6 +203,7 @@ def repair(store: ModelStore, progress: ProgressCallback | None = None) -> Repai
     return RepairResult(repaired, state.base, state.personal, len(state.history), reembedded, lost)
 
 
+@frozen_result
 @dataclass(frozen=True)
 class ForgetResult:
     """How many examples were forgotten, those left, and whether the head was retrained."""

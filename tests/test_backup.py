@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
 import tarfile
+import threading
 import warnings
 import zipfile as zipfile_module
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -713,6 +715,26 @@ def test_export_reads_a_read_only_models_directory(
     assert predict_json(run, *photos["red"], *photos["green"]) == expected
 
 
+@contextlib.contextmanager
+def held_elsewhere(lock: Callable[[], contextlib.AbstractContextManager[None]]) -> Iterator[None]:
+    """`lock()` held by another thread while the block runs, as another process holds it."""
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock():
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(30)
+        yield
+    finally:
+        release.set()
+        holder.join(30)
+
+
 def test_export_and_writers_keep_each_other_out_but_exports_share(
     run, personalized, models_dir, tmp_path, photos, monkeypatch
 ):
@@ -722,9 +744,9 @@ def test_export_and_writers_keep_each_other_out_but_exports_share(
 
     monkeypatch.setattr(store_module, "LOCK_TIMEOUT", 0.2)
     store = ModelStore(models_dir)
-    with store.lock():
+    with held_elsewhere(store.lock):  # another holder: not this thread, whose own is refused
         one_line_error(run("export", tmp_path / "a.tar.gz"), "another luncher process")
-    with store.read_lock():
+    with held_elsewhere(store.read_lock):
         assert run("export", tmp_path / "b.tar.gz").code == 0
         busy = run("retrain", "--label", "healthy", photos["red"][0])
         one_line_error(busy, "another luncher process is changing")

@@ -1,0 +1,75 @@
+"""Which thread holds which lock file, so that a thread never waits for a lock it holds
+itself, and a process forked meanwhile does not keep its parent's locks.
+
+A progress callback that asks for a change (`lun.undo()` inside `lun.retrain`) runs in the
+thread that holds the models directory's lock: waiting for it would wait forever, so it is
+refused at once. A child forked while another thread held a lock (a `multiprocessing`
+worker started during an `UpdateTask`) inherits the descriptor, and an flock lasts until
+every copy of it is closed: the child would hold the models directory for its whole life,
+and every change of the parent would wait for it, then fail. The child closes its copies of
+the locks that threads other than the forking one held (those threads do not exist in it),
+and objects that keep thread locks of their own are told (`after_fork_in_child`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from healthyluncher.errors import LuncherError
+
+# Each held lock: its descriptor -> (the holding thread, the locked file, exclusive or not).
+_held: dict[int, tuple[int, tuple[int, int], bool]] = {}
+_guard = threading.Lock()
+# Methods to call in a forked child: weakly held, so that an object can go away.
+_on_fork: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def holding(fd: int, path: Path, *, exclusive: bool) -> Iterator[None]:
+    """Around the wait for an flock on `fd` and the block it guards: LuncherError at once
+    when this thread holds the file already and either lock is exclusive (shared locks
+    nest); the descriptor is registered while the block runs."""
+    info = os.fstat(fd)
+    me, key = threading.get_ident(), (info.st_dev, info.st_ino)
+    with _guard:
+        mine = [ex for thread, held, ex in _held.values() if (thread, held) == (me, key)]
+        if mine and (exclusive or any(mine)):
+            raise LuncherError(
+                f"{path.parent} is being changed by a call that has not returned yet (this "
+                "one was made from its callback): make this call after that one returns"
+            )
+        _held[fd] = (me, key, exclusive)
+    try:
+        yield
+    finally:
+        with _guard:
+            _held.pop(fd, None)
+
+
+def after_fork_in_child(owner: Any) -> None:
+    """Call `owner._after_fork_in_child()` in a child forked from this process."""
+    _on_fork.add(owner)
+
+
+def _forked() -> None:
+    global _guard
+    _guard = threading.Lock()  # another thread may have held it at the fork
+    me = threading.get_ident()
+    for fd, (thread, _, _) in list(_held.items()):
+        if thread != me:  # its thread is gone: the parent's lock, not the child's
+            del _held[fd]
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    for owner in list(_on_fork):
+        reset: Callable[[], None] = owner._after_fork_in_child
+        reset()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forked)

@@ -1,0 +1,439 @@
+"""What a program that imports healthyluncher gets when it uses the API in ways the CLI
+never does: calls from its own callbacks, arguments of unexpected kinds, results kept in
+sets. Each test failed before the fix it names."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import json
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import healthyluncher
+from healthyluncher import LuncherError, Progress, store
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=models_dir)
+    return healthyluncher.open(models_dir)
+
+
+@pytest.mark.parametrize("call", ["undo", "retrain", "reset", "export", "other_luncher"])
+def test_a_change_from_a_progress_callback_is_refused_at_once(
+    lun, photos, models_dir, tmp_path, monkeypatch, call
+):
+    """A progress callback that called `lun.undo()` (or retrained, reset or exported) waited
+    for the lock its own retrain held: 120 s, telling `on_wait` that "another luncher
+    process" was changing the directory, then failed with that false reason. It is refused
+    at once now, in one line, and the retrain it interrupted goes on."""
+    monkeypatch.setattr(store, "LOCK_TIMEOUT", 8.0)  # the old wait, shortened
+    lun.retrain("healthy", photos["red"][:1])
+    other = healthyluncher.open(models_dir)
+    calls = {
+        "undo": lun.undo,
+        "retrain": lambda: lun.retrain("fast_food", photos["green"][1:2]),
+        "reset": lun.reset,
+        "export": lambda: lun.export_backup(tmp_path / "b.tar.gz"),
+        "other_luncher": other.undo,  # the same directory, opened again
+    }
+    refused: list[tuple[str, float]] = []
+
+    def on_progress(event: Progress) -> None:
+        if refused:
+            return
+        started = time.monotonic()
+        try:
+            calls[call]()
+        except LuncherError as error:
+            refused.append((str(error), time.monotonic() - started))
+        else:
+            refused.append(("not refused", 0.0))
+
+    result = lun.retrain("fast_food", photos["green"][:1], progress=on_progress)
+    [(message, waited)] = refused
+    assert "has not returned yet" in message and "\n" not in message, message
+    assert "another luncher process" not in message
+    assert waited < 2, waited
+    assert result.changed
+    assert lun.status().examples_per_label == {"healthy": 1, "fast_food": 1}
+    assert not (tmp_path / "b.tar.gz").exists()
+    # The lock is free again once the call has returned.
+    assert lun.undo().examples_per_label == {"healthy": 1}
+
+
+NAMES, NUMBERS = (
+    "labels must be a list of names in order",
+    "mean must be a list of numbers in order",
+)
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"labels": {"healthy", "fast_food"}}, f"{NAMES}, not a set"),
+        ({"labels": {"healthy": 0, "fast_food": 1}}, f"{NAMES}, not a dict"),
+        ({"labels": 2}, f"{NAMES}, not int"),
+        ({"mean": {120.0, 110.0, 100.0}, "std": [50, 50, 50]}, f"{NUMBERS}, not a set"),
+        ({"mean": 5, "std": 5}, f"{NUMBERS}, not int"),
+        # An empty dict (settings a program meant to fill) was taken for "not given".
+        ({"hyperparameters": {}}, "hyperparameters must be a Hyperparameters, not {}"),
+    ],
+)
+def test_make_updatable_refuses_labels_and_statistics_without_an_order(
+    pt_model, models_dir, given, named
+):
+    """`make_updatable(model, labels={"healthy", "fast_food"})` made a base whose labels were
+    in the set's order, which changes from one run of Python to the next (string hashes are
+    salted): the model's first output could be named fast_food, and every prediction
+    swapped, without a word. A dict gave its keys, a number or `mean=5` a TypeError from
+    inside. Each is refused in one line, and nothing is set up."""
+    with pytest.raises(LuncherError) as refused:
+        healthyluncher.make_updatable(pt_model, models_dir=models_dir, **given)
+    assert str(refused.value).startswith(named), refused.value
+    assert "\n" not in str(refused.value)
+    assert not list(models_dir.glob("base-*"))
+    # In order, as a list, a tuple, a generator or a numpy array, they are taken.
+    made = healthyluncher.make_updatable(
+        pt_model, models_dir=models_dir, labels=(name for name in ["fast_food", "healthy"])
+    )
+    assert made.meta.labels == ("fast_food", "healthy")
+
+
+@pytest.mark.parametrize("shipped_base", [False, True])
+def test_a_deleted_state_file_loses_neither_the_base_nor_the_personalization(
+    lun, photos, models_dir, monkeypatch, shipped_base
+):
+    """With state.json deleted (by hand, a sync tool, a restore of the folders alone), the
+    next `lun.predict` took the directory for an empty one: it set up the shipped base and
+    deleted the user's own base and personalized copy with its undo history; without a
+    shipped model it said there was no base yet, to be made again with `force` (which
+    drops the personalization). The newest complete state is recovered instead, as for a
+    damaged state.json."""
+    if shipped_base:
+        monkeypatch.delenv("LUNCHER_BUNDLED_MODEL")
+    lun.retrain("healthy", photos["red"][:1])
+    lun.retrain("fast_food", photos["green"][:1])
+    base = lun.status().base_sha256
+    before = lun.predict(photos["green"][1:2])[0].probabilities
+    (models_dir / "state.json").unlink()
+    again = healthyluncher.open(models_dir)
+    assert again.predict(photos["green"][1:2])[0].probabilities == pytest.approx(before)
+    assert again.personalized and again.labels == ("healthy", "fast_food")
+    assert lun.status().examples_per_label == {"healthy": 1, "fast_food": 1}
+    assert lun.status().base_sha256 == base  # the user's base, not the shipped one
+    assert lun.undo().examples_per_label == {"healthy": 1}  # the history is there too
+    assert (models_dir / "state.json").is_file()
+
+
+def test_a_strictly_typed_program_may_pass_what_the_readme_says_it_may(tmp_path, monkeypatch):
+    """`mypy --strict` refused `lun.retrain(..., epochs=np.int64(5))`, which the README
+    offers ("Numbers may be numpy's") and which runs, and `mean=np.array(...)`, and a list
+    holding a memoryview of a photo file, which runs too: the signatures said `int`,
+    `float`, `Sequence[float]` and no memoryview. A wrong type is still an error."""
+    pytest.importorskip("mypy")
+    program = tmp_path / "program.py"
+    program.write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            import healthyluncher
+
+            lun = healthyluncher.open("models")
+            lun.predict(["a.jpg", memoryview(b"...")])
+            lun.retrain(
+                "healthy",
+                ["a.jpg"],
+                epochs=np.int64(5),
+                learning_rate=np.float32(0.01),
+                views=np.int32(2),
+                memory_strength=np.float64(30),
+            )
+            healthyluncher.make_updatable(
+                "model.onnx",
+                trainable_layers=np.int64(1),
+                resize=np.int64(256),
+                mean=np.array([120.0, 110.0, 100.0]),
+                std=[np.float32(50), 50, 50.0],
+            )
+            lun.retrain("healthy", ["a.jpg"], epochs="5")  # the one error
+            """
+        )
+    )
+    package = Path(healthyluncher.__file__).parent.parent  # the one under test
+    monkeypatch.setenv("MYPYPATH", str(package))
+    (tmp_path / "mypy.ini").write_text("[mypy]\n")  # not the project's settings: a user's
+    options = ["--config-file", str(tmp_path / "mypy.ini"), "--cache-dir", str(tmp_path / "c")]
+    # In a Python of its own: mypy's main raises the recursion limit of its process.
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", *options, "--strict", str(program)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    out, err = done.stdout, done.stderr
+    errors = [line for line in out.splitlines() if line.startswith(f"{program}:")]
+    assert len(errors) == 1 and '"epochs"' in errors[0] and "str" in errors[0], out + err
+
+
+def _changing_meanwhile(lun: healthyluncher.Luncher, photos: dict[str, list[Path]]):
+    """A retrain in another thread (as an UpdateTask runs one), paused inside its
+    transaction until the returned event is set; and that thread."""
+    inside, release = threading.Event(), threading.Event()
+
+    def pause(event: Progress) -> None:
+        inside.set()
+        release.wait(60)
+
+    thread = threading.Thread(
+        target=lun.retrain, args=("healthy", photos["red"][:1]), kwargs={"progress": pause}
+    )
+    thread.start()
+    assert inside.wait(60)
+    return release, thread
+
+
+def _child_undoes(lun: healthyluncher.Luncher, done: Any) -> None:
+    try:
+        done.put(("undone", lun.undo().examples_per_label))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent
+        done.put(("failed", repr(error)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_during_a_change_keeps_neither_its_lock_nor_its_thread_locks(
+    lun, photos, monkeypatch
+):
+    """A program that started a multiprocessing worker (forked, Linux's default before
+    Python 3.14) while an UpdateTask retrained: the worker inherited the lock file's
+    descriptor, and an flock lasts while any copy is open, so every later change of the
+    program waited 120 s for "another luncher process" and failed, for as long as the
+    worker lived. A child that used the Luncher itself waited forever for the change lock
+    of a thread it does not have. Both work now: the child drops what its parent's other
+    threads held, and waits only while the parent really changes the directory."""
+    monkeypatch.setattr(store, "LOCK_TIMEOUT", 8.0)  # the old wait, shortened
+    fork = multiprocessing.get_context("fork")
+    release, thread = _changing_meanwhile(lun, photos)
+    idle = fork.Process(target=time.sleep, args=(60,))  # a pool's worker, say
+    done = fork.Queue()
+    child = fork.Process(target=_child_undoes, args=(lun, done))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+        idle.start()
+        child.start()
+    try:
+        time.sleep(0.5)
+        assert child.is_alive()  # it waits for the parent's retrain: processes take turns
+        release.set()
+        thread.join(60)
+        started = time.monotonic()
+        result = lun.retrain("fast_food", photos["green"][:1])  # while the worker lives
+        assert time.monotonic() - started < 5 and result.changed
+        assert done.get(timeout=30)[0] == "undone"
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        release.set()
+        idle.kill()
+        child.kill()
+
+
+@pytest.mark.parametrize("callback", ["progress", "completion"])
+def test_an_update_task_refuses_a_callback_that_is_no_function_before_it_starts(
+    lun, photos, callback
+):
+    """`UpdateTask(lun.retrain, ..., progress=5)` started the retrain, which then failed in
+    its thread with an internal "TypeError: 'int' object is not callable";
+    `completion=5` let the retrain finish and the TypeError went to threading.excepthook,
+    unseen by the caller. Both are refused where the task is made, as `lun.retrain`
+    refuses `progress=5`, and nothing runs."""
+    with pytest.raises(LuncherError, match=rf"^{callback} must be a function, not 5$"):
+        healthyluncher.UpdateTask(lun.retrain, "healthy", photos["red"][:1], **{callback: 5})
+    assert not lun.personalized
+
+
+def test_results_are_frozen_all_through_and_hashable(lun, photos, tmp_path, pt_model, models_dir):
+    """Results are frozen dataclasses, which promise a hash: `set(predictions)`, or a
+    prediction as a cache key, raised "TypeError: unhashable type: 'dict'", and
+    `prediction.probabilities["healthy"] = 1.0` changed a "frozen" result in place. Their
+    dicts cannot change now, and they hash, pickle, copy and compare as before."""
+    predictions = lun.predict([photos["red"][0], photos["red"][0], photos["green"][0]])
+    assert len(set(predictions)) == 2
+    retrained = lun.retrain("healthy", photos["red"][:2])
+    results = [
+        *predictions,
+        retrained,
+        lun.status(),
+        lun.export_backup(tmp_path / "b.tar.gz"),
+        lun.undo(),
+        lun.import_backup(tmp_path / "b.tar.gz"),
+        lun.forget(photos["red"][:1]),
+        lun.reset(),
+        healthyluncher.make_updatable(pt_model, models_dir=models_dir, force=True),
+    ]
+    for result in results:
+        assert hash(result) == hash(copy.deepcopy(result))
+        assert pickle.loads(pickle.dumps(result)) == result
+        assert json.dumps(healthyluncher.to_json(result))
+    probabilities = predictions[0].probabilities
+    with pytest.raises(TypeError, match="cannot be changed"):
+        probabilities["healthy"] = 1.0
+    with pytest.raises(TypeError, match="cannot be changed"):
+        retrained.examples_per_label.update(fast_food=9)
+    assert probabilities == dict(probabilities) and isinstance(probabilities, dict)
+    assert sum(probabilities.values()) == pytest.approx(1)
+
+
+def test_make_updatable_refuses_resize_zero_rather_than_reading_it_as_not_given(
+    pt_model, models_dir
+):
+    """`make_updatable(model, resize=0)` made a base with the default resize (18 for this
+    16-pixel model), as if no resize were given, where `--resize 0` and `resize=8` are
+    refused: a computed size that came out 0 went unnoticed."""
+    with pytest.raises(LuncherError, match=r"^resize=0 is smaller than the model's input 16x16"):
+        healthyluncher.make_updatable(pt_model, models_dir=models_dir, resize=0)
+    assert not list(models_dir.glob("base-*"))
+
+
+def test_a_path_like_object_that_gives_bytes_is_a_path(lun, photos, models_dir):
+    """`lun.predict(os.scandir(b"photos"))` (os.DirEntry of a bytes path, os.PathLike like
+    any other) raised pathlib's "TypeError: argument should be a str object or an
+    os.PathLike object returning str", and `healthyluncher.open` of one did too. Such a
+    path is the file it names now."""
+    folder = os.fsencode(photos["red"][0].parent)
+    entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    predictions = lun.predict(entries)
+    assert [p.path for p in predictions] == sorted(photos["red"])
+    assert predictions == lun.predict(sorted(photos["red"]))
+    [models_entry] = [e for e in os.scandir(os.fsencode(models_dir.parent)) if e.name == b"models"]
+    assert healthyluncher.open(models_entry).models_dir == models_dir
+
+
+@pytest.mark.parametrize("mode", ["RGB", "CMYK"])
+def test_a_pil_image_whose_info_holds_a_profile_that_is_no_bytes_is_predicted(lun, photos, mode):
+    """A PIL image a program made or edited with `info["icc_profile"] = "sRGB"` (text, where
+    Pillow's writers want bytes) raised Pillow's internal "TypeError: a bytes-like object
+    is required, not 'str'" from `lun.predict`. The profile is left out (decoding applies
+    none), and the photo is predicted as the same image without it."""
+    image = Image.open(photos["red"][0]).convert(mode)
+    odd = image.copy()
+    odd.info["icc_profile"] = "sRGB"
+    [ours, plain] = lun.predict([odd, image])
+    assert ours.probabilities == pytest.approx(plain.probabilities)
+
+
+def test_a_luncher_goes_to_a_process_pool_as_its_directory(lun, photos, models_dir):
+    """`ProcessPoolExecutor().map(lun.predict, batches)` with a spawned or forkserver
+    worker (macOS's and Windows's default, Linux's from Python 3.14) pickles the bound
+    method, and so the Luncher: "TypeError: cannot pickle '_thread.RLock' object". A
+    Luncher pickles as the directory it opens (and its `on_wait`), opened again there."""
+    again = pickle.loads(pickle.dumps(lun))
+    assert again is not lun and again.models_dir == models_dir
+    assert again.predict(photos["red"][:1]) == lun.predict(photos["red"][:1])
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        predicted = pool.submit(lun.predict, photos["green"][:1]).result(timeout=120)
+    assert predicted == lun.predict(photos["green"][:1])
+
+
+@pytest.mark.parametrize("mode", ["I;16L", "I;16N"])
+def test_a_16_bit_pil_image_of_either_byte_order_name_is_predicted(lun, mode):
+    """A 16-bit greyscale PIL image in mode I;16L or I;16N (`Image.frombytes("I;16L", ...)`
+    of a camera's raw buffer) was refused: "cannot use this image (cannot write mode I;16L
+    as PNG)". Its pixels are I;16's, and it is predicted as that image is."""
+    pixels = (np.arange(40 * 30, dtype="<u2").reshape(30, 40) * 50).astype("<u2")
+    reference = Image.fromarray(pixels)
+    assert reference.mode == "I;16"
+    image = Image.frombytes(mode, (40, 30), pixels.tobytes())
+    [ours, theirs] = lun.predict([image, reference])
+    assert ours.probabilities == pytest.approx(theirs.probabilities)
+
+
+def test_a_results_in_memory_photo_can_be_handed_back(lun, photos):
+    """A program that predicts camera frames (numpy arrays) and retrains the ones it got
+    wrong hands back `prediction.path`, a MemoryPhoto: `lun.retrain("healthy", [p.path for
+    p in wrong])` and `lun.forget(taught.path)` said "expected a path, a photo file's bytes,
+    a PIL image or a numpy uint8 array, not MemoryPhoto" (and "not a list" for one), where
+    a file's `Path` is taken back as given. A MemoryPhoto is its photo now."""
+    frames = [np.asarray(Image.open(path).convert("RGB")) for path in photos["green"]]
+    predictions = lun.predict(frames)
+    result = lun.retrain("healthy", [p.path for p in predictions])
+    assert [str(t.path) for t in result.photos] == ["<image 0>", "<image 1>", "<image 2>"]
+    assert [p.path for p in lun.predict(frames)] == [p.path for p in predictions]
+    assert lun.predict(predictions[0].path)[0].label == "healthy"
+    assert lun.forget(result.photos[1].path).forgotten == 1  # one, not a list of one
+    assert lun.status().examples_per_label == {"healthy": 2}
+
+
+def test_asking_for_the_base_and_the_personalization_in_turn_loads_each_once(
+    lun, photos, monkeypatch
+):
+    """A server that shows what the base says beside what the personalized model says
+    (`predict(base=True)`, then `predict()`) loaded an ONNX Runtime session on every call:
+    the Luncher kept one, and each call replaced the other's (44 ms a call instead of 16
+    with the shipped model). Each stays loaded until the state changes."""
+    from healthyluncher import predictor as predictor_module
+
+    lun.retrain("healthy", photos["green"][:1])
+    made: list[bool] = []
+    original = predictor_module.Predictor.__init__
+
+    def counted(self: Any, store: Any, *, use_base: bool = False) -> None:
+        made.append(use_base)
+        original(self, store, use_base=use_base)
+
+    monkeypatch.setattr(predictor_module.Predictor, "__init__", counted)
+    for _ in range(3):
+        personal = lun.predict(photos["green"][:1])[0]
+        base = lun.predict(photos["green"][:1], base=True)[0]
+    assert personal.probabilities != base.probabilities
+    assert sorted(made) == [False, True]
+    lun.undo()  # a new state: loaded again
+    lun.predict(photos["green"][:1])
+    assert len(made) == 3
+
+
+def test_bytes_that_name_a_file_are_told_apart_from_a_photos_content(lun, photos):
+    """`lun.predict(str(path).encode())` (a path as bytes, from os.fsencode or a byte-level
+    protocol) is refused, since bytes are a photo file's content, with "not an image file
+    Pillow can read", which does not say why a photo that opens everywhere else fails. The
+    error says that the bytes name a file, and how to pass its name."""
+    for name in (os.fsencode(photos["red"][0]), os.fsencode(photos["red"][0].parent)):
+        with pytest.raises(LuncherError) as refused:
+            lun.predict(name)
+        assert str(refused.value) == (
+            "<image 0>: cannot decode image: these bytes are a file's name, not its content: "
+            "give the name as a str or Path"
+        )
+    with pytest.raises(LuncherError, match="not an image file Pillow can read$"):
+        lun.predict(b"no such file, nor a photo")
+
+
+def test_a_numpy_array_of_file_names_is_an_iterable_of_photos(lun, photos):
+    """`lun.predict(np.array(paths))` (a file list a program loaded with numpy) was read as
+    one photo's pixels: "a numpy photo must be uint8 with shape (H, W, 3)..., not <U..
+    (3,)", though any iterable of photos is documented to do. An array of names (or of
+    objects: arrays of pixels) is read as its items; a uint8 array stays one photo."""
+    paths = [*photos["red"][:2], photos["green"][0]]
+    expected = lun.predict(paths)
+    assert lun.predict(np.array([str(path) for path in paths])) == expected
+    assert lun.predict(np.array(paths, dtype=object)) == expected
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in paths[:2]]
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = pixels  # frames of any sizes, kept in an object array
+    assert [p.label for p in lun.predict(ragged)] == [p.label for p in expected[:2]]
+    assert [str(p.path) for p in lun.predict(pixels[0])] == ["<image 0>"]
