@@ -16,7 +16,6 @@ logging.debug, which configures a root logger that has no handler (logging.basic
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from healthyluncher import heldlocks
 from healthyluncher.runtime import MAX_IR_VERSION, onnxblock, session_options, training_api
 
 FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 # onnxblock builds on module globals (the model being built): one generator at a time.
-_ONE_AT_A_TIME = threading.Lock()
+_ONE_AT_A_TIME = heldlocks.module_lock(globals(), "_ONE_AT_A_TIME")
 
 
 def write(

@@ -28,6 +28,8 @@ _held: dict[int, tuple[int, tuple[int, int], bool]] = {}
 _guard = threading.Lock()
 # Methods to call in a forked child: weakly held, so that an object can go away.
 _on_fork: weakref.WeakSet[Any] = weakref.WeakSet()
+# Modules' own thread locks (namespace, name), made anew in a forked child.
+_module_locks: list[tuple[dict[str, Any], str]] = []
 
 
 @contextlib.contextmanager
@@ -52,6 +54,13 @@ def holding(fd: int, path: Path, *, exclusive: bool) -> Iterator[None]:
             _held.pop(fd, None)
 
 
+def module_lock(namespace: dict[str, Any], name: str) -> threading.Lock:
+    """A module's lock `namespace[name]` (its `globals()`), a new one in a forked child:
+    another thread may have held it at the fork, and would never release it there."""
+    _module_locks.append((namespace, name))
+    return threading.Lock()
+
+
 def after_fork_in_child(owner: Any) -> None:
     """Call `owner._after_fork_in_child()` in a child forked from this process."""
     _on_fork.add(owner)
@@ -60,6 +69,8 @@ def after_fork_in_child(owner: Any) -> None:
 def _forked() -> None:
     global _guard
     _guard = threading.Lock()  # another thread may have held it at the fork
+    for namespace, name in _module_locks:
+        namespace[name] = threading.Lock()
     me = threading.get_ident()
     for fd, (thread, _, _) in list(_held.items()):
         if thread != me:  # its thread is gone: the parent's lock, not the child's

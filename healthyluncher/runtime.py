@@ -7,7 +7,6 @@ import importlib.util
 import logging
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from healthyluncher import heldlocks
 from healthyluncher.errors import LuncherError
 from healthyluncher.fileio import regular
 
@@ -40,7 +40,7 @@ def root_logging_kept() -> Iterator[None]:
 
 # The submodules of onnxruntime.training imported here, by name (see _training_package).
 _TRAINING: dict[str, ModuleType] = {}
-_TRAINING_LOCK = threading.Lock()
+_TRAINING_LOCK = heldlocks.module_lock(globals(), "_TRAINING_LOCK")
 _MISSING = (
     "the ONNX Runtime training API is missing: install onnxruntime-training-cpu "
     "and uninstall plain onnxruntime (both own the onnxruntime/ directory)"

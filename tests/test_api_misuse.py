@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import importlib
 import json
 import multiprocessing
 import os
@@ -437,3 +438,47 @@ def test_a_numpy_array_of_file_names_is_an_iterable_of_photos(lun, photos):
     ragged[:] = pixels  # frames of any sizes, kept in an object array
     assert [p.label for p in lun.predict(ragged)] == [p.label for p in expected[:2]]
     assert [str(p.path) for p in lun.predict(pixels[0])] == ["<image 0>"]
+
+
+def _takes_module_lock(module_name: str, lock_name: str, done) -> None:
+    module = importlib.import_module(module_name)
+    lock = getattr(module, lock_name)
+    done.put(lock.acquire(timeout=5))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+@pytest.mark.parametrize(
+    ("module_name", "lock_name"),
+    [("healthyluncher.runtime", "_TRAINING_LOCK"), ("healthyluncher.artifacts", "_ONE_AT_A_TIME")],
+)
+def test_a_process_forked_while_a_thread_holds_a_module_lock_gets_a_free_one(
+    module_name, lock_name
+):
+    """The lock around importing the training API and the one around generating training
+    files were inherited locked by a child forked while another thread held them (a
+    multiprocessing worker started during a retrain): the child's first retrain, or its
+    first import of ONNX Runtime, waited forever."""
+    lock = getattr(importlib.import_module(module_name), lock_name)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    fork = multiprocessing.get_context("fork")
+    done = fork.Queue()
+    try:
+        assert held.wait(10)
+        child = fork.Process(target=_takes_module_lock, args=(module_name, lock_name, done))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+            child.start()
+        assert done.get(timeout=30) is True
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        release.set()
+        holder.join(30)
