@@ -31,15 +31,6 @@ from typing import Any, TypeVar
 
 from healthyluncher import fileio, segments, weightsfile
 from healthyluncher.errors import REPAIR, CommittedInterrupt, DamagedError, LuncherError, Param
-from healthyluncher.fileio import (
-    exclusive_lock,
-    fsync_dir,
-    fsync_tree,
-    read_json,
-    regular,
-    shared_lock,
-    write_json,
-)
 from healthyluncher.state import State, recover
 
 ENV_VAR = "LUNCHER_MODELS_DIR"
@@ -73,11 +64,16 @@ class Files:
 
 
 def resolve_models_dir(option: Path | None = None) -> Path:
-    """--models-dir, then $LUNCHER_MODELS_DIR, then the per-user data directory."""
+    """--models-dir, then $LUNCHER_MODELS_DIR, then the per-user data directory. A name of
+    spaces alone (a slip) is refused rather than set up in the current directory."""
+    env = os.environ.get(ENV_VAR)
+    if (option is not None or env) and not str(option if option is not None else env).strip():
+        if option is not None:
+            raise LuncherError(Param("models_dir"), f" {str(option)!r} is only spaces: name one")
+        raise LuncherError(f"{ENV_VAR}={env!r} is only spaces: name a folder, or unset it")
     try:
         if option is not None:
             return option.expanduser().resolve()
-        env = os.environ.get(ENV_VAR)
         if env:
             return Path(env).expanduser().resolve()
         from platformdirs import user_data_path
@@ -130,7 +126,7 @@ class ModelStore:
     def lock(self) -> Iterator[None]:
         """One writer at a time: an advisory lock on the models directory's lock file."""
         self.ensure_exists()
-        with exclusive_lock(self.root / LOCK_FILE, **self._lock_words()):
+        with fileio.exclusive_lock(self.root / LOCK_FILE, **self._lock_words()):
             yield
 
     @contextlib.contextmanager
@@ -138,7 +134,7 @@ class ModelStore:
         """No writer while a reader reads many files (export), and no write by the reader:
         a shared lock on the lock file opened for reading, so a read-only models directory
         (a copy mounted read-only, another user's folder) can be read too."""
-        with shared_lock(self.root / LOCK_FILE, **self._lock_words()):
+        with fileio.shared_lock(self.root / LOCK_FILE, **self._lock_words()):
             yield
 
     def _lock_words(self) -> dict[str, Any]:
@@ -161,7 +157,7 @@ class ModelStore:
         path = self.root / STATE_FILE
         repair = ("run ", REPAIR, " to rebuild it from the models directory")
         try:
-            data = read_json(path)
+            data = fileio.read_json(path)
         except FileNotFoundError:  # a new directory; or one whose state.json was deleted,
             if any(self.root.glob("base-*")):  # whose bases and copies are recovered
                 raise DamagedError(f"{path} is missing; ", *repair) from None
@@ -205,7 +201,7 @@ class ModelStore:
             path = self.root / STATE_FILE
             if path.is_dir() and not path.is_symlink():  # damage: no rename replaces it
                 shutil.rmtree(path)
-            write_json(path, state.to_json())
+            fileio.write_json(path, state.to_json())
         except OSError as exc:
             raise self._cannot_write(exc) from None
 
@@ -296,10 +292,10 @@ class ModelStore:
 
     def _publish_dir(self, staged: Path, kind: str) -> str:
         """Make a staged directory durable and give it its final name."""
-        fsync_tree(staged)
+        fileio.fsync_tree(staged)
         name = f"{kind}-{uuid.uuid4().hex[:12]}"
         os.replace(staged, self.root / name)
-        fsync_dir(self.root)
+        fileio.fsync_dir(self.root)
         return name
 
     def collect_garbage(self, state: State) -> None:
@@ -338,7 +334,7 @@ class ModelStore:
             if not name.startswith("personal-"):
                 continue
             try:
-                examples = regular(self.root / name / Files.EXAMPLES)
+                examples = fileio.regular(self.root / name / Files.EXAMPLES)
                 with np.load(examples, allow_pickle=False) as data:
                     digests = set(data["digests"].tolist())  # str, at C speed
                     if "segments" in data.files:

@@ -603,6 +603,25 @@ def test_models_dir_defaults_to_the_user_data_dir(monkeypatch, tmp_path):
     assert resolve_models_dir(tmp_path / "opt") == tmp_path / "opt"
 
 
+def test_a_models_directory_named_only_spaces_is_refused_not_made(
+    run, monkeypatch, tmp_path, pt_model
+):
+    """`LUNCHER_MODELS_DIR=" "` (a slip) or `--models-dir "  "` set up the shipped base in a
+    new folder named by the spaces in the current directory, without a word."""
+    import healthyluncher
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LUNCHER_BUNDLED_MODEL", str(pt_model))  # what a new folder gets
+    one_line_error(run("--models-dir", "  ", "status"), "--models-dir '  ' is only spaces")
+    with pytest.raises(healthyluncher.LuncherError, match="models_dir ' ' is only spaces"):
+        healthyluncher.open(" ")
+    monkeypatch.setenv("LUNCHER_MODELS_DIR", "   ")
+    one_line_error(run("predict", solid(tmp_path / "p" / "a.png", (10, 200, 30))), "only spaces")
+    with pytest.raises(healthyluncher.LuncherError, match="LUNCHER_MODELS_DIR='   ' is only"):
+        healthyluncher.open()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p", "tiny_pt.onnx"]
+
+
 def test_a_full_disk_keeps_the_personalization(run, pt_model, photos, models_dir, monkeypatch):
     assert run("make-updatable", pt_model).code == 0
     assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
