@@ -308,6 +308,19 @@ def run_in_batches(
     return np.concatenate(parts)
 
 
+def head_batch_limit(head: bytes, sample: np.ndarray) -> int | None:
+    """None if the head runs on any batch size; else the one size it accepts (an exporter
+    baked batch 1 into a Reshape: torch's dynamo exporter for a batch-1 export)."""
+    session = inference_session(head, threads=1)
+    name = session.get_inputs()[0].name
+    try:
+        session.run(None, {name: np.concatenate([sample[:1], sample[:1]])})
+        return None
+    except Exception:  # noqa: BLE001 - any failure of a batch of two: try one
+        session.run(None, {name: sample[:1]})
+        return 1
+
+
 class HeadRunner:
     """Runs a head (split tensor -> logits) for before/after scores."""
 

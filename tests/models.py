@@ -177,3 +177,38 @@ def distilled_style(
         ]
     )
     return save(model, path, list(labels) if labels is not None else None)
+
+
+def batch_one_head(
+    path: Path,
+    labels: list[str] | None = ("healthy", "fast_food"),  # type: ignore[assignment]
+    *,
+    classes: int = 2,
+) -> Path:
+    """Conv -> Relu -> GlobalAveragePool -> Reshape to (1, -1) -> Gemm: an exporter baked
+    batch 1 into the Reshape (as torch's dynamo exporter does for a batch-1 export), so a
+    head cut before the conv runs one sample at a time."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "c.w"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "c.b"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (classes, 4)).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "c.w", "c.b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Reshape", ["p", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "batch_one",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return save(model, path, list(labels) if labels is not None else None)
