@@ -150,12 +150,7 @@ def replace_final_layer(model: onnx.ModelProto, old_classes: int, classes: int) 
         else:
             value = rng.normal(0, 1 / math.sqrt(fan_in), shape).astype(old.dtype)
         model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(value, name))
-    for output in model.graph.output:
-        dims = output.type.tensor_type.shape.dim
-        if len(dims) == 2:
-            dims[1].ClearField("dim_param")
-            dims[1].dim_value = classes
-    del model.graph.value_info[:]
+    heads.set_class_count(model, old_classes, classes)
 
 
 def fit_new_head(

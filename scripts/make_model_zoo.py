@@ -134,6 +134,15 @@ SPECS: list[Spec] = [
         notes=["dynamo exporter, fixed batch 1: Reshape to (1, 576) before the classifier"],
     ),
     Spec(
+        "squeezenet1_1_dynamo_batch1",
+        "torchvision",
+        "squeezenet1_1",
+        opset=18,
+        exporter="dynamo",
+        dynamic_batch=False,
+        notes=["dynamo exporter, fixed batch 1: ends in Reshape to (1, 1000), the class count"],
+    ),
+    Spec(
         "efficientnet_b0_external",
         "torchvision",
         "efficientnet_b0",

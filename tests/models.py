@@ -212,3 +212,41 @@ def batch_one_head(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return save(model, path, list(labels) if labels is not None else None)
+
+
+def dynamo_squeezenet_style(
+    path: Path,
+    labels: list[str] | None = ("healthy", "fast_food"),  # type: ignore[assignment]
+    *,
+    classes: int = 2,
+    batch: int | str = 1,
+) -> Path:
+    """Conv -> Relu -> 1x1 Conv (the classifier) -> Relu -> GlobalAveragePool -> Reshape
+    to (1, classes), as torch's dynamo exporter writes torchvision's SqueezeNet: the class
+    count is baked into the Reshape (and so is a fixed batch; -1 where it is dynamic)."""
+    rng = np.random.default_rng(0)
+    first = 1 if isinstance(batch, int) else -1
+    inits = [
+        numpy_helper.from_array(_colour_conv(rng, 8), "conv.w"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "conv.b"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (classes, 8, 1, 1)).astype(np.float32), "cls.w"),
+        numpy_helper.from_array(np.full(classes, 0.1, np.float32), "cls.b"),
+        numpy_helper.from_array(np.array([first, classes], np.int64), "val_9"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "cls.w", "cls.b"], ["k"]),
+        helper.make_node("Relu", ["k"], ["kr"]),
+        helper.make_node("GlobalAveragePool", ["kr"], ["mean"]),
+        helper.make_node("Reshape", ["mean", "val_9"], ["logits"], allowzero=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dynamo_squeezenet",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return save(model, path, list(labels) if labels is not None else None)

@@ -11,7 +11,7 @@ import pytest
 import healthyluncher
 from healthyluncher import Progress, headfit
 from tests.conftest import needs_ort, one_line_error, solid
-from tests.models import batch_one_head, keras_style, pytorch_style, save
+from tests.models import batch_one_head, dynamo_squeezenet_style, keras_style, pytorch_style, save
 
 
 @pytest.fixture
@@ -645,3 +645,41 @@ def test_a_head_baked_to_batch_1_learns_the_examples(run, tmp_path, examples, ph
     assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
     assert run("reset").code == 0
     assert run("predict", "--json", *photos["red"], *photos["green"]).json_lines() == base
+
+
+@pytest.mark.parametrize("batch", [1, "N"], ids=["batch 1", "dynamic batch"])
+def test_a_class_count_baked_into_a_reshape_follows_a_new_head(run, tmp_path, examples, batch):
+    """torch's dynamo exporter ends SqueezeNet in Reshape to (1, 1000) (TorchScript wrote
+    Flatten). A new head for the examples' two labels still asked for 1000 classes there:
+    the zoo's export failed at every --trainable-layers with 'error: unexpected
+    RuntimeException: ... Reshape node ... Input shape:{1,2,1,1}, requested
+    shape:{1,1000}' (ONNX Runtime's text), this model with 'ONNX Runtime training fails on
+    the trainable part (InferenceError)'."""
+    model = dynamo_squeezenet_style(tmp_path / "sq.onnx", None, classes=10, batch=batch)
+    result = run("make-updatable", model, "--examples", examples, "--trainable-layers", "2")
+    assert result.code == 0, result
+    red = solid(tmp_path / "red.png", (230, 30, 40))
+    green = solid(tmp_path / "green.png", (30, 230, 40))
+    base = run("predict", "--json", red, green).json_lines()
+    assert all(sorted(row["probabilities"]) == ["fast_food", "healthy"] for row in base)
+    result = run("retrain", "--label", "healthy", "--json", red)
+    assert result.code == 0, result
+    assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
+    assert run("reset").code == 0
+    assert run("predict", "--json", red, green).json_lines() == base
+
+
+@pytest.mark.parametrize("batch", [1, "N"], ids=["batch 1", "dynamic batch"])
+def test_a_class_count_baked_into_a_reshape_grows_with_a_new_label(run, tmp_path, batch):
+    """The same model's own head, given a third label by retrain: the last layer grew to
+    three classes but the Reshape still asked for two ('ONNX Runtime training fails on the
+    trainable part (InferenceError); the last layer alone already has it')."""
+    model = dynamo_squeezenet_style(tmp_path / "sq.onnx", batch=batch)
+    assert run("make-updatable", model, "--trainable-layers", "1").code == 0
+    photos = [solid(tmp_path / f"b{i}.png", (30, 40, 150 + 30 * i)) for i in range(3)]
+    result = run("retrain", "--label", "blue_plate", "--new-label", "--json", *photos)
+    assert result.code == 0, result
+    assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
+    assert json.loads(run("status", "--json").stdout)["labels"][-1] == "blue_plate"
+    rows = run("predict", "--json", *photos).json_lines()
+    assert [row["label"] for row in rows] == ["blue_plate"] * 3
