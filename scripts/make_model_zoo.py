@@ -157,6 +157,15 @@ SPECS: list[Spec] = [
         notes=["float16 weights, float32 input and output (keep_io_types=True)"],
     ),
     Spec(
+        "mobilenet_v2_fp16_dynamo",
+        "torchvision",
+        "mobilenet_v2",
+        opset=18,
+        exporter="dynamo",
+        fp16=True,
+        notes=["float16 weights; every ReLU6 (Clip) reads one shared pair of bounds"],
+    ),
+    Spec(
         "resnet18_softmax",
         "torchvision",
         "resnet18",

@@ -221,6 +221,49 @@ def test_a_float16_model_trains_its_head_in_float32(run, tmp_path, photos, examp
     assert run("predict", "--json", *photos["red"], *photos["green"]).json_lines() == base
 
 
+def _relu6_with_shared_bounds(source: Path, target: Path) -> Path:
+    """Every Relu made Clip(0, 6), all reading one pair of bound tensors, as torch's
+    dynamo exporter writes torchvision's MobileNetV2 (ReLU6 ... 'min_val_cast')."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Clip"
+            node.input.extend(["min_val_cast", "max_val_cast"])
+    for name, value in (("min_val_cast", 0.0), ("max_val_cast", 6.0)):
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+    model.opset_import[0].version = 18
+    onnx.checker.check_model(model)
+    helper.set_model_props(model, {"labels": '["healthy", "fast_food"]'})
+    onnx.save(model, str(target))
+    return target
+
+
+@pytest.mark.parametrize("with_examples", [False, True], ids=["own head", "examples"])
+def test_float16_constants_the_frozen_part_shares_with_the_head_stay_float16_there(
+    run, tmp_path, photos, examples, with_examples
+):
+    """The head's float16 constants became float32 in the whole model, where the frozen
+    part's Clip read them too: a dynamo export of MobileNetV2 with float16 weights was
+    refused at --trainable-layers 2 and 3 with 'ONNX Runtime cannot load the model: Type
+    Error: Type parameter (T) of Optype (Clip) bound to different types (tensor(float16)
+    and tensor(float)'."""
+    relu6 = _relu6_with_shared_bounds(pytorch_style(tmp_path / "m.onnx"), tmp_path / "r6.onnx")
+    model = float16_model(relu6, tmp_path / "half.onnx")
+    extra = ["--examples", str(examples)] if with_examples else []
+    result = run("make-updatable", model, "--trainable-layers", "2", *extra)
+    assert result.code == 0, result
+    base = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert len(base) == 6
+    result = run("retrain", "--label", "healthy", "--json", "--epochs", "30", *photos["red"])
+    assert result.code == 0, result
+    assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
+    assert run("reset").code == 0
+    assert run("predict", "--json", *photos["red"], *photos["green"]).json_lines() == base
+
+
 def test_folders_of_links_to_folders_are_searched(run, stock, examples, tmp_path):
     """A label folder made of symlinks to dish folders (and a link to itself, which must not
     loop) finds every photo once."""
