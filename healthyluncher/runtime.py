@@ -203,6 +203,13 @@ def onnxblock() -> tuple[Any, Any, Any, Any]:
     return blocks, graph_utils, training_graph, accessor
 
 
+# ONNX Runtime 1.19 fuses MatMul -> Reshape -> BatchNormalization into one Gemm even where
+# the MatMul's input has 3 dimensions (torch's dynamo export of LeViT's Linear + BatchNorm1d),
+# then refuses the model it made ("Node (MatMulBnFusion_Gemm) ... First input does not have
+# rank 2"), or, where those dimensions are unknown (a head cut before it), runs it wrong.
+BROKEN_OPTIMIZERS = ["MatMul_BatchNormalization_Fusion"]
+
+
 def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     """An InferenceSession on the CPU; `threads=0` lets ONNX Runtime use every core."""
     ort = runtime()
@@ -213,7 +220,12 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     try:
         if isinstance(model, Path):
             regular(model)  # ONNX Runtime would wait on a named pipe forever
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            source,
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=BROKEN_OPTIMIZERS,
+        )
     except Exception as exc:  # ORT raises its own untyped errors for unloadable models
         name = model.name if isinstance(model, Path) else "the model"
         raise LuncherError(model_problem(exc, name)) from exc

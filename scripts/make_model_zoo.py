@@ -96,6 +96,14 @@ SPECS: list[Spec] = [
         "deit_tiny_distilled_patch16_224",
         notes=["two Gemm heads averaged: the output is (head + head_dist) / 2"],
     ),
+    Spec(
+        "levit_128s_dynamo",
+        "timm",
+        "levit_128s",
+        opset=18,
+        exporter="dynamo",
+        notes=["Linear + BatchNorm1d: MatMul on (batch, tokens, channels), Reshape, BN"],
+    ),
     # Variants. Each is a different file, so the checker sees every shape of export.
     Spec(
         "mobilenet_v3_small_opset13",

@@ -250,3 +250,54 @@ def dynamo_squeezenet_style(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     return save(model, path, list(labels) if labels is not None else None)
+
+
+def levit_style(path: Path, labels: list[str] | None = ("healthy", "fast_food")) -> Path:  # type: ignore[assignment]
+    """Patches -> MatMul on (batch, tokens, channels) -> Reshape to (-1, channels) ->
+    BatchNormalization -> back to tokens -> mean -> Gemm, as torch's dynamo exporter
+    writes LeViT's Linear + BatchNorm1d. ONNX Runtime 1.19's MatMulBnFusion optimizer
+    fuses the MatMul and the BatchNormalization into a Gemm of a rank-3 input and then
+    refuses the model it made ("First input does not have rank 2")."""
+    rng = np.random.default_rng(0)
+    tokens, channels = (SIZE // 4) ** 2, 8
+    inits = [
+        numpy_helper.from_array(
+            rng.normal(0, 0.3, (channels, 3, 4, 4)).astype(np.float32), "patch.w"
+        ),
+        numpy_helper.from_array(np.zeros(channels, np.float32), "patch.b"),
+        numpy_helper.from_array(np.array([0, channels, tokens], np.int64), "to_tokens"),
+        numpy_helper.from_array(
+            rng.normal(0, 0.3, (channels, channels)).astype(np.float32), "mm.w"
+        ),
+        numpy_helper.from_array(np.array([-1, channels], np.int64), "flat"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "bn.scale"),
+        numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "bn.bias"),
+        numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "bn.mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "bn.var"),
+        numpy_helper.from_array(np.array([-1, tokens, channels], np.int64), "unflat"),
+        numpy_helper.from_array(np.array([1], np.int64), "token_axis"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (2, channels)).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "patch.w", "patch.b"], ["p"], strides=[4, 4]),
+        helper.make_node("Reshape", ["p", "to_tokens"], ["pt"]),
+        helper.make_node("Transpose", ["pt"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "mm.w"], ["m"]),
+        helper.make_node("Reshape", ["m", "flat"], ["mf"]),
+        helper.make_node(
+            "BatchNormalization", ["mf", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["bn"]
+        ),
+        helper.make_node("Reshape", ["bn", "unflat"], ["u"]),
+        helper.make_node("ReduceMean", ["u", "token_axis"], ["pooled"], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "fc.w", "fc.b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "levit_style",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return save(model, path, list(labels) if labels is not None else None)
