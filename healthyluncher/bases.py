@@ -44,7 +44,7 @@ from healthyluncher.records import (
     make_updatable_command,
     save_arrays,
 )
-from healthyluncher.runtime import inference_session
+from healthyluncher.runtime import head_batch_limit, inference_session
 from healthyluncher.settings import Hyperparameters, check_argument
 from healthyluncher.state import State
 from healthyluncher.store import Files, ModelStore, Transaction
@@ -335,7 +335,7 @@ def _build(
         (staged / Files.MODEL).write_bytes(full.SerializeToString())
         if frozen is not None:
             (staged / Files.FROZEN).write_bytes(frozen.SerializeToString())
-        head_batch_limit = _head_batch_limit(head_bytes, split_sample)
+        batch_limit = head_batch_limit(head_bytes, split_sample)
         if linear is not None:  # the numpy trainer starts from these
             weights = {t.name: t for t in cut.head.graph.initializer}
             save_arrays(
@@ -371,7 +371,7 @@ def _build(
             trainable_params=cut.trainable_params,
             layers=layer_infos,
             hyperparameters=options.hyperparameters,
-            head_batch_limit=head_batch_limit,
+            head_batch_limit=batch_limit,
             replay_examples=replay_count,
             int8=quantized is not None,
             calibration_photos=quantized.calibration_photos if quantized else 0,
@@ -402,16 +402,3 @@ def _build(
         preprocessing_source=inputs.source,
         examples=report,
     )
-
-
-def _head_batch_limit(head_bytes: bytes, split_sample: np.ndarray) -> int | None:
-    """None if the head runs on any batch size; else the one size it accepts."""
-    session = inference_session(head_bytes, threads=1)
-    name = session.get_inputs()[0].name
-    pair = np.concatenate([split_sample[:1], split_sample[:1]])
-    try:
-        session.run(None, {name: pair})
-        return None
-    except Exception:  # a Reshape baked to batch 1 by the exporter
-        session.run(None, {name: split_sample[:1]})
-        return 1

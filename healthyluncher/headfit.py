@@ -27,7 +27,7 @@ from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import check_label, label_key
 from healthyluncher.photos import PhotoSource, every_image
-from healthyluncher.runtime import HeadRunner, inference_session, run_in_batches
+from healthyluncher.runtime import HeadRunner, head_batch_limit, inference_session, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.trainers import TrainingSet
 from healthyluncher.training import fit_head
@@ -150,12 +150,7 @@ def replace_final_layer(model: onnx.ModelProto, old_classes: int, classes: int) 
         else:
             value = rng.normal(0, 1 / math.sqrt(fan_in), shape).astype(old.dtype)
         model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(value, name))
-    for output in model.graph.output:
-        dims = output.type.tensor_type.shape.dim
-        if len(dims) == 2:
-            dims[1].ClearField("dim_param")
-            dims[1].dim_value = classes
-    del model.graph.value_info[:]
+    heads.set_class_count(model, old_classes, classes)
 
 
 def fit_new_head(
@@ -198,9 +193,9 @@ def fit_new_head(
     spec_start = _class_means(head, trainable, inputs[train], labels[train], len(examples.labels))
     if replaced and spec_start:
         heads.write_back(head, spec_start)
-    steps_per_epoch = math.ceil(int(train.sum()) / hp.batch_size)
-    epochs = min(200, max(10, math.ceil(MIN_STEPS / steps_per_epoch)))
-    fit_hp = hp.replace(epochs=epochs)
+    limit = head_batch_limit(head.SerializeToString(), inputs)  # 1: an exporter baked it in
+    steps_per_epoch = math.ceil(int(train.sum()) / min(hp.batch_size, limit or hp.batch_size))
+    fit_hp = hp.replace(epochs=min(200, max(10, math.ceil(MIN_STEPS / steps_per_epoch))))
     weights = example_weights(labels[train], groups[train], examples.balance_subfolders)
     data = TrainingSet(inputs[train], labels[train], weights)
 
@@ -208,10 +203,10 @@ def fit_new_head(
         if progress:
             progress(Progress("training", epoch, total, loss))
 
-    params = fit_head(head, trainable, data, fit_hp, workdir, on_epoch=on_epoch)
+    params = fit_head(head, trainable, data, fit_hp, workdir, batch_limit=limit, on_epoch=on_epoch)
     accuracy = float("nan")
     if held.any():
-        runner = HeadRunner(heads.head_with(head, params))
+        runner = HeadRunner(heads.head_with(head, params), batch_limit=limit)
         accuracy = float(np.mean(runner.logits(inputs[held]).argmax(axis=1) == labels[held]))
     chosen = np.flatnonzero(train)[_replay(labels[train], np.array(digests)[train], groups[train])]
     replay = (inputs[chosen], labels[chosen], np.ones(len(chosen), np.float32))
@@ -234,7 +229,7 @@ def fit_new_head(
         skipped=skipped,
         held_out=int(held.sum()),
         held_out_accuracy=accuracy,
-        epochs=epochs,
+        epochs=fit_hp.epochs,
         input_scale=scale,
         contradictory=contradictory,
     )

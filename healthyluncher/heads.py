@@ -30,6 +30,9 @@ from healthyluncher.records import Base
 from healthyluncher.store import Files
 from healthyluncher.template import Template
 
+# Ops that make a layer with weights: a walk back from the logits stops at the last one.
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"})
+
 
 def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> None:
     """Replace initializers in place by name; shapes must match, dtypes are kept."""
@@ -79,16 +82,46 @@ def grow_classes(model: onnx.ModelProto, axes: dict[str, int], extra: int) -> No
     """Add `extra` classes in place: new rows start at zero, so old classes keep their
     weights exactly and a new class starts from a neutral score."""
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    count = 0
     for name, axis in axes.items():
         old = numpy_helper.to_array(model.graph.initializer[index[name]])
+        count = old.shape[axis]
         pad = [(0, 0)] * old.ndim
         pad[axis] = (0, extra)
         grown = np.pad(old, pad)
         model.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(grown, name))
+    set_class_count(model, count, count + extra)
+
+
+def set_class_count(model: onnx.ModelProto, old: int, classes: int) -> None:
+    """After the last layer's weights changed from `old` to `classes` outputs: the output's
+    shape, and a Reshape between that layer and the output whose target shape ends in
+    `old` (torch's dynamo exporter writes Reshape to (1, 1000) where TorchScript's wrote
+    Flatten) ends in `classes` instead."""
     for output in model.graph.output:
         dims = output.type.tensor_type.shape.dim
-        if len(dims) == 2 and dims[1].HasField("dim_value"):
-            dims[1].dim_value = dims[1].dim_value + extra
+        if len(dims) == 2:
+            dims[1].ClearField("dim_param")
+            dims[1].dim_value = classes
+    producer = {out: node for node in model.graph.node for out in node.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    stack, seen = [o.name for o in model.graph.output], set()
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in seen or node.op_type in LAYER_OPS:
+            continue  # the last layer: the walk back from the output ends there
+        seen.add(id(node))
+        shape = inits.get(node.input[1]) if node.op_type == "Reshape" else None
+        if shape is not None and shape.data_type == TensorProto.INT64 and len(shape.dims) == 1:
+            value = numpy_helper.to_array(shape).copy()
+            if value.size and value[-1] == old:
+                value[-1] = classes
+                name = f"{shape.name}/{classes}_classes"  # the old one may be read elsewhere
+                if name not in inits:
+                    inits[name] = numpy_helper.from_array(value, name)
+                    model.graph.initializer.append(inits[name])
+                node.input[1] = name
+        stack.extend(name for name in node.input if name and name not in inits)
     del model.graph.value_info[:]
 
 

@@ -43,6 +43,7 @@ def float32_head(model: onnx.ModelProto, cut: Split) -> None:
     del cut.head.graph.value_info[:]
 
     graph = model.graph
+    _keep_float16_for_frozen(graph, names, outputs)
     _to_float32(graph.initializer, graph.node, names, outputs)
     split = cut.split_tensor
     put_after_producer(
@@ -53,6 +54,26 @@ def float32_head(model: onnx.ModelProto, cut: Split) -> None:
             "Cast", [source], [split], to=TensorProto.FLOAT, name=f"{split}/to_float32"
         ),
     )
+
+
+def _keep_float16_for_frozen(graph: Any, names: set[str], outputs: set[str]) -> None:
+    """The frozen part's nodes that read a float16 initializer of the head read a float16
+    copy of it instead (torch's dynamo exporter shares one pair of Clip bounds among every
+    ReLU6 of MobileNetV2), so that making the head float32 leaves the frozen part whole."""
+    half = {t.name: t for t in graph.initializer if t.name in names}
+    half = {n: t for n, t in half.items() if t.data_type == TensorProto.FLOAT16}
+    copies: set[str] = set()
+    for node in graph.node:
+        if set(node.output) & outputs:
+            continue  # a node of the head
+        for position, name in enumerate(node.input):
+            if name in half:
+                copy = name + FLOAT16_SUFFIX
+                if copy not in copies:
+                    value = numpy_helper.to_array(half[name])
+                    graph.initializer.append(numpy_helper.from_array(value, copy))
+                    copies.add(copy)
+                node.input[position] = copy
 
 
 def _to_float32(

@@ -203,6 +203,13 @@ def onnxblock() -> tuple[Any, Any, Any, Any]:
     return blocks, graph_utils, training_graph, accessor
 
 
+# ONNX Runtime 1.19 fuses MatMul -> Reshape -> BatchNormalization into one Gemm even where
+# the MatMul's input has 3 dimensions (torch's dynamo export of LeViT's Linear + BatchNorm1d),
+# then refuses the model it made ("Node (MatMulBnFusion_Gemm) ... First input does not have
+# rank 2"), or, where those dimensions are unknown (a head cut before it), runs it wrong.
+BROKEN_OPTIMIZERS = ["MatMul_BatchNormalization_Fusion"]
+
+
 def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     """An InferenceSession on the CPU; `threads=0` lets ONNX Runtime use every core."""
     ort = runtime()
@@ -213,7 +220,12 @@ def inference_session(model: Path | bytes, *, threads: int = 0) -> Any:
     try:
         if isinstance(model, Path):
             regular(model)  # ONNX Runtime would wait on a named pipe forever
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            source,
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=BROKEN_OPTIMIZERS,
+        )
     except Exception as exc:  # ORT raises its own untyped errors for unloadable models
         name = model.name if isinstance(model, Path) else "the model"
         raise LuncherError(model_problem(exc, name)) from exc
@@ -306,6 +318,19 @@ def run_in_batches(
             chunk = pad_batch(chunk, fixed)
         parts.append(np.asarray(run(chunk))[:count])
     return np.concatenate(parts)
+
+
+def head_batch_limit(head: bytes, sample: np.ndarray) -> int | None:
+    """None if the head runs on any batch size; else the one size it accepts (an exporter
+    baked batch 1 into a Reshape: torch's dynamo exporter for a batch-1 export)."""
+    session = inference_session(head, threads=1)
+    name = session.get_inputs()[0].name
+    try:
+        session.run(None, {name: np.concatenate([sample[:1], sample[:1]])})
+        return None
+    except Exception:  # noqa: BLE001 - any failure of a batch of two: try one
+        session.run(None, {name: sample[:1]})
+        return 1
 
 
 class HeadRunner:

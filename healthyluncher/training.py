@@ -163,10 +163,12 @@ def fit_head(
     hp: Hyperparameters,
     workdir: Path,
     *,
+    batch_limit: int | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> dict[str, np.ndarray]:
     """Train a head (an onnx.ModelProto, from its own weights) that no base holds yet: the
-    one `make-updatable --examples` builds. `workdir` receives ORT's artifacts."""
+    one `make-updatable --examples` builds. `workdir` receives ORT's artifacts;
+    `batch_limit`: the one batch size the head runs on, if any (`head_batch_limit`)."""
     if trainer_name() == "onnxruntime":
         try:
             generate_artifacts(head, trainable, hp.optimizer, workdir)
@@ -175,7 +177,7 @@ def fit_head(
                 f"cannot write training files to {workdir.parent}: {exc.strerror or exc}; "
                 "nothing was changed"
             ) from None
-        return ort_train(workdir, data, hp, on_epoch=on_epoch).params
+        return ort_train(workdir, data, hp, batch_limit=batch_limit, on_epoch=on_epoch).params
     from healthyluncher.linearhead import linear_head_of
     from healthyluncher.numpy_trainer import train_linear
 
@@ -188,7 +190,7 @@ def fit_head(
     start = {
         name: numpy_helper.to_array(found[name]).astype(np.float32) for name in spec.param_names
     }
-    params, _ = train_linear(spec, start, data, hp, on_epoch=on_epoch)
+    params, _ = train_linear(spec, start, data, hp, batch_limit=batch_limit, on_epoch=on_epoch)
     return params
 
 

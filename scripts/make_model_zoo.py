@@ -3,10 +3,10 @@
 The zoo is test material for `luncher make-updatable` ("bring your own classifier"):
 torchvision and timm ImageNet architectures with their stock 1000-class heads, a Keras
 MobileNetV2 through tf2onnx, and variants (opset 13, the dynamo exporter at opset 20,
-fixed batch 1, external-data weights, float16 weights, a final Softmax). No model hub is
-reachable here, so every weight is random; that is enough to exercise graph handling
-(cuts, gradients, head replacement), not accuracy. `scripts/check_model_zoo.py` runs the
-CLI on each file.
+fixed batch 1, also through the dynamo exporter, external-data weights, float16 weights,
+a final Softmax). No model hub is reachable here, so every weight is random; that is
+enough to exercise graph handling (cuts, gradients, head replacement), not accuracy.
+`scripts/check_model_zoo.py` runs the CLI on each file.
 
 This script runs with any Python 3.10+ and only the standard library. The exporting code
 runs in build-time virtual environments, because torch, torchvision, timm and tensorflow
@@ -96,6 +96,14 @@ SPECS: list[Spec] = [
         "deit_tiny_distilled_patch16_224",
         notes=["two Gemm heads averaged: the output is (head + head_dist) / 2"],
     ),
+    Spec(
+        "levit_128s_dynamo",
+        "timm",
+        "levit_128s",
+        opset=18,
+        exporter="dynamo",
+        notes=["Linear + BatchNorm1d: MatMul on (batch, tokens, channels), Reshape, BN"],
+    ),
     # Variants. Each is a different file, so the checker sees every shape of export.
     Spec(
         "mobilenet_v3_small_opset13",
@@ -113,6 +121,35 @@ SPECS: list[Spec] = [
         notes=["torch.export-based exporter (IR 10)"],
     ),
     Spec("resnet18_batch1", "torchvision", "resnet18", dynamic_batch=False),
+    # The dynamo exporter bakes a fixed batch into the Reshape before the classifier
+    # (torch.flatten becomes Reshape to (1, 512)), where the TorchScript one writes Flatten.
+    Spec(
+        "resnet18_dynamo_batch1",
+        "torchvision",
+        "resnet18",
+        opset=18,
+        exporter="dynamo",
+        dynamic_batch=False,
+        notes=["dynamo exporter, fixed batch 1: Reshape to (1, 512) before the classifier"],
+    ),
+    Spec(
+        "mobilenet_v3_small_dynamo_batch1",
+        "torchvision",
+        "mobilenet_v3_small",
+        opset=18,
+        exporter="dynamo",
+        dynamic_batch=False,
+        notes=["dynamo exporter, fixed batch 1: Reshape to (1, 576) before the classifier"],
+    ),
+    Spec(
+        "squeezenet1_1_dynamo_batch1",
+        "torchvision",
+        "squeezenet1_1",
+        opset=18,
+        exporter="dynamo",
+        dynamic_batch=False,
+        notes=["dynamo exporter, fixed batch 1: ends in Reshape to (1, 1000), the class count"],
+    ),
     Spec(
         "efficientnet_b0_external",
         "torchvision",
@@ -126,6 +163,15 @@ SPECS: list[Spec] = [
         "mobilenet_v2",
         fp16=True,
         notes=["float16 weights, float32 input and output (keep_io_types=True)"],
+    ),
+    Spec(
+        "mobilenet_v2_fp16_dynamo",
+        "torchvision",
+        "mobilenet_v2",
+        opset=18,
+        exporter="dynamo",
+        fp16=True,
+        notes=["float16 weights; every ReLU6 (Clip) reads one shared pair of bounds"],
     ),
     Spec(
         "resnet18_softmax",

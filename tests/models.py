@@ -177,3 +177,127 @@ def distilled_style(
         ]
     )
     return save(model, path, list(labels) if labels is not None else None)
+
+
+def batch_one_head(
+    path: Path,
+    labels: list[str] | None = ("healthy", "fast_food"),  # type: ignore[assignment]
+    *,
+    classes: int = 2,
+) -> Path:
+    """Conv -> Relu -> GlobalAveragePool -> Reshape to (1, -1) -> Gemm: an exporter baked
+    batch 1 into the Reshape (as torch's dynamo exporter does for a batch-1 export), so a
+    head cut before the conv runs one sample at a time."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "c.w"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "c.b"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (classes, 4)).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "c.w", "c.b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Reshape", ["p", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "batch_one",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return save(model, path, list(labels) if labels is not None else None)
+
+
+def dynamo_squeezenet_style(
+    path: Path,
+    labels: list[str] | None = ("healthy", "fast_food"),  # type: ignore[assignment]
+    *,
+    classes: int = 2,
+    batch: int | str = 1,
+) -> Path:
+    """Conv -> Relu -> 1x1 Conv (the classifier) -> Relu -> GlobalAveragePool -> Reshape
+    to (1, classes), as torch's dynamo exporter writes torchvision's SqueezeNet: the class
+    count is baked into the Reshape (and so is a fixed batch; -1 where it is dynamic)."""
+    rng = np.random.default_rng(0)
+    first = 1 if isinstance(batch, int) else -1
+    inits = [
+        numpy_helper.from_array(_colour_conv(rng, 8), "conv.w"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "conv.b"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (classes, 8, 1, 1)).astype(np.float32), "cls.w"),
+        numpy_helper.from_array(np.full(classes, 0.1, np.float32), "cls.b"),
+        numpy_helper.from_array(np.array([first, classes], np.int64), "val_9"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "cls.w", "cls.b"], ["k"]),
+        helper.make_node("Relu", ["k"], ["kr"]),
+        helper.make_node("GlobalAveragePool", ["kr"], ["mean"]),
+        helper.make_node("Reshape", ["mean", "val_9"], ["logits"], allowzero=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dynamo_squeezenet",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return save(model, path, list(labels) if labels is not None else None)
+
+
+def levit_style(path: Path, labels: list[str] | None = ("healthy", "fast_food")) -> Path:  # type: ignore[assignment]
+    """Patches -> MatMul on (batch, tokens, channels) -> Reshape to (-1, channels) ->
+    BatchNormalization -> back to tokens -> mean -> Gemm, as torch's dynamo exporter
+    writes LeViT's Linear + BatchNorm1d. ONNX Runtime 1.19's MatMulBnFusion optimizer
+    fuses the MatMul and the BatchNormalization into a Gemm of a rank-3 input and then
+    refuses the model it made ("First input does not have rank 2")."""
+    rng = np.random.default_rng(0)
+    tokens, channels = (SIZE // 4) ** 2, 8
+    inits = [
+        numpy_helper.from_array(
+            rng.normal(0, 0.3, (channels, 3, 4, 4)).astype(np.float32), "patch.w"
+        ),
+        numpy_helper.from_array(np.zeros(channels, np.float32), "patch.b"),
+        numpy_helper.from_array(np.array([0, channels, tokens], np.int64), "to_tokens"),
+        numpy_helper.from_array(
+            rng.normal(0, 0.3, (channels, channels)).astype(np.float32), "mm.w"
+        ),
+        numpy_helper.from_array(np.array([-1, channels], np.int64), "flat"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "bn.scale"),
+        numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "bn.bias"),
+        numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "bn.mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), "bn.var"),
+        numpy_helper.from_array(np.array([-1, tokens, channels], np.int64), "unflat"),
+        numpy_helper.from_array(np.array([1], np.int64), "token_axis"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (2, channels)).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "patch.w", "patch.b"], ["p"], strides=[4, 4]),
+        helper.make_node("Reshape", ["p", "to_tokens"], ["pt"]),
+        helper.make_node("Transpose", ["pt"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "mm.w"], ["m"]),
+        helper.make_node("Reshape", ["m", "flat"], ["mf"]),
+        helper.make_node(
+            "BatchNormalization", ["mf", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["bn"]
+        ),
+        helper.make_node("Reshape", ["bn", "unflat"], ["u"]),
+        helper.make_node("ReduceMean", ["u", "token_axis"], ["pooled"], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "fc.w", "fc.b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "levit_style",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return save(model, path, list(labels) if labels is not None else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from PIL import Image
 
 import healthyluncher
@@ -22,7 +22,7 @@ from healthyluncher.runtime import pad_batch, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
 from healthyluncher.store import STATE_FILE, ModelStore
 from tests.conftest import needs_ort, one_line_error, solid
-from tests.models import SIZE, save
+from tests.models import batch_one_head
 
 
 @pytest.fixture
@@ -326,38 +326,9 @@ def test_preprocessing_metadata_too_large_for_a_float_is_refused(run, pt_model):
         Hyperparameters.from_json({"learning_rate": HUGE})
 
 
-def _batch_one_head_model(path: Path) -> Path:
-    """Conv -> Relu -> GlobalAveragePool -> Reshape to (1, -1) -> Gemm: an exporter baked
-    batch 1 into the Reshape, so a head cut before the conv runs one sample at a time."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "c.w"),
-        numpy_helper.from_array(np.zeros(4, np.float32), "c.b"),
-        numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
-        numpy_helper.from_array(rng.normal(0, 0.3, (2, 4)).astype(np.float32), "fc.w"),
-        numpy_helper.from_array(np.zeros(2, np.float32), "fc.b"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["image", "c.w", "c.b"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-        helper.make_node("Reshape", ["p", "shape"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["logits"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "batch_one",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return save(model, path, ["healthy", "fast_food"])
-
-
 @needs_ort
 def test_a_head_that_takes_batch_1_scores_a_retrain_of_several_photos(run, tmp_path, photos):
-    model = _batch_one_head_model(tmp_path / "b1.onnx")
+    model = batch_one_head(tmp_path / "b1.onnx")
     assert run("make-updatable", model, "--trainable-layers", "2").code == 0
     assert json.loads(run("status", "--json").stdout)["trainable_layers"] == 2
     result = run("retrain", "--label", "fast_food", "--json", *photos["red"])

@@ -11,7 +11,7 @@ import pytest
 import healthyluncher
 from healthyluncher import Progress, headfit
 from tests.conftest import needs_ort, one_line_error, solid
-from tests.models import keras_style, pytorch_style, save
+from tests.models import batch_one_head, dynamo_squeezenet_style, keras_style, pytorch_style, save
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_a_stock_export_gets_a_new_head_for_the_folders_labels(
     assert "A new final layer for your photos (fast_food: 10, healthy: 10)" in result.stdout
     assert "held-out accuracy" in result.stdout
     status = run("status", "--json").json_lines()[0]
-    assert status["labels"] == ["fast_food", "healthy"]
+    assert sorted(status["labels"]) == ["fast_food", "healthy"]
     assert status["replay_examples"] > 0  # the photos became the replay set
     rows = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
     assert [r["label"] for r in rows] == ["fast_food"] * 3 + ["healthy"] * 3
@@ -215,6 +215,49 @@ def test_a_float16_model_trains_its_head_in_float32(run, tmp_path, photos, examp
     base = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
     target = "healthy" if base[0]["label"] == "fast_food" else "fast_food"
     result = run("retrain", "--label", target, "--json", "--epochs", "30", *photos["red"])
+    assert result.code == 0, result
+    assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
+    assert run("reset").code == 0
+    assert run("predict", "--json", *photos["red"], *photos["green"]).json_lines() == base
+
+
+def _relu6_with_shared_bounds(source: Path, target: Path) -> Path:
+    """Every Relu made Clip(0, 6), all reading one pair of bound tensors, as torch's
+    dynamo exporter writes torchvision's MobileNetV2 (ReLU6 ... 'min_val_cast')."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Clip"
+            node.input.extend(["min_val_cast", "max_val_cast"])
+    for name, value in (("min_val_cast", 0.0), ("max_val_cast", 6.0)):
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+    model.opset_import[0].version = 18
+    onnx.checker.check_model(model)
+    helper.set_model_props(model, {"labels": '["healthy", "fast_food"]'})
+    onnx.save(model, str(target))
+    return target
+
+
+@pytest.mark.parametrize("with_examples", [False, True], ids=["own head", "examples"])
+def test_float16_constants_the_frozen_part_shares_with_the_head_stay_float16_there(
+    run, tmp_path, photos, examples, with_examples
+):
+    """The head's float16 constants became float32 in the whole model, where the frozen
+    part's Clip read them too: a dynamo export of MobileNetV2 with float16 weights was
+    refused at --trainable-layers 2 and 3 with 'ONNX Runtime cannot load the model: Type
+    Error: Type parameter (T) of Optype (Clip) bound to different types (tensor(float16)
+    and tensor(float)'."""
+    relu6 = _relu6_with_shared_bounds(pytorch_style(tmp_path / "m.onnx"), tmp_path / "r6.onnx")
+    model = float16_model(relu6, tmp_path / "half.onnx")
+    extra = ["--examples", str(examples)] if with_examples else []
+    result = run("make-updatable", model, "--trainable-layers", "2", *extra)
+    assert result.code == 0, result
+    base = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert len(base) == 6
+    result = run("retrain", "--label", "healthy", "--json", "--epochs", "30", *photos["red"])
     assert result.code == 0, result
     assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
     assert run("reset").code == 0
@@ -623,3 +666,63 @@ def test_a_photo_under_two_labels_is_left_out_and_named(run, stock, examples, mo
     assert report is not None
     assert sorted(Path(p).name for p in report.contradictory) == ["also-h0.jpg", "h0.jpg"]
     assert report.photos == {"fast_food": 10, "healthy": 9}
+
+
+@needs_ort
+@pytest.mark.parametrize("classes", [2, 10], ids=["own head", "new head"])
+def test_a_head_baked_to_batch_1_learns_the_examples(run, tmp_path, examples, photos, classes):
+    """torch's dynamo exporter, for a batch-1 export, bakes the 1 into the Reshape before
+    the classifier. A head cut before it (resnet18 at --trainable-layers 3) trained the
+    examples on batches of 16: 'error: unexpected RuntimeError: ... Reshape node ...
+    Input shape:{16,512,1,1}, requested shape:{1,512}' (ONNX Runtime's text)."""
+    labels = None if classes == 10 else ["healthy", "fast_food"]
+    model = batch_one_head(tmp_path / "b1.onnx", labels, classes=classes)
+    result = run("make-updatable", model, "--examples", examples, "--trainable-layers", "2")
+    assert result.code == 0, result
+    status = json.loads(run("status", "--json").stdout)
+    assert status["trainable_layers"] == 2 and sorted(status["labels"]) == ["fast_food", "healthy"]
+    base = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert [row["label"] for row in base] == ["fast_food"] * 3 + ["healthy"] * 3
+    result = run("retrain", "--label", "healthy", "--json", *photos["red"][:2])
+    assert result.code == 0, result
+    assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
+    assert run("reset").code == 0
+    assert run("predict", "--json", *photos["red"], *photos["green"]).json_lines() == base
+
+
+@pytest.mark.parametrize("batch", [1, "N"], ids=["batch 1", "dynamic batch"])
+def test_a_class_count_baked_into_a_reshape_follows_a_new_head(run, tmp_path, examples, batch):
+    """torch's dynamo exporter ends SqueezeNet in Reshape to (1, 1000) (TorchScript wrote
+    Flatten). A new head for the examples' two labels still asked for 1000 classes there:
+    the zoo's export failed at every --trainable-layers with 'error: unexpected
+    RuntimeException: ... Reshape node ... Input shape:{1,2,1,1}, requested
+    shape:{1,1000}' (ONNX Runtime's text), this model with 'ONNX Runtime training fails on
+    the trainable part (InferenceError)'."""
+    model = dynamo_squeezenet_style(tmp_path / "sq.onnx", None, classes=10, batch=batch)
+    result = run("make-updatable", model, "--examples", examples, "--trainable-layers", "2")
+    assert result.code == 0, result
+    red = solid(tmp_path / "red.png", (230, 30, 40))
+    green = solid(tmp_path / "green.png", (30, 230, 40))
+    base = run("predict", "--json", red, green).json_lines()
+    assert all(sorted(row["probabilities"]) == ["fast_food", "healthy"] for row in base)
+    result = run("retrain", "--label", "healthy", "--json", red)
+    assert result.code == 0, result
+    assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
+    assert run("reset").code == 0
+    assert run("predict", "--json", red, green).json_lines() == base
+
+
+@pytest.mark.parametrize("batch", [1, "N"], ids=["batch 1", "dynamic batch"])
+def test_a_class_count_baked_into_a_reshape_grows_with_a_new_label(run, tmp_path, batch):
+    """The same model's own head, given a third label by retrain: the last layer grew to
+    three classes but the Reshape still asked for two ('ONNX Runtime training fails on the
+    trainable part (InferenceError); the last layer alone already has it')."""
+    model = dynamo_squeezenet_style(tmp_path / "sq.onnx", batch=batch)
+    assert run("make-updatable", model, "--trainable-layers", "1").code == 0
+    photos = [solid(tmp_path / f"b{i}.png", (30, 40, 150 + 30 * i)) for i in range(3)]
+    result = run("retrain", "--label", "blue_plate", "--new-label", "--json", *photos)
+    assert result.code == 0, result
+    assert all(p["after"] > p["before"] for p in result.json_lines()[0]["photos"])
+    assert json.loads(run("status", "--json").stdout)["labels"][-1] == "blue_plate"
+    rows = run("predict", "--json", *photos).json_lines()
+    assert [row["label"] for row in rows] == ["blue_plate"] * 3
