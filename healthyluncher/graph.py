@@ -177,8 +177,8 @@ def _image_input(value: onnx.ValueInfoProto) -> ImageInput:
     dims = _dims(value)
     if elem != TensorProto.FLOAT or len(dims) != 4:
         raise LuncherError(
-            f"input {value.name!r} is not an image: expected float32 with 4 dimensions, "
-            f"got {_kind(value)} with shape {dims}"
+            f"input {value.name!r} is not an image: expected float32 or float16 with 4 "
+            f"dimensions, got {_kind(value)} with shape {dims}"
         )
     if any(d is not None and d < 1 for d in dims):
         raise LuncherError(
