@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from healthyluncher import graph
+from healthyluncher import cuts, graph
 from healthyluncher.errors import LuncherError
 from tests.conftest import needs_ort, solid
 from tests.models import SIZE, levit_style, save
@@ -163,3 +163,36 @@ def test_the_probe_leaves_the_model_alone(tmp_path):
     graph.split(model, analysis, 1)
     assert model.SerializeToString() == before
     assert [o.name for o in model.graph.output] == ["logits"]
+
+
+@pytest.mark.parametrize(("batch", "folded"), [("N", {"f0", "t"}), (1, {"t"})])
+def test_the_rule_is_the_first_axis_not_the_op(tmp_path, batch, folded):
+    """Flatten with axis 0 puts every photo in one row (with a fixed batch of one, that row
+    is the photo's); a Transpose that moves the batch gives channels first; Flatten with
+    axis 1, a Reshape to (-1, C) of one vector per photo and the Conv keep a row per photo."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "c.w"),
+        numpy_helper.from_array(np.array([-1, 8], np.int64), "shape"),
+    ]
+    make = helper.make_node
+    nodes = [
+        make("Conv", ["image", "c.w"], ["c"], pads=[1, 1, 1, 1]),
+        make("Flatten", ["c"], ["f0"], axis=0),
+        make("Flatten", ["c"], ["f1"], axis=1),
+        make("Transpose", ["c"], ["t"], perm=[1, 0, 2, 3]),
+        make("GlobalAveragePool", ["c"], ["p"]),
+        make("Reshape", ["p", "shape"], ["r"]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("f0", "r")]
+    g = helper.make_graph(
+        nodes,
+        "rule",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        outputs,
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10  # what ONNX Runtime 1.19 reads (graph.normalize_versions)
+    found = cuts.folded_cuts(model, "image", ["c", "f0", "f1", "t", "r"])
+    assert found == folded
