@@ -32,7 +32,7 @@ from healthyluncher.linearhead import linear_head_of
 from healthyluncher.meta import BaseMeta, LayerInfo
 from healthyluncher.modelsetup import check_run, model_inputs, model_labels
 from healthyluncher.personal import publish_personal
-from healthyluncher.precision import float32_head, scale_tensor
+from healthyluncher.precision import float32_head, float32_input, scale_tensor
 from healthyluncher.quantize import QuantizedBase, calibration_photos, quantize_base
 from healthyluncher.records import (
     BUNDLED_REPLAY,
@@ -231,6 +231,7 @@ def _build(
     raw = read_model_file(model_path)
     model = graph.load_model(model_path)
     graph.normalize_versions(model)
+    float32_input(model)  # a float16 image input: float32 in, a Cast to float16 first
     analysis = graph.analyze(model)
     examples = None
     if options.examples is not None:

@@ -1,16 +1,18 @@
 """Where a classifier can be cut for training: the tensors that cross a cut, the ops that
 cannot train, and the cuts that work (rewrites.py simplifies the model before).
 
-Pure graph analysis on onnx protos (no ONNX Runtime): `graph.split` asks it before cutting,
+Graph analysis on onnx protos: `graph.split` asks it before cutting (after one run of the
+model, `folded_cuts`, for the cut tensors whose first axis is not the batch),
 `trainers.generate_artifacts` after ONNX Runtime refused a head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import onnx
 
 from healthyluncher.decompose import blocker
@@ -47,9 +49,11 @@ class Topology:
     producers: dict[str, int]  # tensor -> index of the node that writes it
     data: frozenset[str]  # tensors that depend on the image
     used: frozenset[str]  # tensors read by a node or a graph output
+    folded: frozenset[str] = frozenset()  # cut tensors whose first axis is not the batch
 
     @staticmethod
-    def of(model: onnx.ModelProto, image: str) -> Topology:
+    def of(model: onnx.ModelProto, image: str, cuts: Iterable[str] = ()) -> Topology:
+        """`cuts`: the tensors to check for one row per photo (running the model once)."""
         nodes = model.graph.node
         producers = {out: i for i, node in enumerate(nodes) for out in node.output if out}
         data = {image}
@@ -59,7 +63,8 @@ class Topology:
         used = {name for node in nodes for name in node.input} | {
             o.name for o in model.graph.output
         }
-        return Topology(model, image, producers, frozenset(data), frozenset(used))
+        folded = folded_cuts(model, image, [c for c in cuts if c in data and c != image])
+        return Topology(model, image, producers, frozenset(data), frozenset(used), folded)
 
     def before(self, cut: str) -> set[str]:
         """The image-dependent tensors that computing `cut` needs (the frozen part's)."""
@@ -103,6 +108,11 @@ def cut_problem(topology: Topology, layers: Sequence[LayerLike], n: int, logits:
     cut = trainable[0].data_input
     if not cut:
         return f"finds no data input for layer {trainable[0].name!r}"
+    if cut in topology.folded:
+        return (
+            f"cannot cut the model at {cut!r}: its first axis is not one row per photo (an op "
+            "before it folds the batch into another axis: a Reshape, Flatten or Transpose)"
+        )
     nodes, crossing = topology.head(cut, logits)
     if crossing:
         more = f" (and {len(crossing) - 1} more)" if len(crossing) > 1 else ""
@@ -129,6 +139,36 @@ def cut_problem(topology: Topology, layers: Sequence[LayerLike], n: int, logits:
             named = f" ({node.name!r})" if node.name else ""
             return f"puts the op {node.op_type}{named} in the trainable part, which {reason}"
     return None
+
+
+def folded_cuts(model: onnx.ModelProto, image: str, cuts: Sequence[str]) -> frozenset[str]:
+    """The tensors among `cuts` whose first axis is not one row per photo: a Reshape to
+    (-1, channels) of (batch, tokens, channels), say, caches tokens, not photos. Found by
+    running the model on a batch of one photo and one of two (or of its fixed batch size)
+    and comparing; nothing when the model does not run here (it is checked later)."""
+    from healthyluncher.runtime import inference_session
+
+    if not cuts:
+        return frozenset()
+    value = next(v for v in model.graph.input if v.name == image)
+    dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
+    side = 224  # a dynamic height or width (the channels are known: graph._image_input)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in cuts)
+    rng = np.random.default_rng(0)
+    folded: set[str] = set()
+    try:
+        session = inference_session(probe.SerializeToString(), threads=1)
+        for batch in [dims[0]] if dims[0] else [1, 2]:
+            sample = rng.uniform(-1, 1, [batch] + [d or side for d in dims[1:]]).astype(dtype)
+            shapes = [np.shape(out) for out in session.run(None, {image: sample})]
+            folded.update(n for n, s in zip(cuts, shapes, strict=True) if s[:1] != (batch,))
+    except Exception:  # noqa: BLE001 - what fails here, check_run says after the cut
+        return frozenset()
+    return frozenset(folded)
 
 
 def _on_gradient_path(graph: onnx.GraphProto, nodes: list[int], params: set[str]) -> list[int]:

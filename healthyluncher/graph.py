@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from healthyluncher.cuts import Topology, choices, cut_problem, working_counts
+from healthyluncher.cuts import MAX_LISTED, Topology, choices, cut_problem, working_counts
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.external import load_with_external_data
 from healthyluncher.fileio import parse_json
@@ -177,8 +177,8 @@ def _image_input(value: onnx.ValueInfoProto) -> ImageInput:
     dims = _dims(value)
     if elem != TensorProto.FLOAT or len(dims) != 4:
         raise LuncherError(
-            f"input {value.name!r} is not an image: expected float32 with 4 dimensions, "
-            f"got {_kind(value)} with shape {dims}"
+            f"input {value.name!r} is not an image: expected float32 or float16 with 4 "
+            f"dimensions, got {_kind(value)} with shape {dims}"
         )
     if any(d is not None and d < 1 for d in dims):
         raise LuncherError(
@@ -296,7 +296,8 @@ def split(model: onnx.ModelProto, analysis: Analysis, trainable_layers: int) -> 
     layers = analysis.layers
     if trainable_layers < 1:
         raise LuncherError(Param("trainable_layers"), " must be at least 1")
-    topology = Topology.of(model, analysis.input.name)
+    checked = [layer.data_input for layer in layers[-max(trainable_layers, MAX_LISTED) :]]
+    topology = Topology.of(model, analysis.input.name, checked)
 
     def refuse(problem: str) -> LuncherError:
         working = working_counts(topology, layers, analysis.logits_name)

@@ -6,6 +6,8 @@ A model converted to float16 weights with float32 input and output (onnxconverte
 float32 (ONNX Runtime's training kernels and the numpy trainer), so the head's weights and
 casts become float32, and in the full model one Cast turns the cut tensor into float32
 right where the frozen part ends: predict, the memory and the training all see float32.
+A model whose image input is float16 too (`model.half()`, `keep_io_types=False`) first
+gets a float32 input and a Cast to float16 as its first node (`float32_input`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,31 @@ def has_float16(model: onnx.ModelProto) -> bool:
     )
 
 
+def float32_input(model: onnx.ModelProto) -> None:
+    """Give a float16 image input (4 dimensions) a float32 input and a Cast to float16 as
+    the model's first node, in place: photos are preprocessed in float32 as for any model
+    and round to float16 where the model starts, exactly what feeding float16 would do."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    for value in graph.input:
+        kind = value.type.tensor_type
+        if value.name in weights or kind.elem_type != TensorProto.FLOAT16:
+            continue
+        if len(kind.shape.dim) != 4:  # not an image: graph.analyze says so
+            continue
+        name, half = value.name, value.name + FLOAT16_SUFFIX
+        for node in graph.node:
+            node.input[:] = [half if n == name else n for n in node.input]
+        kind.elem_type = TensorProto.FLOAT
+        cast = helper.make_node("Cast", [name], [half], to=TensorProto.FLOAT16, name=half)
+        nodes = [cast, *graph.node]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        kept = [v for v in graph.value_info if v.name != name]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+
+
 def float32_head(model: onnx.ModelProto, cut: Split) -> None:
     """Make the head float32 in `cut.head` and in the full `model`, in place."""
     if not has_float16(cut.head):
@@ -45,6 +72,9 @@ def float32_head(model: onnx.ModelProto, cut: Split) -> None:
     graph = model.graph
     _keep_float16_for_frozen(graph, names, outputs)
     _to_float32(graph.initializer, graph.node, names, outputs)
+    for value in graph.output:  # float16 scores (`model.half()`): the head makes float32
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
     split = cut.split_tensor
     put_after_producer(
         model,

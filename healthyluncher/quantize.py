@@ -18,6 +18,7 @@ from healthyluncher import child, graph
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.photos import every_image
+from healthyluncher.precision import has_float16
 from healthyluncher.runtime import (
     MAX_IR_VERSION,
     inference_session,
@@ -85,6 +86,12 @@ def quantize_base(
             Param("int8", True),
             f" needs ONNX opset {MIN_OPSET} or later (per-channel int8 weights); this model "
             f"uses opset {opset}",
+        )
+    if has_float16(cut.frozen):  # the quantizer's float16 casts broke the model (ORT's text)
+        raise LuncherError(
+            Param("int8", True),
+            " quantizes float32 weights, but this model's are float16 (half the size already); "
+            "leave it out, or export the model in float32",
         )
     args = {
         "photos": [str(photo) for photo in photos],

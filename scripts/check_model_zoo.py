@@ -111,7 +111,10 @@ class Outcome:
         reason = self.reason.removeprefix("error: ")
         # The cut refusals are long and alike; what tells them apart is the advice.
         advice = re.search(r"choose --trainable-layers from ([\d, ]+)", reason)
-        if "cannot cut" in reason or "cannot be split" in reason:
+        if "one row per photo" in reason:
+            reason = "batch folded at the cut"
+            reason += f" (N in {advice.group(1).strip()})" if advice else ""
+        elif "cannot cut" in reason or "cannot be split" in reason:
             reason = "skip connection across the cut"
             reason += f" (N in {advice.group(1).strip()})" if advice else ""
         text = f"{prefix}: {reason}"
