@@ -165,9 +165,8 @@ class Luncher:
                 from healthyluncher.predictor import Predictor
 
                 predictor = Predictor(self._store, use_base=base)
-                # One session per `base`: a server that asks for both does not reload them.
                 self._predictors = {k: p for k, p in self._predictors.items() if k[0] != base}
-                self._predictors[key] = predictor
+                self._predictors[key] = predictor  # one per `base`: a server asks for both
             return predictor
 
     # -- personalizing ---------------------------------------------------------------------
@@ -413,7 +412,8 @@ def _in_order(values: Any, name: str, of: str) -> tuple[Any, ...] | None:
         return None
     if isinstance(values, str):
         raise LuncherError(f"{name} must be a list of {of}, not the string {values!r:.80}")
-    if isinstance(values, (bytes, AbstractSet, Mapping)) or not isinstance(values, Iterable):
+    unordered = isinstance(values, (bytes, AbstractSet, Mapping))  # a dict's keys are ordered
+    if unordered != isinstance(values, type({}.keys())) or not isinstance(values, Iterable):
         kind = "a set, which has no order" if isinstance(values, AbstractSet) else None
         kind = kind or ("a dict" if isinstance(values, Mapping) else type(values).__name__)
         raise LuncherError(f"{name} must be a list of {of} in order, not {kind}")

@@ -482,3 +482,13 @@ def test_a_process_forked_while_a_thread_holds_a_module_lock_gets_a_free_one(
     finally:
         release.set()
         holder.join(30)
+
+
+def test_make_updatable_takes_the_keys_of_a_dict_in_their_order(pt_model, models_dir):
+    """`labels=names.keys()` (a dict's keys: in insertion order since Python 3.7) was
+    refused as "not a set, which has no order": a dict_keys view is a collections.abc.Set.
+    It names the outputs in the order the program put the keys in."""
+    names = {"fast_food": "Fast food", "healthy": "Healthy"}
+    made = healthyluncher.make_updatable(pt_model, models_dir=models_dir, labels=names.keys())
+    assert made.meta.labels == ("fast_food", "healthy")
+    assert healthyluncher.open(models_dir).labels == ("fast_food", "healthy")
