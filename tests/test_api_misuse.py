@@ -492,3 +492,39 @@ def test_make_updatable_takes_the_keys_of_a_dict_in_their_order(pt_model, models
     made = healthyluncher.make_updatable(pt_model, models_dir=models_dir, labels=names.keys())
     assert made.meta.labels == ("fast_food", "healthy")
     assert healthyluncher.open(models_dir).labels == ("fast_food", "healthy")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_from_a_changes_own_callback_keeps_neither_lock(lun, photos, monkeypatch):
+    """A progress callback that started a multiprocessing worker (forked) from the thread
+    that held the lock: heldlocks closed only the locks of the parent's other threads, so
+    the worker kept the lock file's descriptor, and every later change waited for
+    "another luncher process" as long as the worker lived (120 s, then failed); the worker
+    itself was refused its own changes as if it were inside the parent's retrain. The
+    worker drops that lock too now, and both go on."""
+    monkeypatch.setattr(store, "LOCK_TIMEOUT", 8.0)  # the old wait, shortened
+    fork = multiprocessing.get_context("fork")
+    done = fork.Queue()
+    children: list[Any] = []
+
+    def start_a_worker(_: object) -> None:
+        if not children:
+            children.append(fork.Process(target=_child_undoes, args=(lun, done)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+                children[0].start()
+
+    idle = None
+    try:
+        lun.retrain("healthy", photos["red"][:1], progress=start_a_worker)
+        state, _ = done.get(timeout=30)
+        assert state == "undone", _  # the worker's own change, once the retrain ended
+        idle = fork.Process(target=time.sleep, args=(60,))
+        lun.retrain("healthy", photos["red"][1:2], progress=lambda _: idle.pid or idle.start())
+        started = time.monotonic()
+        result = lun.retrain("fast_food", photos["green"][:1])  # while the worker lives
+        assert time.monotonic() - started < 5 and result.changed
+    finally:
+        for child in [*children, idle]:
+            if child is not None and child.pid is not None:
+                child.kill()
