@@ -99,12 +99,10 @@ class Luncher:
         heldlocks.after_fork_in_child(self)
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child: the locks of the parent's other threads, and sessions, anew."""
-        if self._lock.acquire(blocking=False):  # free, or the forking thread's own
-            self._lock.release()
-        else:
-            self._lock = threading.RLock()
-        self._predictor_lock, self._predictors = threading.Lock(), {}
+        """In a forked child: thread locks and sessions anew, also a lock the forking thread
+        held (a worker started from a progress callback: that call never ends there; a `with`
+        block that does releases the lock object it took, the old one)."""
+        self._lock, self._predictor_lock, self._predictors = threading.RLock(), threading.Lock(), {}
 
     def __repr__(self) -> str:
         return f"Luncher({str(self.models_dir)!r})"

@@ -528,3 +528,34 @@ def test_a_process_forked_from_a_changes_own_callback_keeps_neither_lock(lun, ph
         for child in [*children, idle]:
             if child is not None and child.pid is not None:
                 child.kill()
+
+
+def _undo_in_a_thread(lun: healthyluncher.Luncher, done: Any) -> None:
+    thread = threading.Thread(target=_child_undoes, args=(lun, done), daemon=True)
+    thread.start()
+    thread.join(8)
+    if thread.is_alive():
+        done.put(("hung", "waited 8 s for the Luncher's lock"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_worker_forked_from_a_callback_may_use_the_luncher_from_its_threads(lun, photos):
+    """A worker forked from a progress callback kept the Luncher's change lock held by the
+    thread that forked it (its retrain never ends in the worker): a thread of the worker
+    calling `lun.undo()` waited for it forever. The worker's locks are new ones."""
+    fork = multiprocessing.get_context("fork")
+    done = fork.Queue()
+    children: list[Any] = []
+
+    def start_a_worker(_: object) -> None:
+        if not children:
+            children.append(fork.Process(target=_undo_in_a_thread, args=(lun, done)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+                children[0].start()
+
+    try:
+        lun.retrain("healthy", photos["red"][:1], progress=start_a_worker)
+        assert done.get(timeout=30) == ("undone", {})
+    finally:
+        children[0].kill()
