@@ -102,6 +102,7 @@ class Luncher:
         """In a forked child: thread locks and sessions anew, also a lock the forking thread
         held (a worker started from a progress callback: that call never ends there; a `with`
         block that does releases the lock object it took, the old one)."""
+        heldlocks.kept_in_child(self._predictors)  # destroying their sessions there hangs
         self._lock, self._predictor_lock, self._predictors = threading.RLock(), threading.Lock(), {}
 
     def __repr__(self) -> str:

@@ -31,6 +31,8 @@ _guard = threading.Lock()
 _on_fork: weakref.WeakSet[Any] = weakref.WeakSet()
 # Modules' own thread locks (namespace, name), made anew in a forked child.
 _module_locks: list[tuple[dict[str, Any], str]] = []
+# What a forked child must never destroy (see `kept_in_child`).
+_inherited: list[Any] = []
 
 
 @contextlib.contextmanager
@@ -65,6 +67,13 @@ def module_lock(namespace: dict[str, Any], name: str) -> threading.Lock:
 def after_fork_in_child(owner: Any) -> None:
     """Call `owner._after_fork_in_child()` in a child forked from this process."""
     _on_fork.add(owner)
+
+
+def kept_in_child(parents: Any) -> None:
+    """In a forked child: `parents` (the parent's ONNX Runtime sessions) is never destroyed.
+    A session's destructor waits for its thread pool's threads, which a forked child does
+    not have: dropping one there hung the child before it ran a line of its own."""
+    _inherited.append(parents)
 
 
 def _forked() -> None:

@@ -559,3 +559,37 @@ def test_a_worker_forked_from_a_callback_may_use_the_luncher_from_its_threads(lu
         assert done.get(timeout=30) == ("undone", {})
     finally:
         children[0].kill()
+
+
+def _child_predicts(lun: healthyluncher.Luncher, photo: Path, done: Any) -> None:
+    done.put(("started", ""))
+    try:
+        done.put(("predicted", lun.predict([photo])[0].label))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent
+        done.put(("failed", repr(error)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_after_predictions_starts(lun, photos, pt_model, tmp_path):
+    """A program that had predicted with two Lunchers (a server with two models directories)
+    and then started a multiprocessing worker (forked): the child hung before running a line
+    of its own. Its at-fork handler dropped the sessions the Lunchers had loaded, and an ONNX
+    Runtime session's destructor waits for its threads, which a forked child does not have.
+    The parent's sessions are never destroyed in the child now (its Lunchers load their own)."""
+    healthyluncher.make_updatable(pt_model, models_dir=tmp_path / "second")
+    second = healthyluncher.open(tmp_path / "second")
+    lun.retrain("healthy", photos["red"][:1])
+    for each in (lun, second):
+        each.predict(photos["green"][:1])
+        each.predict(photos["green"][:1], base=True)
+    fork = multiprocessing.get_context("fork")
+    done = fork.Queue()
+    child = fork.Process(target=_child_predicts, args=(lun, photos["red"][1], done))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+        child.start()
+    try:
+        assert done.get(timeout=20) == ("started", "")
+        assert done.get(timeout=30) == ("predicted", lun.predict(photos["red"][1:2])[0].label)
+    finally:
+        child.kill()
