@@ -49,8 +49,7 @@ if TYPE_CHECKING:
         TaughtExample,
     )
 
-    # numpy's numbers are numbers here (`epochs=np.int64(5)`), as `plain_number` takes them.
-    Whole: TypeAlias = int | np.integer[Any]
+    Whole: TypeAlias = int | np.integer[Any]  # `epochs=np.int64(5)`, as plain_number takes
     Real: TypeAlias = float | np.floating[Any] | np.integer[Any]
 
 T = TypeVar("T")
@@ -98,18 +97,15 @@ class Luncher:
         self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
         heldlocks.after_fork_in_child(self)
 
-    def _after_fork_in_child(self) -> None:
-        """In a forked child: thread locks and sessions anew, also a lock the forking thread
-        held (a worker started from a progress callback: that call never ends there; a `with`
-        block that does releases the lock object it took, the old one)."""
+    def _after_fork_in_child(self) -> None:  # all thread locks (any holder's), sessions anew
         heldlocks.kept_in_child(self._predictors)  # destroying their sessions there hangs
         self._lock, self._predictor_lock, self._predictors = threading.RLock(), threading.Lock(), {}
 
     def __repr__(self) -> str:
         return f"Luncher({str(self.models_dir)!r})"
 
-    def __reduce__(self) -> tuple[Any, ...]:  # to a pool's worker, which opens it again
-        return (functools.partial(Luncher, on_wait=self._store.on_wait), (self.models_dir,))
+    def __reduce__(self) -> tuple[Any, ...]:  # to a pool's worker: one Luncher per process
+        return (functools.partial(_reopened, on_wait=self._store.on_wait), (self.models_dir,))
 
     @property
     def models_dir(self) -> Path:
@@ -343,6 +339,11 @@ class Luncher:
             augment_views=views,
             memory_strength=memory_strength,
         )
+
+
+@functools.lru_cache(maxsize=16)  # a pickled Luncher: one per process (a pool's worker)
+def _reopened(models_dir: Path, on_wait: Callable[[str], None] | None) -> Luncher:
+    return Luncher(models_dir, on_wait=on_wait)  # so each task does not load sessions again
 
 
 def make_updatable(

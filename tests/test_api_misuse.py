@@ -351,6 +351,30 @@ def test_a_luncher_goes_to_a_process_pool_as_its_directory(lun, photos, models_d
     assert predicted == lun.predict(photos["green"][:1])
 
 
+def test_a_pickled_luncher_loads_its_session_once_per_process(lun, photos, monkeypatch):
+    """`pool.map(lun.predict, batches)` pickles the Luncher with every task: each was a new
+    Luncher in the worker, which loaded its ONNX Runtime session again for every batch
+    (shipped model: 39 ms a one-photo task instead of 23). A worker makes one Luncher per
+    directory and keeps it, which still sees each change."""
+    from healthyluncher import predictor as predictor_module
+
+    made: list[bool] = []
+    original = predictor_module.Predictor.__init__
+
+    def counted(self: Any, store: Any, *, use_base: bool = False) -> None:
+        made.append(use_base)
+        original(self, store, use_base=use_base)
+
+    monkeypatch.setattr(predictor_module.Predictor, "__init__", counted)
+    tasks = [pickle.loads(pickle.dumps(lun.predict)) for _ in range(3)]  # as a worker does
+    first = [task(photos["red"][:1])[0] for task in tasks]
+    assert len(made) == 1 and first[0] == first[2]
+    lun.retrain("healthy", photos["green"][:1])
+    before = len(made)
+    after = [pickle.loads(pickle.dumps(lun.predict))(photos["red"][:1])[0] for _ in range(2)]
+    assert after[0] != first[0] and len(made) == before + 1  # loaded again once: a new state
+
+
 @pytest.mark.parametrize("mode", ["I;16L", "I;16N"])
 def test_a_16_bit_pil_image_of_either_byte_order_name_is_predicted(lun, mode):
     """A 16-bit greyscale PIL image in mode I;16L or I;16N (`Image.frombytes("I;16L", ...)`
