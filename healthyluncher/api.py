@@ -49,8 +49,7 @@ if TYPE_CHECKING:
         TaughtExample,
     )
 
-    # numpy's numbers are numbers here (`epochs=np.int64(5)`), as `plain_number` takes them.
-    Whole: TypeAlias = int | np.integer[Any]
+    Whole: TypeAlias = int | np.integer[Any]  # `epochs=np.int64(5)`, as plain_number takes
     Real: TypeAlias = float | np.floating[Any] | np.integer[Any]
 
 T = TypeVar("T")
@@ -98,19 +97,15 @@ class Luncher:
         self._predictors: dict[tuple[bool, str | None, str | None], Predictor] = {}
         heldlocks.after_fork_in_child(self)
 
-    def _after_fork_in_child(self) -> None:
-        """In a forked child: the locks of the parent's other threads, and sessions, anew."""
-        if self._lock.acquire(blocking=False):  # free, or the forking thread's own
-            self._lock.release()
-        else:
-            self._lock = threading.RLock()
-        self._predictor_lock, self._predictors = threading.Lock(), {}
+    def _after_fork_in_child(self) -> None:  # all thread locks (any holder's), sessions anew
+        heldlocks.kept_in_child(self._predictors)  # destroying their sessions there hangs
+        self._lock, self._predictor_lock, self._predictors = threading.RLock(), threading.Lock(), {}
 
     def __repr__(self) -> str:
         return f"Luncher({str(self.models_dir)!r})"
 
-    def __reduce__(self) -> tuple[Any, ...]:  # to a pool's worker, which opens it again
-        return (functools.partial(Luncher, on_wait=self._store.on_wait), (self.models_dir,))
+    def __reduce__(self) -> tuple[Any, ...]:  # to a pool's worker: one Luncher per process
+        return (functools.partial(_reopened, on_wait=self._store.on_wait), (self.models_dir,))
 
     @property
     def models_dir(self) -> Path:
@@ -165,9 +160,8 @@ class Luncher:
                 from healthyluncher.predictor import Predictor
 
                 predictor = Predictor(self._store, use_base=base)
-                # One session per `base`: a server that asks for both does not reload them.
                 self._predictors = {k: p for k, p in self._predictors.items() if k[0] != base}
-                self._predictors[key] = predictor
+                self._predictors[key] = predictor  # one per `base`: a server asks for both
             return predictor
 
     # -- personalizing ---------------------------------------------------------------------
@@ -347,6 +341,11 @@ class Luncher:
         )
 
 
+@functools.lru_cache(maxsize=16)  # a pickled Luncher: one per process (a pool's worker)
+def _reopened(models_dir: Path, on_wait: Callable[[str], None] | None) -> Luncher:
+    return Luncher(models_dir, on_wait=on_wait)  # so each task does not load sessions again
+
+
 def make_updatable(
     model: str | os.PathLike[str],
     *,
@@ -413,7 +412,8 @@ def _in_order(values: Any, name: str, of: str) -> tuple[Any, ...] | None:
         return None
     if isinstance(values, str):
         raise LuncherError(f"{name} must be a list of {of}, not the string {values!r:.80}")
-    if isinstance(values, (bytes, AbstractSet, Mapping)) or not isinstance(values, Iterable):
+    unordered = isinstance(values, (bytes, AbstractSet, Mapping))  # a dict's keys are ordered
+    if unordered != isinstance(values, type({}.keys())) or not isinstance(values, Iterable):
         kind = "a set, which has no order" if isinstance(values, AbstractSet) else None
         kind = kind or ("a dict" if isinstance(values, Mapping) else type(values).__name__)
         raise LuncherError(f"{name} must be a list of {of} in order, not {kind}")

@@ -7,8 +7,9 @@ refused at once. A child forked while another thread held a lock (a `multiproces
 worker started during an `UpdateTask`) inherits the descriptor, and an flock lasts until
 every copy of it is closed: the child would hold the models directory for its whole life,
 and every change of the parent would wait for it, then fail. The child closes its copies of
-the locks that threads other than the forking one held (those threads do not exist in it),
-and objects that keep thread locks of their own are told (`after_fork_in_child`).
+the locks that threads other than the forking one held (those threads do not exist in it)
+and drops those of the forking thread (a worker started from a progress callback), and
+objects that keep thread locks of their own are told (`after_fork_in_child`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _guard = threading.Lock()
 _on_fork: weakref.WeakSet[Any] = weakref.WeakSet()
 # Modules' own thread locks (namespace, name), made anew in a forked child.
 _module_locks: list[tuple[dict[str, Any], str]] = []
+# What a forked child must never destroy (see `kept_in_child`).
+_inherited: list[Any] = []
 
 
 @contextlib.contextmanager
@@ -66,6 +69,13 @@ def after_fork_in_child(owner: Any) -> None:
     _on_fork.add(owner)
 
 
+def kept_in_child(parents: Any) -> None:
+    """In a forked child: `parents` (the parent's ONNX Runtime sessions) is never destroyed.
+    A session's destructor waits for its thread pool's threads, which a forked child does
+    not have: dropping one there hung the child before it ran a line of its own."""
+    _inherited.append(parents)
+
+
 def _forked() -> None:
     global _guard
     _guard = threading.Lock()  # another thread may have held it at the fork
@@ -73,13 +83,25 @@ def _forked() -> None:
         namespace[name] = threading.Lock()
     me = threading.get_ident()
     for fd, (thread, _, _) in list(_held.items()):
-        if thread != me:  # its thread is gone: the parent's lock, not the child's
-            del _held[fd]
-            with contextlib.suppress(OSError):
+        del _held[fd]  # the parent's lock, not the child's
+        with contextlib.suppress(OSError):
+            if thread != me:  # its thread is gone
                 os.close(fd)
+            else:  # a worker started from a callback: the block that closes `fd` never
+                _drop_lock(fd)  # ends in it, or ends later and closes the number then
     for owner in list(_on_fork):
         reset: Callable[[], None] = owner._after_fork_in_child
         reset()
+
+
+def _drop_lock(fd: int) -> None:
+    """The descriptor number `fd` no longer refers to the locked file (an flock lasts while
+    any copy of its descriptor is open) but to the null device, so closing it stays safe."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork

@@ -161,10 +161,12 @@ def find_images(inputs: Sequence[PhotoSource]) -> list[PhotoSource]:
 
 def every_image(folder: Path) -> list[PhotoSource]:
     """`find_images([folder])` where every photo counts (a base's examples, calibration):
-    a folder under it that cannot be opened is a LuncherError, not left out."""
-    found = find_images([folder])
+    a folder under it that cannot be opened is a LuncherError, not left out. The search
+    yields only photos' names and such folders, some of which cannot even be looked at
+    (inside a folder listed but not searched): a name without a photo's suffix is one."""
+    found, suffixes = find_images([folder]), image_suffixes()
     for item in found:
-        if isinstance(item, Path) and _is_dir(item):
+        if isinstance(item, Path) and (item.suffix.lower() not in suffixes or _is_dir(item)):
             read_bytes(item)  # its one line
     return found
 

@@ -351,6 +351,30 @@ def test_a_luncher_goes_to_a_process_pool_as_its_directory(lun, photos, models_d
     assert predicted == lun.predict(photos["green"][:1])
 
 
+def test_a_pickled_luncher_loads_its_session_once_per_process(lun, photos, monkeypatch):
+    """`pool.map(lun.predict, batches)` pickles the Luncher with every task: each was a new
+    Luncher in the worker, which loaded its ONNX Runtime session again for every batch
+    (shipped model: 39 ms a one-photo task instead of 23). A worker makes one Luncher per
+    directory and keeps it, which still sees each change."""
+    from healthyluncher import predictor as predictor_module
+
+    made: list[bool] = []
+    original = predictor_module.Predictor.__init__
+
+    def counted(self: Any, store: Any, *, use_base: bool = False) -> None:
+        made.append(use_base)
+        original(self, store, use_base=use_base)
+
+    monkeypatch.setattr(predictor_module.Predictor, "__init__", counted)
+    tasks = [pickle.loads(pickle.dumps(lun.predict)) for _ in range(3)]  # as a worker does
+    first = [task(photos["red"][:1])[0] for task in tasks]
+    assert len(made) == 1 and first[0] == first[2]
+    lun.retrain("healthy", photos["green"][:1])
+    before = len(made)
+    after = [pickle.loads(pickle.dumps(lun.predict))(photos["red"][:1])[0] for _ in range(2)]
+    assert after[0] != first[0] and len(made) == before + 1  # loaded again once: a new state
+
+
 @pytest.mark.parametrize("mode", ["I;16L", "I;16N"])
 def test_a_16_bit_pil_image_of_either_byte_order_name_is_predicted(lun, mode):
     """A 16-bit greyscale PIL image in mode I;16L or I;16N (`Image.frombytes("I;16L", ...)`
@@ -482,3 +506,114 @@ def test_a_process_forked_while_a_thread_holds_a_module_lock_gets_a_free_one(
     finally:
         release.set()
         holder.join(30)
+
+
+def test_make_updatable_takes_the_keys_of_a_dict_in_their_order(pt_model, models_dir):
+    """`labels=names.keys()` (a dict's keys: in insertion order since Python 3.7) was
+    refused as "not a set, which has no order": a dict_keys view is a collections.abc.Set.
+    It names the outputs in the order the program put the keys in."""
+    names = {"fast_food": "Fast food", "healthy": "Healthy"}
+    made = healthyluncher.make_updatable(pt_model, models_dir=models_dir, labels=names.keys())
+    assert made.meta.labels == ("fast_food", "healthy")
+    assert healthyluncher.open(models_dir).labels == ("fast_food", "healthy")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_from_a_changes_own_callback_keeps_neither_lock(lun, photos, monkeypatch):
+    """A progress callback that started a multiprocessing worker (forked) from the thread
+    that held the lock: heldlocks closed only the locks of the parent's other threads, so
+    the worker kept the lock file's descriptor, and every later change waited for
+    "another luncher process" as long as the worker lived (120 s, then failed); the worker
+    itself was refused its own changes as if it were inside the parent's retrain. The
+    worker drops that lock too now, and both go on."""
+    monkeypatch.setattr(store, "LOCK_TIMEOUT", 8.0)  # the old wait, shortened
+    fork = multiprocessing.get_context("fork")
+    done = fork.Queue()
+    children: list[Any] = []
+
+    def start_a_worker(_: object) -> None:
+        if not children:
+            children.append(fork.Process(target=_child_undoes, args=(lun, done)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+                children[0].start()
+
+    idle = None
+    try:
+        lun.retrain("healthy", photos["red"][:1], progress=start_a_worker)
+        state, _ = done.get(timeout=30)
+        assert state == "undone", _  # the worker's own change, once the retrain ended
+        idle = fork.Process(target=time.sleep, args=(60,))
+        lun.retrain("healthy", photos["red"][1:2], progress=lambda _: idle.pid or idle.start())
+        started = time.monotonic()
+        result = lun.retrain("fast_food", photos["green"][:1])  # while the worker lives
+        assert time.monotonic() - started < 5 and result.changed
+    finally:
+        for child in [*children, idle]:
+            if child is not None and child.pid is not None:
+                child.kill()
+
+
+def _undo_in_a_thread(lun: healthyluncher.Luncher, done: Any) -> None:
+    thread = threading.Thread(target=_child_undoes, args=(lun, done), daemon=True)
+    thread.start()
+    thread.join(8)
+    if thread.is_alive():
+        done.put(("hung", "waited 8 s for the Luncher's lock"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_worker_forked_from_a_callback_may_use_the_luncher_from_its_threads(lun, photos):
+    """A worker forked from a progress callback kept the Luncher's change lock held by the
+    thread that forked it (its retrain never ends in the worker): a thread of the worker
+    calling `lun.undo()` waited for it forever. The worker's locks are new ones."""
+    fork = multiprocessing.get_context("fork")
+    done = fork.Queue()
+    children: list[Any] = []
+
+    def start_a_worker(_: object) -> None:
+        if not children:
+            children.append(fork.Process(target=_undo_in_a_thread, args=(lun, done)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+                children[0].start()
+
+    try:
+        lun.retrain("healthy", photos["red"][:1], progress=start_a_worker)
+        assert done.get(timeout=30) == ("undone", {})
+    finally:
+        children[0].kill()
+
+
+def _child_predicts(lun: healthyluncher.Luncher, photo: Path, done: Any) -> None:
+    done.put(("started", ""))
+    try:
+        done.put(("predicted", lun.predict([photo])[0].label))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent
+        done.put(("failed", repr(error)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_after_predictions_starts(lun, photos, pt_model, tmp_path):
+    """A program that had predicted with two Lunchers (a server with two models directories)
+    and then started a multiprocessing worker (forked): the child hung before running a line
+    of its own. Its at-fork handler dropped the sessions the Lunchers had loaded, and an ONNX
+    Runtime session's destructor waits for its threads, which a forked child does not have.
+    The parent's sessions are never destroyed in the child now (its Lunchers load their own)."""
+    healthyluncher.make_updatable(pt_model, models_dir=tmp_path / "second")
+    second = healthyluncher.open(tmp_path / "second")
+    lun.retrain("healthy", photos["red"][:1])
+    for each in (lun, second):
+        each.predict(photos["green"][:1])
+        each.predict(photos["green"][:1], base=True)
+    fork = multiprocessing.get_context("fork")
+    done = fork.Queue()
+    child = fork.Process(target=_child_predicts, args=(lun, photos["red"][1], done))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+        child.start()
+    try:
+        assert done.get(timeout=20) == ("started", "")
+        assert done.get(timeout=30) == ("predicted", lun.predict(photos["red"][1:2])[0].label)
+    finally:
+        child.kill()

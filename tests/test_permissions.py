@@ -122,3 +122,28 @@ def test_make_updatable_examples_that_cannot_be_read(album, pt_model, tmp_path):
         done = unprivileged(*command)
     assert done.returncode == 1, done
     assert errors(done.stderr) == [f"error: {green / 'more'}: cannot read: Permission denied"]
+
+
+def test_a_folder_that_cannot_be_searched_is_named_by_examples_and_calibration(
+    album, pt_model, tmp_path
+):
+    """A folder inside one listed but not searched (mode 0o444) cannot even be looked at
+    (stat: Permission denied). The search yields it to be named, but `every_image` only
+    named the folders it could see were folders: make-updatable --examples counted it as a
+    photo that could not be read and trained without it (exit 0), and --calibration said
+    "none of its 2 image files could be read" of two folders."""
+    solid(album / "green" / "more" / "deeper" / "g3.jpg", (30, 150, 40))
+    command = ("make-updatable", pt_model, "--examples", album, "--force")
+    with mode(album / "green" / "more", 0o444):
+        done = unprivileged(*command)
+    assert done.returncode == 1, done
+    deeper = album / "green" / "more" / "deeper"
+    assert errors(done.stderr) == [f"error: {deeper}: cannot read: Permission denied"]
+
+    calibration = tmp_path / "calibration"
+    for name in ("a", "b"):
+        solid(calibration / name / "x.png", (120, 60, 30))
+    with mode(calibration, 0o444):
+        done = unprivileged("make-updatable", pt_model, "--int8", "--calibration", calibration)
+    assert done.returncode == 1, done
+    assert errors(done.stderr) == [f"error: {calibration / 'a'}: cannot read: Permission denied"]
