@@ -544,7 +544,9 @@ def test_a_process_forked_from_a_changes_own_callback_keeps_neither_lock(lun, ph
         state, _ = done.get(timeout=30)
         assert state == "undone", _  # the worker's own change, once the retrain ended
         idle = fork.Process(target=time.sleep, args=(60,))
-        lun.retrain("healthy", photos["red"][1:2], progress=lambda _: idle.pid or idle.start())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+            lun.retrain("healthy", photos["red"][1:2], progress=lambda _: idle.pid or idle.start())
         started = time.monotonic()
         result = lun.retrain("fast_food", photos["green"][:1])  # while the worker lives
         assert time.monotonic() - started < 5 and result.changed

@@ -241,6 +241,7 @@ def _relu6_with_shared_bounds(source: Path, target: Path) -> Path:
     return target
 
 
+@needs_ort  # a head deeper than one layer, or a Conv: the training package
 @pytest.mark.parametrize("with_examples", [False, True], ids=["own head", "examples"])
 def test_float16_constants_the_frozen_part_shares_with_the_head_stay_float16_there(
     run, tmp_path, photos, examples, with_examples
@@ -690,6 +691,7 @@ def test_a_head_baked_to_batch_1_learns_the_examples(run, tmp_path, examples, ph
     assert run("predict", "--json", *photos["red"], *photos["green"]).json_lines() == base
 
 
+@needs_ort  # a head deeper than one layer, or a Conv: the training package
 @pytest.mark.parametrize("batch", [1, "N"], ids=["batch 1", "dynamic batch"])
 def test_a_class_count_baked_into_a_reshape_follows_a_new_head(run, tmp_path, examples, batch):
     """torch's dynamo exporter ends SqueezeNet in Reshape to (1, 1000) (TorchScript wrote
@@ -712,6 +714,7 @@ def test_a_class_count_baked_into_a_reshape_follows_a_new_head(run, tmp_path, ex
     assert run("predict", "--json", red, green).json_lines() == base
 
 
+@needs_ort  # a head deeper than one layer, or a Conv: the training package
 @pytest.mark.parametrize("batch", [1, "N"], ids=["batch 1", "dynamic batch"])
 def test_a_class_count_baked_into_a_reshape_grows_with_a_new_label(run, tmp_path, batch):
     """The same model's own head, given a third label by retrain: the last layer grew to
