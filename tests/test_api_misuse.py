@@ -530,13 +530,7 @@ def test_a_process_forked_from_a_changes_own_callback_keeps_neither_lock(lun, ph
     fork = multiprocessing.get_context("fork")
     done = fork.Queue()
     children: list[Any] = []
-
-    def start_a_worker(_: object) -> None:
-        if not children:
-            children.append(fork.Process(target=_child_undoes, args=(lun, done)))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
-                children[0].start()
+    start_a_worker = _worker_starter(fork, _child_undoes, lun, done, children)
 
     idle = None
     try:
@@ -556,6 +550,22 @@ def test_a_process_forked_from_a_changes_own_callback_keeps_neither_lock(lun, ph
                 child.kill()
 
 
+def _worker_starter(
+    fork: Any, target: Any, lun: healthyluncher.Luncher, done: Any, children: list[Any]
+) -> Any:
+    """A progress callback that forks one worker running `target(lun, done)`, the first
+    time it is called (into `children`)."""
+
+    def start_a_worker(_: object) -> None:
+        if not children:
+            children.append(fork.Process(target=target, args=(lun, done)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
+                children[0].start()
+
+    return start_a_worker
+
+
 def _undo_in_a_thread(lun: healthyluncher.Luncher, done: Any) -> None:
     thread = threading.Thread(target=_child_undoes, args=(lun, done), daemon=True)
     thread.start()
@@ -572,13 +582,7 @@ def test_a_worker_forked_from_a_callback_may_use_the_luncher_from_its_threads(lu
     fork = multiprocessing.get_context("fork")
     done = fork.Queue()
     children: list[Any] = []
-
-    def start_a_worker(_: object) -> None:
-        if not children:
-            children.append(fork.Process(target=_undo_in_a_thread, args=(lun, done)))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12: fork with threads
-                children[0].start()
+    start_a_worker = _worker_starter(fork, _undo_in_a_thread, lun, done, children)
 
     try:
         lun.retrain("healthy", photos["red"][:1], progress=start_a_worker)
