@@ -14,6 +14,7 @@ import threading
 import types
 import typing
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +340,7 @@ def test_the_call_that_sets_up_a_base_names_the_models_directory(pt_model, photo
 
 @pytest.mark.parametrize("fills_at", ["start", "middle", "last bytes"])
 def test_an_export_that_fills_the_disk_leaves_nothing_behind(
-    fills_at, lun, photos, run, models_dir, tmp_path
+    fills_at, lun, photos, run, models_dir, tmp_path, request
 ):
     """`luncher export` to a disk that fills up while the archive is written (the first
     bytes, the middle, or the gzip trailer written as it closes): one line, a non-zero exit,
@@ -353,9 +354,24 @@ def test_an_export_that_fills_the_disk_leaves_nothing_behind(
     lun.retrain("healthy", photos["green"])
     folder = tmp_path / "usb"
     folder.mkdir()
+    # The archive's size changes with the clock (its times are compressed with the rest), so
+    # the clock stands still here: every export below is as long as this one, and the last
+    # bytes are the gzip trailer's (8 bytes). A clock that ticked made the trailer fit.
+    frozen = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return frozen
+
+    clock = pytest.MonkeyPatch()
+    request.addfinalizer(clock.undo)
+    clock.setattr(exporting, "datetime", Clock)
+    clock.setattr(exporting, "time", types.SimpleNamespace(time=frozen.timestamp))
     size = lun.export_backup(folder / "sizing.tar.gz").size
+    assert lun.export_backup(folder / "again.tar.gz").size == size
     (folder / "sizing.tar.gz").unlink()
-    # The gzip trailer is the last 8 bytes (the size varies by a byte or two with the date).
+    (folder / "again.tar.gz").unlink()
     room = {"start": 0, "middle": size // 2, "last bytes": size - 6}[fills_at]
 
     class FillingUp(io.FileIO):
