@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -287,9 +289,9 @@ def _build(
     replay_set = None
     if examples is not None:
         hp = options.hyperparameters
-        with tempfile.TemporaryDirectory(prefix="luncher-examples-") as work:
+        with work_folder(txn) as work:
             params, replay_set, report = fit_new_head(
-                cut, analysis, prep, examples, replaced, hp, Path(work), options.progress
+                cut, analysis, prep, examples, replaced, hp, work, options.progress
             )
         if report.input_scale != 1.0:  # head inputs too large for the default settings
             for target in (model, cut.frozen):
@@ -310,7 +312,8 @@ def _build(
     quantized: QuantizedBase | None = None
     if options.int8:
         assert options.calibration is not None
-        quantized = quantize_base(model, cut, analysis, prep, photos, options.calibration)
+        with work_folder(txn) as work:
+            quantized = quantize_base(model, cut, analysis, prep, photos, options.calibration, work)
         frozen = quantized.frozen
         model_bytes = quantized.model.SerializeToString()
         inference_session(model_bytes).run(None, {analysis.input.name: sample})
@@ -403,3 +406,15 @@ def _build(
         preprocessing_source=inputs.source,
         examples=report,
     )
+
+
+@contextlib.contextmanager
+def work_folder(txn: Transaction) -> Iterator[Path]:
+    """A folder for the work files of a build, inside the models directory and removed on
+    leaving: one a killed build leaves is removed by the next change (collect_garbage), not
+    left in $TMPDIR for good."""
+    with txn.staging() as work:
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +70,11 @@ def quantize_base(
     prep: Preprocessing,
     photos: list[Path],
     directory: Path,
+    work: Path,
 ) -> QuantizedBase:
     """Quantize `cut.frozen` calibrated on `photos` (read from `directory`) and join it
-    with everything after the split, whose weights keep their names and stay float32."""
+    with everything after the split, whose weights keep their names and stay float32. The
+    quantized model is written to the folder `work`."""
     if cut.frozen is None:
         raise LuncherError(
             Param("int8", True),
@@ -100,15 +101,14 @@ def quantize_base(
         "batch": analysis.input.batch,
         "directory": str(directory),
     }
-    with tempfile.TemporaryDirectory(prefix="luncher-int8-") as tmp:
-        args["work"] = tmp
-        data = cut.frozen.SerializeToString()
-        if child.python() is None:  # no Python to start: here, as narrowly as that can be
-            with root_logging_kept():
-                used = quantize_job(args, data)
-        else:
-            used = child.run("healthyluncher.quantize:quantize_job", args, data, what=QUANTIZER)
-        frozen = onnx.load(str(Path(tmp) / "quantized.onnx"))
+    args["work"] = str(work)
+    data = cut.frozen.SerializeToString()
+    if child.python() is None:  # no Python to start: here, as narrowly as that can be
+        with root_logging_kept():
+            used = quantize_job(args, data)
+    else:
+        used = child.run("healthyluncher.quantize:quantize_job", args, data, what=QUANTIZER)
+    frozen = onnx.load(str(work / "quantized.onnx"))
     joined = _join(model, frozen, cut.split_tensor, analysis.input.name)
     return QuantizedBase(frozen=frozen, model=joined, calibration_photos=used)
 

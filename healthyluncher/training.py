@@ -172,7 +172,7 @@ def fit_head(
     if trainer_name() == "onnxruntime":
         try:
             generate_artifacts(head, trainable, hp.optimizer, workdir)
-        except OSError as exc:  # a full disk where $TMPDIR is; no models directory yet
+        except OSError as exc:  # a full disk: the work folder is in the models directory
             raise LuncherError(
                 f"cannot write training files to {workdir.parent}: {exc.strerror or exc}; "
                 "nothing was changed"

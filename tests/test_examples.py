@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ def test_a_stock_export_gets_a_new_head_for_the_folders_labels(
 
 @needs_ort
 def test_a_full_temporary_directory_is_one_line(run, pt_model, examples, tmp_path):
-    """The new head's training files go to $TMPDIR: full, it was 'unexpected OSError'
+    """The new head's training files go to a work folder (in the models directory since a
+    killed build left them in $TMPDIR): full, it was 'unexpected OSError'
     (before, 'ONNX Runtime training fails on the trainable part', as if the model could not
     train)."""
     import errno
@@ -729,3 +731,55 @@ def test_a_class_count_baked_into_a_reshape_grows_with_a_new_label(run, tmp_path
     assert json.loads(run("status", "--json").stdout)["labels"][-1] == "blue_plate"
     rows = run("predict", "--json", *photos).json_lines()
     assert [row["label"] for row in rows] == ["blue_plate"] * 3
+
+
+KILLED_WHILE_BUILDING = """
+import os, sys
+import healthyluncher
+from healthyluncher import quantize
+model, examples, calibration, models_dir, where = sys.argv[1:]
+def killed(*args, **kwargs):
+    os._exit(3)  # as kill -9 would, with the work files written
+if where == "training":
+    healthyluncher.make_updatable(
+        model, examples=examples, models_dir=models_dir,
+        progress=lambda event: event.stage == "training" and killed(),
+    )
+else:
+    real = quantize.child.run
+    quantize.child.run = lambda *args, **kwargs: (real(*args, **kwargs), killed())
+    healthyluncher.make_updatable(model, int8=True, calibration=calibration, models_dir=models_dir)
+"""
+
+
+@pytest.mark.parametrize("where", ["training", "int8"])
+def test_a_killed_make_updatable_leaves_no_work_files_behind(
+    where, stock, pt_model, examples, tmp_path
+):
+    """make-updatable's work files (the new head's training files, the int8 quantizer's
+    model) were in $TMPDIR: a make-updatable killed there left a luncher-examples-* or
+    luncher-int8-* folder (13 MB for the shipped base) that nothing ever removed. They are
+    in the models directory now, where the next change removes a killed run's."""
+    import subprocess
+    import sys
+
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    models = tmp_path / "killed"
+    calibration = tmp_path / "calibration"
+    for i in range(4):
+        solid(calibration / f"c{i}.png", (60 * i, 255 - 60 * i, 90))
+    model = stock if where == "training" else pt_model
+    env = {**os.environ, "TMPDIR": str(temp)}
+    args = [model, examples, calibration, models]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_BUILDING, *map(str, args), where],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == 3, killed.stderr
+    # (Only ours: with the newest onnxruntime, something else leaves a `.ses` file there.)
+    assert [p.name for p in temp.iterdir() if "luncher" in p.name] == []
+    healthyluncher.make_updatable(pt_model, models_dir=models, force=True)
+    assert [p.name for p in models.iterdir() if p.name.startswith(".")] == [".lock"]
