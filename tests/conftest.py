@@ -77,6 +77,15 @@ def solid(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40,
     return path
 
 
+def label_folders(root: Path, count: int = 10, healthy: str = ".jpg") -> Path:
+    """`make-updatable --examples` folders: one subfolder per label, `count` photos each,
+    told apart by colour (healthy ones saved as `healthy`, ".jpg" or ".png")."""
+    for i in range(count):
+        solid(root / "fast_food" / f"f{i}.png", (150 + 10 * i, 20 + 3 * i, 40))
+        solid(root / "healthy" / f"h{i}{healthy}", (30, 150 + 10 * i, 40 + 2 * i))
+    return root
+
+
 @pytest.fixture
 def photos(tmp_path: Path) -> dict[str, list[Path]]:
     """Reddish and greenish photos: the tiny models tell them apart by mean colour."""

@@ -351,11 +351,9 @@ def test_a_luncher_goes_to_a_process_pool_as_its_directory(lun, photos, models_d
     assert predicted == lun.predict(photos["green"][:1])
 
 
-def test_a_pickled_luncher_loads_its_session_once_per_process(lun, photos, monkeypatch):
-    """`pool.map(lun.predict, batches)` pickles the Luncher with every task: each was a new
-    Luncher in the worker, which loaded its ONNX Runtime session again for every batch
-    (shipped model: 39 ms a one-photo task instead of 23). A worker makes one Luncher per
-    directory and keeps it, which still sees each change."""
+@pytest.fixture
+def sessions_made(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Grows by one (its `use_base`) each time a Luncher loads an ONNX Runtime session."""
     from healthyluncher import predictor as predictor_module
 
     made: list[bool] = []
@@ -366,6 +364,15 @@ def test_a_pickled_luncher_loads_its_session_once_per_process(lun, photos, monke
         original(self, store, use_base=use_base)
 
     monkeypatch.setattr(predictor_module.Predictor, "__init__", counted)
+    return made
+
+
+def test_a_pickled_luncher_loads_its_session_once_per_process(lun, photos, sessions_made):
+    """`pool.map(lun.predict, batches)` pickles the Luncher with every task: each was a new
+    Luncher in the worker, which loaded its ONNX Runtime session again for every batch
+    (shipped model: 39 ms a one-photo task instead of 23). A worker makes one Luncher per
+    directory and keeps it, which still sees each change."""
+    made = sessions_made
     tasks = [pickle.loads(pickle.dumps(lun.predict)) for _ in range(3)]  # as a worker does
     first = [task(photos["red"][:1])[0] for task in tasks]
     assert len(made) == 1 and first[0] == first[2]
@@ -405,23 +412,15 @@ def test_a_results_in_memory_photo_can_be_handed_back(lun, photos):
 
 
 def test_asking_for_the_base_and_the_personalization_in_turn_loads_each_once(
-    lun, photos, monkeypatch
+    lun, photos, sessions_made
 ):
     """A server that shows what the base says beside what the personalized model says
     (`predict(base=True)`, then `predict()`) loaded an ONNX Runtime session on every call:
     the Luncher kept one, and each call replaced the other's (44 ms a call instead of 16
     with the shipped model). Each stays loaded until the state changes."""
-    from healthyluncher import predictor as predictor_module
-
     lun.retrain("healthy", photos["green"][:1])
-    made: list[bool] = []
-    original = predictor_module.Predictor.__init__
-
-    def counted(self: Any, store: Any, *, use_base: bool = False) -> None:
-        made.append(use_base)
-        original(self, store, use_base=use_base)
-
-    monkeypatch.setattr(predictor_module.Predictor, "__init__", counted)
+    made = sessions_made
+    made.clear()  # the retrain's own
     for _ in range(3):
         personal = lun.predict(photos["green"][:1])[0]
         base = lun.predict(photos["green"][:1], base=True)[0]

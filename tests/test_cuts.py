@@ -16,7 +16,7 @@ from healthyluncher import decompose, graph, rewrites
 from healthyluncher.errors import LuncherError
 from healthyluncher.runtime import inference_session, training_api
 from healthyluncher.store import Files, ModelStore
-from tests.conftest import needs_ort, require_ort_training, solid
+from tests.conftest import label_folders, needs_ort, require_ort_training, solid
 from tests.models import SIZE, distilled_style, levit_style
 
 LABELS = ["healthy", "fast_food"]
@@ -640,10 +640,7 @@ def test_a_distilled_model_gets_a_new_head_and_personalizes(run, tmp_path, photo
     """A distilled DeiT was refused at --trainable-layers 1: its two heads read two tensors,
     so no single tensor crossed the cut."""
     model = distilled_style(tmp_path / "distilled.onnx", labels=None, classes=10)
-    examples = tmp_path / "examples"
-    for i in range(10):
-        solid(examples / "fast_food" / f"f{i}.png", (150 + 10 * i, 20 + 3 * i, 40))
-        solid(examples / "healthy" / f"h{i}.png", (30, 150 + 10 * i, 40 + 2 * i))
+    examples = label_folders(tmp_path / "examples", healthy=".png")
     made = run("make-updatable", model, "--examples", examples, "--trainable-layers", layers)
     assert made.code == 0, made
     blue = [solid(tmp_path / "blue" / f"b{i}.png", (40, 60, 200 + 10 * i)) for i in range(3)]

@@ -11,18 +11,14 @@ import pytest
 
 import healthyluncher
 from healthyluncher import Progress, headfit
-from tests.conftest import needs_ort, one_line_error, solid
+from tests.conftest import label_folders, needs_ort, one_line_error, solid
 from tests.models import batch_one_head, dynamo_squeezenet_style, keras_style, pytorch_style, save
 
 
 @pytest.fixture
 def examples(tmp_path: Path) -> Path:
     """One subfolder per label, ten photos each, told apart by colour."""
-    root = tmp_path / "examples"
-    for i in range(10):
-        solid(root / "fast_food" / f"f{i}.png", (150 + 10 * i, 20 + 3 * i, 40))
-        solid(root / "healthy" / f"h{i}.jpg", (30, 150 + 10 * i, 40 + 2 * i))
-    return root
+    return label_folders(tmp_path / "examples")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from healthyluncher.runtime import inference_session
-from tests.conftest import needs_ort, one_line_error, solid
+from tests.conftest import label_folders, needs_ort, one_line_error
 from tests.models import keras_style, pytorch_style
 from tests.test_examples import float16_model
 
@@ -37,11 +37,7 @@ MAKERS = {"pytorch": pytorch_style, "keras": keras_style}
 
 @pytest.fixture
 def examples(tmp_path: Path) -> Path:
-    root = tmp_path / "examples"
-    for i in range(8):
-        solid(root / "fast_food" / f"f{i}.png", (150 + 10 * i, 20 + 3 * i, 40))
-        solid(root / "healthy" / f"h{i}.jpg", (30, 150 + 10 * i, 40 + 2 * i))
-    return root
+    return label_folders(tmp_path / "examples", count=8)
 
 
 def _round_trip(run, model: Path, photos, *extra: str) -> None:

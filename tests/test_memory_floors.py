@@ -12,17 +12,14 @@ from healthyluncher import memory as memory_module
 from healthyluncher.examples import copy_memory
 from healthyluncher.records import load_base, load_examples, load_personal
 from healthyluncher.store import Files, ModelStore
-from tests.conftest import solid
+from tests.conftest import label_folders, solid
 from tests.models import pytorch_style
 
 
 @pytest.fixture
 def base_with_replay(run, tmp_path: Path) -> Path:
     """A base whose head was trained on example photos, which became its replay set."""
-    root = tmp_path / "examples"
-    for i in range(10):
-        solid(root / "fast_food" / f"f{i}.png", (150 + 10 * i, 20 + 3 * i, 40))
-        solid(root / "healthy" / f"h{i}.jpg", (30, 150 + 10 * i, 40 + 2 * i))
+    root = label_folders(tmp_path / "examples")
     stock = pytorch_style(tmp_path / "stock.onnx", labels=None, classes=10)
     assert run("make-updatable", stock, "--examples", root).code == 0
     return root
