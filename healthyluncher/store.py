@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from healthyluncher import fileio, segments, weightsfile
 from healthyluncher.errors import REPAIR, CommittedInterrupt, DamagedError, LuncherError, Param
+from healthyluncher.signalhold import signals_held
 from healthyluncher.state import State, recover
 
 ENV_VAR = "LUNCHER_MODELS_DIR"
@@ -243,11 +244,12 @@ class ModelStore:
             if txn.next_state is None:
                 return
             try:
-                self.write_state(txn.next_state)
-                for action in txn.deferred:
-                    with contextlib.suppress(OSError):
-                        action()
-                self.collect_garbage(txn.next_state)
+                with signals_held():  # a saved change deletes what it promised first
+                    self.write_state(txn.next_state)
+                    for action in txn.deferred:
+                        with contextlib.suppress(OSError):
+                            action()
+                    self.collect_garbage(txn.next_state)
             except KeyboardInterrupt:
                 # Whether the change happened decides what the user is told.
                 with contextlib.suppress(LuncherError, OSError):

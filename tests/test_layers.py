@@ -78,7 +78,7 @@ def test_the_cli_uses_the_public_api_only():
 def test_low_layers_never_import_high_ones():
     layers = [
         {"errors", "events", "version", "memory", "template", "jsonform"},
-        {"settings", "photos", "state", "fileio", "child", "openers"} | {"heldlocks"},
+        {"settings", "photos", "state", "fileio", "child", "openers"} | {"heldlocks", "signalhold"},
         {"segments", "weightsfile"},
         {"meta", "store", "runtime", "imaging", "thumbnails", "arguments", "external"},
         {"records", "trainers", "numpy_trainer", "graph", "linearhead", "decompose", "cuts"}

@@ -136,3 +136,30 @@ def test_an_existing_models_directory_keeps_its_mode(pt_model, tmp_path, run):
     root.chmod(0o750)
     assert run("--models-dir", root, "make-updatable", pt_model).code == 0
     assert stat.S_IMODE(root.stat().st_mode) == 0o750
+
+
+def test_a_ctrl_c_just_after_forget_saved_its_change_still_deletes_the_photo(
+    lun, photos, run, models_dir, monkeypatch
+):
+    """Ctrl-C just after `forget` switched to the model without the photo cut
+    short the deletions that follow: the user was told "interrupted after the change was
+    saved", and the photo's thumbnail stayed on disk until some later change. The last
+    steps of a change now finish first; the signal then stops the command."""
+    import signal
+
+    lun.retrain("fast_food", photos["red"])
+    thumbnails = models_dir / "thumbnails"
+    assert len(list(thumbnails.iterdir())) == 3
+    remove = ModelStore.remove_thumbnails
+
+    def signalled(self: ModelStore, digests: set[str] | None = None) -> int:
+        signal.raise_signal(signal.SIGINT)  # as it arrives, before any deletion
+        return remove(self, digests)
+
+    monkeypatch.setattr(ModelStore, "remove_thumbnails", signalled)
+    result = run("forget", photos["red"][0])
+    assert result.code == 130, result
+    assert result.stderr.strip() == "interrupted after the change was saved"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was
+    assert len(list(thumbnails.iterdir())) == 2
+    assert lun.status().examples_per_label == {"fast_food": 2}
