@@ -14,6 +14,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 HELD = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
 
@@ -27,7 +28,7 @@ def signals_held() -> Iterator[None]:
         yield
         return
     arrived: list[int] = []
-    replaced: dict[int, object] = {}
+    replaced: dict[int, Any] = {}  # signal.getsignal's handlers
     try:
         for name in HELD:
             number = getattr(signal, name)
@@ -39,6 +40,6 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         for number, handler in replaced.items():
-            signal.signal(number, handler)  # type: ignore[arg-type]
+            signal.signal(number, handler)
         if arrived:
             signal.raise_signal(arrived[0])  # acts here, as it would have at its arrival
