@@ -85,6 +85,13 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
     _refuse_too_large(name, *image.size)  # as a file declaring that size is, unencoded
     buffer = io.BytesIO()
     try:
+        # Upright, as its file would be (`decode`): Image.open keeps the EXIF orientation
+        # beside the pixels as stored, and neither PNG nor TIFF below would write it. A TIFF
+        # turns itself as it loads, so the orientation is read after loading.
+        image.load()
+        orientation = _orientation(image)
+        if orientation in _TRANSPOSE:
+            image = image.transpose(_TRANSPOSE[orientation])
         if image.mode in _UNSTORED_MODES:  # modes no file format stores
             image = image.convert(_UNSTORED_MODES[image.mode])
         elif image.mode in ("I;16L", "I;16N"):  # I;16's pixels; convert() clips them to 255

@@ -1,0 +1,76 @@
+"""The same photo through every route the API takes (a path, its bytes, a PIL image, a numpy
+array) and every file name a folder of photos uses: the same prediction; each test failed
+before the fix it names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+import healthyluncher
+
+ORIENTATION = 0x0112
+
+
+@pytest.fixture
+def lun(pt_model: Path, models_dir: Path) -> healthyluncher.Luncher:
+    healthyluncher.make_updatable(pt_model, models_dir=models_dir)
+    return healthyluncher.open(models_dir)
+
+
+def sideways(path: Path, orientation: int = 6, **options: object) -> Path:
+    """A 60x40 photo stored as the camera held it, whose EXIF says how to turn it upright:
+    red on top, green below, a blue strip on the left (turning it moves every one)."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:20, :, 0] = 255
+    pixels[20:, :, 1] = 255
+    pixels[:, :10, 2] = 200
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    Image.fromarray(pixels).save(path, exif=exif, **options)
+    return path
+
+
+def probabilities(lun: healthyluncher.Luncher, photos: list[object]) -> list[dict[str, float]]:
+    return [dict(p.probabilities) for p in lun.predict(photos)]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_pil_image_is_turned_upright_by_its_exif_as_its_file_is(lun, tmp_path, orientation):
+    """`lun.predict([Image.open("lunch.jpg")])` (the README's own example) predicted a phone
+    photo lying on its side: the path is turned upright by its EXIF orientation, the PIL
+    image of the same file was encoded as stored, its EXIF left behind. A web server that
+    opens an upload with Pillow got other labels than `luncher predict` on the file."""
+    path = sideways(tmp_path / "lunch.png", orientation)
+    with Image.open(path) as image:
+        assert image.getexif()[ORIENTATION] == orientation
+        upright = ImageOps.exif_transpose(image)
+        routes = [
+            path,
+            path.read_bytes(),
+            image,  # as Image.open gives it, not yet loaded
+            image.convert("RGB"),  # a copy keeps the EXIF, as Pillow's own tools read it
+            upright,  # turned by the program: its EXIF no longer says to turn it
+            np.asarray(upright),
+        ]
+        results = probabilities(lun, routes)
+    assert results[1:] == [results[0]] * (len(routes) - 1)
+    stored = probabilities(lun, [np.asarray(Image.open(path).convert("RGB"))])[0]
+    assert stored != results[0], (
+        "the photo as stored must predict otherwise: else this proves nothing"
+    )
+
+
+@pytest.mark.parametrize("mode", ["RGB", "CMYK", "L"])
+def test_a_pil_image_of_a_turned_jpeg_predicts_as_its_upright_pixels(lun, tmp_path, mode):
+    """The same, for a JPEG in each of the modes it is stored in (CMYK goes through another
+    lossless encoding): the PIL image predicts as its upright pixels do."""
+    path = sideways(tmp_path / "lunch.jpg", quality=95)
+    Image.open(path).convert(mode).save(path, exif=Image.open(path).getexif(), quality=95)
+    with Image.open(path) as image:
+        assert image.mode == mode
+        results = probabilities(lun, [image, ImageOps.exif_transpose(image)])
+    assert results[0] == results[1]
