@@ -15,14 +15,17 @@ from pathlib import Path
 
 from healthyluncher.errors import LuncherError
 
-# What Pillow always reads. Directories are searched for these and for `image_suffixes()`.
+# What Pillow always reads, under every name it gives these formats (openers.PHOTO_FORMATS;
+# MPO is a 3D camera's or a phone's multi-picture JPEG, APNG an animated PNG). Directories
+# are searched for these and for `image_suffixes()`.
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".webp", ".bmp", ".gif"}
+    | {".tif", ".tiff"}
 )
-# iPhone photos (HEIC) and other HEIF files, read through pillow-heif.
-HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})
+# iPhone photos (HEIC) and other HEIF files and sequences, read through pillow-heif.
+HEIF_SUFFIXES = frozenset({".heic", ".heics", ".heif", ".heifs", ".hif"})
 # Read by Pillow itself when it is built with libavif (its wheels are from 11.3).
-AVIF_SUFFIXES = frozenset({".avif"})
+AVIF_SUFFIXES = frozenset({".avif", ".avifs"})
 # Files larger than this are not read into memory at all.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 

@@ -74,3 +74,38 @@ def test_a_pil_image_of_a_turned_jpeg_predicts_as_its_upright_pixels(lun, tmp_pa
         assert image.mode == mode
         results = probabilities(lun, [image, ImageOps.exif_transpose(image)])
     assert results[0] == results[1]
+
+
+def test_a_folder_search_finds_every_name_of_a_format_luncher_reads(run, pt_model, tmp_path):
+    """`luncher predict 3d-camera/` said `error: no image files found in 3d-camera`, while
+    `luncher predict 3d-camera/DSCF0001.MPO` labelled the photo: MPO (a 3D camera's or a
+    phone's multi-picture JPEG), `.jpe` and `.apng` are read when named, but a folder search
+    looked for its own shorter list of endings."""
+    folder = tmp_path / "3d-camera"
+    folder.mkdir()
+    left, right = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (64, 48), "red")
+    left.save(folder / "DSCF0001.MPO", "MPO", save_all=True, append_images=[right])
+    left.save(folder / "scan.jpe")
+    left.save(folder / "plate.apng", save_all=True, append_images=[right])
+    assert run("make-updatable", pt_model).code == 0
+    result = run("predict", "--json", folder)
+    assert result.code == 0, result
+    names = [Path(str(row["path"])).name for row in result.json_lines()]
+    assert names == ["DSCF0001.MPO", "plate.apng", "scan.jpe"]
+
+
+def test_every_ending_pillow_gives_a_format_luncher_reads_is_searched():
+    """The same, for every name Pillow (and pillow-heif, for HEIF) registers for the formats
+    luncher reads: HEIF and AVIF sequences (`.heics`, `.avifs`) were skipped too."""
+    from PIL import features
+
+    from healthyluncher.openers import PHOTO_FORMATS
+    from healthyluncher.photos import image_suffixes
+
+    Image.init()
+    endings = {e for e, f in Image.registered_extensions().items() if f in PHOTO_FORMATS}
+    pytest.importorskip("pillow_heif")
+    endings |= {".heic", ".heics", ".heif", ".heifs", ".hif"}  # its register_heif_opener's
+    if not features.check("avif"):
+        endings = {e for e in endings if not e.startswith(".avif")}
+    assert endings - image_suffixes() == set()
