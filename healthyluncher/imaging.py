@@ -62,7 +62,12 @@ class LoadedImage:
 
 
 def from_pixels(image: Any, name: str) -> MemoryPhoto:
-    """A PIL image, or a (H, W, 3) or (H, W) uint8 array, as a photo (lossless PNG bytes)."""
+    """A PIL image, or a (H, W, 3) or (H, W) uint8 array, as a photo (lossless PNG bytes).
+
+    What is no picture at all is a LuncherError. A picture that cannot be used (an empty or
+    too large array, an image that does not load: an upload cut short) is a photo that fails
+    when it is read, as a damaged file does: `predict_each` reports it and goes on, and a
+    retrain skips it."""
     if isinstance(image, np.ndarray):
         if (
             image.dtype != np.uint8
@@ -73,15 +78,23 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
                 f"{name}: a numpy photo must be uint8 with shape (H, W, 3), (H, W, 4) or "
                 f"(H, W), not {image.dtype} {image.shape}"
             )
-        if image.size == 0:
-            raise LuncherError(f"{name}: the array is empty")
-        _refuse_too_large(name, image.shape[1], image.shape[0])  # before copying it
-        image = Image.fromarray(np.ascontiguousarray(image))
-    if not isinstance(image, Image.Image):
+    elif not isinstance(image, Image.Image):
         raise LuncherError(
             f"{name}: expected a path, a photo file's bytes, a PIL image or a numpy uint8 "
             f"array, not {type(image).__name__}"
         )
+    try:
+        return MemoryPhoto(name, _lossless(image, name))
+    except LuncherError as exc:
+        return MemoryPhoto(name, b"", unusable=str(exc).removeprefix(f"{name}: "))
+
+
+def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
+    if isinstance(image, np.ndarray):
+        if image.size == 0:
+            raise LuncherError(f"{name}: the array is empty")
+        _refuse_too_large(name, image.shape[1], image.shape[0])  # before copying it
+        image = Image.fromarray(np.ascontiguousarray(image))
     _refuse_too_large(name, *image.size)  # as a file declaring that size is, unencoded
     buffer = io.BytesIO()
     try:
@@ -106,9 +119,12 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
             image.save(buffer, "PNG", compress_level=1, **odd)
         else:
             image.save(buffer, "TIFF", **odd)
-    except (OSError, ValueError, TypeError) as exc:  # odd `info` a writer cannot store
-        raise LuncherError(f"{name}: cannot use this image ({exc})") from None
-    return MemoryPhoto(name, buffer.getvalue())
+    # Loading a lazily opened image fails as decoding its file does; odd `info` a writer
+    # cannot store fails with ValueError or TypeError.
+    except (*_DECODE_ERRORS, Warning, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise LuncherError(f"{name}: cannot use this image ({reason})") from None
+    return buffer.getvalue()
 
 
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})

@@ -37,6 +37,9 @@ class MemoryPhoto:
 
     name: str  # "<image 3>": its place in the caller's list
     data: bytes = field(repr=False)  # a photo is megabytes: its repr is its name
+    # Why pixels that cannot be used (an image that does not load) have no bytes: reading
+    # them fails with it, as reading a damaged file does.
+    unusable: str = field(default="", repr=False)
 
     def __str__(self) -> str:
         return self.name
@@ -247,6 +250,8 @@ def read_bytes(path: PhotoSource) -> bytes:
     """The file's bytes; a directory, a device, a pipe, a huge file or a URL is a
     LuncherError."""
     if isinstance(path, MemoryPhoto):
+        if path.unusable:
+            raise LuncherError(f"{path.name}: {path.unusable}")
         return path.data
     error = url_error(path)
     if error is not None:

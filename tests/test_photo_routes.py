@@ -109,3 +109,41 @@ def test_every_ending_pillow_gives_a_format_luncher_reads_is_searched():
     if not features.check("avif"):
         endings = {e for e in endings if not e.startswith(".avif")}
     assert endings - image_suffixes() == set()
+
+
+def unusable_images(tmp_path: Path) -> dict[str, object]:
+    """Photos handed over in memory that cannot be used, as a damaged file cannot."""
+    cut = tmp_path / "cut.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(cut)
+    cut.write_bytes(cut.read_bytes()[:2000])  # an upload that stopped halfway
+    closed = Image.open(sideways(tmp_path / "closed.png"))
+    closed.close()
+    return {
+        "truncated": Image.open(cut),  # Image.open reads the header only: it opens
+        "closed": closed,
+        "empty array": np.zeros((0, 4, 3), np.uint8),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "closed", "empty array"])
+def test_predict_each_reports_an_unusable_in_memory_photo_and_goes_on(lun, tmp_path, case):
+    """`predict_each` yields an ImageFailure for a photo it cannot read and goes on (the
+    README), and did for a damaged file or damaged bytes; a damaged PIL image or an empty
+    array instead raised `LuncherError: <image 1>: cannot use this image (image file is
+    truncated)` out of the loop, before even the photo ahead of it was yielded: one bad
+    camera frame or upload ended the stream. A retrain refused every photo for it, where
+    it skips a damaged file and trains on the rest."""
+    good = sideways(tmp_path / "good.png")
+    bad = unusable_images(tmp_path)[case]
+    results = list(lun.predict_each([good, bad, good]))
+    assert [type(r).__name__ for r in results] == ["Prediction", "ImageFailure", "Prediction"]
+    failure = results[1]
+    assert isinstance(failure, healthyluncher.ImageFailure)
+    assert failure.error.startswith("<image 1>: ") and "\n" not in failure.error
+    assert str(failure.path) == "<image 1>"
+    with pytest.raises(healthyluncher.LuncherError, match=r"^<image 0>: "):
+        lun.predict([bad])  # predict still raises, naming it
+
+    result = lun.retrain("healthy", [good, bad])
+    assert [p.path for p in result.photos] == [good]
+    assert [f.error for f in result.failures] == [failure.error]
