@@ -270,12 +270,23 @@ def read_bytes(path: PhotoSource) -> bytes:
             # The file may have grown since stat(): never read more than the limit.
             data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise LuncherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        reason = f"{exc.strerror or exc}{_trimmed(path, exc)}"
+        raise LuncherError(f"{path}: cannot read: {reason}") from None
     except ValueError:  # os.stat's "embedded null byte"
         raise LuncherError(f"{path}: cannot read: a file name cannot hold a NUL byte") from None
     if len(data) > MAX_FILE_BYTES:
         raise LuncherError(f"{path}: file is too large (over {MAX_FILE_BYTES / 2**20:.0f} MiB)")
     return data
+
+
+def _trimmed(path: Path, exc: OSError) -> str:
+    """For a missing file whose name has white space around it (a name read from a file
+    with its newline), that the name without it exists."""
+    text = str(path)
+    trimmed = text.strip()
+    if not isinstance(exc, FileNotFoundError) or trimmed in ("", text) or not _exists(trimmed):
+        return ""
+    return f" (without the white space around it, {trimmed} exists)"
 
 
 def digest_of(data: bytes) -> str:

@@ -147,3 +147,23 @@ def test_predict_each_reports_an_unusable_in_memory_photo_and_goes_on(lun, tmp_p
     result = lun.retrain("healthy", [good, bad])
     assert [p.path for p in result.photos] == [good]
     assert [f.error for f in result.failures] == [failure.error]
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\u2028"])
+def test_a_name_read_with_its_newline_is_named_on_one_line(lun, tmp_path, end):
+    """`lun.predict(open("names.txt").readlines())` raised a LuncherError of two lines,
+    `/tmp/lunch.png` and `: cannot read: No such file or directory`, which reads as if the
+    photo were there: every LuncherError is one line (the README), whatever name it quotes.
+    The line break is shown as an escape, and the name without it, which exists, is named."""
+    photo = sideways(tmp_path / "lunch.png")
+    name = f"{photo}{end}"
+    with pytest.raises(healthyluncher.LuncherError) as caught:
+        lun.predict([name])
+    (failure,) = lun.predict_each([name])
+    assert isinstance(failure, healthyluncher.ImageFailure)
+    with pytest.raises(healthyluncher.LuncherError) as retrained:
+        lun.retrain("healthy", [name])
+    for message in (str(caught.value), failure.error, str(retrained.value)):
+        assert len(message.splitlines()) == 1, message
+        assert f"{photo}{repr(end)[1:-1]}: cannot read: No such file or directory" in message
+        assert f"without the white space around it, {photo} exists" in message
