@@ -22,6 +22,7 @@ from healthyluncher.openers import (
     open_photo,
     pixel_limit,
     unidentified_reason,
+    without_oversized_metadata,
 )
 from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, digest_of, read_bytes
 from healthyluncher.settings import Preprocessing
@@ -168,6 +169,11 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
     except MemoryError:
         raise LuncherError(f"{name}: out of memory decoding a {width}x{height} image") from None
     except (*_DECODE_ERRORS, Warning) as exc:
+        # A PNG whose ICC profile or XMP unpacks to more than Pillow reads of one chunk: its
+        # pixels are read without them (luncher uses neither).
+        lighter = without_oversized_metadata(data) if isinstance(exc, ValueError) else None
+        if lighter is not None:
+            return decode(lighter, prep, name=name)
         # Pillow warns about damaged metadata it recovers from, through the program's
         # warning filters: a program that turns warnings into errors gets this error.
         # Pillow's messages are short, but one line is a promise to the CLI's output.

@@ -167,3 +167,46 @@ def test_a_name_read_with_its_newline_is_named_on_one_line(lun, tmp_path, end):
         assert len(message.splitlines()) == 1, message
         assert f"{photo}{repr(end)[1:-1]}: cannot read: No such file or directory" in message
         assert f"without the white space around it, {photo} exists" in message
+
+
+def png_with_metadata(path: Path, *, icc: int = 0, xmp: int = 0, orientation: int = 0) -> Path:
+    """The photo of `sideways` as a PNG carrying an ICC profile of `icc` bytes and XMP of
+    `xmp` bytes, both zlib-compressed as photo editors write them (so the file stays small);
+    `orientation`: the XMP (a small one of its own) says how to turn the photo upright."""
+    from PIL import PngImagePlugin
+
+    pixels = np.asarray(Image.open(sideways(tmp := path.with_suffix(".plain.png"))))
+    tmp.unlink()
+    info = PngImagePlugin.PngInfo()
+    if xmp:
+        info.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta/>" + " " * xmp, zip=True)
+    if orientation:
+        meta = f'<x:xmpmeta><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>'
+        info.add_itxt("XML:com.adobe.xmp", meta, zip=True)
+    options: dict[str, object] = {"icc_profile": bytes(icc)} if icc else {}
+    Image.fromarray(pixels).save(path, pnginfo=info, **options)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("icc", "xmp"),
+    [(3_000_000, 0), (0, 3_000_000), (2_000_000, 2_000_000)],
+    ids=["large ICC profile", "large XMP", "both"],
+)
+def test_a_png_with_large_compressed_metadata_is_read_for_its_pixels(lun, tmp_path, icc, xmp):
+    """`luncher predict scan.png` said `error: scan.png: cannot decode image: Decompressed
+    data too large for PngImagePlugin.MAX_TEXT_CHUNK` for a PNG whose pixels are fine but
+    whose ICC profile or XMP unpacks to more than Pillow's 1 MB limit for one metadata chunk
+    (Photoshop's document history, a large printer profile): luncher uses neither, and a
+    program's Pillow setting is not its to raise. Such chunks are left out and the photo
+    read, as a viewer shows it; the rest of the metadata still counts (its orientation)."""
+    plain = sideways(tmp_path / "plain.png", 1)
+    heavy = png_with_metadata(tmp_path / "heavy.png", icc=icc, xmp=xmp)
+    assert heavy.stat().st_size < 100_000  # a small file: the limit is on what it unpacks to
+    with pytest.raises(ValueError, match="MAX_TEXT_CHUNK|Decompressed"):
+        Image.open(heavy).load()  # what Pillow itself says of it
+    assert probabilities(lun, [heavy]) == probabilities(lun, [plain])
+
+    turned = png_with_metadata(tmp_path / "turned.png", icc=icc, xmp=xmp, orientation=6)
+    upright = Image.open(plain).transpose(Image.Transpose.ROTATE_270)  # what 6 asks for
+    assert probabilities(lun, [turned]) == probabilities(lun, [np.asarray(upright)])
