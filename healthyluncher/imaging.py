@@ -111,7 +111,8 @@ def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
         elif image.mode in ("I;16L", "I;16N"):  # I;16's pixels; convert() clips them to 255
             image = Image.fromarray(np.asarray(image).astype("<u2"))
         # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, LAB, I,
-        # F, PA, RGBX), read back as a file in that mode is.
+        # F, PA, RGBX), read back as a file in that mode is, uncompressed: Pillow's TIFF
+        # writer would take a compression from `info` (a JPEG-compressed scan's: lossy).
         # A program's `info["icc_profile"]` that is no bytes made the writers raise
         # TypeError: it is left out (decoding applies no profile).
         icc = image.info.get("icc_profile")
@@ -119,7 +120,7 @@ def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
         if image.mode in _PNG_MODES:
             image.save(buffer, "PNG", compress_level=1, **odd)
         else:
-            image.save(buffer, "TIFF", **odd)
+            image.save(buffer, "TIFF", compression="raw", **odd)
     # Loading a lazily opened image fails as decoding its file does; odd `info` a writer
     # cannot store fails with ValueError or TypeError.
     except (*_DECODE_ERRORS, Warning, Image.DecompressionBombError) as exc:

@@ -210,3 +210,23 @@ def test_a_png_with_large_compressed_metadata_is_read_for_its_pixels(lun, tmp_pa
     turned = png_with_metadata(tmp_path / "turned.png", icc=icc, xmp=xmp, orientation=6)
     upright = Image.open(plain).transpose(Image.Transpose.ROTATE_270)  # what 6 asks for
     assert probabilities(lun, [turned]) == probabilities(lun, [np.asarray(upright)])
+
+
+def test_a_pil_image_of_a_compressed_tiff_is_kept_losslessly(lun, tmp_path):
+    """A PIL image is encoded losslessly, to be hashed and kept like a file's bytes; but a
+    TIFF Pillow opened keeps its compression in `info`, and Pillow's TIFF writer takes it
+    from there: a CMYK scan stored JPEG-compressed (print workflows) was compressed again,
+    a second lossy generation that predicted otherwise than its file (pixels up to 16 levels
+    apart), and a fax's Group 4 (1-bit only) made its copy in another mode unusable."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8))
+    scan = tmp_path / "scan.tif"
+    photo.convert("CMYK").save(scan, compression="jpeg")
+    fax = tmp_path / "fax.tif"
+    photo.convert("1").save(fax, compression="group4")
+    with Image.open(scan) as cmyk, Image.open(fax) as bits:
+        assert cmyk.info["compression"] == "jpeg" and bits.info["compression"] == "group4"
+        routes = [scan, cmyk, fax, bits.convert("F"), bits.convert("I")]
+        results = probabilities(lun, routes)
+    assert results[1] == results[0]
+    assert results[3] == results[4] == results[2]
