@@ -98,7 +98,7 @@ def _source(item: Any, index: int) -> PhotoSource:
     if isinstance(item, (bytes, bytearray, memoryview)):  # a file's content, decoded as one
         return MemoryPhoto(f"<image {index}>", bytes(item))
     if isinstance(item, MemoryPhoto):  # a result's photo, handed back: named by this list
-        return MemoryPhoto(f"<image {index}>", item.data)
+        return MemoryPhoto(f"<image {index}>", item.data, item.unusable)
     from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
 
     return from_pixels(item, f"<image {index}>")

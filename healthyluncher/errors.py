@@ -58,6 +58,10 @@ MAKE_UPDATABLE_EXAMPLES = Command(
 Part: TypeAlias = str | Param | Command
 Message: TypeAlias = tuple[Part, ...]
 
+# What ends a line (str.splitlines), shown as its escape: a message stays one line whatever
+# it quotes (a file name read with its newline, `f.readlines()`).
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
 
 class LuncherError(Exception):
     """A problem the user can act on. The CLI prints it as one line and exits 1.
@@ -67,6 +71,7 @@ class LuncherError(Exception):
     another interface names them."""
 
     def __init__(self, *parts: Part) -> None:
+        parts = tuple(p.translate(_LINE_BREAKS) if isinstance(p, str) else p for p in parts)
         self.parts = parts
         super().__init__("".join(map(str, parts)))
 

@@ -22,6 +22,7 @@ from healthyluncher.openers import (
     open_photo,
     pixel_limit,
     unidentified_reason,
+    without_oversized_metadata,
 )
 from healthyluncher.photos import ImageFailure, MemoryPhoto, PhotoSource, digest_of, read_bytes
 from healthyluncher.settings import Preprocessing
@@ -62,7 +63,12 @@ class LoadedImage:
 
 
 def from_pixels(image: Any, name: str) -> MemoryPhoto:
-    """A PIL image, or a (H, W, 3) or (H, W) uint8 array, as a photo (lossless PNG bytes)."""
+    """A PIL image, or a (H, W, 3) or (H, W) uint8 array, as a photo (lossless PNG bytes).
+
+    What is no picture at all is a LuncherError. A picture that cannot be used (an empty or
+    too large array, an image that does not load: an upload cut short) is a photo that fails
+    when it is read, as a damaged file does: `predict_each` reports it and goes on, and a
+    retrain skips it."""
     if isinstance(image, np.ndarray):
         if (
             image.dtype != np.uint8
@@ -73,24 +79,40 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
                 f"{name}: a numpy photo must be uint8 with shape (H, W, 3), (H, W, 4) or "
                 f"(H, W), not {image.dtype} {image.shape}"
             )
-        if image.size == 0:
-            raise LuncherError(f"{name}: the array is empty")
-        _refuse_too_large(name, image.shape[1], image.shape[0])  # before copying it
-        image = Image.fromarray(np.ascontiguousarray(image))
-    if not isinstance(image, Image.Image):
+    elif not isinstance(image, Image.Image):
         raise LuncherError(
             f"{name}: expected a path, a photo file's bytes, a PIL image or a numpy uint8 "
             f"array, not {type(image).__name__}"
         )
+    try:
+        return MemoryPhoto(name, _lossless(image, name))
+    except LuncherError as exc:
+        return MemoryPhoto(name, b"", unusable=str(exc).removeprefix(f"{name}: "))
+
+
+def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
+    if isinstance(image, np.ndarray):
+        if image.size == 0:
+            raise LuncherError(f"{name}: the array is empty")
+        _refuse_too_large(name, image.shape[1], image.shape[0])  # before copying it
+        image = Image.fromarray(np.ascontiguousarray(image))
     _refuse_too_large(name, *image.size)  # as a file declaring that size is, unencoded
     buffer = io.BytesIO()
     try:
+        # Upright, as its file would be (`decode`): Image.open keeps the EXIF orientation
+        # beside the pixels as stored, and neither PNG nor TIFF below would write it. A TIFF
+        # turns itself as it loads, so the orientation is read after loading.
+        image.load()
+        orientation = _orientation(image)
+        if orientation in _TRANSPOSE:
+            image = image.transpose(_TRANSPOSE[orientation])
         if image.mode in _UNSTORED_MODES:  # modes no file format stores
             image = image.convert(_UNSTORED_MODES[image.mode])
         elif image.mode in ("I;16L", "I;16N"):  # I;16's pixels; convert() clips them to 255
             image = Image.fromarray(np.asarray(image).astype("<u2"))
         # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, LAB, I,
-        # F, PA, RGBX), read back as a file in that mode is.
+        # F, PA, RGBX), read back as a file in that mode is, uncompressed: Pillow's TIFF
+        # writer would take a compression from `info` (a JPEG-compressed scan's: lossy).
         # A program's `info["icc_profile"]` that is no bytes made the writers raise
         # TypeError: it is left out (decoding applies no profile).
         icc = image.info.get("icc_profile")
@@ -98,10 +120,13 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
         if image.mode in _PNG_MODES:
             image.save(buffer, "PNG", compress_level=1, **odd)
         else:
-            image.save(buffer, "TIFF", **odd)
-    except (OSError, ValueError, TypeError) as exc:  # odd `info` a writer cannot store
-        raise LuncherError(f"{name}: cannot use this image ({exc})") from None
-    return MemoryPhoto(name, buffer.getvalue())
+            image.save(buffer, "TIFF", compression="raw", **odd)
+    # Loading a lazily opened image fails as decoding its file does; odd `info` a writer
+    # cannot store fails with ValueError or TypeError.
+    except (*_DECODE_ERRORS, Warning, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise LuncherError(f"{name}: cannot use this image ({reason})") from None
+    return buffer.getvalue()
 
 
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
@@ -145,6 +170,11 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
     except MemoryError:
         raise LuncherError(f"{name}: out of memory decoding a {width}x{height} image") from None
     except (*_DECODE_ERRORS, Warning) as exc:
+        # A PNG whose ICC profile or XMP unpacks to more than Pillow reads of one chunk: its
+        # pixels are read without them (luncher uses neither).
+        lighter = without_oversized_metadata(data) if isinstance(exc, ValueError) else None
+        if lighter is not None:
+            return decode(lighter, prep, name=name)
         # Pillow warns about damaged metadata it recovers from, through the program's
         # warning filters: a program that turns warnings into errors gets this error.
         # Pillow's messages are short, but one line is a promise to the CLI's output.

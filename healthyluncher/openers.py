@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import zlib
 
 from PIL import Image, UnidentifiedImageError
 
@@ -125,4 +126,51 @@ def _names_a_file(data: bytes) -> bool:
     try:
         return os.path.exists(os.fsdecode(data.strip()))
     except (ValueError, OSError, UnicodeDecodeError):
+        return False
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def without_oversized_metadata(data: bytes) -> bytes | None:
+    """The PNG in `data` without its compressed metadata chunks (an ICC profile, text, XMP)
+    that unpack to more than Pillow's PngImagePlugin.MAX_TEXT_CHUNK, the program's setting
+    (1 MB by default): Pillow refuses the whole file for one (a large printer profile,
+    Photoshop's document history), and a photo is read for its pixels. None when `data`
+    is not a PNG or holds no such chunk."""
+    from PIL import PngImagePlugin
+
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    limit = PngImagePlugin.MAX_TEXT_CHUNK
+    kept, dropped, at = [data[:8]], False, 8
+    while at + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, end = data[at + 4 : at + 8], at + 12 + length
+        if _unpacks_beyond(kind, data[at + 8 : min(end - 4, len(data))], limit):
+            dropped = True
+        else:
+            kept.append(data[at:end])
+        at = end
+    kept.append(data[at:])
+    return b"".join(kept) if dropped else None
+
+
+def _unpacks_beyond(kind: bytes, body: bytes, limit: int) -> bool:
+    """Whether a chunk's compressed content unpacks to more than `limit` bytes."""
+    if kind in (b"iCCP", b"zTXt"):  # keyword, NUL, method, deflated data
+        packed = body[body.find(b"\0") + 2 :] if b"\0" in body else b""
+    elif kind == b"iTXt":  # keyword, NUL, flag, method, language, NUL, keyword, NUL, text
+        keyword = body.find(b"\0")
+        if keyword < 0 or body[keyword + 1 : keyword + 2] != b"\1":  # flag 0: not compressed
+            return False
+        head = body[keyword + 3 :].split(b"\0", 2)
+        if len(head) < 3:
+            return False
+        packed = head[2]
+    else:
+        return False
+    try:
+        return len(zlib.decompressobj().decompress(packed, limit + 1)) > limit
+    except zlib.error:
         return False

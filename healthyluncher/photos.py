@@ -15,14 +15,17 @@ from pathlib import Path
 
 from healthyluncher.errors import LuncherError
 
-# What Pillow always reads. Directories are searched for these and for `image_suffixes()`.
+# What Pillow always reads, under every name it gives these formats (openers.PHOTO_FORMATS;
+# MPO is a 3D camera's or a phone's multi-picture JPEG, APNG an animated PNG). Directories
+# are searched for these and for `image_suffixes()`.
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".webp", ".bmp", ".gif"}
+    | {".tif", ".tiff"}
 )
-# iPhone photos (HEIC) and other HEIF files, read through pillow-heif.
-HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})
+# iPhone photos (HEIC) and other HEIF files and sequences, read through pillow-heif.
+HEIF_SUFFIXES = frozenset({".heic", ".heics", ".heif", ".heifs", ".hif"})
 # Read by Pillow itself when it is built with libavif (its wheels are from 11.3).
-AVIF_SUFFIXES = frozenset({".avif"})
+AVIF_SUFFIXES = frozenset({".avif", ".avifs"})
 # Files larger than this are not read into memory at all.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
@@ -34,6 +37,9 @@ class MemoryPhoto:
 
     name: str  # "<image 3>": its place in the caller's list
     data: bytes = field(repr=False)  # a photo is megabytes: its repr is its name
+    # Why pixels that cannot be used (an image that does not load) have no bytes: reading
+    # them fails with it, as reading a damaged file does.
+    unusable: str = field(default="", repr=False)
 
     def __str__(self) -> str:
         return self.name
@@ -244,6 +250,8 @@ def read_bytes(path: PhotoSource) -> bytes:
     """The file's bytes; a directory, a device, a pipe, a huge file or a URL is a
     LuncherError."""
     if isinstance(path, MemoryPhoto):
+        if path.unusable:
+            raise LuncherError(f"{path.name}: {path.unusable}")
         return path.data
     error = url_error(path)
     if error is not None:
@@ -262,12 +270,23 @@ def read_bytes(path: PhotoSource) -> bytes:
             # The file may have grown since stat(): never read more than the limit.
             data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise LuncherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        reason = f"{exc.strerror or exc}{_trimmed(path, exc)}"
+        raise LuncherError(f"{path}: cannot read: {reason}") from None
     except ValueError:  # os.stat's "embedded null byte"
         raise LuncherError(f"{path}: cannot read: a file name cannot hold a NUL byte") from None
     if len(data) > MAX_FILE_BYTES:
         raise LuncherError(f"{path}: file is too large (over {MAX_FILE_BYTES / 2**20:.0f} MiB)")
     return data
+
+
+def _trimmed(path: Path, exc: OSError) -> str:
+    """For a missing file whose name has white space around it (a name read from a file
+    with its newline), that the name without it exists."""
+    text = str(path)
+    trimmed = text.strip()
+    if not isinstance(exc, FileNotFoundError) or trimmed in ("", text) or not _exists(trimmed):
+        return ""
+    return f" (without the white space around it, {trimmed} exists)"
 
 
 def digest_of(data: bytes) -> str:
