@@ -34,7 +34,12 @@ class LuncherGroup(typer.core.TyperGroup):
     """The command group: global options are accepted after the command too."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_options(list(args)))
+        try:
+            hoisted = hoist_global_options(list(args))
+        except MissingValue as exc:  # as click says it of the option before the command
+            usage_error = typer.BadParameter.__mro__[1]  # click's UsageError (typer's own)
+            raise usage_error(str(exc), ctx) from None
+        return super().parse_args(ctx, hoisted)
 
     def list_commands(self, ctx: Any) -> list[str]:
         """In the order they are used (typer lists them as the modules registered them)."""
@@ -145,6 +150,14 @@ GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
 GLOBAL_VALUES = ("--models-dir",)
 
 
+class MissingValue(Exception):
+    """A global option that takes a value, last on the line without it."""
+
+    def __init__(self, option: str) -> None:
+        super().__init__(f"Option '{option}' requires an argument.")
+        self.option = option
+
+
 def hoist_global_options(argv: list[str]) -> list[str]:
     """argv with the global options found after the command moved in front of it."""
     command = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
@@ -172,7 +185,11 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             break
         if arg in GLOBAL_FLAGS:
             moved.append(arg)
-        elif arg in GLOBAL_VALUES and i + 1 < len(rest):
+        elif arg in GLOBAL_VALUES:
+            # Last, without its value (`--models-dir $UNSET`): moved in front, it took the
+            # command for its value ("No such command 'lunch.jpg'.").
+            if i + 1 == len(rest):
+                raise MissingValue(arg)
             moved += [arg, rest[i + 1]]
             i += 1
         elif arg.split("=", 1)[0] in GLOBAL_VALUES:
