@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.conftest import one_line_error
 from tests.test_conventions import luncher
 
 
@@ -31,3 +32,26 @@ def test_a_models_dir_option_without_its_value_is_named_not_taken_for_the_comman
         assert json.loads(done.stdout) == {"error": "Option '--models-dir' requires an argument."}
     else:
         assert done.stdout == ""
+
+
+def test_a_label_that_reads_as_an_option_is_never_made(run, pt_model, photos):
+    # `luncher retrain --new-label --label $LABEL --epochs 3 photos/` with LABEL unset made
+    # a class named '--epochs' (3 skipped as an unreadable photo), which every command that
+    # takes a label then read as an option.
+    assert run("make-updatable", pt_model).code == 0
+    red = photos["red"][0].parent
+    for args in (
+        ["retrain", "--new-label", "--label", "--epochs", "3", red],
+        ["retrain", "--new-label", "--label=-q", red],
+    ):
+        line = one_line_error(run(*args), "begins with '-'")
+        assert "option" in line, line
+    assert run("retrain", "--new-label", "--label", "pancakes", red).code == 0
+    one_line_error(run("labels", "rename", "pancakes", "--", "--json"), "begins with '-'")
+    listed = run("labels", "--json").json_lines()[0]["labels"]
+    assert [x["label"] for x in listed] == ["healthy", "fast_food", "pancakes"]
+    # Where the model is made: --labels.
+    one_line_error(
+        run("make-updatable", pt_model, "--force", "--labels=-healthy,fast_food"),
+        "begins with '-'",
+    )
