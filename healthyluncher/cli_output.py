@@ -10,7 +10,6 @@ import re
 import shlex
 import signal
 import sys
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from healthyluncher import to_json
+from healthyluncher.cli_streams import cells, pad
 from healthyluncher.errors import Command, CommittedInterrupt, LuncherError, Param
 
 if TYPE_CHECKING:
@@ -77,23 +77,6 @@ def escape(text: str) -> str:
 
 
 _MARKUP_LIKE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")  # a tag, as rich reads one
-
-
-def cells(text: str) -> int:
-    """The columns `text` takes at a terminal: two for a wide (CJK) character, none for a
-    combining mark; padding by `len` pushed a row with either out of line."""
-    if text.isascii():
-        return len(text)
-    return sum(
-        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-        for c in text
-    )
-
-
-def pad(text: str, width: int, *, right: bool = False) -> str:
-    """`text` padded with spaces to `width` terminal columns (on the left if `right`)."""
-    fill = " " * (width - cells(text))
-    return fill + text if right else text + fill
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import codecs
 import io
 import os
 import sys
+import unicodedata
 from typing import Any
 
 from healthyluncher.errors import LuncherError
@@ -48,6 +49,37 @@ def _escaped(error: UnicodeError) -> tuple[str, int]:
     units = text.encode("utf-16-be", "surrogatepass")  # astral characters: two escapes
     escapes = "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
     return escapes, error.end
+
+
+def escaped_length(char: str) -> int:
+    """How many characters standard output writes for `char` where its encoding cannot hold
+    it (the `_escaped` escapes, six per UTF-16 unit); 0 where it can."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        char.encode(encoding)
+    except UnicodeEncodeError:
+        return 3 * len(char.encode("utf-16-be", "surrogatepass"))
+    except LookupError:  # an encoding Python does not know: none was escaped either
+        pass
+    return 0
+
+
+def cells(text: str) -> int:
+    """The columns `text` takes as standard output writes it: two for a wide (CJK) character,
+    none for a combining mark, and an escape's length for one its encoding lacks."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        escaped_length(c)
+        or (0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1)
+        for c in text
+    )
+
+
+def pad(text: str, width: int, *, right: bool = False) -> str:
+    """`text` padded with spaces to `width` terminal columns (on the left if `right`)."""
+    fill = " " * (width - cells(text))
+    return fill + text if right else text + fill
 
 
 class OutputLost(LuncherError):

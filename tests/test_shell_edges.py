@@ -4,6 +4,10 @@ labels that read as options, narrow encodings."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -55,3 +59,42 @@ def test_a_label_that_reads_as_an_option_is_never_made(run, pt_model, photos):
         run("make-updatable", pt_model, "--force", "--labels=-healthy,fast_food"),
         "begins with '-'",
     )
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "cp1252"])
+def test_plain_columns_line_up_where_the_output_escapes_characters(
+    tmp_path, pt_model, photos, models_dir, encoding
+):
+    # With an output encoding that cannot hold a name (a C locale without UTF-8 mode,
+    # Windows' code page in a redirected output), the name is written as \uXXXX escapes,
+    # but its column was padded for the character: each such row was out of line.
+    def run_with(*args: object) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONIOENCODING": encoding, "LUNCHER_MODELS_DIR": str(models_dir)}
+        return subprocess.run(
+            [sys.executable, "-m", "healthyluncher", *map(str, args)],
+            capture_output=True,
+            text=True,
+            encoding="ascii" if encoding == "ascii" else "cp1252",
+            env=env,
+            cwd=tmp_path,
+            check=False,
+        )
+
+    assert run_with("make-updatable", pt_model).returncode == 0
+    assert run_with("retrain", "--new-label", "--label", "crème", photos["red"][0]).returncode == 0
+    folder = tmp_path / "lunches"
+    folder.mkdir()
+    for name in ("café.png", "北京.png", "żurek.png", "plain.png"):
+        shutil.copy(photos["green"][0], folder / name)
+    done = run_with("predict", "lunches")
+    assert done.returncode == 0, done
+    header, *rows = done.stdout.splitlines()[1:]
+    assert len(rows) == 4
+    start = header.index("label")
+    for row in rows:
+        assert row[start - 2 : start] == "  " and row[start] != " ", (header, row)
+    done = run_with("labels")
+    header, *rows = done.stdout.splitlines()[1:]
+    end = header.index("your photos") + len("your photos")
+    for row in rows:
+        assert row[end - 1].isdigit() and row[end : end + 2] == "  ", (header, row)
