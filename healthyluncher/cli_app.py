@@ -212,7 +212,8 @@ def luncher(ctx: typer.Context) -> "Luncher":
 
 def with_stdin(paths: list[Path]) -> list[Path]:
     """`-` stands for newline-separated paths read from standard input, or NUL-separated
-    ones (`find -print0`: a name may hold a newline, never a NUL), taken as they are."""
+    ones (`find -print0`: a name may hold a newline, never a NUL), taken as they are; blank
+    lines are left out."""
     if Path("-") not in paths:
         return paths
     # The file system's bytes, decoded as it names files (a Latin-1 name from `find` was
@@ -222,7 +223,10 @@ def with_stdin(paths: list[Path]) -> list[Path]:
     if "\0" in text:
         read = [Path(name) for name in text.split("\0") if name]
     else:
-        read = [Path(line.strip()) for line in text.split("\n") if line.strip()]
+        # Each line as it is, less a Windows line end: a name may begin or end with a space
+        # (stripped, 'lunch.png ' from `ls` was 'lunch.png: cannot read').
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
+        read = [Path(line) for line in lines if line.strip()]
     expanded: list[Path] = []
     for path in paths:
         expanded.extend(read if path == Path("-") else [path])

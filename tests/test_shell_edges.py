@@ -98,3 +98,24 @@ def test_plain_columns_line_up_where_the_output_escapes_characters(
     end = header.index("your photos") + len("your photos")
     for row in rows:
         assert row[end - 1].isdigit() and row[end : end + 2] == "  ", (header, row)
+
+
+def test_names_read_from_standard_input_keep_their_spaces(tmp_path, pt_model, photos, models_dir):
+    # `ls | luncher predict -` (or find's output) with 'lunch.png ' or ' lunch.png' in the
+    # folder: each line was stripped, and the photo refused as 'lunch.png: cannot read: No
+    # such file or directory'. A line is a name as it is, less a Windows line end.
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    names = [" leading.png", "trailing.png ", "crlf.png"]
+    for name in names:
+        shutil.copy(photos["red"][0], tmp_path / name)
+    listing = " leading.png\ntrailing.png \ncrlf.png\r\n\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "healthyluncher", "predict", "--json", "-"],
+        input=listing,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done
+    assert [json.loads(line)["path"] for line in done.stdout.splitlines()] == names
