@@ -119,3 +119,17 @@ def test_names_read_from_standard_input_keep_their_spaces(tmp_path, pt_model, ph
     )
     assert done.returncode == 0, done
     assert [json.loads(line)["path"] for line in done.stdout.splitlines()] == names
+
+
+def test_export_after_a_reset_names_undo_not_a_retrain(run, pt_model, photos, tmp_path):
+    # After `reset`, export said "the model is not personalized (teach it with `luncher
+    # retrain` first)": the personalization, one `luncher undo` away, was not named.
+    assert run("make-updatable", pt_model).code == 0
+    one_line_error(run("export", tmp_path / "fresh.tar.gz"), "luncher retrain")
+    assert run("retrain", "--label", "fast_food", *photos["green"]).code == 0
+    assert run("reset").code == 0
+    line = one_line_error(run("export", tmp_path / "b.tar.gz"), "`luncher undo`")
+    assert "luncher retrain" not in line, line
+    assert not (tmp_path / "b.tar.gz").exists()
+    assert run("undo").code == 0
+    assert run("export", tmp_path / "b.tar.gz").code == 0
