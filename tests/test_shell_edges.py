@@ -133,3 +133,12 @@ def test_export_after_a_reset_names_undo_not_a_retrain(run, pt_model, photos, tm
     assert not (tmp_path / "b.tar.gz").exists()
     assert run("undo").code == 0
     assert run("export", tmp_path / "b.tar.gz").code == 0
+
+
+def test_a_replay_file_that_cannot_be_read_says_why_in_words(run, pt_model, tmp_path):
+    # 'error: /x/gone.npz: not a replay set ([Errno 2] No such file or directory:
+    # '/x/gone.npz')': Python's exception text, with the name a second time.
+    for given, why in ((tmp_path / "gone.npz", "No such file or directory"), (tmp_path, "")):
+        line = one_line_error(run("make-updatable", pt_model, "--replay", given), "replay set")
+        assert why in line and "Errno" not in line, line
+        assert line.count(str(given)) == 1, line
