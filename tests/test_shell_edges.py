@@ -142,3 +142,16 @@ def test_a_replay_file_that_cannot_be_read_says_why_in_words(run, pt_model, tmp_
         line = one_line_error(run("make-updatable", pt_model, "--replay", given), "replay set")
         assert why in line and "Errno" not in line, line
         assert line.count(str(given)) == 1, line
+
+
+def test_examples_of_a_label_without_photos_does_not_call_the_model_unpersonalized(
+    run, pt_model, photos
+):
+    # `luncher examples --label fast_food` with photos taught only as 'healthy' said "No
+    # examples: the model is not personalized." while status said it was.
+    assert run("make-updatable", pt_model).code == 0
+    assert run("examples").stdout == "No examples: the model is not personalized.\n"
+    assert run("retrain", "--label", "healthy", *photos["red"]).code == 0
+    done = run("examples", "--label", "fast_food")
+    assert done.code == 0 and done.stdout == "No examples of 'fast_food'.\n", done
+    assert run("--quiet", "examples", "--label", "fast_food").stdout == ""
