@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +40,10 @@ class _Console:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(highlight=False, soft_wrap=True, **self._options)
+            console = Console(highlight=False, soft_wrap=True, **self._options)
+            if console.width < 1:  # COLUMNS=0: rich drew nothing at all, errors included
+                console.width = shutil.get_terminal_size().columns  # the terminal's, or 80
+            self._console = console
         return self._console
 
     def print(self, *objects: Any, **options: Any) -> None:

@@ -155,3 +155,47 @@ def test_examples_of_a_label_without_photos_does_not_call_the_model_unpersonaliz
     done = run("examples", "--label", "fast_food")
     assert done.code == 0 and done.stdout == "No examples of 'fast_food'.\n", done
     assert run("--quiet", "examples", "--label", "fast_food").stdout == ""
+
+
+def _at_a_terminal(*args: object, env: dict[str, str]) -> tuple[int, str]:
+    """`luncher ARGS` with standard output and error on a terminal; (exit code, what the
+    terminal showed)."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "healthyluncher", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+    )
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the command has ended and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    return proc.wait(timeout=60), shown.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("columns", ["0", "00"])
+def test_a_terminal_of_zero_columns_still_shows_results_and_errors(
+    pt_model, photos, models_dir, columns
+):
+    # COLUMNS=0 at a terminal: rich drew every line at width 0, that is not at all:
+    # `luncher status` showed nothing (exit 0), an error showed nothing (exit 1), and
+    # `predict` showed its header without a row.
+    env = {**os.environ, "COLUMNS": columns, "LUNCHER_MODELS_DIR": str(models_dir)}
+    code, shown = _at_a_terminal("status", env=env)
+    assert code == 1 and "error:" in shown and "no base model" in shown, shown
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    code, shown = _at_a_terminal("status", env=env)
+    assert code == 0 and "predicting with" in shown, shown
+    code, shown = _at_a_terminal("predict", photos["red"][0], env=env)
+    assert code == 0 and "Predictions" in shown and "r0.png" in shown, shown
