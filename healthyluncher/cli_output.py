@@ -114,12 +114,12 @@ def print_table(title: str, columns: list[Column], rows: list[list[tuple[str, st
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for index, column in enumerate(columns):
+    for column in columns:
         table.add_column(
             column.header,
             justify="right" if column.right else "left",
             style=column.style or None,
-            overflow="fold" if index == 0 else "ellipsis",
+            overflow="fold",  # a cell too wide is wrapped: a path or digest is never cut
         )
     for row in rows:
         table.add_row(

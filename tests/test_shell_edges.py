@@ -199,3 +199,35 @@ def test_a_terminal_of_zero_columns_still_shows_results_and_errors(
     assert code == 0 and "predicting with" in shown, shown
     code, shown = _at_a_terminal("predict", photos["red"][0], env=env)
     assert code == 0 and "Predictions" in shown and "r0.png" in shown, shown
+
+
+def _cells_of_rows(shown: str) -> list[list[str]]:
+    """The cells of a rich table as a terminal shows it, each the pieces of its text joined
+    over the lines its row takes (a new row starts where the first column has text)."""
+    import re
+
+    rows: list[list[str]] = []
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", shown).splitlines():
+        if not line.startswith("│"):
+            continue
+        parts = [part.strip() for part in line.strip().strip("│").split("│")]
+        if parts[0] or not rows:
+            rows.append(parts)
+        else:
+            rows[-1] = [a + b for a, b in zip(rows[-1], parts, strict=True)]
+    return rows
+
+
+def test_a_narrow_terminal_folds_the_examples_table_and_cuts_nothing(pt_model, photos, models_dir):
+    # At a terminal narrower than the table, every column but the first was cut with '…':
+    # the thumbnail path (`luncher forget THUMBNAIL` takes it) and the date were lost.
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    assert luncher("retrain", "--label", "healthy", *map(str, photos["red"])).returncode == 0
+    listed = [json.loads(line) for line in luncher("examples", "--json").stdout.splitlines()]
+    env = {**os.environ, "COLUMNS": "60", "LUNCHER_MODELS_DIR": str(models_dir)}
+    code, shown = _at_a_terminal("examples", env=env)
+    assert code == 0 and "…" not in shown, shown
+    rows = _cells_of_rows(shown)
+    assert sorted(row[4] for row in rows) == sorted(item["thumbnail"] for item in listed)
+    assert sorted(row[3] for row in rows) == sorted(item["taught"] for item in listed)
+    assert sorted(row[1] for row in rows) == sorted(item["digest"][:12] for item in listed)
