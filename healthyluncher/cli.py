@@ -288,7 +288,7 @@ def repair(ctx: typer.Context, as_json: JSON = False) -> None:
             f"photo(s) again from their thumbnails and retrained{lost}."
         )
     if not result.repaired:
-        out.print("state.json is intact; leftovers of interrupted commands were removed.")
+        out.print("state.json is intact, and nothing is left of interrupted commands.")
         return
     which = "your personalized model" if result.personal else "the base model"
     out.print(

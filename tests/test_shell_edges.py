@@ -231,3 +231,13 @@ def test_a_narrow_terminal_folds_the_examples_table_and_cuts_nothing(pt_model, p
     assert sorted(row[4] for row in rows) == sorted(item["thumbnail"] for item in listed)
     assert sorted(row[3] for row in rows) == sorted(item["taught"] for item in listed)
     assert sorted(row[1] for row in rows) == sorted(item["digest"][:12] for item in listed)
+
+
+def test_repair_of_a_sound_directory_does_not_claim_it_removed_something(run, pt_model):
+    # 'state.json is intact; leftovers of interrupted commands were removed.' on a models
+    # directory that had none.
+    assert run("make-updatable", pt_model).code == 0
+    done = run("repair")
+    assert done.code == 0, done
+    assert "were removed" not in done.stdout, done.stdout
+    assert done.stdout == "state.json is intact, and nothing is left of interrupted commands.\n"
