@@ -16,16 +16,18 @@ from healthyluncher.errors import LuncherError
 def guard_streams() -> None:
     """A stream the shell closed (`luncher ... >&-`, `<&-`) is None in Python. Standard
     output closed: refused in one line before the command runs (its results, or the news
-    that it saved a change, would be lost); standard input closed reads as empty. Standard
+    that it saved a change, would be lost); standard input closed reads as empty, and
+    standard error closed takes the messages no one reads (it failed the command). Standard
     output that fails (a full disk) is one line too: see Output."""
     if sys.stdin is None:
         sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - for the process
+    if sys.stderr is None:  # `2>&-`: messages are dropped, as asked, and the command runs
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
     if sys.stdout is None:
-        if sys.stderr is not None:
-            sys.stderr.write(
-                "error: standard output is closed: nothing was done "
-                "(to discard the output, redirect it to /dev/null)\n"
-            )
+        sys.stderr.write(
+            "error: standard output is closed: nothing was done "
+            "(to discard the output, redirect it to /dev/null)\n"
+        )
         raise SystemExit(1)
     codecs.register_error(ESCAPES, _escaped)
     for stream in (sys.stdout, sys.stderr):

@@ -241,3 +241,34 @@ def test_repair_of_a_sound_directory_does_not_claim_it_removed_something(run, pt
     assert done.code == 0, done
     assert "were removed" not in done.stdout, done.stdout
     assert done.stdout == "state.json is intact, and nothing is left of interrupted commands.\n"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX shell closes the stream")
+def test_a_closed_standard_error_loses_the_messages_not_the_command(pt_model, photos, models_dir):
+    # `luncher retrain ... 2>&-` (a cron line, `exec 2>&-`): nothing was retrained, exit 1,
+    # and no word on stdout; with --json the only output was '{"error": "unexpected
+    # AttributeError: 'NoneType' object has no attribute 'isatty' ..."}'.
+    def closed_stderr(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, "-m", "healthyluncher"]
+            + [str(a) for a in args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LUNCHER_MODELS_DIR": str(models_dir)},
+            check=False,
+        )
+
+    assert closed_stderr("make-updatable", pt_model).returncode == 0
+    done = closed_stderr("retrain", "--label", "healthy", photos["red"][0])
+    assert done.returncode == 0 and "Probability of 'healthy'" in done.stdout, done
+    done = closed_stderr("retrain", "--json", "--label", "fast_food", photos["green"][0])
+    assert done.returncode == 0 and json.loads(done.stdout)["changed"] is True, done
+    done = closed_stderr("predict", "--json", photos["red"][0], "gone.jpg")
+    assert done.returncode == 1, done
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [set(line) for line in lines] == [
+        {"path", "label", "probability", "probabilities"},
+        {"path", "error"},
+    ], lines
+    assert closed_stderr("bogus").stdout == ""  # the usage error is not written to stdout
