@@ -35,6 +35,8 @@ def guard_streams() -> None:
             stream.reconfigure(errors=ESCAPES)
     if not isinstance(sys.stdout, Output):
         sys.stdout = Output(sys.stdout)
+    if not isinstance(sys.stderr, Messages):
+        sys.stderr = Messages(sys.stderr)
 
 
 # The error handler of standard output and error: what their encoding cannot hold (ASCII
@@ -129,6 +131,40 @@ class Output:
             pass
         self.lost = OutputLost(f"cannot write to standard output: {exc.strerror or exc}")
         return self.lost
+
+
+class Messages:
+    """sys.stderr, whose failure to write (a full disk, a reader gone) loses the messages,
+    not the command: the first warning on a full disk was 'unexpected OSError', which
+    stopped predict midway and hid a saved retrain's summary. There is nowhere left to say
+    it, so the rest goes to /dev/null (Python's last flush included)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            self._stream.write(text)
+        except OSError:
+            self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._drop()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _drop(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
 
 
 def output_lost(exc: OutputLost) -> None:

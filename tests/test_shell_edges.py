@@ -272,3 +272,33 @@ def test_a_closed_standard_error_loses_the_messages_not_the_command(pt_model, ph
         {"path", "error"},
     ], lines
     assert closed_stderr("bogus").stdout == ""  # the usage error is not written to stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_messages_that_cannot_be_written_do_not_stop_the_command(pt_model, photos, models_dir):
+    # Standard error on a full disk (`2>>log` there, or /dev/full): the first warning was
+    # 'unexpected OSError: [Errno 28] No space left on device': predict stopped at the first
+    # unreadable photo, and retrain saved the change but printed none of its summary.
+    def full_stderr(*args: object) -> subprocess.CompletedProcess[str]:
+        with open("/dev/full", "w") as full:
+            return subprocess.run(
+                [sys.executable, "-m", "healthyluncher", *map(str, args)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=full,
+                text=True,
+                env={**os.environ, "LUNCHER_MODELS_DIR": str(models_dir)},
+                check=False,
+            )
+
+    assert full_stderr("make-updatable", pt_model).returncode == 0
+    done = full_stderr("predict", "--json", "gone.jpg", photos["red"][0])
+    assert done.returncode == 1, done
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [sorted(line) for line in lines] == [
+        ["error", "path"],
+        ["label", "path", "probabilities", "probability"],
+    ], done.stdout
+    done = full_stderr("retrain", "--label", "fast_food", "gone.jpg", *photos["green"])
+    assert done.returncode == 1 and "Probability of 'fast_food'" in done.stdout, done
+    assert "Trained" in done.stdout and "unexpected" not in done.stdout, done
