@@ -151,25 +151,25 @@ GLOBAL_VALUES = ("--models-dir",)
 
 
 class MissingValue(Exception):
-    """A global option that takes a value, last on the line without it."""
+    """A global option that takes a value, last on the line without it; or the command."""
 
     def __init__(self, option: str) -> None:
-        super().__init__(f"Option '{option}' requires an argument.")
-        self.option = option
+        missing = "Missing command." if option == "command" else ""
+        super().__init__(missing or f"Option '{option}' requires an argument.")
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
     """argv with the global options found after the command moved in front of it."""
     command = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
     if command is None:
-        return argv
+        return _without_a_command(argv)
     # The value of a global option before the command is not the command.
     while command > 0 and argv[command - 1] in GLOBAL_VALUES:
         command = next(
             (i for i in range(command + 1, len(argv)) if not argv[i].startswith("-")), None
         )
         if command is None:
-            return argv
+            return _without_a_command(argv)
     front, rest, moved = argv[:command], argv[command:], []
     # Every command takes --json, the group none: `luncher --json status` was "No such
     # option: --json (Possible options: --version)". It moves behind the command's own.
@@ -198,6 +198,14 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             kept.append(arg)
         i += 1
     return front + moved + kept + late
+
+
+def _without_a_command(argv: list[str]) -> list[str]:
+    """`luncher --json` was "No such option: --json": every command takes it, and what is
+    missing is the command (--help and --version go on without it)."""
+    if "--json" in argv and not {"--version", "--help", "-h"} & set(argv):
+        raise MissingValue("command")
+    return [arg for arg in argv if arg != "--json"]
 
 
 def luncher(ctx: typer.Context) -> "Luncher":

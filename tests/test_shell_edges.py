@@ -302,3 +302,24 @@ def test_messages_that_cannot_be_written_do_not_stop_the_command(pt_model, photo
     done = full_stderr("retrain", "--label", "fast_food", "gone.jpg", *photos["green"])
     assert done.returncode == 1 and "Probability of 'fast_food'" in done.stdout, done
     assert "Trained" in done.stdout and "unexpected" not in done.stdout, done
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--json"], "Missing command."),
+        (["-q", "--json"], "Missing command."),
+        (["--json", "--version"], None),
+        (["--models-dir", "somewhere", "--json"], "Missing command."),
+    ],
+)
+def test_json_without_a_command_is_not_called_an_unknown_option(args, said):
+    # `luncher --json` said "No such option: --json (Possible options: --version)": every
+    # command takes --json, and the command is what is missing.
+    done = luncher(*args)
+    assert "No such option" not in done.stderr + done.stdout, done
+    if said is None:
+        assert done.returncode == 0 and done.stdout.startswith("luncher (healthyluncher)"), done
+    else:
+        assert done.returncode == 2 and f"Error: {said}" in done.stderr, done
+        assert json.loads(done.stdout) == {"error": said}
