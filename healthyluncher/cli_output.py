@@ -107,13 +107,14 @@ def print_table(title: str, columns: list[Column], rows: list[list[tuple[str, st
             ]
             return "  ".join(parts).rstrip()
 
-        text = [title, line([c.header for c in columns])]
+        # A title is a note (--quiet: the header first, as predict's rows have it).
+        text = ([] if quiet[0] else [title]) + [line([c.header for c in columns])]
         text += [line([cell for cell, _ in row]) for row in rows]
         sys.stdout.write("\n".join(text) + "\n")
         return
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=None if quiet[0] else title, title_justify="left")
     for column in columns:
         table.add_column(
             column.header,

@@ -323,3 +323,24 @@ def test_json_without_a_command_is_not_called_an_unknown_option(args, said):
     else:
         assert done.returncode == 2 and f"Error: {said}" in done.stderr, done
         assert json.loads(done.stdout) == {"error": said}
+
+
+def test_quiet_tables_start_with_their_header_as_predict_does(run, pt_model, photos):
+    # `luncher -q predict` starts with the header row (its title is a note), but `-q
+    # examples`, `-q labels` and `-q retrain` kept their titles: `luncher -q examples | awk
+    # 'NR>1 {print $2}' | luncher forget -` forgot 'digest' ('digest: cannot read').
+    assert run("make-updatable", pt_model).code == 0
+    retrained = run("-q", "retrain", "--label", "healthy", *photos["red"])
+    assert retrained.code == 0
+    first = {
+        "predict": run("-q", "predict", photos["red"][0]).stdout.splitlines()[0],
+        "retrain": retrained.stdout.splitlines()[0],
+        "examples": run("-q", "examples").stdout.splitlines()[0],
+        "labels": run("-q", "labels").stdout.splitlines()[0],
+    }
+    assert first["predict"].split()[:2] == ["photo", "label"], first
+    assert first["retrain"].split() == ["photo", "before", "after"], first
+    assert first["examples"].split() == ["label", "digest", "file", "taught", "thumbnail"], first
+    assert first["labels"].split() == ["label", "your", "photos"], first
+    # Without -q, every table has its title.
+    assert run("examples").stdout.startswith("Your examples (3)\n")
