@@ -384,9 +384,10 @@ def status(
             f"one; {result.memory_summarized} older ones summarized (averages of photos taught "
             "together)"
         )
+    size = result.disk_bytes  # in bytes below 1 MiB, as export says it: not '0.0 MiB'
+    held = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size} bytes"
     out.print(
-        f"[bold]undo steps[/bold]        {result.undo_steps}; the models directory holds "
-        f"{result.disk_bytes / 2**20:.1f} MiB"
+        f"[bold]undo steps[/bold]        {result.undo_steps}; the models directory holds {held}"
     )
     if result.last_retrain:
         used = result.last_retrain_hyperparameters

@@ -344,3 +344,13 @@ def test_quiet_tables_start_with_their_header_as_predict_does(run, pt_model, pho
     assert first["labels"].split() == ["label", "your", "photos"], first
     # Without -q, every table has its title.
     assert run("examples").stdout.startswith("Your examples (3)\n")
+
+
+def test_status_never_says_a_models_directory_holds_nothing(run, pt_model):
+    # 'undo steps 0; the models directory holds 0.0 MiB' for a models directory of 14 kB
+    # (export says '3767 bytes' of its archive).
+    assert run("make-updatable", pt_model).code == 0
+    size = run("status", "--json").json_lines()[0]["disk_bytes"]
+    assert 0 < size < 2**20
+    [line] = [x for x in run("status").stdout.splitlines() if x.startswith("undo steps")]
+    assert line.endswith(f"the models directory holds {size} bytes"), line
