@@ -10,8 +10,8 @@ from typing import Annotated, Any, Optional, cast
 import typer
 
 # Importing them registers their commands: make-updatable, export and import; examples, labels.
-from healthyluncher import cli_setup, cli_teaching  # noqa: F401
-from healthyluncher.cli_app import JSON, app, ask, bounded, given_path, luncher, with_stdin
+from healthyluncher import cli_setup, cli_teaching, to_json  # noqa: F401
+from healthyluncher.cli_app import JSON, app, ask, bounded, given_path, luncher, spelled, with_stdin
 from healthyluncher.cli_app import main as main  # the entry point, with every command here
 from healthyluncher.cli_output import (
     Column,
@@ -67,23 +67,27 @@ def predict(
 
     lun = luncher(ctx)
     given = with_stdin(images)
-    # The photos inside folders, to size the columns and the bar (paths give paths back).
-    paths = cast("list[Path]", find_images(given)) or given
+    # The photos inside folders, to size the columns and the bar (paths give paths back),
+    # each with its name as given.
+    found = [(item, cast("Path", path)) for item in given for path in find_images([item])]
+    found = found or [(item, item) for item in given]
+    paths = [path for _, path in found]
+    names = [spelled(item, path) for item, path in found]
     failed = 0
     which = "personalized" if lun.personalized and not base else "base"
-    rows = RowPrinter(f"Predictions ({which} model)", lun.labels if not base else None, paths)
+    rows = RowPrinter(f"Predictions ({which} model)", lun.labels if not base else None, names)
     with counting(len(paths)) as done:
-        for result in lun.predict_each(paths, base=base):
+        for result, name in zip(lun.predict_each(paths, base=base), names, strict=True):
             done()
             if isinstance(result, ImageFailure):
                 failed += 1
                 if as_json:
-                    json_line(result)
+                    json_line({**to_json(result), "path": name})
                 err.print(f"[red]error:[/red] {escape(result.error)}")
             elif as_json:
-                json_line(result)
+                json_line({**to_json(result), "path": name})
             else:
-                rows.print(result)
+                rows.print(result, name)
     if failed:
         raise typer.Exit(1)
 

@@ -77,7 +77,19 @@ def given_path(text: str) -> Path:
     forgot every photo there: an empty one is a usage error."""
     if not text:
         raise typer.BadParameter("an empty path (an unset variable?)")
+    SPELLINGS.setdefault(Path(text), text)
     return Path(text)
+
+
+# Paths as they were typed or read: Path drops './' and doubled slashes, and results name
+# a photo as it was given (`find . | luncher predict --json -` is matched by path).
+SPELLINGS: dict[Path, str] = {}
+
+
+def spelled(item: Path, found: Path) -> str:
+    """How the photo `found`, that the input `item` gave, is named in results."""
+    text = SPELLINGS.get(item, str(item))
+    return text if found == item else os.path.join(text, found.relative_to(item))
 
 
 def file_path(text: str) -> Path:
@@ -129,6 +141,7 @@ def main_options(
     ] = False,
 ) -> None:
     debug_requested[0] = debug
+    SPELLINGS.clear()  # of this command's paths only (a program may run several)
     quiet[0] = quiet_option
     models_dir_option[0] = models_dir
     ctx.obj = {"models_dir": models_dir}
@@ -229,12 +242,15 @@ def with_stdin(paths: list[Path]) -> list[Path]:
     buffer = getattr(sys.stdin, "buffer", None)
     text = os.fsdecode(buffer.read()) if buffer is not None else sys.stdin.read()
     if "\0" in text:
-        read = [Path(name) for name in text.split("\0") if name]
+        names = [name for name in text.split("\0") if name]
     else:
         # Each line as it is, less a Windows line end: a name may begin or end with a space
         # (stripped, 'lunch.png ' from `ls` was 'lunch.png: cannot read').
         lines = [line.removesuffix("\r") for line in text.split("\n")]
-        read = [Path(line) for line in lines if line.strip()]
+        names = [line for line in lines if line.strip()]
+    for name in names:
+        SPELLINGS.setdefault(Path(name), name)
+    read = [Path(name) for name in names]
     expanded: list[Path] = []
     for path in paths:
         expanded.extend(read if path == Path("-") else [path])

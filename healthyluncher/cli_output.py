@@ -345,7 +345,7 @@ class RowPrinter:
         self.width = min(60, max([5, *(cells(printable(str(p))) for p in paths)]))
         self.started = False
 
-    def print(self, row: Prediction) -> None:
+    def print(self, row: Prediction, name: str | None = None) -> None:
         labels = self.labels or list(row.probabilities)
         if not self.started:
             self.started = True
@@ -356,7 +356,7 @@ class RowPrinter:
             header += [pad(x, max(6, cells(x)), right=True) for x in labels]
             sys.stdout.write("  ".join(header).rstrip() + "\n")
         texts = [
-            pad(printable(str(row.path)), self.width),
+            pad(printable(str(row.path) if name is None else name), self.width),
             pad(row.label, self.label_width),
             f"{row.probability:.1%}".rjust(11),
         ]

@@ -354,3 +354,35 @@ def test_status_never_says_a_models_directory_holds_nothing(run, pt_model):
     assert 0 < size < 2**20
     [line] = [x for x in run("status").stdout.splitlines() if x.startswith("undo steps")]
     assert line.endswith(f"the models directory holds {size} bytes"), line
+
+
+def test_predict_names_each_photo_as_it_was_given(tmp_path, pt_model, photos, models_dir):
+    # `find . -name '*.jpg' | luncher predict --json -` printed "path": "red/r0.png" for
+    # ./red/r0.png (Python's Path drops './' and doubled slashes), so a script could not
+    # match a result to its photo, and './-x.png' came back as '-x.png', an option.
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    (tmp_path / "red2").mkdir()
+    shutil.copy(photos["red"][0], tmp_path / "red2" / "r0.png")
+    shutil.copy(photos["red"][1], tmp_path / "-x.png")
+    shutil.copy(photos["green"][0], tmp_path / "g.jpg")
+
+    def predict(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "healthyluncher", "predict", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "LUNCHER_MODELS_DIR": str(models_dir)},
+            check=False,
+        )
+
+    given = ["./-x.png", ".//g.jpg", "./red2/", "./gone.jpg"]
+    expected = ["./-x.png", ".//g.jpg", "./red2/r0.png", "./gone.jpg"]
+    for args, stdin in (((*given,), None), (("-",), "\n".join(given) + "\n")):
+        done = predict("--json", *args, stdin=stdin)
+        assert done.returncode == 1, done  # gone.jpg
+        assert [json.loads(x)["path"] for x in done.stdout.splitlines()] == expected, done
+    done = predict(*given[:3])
+    assert done.returncode == 0, done
+    assert [row.split()[0] for row in done.stdout.splitlines()[2:]] == expected[:3]
