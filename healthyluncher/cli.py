@@ -10,8 +10,8 @@ from typing import Annotated, Any, Optional, cast
 import typer
 
 # Importing them registers their commands: make-updatable, export and import; examples, labels.
-from healthyluncher import cli_setup, cli_teaching  # noqa: F401
-from healthyluncher.cli_app import JSON, app, ask, bounded, given_path, luncher, with_stdin
+from healthyluncher import cli_setup, cli_teaching, to_json  # noqa: F401
+from healthyluncher.cli_app import JSON, app, ask, bounded, given_path, luncher, spelled, with_stdin
 from healthyluncher.cli_app import main as main  # the entry point, with every command here
 from healthyluncher.cli_output import (
     Column,
@@ -67,23 +67,27 @@ def predict(
 
     lun = luncher(ctx)
     given = with_stdin(images)
-    # The photos inside folders, to size the columns and the bar (paths give paths back).
-    paths = cast("list[Path]", find_images(given)) or given
+    # The photos inside folders, to size the columns and the bar (paths give paths back),
+    # each with its name as given.
+    found = [(item, cast("Path", path)) for item in given for path in find_images([item])]
+    found = found or [(item, item) for item in given]
+    paths = [path for _, path in found]
+    names = [spelled(item, path) for item, path in found]
     failed = 0
     which = "personalized" if lun.personalized and not base else "base"
-    rows = RowPrinter(f"Predictions ({which} model)", lun.labels if not base else None, paths)
+    rows = RowPrinter(f"Predictions ({which} model)", lun.labels if not base else None, names)
     with counting(len(paths)) as done:
-        for result in lun.predict_each(paths, base=base):
+        for result, name in zip(lun.predict_each(paths, base=base), names, strict=True):
             done()
             if isinstance(result, ImageFailure):
                 failed += 1
                 if as_json:
-                    json_line(result)
+                    json_line({**to_json(result), "path": name})
                 err.print(f"[red]error:[/red] {escape(result.error)}")
             elif as_json:
-                json_line(result)
+                json_line({**to_json(result), "path": name})
             else:
-                rows.print(result)
+                rows.print(result, name)
     if failed:
         raise typer.Exit(1)
 
@@ -288,7 +292,7 @@ def repair(ctx: typer.Context, as_json: JSON = False) -> None:
             f"photo(s) again from their thumbnails and retrained{lost}."
         )
     if not result.repaired:
-        out.print("state.json is intact; leftovers of interrupted commands were removed.")
+        out.print("state.json is intact, and nothing is left of interrupted commands.")
         return
     which = "your personalized model" if result.personal else "the base model"
     out.print(
@@ -384,9 +388,10 @@ def status(
             f"one; {result.memory_summarized} older ones summarized (averages of photos taught "
             "together)"
         )
+    size = result.disk_bytes  # in bytes below 1 MiB, as export says it: not '0.0 MiB'
+    held = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size} bytes"
     out.print(
-        f"[bold]undo steps[/bold]        {result.undo_steps}; the models directory holds "
-        f"{result.disk_bytes / 2**20:.1f} MiB"
+        f"[bold]undo steps[/bold]        {result.undo_steps}; the models directory holds {held}"
     )
     if result.last_retrain:
         used = result.last_retrain_hyperparameters

@@ -34,7 +34,12 @@ class LuncherGroup(typer.core.TyperGroup):
     """The command group: global options are accepted after the command too."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_options(list(args)))
+        try:
+            hoisted = hoist_global_options(list(args))
+        except MissingValue as exc:  # as click says it of the option before the command
+            usage_error = typer.BadParameter.__mro__[1]  # click's UsageError (typer's own)
+            raise usage_error(str(exc), ctx) from None
+        return super().parse_args(ctx, hoisted)
 
     def list_commands(self, ctx: Any) -> list[str]:
         """In the order they are used (typer lists them as the modules registered them)."""
@@ -72,7 +77,19 @@ def given_path(text: str) -> Path:
     forgot every photo there: an empty one is a usage error."""
     if not text:
         raise typer.BadParameter("an empty path (an unset variable?)")
+    SPELLINGS.setdefault(Path(text), text)
     return Path(text)
+
+
+# Paths as they were typed or read: Path drops './' and doubled slashes, and results name
+# a photo as it was given (`find . | luncher predict --json -` is matched by path).
+SPELLINGS: dict[Path, str] = {}
+
+
+def spelled(item: Path, found: Path) -> str:
+    """How the photo `found`, that the input `item` gave, is named in results."""
+    text = SPELLINGS.get(item, str(item))
+    return text if found == item else os.path.join(text, found.relative_to(item))
 
 
 def file_path(text: str) -> Path:
@@ -124,6 +141,7 @@ def main_options(
     ] = False,
 ) -> None:
     debug_requested[0] = debug
+    SPELLINGS.clear()  # of this command's paths only (a program may run several)
     quiet[0] = quiet_option
     models_dir_option[0] = models_dir
     ctx.obj = {"models_dir": models_dir}
@@ -145,18 +163,26 @@ GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
 GLOBAL_VALUES = ("--models-dir",)
 
 
+class MissingValue(Exception):
+    """A global option that takes a value, last on the line without it; or the command."""
+
+    def __init__(self, option: str) -> None:
+        missing = "Missing command." if option == "command" else ""
+        super().__init__(missing or f"Option '{option}' requires an argument.")
+
+
 def hoist_global_options(argv: list[str]) -> list[str]:
     """argv with the global options found after the command moved in front of it."""
     command = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
     if command is None:
-        return argv
+        return _without_a_command(argv)
     # The value of a global option before the command is not the command.
     while command > 0 and argv[command - 1] in GLOBAL_VALUES:
         command = next(
             (i for i in range(command + 1, len(argv)) if not argv[i].startswith("-")), None
         )
         if command is None:
-            return argv
+            return _without_a_command(argv)
     front, rest, moved = argv[:command], argv[command:], []
     # Every command takes --json, the group none: `luncher --json status` was "No such
     # option: --json (Possible options: --version)". It moves behind the command's own.
@@ -172,7 +198,11 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             break
         if arg in GLOBAL_FLAGS:
             moved.append(arg)
-        elif arg in GLOBAL_VALUES and i + 1 < len(rest):
+        elif arg in GLOBAL_VALUES:
+            # Last, without its value (`--models-dir $UNSET`): moved in front, it took the
+            # command for its value ("No such command 'lunch.jpg'.").
+            if i + 1 == len(rest):
+                raise MissingValue(arg)
             moved += [arg, rest[i + 1]]
             i += 1
         elif arg.split("=", 1)[0] in GLOBAL_VALUES:
@@ -181,6 +211,14 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             kept.append(arg)
         i += 1
     return front + moved + kept + late
+
+
+def _without_a_command(argv: list[str]) -> list[str]:
+    """`luncher --json` was "No such option: --json": every command takes it, and what is
+    missing is the command (--help and --version go on without it)."""
+    if "--json" in argv and not {"--version", "--help", "-h"} & set(argv):
+        raise MissingValue("command")
+    return [arg for arg in argv if arg != "--json"]
 
 
 def luncher(ctx: typer.Context) -> "Luncher":
@@ -195,7 +233,8 @@ def luncher(ctx: typer.Context) -> "Luncher":
 
 def with_stdin(paths: list[Path]) -> list[Path]:
     """`-` stands for newline-separated paths read from standard input, or NUL-separated
-    ones (`find -print0`: a name may hold a newline, never a NUL), taken as they are."""
+    ones (`find -print0`: a name may hold a newline, never a NUL), taken as they are; blank
+    lines are left out."""
     if Path("-") not in paths:
         return paths
     # The file system's bytes, decoded as it names files (a Latin-1 name from `find` was
@@ -203,9 +242,15 @@ def with_stdin(paths: list[Path]) -> list[Path]:
     buffer = getattr(sys.stdin, "buffer", None)
     text = os.fsdecode(buffer.read()) if buffer is not None else sys.stdin.read()
     if "\0" in text:
-        read = [Path(name) for name in text.split("\0") if name]
+        names = [name for name in text.split("\0") if name]
     else:
-        read = [Path(line.strip()) for line in text.split("\n") if line.strip()]
+        # Each line as it is, less a Windows line end: a name may begin or end with a space
+        # (stripped, 'lunch.png ' from `ls` was 'lunch.png: cannot read').
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
+        names = [line for line in lines if line.strip()]
+    for name in names:
+        SPELLINGS.setdefault(Path(name), name)
+    read = [Path(name) for name in names]
     expanded: list[Path] = []
     for path in paths:
         expanded.extend(read if path == Path("-") else [path])

@@ -8,9 +8,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from healthyluncher import to_json
+from healthyluncher.cli_streams import cells, pad
 from healthyluncher.errors import Command, CommittedInterrupt, LuncherError, Param
 
 if TYPE_CHECKING:
@@ -39,7 +40,10 @@ class _Console:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(highlight=False, soft_wrap=True, **self._options)
+            console = Console(highlight=False, soft_wrap=True, **self._options)
+            if console.width < 1:  # COLUMNS=0: rich drew nothing at all, errors included
+                console.width = shutil.get_terminal_size().columns  # the terminal's, or 80
+            self._console = console
         return self._console
 
     def print(self, *objects: Any, **options: Any) -> None:
@@ -79,23 +83,6 @@ def escape(text: str) -> str:
 _MARKUP_LIKE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")  # a tag, as rich reads one
 
 
-def cells(text: str) -> int:
-    """The columns `text` takes at a terminal: two for a wide (CJK) character, none for a
-    combining mark; padding by `len` pushed a row with either out of line."""
-    if text.isascii():
-        return len(text)
-    return sum(
-        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-        for c in text
-    )
-
-
-def pad(text: str, width: int, *, right: bool = False) -> str:
-    """`text` padded with spaces to `width` terminal columns (on the left if `right`)."""
-    fill = " " * (width - cells(text))
-    return fill + text if right else text + fill
-
-
 @dataclass(frozen=True)
 class Column:
     header: str
@@ -120,19 +107,20 @@ def print_table(title: str, columns: list[Column], rows: list[list[tuple[str, st
             ]
             return "  ".join(parts).rstrip()
 
-        text = [title, line([c.header for c in columns])]
+        # A title is a note (--quiet: the header first, as predict's rows have it).
+        text = ([] if quiet[0] else [title]) + [line([c.header for c in columns])]
         text += [line([cell for cell, _ in row]) for row in rows]
         sys.stdout.write("\n".join(text) + "\n")
         return
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for index, column in enumerate(columns):
+    table = Table(title=None if quiet[0] else title, title_justify="left")
+    for column in columns:
         table.add_column(
             column.header,
             justify="right" if column.right else "left",
             style=column.style or None,
-            overflow="fold" if index == 0 else "ellipsis",
+            overflow="fold",  # a cell too wide is wrapped: a path or digest is never cut
         )
     for row in rows:
         table.add_row(
@@ -357,7 +345,7 @@ class RowPrinter:
         self.width = min(60, max([5, *(cells(printable(str(p))) for p in paths)]))
         self.started = False
 
-    def print(self, row: Prediction) -> None:
+    def print(self, row: Prediction, name: str | None = None) -> None:
         labels = self.labels or list(row.probabilities)
         if not self.started:
             self.started = True
@@ -368,7 +356,7 @@ class RowPrinter:
             header += [pad(x, max(6, cells(x)), right=True) for x in labels]
             sys.stdout.write("  ".join(header).rstrip() + "\n")
         texts = [
-            pad(printable(str(row.path)), self.width),
+            pad(printable(str(row.path) if name is None else name), self.width),
             pad(row.label, self.label_width),
             f"{row.probability:.1%}".rjust(11),
         ]

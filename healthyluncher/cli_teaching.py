@@ -20,6 +20,8 @@ from healthyluncher.cli_output import (
 )
 from healthyluncher.errors import UNDO
 
+NO_EXAMPLES = "No examples: the model is not personalized."
+
 
 @app.command("examples")
 @reporting
@@ -46,7 +48,9 @@ def examples(
             json_line(item)
         return
     if not found:
-        note("No examples: the model is not personalized.")
+        # Of one label, the model may be personalized with others ('not personalized' was
+        # said of a model with photos of every label but this one).
+        note(f"No examples of {escape(repr(label))}." if label else NO_EXAMPLES)
         return
     print_table(
         f"Your examples ({len(found)})",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from healthyluncher.archive import BACKUP_FORMAT, BACKUP_KIND, CHUNK, MANIFEST
-from healthyluncher.errors import RETRAIN, LuncherError, Param
+from healthyluncher.errors import RETRAIN, UNDO, LuncherError, Param
 from healthyluncher.fileio import abandoned, fsync_dir, owned_folder
 from healthyluncher.jsonform import frozen_result
 from healthyluncher.records import (
@@ -77,7 +77,7 @@ def export_backup(store: ModelStore, target: Path, *, force: bool = False) -> Ex
             f"{target} is not a regular file; give a file name such as backup.tar.gz"
         )
     if store.current_state().personal is None:
-        raise _nothing_to_export()
+        raise _nothing_to_export(store.current_state())
     # No writer may change the files while they are hashed and packed, and nothing is
     # written to the models directory, which may be read-only to this user: a shared lock,
     # and a scratch directory beside the archive (hidden, private, like its temporary file).
@@ -109,7 +109,7 @@ def _export(store: ModelStore, state: State, target: Path, scratch: Path) -> Exp
     base = load_base(store, state)
     personal = load_personal(store, state)
     if personal is None:
-        raise _nothing_to_export()
+        raise _nothing_to_export(state)
     if set(load_weights(personal)) != set(base.meta.trainable_params):  # else unimportable
         raise LuncherError(f"{personal.path / Files.WEIGHTS} is damaged; ", *GO_BACK)
     examples = load_examples(personal, ())
@@ -172,7 +172,14 @@ def _importable_thumbnails(store: ModelStore, digests: list[str]) -> list[tuple[
     ]
 
 
-def _nothing_to_export() -> LuncherError:
+def _nothing_to_export(state: State) -> LuncherError:
+    if state.history and state.history[0].personal:  # after a reset, say
+        return LuncherError(
+            "there is nothing to export: the model is not personalized, but the last undo "
+            "step holds a personalization: ",
+            UNDO,
+            " brings it back, then export it",
+        )
     return LuncherError(
         "there is nothing to export: the model is not personalized (teach it with ",
         RETRAIN,

@@ -169,6 +169,8 @@ def numpy_problem(exc: BaseException) -> str:
     """What is wrong with a file numpy could not load, said plainly."""
     if isinstance(exc, KeyError) and exc.args:  # str() would quote it: "'x is not a file...'"
         return str(exc.args[0]).replace("is not a file in the archive", "is missing")
+    if isinstance(exc, OSError) and exc.strerror:  # not "[Errno 2] No such file...: 'x'"
+        return exc.strerror
     text = str(exc)
     for marks, words in _NUMPY_WORDS:
         if any(mark in text for mark in marks):

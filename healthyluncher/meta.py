@@ -201,6 +201,20 @@ def check_label(label: Any) -> str:
     return text
 
 
+def check_new_label(label: Any) -> str:
+    """A label about to be made (a new class, a new name, a base's labels): as check_label,
+    and not one that begins with '-'. Such a label was most often an option taken for the
+    label's value (`--label $UNSET --epochs 3` made a class '--epochs'), and every command
+    that names a label read it back as an option. Labels already made stay readable."""
+    text = check_label(label)
+    if text.startswith("-"):
+        raise LuncherError(
+            f"{text!r} begins with '-', so it reads as an option (was the label's value "
+            "left out?); a label cannot begin with '-'"
+        )
+    return text
+
+
 def label_key(label: str) -> str:
     """What two labels that look the same share: a composed é and an e with a combining
     accent (a macOS folder name) are one label."""

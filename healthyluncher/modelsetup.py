@@ -13,7 +13,7 @@ import numpy as np
 from healthyluncher import graph
 from healthyluncher.errors import LuncherError, Param
 from healthyluncher.fileio import parse_json
-from healthyluncher.meta import check_label, label_key
+from healthyluncher.meta import check_new_label, label_key
 from healthyluncher.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, is_finite_number
 
 # Pixel normalizations by name, in 0..255 units: (mean, std) per channel.
@@ -41,7 +41,9 @@ class Inputs:
 
 def model_labels(given: Sequence[str] | None, analysis: graph.Analysis) -> tuple[str, ...]:
     # Checked as every later read of meta.json checks them, so that none is refused there.
-    labels = [check_label(v) for v in given] if given else graph.metadata_labels(analysis.metadata)
+    labels = (
+        [check_new_label(v) for v in given] if given else graph.metadata_labels(analysis.metadata)
+    )
     if not labels:
         raise LuncherError(
             f"the model does not name its {analysis.num_classes} classes; give them with ",

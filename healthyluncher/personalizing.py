@@ -15,7 +15,7 @@ from healthyluncher.embedder import Embedder
 from healthyluncher.errors import LuncherError, UnknownLabelError
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import memory_plan, merge_examples
-from healthyluncher.meta import PersonalMeta, check_label, known_label
+from healthyluncher.meta import PersonalMeta, check_label, check_new_label, known_label
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.predictor import restorable
@@ -162,7 +162,7 @@ def retrain(
         label = known_label(label, old_labels)  # never a twin label in another Unicode form
         if label not in old_labels and not new_label:
             raise UnknownLabelError(label, old_labels)
-        labels = old_labels if label in old_labels else (*old_labels, label)
+        labels = old_labels if label in old_labels else (*old_labels, check_new_label(label))
         settings = personal.meta.hyperparameters if personal else base.meta.hyperparameters
         hp = settings.replace(
             epochs=epochs,

@@ -21,7 +21,7 @@ from healthyluncher.errors import (
 from healthyluncher.events import ProgressCallback
 from healthyluncher.examples import apart_from_forgotten, select_examples
 from healthyluncher.jsonform import frozen_result
-from healthyluncher.meta import check_label, known_label, label_key
+from healthyluncher.meta import check_new_label, known_label, label_key
 from healthyluncher.personal import publish_personal
 from healthyluncher.photos import PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.records import (
@@ -110,7 +110,7 @@ def list_labels(store: ModelStore) -> list[LabelInfo]:
 def rename_label(store: ModelStore, old: str, new: str) -> RenameResult:
     """Give a label you added another name: the same weights and examples under the new
     name, published as one change that `undo` reverses."""
-    new = check_label(new)
+    new = check_new_label(new)
     with store.transaction() as txn:
         base = load_base(store, txn.state)
         personal = load_personal(store, txn.state)

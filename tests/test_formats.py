@@ -388,4 +388,4 @@ def test_an_existing_file_with_a_url_like_name_is_a_file(run, pt_model, tmp_path
     lunch().save(photo)
     assert url_error(Path("https://example.com/lunch.png")) is None
     rows = predictions(run, "https://example.com/lunch.png")
-    assert list(rows) == ["https:/example.com/lunch.png"]
+    assert list(rows) == ["https://example.com/lunch.png"]  # named as given
