@@ -189,13 +189,9 @@ def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> U
     fitted = publish_personal(txn, new_base, labels, examples, hp)
     # Base and personalization switch together, in one write of state.json (undo: the old).
     txn.commit(txn.state.with_base(built.directory.name, fitted.name))
-    return UpdatableResult(
-        meta=built.meta,
-        directory=built.directory,
-        dropped_personalization=False,
-        carried_over=examples.per_label(),
-        not_carried=missing,
-    )
+    # What building the base found (its preprocessing's source, the --examples report)
+    # is reported as for a fresh base, with what became of the personalization.
+    return replace(built, carried_over=examples.per_label(), not_carried=missing)
 
 
 def ensure_base(store: ModelStore) -> State:

@@ -100,3 +100,28 @@ def test_upgrade_to_the_same_model_with_another_cut(run, pt_model, photos):
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
     rows = run("predict", "--json", *photos["red"]).json_lines()
     assert [r["label"] for r in rows] == ["fast_food"] * 3
+
+
+def test_an_upgrade_reports_what_a_new_base_reports(run, pt_model, tmp_path, photos):
+    """An upgrade builds a base as make-updatable does: its output says where the
+    preprocessing came from and how the head trained on --examples did, as a fresh base's."""
+    examples = tmp_path / "lunches"
+    for label, colour in (("healthy", "green"), ("fast_food", "red")):
+        for photo in photos[colour]:
+            (examples / label).mkdir(parents=True, exist_ok=True)
+            (examples / label / photo.name).write_bytes(photo.read_bytes())
+    stock = pytorch_style(tmp_path / "stock.onnx", None, classes=10, seed=9)
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    result = run("make-updatable", stock, "--examples", examples, "--keep-personalization")
+    assert result.code == 0, result
+    assert "Preprocessing from the default" in result.stdout
+    assert "A new final layer for your photos" in result.stdout
+    assert "carried over" in result.stdout
+    assert run("undo").code == 0
+    form = run(
+        "make-updatable", stock, "--examples", examples, "--keep-personalization", "--json"
+    ).json_lines()[0]
+    assert form["preprocessing_source"].startswith("the default")
+    assert form["examples"]["photos"] == {"fast_food": 3, "healthy": 3}
+    assert form["carried_over"] == {"fast_food": 3}
