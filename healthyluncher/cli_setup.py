@@ -384,6 +384,9 @@ def import_backup(
         json_line(result)
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    if not result.changed:
+        out.print(f"Nothing changed (no new undo step): the backup is in use ({escape(counts)}).")
+        return
     if result.rebuilt:
         out.print(
             f"Embedded your photos with this base and retrained ({escape(counts)}); "
