@@ -125,3 +125,44 @@ def test_an_upgrade_reports_what_a_new_base_reports(run, pt_model, tmp_path, pho
     assert form["preprocessing_source"].startswith("the default")
     assert form["examples"]["photos"] == {"fast_food": 3, "healthy": 3}
     assert form["carried_over"] == {"fast_food": 3}
+
+
+def test_a_label_the_new_base_writes_otherwise_is_the_new_bases(
+    run, pt_model, tmp_path, photos, models_dir
+):
+    """A new base that writes the labels in another case or spacing ('Fast Food' for
+    'fast_food') names the same classes: the examples were added beside them as labels of
+    their own, so the model had 'Fast Food' and 'fast_food', splitting every photo's
+    probability between two classes that mean one, without a word."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
+    assert run("retrain", "--label", "dessert", "--new-label", *photos["green"]).code == 0
+    assert run("export", tmp_path / "b.tar.gz").code == 0
+    labels = ["Healthy", "Fast Food", "DESSERT"]
+    new_base = pytorch_style(tmp_path / "new_base.onnx", labels, classes=3, seed=7)
+    result = run("make-updatable", new_base, "--keep-personalization")
+    assert result.code == 0, result
+    assert "(DESSERT: 3, Fast Food: 3)" in result.stdout
+    status = run("status", "--json").json_lines()[0]
+    assert status["labels"] == labels
+    assert status["examples_per_label"] == {"Fast Food": 3, "DESSERT": 3}
+    rows = run("predict", "--json", *photos["red"], *photos["green"]).json_lines()
+    assert [r["label"] for r in rows] == ["Fast Food"] * 3 + ["DESSERT"] * 3
+    # A backup of the old base, rebuilt on this one, the same.
+    assert run("reset", "--purge").code == 0
+    assert run("import", tmp_path / "b.tar.gz", "--rebuild").code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["labels"] == labels
+    assert status["examples_per_label"] == {"Fast Food": 3, "DESSERT": 3}
+
+
+def test_labels_of_yours_that_differ_only_in_case_stay_apart(run, pt_model, tmp_path, photos):
+    """Two labels of yours that one base label could name ('dessert' and 'Dessert'): which
+    is the base's is a guess, so both stay yours, as before."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "dessert", "--new-label", *photos["red"]).code == 0
+    assert run("retrain", "--label", "Dessert", "--new-label", *photos["green"]).code == 0
+    new_base = pytorch_style(tmp_path / "n.onnx", ["healthy", "DESSERT"], seed=7)
+    assert run("make-updatable", new_base, "--keep-personalization").code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["labels"] == ["healthy", "DESSERT", "dessert", "Dessert"]
