@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from healthyluncher.store import STATE_FILE
 from tests.conftest import needs_ort, one_line_error
 from tests.models import keras_style, pytorch_style
 from tests.test_cli import probabilities
+from tests.test_shell_use import _stopped
 
 
 def test_upgrade_keeps_the_users_labels(run, pt_model, tmp_path, photos, models_dir):
@@ -166,3 +169,37 @@ def test_labels_of_yours_that_differ_only_in_case_stay_apart(run, pt_model, tmp_
     assert run("make-updatable", new_base, "--keep-personalization").code == 0
     status = run("status", "--json").json_lines()[0]
     assert status["labels"] == ["healthy", "DESSERT", "dessert", "Dessert"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_a_damaged_state_after_a_killed_upgrade_keeps_the_personalization(
+    run, pt_model, tmp_path, photos, models_dir
+):
+    """An upgrade killed (kill -9, power lost) once its new base is written leaves that
+    base unnamed; were state.json then damaged, the state rebuilt from the directories
+    was the new base alone, and the first command that wrote removed the personalization
+    of the old base, its examples and thumbnails: 'your examples none', nothing to undo.
+    Copies of older bases are now undo steps of the rebuilt state."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", "--epochs", "60", *photos["red"]).code == 0
+    before = probabilities(run, *photos["red"])
+    new_base = pytorch_style(tmp_path / "new_base.onnx", seed=3)
+    code, _, _ = _stopped(
+        "healthyluncher.bases.publish_personal",
+        tmp_path / "ready",
+        signal.SIGKILL,
+        "make-updatable",
+        str(new_base),
+        "--keep-personalization",
+    )
+    assert code == -signal.SIGKILL
+    (models_dir / STATE_FILE).write_text("{")  # and then state.json is damaged
+
+    result = run("repair", "--json")
+    assert result.code == 0, result
+    assert result.json_lines()[0]["undo_steps"] >= 1
+    assert run("status", "--json").json_lines()[0]["base_name"] == "new_base"
+    restored = run("undo")
+    assert restored.code == 0 and "on the base model tiny_pt again" in restored.stdout
+    assert probabilities(run, *photos["red"]) == before
+    assert len(list((models_dir / "thumbnails").glob("*.jpg"))) == 3
