@@ -90,7 +90,8 @@ def test_upgrade_reports_examples_without_thumbnails(
     if missing == 3:
         one_line_error(result, "thumbnail")
     else:
-        assert result.code == 0 and f"{missing} example(s) had no thumbnail" in result.stdout
+        assert result.code == 0
+        assert f"{missing} example(s) had no usable thumbnail" in result.stdout
 
 
 @needs_ort
@@ -203,3 +204,22 @@ def test_a_damaged_state_after_a_killed_upgrade_keeps_the_personalization(
     assert restored.code == 0 and "on the base model tiny_pt again" in restored.stdout
     assert probabilities(run, *photos["red"]) == before
     assert len(list((models_dir / "thumbnails").glob("*.jpg"))) == 3
+
+
+def test_an_example_a_new_base_cannot_carry_is_said_truly_and_how_to_get_it_back(
+    run, pt_model, tmp_path, photos, models_dir
+):
+    """A thumbnail damaged on disk: the upgrade said the example 'had no thumbnail' (it
+    has one) and 'left behind', without saying that undo brings it back."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    sorted((models_dir / "thumbnails").iterdir())[0].write_bytes(b"not a jpeg")
+    result = run(
+        "make-updatable", pytorch_style(tmp_path / "n.onnx", seed=5), "--keep-personalization"
+    )
+    assert result.code == 0, result
+    assert "1 example(s) had no usable thumbnail" in result.stdout
+    assert "`luncher undo`" in result.stdout
+    assert run("status", "--json").json_lines()[0]["examples_per_label"] == {"fast_food": 2}
+    assert run("undo").code == 0
+    assert run("status", "--json").json_lines()[0]["examples_per_label"] == {"fast_food": 3}
