@@ -216,6 +216,9 @@ def make_updatable(
         return
     if not quiet[0]:  # --quiet: the result lines only, not the layers
         _print_layers(result.meta.layers, model.name, verbose)
+    if not result.changed:
+        out.print(f"Nothing changed (no new undo step): {escape(model.name)} is the base in use.")
+        return
     _print_summary(result)
 
 

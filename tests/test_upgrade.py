@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -10,6 +11,7 @@ from healthyluncher.store import STATE_FILE
 from tests.conftest import needs_ort, one_line_error
 from tests.models import keras_style, pytorch_style
 from tests.test_cli import probabilities
+from tests.test_conventions import luncher
 from tests.test_shell_use import _stopped
 
 
@@ -223,3 +225,41 @@ def test_an_example_a_new_base_cannot_carry_is_said_truly_and_how_to_get_it_back
     assert run("status", "--json").json_lines()[0]["examples_per_label"] == {"fast_food": 2}
     assert run("undo").code == 0
     assert run("status", "--json").json_lines()[0]["examples_per_label"] == {"fast_food": 3}
+
+
+@pytest.mark.parametrize("personalized", [True, False], ids=["upgrade", "base-only"])
+def test_making_the_base_in_use_updatable_again_changes_nothing(
+    run, pt_model, tmp_path, photos, models_dir, personalized
+):
+    """The same model, set up the same way, again (a script run twice, an upgrade repeated
+    to be sure): it built a second copy of the base, retrained, and added an undo step
+    identical to the current state, pushing the oldest real one out of the history. (Each
+    make-updatable is its own process, as a shell runs it: ONNX Runtime names the nodes
+    of the training files it writes by a count kept per process.)"""
+    assert run("make-updatable", pt_model).code == 0
+    if personalized:
+        assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+        assert run("retrain", "--label", "dessert", "--new-label", *photos["green"]).code == 0
+    new_base = pytorch_style(tmp_path / "new_base.onnx", seed=3)
+    assert luncher("make-updatable", str(new_base), "--keep-personalization").returncode == 0
+    status = run("status", "--json").json_lines()[0]
+    state = (models_dir / STATE_FILE).read_bytes()
+    before = sorted(p.name for p in models_dir.iterdir())
+    for as_json in (False, True):
+        args = ["make-updatable", str(new_base), "--keep-personalization", *["--json"] * as_json]
+        result = luncher(*args)
+        assert result.returncode == 0, result
+        if as_json:
+            form = json.loads(result.stdout)
+            assert form["changed"] is False and form["base"]["sha256"] == status["base_sha256"]
+            assert form["directory"] == str(models_dir / json.loads(state)["base"])
+        else:
+            assert "Nothing changed (no new undo step)" in result.stdout, result
+            assert "Base ready" not in result.stdout and "carried over" not in result.stdout
+    assert (models_dir / STATE_FILE).read_bytes() == state
+    assert sorted(p.name for p in models_dir.iterdir()) == before
+    assert run("status", "--json").json_lines()[0] == status
+    # Set up otherwise, it is a new base as before.
+    other = luncher("make-updatable", str(new_base), "--keep-personalization", "--epochs", "7")
+    assert other.returncode == 0 and "Base ready" in other.stdout
+    assert run("status", "--json").json_lines()[0]["undo_steps"] == min(3, status["undo_steps"] + 1)
