@@ -8,7 +8,7 @@ transaction, like every other change.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,14 @@ from healthyluncher.events import ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes
 from healthyluncher.jsonform import frozen_result
 from healthyluncher.personal import example_scores, publish_personal, render_personal
-from healthyluncher.records import Base, load_base, load_personal
+from healthyluncher.records import (
+    Base,
+    load_base,
+    load_examples,
+    load_personal,
+    load_taught,
+    load_weights,
+)
 from healthyluncher.store import Files, ModelStore, Transaction
 from healthyluncher.thumbnails import make_room
 
@@ -40,6 +47,8 @@ class ImportResult:
     not_carried: int = 0  # photos without a usable thumbnail (rebuild only)
     # The examples per label the import replaced (`undo` brings them back).
     replaced: dict[str, int] = field(default_factory=dict)
+    # False: the backup is the personalization in use, and no undo step was added.
+    changed: bool = True
 
 
 def import_backup(
@@ -69,7 +78,41 @@ def import_backup(
                 )
             if difference:
                 return _rebuild(txn, base, backup, progress)
+            if _in_use(txn, backup):
+                return ImportResult(
+                    rebuilt=False,
+                    labels=backup.meta.labels,
+                    new_labels=backup.meta.labels[len(base.meta.labels) :],
+                    examples_per_label=backup.examples.per_label(),
+                    trained_at=backup.meta.trained_at,
+                    undo_steps=len(txn.state.history),
+                    changed=False,
+                )
             return _restore(txn, base, backup)
+
+
+def _in_use(txn: Transaction, backup: Backup) -> bool:
+    """Whether the backup is the personalization in use (on this base): its settings,
+    weights, examples and their names, so that restoring it would change nothing but add
+    an undo step, which pushes the oldest real one out of the history."""
+    personal = load_personal(txn.store, txn.state)
+    if personal is None:
+        return False
+    restored = replace(backup.meta, examples_per_label=backup.examples.per_label())
+    if personal.meta != restored or load_taught(personal) != backup.taught:
+        return False
+    weights = load_weights(personal)
+    if set(weights) != set(backup.weights) or not all(
+        np.array_equal(weights[name], backup.weights[name]) for name in weights
+    ):
+        return False
+    ours, theirs = load_examples(personal, ()), backup.examples
+    return (
+        ours.digests == theirs.digests
+        and ours.labels == theirs.labels
+        and np.array_equal(ours.owner, theirs.owner)
+        and np.array_equal(ours.inputs, theirs.inputs)
+    )
 
 
 def _base_difference(backup: Backup, base: Base) -> str:

@@ -44,6 +44,7 @@ from healthyluncher.records import (
     load_examples,
     load_personal,
     make_updatable_command,
+    same_base,
     save_arrays,
 )
 from healthyluncher.runtime import head_batch_limit, inference_session
@@ -98,6 +99,7 @@ class UpdatableResult:
     preprocessing_source: str = ""  # where the preprocessing came from (modelsetup.Inputs)
     examples: HeadReport | None = None  # what --examples trained
     replay_found: Path | None = None  # MODEL.replay.npz, found beside the model and used
+    changed: bool = True  # False: the base in use, set up the same way (no new undo step)
 
     def to_json(self) -> dict[str, Any]:
         """As `luncher make-updatable --json` prints it (JSON values)."""
@@ -110,6 +112,7 @@ class UpdatableResult:
                 "dropped_personalization": self.dropped_personalization,
                 "carried_over": self.carried_over,
                 "not_carried": self.not_carried,
+                "changed": self.changed,
             }
         )
         return form
@@ -160,22 +163,41 @@ def make_updatable(
                 Param("force", True),
                 " to replace it and remove the personalization",
             )
-        if keep:
-            result = _upgrade(txn, model_path, options)
+        built = _build(txn, model_path, options, bundled=bundled)
+        current = _intact_base(store, state) if keep or not state.personal else None
+        if current is not None and same_base(current, built.directory):
+            # The base in use, set up the same way: no second copy, no retrain, and no undo
+            # step that would push a real one out of the history. The copy just built is
+            # named by no state, so it goes.
+            txn.commit(state)
+            result = replace(built, meta=current.meta, directory=current.path, changed=False)
+        elif keep:
+            result = _upgrade(txn, built)
         else:
-            result = _build(txn, model_path, options, bundled=bundled)
+            # The old base and its personalization stay an undo step away (their thumbnails
+            # and cached head inputs with them); `reset` or three more steps let them go.
+            txn.commit(state.with_base(built.directory.name, None))
+            result = replace(built, dropped_personalization=state.personal is not None)
     return replace(result, replay_found=found)
 
 
-def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> UpdatableResult:
-    """Build the new base, embed the kept thumbnails with it, retrain with the same settings,
-    and switch base and personalization in one state change. Until that switch, the old
-    base and personalization stay current, so a crash at any point leaves them working."""
+def _intact_base(store: ModelStore, state: State) -> Base | None:
+    """The base in use, None when there is none or it is damaged (which a new one mends)."""
+    try:
+        return load_base(store, state) if state.base is not None else None
+    except LuncherError:
+        return None
+
+
+def _upgrade(txn: Transaction, built: UpdatableResult) -> UpdatableResult:
+    """Embed the kept thumbnails with the new base just built, retrain with the same
+    settings, and switch base and personalization in one state change. Until that switch,
+    the old base and personalization stay current, so a crash at any point leaves them
+    working."""
     store = txn.store
     personal = load_personal(store, txn.state)
     assert personal is not None
     old = load_examples(personal, ())
-    built = _build(txn, model_path, options, bundled=False, switch=False)
     new_base = Base(built.directory, built.meta)
     hp = personal.meta.hyperparameters
     examples, missing = rebuild_examples(store, new_base, old.digests, old.labels, hp)
@@ -191,13 +213,9 @@ def _upgrade(txn: Transaction, model_path: Path, options: UpdatableOptions) -> U
     fitted = publish_personal(txn, new_base, labels, examples, hp)
     # Base and personalization switch together, in one write of state.json (undo: the old).
     txn.commit(txn.state.with_base(built.directory.name, fitted.name))
-    return UpdatableResult(
-        meta=built.meta,
-        directory=built.directory,
-        dropped_personalization=False,
-        carried_over=examples.per_label(),
-        not_carried=missing,
-    )
+    # What building the base found (its preprocessing's source, the --examples report)
+    # is reported as for a fresh base, with what became of the personalization.
+    return replace(built, carried_over=examples.per_label(), not_carried=missing)
 
 
 def ensure_base(store: ModelStore) -> State:
@@ -215,7 +233,8 @@ def ensure_base(store: ModelStore) -> State:
         if txn.state.base is None:  # another process may have done it meanwhile
             replay = shipped.with_name(BUNDLED_REPLAY)
             options = UpdatableOptions(replay=replay if replay.is_file() else None)
-            _build(txn, shipped, options, bundled=True)
+            built = _build(txn, shipped, options, bundled=True)
+            txn.commit(txn.state.with_base(built.directory.name, None))
     return store.current_state()
 
 
@@ -225,10 +244,9 @@ def _build(
     options: UpdatableOptions,
     *,
     bundled: bool,
-    switch: bool = True,
 ) -> UpdatableResult:
-    """Write a new base directory; with `switch`, make it current (without personalization)."""
-    store, state = txn.store, txn.state
+    """Write a new base directory (published, not yet current: the caller commits)."""
+    store = txn.store
     photos = calibration_photos(options.calibration) if options.calibration else []
     raw = read_model_file(model_path)
     model = graph.load_model(model_path)
@@ -393,16 +411,10 @@ def _build(
         template.save(staged / Files.TEMPLATE)
         write_json(staged / Files.META, meta.to_json(), durable=False)  # publish fsyncs it
         name = txn.publish(staged, "base")
-    dropped = False
-    if switch:
-        dropped = state.personal is not None
-        # The old base and its personalization stay an undo step away (their thumbnails
-        # and cached head inputs with them); `reset` or three more steps let them go.
-        txn.commit(state.with_base(name, None))
     return UpdatableResult(
         meta=meta,
         directory=store.root / name,
-        dropped_personalization=dropped,
+        dropped_personalization=False,
         preprocessing_source=inputs.source,
         examples=report,
     )

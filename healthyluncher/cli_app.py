@@ -3,6 +3,7 @@
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -388,3 +389,13 @@ def _run_app() -> None:
         exc.show()
         raise SystemExit(getattr(exc, "exit_code", 2)) from None
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def in_options(source: str) -> str:
+    """Where the preprocessing came from, in make-updatable's options."""
+    preset = re.fullmatch(r"the (\w+) preset", source)
+    if preset:
+        return f"--preprocessing {preset[1]}"
+    if source == "the given mean and std":
+        return "--mean/--std"
+    return source.replace("mean and std)", "mean and std; --preprocessing says otherwise)")

@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations` here: typer reads the annotations at run time.
 
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from healthyluncher.cli_app import (
     file_path,
     floats,
     given_path,
+    in_options,
     luncher,
     names,
 )
@@ -216,6 +216,9 @@ def make_updatable(
         return
     if not quiet[0]:  # --quiet: the result lines only, not the layers
         _print_layers(result.meta.layers, model.name, verbose)
+    if not result.changed:
+        out.print(f"Nothing changed (no new undo step): {escape(model.name)} is the base in use.")
+        return
     _print_summary(result)
 
 
@@ -274,7 +277,7 @@ def _print_summary(result: Any) -> None:
     meta = result.meta
     prep = meta.preprocessing
     note(
-        f"Preprocessing from {escape(_in_options(result.preprocessing_source))}: "
+        f"Preprocessing from {escape(in_options(result.preprocessing_source))}: "
         f"short side {prep.resize}, "
         f"crop {prep.height}x{prep.width}, mean {_numbers(prep.mean)}, std {_numbers(prep.std)}."
     )
@@ -299,7 +302,10 @@ def _print_summary(result: Any) -> None:
             f"({escape(counts)})."
         )
         if result.not_carried:
-            out.print(f"{result.not_carried} example(s) had no thumbnail and were left behind.")
+            out.print(
+                f"{result.not_carried} example(s) had no usable thumbnail and were left behind; "
+                f"{suggest(UNDO)} goes back to the previous base with them."
+            )
 
 
 def _numbers(values: tuple[float, ...]) -> str:
@@ -384,6 +390,9 @@ def import_backup(
         json_line(result)
         return
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    if not result.changed:
+        out.print(f"Nothing changed (no new undo step): the backup is in use ({escape(counts)}).")
+        return
     if result.rebuilt:
         out.print(
             f"Embedded your photos with this base and retrained ({escape(counts)}); "
@@ -403,13 +412,3 @@ def import_backup(
             "them back."
         )
     note(f"{result.undo_steps} undo step(s) available.")
-
-
-def _in_options(source: str) -> str:
-    """Where the preprocessing came from, in this command's options."""
-    preset = re.fullmatch(r"the (\w+) preset", source)
-    if preset:
-        return f"--preprocessing {preset[1]}"
-    if source == "the given mean and std":
-        return "--mean/--std"
-    return source.replace("mean and std)", "mean and std; --preprocessing says otherwise)")

@@ -13,7 +13,7 @@ import numpy as np
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, REPAIR, LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, regular
-from healthyluncher.meta import known_label
+from healthyluncher.meta import carried_labels
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
 from healthyluncher.records import Base, Examples, make_updatable_command
 from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
@@ -289,8 +289,9 @@ def rebuild_examples(
 ) -> tuple[Examples, int]:
     """Embed the kept thumbnails of these photos with `base`; returns the examples and how
     many photos could not be carried over (thumbnail missing or unreadable)."""
-    # A label of yours that the base has in another Unicode form is the base's (as retrain).
-    labels = [known_label(label, base.meta.labels) for label in labels]
+    # A label of yours that the base writes otherwise (another Unicode form, case or
+    # spacing: "Fast Food" for "fast_food") is the base's, not a twin class beside it.
+    labels = carried_labels(labels, base.meta.labels)
     pairs = zip(digests, labels, strict=True)
     found = [(d, label) for d, label in pairs if store.thumbnail(d).is_file()]
     embedder = Embedder(store, base, hp.views_for(len(found)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +230,32 @@ def known_label(label: str, labels: tuple[str, ...]) -> str:
     if not isinstance(label, str):
         raise LuncherError(f"a label must be text, not {label!r:.40}")
     return next((known for known in labels if label_key(known) == label_key(label)), label)
+
+
+def spelling_key(label: str) -> str:
+    """What two spellings of one class name share: case, and spaces, underscores and
+    hyphens between words, aside ("Fast Food", "fast_food" and "fast-food")."""
+    return " ".join(label_key(label).replace("_", " ").replace("-", " ").split()).casefold()
+
+
+def carried_labels(labels: Sequence[str], base_labels: tuple[str, ...]) -> list[str]:
+    """Your examples' labels as a new base names them: a label the base has in another
+    Unicode form, case or spacing is the base's. Where that is a guess (two base labels, or
+    two of yours, that one spelling names) the label stays as it is, a label of its own."""
+    by_spelling: dict[str, list[str]] = {}
+    for known in base_labels:
+        by_spelling.setdefault(spelling_key(known), []).append(known)
+    mine: dict[str, set[str]] = {}
+    for label in labels:
+        mine.setdefault(spelling_key(label), set()).add(label_key(label))
+    carried = []
+    for label in labels:
+        exact = known_label(label, base_labels)
+        key = spelling_key(label)
+        same = by_spelling.get(key, [])
+        unique = len(same) == 1 and len(mine[key]) == 1
+        carried.append(exact if exact in base_labels or not unique else same[0])
+    return carried
 
 
 def labels_of(values: Any) -> tuple[str, ...]:

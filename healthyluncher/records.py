@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,43 @@ def load_base(store: ModelStore, state: State) -> Base:
         return Base(path, BaseMeta.from_json(data))
     except (LuncherError, KeyError, TypeError, ValueError) as exc:
         raise LuncherError(f"{path / Files.META} is damaged ({exc}); ", *again) from None
+
+
+def same_base(base: Base, other: Path) -> bool:
+    """Whether the base directory `other` is `base` made again, file for file: the same
+    model set up the same way, and `base` undamaged (meta.json may differ in when and from
+    which path it was made)."""
+
+    def files(root: Path) -> list[str]:
+        found = (path.relative_to(root).as_posix() for path in root.rglob("*"))
+        return sorted(name for name in found if name != Files.META)
+
+    try:
+        theirs = BaseMeta.from_json(read_json(other / Files.META))
+        if replace(theirs, created="", source="") != replace(base.meta, created="", source=""):
+            return False
+        names = files(other)
+        if files(base.path) != names:
+            return False
+        return all(_same_file(other / name, base.path / name) for name in names)
+    except (OSError, LuncherError, ValueError, EOFError, zipfile.BadZipFile):
+        return False  # a damaged current base is not the same as a new one
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    """The same bytes; for arrays (.npz), the same arrays: a zip entry holds its time."""
+    import filecmp
+
+    if one.is_dir() or other.is_dir():
+        return one.is_dir() and other.is_dir()
+    if not (one.is_file() and other.is_file()):  # a named pipe in their place: damage
+        return False
+    if one.suffix != ".npz":
+        return filecmp.cmp(one, other, shallow=False)
+    with np.load(regular(one), allow_pickle=False) as a, np.load(regular(other)) as b:
+        return sorted(a.files) == sorted(b.files) and all(
+            np.array_equal(a[name], b[name]) for name in a.files
+        )
 
 
 def load_personal(store: ModelStore, state: State) -> Personal | None:

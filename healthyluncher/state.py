@@ -96,8 +96,8 @@ class Step:
 
 def recover(root: Path, meta_file: str, model_file: str) -> State:
     """The newest complete state the directories of `root` hold, for a damaged state.json:
-    the newest base, the newest personalized copy made from it, and that base's other
-    copies as undo steps, newest first (so nothing of the user's is lost). A directory is
+    the newest base, the newest personalized copy made from it, and the other copies (of
+    any base) as undo steps, newest first (so nothing of the user's is lost). A directory is
     complete when its `meta_file` parses and its `model_file` exists."""
 
     def meta(path: Path) -> dict[str, object] | None:
@@ -122,13 +122,18 @@ def recover(root: Path, meta_file: str, model_file: str) -> State:
     bases = newest_first("base")
     if not bases:
         return State()
-    base, base_meta = bases[0]
-    copies = [
-        p.name
+    base = bases[0][0]
+    # Each copy with the base it was made from: the newest base of its sha256. A copy of
+    # an older base is an undo step (a new base, or one an upgrade killed before its
+    # switch left unnamed, must not cost the personalization of the one before).
+    made_from: dict[object, str] = {}
+    for path, data in bases:
+        made_from.setdefault(data.get("sha256"), path.name)
+    steps = [
+        Step(made_from[m.get("base_sha256")], p.name)
         for p, m in newest_first("personal")
-        if m.get("base_sha256") == base_meta.get("sha256")
+        if m.get("base_sha256") in made_from
     ]
-    if not copies:
-        return State(base=base.name)
-    history = [Step(base.name, name) for name in copies[1 : HISTORY_LIMIT + 1]]
-    return State(base=base.name, personal=copies[0], history=history)
+    current = next((step for step in steps if step.base == base.name), Step(base.name, None))
+    history = [step for step in steps if step != current][:HISTORY_LIMIT]
+    return State(base=base.name, personal=current.personal, history=history)

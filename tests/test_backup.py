@@ -211,6 +211,28 @@ def test_import_over_another_personalization_can_be_undone(run, archive, photos)
     assert predict_json(run, *everything) == later
 
 
+def test_importing_the_personalization_in_use_changes_nothing(run, archive, photos, models_dir):
+    """A backup of the very personalization in use (imported twice, or right after export)
+    is no change: it adds no undo step, which would push a real one out of the history."""
+    everything = [*photos["red"], *photos["green"]]
+    exported = predict_json(run, *everything)
+    steps = run("status", "--json").json_lines()[0]["undo_steps"]
+    before = tree(models_dir)
+    for _ in range(2):
+        result = run("import", archive)
+        assert result.code == 0, result
+        assert result.stdout.startswith("Nothing changed (no new undo step)"), result.stdout
+        assert "replaced" not in result.stdout
+    form = run("import", archive, "--json").json_lines()[0]
+    assert form["changed"] is False and form["replaced"] == {} and form["undo_steps"] == steps
+    assert tree(models_dir) == before
+    assert predict_json(run, *everything) == exported
+    assert run("status", "--json").json_lines()[0]["undo_steps"] == steps
+    assert run("undo").code == 0 and "Back to the base" in run("undo").stdout
+    # Over another personalization it is a change, as before.
+    assert run("import", archive, "--json").json_lines()[0]["changed"] is True
+
+
 def test_the_archive_describes_itself(run, archive, models_dir):
     content = members(archive)
     names = [info.name for info, _ in content]
@@ -966,6 +988,7 @@ def test_an_import_onto_damaged_training_files_is_one_line(
     assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
     path = tmp_path / "backup.tar.gz"
     assert run("export", path).code == 0
+    assert run("reset").code == 0  # so that the import restores (the backup is not in use)
     (checkpoint,) = models_dir.glob(f"base-*/{Files.ARTIFACTS}/checkpoint")
     checkpoint.write_bytes(b"not a checkpoint")
     before = tree(models_dir)
