@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -307,7 +304,7 @@ def _build(
     replay_set = None
     if examples is not None:
         hp = options.hyperparameters
-        with work_folder(txn) as work:
+        with txn.staging(work=True) as work:
             params, replay_set, report = fit_new_head(
                 cut, analysis, prep, examples, replaced, hp, work, options.progress
             )
@@ -330,7 +327,7 @@ def _build(
     quantized: QuantizedBase | None = None
     if options.int8:
         assert options.calibration is not None
-        with work_folder(txn) as work:
+        with txn.staging(work=True) as work:
             quantized = quantize_base(model, cut, analysis, prep, photos, options.calibration, work)
         frozen = quantized.frozen
         model_bytes = quantized.model.SerializeToString()
@@ -418,15 +415,3 @@ def _build(
         preprocessing_source=inputs.source,
         examples=report,
     )
-
-
-@contextlib.contextmanager
-def work_folder(txn: Transaction) -> Iterator[Path]:
-    """A folder for the work files of a build, inside the models directory and removed on
-    leaving: one a killed build leaves is removed by the next change (collect_garbage), not
-    left in $TMPDIR for good."""
-    with txn.staging() as work:
-        try:
-            yield work
-        finally:
-            shutil.rmtree(work, ignore_errors=True)

@@ -274,8 +274,8 @@ class ModelStore:
             raise self._cannot_write(exc) from None
 
     @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A hidden directory to fill; removed if the block fails."""
+    def staging(self, work: bool = False) -> Iterator[Path]:
+        """A hidden directory to fill; removed if the block fails, and on leaving if `work`."""
         self.ensure_exists()
         path = self.root / f".staging-{uuid.uuid4().hex[:12]}"
         try:
@@ -287,6 +287,8 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
+        if work:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _cannot_write(self, exc: OSError) -> LuncherError:  # a full or read-only disk
         reason = f"{exc.strerror or exc}; the models directory was not changed"
@@ -399,8 +401,8 @@ class Transaction:
         self.next_state: State | None = None
         self.deferred: list[Callable[[], object]] = []
 
-    def staging(self) -> contextlib.AbstractContextManager[Path]:
-        return self.store.staging()
+    def staging(self, work: bool = False) -> contextlib.AbstractContextManager[Path]:
+        return self.store.staging(work)
 
     def publish(self, staged: Path, kind: str) -> str:
         """Give a filled staging directory its final name (not yet current)."""
