@@ -432,6 +432,11 @@ def test_predict_shows_a_progress_bar_at_a_terminal_for_many_photos(monkeypatch)
 
     from healthyluncher import cli_output
 
+    # A terminal that redraws, whatever the environment the tests run in says: rich draws
+    # no bar under TERM=dumb (or unknown), nor with TTY_INTERACTIVE=0.
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for name in ("TTY_INTERACTIVE", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(name, raising=False)
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=80)
     monkeypatch.setattr(cli_output.err, "_console", console)
