@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from healthyluncher.errors import Command, LuncherError, Param, Part
+from healthyluncher.errors import Command, LuncherError, Param, Part, debug_wanted
 
 # How the child starts: with the program's import path as it is now (a program may have
 # added to it), this package's directory first, and not the current directory (where a
@@ -62,7 +62,7 @@ def run(job: str, args: dict[str, Any], data: bytes = b"", *, what: str) -> Any:
     if executable is None:
         raise LuncherError(f"{what} needs a Python interpreter to run in, and there is none here")
     request = json.dumps({"job": job, "args": args}).encode() + b"\n"
-    debug = bool(os.environ.get("LUNCHER_DEBUG"))
+    debug = debug_wanted(os.environ.get("LUNCHER_DEBUG"))
     path = [_PACKAGE_ROOT, *(entry for entry in sys.path if entry)]
     done = subprocess.run(
         [executable, "-c", _BOOT, json.dumps(path)],

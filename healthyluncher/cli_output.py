@@ -21,7 +21,7 @@ import typer
 
 from healthyluncher import to_json
 from healthyluncher.cli_streams import cells, pad
-from healthyluncher.errors import Command, CommittedInterrupt, LuncherError, Param
+from healthyluncher.errors import Command, CommittedInterrupt, LuncherError, Param, debug_wanted
 
 if TYPE_CHECKING:
     from healthyluncher import Prediction
@@ -208,7 +208,7 @@ def reporting(command: Callable[..., None]) -> Callable[..., None]:
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except Exception as exc:
-            if debug_requested[0] or os.environ.get("LUNCHER_DEBUG"):
+            if debug_requested[0] or debug_wanted(os.environ.get("LUNCHER_DEBUG")):
                 raise
             message = f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)"
             if json_mode[0]:

@@ -134,3 +134,13 @@ class UnknownLabelError(LuncherError):
             f"{self.label!r} is not a label of this model ({', '.join(self.known)}){hint} "
             f"To add it as a new label, {how}"
         )
+
+
+DEBUG_OFF = frozenset({"", "0", "false", "no", "off"})
+
+
+def debug_wanted(value: str | None) -> bool:
+    """Whether `LUNCHER_DEBUG` set to `value` asks for debug output (tracebacks, a child
+    Python's own lines): unset, empty, `0`, `false`, `no` and `off` (any case, spaces
+    around ignored) mean no; any other value means yes (`1`, `true`, `yes`, `on`, `2`)."""
+    return value is not None and value.strip().lower() not in DEBUG_OFF

@@ -1127,3 +1127,43 @@ def test_a_retrain_that_changes_nothing_leaves_the_models_directory_alone(
     assert run("retrain", "--label", "healthy", "--epochs", "2", *photos["red"]).code == 0
     status = run("status", "--json").json_lines()[0]
     assert status["undo_steps"] == 2 and status["last_retrain_hyperparameters"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", "off", "", " OFF ", "False"])
+def test_luncher_debug_set_to_off_keeps_errors_one_line(run, pt_model, photos, monkeypatch, value):
+    """LUNCHER_DEBUG=0 (or false, no, off, empty) means no debug: one line, no traceback."""
+    assert run("make-updatable", pt_model).code == 0
+    import healthyluncher.predictor as predicting
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(predicting.Predictor, "predict", boom)
+    monkeypatch.setenv("LUNCHER_DEBUG", value)
+    one_line_error(run("predict", photos["red"][0]), "disk on fire", "--debug")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "on", "2", "verbose"])
+def test_luncher_debug_set_to_anything_else_shows_the_traceback(
+    run, pt_model, photos, monkeypatch, value
+):
+    assert run("make-updatable", pt_model).code == 0
+    import healthyluncher.predictor as predicting
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(predicting.Predictor, "predict", boom)
+    monkeypatch.setenv("LUNCHER_DEBUG", value)
+    with pytest.raises(RuntimeError):
+        run("predict", photos["red"][0])
+
+
+def test_luncher_debug_words():
+    from healthyluncher.errors import debug_wanted
+
+    for value in ("0", "false", "no", "off", "", "  ", "OFF", "No"):
+        assert debug_wanted(value) is False, value
+    for value in ("1", "true", "yes", "on", "2", "verbose"):
+        assert debug_wanted(value) is True, value
+    assert debug_wanted(None) is False
