@@ -25,7 +25,7 @@ from healthyluncher.errors import LuncherError, Param
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.imaging import LoadedImage, load_many
 from healthyluncher.linearhead import linear_head_of
-from healthyluncher.meta import check_label, label_key
+from healthyluncher.meta import check_folder_label, label_key
 from healthyluncher.photos import PhotoSource, every_image
 from healthyluncher.runtime import HeadRunner, head_batch_limit, inference_session, run_in_batches
 from healthyluncher.settings import Hyperparameters, Preprocessing
@@ -101,7 +101,7 @@ def read_examples(directory: Path, balance_subfolders: bool = False) -> Labelled
         folders = sorted(p for p in directory.iterdir() if p.is_dir() and p.name[:1] != ".")
     except OSError as exc:  # not readable
         raise LuncherError(given, f": {exc.strerror}") from None
-    labels = tuple(check_label(folder.name) for folder in folders)
+    labels = tuple(check_folder_label(folder.name, given) for folder in folders)
     if len({label_key(label) for label in labels}) != len(labels):  # "a", "a ", NFD "a"
         raise LuncherError(given, ": two subfolders name the same label")
     photos: list[tuple[PhotoSource, int]] = []

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from healthyluncher.errors import LuncherError
+from healthyluncher.errors import LuncherError, Part
 from healthyluncher.jsonform import frozen_result
 from healthyluncher.settings import (
     MAX_TRAINABLE_LAYERS,
@@ -212,6 +212,19 @@ def check_new_label(label: Any) -> str:
         raise LuncherError(
             f"{text!r} begins with '-', so it reads as an option (was the label's value "
             "left out?); a label cannot begin with '-'"
+        )
+    return text
+
+
+def check_folder_label(folder: str, *where: Part) -> str:
+    """A new label from a folder's name (`make-updatable --examples DIR`): as
+    check_new_label, in the folder's words (`where` names the folder's parent)."""
+    text = check_label(folder)
+    if text.startswith("-"):
+        raise LuncherError(
+            *where,
+            f": the subfolder {folder!r} begins with '-', so its label would read as an option "
+            "in every command that names it; a label cannot begin with '-' (rename the folder)",
         )
     return text
 

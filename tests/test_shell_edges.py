@@ -386,3 +386,19 @@ def test_predict_names_each_photo_as_it_was_given(tmp_path, pt_model, photos, mo
     done = predict(*given[:3])
     assert done.returncode == 0, done
     assert [row.split()[0] for row in done.stdout.splitlines()[2:]] == expected[:3]
+
+
+def test_a_label_from_an_examples_folder_name_cannot_begin_with_a_dash(
+    run, pt_model, tmp_path, models_dir
+):
+    # `make-updatable --examples DIR` with a subfolder '-junk' made a class '-junk', although
+    # a label given on the command line may not begin with '-': every command that names
+    # the label (`labels remove -junk`, `retrain --label -junk`) then read it as an option.
+    from tests.conftest import label_folders
+
+    root = label_folders(tmp_path / "examples", count=4)
+    (root / "healthy").rename(root / "-healthy")
+    line = one_line_error(run("make-updatable", pt_model, "--examples", root), "-healthy")
+    assert "cannot begin with '-'" in line, line
+    assert "--examples" in line, line
+    assert not list(models_dir.glob("base-*"))  # nothing was made
