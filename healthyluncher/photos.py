@@ -238,8 +238,8 @@ def _walk(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:
             try:  # the type the listing gives; a linked one's target's (a dangling: neither)
                 if entry.is_dir():
                     folders.append(path)
-                elif photo and entry.is_file():
-                    yield path
+                elif photo and (entry.is_file() or entry.is_symlink()):
+                    yield path  # a broken link too: read_bytes names it, as an unreadable one
             except OSError:  # a folder listed but not searched: read_bytes says so
                 if photo:
                     yield path
@@ -270,13 +270,24 @@ def read_bytes(path: PhotoSource) -> bytes:
             # The file may have grown since stat(): never read more than the limit.
             data = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        reason = f"{exc.strerror or exc}{_trimmed(path, exc)}"
+        reason = _broken_link(path, exc) or f"{exc.strerror or exc}{_trimmed(path, exc)}"
         raise LuncherError(f"{path}: cannot read: {reason}") from None
     except ValueError:  # os.stat's "embedded null byte"
         raise LuncherError(f"{path}: cannot read: a file name cannot hold a NUL byte") from None
     if len(data) > MAX_FILE_BYTES:
         raise LuncherError(f"{path}: file is too large (over {MAX_FILE_BYTES / 2**20:.0f} MiB)")
     return data
+
+
+def _broken_link(path: Path, exc: OSError) -> str:
+    """For a link whose target is missing, what it points to ("" for any other error)."""
+    if not isinstance(exc, FileNotFoundError):
+        return ""
+    try:
+        target = os.readlink(path)
+    except (OSError, ValueError):  # not a link, or gone too
+        return ""
+    return f"broken link (to {target}, which does not exist)"
 
 
 def _trimmed(path: Path, exc: OSError) -> str:

@@ -583,8 +583,44 @@ def test_a_folder_search_follows_linked_folders_once_and_skips_hidden_ones(tmp_p
     (album / "._c.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS AppleDouble file
     (album / "dish" / "up").symlink_to(album, target_is_directory=True)  # a loop
     (album / "linked").symlink_to(album / "dish", target_is_directory=True)
-    (album / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (album / ".hidden.jpg").symlink_to(tmp_path / "nowhere.jpg")
     assert find_images([album]) == [album / "dish" / "a.jpg"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges on Windows")
+def test_a_broken_link_in_a_folder_is_named_like_an_unreadable_photo(run, pt_model, tmp_path):
+    """A `.jpg` link to a file that is gone (an unmounted disk, a moved album) inside a
+    folder given to predict or retrain was left out without a word (exit 0), while an
+    unreadable photo there is named and the exit code is 1."""
+    album = tmp_path / "album"
+    album.mkdir()
+    save(Image.new("RGB", (12, 10), (200, 30, 40)), album / "a.png")
+    broken = album / "b.jpg"
+    broken.symlink_to(tmp_path / "unmounted" / "b.jpg")
+    assert find_images([album]) == [album / "a.png", broken]
+    with pytest.raises(LuncherError, match="broken link") as caught:
+        read_bytes(broken)
+    assert_one_line_error(caught.value, broken)
+    assert str(tmp_path / "unmounted" / "b.jpg") in str(caught.value)
+
+    assert run("make-updatable", pt_model).code == 0
+    predicted = run("predict", "--json", album)
+    assert predicted.code == 1, predicted
+    rows = predicted.json_lines()
+    assert [row["path"] for row in rows] == [str(album / "a.png"), str(broken)]
+    assert "broken link" in rows[1]["error"], rows[1]
+    lines = predicted.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {broken}: cannot read: broken link")
+
+    retrained = run("retrain", "--label", "healthy", album)
+    assert retrained.code == 1, retrained
+    assert retrained.stderr.strip().splitlines() == [lines[0].replace("error:", "skipped:", 1)]
+    assert "Traceback" not in retrained.stdout + retrained.stderr
+
+    forgot = run("forget", album)  # as for an unreadable photo: part of what you named
+    assert forgot.code == 1, forgot
+    assert forgot.stderr.strip().splitlines() == lines
+    assert len(run("examples", "--json").json_lines()) == 1
 
 
 # -- loading many -------------------------------------------------------------------------
