@@ -381,6 +381,9 @@ def status(
     out.print(f"[bold]labels[/bold]            {', '.join(map(escape, result.labels))}")
     out.print(f"[bold]predicting with[/bold]   the {result.predicting_with} model")
     examples = ", ".join(f"{k}: {v}" for k, v in sorted(result.examples_per_label.items()))
+    set_aside = ", ".join(f"{k}: {v}" for k, v in sorted(result.undo_examples_per_label.items()))
+    if not examples and set_aside:  # after a reset: one undo away, not gone
+        examples = f"none in use; `luncher undo` brings back {set_aside}"
     out.print(f"[bold]your examples[/bold]     {escape(examples) or 'none'}")
     if result.memory_summarized:
         out.print(

@@ -19,7 +19,7 @@ from healthyluncher.meta import PersonalMeta, check_label, check_new_label, know
 from healthyluncher.personal import current_probabilities, publish_personal
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.predictor import restorable
-from healthyluncher.records import Examples, load_base, load_examples, load_personal
+from healthyluncher.records import Examples, load_base, load_examples, load_personal, undo_examples
 from healthyluncher.runtime import install_problem
 from healthyluncher.settings import Hyperparameters
 from healthyluncher.state import State
@@ -133,6 +133,8 @@ class Status:
     # photos summarized in fewer rows (see examples.memory_rows).
     memory_photos: int = 0
     memory_summarized: int = 0
+    # What `undo` brings back: its step's examples ({} for a step without any, or no step).
+    undo_examples_per_label: dict[str, int] = field(default_factory=dict)
 
 
 def retrain(
@@ -382,6 +384,7 @@ def _status(store: ModelStore, state: State) -> Status:
         undo_steps=len(state.history),
         memory_photos=plan[0],
         memory_summarized=plan[1],
+        undo_examples_per_label=undo_examples(store, state),
         int8=base.meta.int8,
         disk_bytes=_disk_bytes(store.root),
         trainer=trainer_for(base.meta, base.path, cheap=True),

@@ -187,6 +187,19 @@ def load_personal(store: ModelStore, state: State) -> Personal | None:
         raise LuncherError(f"{path / Files.META} is damaged ({exc}); ", *GO_BACK) from None
 
 
+def undo_examples(store: ModelStore, state: State) -> dict[str, int]:
+    """The examples of the personalization `undo` brings back: its step's, per label ({}
+    for a step without one, no step, or a damaged one, which undo refuses)."""
+    if not state.history or state.history[0].personal is None:
+        return {}
+    step = state.history[0]
+    try:
+        personal = load_personal(store, State(base=step.base or state.base, personal=step.personal))
+    except LuncherError:
+        return {}
+    return dict(personal.meta.examples_per_label) if personal else {}
+
+
 def load_examples(
     personal: Personal | None,
     sample_shape: tuple[int, ...],

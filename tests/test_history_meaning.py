@@ -227,3 +227,31 @@ def test_an_upgrade_meets_a_label_of_yours_in_another_unicode_form(lun, photos, 
     )
     assert result.carried_over == {composed: 3}
     assert healthyluncher.open(lun.models_dir).labels == (composed, "fast_food")
+
+
+def test_status_after_a_reset_says_the_examples_are_one_undo_away(lun, photos, run):
+    """After `reset`, status said `your examples none`, as if they were gone, although
+    `luncher undo` brings them all back; --json had no word of them either."""
+    lun.retrain("healthy", photos["red"])
+    lun.retrain("fast_food", photos["green"][:2])
+    lun.reset()
+    status = lun.status()
+    assert status.predicting_with == "base"
+    assert status.examples_per_label == {}
+    assert status.undo_examples_per_label == {"healthy": 3, "fast_food": 2}
+    shown = run("status")
+    assert shown.code == 0, shown
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("your examples"))
+    assert line.split(None, 2)[2] == (
+        "none in use; `luncher undo` brings back fast_food: 2, healthy: 3"
+    )
+    data = run("status", "--json").json_lines()[0]
+    assert data["examples_per_label"] == {}
+    assert data["undo_examples_per_label"] == {"healthy": 3, "fast_food": 2}
+
+    assert lun.undo().examples_per_label == {"healthy": 3, "fast_food": 2}  # it was true
+    assert lun.status().undo_examples_per_label == {"healthy": 3}  # the retrain before
+    lun.reset(purge=True)  # gone for good: status says none, and nothing to bring back
+    assert (lun.status().examples_per_label, lun.status().undo_examples_per_label) == ({}, {})
+    line = next(x for x in run("status").stdout.splitlines() if x.startswith("your examples"))
+    assert line.split(None, 2)[2] == "none"
