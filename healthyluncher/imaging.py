@@ -165,8 +165,9 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         image = _to_display_mode(image, prep.channels)
     except LuncherError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise LuncherError(f"{name}: image is too large to decode safely") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        reason = " ".join(str(exc).split())  # Pillow's own guard (WebP, TIFF, GIF): its limit
+        raise LuncherError(f"{name}: image is too large to decode safely ({reason})") from None
     except MemoryError:
         raise LuncherError(f"{name}: out of memory decoding a {width}x{height} image") from None
     except (*_DECODE_ERRORS, Warning) as exc:

@@ -35,6 +35,7 @@ from healthyluncher.imaging import (
     resize_and_crop,
     to_tensor,
 )
+from healthyluncher.openers import PILLOW_DEFAULT_PIXELS
 from healthyluncher.photos import ImageFailure, digest_of, find_images, read_bytes
 from healthyluncher.settings import Preprocessing
 from tests.models import pytorch_style
@@ -919,3 +920,32 @@ def test_only_the_photo_formats_luncher_names_are_decoded(fmt):
         assert "not a photo format luncher reads" in line or "not an image file" in line
     else:
         assert f"not a photo format luncher reads (Pillow reads it as {fmt})" in line
+
+
+def _webp_declaring(width: int, height: int) -> bytes:
+    """The 30-byte header of an extended WebP (VP8X) whose canvas is width x height: what
+    Pillow's WebP reader checks against its own guard before it decodes anything."""
+    chunk = b"VP8X" + struct.pack("<I", 10) + b"\0\0\0\0"
+    chunk += (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def test_what_the_readme_says_of_pillows_guard_in_webp_is_what_happens():
+    """The README said photos up to 210 megapixels are read and that only Pillow's TIFF and
+    GIF readers apply its own guard; its WebP reader does too, so a WebP of 180 MP was
+    refused ("image is too large to decode safely"), a limit the README did not name."""
+    from PIL import features
+
+    if not features.check("webp"):
+        pytest.skip("this Pillow reads no WebP")
+    limit = 2 * PILLOW_DEFAULT_PIXELS  # 178,956,970: Pillow's default guard refuses above
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_DEFAULT_PIXELS  # the test's program: untouched
+    with pytest.raises(LuncherError) as caught:
+        decode(_webp_declaring(14_000, 13_000), NCHW, name="big.webp")  # 182 MP
+    message = assert_one_line_error(caught.value, "big.webp")
+    assert "too large" in message and f"{limit} pixels" in message, message
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_DEFAULT_PIXELS
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    assert "Pillow's WebP, TIFF and GIF readers" in readme
+    assert f"above {limit:,} pixels" in readme
