@@ -16,6 +16,7 @@ from healthyluncher.settings import (
     Preprocessing,
     is_finite_number,
 )
+from healthyluncher.state import sequence_of
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # Longest label kept: a name, not a sentence.
@@ -98,6 +99,7 @@ class BaseMeta:
     def from_json(cls, data: Any) -> BaseMeta:
         """Every value checked for type and range: meta.json is a file anyone can edit."""
         data = _object(data, "meta.json")
+        sequence_of(data)  # the order of the copies (state.SEQUENCE): checked, kept there
         batch = data.get("input_batch")
         limit = data.get("head_batch_limit")
         layers = data["layers"]
@@ -169,6 +171,7 @@ class PersonalMeta:
     @classmethod
     def from_json(cls, data: Any) -> PersonalMeta:
         data = _object(data, "meta.json")
+        sequence_of(data)  # the order of the copies (state.SEQUENCE): checked, kept there
         counts = data.get("examples_per_label", {})
         if not isinstance(counts, dict):
             raise LuncherError("meta.json: examples_per_label must be an object")

@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from healthyluncher.errors import DamagedError, LuncherError, Message
-from healthyluncher.fileio import read_json
+from healthyluncher.fileio import read_json, write_json
 
 STATE_FORMAT = 1
 # What state.json may name: the directories this module makes.
 DIRECTORY = re.compile(r"(base|personal)-[0-9a-f]{12}")
 # How many earlier personalized states `undo` can go back to.
 HISTORY_LIMIT = 3
+# meta.json's key for the order the directories were made in: 1, 2, 3, ... (one above
+# every directory's of the models directory), which file times cannot give (1-2 s on FAT,
+# HFS+ and some network shares; a clock set back). Absent in older luncher's directories.
+SEQUENCE = "sequence"
 
 
 @dataclass
@@ -94,6 +98,50 @@ class Step:
     personal: str | None
 
 
+def sequence_of(data: dict[str, Any]) -> int | None:
+    """A meta.json's SEQUENCE, checked (None where it has none: made by an older luncher)."""
+    value = data.get(SEQUENCE)
+    if value is not None and (type(value) is not int or not 0 < value < 2**53):
+        raise LuncherError(
+            f"meta.json: {SEQUENCE} must be a whole number from 1, not {value!r:.20}"
+        )
+    return value
+
+
+def numbered(staged: Path, root: Path, meta_file: str) -> Path:
+    """`staged` (about to be published in `root`) with its meta.json numbered one above
+    every directory's of `root` (SEQUENCE); a directory without a meta.json is left as is.
+    Called under the models directory's lock, so no two directories share a number."""
+    try:
+        data = read_json(staged / meta_file)
+    except FileNotFoundError:
+        return staged
+    highest = 0
+    for other in root.iterdir():
+        if DIRECTORY.fullmatch(other.name):
+            try:
+                theirs = read_json(other / meta_file)
+                if isinstance(theirs, dict):
+                    highest = max(highest, sequence_of(theirs) or 0)
+            except (OSError, LuncherError):  # incomplete or damaged: never current again
+                continue
+    write_json(staged / meta_file, {**data, SEQUENCE: highest + 1}, durable=False)
+    return staged
+
+
+def _order(data: dict[str, Any], meta_path: Path) -> tuple[int, int, int]:
+    """How new a directory is, for `recover`: by its SEQUENCE, then (where it has none,
+    or a damaged one: an older luncher's) by its meta.json's time, which an undo step's
+    directory does not change (its weights file becomes a link: weightsfile.share)."""
+    try:
+        number = sequence_of(data)
+    except LuncherError:
+        number = None
+    if number is not None:
+        return (1, number, 0)
+    return (0, 0, meta_path.stat().st_mtime_ns)
+
+
 def recover(root: Path, meta_file: str, model_file: str) -> State:
     """The newest complete state the directories of `root` hold, for a damaged state.json:
     the newest base, the newest personalized copy made from it, and the other copies (of
@@ -114,9 +162,7 @@ def recover(root: Path, meta_file: str, model_file: str) -> State:
             if DIRECTORY.fullmatch(path.name) and path.is_dir():
                 data = meta(path)
                 if data is not None:
-                    # meta.json's time: an undo step's directory changes when its
-                    # weights file becomes a link (weightsfile.share); meta.json never does.
-                    found.append(((path / meta_file).stat().st_mtime_ns, path, data))
+                    found.append((_order(data, path / meta_file), path, data))
         return [(p, m) for _, p, m in sorted(found, key=lambda item: item[0], reverse=True)]
 
     bases = newest_first("base")

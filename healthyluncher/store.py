@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from healthyluncher import fileio, segments, weightsfile
 from healthyluncher.errors import REPAIR, CommittedInterrupt, DamagedError, LuncherError, Param
 from healthyluncher.signalhold import signals_held
-from healthyluncher.state import State, recover
+from healthyluncher.state import State, numbered, recover
 
 ENV_VAR = "LUNCHER_MODELS_DIR"
 STATE_FILE = "state.json"
@@ -296,7 +296,7 @@ class ModelStore:
 
     def _publish_dir(self, staged: Path, kind: str) -> str:
         """Make a staged directory durable and give it its final name."""
-        fileio.fsync_tree(staged)
+        fileio.fsync_tree(numbered(staged, self.root, Files.META))  # see state.SEQUENCE
         name = f"{kind}-{uuid.uuid4().hex[:12]}"
         os.replace(staged, self.root / name)
         fileio.fsync_dir(self.root)

@@ -819,6 +819,95 @@ def test_a_writer_repairs_a_damaged_state_json_itself(run, pt_model, photos, mod
     assert status["examples_per_label"] == {"fast_food": 3, "healthy": 3}
 
 
+def _copies_by_examples(models_dir: Path) -> dict[int, Path]:
+    """Each personalized copy, by how many examples it holds (each retrain below adds some)."""
+    found = {}
+    for path in models_dir.glob("personal-*"):
+        meta = json.loads((path / Files.META).read_text())
+        found[sum(meta["examples_per_label"].values())] = path
+    return found
+
+
+@pytest.mark.parametrize("times", ["the same second", "a clock set back"])
+def test_repair_finds_the_newest_copy_whatever_the_file_times(
+    run, pt_model, photos, models_dir, times
+):
+    """`repair` after losing state.json took the copy whose meta.json was modified last:
+    two retrains in the same second (FAT, HFS+, network shares keep 1-2 s) tied, and after
+    a clock set back the older copy won, so the newest personalization became an undo step
+    and `status` showed the one before. Each copy's meta.json now holds its number."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    assert run("retrain", "--label", "healthy", *photos["green"][:1]).code == 0
+    assert run("retrain", "--label", "healthy", *photos["green"][1:]).code == 0
+    copies = _copies_by_examples(models_dir)
+    assert sorted(copies) == [3, 4, 6]
+    for count, path in copies.items():  # newest oldest (set back) or all alike (ties)
+        stamp = 1_700_000_000 + (0 if times == "the same second" else 100 * (6 - count))
+        os.utime(path / Files.META, (stamp, stamp))
+        os.utime(path, (stamp, stamp))
+    (models_dir / STATE_FILE).unlink()
+    assert run("repair").code == 0
+    newest = {"fast_food": 3, "healthy": 3}
+    assert run("status", "--json").json_lines()[0]["examples_per_label"] == newest
+    assert run("undo").code == 0
+    assert run("status", "--json").json_lines()[0]["examples_per_label"] == {
+        "fast_food": 3,
+        "healthy": 1,
+    }
+    assert run("undo").code == 0
+    assert run("status", "--json").json_lines()[0]["examples_per_label"] == {"fast_food": 3}
+
+
+def test_repair_of_copies_made_before_they_were_numbered_goes_by_their_time(
+    run, pt_model, photos, models_dir
+):
+    """Copies of an older luncher have no number in their meta.json: their time orders them,
+    as before, and a copy with a number is newer than every copy without one."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    assert run("retrain", "--label", "healthy", *photos["green"][:1]).code == 0
+    for count, path in _copies_by_examples(models_dir).items():
+        meta = json.loads((path / Files.META).read_text())
+        assert isinstance(meta.pop("sequence"), int)  # written by this version
+        (path / Files.META).write_text(json.dumps(meta))
+        stamp = 1_700_000_000 + 100 * count  # the newer, the later
+        os.utime(path / Files.META, (stamp, stamp))
+    base = next(models_dir.glob("base-*")) / Files.META
+    meta = json.loads(base.read_text())
+    del meta["sequence"]
+    base.write_text(json.dumps(meta))
+    (models_dir / STATE_FILE).unlink()
+    assert run("repair").code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["examples_per_label"] == {"fast_food": 3, "healthy": 1}
+    assert run("retrain", "--label", "healthy", *photos["green"][1:]).code == 0
+    newest = next(p for n, p in _copies_by_examples(models_dir).items() if n == 6)
+    assert json.loads((newest / Files.META).read_text())["sequence"] == 1  # after none
+    os.utime(newest / Files.META, (1_600_000_000, 1_600_000_000))  # older than the others
+    (models_dir / STATE_FILE).unlink()
+    assert run("repair").code == 0
+    status = run("status", "--json").json_lines()[0]
+    assert status["examples_per_label"] == {"fast_food": 3, "healthy": 3}
+
+
+@pytest.mark.parametrize("value", ['"7"', "true", "0", "-1", "1.5", "null"])
+def test_a_copy_number_that_is_not_one_is_refused_as_damage(
+    run, pt_model, photos, models_dir, value
+):
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    personal = ModelStore(models_dir).personal_dir()
+    assert personal is not None
+    meta = json.loads((personal / Files.META).read_text())
+    meta["sequence"] = json.loads(value)
+    (personal / Files.META).write_text(json.dumps(meta))
+    if value == "null":  # as if absent: an older copy
+        assert run("status").code == 0
+        return
+    one_line_error(run("predict", photos["red"][0]), "sequence", "undo")
+
+
 @pytest.mark.parametrize("damage", ["personal meta", "personal model", "personal weights file"])
 def test_a_damaged_personal_copy_points_to_undo(run, pt_model, photos, models_dir, damage):
     assert run("make-updatable", pt_model).code == 0
