@@ -263,3 +263,29 @@ def test_making_the_base_in_use_updatable_again_changes_nothing(
     other = luncher("make-updatable", str(new_base), "--keep-personalization", "--epochs", "7")
     assert other.returncode == 0 and "Base ready" in other.stdout
     assert run("status", "--json").json_lines()[0]["undo_steps"] == min(3, status["undo_steps"] + 1)
+
+
+@pytest.mark.parametrize("where", ["base", "personal"])
+def test_a_damaged_state_is_rebuilt_whatever_a_meta_file_holds_for_its_sha256(
+    run, pt_model, photos, models_dir, where
+):
+    """Rebuilding a damaged state.json keyed bases by the sha256 their meta.json holds,
+    unchecked: a list there (a hostile or mangled file) made every command fail with
+    'error: unexpected TypeError: unhashable type: 'list''. A value that is no text now
+    names no base; the rest of the directory is rebuilt as before."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    meta = next(models_dir.glob(f"{where}-*")) / "meta.json"
+    form = json.loads(meta.read_text())
+    form["sha256" if where == "base" else "base_sha256"] = ["x"]
+    meta.write_text(json.dumps(form))
+    (models_dir / STATE_FILE).write_text("{")
+    result = run("repair", "--json")
+    assert result.code == 0, result
+    status = run("status", "--json")
+    assert "unexpected" not in status.stdout + status.stderr, status
+    if where == "base":  # that base is damaged, and says so
+        assert "meta.json is damaged" in status.json_lines()[0]["error"]
+    else:  # a copy of no known base is left out
+        assert status.code == 0, status
+        assert not status.json_lines()[0]["examples_per_label"]
