@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
+import struct
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from healthyluncher.store import STATE_FILE
@@ -289,3 +293,35 @@ def test_a_damaged_state_is_rebuilt_whatever_a_meta_file_holds_for_its_sha256(
     else:  # a copy of no known base is left out
         assert status.code == 0, status
         assert not status.json_lines()[0]["examples_per_label"]
+
+
+def _deflate_damaged(path: Path) -> None:
+    """Rewrite an .npz with its arrays deflated, each one's data damaged where it begins:
+    a block type deflate does not have, so reading any of them fails in zlib."""
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    np.savez_compressed(path, **arrays)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    for info in infos:
+        name_len, extra_len = struct.unpack(
+            "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+        )
+        raw[info.header_offset + 30 + name_len + extra_len] = 0x07  # final block, type 3
+    path.write_bytes(bytes(raw))
+
+
+def test_a_base_whose_arrays_do_not_inflate_is_mended_by_making_it_again(run, pt_model, models_dir):
+    """make-updatable compares the new base with the one in use to tell 'nothing changed';
+    an .npz of the base in use whose data does not inflate stopped it there with 'error:
+    unexpected error: Error -3 while decompressing data: invalid block type', so setting
+    the model up again (--force) could no longer mend the base. Such a base is not the
+    same as the new one: a new base is made, as before. (Each make-updatable is its own
+    process, as in test_making_the_base_in_use_updatable_again_changes_nothing.)"""
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    _deflate_damaged(next(models_dir.glob("base-*")) / "head_weights.npz")
+    result = luncher("make-updatable", str(pt_model), "--force")
+    assert result.returncode == 0, result
+    assert "Base ready" in result.stdout
+    assert run("status").code == 0
