@@ -30,7 +30,7 @@ def signals_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    arrived: list[int] = []
+    arrived: list[tuple[int, Any]] = []  # each signal, and the frame it came in
     replaced: dict[int, Any] = {}  # signal.getsignal's handlers
     try:
         for name in HELD:
@@ -40,7 +40,7 @@ def signals_held() -> Iterator[None]:
                 continue
             before = _action(number)
             replaced[number] = handler
-            signal.signal(number, lambda signum, frame: arrived.append(signum))
+            signal.signal(number, lambda signum, frame: arrived.append((signum, frame)))
             if before is not None and _foreign(before, _action(number)):
                 # Not Python's: putting Python's handler back would lose it for good.
                 del replaced[number]
@@ -50,8 +50,16 @@ def signals_held() -> Iterator[None]:
     finally:
         for number, handler in replaced.items():
             signal.signal(number, handler)
-        if arrived:
-            signal.raise_signal(arrived[0])  # acts here, as it would have at its arrival
+        if arrived:  # acts here, as it would have at its arrival
+            number, frame = arrived[0]
+            handler = replaced.get(number)
+            if callable(handler):
+                # Run as Python would have run it. Raising the signal again would also
+                # write to a wake-up fd a second time (asyncio's add_signal_handler): the
+                # loop would run its callback twice for one signal.
+                handler(number, frame)
+            else:  # SIG_DFL: the system's action
+                signal.raise_signal(number)
 
 
 # Larger than any system's struct sigaction; its first field is the handler's address.

@@ -186,3 +186,35 @@ def test_a_change_keeps_a_signal_handler_that_c_code_installed(lun, photos, mode
     )
     assert done.returncode == 0 and done.stdout == "alive\n", done
     assert "Stack (most recent call first)" in done.stderr  # faulthandler's
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX signals")
+def test_a_signal_held_while_a_change_ends_reaches_an_asyncio_handler_once():
+    """A SIGTERM held while a saved change finished was raised again once the change
+    ended: a program running luncher in its asyncio loop's thread, whose handler
+    (loop.add_signal_handler) is told of a signal through a wake-up fd, had that handler
+    run twice for one signal ('calls 2'; a 'press Ctrl-C twice to quit' then quits at
+    once). A held signal now goes to the Python handler as it would have, once."""
+    script = """
+import asyncio, os, signal
+from healthyluncher.signalhold import signals_held
+
+async def main():
+    calls = []
+    came = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: (calls.append(1), came.set()))
+    with signals_held():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert not calls
+    await asyncio.wait_for(came.wait(), 120)
+    for _ in range(5):  # a second wake-up byte is read with the first
+        await asyncio.sleep(0)
+    print("calls", len(calls))
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout == "calls 1\n", done
