@@ -230,3 +230,59 @@ def test_a_pil_image_of_a_compressed_tiff_is_kept_losslessly(lun, tmp_path):
         results = probabilities(lun, routes)
     assert results[1] == results[0]
     assert results[3] == results[4] == results[2]
+
+
+def test_a_png_with_many_metadata_chunks_costs_no_more_than_pillow_allows(tmp_path, monkeypatch):
+    """Reading a PNG for its pixels without its oversized metadata looked into every
+    compressed chunk, each unpacked up to Pillow's 1 MB limit, with no bound on them all:
+    a hostile PNG of 1 kB chunks that each unpack to 1 MB (which Pillow itself refuses
+    after 64 MB, MAX_TEXT_MEMORY) cost 1 GB of unpacking per MB of file, 4.7 s for a 2 MB
+    file and minutes for a large one, photo after photo of a folder. The search stops where
+    Pillow's limit on a file's metadata is passed, and the photo is refused as before."""
+    import struct
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    from healthyluncher import openers
+    from healthyluncher.errors import LuncherError
+    from healthyluncher.imaging import decode
+    from healthyluncher.settings import Preprocessing
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    limit = PngImagePlugin.MAX_TEXT_CHUNK
+    unpacked = [0]
+
+    class Counted:  # openers' zlib, counting what it unpacks
+        error = zlib.error
+
+        @staticmethod
+        def decompressobj() -> object:
+            inner = zlib.decompressobj()
+
+            class Counting:
+                def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+                    out = inner.decompress(data, max_length)
+                    unpacked[0] += len(out)
+                    return out
+
+            return Counting()
+
+    monkeypatch.setattr(openers, "zlib", Counted)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(plain)
+    png = plain.read_bytes()
+    over = chunk(b"zTXt", b"k\0\0" + zlib.compress(bytes(limit + 10), 9))
+    within = chunk(b"zTXt", b"k\0\0" + zlib.compress(bytes(limit), 9))
+    chunks = PngImagePlugin.MAX_TEXT_MEMORY // limit + 60
+    hostile = png[:33] + over + within * chunks + png[33:]
+    with pytest.raises(LuncherError, match="cannot decode image: .*MAX_TEXT"):
+        decode(hostile, Preprocessing(), name="hostile.png")
+    assert unpacked[0] <= PngImagePlugin.MAX_TEXT_MEMORY + 2 * (limit + 1)
+    # One oversized chunk among a few: read for its pixels, as before.
+    unpacked[0] = 0
+    fine = png[:33] + over + within * 3 + png[33:]
+    assert decode(fine, Preprocessing(), name="fine.png").size == (16, 16)
