@@ -187,7 +187,9 @@ def repair(store: ModelStore, progress: ProgressCallback | None = None) -> Repai
             base = load_base(store, txn.state)
             old = load_examples(personal, (), views=False)
             hp = personal.meta.hyperparameters
-            examples, lost = rebuild_examples(store, base, old.digests, old.labels, hp, progress)
+            examples, lost = rebuild_examples(
+                store, base, old.digests, old.labels, hp, progress, new_base=False
+            )
             if len(examples) == 0:
                 raise LuncherError(
                     "none of your photos has a thumbnail to embed again; ",
