@@ -213,7 +213,9 @@ def _rebuild(
     installed = _install_thumbnails(store, backup.thumbnails)
     try:
         old = backup.examples
-        examples, missing = rebuild_examples(store, base, old.digests, old.labels, hp, progress)
+        examples, missing = rebuild_examples(
+            store, base, old.digests, old.labels, hp, progress, made_with=backup.meta.labels
+        )
         if len(examples) == 0:
             raise refuse(backup.archive, "none of its thumbnails could be embedded with this base")
         present = set(examples.labels)

@@ -288,15 +288,17 @@ def rebuild_examples(
     progress: ProgressCallback | None = None,
     *,
     new_base: bool = True,
+    made_with: Sequence[str] = (),
 ) -> tuple[Examples, int]:
     """Embed the kept thumbnails of these photos with `base`; returns the examples and how
     many photos could not be carried over (thumbnail missing or unreadable). `new_base`:
     the labels were made on another base (an upgrade, an imported backup); not so for the
-    base they were made on (repair), whose labels stay as they are."""
+    base they were made on (repair), whose labels stay as they are. `made_with`: the labels
+    of the model they were taught (see meta.carried_labels)."""
     if new_base:
         # A label of yours that the base writes otherwise (another Unicode form, case or
         # spacing: "Fast Food" for "fast_food") is the base's, not a twin class beside it.
-        labels = carried_labels(labels, base.meta.labels)
+        labels = carried_labels(labels, base.meta.labels, made_with)
     else:  # 'Fast Food' made beside this base's 'fast_food' is a label of its own
         labels = [known_label(label, base.meta.labels) for label in labels]
     pairs = zip(digests, labels, strict=True)

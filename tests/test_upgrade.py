@@ -325,3 +325,21 @@ def test_a_base_whose_arrays_do_not_inflate_is_mended_by_making_it_again(run, pt
     assert result.returncode == 0, result
     assert "Base ready" in result.stdout
     assert run("status").code == 0
+
+
+def test_a_label_of_yours_beside_a_base_label_spelled_alike_stays_apart(
+    run, pt_model, tmp_path, photos
+):
+    """A label you made as 'Fast Food' beside the base's own 'fast_food' is a class of its
+    own; an upgrade to a base that has 'fast_food' too merged your photos into the base's
+    class (status: 'examples fast_food: 3', your label gone), since only the labels of your
+    examples were asked whether one spelling named two of them. The model's labels are
+    asked now: the match is ambiguous, and your label stays yours."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "Fast Food", "--new-label", *photos["red"]).code == 0
+    new_base = pytorch_style(tmp_path / "n.onnx", seed=7)
+    result = run("make-updatable", new_base, "--keep-personalization")
+    assert result.code == 0, result
+    status = run("status", "--json").json_lines()[0]
+    assert status["labels"] == ["healthy", "fast_food", "Fast Food"]
+    assert status["examples_per_label"] == {"Fast Food": 3}
