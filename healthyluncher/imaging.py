@@ -111,8 +111,9 @@ def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
         elif image.mode in ("I;16L", "I;16N"):  # I;16's pixels; convert() clips them to 255
             image = Image.fromarray(np.asarray(image).astype("<u2"))
         # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, LAB, I,
-        # F, PA, RGBX), read back as a file in that mode is, uncompressed: Pillow's TIFF
-        # writer would take a compression from `info` (a JPEG-compressed scan's: lossy).
+        # F, PA, RGBX), read back as a file in that mode is, uncompressed unless `info`
+        # names a lossless compression (Pillow's TIFF writer takes `info`'s: a JPEG-
+        # compressed scan's is lossy, a fax's Group 4 holds only 1-bit pixels).
         # A program's `info["icc_profile"]` that is no bytes made the writers raise
         # TypeError: it is left out (decoding applies no profile).
         icc = image.info.get("icc_profile")
@@ -120,7 +121,9 @@ def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
         if image.mode in _PNG_MODES:
             image.save(buffer, "PNG", compress_level=1, **odd)
         else:
-            image.save(buffer, "TIFF", compression="raw", **odd)
+            kept = image.info.get("compression")  # a lossless one: the copy is as it was
+            packing = kept if kept in _LOSSLESS_TIFF else "raw"
+            image.save(buffer, "TIFF", compression=packing, **odd)
     # Loading a lazily opened image fails as decoding its file does; odd `info` a writer
     # cannot store fails with ValueError or TypeError.
     except (*_DECODE_ERRORS, Warning, Image.DecompressionBombError) as exc:
@@ -129,6 +132,8 @@ def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
     return buffer.getvalue()
 
 
+# TIFF compressions that keep every pixel in every mode (the copy's digest is as before).
+_LOSSLESS_TIFF = frozenset({"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits"})
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 # YCbCr: Pillow 12's TIFF writer stores it so that its reader finds the file cut short.
 _UNSTORED_MODES = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA", "YCbCr": "RGB"}

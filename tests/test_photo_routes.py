@@ -4,6 +4,7 @@ before the fix it names."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,31 @@ def test_a_png_with_many_metadata_chunks_costs_no_more_than_pillow_allows(tmp_pa
     unpacked[0] = 0
     fine = png[:33] + over + within * 3 + png[33:]
     assert decode(fine, Preprocessing(), name="fine.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_adobe_deflate", "packbits"])
+def test_a_pil_image_of_a_losslessly_compressed_tiff_is_forgotten_as_it_was_taught(
+    lun, tmp_path, compression
+):
+    """A PIL image is known by the digest of its lossless copy: that is how `forget` finds
+    the photo taught from it. Writing every TIFF copy uncompressed (so that a JPEG-compressed
+    scan is not compressed again, lossily) also changed the copy of a CMYK scan stored
+    LZW-, deflate- or PackBits-compressed, already lossless: a photo taught from such an
+    image before could no longer be forgotten by handing the same image over ('not among
+    your examples'). A lossless compression is kept; only the others are left out."""
+    import hashlib
+
+    from healthyluncher.imaging import from_pixels
+
+    rng = np.random.default_rng(0)
+    scan = tmp_path / "scan.tif"
+    photo = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8))
+    photo.convert("CMYK").save(scan, compression=compression)
+    with Image.open(scan) as image:
+        assert image.info["compression"] == compression
+        image.load()
+        taught = io.BytesIO()
+        image.save(taught, "TIFF")  # the copy from_pixels made of it before
+        kept = from_pixels(image, "<image 0>")
+    assert hashlib.sha256(kept.data).hexdigest() == hashlib.sha256(taught.getvalue()).hexdigest()
+    assert probabilities(lun, [kept]) == probabilities(lun, [scan])
