@@ -8,7 +8,7 @@ import os
 import struct
 import zlib
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from healthyluncher.errors import LuncherError
 
@@ -182,3 +182,30 @@ def _unpacked(kind: bytes, body: bytes, limit: int) -> int:
         return len(zlib.decompressobj().decompress(packed, limit + 1))
     except zlib.error:
         return 0
+
+
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orientation_of(image: Image.Image, errors: tuple[type[BaseException], ...]) -> int:
+    """The EXIF orientation, 1 (as stored) when the EXIF block is missing or damaged.
+
+    A photo whose metadata is broken is still a photo, so it is read as stored rather than
+    refused (`ImageOps.exif_transpose` would also rewrite the EXIF, and can fail doing so).
+    `errors`: what Pillow raises for damaged data (imaging's).
+    """
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except errors:
+        return 1
+    except Warning:  # the program's filters made it an error
+        return 1
+    return value if isinstance(value, int) else 1

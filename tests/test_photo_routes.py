@@ -315,3 +315,25 @@ def test_a_pil_image_of_a_losslessly_compressed_tiff_is_forgotten_as_it_was_taug
         kept = from_pixels(image, "<image 0>")
     assert hashlib.sha256(kept.data).hexdigest() == hashlib.sha256(taught.getvalue()).hexdigest()
     assert probabilities(lun, [kept]) == probabilities(lun, [scan])
+
+
+def test_a_pil_image_taught_before_it_was_turned_upright_can_be_forgotten(lun, tmp_path):
+    """A PIL image is known by the digest of its lossless copy, and `forget` finds a photo
+    by it. Turning a PIL image upright by its EXIF orientation gave a sideways phone photo
+    another copy, so one taught as `Image.open("lunch.jpg")` before could no longer be
+    forgotten the same way: 'none of these photos are among your examples', the photo kept.
+    forget also looks for the digest of the copy as it was (as stored, not turned)."""
+    photo = sideways(tmp_path / "lunch.jpg")
+    with Image.open(photo) as image:
+        image.load()
+        before = io.BytesIO()
+        image.save(before, "PNG", compress_level=1)  # the copy a PIL image had, unturned
+    lun.retrain("fast_food", [before.getvalue(), tmp_path / "lunch.jpg"])
+    assert lun.status().examples_per_label == {"fast_food": 2}
+    with Image.open(photo) as image:
+        result = lun.forget([image])
+    assert result.forgotten == 1
+    assert lun.status().examples_per_label == {"fast_food": 1}
+    # Turned upright, it is what it was: forgetting it again finds nothing.
+    with Image.open(photo) as image, pytest.raises(healthyluncher.LuncherError, match="none of"):
+        lun.forget([image])
