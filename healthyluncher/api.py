@@ -219,7 +219,7 @@ class Luncher:
         undo step holds, one an import replaced, is forgotten by clearing it alone)."""
         from healthyluncher.teaching import forget
 
-        return self._run(forget, photo_sources(photos), progress=progress)
+        return self._run(forget, photo_sources(photos, former=True), progress=progress)
 
     def undo(self) -> UndoResult:
         """Go back to the personalized model as it was before the last change."""

@@ -39,10 +39,10 @@ def path_argument(value: Any, name: str) -> Path:
     raise LuncherError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}")
 
 
-def photo_sources(photos: Any) -> list[PhotoSource]:
+def photo_sources(photos: Any, *, former: bool = False) -> list[PhotoSource]:
     """Paths as Paths, bytes as the photo file they hold, in-memory images as lossless
-    in-memory photos."""
-    return [_source(item, index) for index, item in enumerate(_items(photos))]
+    in-memory photos; with `former` (forget), with the digests of their earlier copies."""
+    return [_source(item, index, former) for index, item in enumerate(_items(photos))]
 
 
 def image_stream(photos: Any) -> Iterator[PhotoSource]:
@@ -90,7 +90,7 @@ def _items(photos: Any) -> Iterable[Any]:
     return photos if isinstance(photos, Collection) else iter(photos)
 
 
-def _source(item: Any, index: int) -> PhotoSource:
+def _source(item: Any, index: int, former: bool = False) -> PhotoSource:
     if isinstance(item, str) and not item:  # Path("") would be the current directory
         raise LuncherError(f"photo {index} is an empty path")
     if isinstance(item, (str, os.PathLike)):
@@ -101,7 +101,7 @@ def _source(item: Any, index: int) -> PhotoSource:
         return MemoryPhoto(f"<image {index}>", item.data, item.unusable)
     from healthyluncher.imaging import from_pixels  # Pillow: only for pixels
 
-    return from_pixels(item, f"<image {index}>")
+    return from_pixels(item, f"<image {index}>", former=former)
 
 
 def is_single(photos: Any) -> bool:

@@ -94,9 +94,19 @@ def import_backup(
 def _in_use(txn: Transaction, backup: Backup) -> bool:
     """Whether the backup is the personalization in use (on this base): its settings,
     weights, examples and their names, so that restoring it would change nothing but add
-    an undo step, which pushes the oldest real one out of the history."""
+    an undo step, which pushes the oldest real one out of the history. A copy that is
+    damaged, or lacks a thumbnail the backup holds, is not: the import mends it."""
+    try:
+        return _same_as_backup(txn, backup)
+    except LuncherError:  # damaged weights, examples or their segments
+        return False
+
+
+def _same_as_backup(txn: Transaction, backup: Backup) -> bool:
     personal = load_personal(txn.store, txn.state)
     if personal is None:
+        return False
+    if not all(txn.store.thumbnail(digest).is_file() for digest in backup.thumbnails):
         return False
     restored = replace(backup.meta, examples_per_label=backup.examples.per_label())
     if personal.meta != restored or load_taught(personal) != backup.taught:
@@ -213,7 +223,9 @@ def _rebuild(
     installed = _install_thumbnails(store, backup.thumbnails)
     try:
         old = backup.examples
-        examples, missing = rebuild_examples(store, base, old.digests, old.labels, hp, progress)
+        examples, missing = rebuild_examples(
+            store, base, old.digests, old.labels, hp, progress, made_with=backup.meta.labels
+        )
         if len(examples) == 0:
             raise refuse(backup.archive, "none of its thumbnails could be embedded with this base")
         present = set(examples.labels)

@@ -197,7 +197,9 @@ def _upgrade(txn: Transaction, built: UpdatableResult) -> UpdatableResult:
     old = load_examples(personal, ())
     new_base = Base(built.directory, built.meta)
     hp = personal.meta.hyperparameters
-    examples, missing = rebuild_examples(store, new_base, old.digests, old.labels, hp)
+    examples, missing = rebuild_examples(
+        store, new_base, old.digests, old.labels, hp, made_with=personal.meta.labels
+    )
     if len(examples) == 0:
         raise LuncherError(
             "none of your examples have a thumbnail to embed with the new base; use ",

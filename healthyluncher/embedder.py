@@ -13,7 +13,7 @@ import numpy as np
 from healthyluncher.errors import MAKE_UPDATABLE_KEEPING, REPAIR, LuncherError, StorageError
 from healthyluncher.events import Progress, ProgressCallback
 from healthyluncher.fileio import atomic_write_bytes, regular
-from healthyluncher.meta import carried_labels
+from healthyluncher.meta import carried_labels, known_label
 from healthyluncher.photos import ImageFailure, PhotoSource, digest_of, read_bytes
 from healthyluncher.records import Base, Examples, make_updatable_command
 from healthyluncher.runtime import inference_session, input_mismatch, run_in_batches
@@ -286,12 +286,21 @@ def rebuild_examples(
     labels: Sequence[str],
     hp: Hyperparameters,
     progress: ProgressCallback | None = None,
+    *,
+    new_base: bool = True,
+    made_with: Sequence[str] = (),
 ) -> tuple[Examples, int]:
     """Embed the kept thumbnails of these photos with `base`; returns the examples and how
-    many photos could not be carried over (thumbnail missing or unreadable)."""
-    # A label of yours that the base writes otherwise (another Unicode form, case or
-    # spacing: "Fast Food" for "fast_food") is the base's, not a twin class beside it.
-    labels = carried_labels(labels, base.meta.labels)
+    many photos could not be carried over (thumbnail missing or unreadable). `new_base`:
+    the labels were made on another base (an upgrade, an imported backup); not so for the
+    base they were made on (repair), whose labels stay as they are. `made_with`: the labels
+    of the model they were taught (see meta.carried_labels)."""
+    if new_base:
+        # A label of yours that the base writes otherwise (another Unicode form, case or
+        # spacing: "Fast Food" for "fast_food") is the base's, not a twin class beside it.
+        labels = carried_labels(labels, base.meta.labels, made_with)
+    else:  # 'Fast Food' made beside this base's 'fast_food' is a label of its own
+        labels = [known_label(label, base.meta.labels) for label in labels]
     pairs = zip(digests, labels, strict=True)
     found = [(d, label) for d, label in pairs if store.thumbnail(d).is_file()]
     embedder = Embedder(store, base, hp.views_for(len(found)))

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from healthyluncher.errors import LuncherError
 from healthyluncher.openers import (
+    TRANSPOSE,
     file_brand,
     open_photo,
+    orientation_of,
     pixel_limit,
     unidentified_reason,
     without_oversized_metadata,
@@ -62,7 +64,7 @@ class LoadedImage:
     array: np.ndarray
 
 
-def from_pixels(image: Any, name: str) -> MemoryPhoto:
+def from_pixels(image: Any, name: str, *, former: bool = False) -> MemoryPhoto:
     """A PIL image, or a (H, W, 3) or (H, W) uint8 array, as a photo (lossless PNG bytes).
 
     What is no picture at all is a LuncherError. A picture that cannot be used (an empty or
@@ -85,12 +87,18 @@ def from_pixels(image: Any, name: str) -> MemoryPhoto:
             f"array, not {type(image).__name__}"
         )
     try:
-        return MemoryPhoto(name, _lossless(image, name))
+        data = _lossless(image, name)
+        # `former` (forget): a PIL image turned upright had another copy, and digest, before
+        # luncher turned it: a photo taught from it then is found by that digest too.
+        turned = former and isinstance(image, Image.Image)
+        turned = turned and orientation_of(image, _DECODE_ERRORS) in TRANSPOSE
+        also = (digest_of(_lossless(image, name, turn=False)),) if turned else ()
+        return MemoryPhoto(name, data, also=also)
     except LuncherError as exc:
         return MemoryPhoto(name, b"", unusable=str(exc).removeprefix(f"{name}: "))
 
 
-def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
+def _lossless(image: Image.Image | np.ndarray, name: str, *, turn: bool = True) -> bytes:
     if isinstance(image, np.ndarray):
         if image.size == 0:
             raise LuncherError(f"{name}: the array is empty")
@@ -103,16 +111,17 @@ def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
         # beside the pixels as stored, and neither PNG nor TIFF below would write it. A TIFF
         # turns itself as it loads, so the orientation is read after loading.
         image.load()
-        orientation = _orientation(image)
-        if orientation in _TRANSPOSE:
-            image = image.transpose(_TRANSPOSE[orientation])
+        orientation = orientation_of(image, _DECODE_ERRORS)
+        if orientation in TRANSPOSE and turn:
+            image = image.transpose(TRANSPOSE[orientation])
         if image.mode in _UNSTORED_MODES:  # modes no file format stores
             image = image.convert(_UNSTORED_MODES[image.mode])
         elif image.mode in ("I;16L", "I;16N"):  # I;16's pixels; convert() clips them to 255
             image = Image.fromarray(np.asarray(image).astype("<u2"))
         # PNG holds 1, L, LA, P, RGB, RGBA and 16-bit grey; TIFF the rest (CMYK, LAB, I,
-        # F, PA, RGBX), read back as a file in that mode is, uncompressed: Pillow's TIFF
-        # writer would take a compression from `info` (a JPEG-compressed scan's: lossy).
+        # F, PA, RGBX), read back as a file in that mode is, uncompressed unless `info`
+        # names a lossless compression (Pillow's TIFF writer takes `info`'s: a JPEG-
+        # compressed scan's is lossy, a fax's Group 4 holds only 1-bit pixels).
         # A program's `info["icc_profile"]` that is no bytes made the writers raise
         # TypeError: it is left out (decoding applies no profile).
         icc = image.info.get("icc_profile")
@@ -120,7 +129,9 @@ def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
         if image.mode in _PNG_MODES:
             image.save(buffer, "PNG", compress_level=1, **odd)
         else:
-            image.save(buffer, "TIFF", compression="raw", **odd)
+            kept = image.info.get("compression")  # a lossless one: the copy is as it was
+            packing = kept if kept in _LOSSLESS_TIFF else "raw"
+            image.save(buffer, "TIFF", compression=packing, **odd)
     # Loading a lazily opened image fails as decoding its file does; odd `info` a writer
     # cannot store fails with ValueError or TypeError.
     except (*_DECODE_ERRORS, Warning, Image.DecompressionBombError) as exc:
@@ -129,6 +140,8 @@ def _lossless(image: Image.Image | np.ndarray, name: str) -> bytes:
     return buffer.getvalue()
 
 
+# TIFF compressions that keep every pixel in every mode (the copy's digest is as before).
+_LOSSLESS_TIFF = frozenset({"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits"})
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 # YCbCr: Pillow 12's TIFF writer stores it so that its reader finds the file cut short.
 _UNSTORED_MODES = {"HSV": "RGB", "La": "LA", "RGBa": "RGBA", "YCbCr": "RGB"}
@@ -158,10 +171,10 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
         if scale < 1:
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
-        orientation = _orientation(image)
+        orientation = orientation_of(image, _DECODE_ERRORS)
         image = shrink(image, prep.resize)
-        if orientation in _TRANSPOSE:
-            image = image.transpose(_TRANSPOSE[orientation])
+        if orientation in TRANSPOSE:
+            image = image.transpose(TRANSPOSE[orientation])
         image = _to_display_mode(image, prep.channels)
     except LuncherError:
         raise
@@ -184,30 +197,6 @@ def decode(data: bytes, prep: Preprocessing, *, name: str = "image") -> Image.Im
             reason = unidentified_reason(brand, data)
         raise LuncherError(f"{name}: cannot decode image: {reason}") from None
     return image
-
-
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation, 1 (as stored) when the EXIF block is missing or damaged.
-
-    A photo whose metadata is broken is still a photo, so it is read as stored rather than
-    refused (`ImageOps.exif_transpose` would also rewrite the EXIF, and can fail doing so).
-    """
-    try:
-        value = image.getexif().get(ExifTags.Base.Orientation, 1)
-    except (*_DECODE_ERRORS, Warning):  # Warning: the program's filters made it an error
-        return 1
-    return value if isinstance(value, int) else 1
 
 
 # Rows of a large image converted at a time while it is shrunk (times the factor).

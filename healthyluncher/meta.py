@@ -254,15 +254,19 @@ def spelling_key(label: str) -> str:
     return " ".join(label_key(label).replace("_", " ").replace("-", " ").split()).casefold()
 
 
-def carried_labels(labels: Sequence[str], base_labels: tuple[str, ...]) -> list[str]:
+def carried_labels(
+    labels: Sequence[str], base_labels: tuple[str, ...], made_with: Sequence[str] = ()
+) -> list[str]:
     """Your examples' labels as a new base names them: a label the base has in another
     Unicode form, case or spacing is the base's. Where that is a guess (two base labels, or
-    two of yours, that one spelling names) the label stays as it is, a label of its own."""
+    two of yours, that one spelling names) the label stays as it is, a label of its own.
+    `made_with`: the labels of the model your examples were taught (your 'Fast Food' made
+    beside its 'fast_food' is two of yours, though only one has examples)."""
     by_spelling: dict[str, list[str]] = {}
     for known in base_labels:
         by_spelling.setdefault(spelling_key(known), []).append(known)
     mine: dict[str, set[str]] = {}
-    for label in labels:
+    for label in (*labels, *made_with):
         mine.setdefault(spelling_key(label), set()).add(label_key(label))
     carried = []
     for label in labels:

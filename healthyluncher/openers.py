@@ -8,7 +8,7 @@ import os
 import struct
 import zlib
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from healthyluncher.errors import LuncherError
 
@@ -143,11 +143,18 @@ def without_oversized_metadata(data: bytes) -> bytes | None:
     if not data.startswith(_PNG_SIGNATURE):
         return None
     limit = PngImagePlugin.MAX_TEXT_CHUNK
+    # What Pillow unpacks of one file's metadata at most: a hostile file of many chunks
+    # unpacking to 1 MB each (1 kB of file) is refused as Pillow refuses it, not unpacked.
+    budget = PngImagePlugin.MAX_TEXT_MEMORY
     kept, dropped, at = [data[:8]], False, 8
     while at + 12 <= len(data):
         (length,) = struct.unpack(">I", data[at : at + 4])
         kind, end = data[at + 4 : at + 8], at + 12 + length
-        if _unpacks_beyond(kind, data[at + 8 : min(end - 4, len(data))], limit):
+        unpacked = _unpacked(kind, data[at + 8 : min(end - 4, len(data))], limit)
+        budget -= unpacked
+        if budget < 0:
+            return None
+        if unpacked > limit:
             dropped = True
         else:
             kept.append(data[at:end])
@@ -156,21 +163,49 @@ def without_oversized_metadata(data: bytes) -> bytes | None:
     return b"".join(kept) if dropped else None
 
 
-def _unpacks_beyond(kind: bytes, body: bytes, limit: int) -> bool:
-    """Whether a chunk's compressed content unpacks to more than `limit` bytes."""
+def _unpacked(kind: bytes, body: bytes, limit: int) -> int:
+    """How many bytes a chunk's compressed content unpacks to, up to `limit` + 1 (0 for a
+    chunk that holds none, or whose data does not unpack)."""
     if kind in (b"iCCP", b"zTXt"):  # keyword, NUL, method, deflated data
         packed = body[body.find(b"\0") + 2 :] if b"\0" in body else b""
     elif kind == b"iTXt":  # keyword, NUL, flag, method, language, NUL, keyword, NUL, text
         keyword = body.find(b"\0")
         if keyword < 0 or body[keyword + 1 : keyword + 2] != b"\1":  # flag 0: not compressed
-            return False
+            return 0
         head = body[keyword + 3 :].split(b"\0", 2)
         if len(head) < 3:
-            return False
+            return 0
         packed = head[2]
     else:
-        return False
+        return 0
     try:
-        return len(zlib.decompressobj().decompress(packed, limit + 1)) > limit
+        return len(zlib.decompressobj().decompress(packed, limit + 1))
     except zlib.error:
-        return False
+        return 0
+
+
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orientation_of(image: Image.Image, errors: tuple[type[BaseException], ...]) -> int:
+    """The EXIF orientation, 1 (as stored) when the EXIF block is missing or damaged.
+
+    A photo whose metadata is broken is still a photo, so it is read as stored rather than
+    refused (`ImageOps.exif_transpose` would also rewrite the EXIF, and can fail doing so).
+    `errors`: what Pillow raises for damaged data (imaging's).
+    """
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except errors:
+        return 1
+    except Warning:  # the program's filters made it an error
+        return 1
+    return value if isinstance(value, int) else 1

@@ -40,6 +40,9 @@ class MemoryPhoto:
     # Why pixels that cannot be used (an image that does not load) have no bytes: reading
     # them fails with it, as reading a damaged file does.
     unusable: str = field(default="", repr=False)
+    # Digests its pixels had in an earlier copy (a PIL image turned upright by its EXIF
+    # orientation, before luncher turned it): `forget` finds a photo taught from it then.
+    also: tuple[str, ...] = field(default=(), repr=False)
 
     def __str__(self) -> str:
         return self.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -149,7 +150,18 @@ def same_base(base: Base, other: Path) -> bool:
         if files(base.path) != names:
             return False
         return all(_same_file(other / name, base.path / name) for name in names)
-    except (OSError, LuncherError, ValueError, EOFError, zipfile.BadZipFile):
+    # zlib.error: deflated data that does not inflate; NotImplementedError and RuntimeError:
+    # a zip entry compressed by an unknown method, or encrypted.
+    except (
+        OSError,
+        LuncherError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        NotImplementedError,
+        RuntimeError,
+    ):
         return False  # a damaged current base is not the same as a new one
 
 

@@ -172,13 +172,15 @@ def recover(root: Path, meta_file: str, model_file: str) -> State:
     # Each copy with the base it was made from: the newest base of its sha256. A copy of
     # an older base is an undo step (a new base, or one an upgrade killed before its
     # switch left unnamed, must not cost the personalization of the one before).
-    made_from: dict[object, str] = {}
+    # A sha256 that is no text (a mangled meta.json) names no base.
+    made_from: dict[str, str] = {}
     for path, data in bases:
-        made_from.setdefault(data.get("sha256"), path.name)
+        if isinstance(sha := data.get("sha256"), str):
+            made_from.setdefault(sha, path.name)
     steps = [
-        Step(made_from[m.get("base_sha256")], p.name)
+        Step(made_from[sha], p.name)
         for p, m in newest_first("personal")
-        if m.get("base_sha256") in made_from
+        if isinstance(sha := m.get("base_sha256"), str) and sha in made_from
     ]
     current = next((step for step in steps if step.base == base.name), Step(base.name, None))
     history = [step for step in steps if step != current][:HISTORY_LIMIT]

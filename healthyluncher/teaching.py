@@ -23,7 +23,7 @@ from healthyluncher.examples import apart_from_forgotten, select_examples
 from healthyluncher.jsonform import frozen_result
 from healthyluncher.meta import check_new_label, known_label, label_key
 from healthyluncher.personal import publish_personal
-from healthyluncher.photos import PhotoSource, digest_of, find_images, read_bytes
+from healthyluncher.photos import MemoryPhoto, PhotoSource, digest_of, find_images, read_bytes
 from healthyluncher.records import (
     Base,
     Examples,
@@ -187,7 +187,9 @@ def repair(store: ModelStore, progress: ProgressCallback | None = None) -> Repai
             base = load_base(store, txn.state)
             old = load_examples(personal, (), views=False)
             hp = personal.meta.hyperparameters
-            examples, lost = rebuild_examples(store, base, old.digests, old.labels, hp, progress)
+            examples, lost = rebuild_examples(
+                store, base, old.digests, old.labels, hp, progress, new_base=False
+            )
             if len(examples) == 0:
                 raise LuncherError(
                     "none of your photos has a thumbnail to embed again; ",
@@ -335,6 +337,7 @@ def _named_digests(
                 found.add(path.stem)  # a thumbnail is named by its photo's digest
             else:
                 found.add(digest_of(read_bytes(path)))
+                found.update(path.also if isinstance(path, MemoryPhoto) else ())
     return found
 
 

@@ -998,3 +998,31 @@ def test_an_import_onto_damaged_training_files_is_one_line(
     one_line_error(result, "is damaged (ONNX Runtime cannot load its training files)")
     assert "make-updatable" in result.stderr
     assert tree(models_dir) == before
+
+
+@pytest.mark.parametrize("damage", ["segment", "thumbnail", "weights"])
+def test_importing_the_backup_in_use_mends_what_is_damaged(
+    run, archive, photos, models_dir, damage
+):
+    """Importing your backup is how you mend a damaged personalization; telling whether
+    the backup is the one in use read the current copy first, so a damaged example segment
+    stopped the import ('error: a segment in ... cannot be read (not a numpy file); run
+    `luncher repair` ...', exit 1), as did damaged weights; and with a thumbnail gone, the
+    import said 'Nothing changed' and left it gone. A damaged or incomplete copy is not
+    the backup: the import restores it, as before."""
+    everything = [*photos["red"], *photos["green"]]
+    exported = predict_json(run, *everything)
+    if damage == "segment":
+        next((models_dir / "examples").glob("*.npy")).write_bytes(b"junk")
+    elif damage == "weights":
+        current = json.loads((models_dir / STATE_FILE).read_text())["personal"]
+        (models_dir / current / Files.WEIGHTS).write_bytes(b"junk")
+    else:
+        next((models_dir / "thumbnails").glob("*.jpg")).unlink()
+    result = run("import", archive)
+    assert result.code == 0, result
+    assert "Nothing changed" not in result.stdout
+    assert predict_json(run, *everything) == exported
+    assert len(list((models_dir / "thumbnails").glob("*.jpg"))) == 6
+    repaired = run("repair", "--json")
+    assert repaired.code == 0 and repaired.json_lines()[0]["reembedded"] == 0, repaired

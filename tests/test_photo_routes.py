@@ -4,6 +4,7 @@ before the fix it names."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,109 @@ def test_a_pil_image_of_a_compressed_tiff_is_kept_losslessly(lun, tmp_path):
         results = probabilities(lun, routes)
     assert results[1] == results[0]
     assert results[3] == results[4] == results[2]
+
+
+def test_a_png_with_many_metadata_chunks_costs_no_more_than_pillow_allows(tmp_path, monkeypatch):
+    """Reading a PNG for its pixels without its oversized metadata looked into every
+    compressed chunk, each unpacked up to Pillow's 1 MB limit, with no bound on them all:
+    a hostile PNG of 1 kB chunks that each unpack to 1 MB (which Pillow itself refuses
+    after 64 MB, MAX_TEXT_MEMORY) cost 1 GB of unpacking per MB of file, 4.7 s for a 2 MB
+    file and minutes for a large one, photo after photo of a folder. The search stops where
+    Pillow's limit on a file's metadata is passed, and the photo is refused as before."""
+    import struct
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    from healthyluncher import openers
+    from healthyluncher.errors import LuncherError
+    from healthyluncher.imaging import decode
+    from healthyluncher.settings import Preprocessing
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    limit = PngImagePlugin.MAX_TEXT_CHUNK
+    unpacked = [0]
+
+    class Counted:  # openers' zlib, counting what it unpacks
+        error = zlib.error
+
+        @staticmethod
+        def decompressobj() -> object:
+            inner = zlib.decompressobj()
+
+            class Counting:
+                def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+                    out = inner.decompress(data, max_length)
+                    unpacked[0] += len(out)
+                    return out
+
+            return Counting()
+
+    monkeypatch.setattr(openers, "zlib", Counted)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(plain)
+    png = plain.read_bytes()
+    over = chunk(b"zTXt", b"k\0\0" + zlib.compress(bytes(limit + 10), 9))
+    within = chunk(b"zTXt", b"k\0\0" + zlib.compress(bytes(limit), 9))
+    chunks = PngImagePlugin.MAX_TEXT_MEMORY // limit + 60
+    hostile = png[:33] + over + within * chunks + png[33:]
+    with pytest.raises(LuncherError, match="cannot decode image: .*MAX_TEXT"):
+        decode(hostile, Preprocessing(), name="hostile.png")
+    assert unpacked[0] <= PngImagePlugin.MAX_TEXT_MEMORY + 2 * (limit + 1)
+    # One oversized chunk among a few: read for its pixels, as before.
+    unpacked[0] = 0
+    fine = png[:33] + over + within * 3 + png[33:]
+    assert decode(fine, Preprocessing(), name="fine.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_adobe_deflate", "packbits"])
+def test_a_pil_image_of_a_losslessly_compressed_tiff_is_forgotten_as_it_was_taught(
+    lun, tmp_path, compression
+):
+    """A PIL image is known by the digest of its lossless copy: that is how `forget` finds
+    the photo taught from it. Writing every TIFF copy uncompressed (so that a JPEG-compressed
+    scan is not compressed again, lossily) also changed the copy of a CMYK scan stored
+    LZW-, deflate- or PackBits-compressed, already lossless: a photo taught from such an
+    image before could no longer be forgotten by handing the same image over ('not among
+    your examples'). A lossless compression is kept; only the others are left out."""
+    import hashlib
+
+    from healthyluncher.imaging import from_pixels
+
+    rng = np.random.default_rng(0)
+    scan = tmp_path / "scan.tif"
+    photo = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8))
+    photo.convert("CMYK").save(scan, compression=compression)
+    with Image.open(scan) as image:
+        assert image.info["compression"] == compression
+        image.load()
+        taught = io.BytesIO()
+        image.save(taught, "TIFF")  # the copy from_pixels made of it before
+        kept = from_pixels(image, "<image 0>")
+    assert hashlib.sha256(kept.data).hexdigest() == hashlib.sha256(taught.getvalue()).hexdigest()
+    assert probabilities(lun, [kept]) == probabilities(lun, [scan])
+
+
+def test_a_pil_image_taught_before_it_was_turned_upright_can_be_forgotten(lun, tmp_path):
+    """A PIL image is known by the digest of its lossless copy, and `forget` finds a photo
+    by it. Turning a PIL image upright by its EXIF orientation gave a sideways phone photo
+    another copy, so one taught as `Image.open("lunch.jpg")` before could no longer be
+    forgotten the same way: 'none of these photos are among your examples', the photo kept.
+    forget also looks for the digest of the copy as it was (as stored, not turned)."""
+    photo = sideways(tmp_path / "lunch.jpg")
+    with Image.open(photo) as image:
+        image.load()
+        before = io.BytesIO()
+        image.save(before, "PNG", compress_level=1)  # the copy a PIL image had, unturned
+    lun.retrain("fast_food", [before.getvalue(), tmp_path / "lunch.jpg"])
+    assert lun.status().examples_per_label == {"fast_food": 2}
+    with Image.open(photo) as image:
+        result = lun.forget([image])
+    assert result.forgotten == 1
+    assert lun.status().examples_per_label == {"fast_food": 1}
+    # Turned upright, it is what it was: forgetting it again finds nothing.
+    with Image.open(photo) as image, pytest.raises(healthyluncher.LuncherError, match="none of"):
+        lun.forget([image])

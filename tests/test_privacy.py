@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,3 +164,57 @@ def test_a_ctrl_c_just_after_forget_saved_its_change_still_deletes_the_photo(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was
     assert len(list(thumbnails.iterdir())) == 2
     assert lun.status().examples_per_label == {"fast_food": 2}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX signals")
+def test_a_change_keeps_a_signal_handler_that_c_code_installed(lun, photos, models_dir):
+    """Holding signals while a saved change finishes replaced each handler with Python's
+    and put back what signal.getsignal reported, which knows nothing of a handler C code
+    installed (faulthandler.register, a library, a program embedding Python): after one
+    retrain, such a SIGHUP handler was gone for good, and the next SIGHUP killed the
+    program ('Hangup', exit -1) instead of running it. It is now left as it is."""
+    red = [str(p) for p in photos["red"]]
+    script = (
+        "import faulthandler, os, signal, sys, healthyluncher\n"
+        "faulthandler.register(signal.SIGHUP, file=sys.stderr, all_threads=False)\n"
+        f"healthyluncher.open({str(models_dir)!r}).retrain('fast_food', {red!r})\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "print('alive')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout == "alive\n", done
+    assert "Stack (most recent call first)" in done.stderr  # faulthandler's
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX signals")
+def test_a_signal_held_while_a_change_ends_reaches_an_asyncio_handler_once():
+    """A SIGTERM held while a saved change finished was raised again once the change
+    ended: a program running luncher in its asyncio loop's thread, whose handler
+    (loop.add_signal_handler) is told of a signal through a wake-up fd, had that handler
+    run twice for one signal ('calls 2'; a 'press Ctrl-C twice to quit' then quits at
+    once). A held signal now goes to the Python handler as it would have, once."""
+    script = """
+import asyncio, os, signal
+from healthyluncher.signalhold import signals_held
+
+async def main():
+    calls = []
+    came = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: (calls.append(1), came.set()))
+    with signals_held():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert not calls
+    await asyncio.wait_for(came.wait(), 120)
+    for _ in range(5):  # a second wake-up byte is read with the first
+        await asyncio.sleep(0)
+    print("calls", len(calls))
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout == "calls 1\n", done

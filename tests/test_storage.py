@@ -473,3 +473,22 @@ def test_a_damaged_cache_file_is_embedded_again_not_trained_on(lun, photos, mode
         return
     assert again.cached == 0 and again.embedded == 1
     assert again.photos[0].after == pytest.approx(first.photos[0].after, abs=1e-5)
+
+
+def test_repair_keeps_a_label_of_yours_spelled_like_one_of_the_bases(run, lun, photos, models_dir):
+    """Repair embeds your photos again with the same base when their saved views are
+    damaged; it went through what maps your labels onto a *new* base's spellings, so a
+    label you added as 'Fast Food' beside the base's 'fast_food' was merged into it:
+    status then said 'examples fast_food: 3' and the label 'Fast Food' was gone. The same
+    base names the same labels: repair keeps them as they were."""
+    assert run("retrain", "--label", "Fast Food", "--new-label", *photos["red"]).code == 0
+    before = lun.status()
+    assert before.examples_per_label == {"Fast Food": 3}
+    (segment,) = (models_dir / segments.FOLDER).glob("*.npy")
+    segment.write_bytes(b"not a numpy file")
+    repaired = run("repair", "--json")
+    assert repaired.code == 0, repaired
+    assert repaired.json_lines()[0]["reembedded"] == 3
+    after = lun.status()
+    assert after.examples_per_label == {"Fast Food": 3}
+    assert after.labels == before.labels

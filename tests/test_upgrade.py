@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
+import struct
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from healthyluncher.store import STATE_FILE
@@ -263,3 +267,79 @@ def test_making_the_base_in_use_updatable_again_changes_nothing(
     other = luncher("make-updatable", str(new_base), "--keep-personalization", "--epochs", "7")
     assert other.returncode == 0 and "Base ready" in other.stdout
     assert run("status", "--json").json_lines()[0]["undo_steps"] == min(3, status["undo_steps"] + 1)
+
+
+@pytest.mark.parametrize("where", ["base", "personal"])
+def test_a_damaged_state_is_rebuilt_whatever_a_meta_file_holds_for_its_sha256(
+    run, pt_model, photos, models_dir, where
+):
+    """Rebuilding a damaged state.json keyed bases by the sha256 their meta.json holds,
+    unchecked: a list there (a hostile or mangled file) made every command fail with
+    'error: unexpected TypeError: unhashable type: 'list''. A value that is no text now
+    names no base; the rest of the directory is rebuilt as before."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "fast_food", *photos["red"]).code == 0
+    meta = next(models_dir.glob(f"{where}-*")) / "meta.json"
+    form = json.loads(meta.read_text())
+    form["sha256" if where == "base" else "base_sha256"] = ["x"]
+    meta.write_text(json.dumps(form))
+    (models_dir / STATE_FILE).write_text("{")
+    result = run("repair", "--json")
+    assert result.code == 0, result
+    status = run("status", "--json")
+    assert "unexpected" not in status.stdout + status.stderr, status
+    if where == "base":  # that base is damaged, and says so
+        assert "meta.json is damaged" in status.json_lines()[0]["error"]
+    else:  # a copy of no known base is left out
+        assert status.code == 0, status
+        assert not status.json_lines()[0]["examples_per_label"]
+
+
+def _deflate_damaged(path: Path) -> None:
+    """Rewrite an .npz with its arrays deflated, each one's data damaged where it begins:
+    a block type deflate does not have, so reading any of them fails in zlib."""
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    np.savez_compressed(path, **arrays)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    for info in infos:
+        name_len, extra_len = struct.unpack(
+            "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+        )
+        raw[info.header_offset + 30 + name_len + extra_len] = 0x07  # final block, type 3
+    path.write_bytes(bytes(raw))
+
+
+def test_a_base_whose_arrays_do_not_inflate_is_mended_by_making_it_again(run, pt_model, models_dir):
+    """make-updatable compares the new base with the one in use to tell 'nothing changed';
+    an .npz of the base in use whose data does not inflate stopped it there with 'error:
+    unexpected error: Error -3 while decompressing data: invalid block type', so setting
+    the model up again (--force) could no longer mend the base. Such a base is not the
+    same as the new one: a new base is made, as before. (Each make-updatable is its own
+    process, as in test_making_the_base_in_use_updatable_again_changes_nothing.)"""
+    assert luncher("make-updatable", str(pt_model)).returncode == 0
+    _deflate_damaged(next(models_dir.glob("base-*")) / "head_weights.npz")
+    result = luncher("make-updatable", str(pt_model), "--force")
+    assert result.returncode == 0, result
+    assert "Base ready" in result.stdout
+    assert run("status").code == 0
+
+
+def test_a_label_of_yours_beside_a_base_label_spelled_alike_stays_apart(
+    run, pt_model, tmp_path, photos
+):
+    """A label you made as 'Fast Food' beside the base's own 'fast_food' is a class of its
+    own; an upgrade to a base that has 'fast_food' too merged your photos into the base's
+    class (status: 'examples fast_food: 3', your label gone), since only the labels of your
+    examples were asked whether one spelling named two of them. The model's labels are
+    asked now: the match is ambiguous, and your label stays yours."""
+    assert run("make-updatable", pt_model).code == 0
+    assert run("retrain", "--label", "Fast Food", "--new-label", *photos["red"]).code == 0
+    new_base = pytorch_style(tmp_path / "n.onnx", seed=7)
+    result = run("make-updatable", new_base, "--keep-personalization")
+    assert result.code == 0, result
+    status = run("status", "--json").json_lines()[0]
+    assert status["labels"] == ["healthy", "fast_food", "Fast Food"]
+    assert status["examples_per_label"] == {"Fast Food": 3}
