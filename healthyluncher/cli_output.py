@@ -42,7 +42,7 @@ class _Console:
 
             console = Console(highlight=False, soft_wrap=True, **self._options)
             if console.width < 1:  # COLUMNS=0: rich drew nothing at all, errors included
-                console.width = shutil.get_terminal_size().columns  # the terminal's, or 80
+                console.width = shutil.get_terminal_size().columns or 80  # 3.10: a 0x0 pty
             self._console = console
         return self._console
 
