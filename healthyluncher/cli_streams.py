@@ -123,12 +123,7 @@ class Output:
     def _lost(self, exc: OSError) -> OSError | OutputLost:
         if isinstance(exc, BrokenPipeError):
             return exc
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+        _to_devnull(self._stream)
         self.lost = OutputLost(f"cannot write to standard output: {exc.strerror or exc}")
         return self.lost
 
@@ -159,12 +154,18 @@ class Messages:
         return getattr(self._stream, name)
 
     def _drop(self) -> None:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+        _to_devnull(self._stream)
+
+
+def _to_devnull(stream: Any) -> None:
+    """Point `stream`'s file descriptor at /dev/null: what is still written to it (Python's
+    last flush included) goes nowhere, and fails no more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def output_lost(exc: OutputLost) -> None:
